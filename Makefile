@@ -1,0 +1,32 @@
+# vmshadow. `make demo` and `make test` install their own dependencies.
+GO      ?= go
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+export PATH := $(PATH):/usr/local/go/bin:$(shell $(GO) env GOPATH 2>/dev/null)/bin
+
+.PHONY: all build test unit lint demo bench deps fuzz clean
+
+all: build
+
+build:
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/vmshadow ./cmd/vmshadow
+
+deps:
+	scripts/deps.sh test
+
+# Every test: unit, protocol, and end to end against real QEMU.
+test: deps
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 28m ./...
+
+# Only the tests that need no QEMU.
+unit:
+	$(GO) test -count=1 -short ./...
+
+lint:
+	$(GO) vet ./...
+	test -z "$$(gofmt -l .)" || (gofmt -l . && false)
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.7.0 ./...
+
+clean:
+	rm -rf bin

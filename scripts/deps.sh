@@ -1,0 +1,28 @@
+#!/bin/sh
+# Installs the Debian packages vmshadow's build, tests or demo need, only when
+# a command they provide is missing. Usage: scripts/deps.sh test|demo|bench
+set -eu
+need=""
+want() { command -v "$1" >/dev/null 2>&1 || need="$need $2"; }
+want qemu-system-x86_64 qemu-system-x86
+want qemu-img qemu-utils
+want qemu-nbd qemu-utils
+want nbdkit nbdkit
+want mkfs.ext4 e2fsprogs
+want e2fsck e2fsprogs
+want cpio cpio
+want python3 python3
+want /usr/bin/time time
+want mount mount
+want socat socat
+case "${1:-test}" in
+bench) want restic restic; want borg borgbackup; want hyperfine hyperfine
+       want virtnbdbackup virtnbdbackup; want libvirtd libvirt-daemon-system ;;
+esac
+[ -z "$need" ] && exit 0
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+echo "installing:$need" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq >/dev/null
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $need >/dev/null
