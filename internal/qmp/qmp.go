@@ -95,8 +95,13 @@ type reply struct {
 
 // wire is any message QEMU sends.
 type wire struct {
-	QMP    *struct{ Version struct{ Qemu Version; Package string } } `json:"QMP"`
-	Return json.RawMessage                                          `json:"return"`
+	QMP *struct {
+		Version struct {
+			Qemu    Version
+			Package string
+		}
+	} `json:"QMP"`
+	Return json.RawMessage `json:"return"`
 	Error  *struct {
 		Class string `json:"class"`
 		Desc  string `json:"desc"`
