@@ -307,6 +307,26 @@ func (c *Client) Execute(ctx context.Context, command string, args, result any) 
 
 // ExecuteRaw runs a command and returns its raw "return" value.
 func (c *Client) ExecuteRaw(ctx context.Context, command string, args any) (json.RawMessage, error) {
+	return c.execute(ctx, command, args, nil)
+}
+
+// ExecuteWithFile runs a command that takes a file descriptor (add-fd,
+// getfd): f's descriptor travels with the command as SCM_RIGHTS, so QEMU
+// gets an open file without needing permission to open the path itself.
+func (c *Client) ExecuteWithFile(ctx context.Context, command string, args, result any, f *os.File) error {
+	ret, err := c.execute(ctx, command, args, f)
+	if err != nil {
+		return err
+	}
+	if result != nil {
+		if err := json.Unmarshal(ret, result); err != nil {
+			return fmt.Errorf("qmp %s: decode reply: %w", command, err)
+		}
+	}
+	return nil
+}
+
+func (c *Client) execute(ctx context.Context, command string, args any, f *os.File) (json.RawMessage, error) {
 	msg := map[string]any{"execute": command}
 	if args != nil {
 		msg["arguments"] = args
@@ -333,7 +353,16 @@ func (c *Client) ExecuteRaw(ctx context.Context, command string, args any) (json
 	if d, ok := ctx.Deadline(); ok {
 		c.conn.SetWriteDeadline(d)
 	}
-	_, err = c.conn.Write(b)
+	if f != nil {
+		uc, ok := c.conn.(*net.UnixConn)
+		if !ok {
+			err = fmt.Errorf("cannot pass a file over a %T", c.conn)
+		} else {
+			_, _, err = uc.WriteMsgUnix(b, syscall.UnixRights(int(f.Fd())), nil)
+		}
+	} else {
+		_, err = c.conn.Write(b)
+	}
 	c.conn.SetWriteDeadline(time.Time{})
 	c.wmu.Unlock()
 	if err != nil {
