@@ -315,6 +315,6 @@ func isMissing(err error) bool {
 		return false
 	}
 	d := strings.ToLower(qe.Desc)
-	return qe.Class == "DeviceNotFound" || strings.Contains(d, "not found") || strings.Contains(d, "cannot find") ||
+	return qe.Class == "DeviceNotFound" || strings.Contains(d, "not found") || strings.Contains(d, "failed to find") || strings.Contains(d, "cannot find") ||
 		strings.Contains(d, "no such") || strings.Contains(d, "not running") || strings.Contains(d, "does not exist")
 }
