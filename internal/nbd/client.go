@@ -169,10 +169,10 @@ func NewClient(ctx context.Context, conn net.Conn, t Target, opts *Options) (*Cl
 	stop := watchContext(ctx, conn)
 	n := &negotiator{conn: conn, peer: peer}
 	c, err := negotiate(ctx, n, t.Export, tlsConfig, opts)
-	if cerr := stop(); cerr != nil {
-		return nil, fmt.Errorf("nbd %s: handshake: %w", peer, cerr)
-	}
-	if err != nil {
+	if err = handshakeResult(ctx, peer, err, stop()); err != nil {
+		if n.conn != conn {
+			n.conn.Close() // the TLS connection; conn stays the caller's
+		}
 		return nil, err
 	}
 	c.conn, c.peer = n.conn, peer
@@ -314,11 +314,22 @@ func inHandshake(ctx context.Context, t Target, opts *Options, fn func(*negotiat
 	if err == nil {
 		n.abort()
 	}
-	if cerr := stop(); cerr != nil && err != nil {
-		return fmt.Errorf("nbd %s: handshake: %w", n.peer, cerr)
-	}
+	err = handshakeResult(ctx, n.peer, err, stop())
 	if n.conn != conn {
 		n.conn.Close()
+	}
+	return err
+}
+
+// handshakeResult is the outcome of a handshake that ended with err, given
+// what stopping the context watch returned: when ctx ended, its error is
+// the cause, whatever I/O error it provoked.
+func handshakeResult(ctx context.Context, peer string, err, stopErr error) error {
+	if stopErr == nil && err != nil && ctx.Err() != nil {
+		stopErr = ctx.Err()
+	}
+	if stopErr != nil {
+		return fmt.Errorf("nbd %s: handshake interrupted: %w", peer, stopErr)
 	}
 	return err
 }
