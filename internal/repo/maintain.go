@@ -253,8 +253,9 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	for id, e := range bad {
-		return nil, fmt.Errorf("gc stopped: manifest of backup %s cannot be read (%v); nothing was deleted. Run 'vmshadow verify' and remove or repair it: %w", id.Short(), e, errs.ErrCorrupt)
+	if len(bad) > 0 {
+		id := sortedIDs(bad)[0]
+		return nil, fmt.Errorf("gc stopped: manifest of backup %s cannot be read (%v); nothing was deleted. Run 'vmshadow verify' and remove or repair it: %w", id.Short(), bad[id], errs.ErrCorrupt)
 	}
 	res.Backups = len(backups)
 	indexes := map[ID]struct{}{}
