@@ -12,7 +12,9 @@ import (
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/imagefile"
+	"github.com/vmshadow/vmshadow/internal/livebackup"
 	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
 
@@ -26,29 +28,47 @@ type backupFlags struct {
 	vm    string
 	disks []string // NAME=IMAGE
 	tags  []string
+
+	live  vmFlags // --qmp and the snapshot-set flags: back up a running VM
+	full  bool
+	conns int
 }
 
 func newBackupCmd(a *app) *cobra.Command {
 	var f backupFlags
 	cmd := &cobra.Command{
-		Use:   "backup --repo DIR --vm NAME --disk NAME=IMAGE.raw [--disk ...] [--tag T]",
-		Short: "Back up disk images into a repository",
-		Long: `Back up the raw disk images of a VM (shut down, or any image) into the
-repository. Unallocated ranges of the images are not read; chunks already in
-the repository are not stored again. The summary lists what was read and
-stored per disk.`,
+		Use:   "backup --repo DIR (--qmp SOCKET [--qga SOCKET] [--hook PATH]... | --vm NAME --disk NAME=IMAGE.raw...)",
+		Short: "Back up a running VM, or disk images, into a repository",
+		Long: `With --qmp, back up a running QEMU VM: take a snapshot set (freezing the
+writers given with --qga and --hook), read its shadow copies over NBD, and
+release it. The first backup into a repository reads every allocated extent;
+later ones read only what the VM's change tracking marks as changed since the
+last backup into the same repository, and take the rest from that backup.
+
+With --disk, back up the raw disk images of a VM (shut down, or any image).
+
+Unallocated ranges are not read; chunks already in the repository are not
+stored again. The summary lists what was read and stored per disk.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if f.live.qmp != "" {
+				return liveBackup(cmd.Context(), a, &f)
+			}
 			job, cleanup, err := imageJob(&f)
 			if err != nil {
 				return err
 			}
 			defer cleanup()
-			return runBackup(cmd.Context(), a, &f, job)
+			return runBackup(cmd.Context(), a, &f, job, nil)
 		},
 	}
+	cmd.Flags().StringVar(&f.live.qmp, "qmp", "", "back up the running VM behind this QMP socket")
+	cmd.Flags().StringVar(&f.live.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
+	f.live.addSet(cmd)
+	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp: read every disk in full, not only what changed")
+	cmd.Flags().IntVar(&f.conns, "nbd-connections", 4, "with --qmp: NBD connections per disk")
 	f.repo.register(cmd)
-	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM the disks belong to (required)")
+	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name)")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")
 	cmd.Flags().StringArrayVar(&f.tags, "tag", nil, "tag to attach to the backup; repeat for several")
 	return cmd
@@ -102,6 +122,7 @@ type backupSummary struct {
 	Reason       string        `json:"reason,omitempty"`
 	Consistency  string        `json:"consistency,omitempty"`
 	SetID        string        `json:"set_id,omitempty"`
+	FreezeMS     *int64        `json:"freeze_ms,omitempty"`
 	Disks        []diskSummary `json:"disks"`
 	BytesRead    int64         `json:"bytes_read"`
 	BytesNew     int64         `json:"bytes_new"`
@@ -122,11 +143,19 @@ type diskSummary struct {
 	ChunksZero   int64  `json:"chunks_zero"`
 	Index        string `json:"index"`
 	Checkpoint   string `json:"checkpoint,omitempty"`
+	Mode         string `json:"mode"`
+	Reason       string `json:"reason,omitempty"`
 }
 
-// runBackup opens the repository, runs the job under a shared lock with
-// progress, and prints the summary.
-func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job) error {
+// liveBackup backs up a running VM.
+func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
+	if len(f.disks) > 0 {
+		return errorf(errs.ErrUsage, "--disk backs up image files; with --qmp the VM's disks are found by themselves")
+	}
+	c, err := f.live.coordinator(a)
+	if err != nil {
+		return err
+	}
 	r, err := f.repo.open(ctx)
 	if err != nil {
 		return err
@@ -137,6 +166,47 @@ func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job) erro
 		return err
 	}
 	defer unlock()
+	lb, err := livebackup.Start(ctx, r, livebackup.Options{Coordinator: c, Provider: c.Provider.(*qemu.Provider),
+		VM: f.vm, Tags: f.tags, Full: f.full, Conns: f.conns})
+	if err != nil {
+		return err
+	}
+	for _, d := range lb.Disks {
+		a.out.Status(struct {
+			Phase string `json:"phase"`
+			livebackup.DiskPlan
+		}{"plan", d}, fmt.Sprintf("%s: %s read%s", d.Name, d.Mode, map[bool]string{true: " (" + d.Reason + ")", false: ""}[d.Reason != ""]))
+	}
+	err = runJob(ctx, a, r, lb.Job, lb)
+	if ferr := lb.Finish(ctx, err == nil); ferr != nil {
+		if err == nil {
+			a.out.Warn("the backup is stored, but %v; the next backup or 'vmshadow recover' releases it", ferr)
+		} else {
+			err = fmt.Errorf("%w; %v", err, ferr)
+		}
+	}
+	return err
+}
+
+// runBackup opens the repository, runs the job under a shared lock with
+// progress, and prints the summary.
+func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job, live *livebackup.Backup) error {
+	r, err := f.repo.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	ctx, unlock, err := lock(ctx, a, r, false, "backup")
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return runJob(ctx, a, r, job, live)
+}
+
+// runJob runs the job with progress and prints the summary; live adds
+// what a running VM's backup knows (per-disk plans, set warnings).
+func runJob(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live *livebackup.Backup) error {
 	var total int64
 	for _, d := range job.Disks {
 		total += d.Source.Size()
@@ -162,13 +232,26 @@ func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job) erro
 	for i, d := range res.Disks {
 		s.Disks = append(s.Disks, diskSummary{Name: d.Name, Size: d.Size, BytesRead: d.Stats.BytesRead, BytesNew: d.Stats.BytesNew,
 			ChunksNew: d.Stats.ChunksNew, ChunksReused: d.Stats.ChunksReused, ChunksZero: d.Stats.ChunksZero,
-			Index: d.Index.String(), Checkpoint: m.Disks[i].Checkpoint})
+			Index: d.Index.String(), Checkpoint: m.Disks[i].Checkpoint, Mode: m.Mode})
+		if live != nil {
+			s.Disks[i].Mode, s.Disks[i].Reason = live.Disks[i].Mode, live.Disks[i].Reason
+		}
+	}
+	if live != nil {
+		s.FreezeMS = &live.Set.FreezeMS
 	}
 	a.out.Summary(s, func(w io.Writer) {
-		fmt.Fprintf(w, "backup %s of %s done in %s (%s/s)\n", s.ShortID, s.VM, progress.Duration(s.DurationS), progress.Bytes(int64(s.Rate)))
+		fmt.Fprintf(w, "backup %s of %s done in %s (%s/s), %s", s.ShortID, s.VM, progress.Duration(s.DurationS), progress.Bytes(int64(s.Rate)), s.Mode)
+		if s.Consistency != "" {
+			fmt.Fprintf(w, ", %s-consistent (set %s, frozen %d ms)", s.Consistency, s.SetID, *s.FreezeMS)
+		}
+		fmt.Fprintln(w)
 		for _, d := range s.Disks {
-			fmt.Fprintf(w, "  %-12s %10s  read %10s  stored %10s  chunks: %d new, %d reused, %d zero\n",
-				d.Name, progress.Bytes(d.Size), progress.Bytes(d.BytesRead), progress.Bytes(d.BytesNew), d.ChunksNew, d.ChunksReused, d.ChunksZero)
+			fmt.Fprintf(w, "  %-12s %10s  read %10s  stored %10s  chunks: %d new, %d reused, %d zero  %s\n",
+				d.Name, progress.Bytes(d.Size), progress.Bytes(d.BytesRead), progress.Bytes(d.BytesNew), d.ChunksNew, d.ChunksReused, d.ChunksZero, d.Mode)
+			if d.Reason != "" {
+				fmt.Fprintf(w, "  %-12s full read: %s\n", "", d.Reason)
+			}
 		}
 	})
 	return nil

@@ -107,6 +107,11 @@ type Options struct {
 	WriterTimeout time.Duration
 	// Require fails the set unless it reaches this level.
 	Require Level
+	// Ephemeral sets live only as long as the process that created them
+	// holds the VM's lock (a backup reading its set). A later session that
+	// finds one left behind knows its owner died, and recovers it before
+	// creating its own set.
+	Ephemeral bool
 	// Status and Warn report progress and problems; either may be nil.
 	Status func(phase string)
 	Warn   func(msg string)
@@ -187,6 +192,10 @@ func (s *Session) warn(set *Set, format string, args ...any) {
 	}
 }
 
+// Save writes the set's journal record; a provider method that changes
+// its state outside Create and Delete (completing a checkpoint) calls it.
+func (s *Session) Save(set *Set) error { return s.c.Journal.Save(s.vm.Key, set) }
+
 // Current returns the VM's set from the journal, or nil.
 func (s *Session) Current() (*Set, error) { return s.c.Journal.Load(s.vm.Key) }
 
@@ -196,12 +205,18 @@ func (s *Session) Create(ctx context.Context) (*Set, error) {
 	c := s.c
 	if cur, err := c.Journal.Load(s.vm.Key); err != nil {
 		return nil, err
+	} else if cur != nil && cur.Ephemeral {
+		// We hold the lock, so the process that owned it is gone.
+		s.warn(nil, "recovering snapshot set %s left by an interrupted backup (pid %d)", cur.ID, cur.PID)
+		if _, err := s.Recover(ctx); err != nil {
+			return nil, err
+		}
 	} else if cur != nil {
 		return nil, fmt.Errorf("snapshot set %s (created %s by pid %d) exists for VM %s: delete it with 'vmshadow snapshot delete %s', or run 'vmshadow recover' if vmshadow was killed: %w",
 			cur.ID, cur.Created.Format(time.RFC3339), cur.PID, s.vm.Name, cur.ID, errs.ErrBusy)
 	}
 	set := &Set{ID: NewSetID(), VM: s.vm.Name, Provider: c.Provider.Kind(), Created: time.Now().UTC().Truncate(time.Second),
-		Phase: "preparing", PID: os.Getpid()}
+		Phase: "preparing", PID: os.Getpid(), Ephemeral: c.Ephemeral}
 	for _, w := range c.Writers {
 		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: "pending"})
 	}

@@ -51,6 +51,8 @@ type Set struct {
 	Phase string `json:"phase"`
 	// PID of the vmshadow process that created the set.
 	PID int `json:"pid"`
+	// Ephemeral: the set lives only while its creator holds the VM's lock.
+	Ephemeral bool `json:"ephemeral,omitempty"`
 	// ProviderState is the provider's own record of what it created.
 	ProviderState json.RawMessage `json:"provider_state,omitempty"`
 }

@@ -63,10 +63,13 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 		prev, had := cp.Previous[d.Name]
 		reason := ""
 		var found *bitmapInfo
+		other := ""
 		for _, b := range byNode[d.Node].DirtyBitmaps {
 			if b.Name == prev.Bitmap {
 				b := b
 				found = &b
+			} else if strings.HasPrefix(b.Name, cp.Prefix+"-") {
+				other = b.Name
 			}
 		}
 		switch {
@@ -80,6 +83,8 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 			}
 		case prev.Size != d.Size:
 			reason = fmt.Sprintf("disk resized from %d to %d bytes since the last backup", prev.Size, d.Size)
+		case found == nil && other != "":
+			reason = fmt.Sprintf("the disk tracks changes since checkpoint %s, whose backup is no longer in the repository (pruned or deleted); the latest backup there has checkpoint %s", other, prev.Bitmap)
 		case found == nil:
 			reason = fmt.Sprintf("change-tracking bitmap %s is missing (QEMU was restarted with a disk that cannot keep bitmaps, such as raw, or the bitmap was removed)", prev.Bitmap)
 		case found.Inconsistent:

@@ -76,6 +76,10 @@ type Disk struct {
 	Size   int64  `json:"size"`
 }
 
+// SetCheckpoint sets the change-tracking request of the next set (before
+// Create; the backup learns the VM's name from Identify first).
+func (p *Provider) SetCheckpoint(cp *Checkpoint) { p.opts.Checkpoint = cp }
+
 // Kind implements coord.Provider.
 func (p *Provider) Kind() string { return "qemu" }
 

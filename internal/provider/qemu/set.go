@@ -37,6 +37,9 @@ func names(setID string, i int) (tgt, cbw, snap string) {
 // the scratch files and the copy-before-write filters (not yet in the I/O
 // path, so the guest is untouched).
 func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() error) error {
+	if err := p.scan(ctx); err != nil { // fresh: a recover may have run since Identify
+		return err
+	}
 	if len(p.leftovers) > 0 {
 		return fmt.Errorf("the VM carries objects of an earlier vmshadow snapshot set (%s): run 'vmshadow recover --qmp %s': %w",
 			strings.Join(p.leftovers, ", "), p.opts.QMPPath, errs.ErrBusy)
