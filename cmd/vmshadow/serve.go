@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/instant"
+	"github.com/vmshadow/vmshadow/internal/nbd"
+	"github.com/vmshadow/vmshadow/internal/repo"
+)
+
+func init() { commands = append(commands, newServeCmd) }
+
+type servedExport struct {
+	Disk     string `json:"disk"`
+	Size     int64  `json:"size"`
+	NBD      string `json:"nbd"`
+	Writable bool   `json:"writable"`
+}
+
+func newServeCmd(a *app) *cobra.Command {
+	var f repoFlags
+	var disks []string
+	var listen, stateDir string
+	var writable bool
+	var cacheMiB int64
+	cmd := &cobra.Command{
+		Use:   "serve --repo DIR BACKUP_ID [--disk NAME] --listen unix:/path.sock|tcp:127.0.0.1:10809 [--writable]",
+		Short: "Serve the disks of a backup over NBD, read on demand (instant restore)",
+		Long: `serve exposes each disk of a backup (or those named with --disk) as an NBD
+export named after the disk, reading chunks from the repository as they are
+asked for and checking each against its hash. A VM can boot from it at once:
+
+  qemu-system-x86_64 ... -drive file=nbd+unix:///vda?socket=/run/vm1-restore.sock,format=raw
+
+or a user can mount it (qemu-nbd --connect, nbd-client). Read-only by default.
+With --writable, writes go to a temporary overlay file in the state directory
+and are visible to later reads; the repository is never changed, and the
+overlay is discarded when serve stops. To keep a writable instant restore,
+copy or mirror the export while it is served (qemu-img convert, QEMU
+blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			network, addr, err := parseListen(listen)
+			if err != nil {
+				return err
+			}
+			r, err := f.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			// A shared lock keeps gc from removing chunks while they are served.
+			ctx, unlock, err := lock(ctx, a, r, false, "serve")
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			id, err := r.FindBackup(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			m, err := r.LoadManifest(ctx, id)
+			if err != nil {
+				return err
+			}
+			for _, d := range disks {
+				if m.Disk(d) == nil {
+					return errorf(errs.ErrNotFound, "backup %s has no disk %q", id.Short(), d)
+				}
+			}
+			srv := nbd.NewServer(nil)
+			var served []servedExport
+			for _, d := range m.Disks {
+				if len(disks) > 0 && !slices.Contains(disks, d.Name) {
+					continue
+				}
+				xid, err := repo.ParseID(d.Index)
+				if err != nil {
+					return fmt.Errorf("disk %s: %w", d.Name, err)
+				}
+				x, err := r.LoadIndex(ctx, xid)
+				if err != nil {
+					return fmt.Errorf("disk %s: %w", d.Name, err)
+				}
+				var export nbd.Export = instant.NewDisk(r, x, cacheMiB<<20)
+				if writable {
+					dir := filepath.Join(stateDir, "serve")
+					if err := os.MkdirAll(dir, 0o700); err != nil {
+						return err
+					}
+					path := filepath.Join(dir, fmt.Sprintf("%s-%s-%d.overlay", id.Short(), d.Name, os.Getpid()))
+					ov, err := instant.NewOverlay(export.(*instant.Disk), path)
+					if err != nil {
+						return fmt.Errorf("disk %s: %w", d.Name, err)
+					}
+					defer os.Remove(path)
+					defer ov.Close()
+					export = ov
+				}
+				if err := srv.AddExport(d.Name, export, nbd.ExportOptions{ReadOnly: !writable,
+					Description: fmt.Sprintf("vmshadow backup %s of %s, disk %s", id.Short(), m.VM, d.Name)}); err != nil {
+					return err
+				}
+				served = append(served, servedExport{Disk: d.Name, Size: d.Size, NBD: exportURI(network, addr, d.Name), Writable: writable})
+			}
+			if network == "unix" {
+				os.Remove(addr)
+			}
+			ln, err := net.Listen(network, addr)
+			if err != nil {
+				return fmt.Errorf("listen on %s: %w", listen, err)
+			}
+			if network == "tcp" {
+				if host, _, _ := net.SplitHostPort(addr); !net.ParseIP(host).IsLoopback() {
+					a.out.Warn("serving on %s without TLS or authentication: anyone who can reach it can read the disks", addr)
+				}
+			}
+			start := time.Now()
+			for _, s := range served {
+				a.out.Status(struct {
+					Phase string `json:"phase"`
+					servedExport
+				}{"serving", s}, fmt.Sprintf("serving %s (%s) at %s", s.Disk, humanBytes(s.Size), s.NBD))
+			}
+			done := make(chan error, 1)
+			go func() { done <- srv.Serve(ln) }()
+			select {
+			case err := <-done:
+				return fmt.Errorf("serve: %w", err)
+			case <-ctx.Done():
+			}
+			sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			srv.Shutdown(sctx)
+			if network == "unix" {
+				os.Remove(addr)
+			}
+			a.out.Summary(struct {
+				BackupID  string         `json:"backup_id"`
+				VM        string         `json:"vm"`
+				Exports   []servedExport `json:"exports"`
+				DurationS float64        `json:"duration_s"`
+			}{id.String(), m.VM, served, time.Since(start).Seconds()}, func(w io.Writer) {
+				fmt.Fprintf(w, "stopped serving backup %s of %s\n", id.Short(), m.VM)
+			})
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringArrayVar(&disks, "disk", nil, "serve only this disk; repeat for several (default: all)")
+	cmd.Flags().StringVar(&listen, "listen", "", "where to listen: unix:/path.sock or tcp:HOST:PORT (required)")
+	cmd.Flags().BoolVar(&writable, "writable", false, "accept writes into a temporary local overlay (the repository is never changed)")
+	cmd.Flags().Int64Var(&cacheMiB, "cache", 256, "MiB of decoded chunks to cache per disk")
+	cmd.Flags().StringVar(&stateDir, "state-dir", defaultStateDir(), "directory for the overlay files of --writable")
+	cmd.MarkFlagRequired("listen")
+	return cmd
+}
+
+// parseListen splits unix:/path or tcp:host:port.
+func parseListen(s string) (network, addr string, err error) {
+	network, addr, ok := strings.Cut(s, ":")
+	if !ok || addr == "" || (network != "unix" && network != "tcp") {
+		return "", "", errorf(errs.ErrUsage, "--listen %q: want unix:/path.sock or tcp:HOST:PORT", s)
+	}
+	if network == "tcp" {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return "", "", errorf(errs.ErrUsage, "--listen %q: %v", s, err)
+		}
+	}
+	return network, addr, nil
+}
+
+func exportURI(network, addr, name string) string {
+	if network == "unix" {
+		return "nbd+unix:///" + url.PathEscape(name) + "?socket=" + addr
+	}
+	return "nbd://" + addr + "/" + url.PathEscape(name)
+}
