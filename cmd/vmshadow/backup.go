@@ -177,7 +177,7 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 			livebackup.DiskPlan
 		}{"plan", d}, fmt.Sprintf("%s: %s read%s", d.Name, d.Mode, map[bool]string{true: " (" + d.Reason + ")", false: ""}[d.Reason != ""]))
 	}
-	err = runJob(ctx, a, r, lb.Job, lb)
+	printSummary, err := runJobQuiet(ctx, a, r, lb.Job, lb)
 	if ferr := lb.Finish(ctx, err == nil); ferr != nil {
 		if err == nil {
 			a.out.Warn("the backup is stored, but %v; the next backup or 'vmshadow recover' releases it", ferr)
@@ -185,7 +185,11 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 			err = fmt.Errorf("%w; %v", err, ferr)
 		}
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	printSummary()
+	return nil
 }
 
 // runBackup opens the repository, runs the job under a shared lock with
@@ -207,6 +211,17 @@ func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job, live
 // runJob runs the job with progress and prints the summary; live adds
 // what a running VM's backup knows (per-disk plans, set warnings).
 func runJob(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live *livebackup.Backup) error {
+	printSummary, err := runJobQuiet(ctx, a, r, job, live)
+	if err != nil {
+		return err
+	}
+	printSummary()
+	return nil
+}
+
+// runJobQuiet runs the job with progress and returns the function that
+// prints its summary, to be called once nothing else will be printed.
+func runJobQuiet(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live *livebackup.Backup) (func(), error) {
 	var total int64
 	for _, d := range job.Disks {
 		total += d.Source.Size()
@@ -216,8 +231,12 @@ func runJob(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live *liv
 	res, err := backup.Run(ctx, r, job, backup.Options{Meter: meter})
 	stop()
 	if err != nil {
-		return err
+		return nil, err
 	}
+	return func() { printBackupSummary(a, res, total, live) }, nil
+}
+
+func printBackupSummary(a *app, res *backup.Result, total int64, live *livebackup.Backup) {
 	m := res.Manifest
 	s := backupSummary{BackupID: res.ID.String(), ShortID: res.ID.Short(), VM: m.VM, Time: m.Time, Tags: m.Tags,
 		Source: m.Source, Mode: m.Mode, Reason: m.Reason, Consistency: m.Consistency, SetID: m.SetID,
@@ -254,5 +273,4 @@ func runJob(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live *liv
 			}
 		}
 	})
-	return nil
 }

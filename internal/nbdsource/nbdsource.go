@@ -14,6 +14,7 @@ import (
 	"iter"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/nbd"
 )
 
@@ -65,6 +66,7 @@ func (s *Source) Size() int64 { return s.pool.Size() }
 
 // ReadAt implements backup.Source.
 func (s *Source) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	crashpoint.Hit("backup-read")
 	n, err := s.pool.ReadAt(ctx, p, off)
 	if err != nil {
 		var se *nbd.ServerError

@@ -63,6 +63,8 @@ type VM struct {
 	Disks       []Disk
 
 	t    testing.TB
+	bin  string
+	args []string
 	cmd  *exec.Cmd
 	qmp  *qmp.Client
 	exit chan error
@@ -87,7 +89,6 @@ func Start(t testing.TB, opts Options) *VM {
 		TestQMPPath: filepath.Join(dir, "test-qmp.sock"),
 		StdoutPath:  filepath.Join(dir, "qemu.out"),
 		t:           t,
-		exit:        make(chan error, 1),
 	}
 	if vm.Name == "" {
 		vm.Name = "testvm"
@@ -134,20 +135,32 @@ func Start(t testing.TB, opts Options) *VM {
 		vm.Disks = append(vm.Disks, d)
 	}
 	args = append(args, opts.Extra...)
-	out, err := os.Create(vm.StdoutPath)
+	vm.bin, vm.args = bin, args
+	vm.launch()
+	t.Cleanup(vm.Kill)
+	return vm
+}
+
+// launch starts QEMU with vm.args and waits for its QMP sockets.
+func (vm *VM) launch() {
+	t := vm.t
+	t.Helper()
+	os.Remove(vm.QMPPath)
+	os.Remove(vm.TestQMPPath)
+	out, err := os.OpenFile(vm.StdoutPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer out.Close()
-	vm.cmd = exec.Command(bin, args...)
+	vm.cmd = exec.Command(vm.bin, vm.args...)
 	vm.cmd.Stdout = out
 	vm.cmd.Stderr = out
 	vm.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := vm.cmd.Start(); err != nil {
 		t.Fatalf("start qemu: %v", err)
 	}
-	go func() { vm.exit <- vm.cmd.Wait() }()
-	t.Cleanup(vm.Kill)
+	vm.exit = make(chan error, 1)
+	go func(cmd *exec.Cmd, exit chan error) { exit <- cmd.Wait() }(vm.cmd, vm.exit)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, e1 := os.Stat(vm.QMPPath)
@@ -165,7 +178,73 @@ func Start(t testing.TB, opts Options) *VM {
 			t.Fatalf("qemu did not create its QMP sockets within 30s")
 		}
 	}
-	return vm
+}
+
+// Restart shuts QEMU down cleanly (persistent bitmaps are saved into qcow2
+// images) and starts it again with the same disks, as an operator would.
+// Disks added with AddDisk are not part of the restarted VM.
+func (vm *VM) Restart() {
+	vm.t.Helper()
+	vm.QMP().Execute(context.Background(), "quit", nil, nil)
+	vm.wait()
+	vm.launch()
+}
+
+// CrashRestart kills QEMU (SIGKILL: bitmaps in qcow2 images are left
+// marked in use, and load as inconsistent) and starts it again.
+func (vm *VM) CrashRestart() {
+	vm.t.Helper()
+	vm.Kill()
+	vm.launch()
+}
+
+func (vm *VM) wait() {
+	if vm.qmp != nil {
+		vm.qmp.Close()
+		vm.qmp = nil
+	}
+	select {
+	case <-vm.exit:
+	case <-time.After(30 * time.Second):
+		vm.t.Fatal("qemu did not exit")
+	}
+}
+
+// AddDisk hot-plugs a new qcow2 disk (blockdev-add and device_add).
+func (vm *VM) AddDisk(d Disk) Disk {
+	vm.t.Helper()
+	if d.Size == 0 {
+		d.Size = 64 << 20
+	}
+	d.Format = "qcow2"
+	d.Path = filepath.Join(vm.Dir, d.ID+".qcow2")
+	d.Node = "fmt-" + d.ID
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", d.Path, fmt.Sprint(d.Size)).CombinedOutput(); err != nil {
+		vm.t.Fatalf("qemu-img create: %v: %s", err, out)
+	}
+	vm.Exec("blockdev-add", map[string]any{"driver": "file", "filename": d.Path, "node-name": "file-" + d.ID}, nil)
+	vm.Exec("blockdev-add", map[string]any{"driver": "qcow2", "file": "file-" + d.ID, "node-name": d.Node}, nil)
+	vm.Exec("device_add", map[string]any{"driver": "virtio-blk-pci", "drive": d.Node, "id": d.ID, "share-rw": true}, nil)
+	vm.Disks = append(vm.Disks, d)
+	return d
+}
+
+// Resize grows a disk (block_resize), as an operator would.
+func (vm *VM) Resize(id string, size int64) {
+	vm.t.Helper()
+	d := vm.Disk(id)
+	args := map[string]any{"size": size}
+	if d.Node != "" {
+		args["node-name"] = d.Node
+	} else {
+		args["device"] = "drv-" + id
+	}
+	vm.Exec("block_resize", args, nil)
+	for i := range vm.Disks {
+		if vm.Disks[i].ID == id {
+			vm.Disks[i].Size = size
+		}
+	}
 }
 
 // Kill stops QEMU (SIGKILL) and waits for it. Safe to call twice.
@@ -174,7 +253,7 @@ func (vm *VM) Kill() {
 		vm.qmp.Close()
 		vm.qmp = nil
 	}
-	if vm.cmd.ProcessState == nil {
+	if vm.cmd != nil && vm.cmd.ProcessState == nil {
 		vm.cmd.Process.Kill()
 		select {
 		case <-vm.exit:
