@@ -169,3 +169,75 @@ func TestLiveBackupIncrementalRounds(t *testing.T) {
 		t.Fatalf("verify: %s", res.errorMessage())
 	}
 }
+
+// TestLiveBackupChainBreaks: everything that breaks the change-tracking
+// chain gives a full read of the affected disk, with the reason, and the
+// backup is still right.
+func TestLiveBackupChainBreaks(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{
+		{ID: "vda", Size: 64 << 20}, {ID: "vdb", Format: "raw", Size: 32 << 20}}})
+	r := newLiveRig(t, vm, false)
+	vm.Write("vda", 1, 0, 8<<20)
+	vm.Write("vdb", 2, 0, 8<<20)
+	r.backup()
+
+	touched := map[int64]bool{} // vda chunks written since it was last reset
+	check := func(step string, modes map[string]string, reason map[string]string, args ...string) string {
+		t.Helper()
+		r.scatter("vda", 2, touched)
+		want := r.expected()
+		sum := r.backup(args...)
+		for name, d := range diskSummaries(t, sum) {
+			if d["mode"] != modes[name] || !strings.Contains(fmt.Sprint(d["reason"]), reason[name]) {
+				t.Errorf("%s: disk %s: mode %v reason %q, want %s %q", step, name, d["mode"], d["reason"], modes[name], reason[name])
+			}
+		}
+		r.restoreCompare(sum["backup_id"].(string), want)
+		return sum["backup_id"].(string)
+	}
+
+	check("steady", map[string]string{"vda": "incremental", "vdb": "incremental"}, nil)
+	check("--full", map[string]string{"vda": "full", "vdb": "full"}, map[string]string{"vda": "--full", "vdb": "--full"}, "--full")
+
+	vm.AddDisk(qemutest.Disk{ID: "vdc", Size: 16 << 20})
+	vm.Write("vdc", 3, 0, 1<<20)
+	check("disk added", map[string]string{"vda": "incremental", "vdb": "incremental", "vdc": "full"}, map[string]string{"vdc": "disk added"})
+
+	vm.Resize("vdb", 48<<20)
+	check("resized", map[string]string{"vda": "incremental", "vdb": "full", "vdc": "incremental"}, map[string]string{"vdb": "resized"})
+
+	// A clean restart keeps qcow2 bitmaps; a raw disk cannot keep them.
+	// (The hot-plugged disk is gone after the restart.)
+	vm.Restart()
+	check("restarted", map[string]string{"vda": "incremental", "vdb": "full"}, map[string]string{"vdb": "missing"})
+
+	// QEMU killed after a clean restart loaded the qcow2 bitmap (and
+	// marked it in use in the image): it comes back inconsistent.
+	vm.Restart()
+	vm.CrashRestart()
+	check("crashed", map[string]string{"vda": "full", "vdb": "full"}, map[string]string{"vda": "inconsistent", "vdb": "missing"})
+
+	// The latest backup deleted from the repository (pruned): the disks'
+	// bitmaps belong to it, so the chain is broken.
+	last := check("before prune", map[string]string{"vda": "incremental", "vdb": "incremental"}, nil)
+	manifests, _ := filepath.Glob(filepath.Join(r.repo, "*", last+"*"))
+	if len(manifests) == 0 {
+		manifests, _ = filepath.Glob(filepath.Join(r.repo, "*", "*", last+"*"))
+	}
+	if len(manifests) != 1 {
+		t.Fatalf("manifest of %s: %v", last, manifests)
+	}
+	os.Remove(manifests[0])
+	check("pruned", map[string]string{"vda": "full", "vdb": "full"}, map[string]string{"vda": "no longer in the repository", "vdb": "no longer in the repository"})
+
+	// A second repository keeps its own chain; the first one's goes on.
+	r2 := newLiveRig(t, vm, false)
+	r2.backup()
+	clear(touched)
+	check("after another repository", map[string]string{"vda": "incremental", "vdb": "incremental"}, nil)
+	r2.scatter("vda", 1, touched) // repository 2 sees both repositories' rounds of changes
+	sum := r2.backup()
+	if d := diskSummaries(t, sum)["vda"]; d["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched))*testChunk {
+		t.Errorf("second repository: %v", d)
+	}
+}

@@ -62,12 +62,13 @@ type VM struct {
 	StdoutPath  string // QEMU's stdout: qemu-io reports land here
 	Disks       []Disk
 
-	t    testing.TB
-	bin  string
-	args []string
-	cmd  *exec.Cmd
-	qmp  *qmp.Client
-	exit chan error
+	t       testing.TB
+	bin     string
+	args    []string
+	initial int // disks on the command line (AddDisk adds more)
+	cmd     *exec.Cmd
+	qmp     *qmp.Client
+	exit    chan error
 }
 
 // Start boots a VM and registers its shutdown with t.Cleanup.
@@ -135,7 +136,7 @@ func Start(t testing.TB, opts Options) *VM {
 		vm.Disks = append(vm.Disks, d)
 	}
 	args = append(args, opts.Extra...)
-	vm.bin, vm.args = bin, args
+	vm.bin, vm.args, vm.initial = bin, args, len(vm.Disks)
 	vm.launch()
 	t.Cleanup(vm.Kill)
 	return vm
@@ -178,6 +179,9 @@ func (vm *VM) launch() {
 			t.Fatalf("qemu did not create its QMP sockets within 30s")
 		}
 	}
+	// The sockets exist before the machine is set up; QMP answers after.
+	var status struct{ Status string }
+	vm.Exec("query-status", nil, &status)
 }
 
 // Restart shuts QEMU down cleanly (persistent bitmaps are saved into qcow2
@@ -187,6 +191,7 @@ func (vm *VM) Restart() {
 	vm.t.Helper()
 	vm.QMP().Execute(context.Background(), "quit", nil, nil)
 	vm.wait()
+	vm.Disks = vm.Disks[:vm.initial]
 	vm.launch()
 }
 
@@ -195,6 +200,7 @@ func (vm *VM) Restart() {
 func (vm *VM) CrashRestart() {
 	vm.t.Helper()
 	vm.Kill()
+	vm.Disks = vm.Disks[:vm.initial]
 	vm.launch()
 }
 

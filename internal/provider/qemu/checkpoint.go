@@ -86,7 +86,7 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 		case found == nil && other != "":
 			reason = fmt.Sprintf("the disk tracks changes since checkpoint %s, whose backup is no longer in the repository (pruned or deleted); the latest backup there has checkpoint %s", other, prev.Bitmap)
 		case found == nil:
-			reason = fmt.Sprintf("change-tracking bitmap %s is missing (QEMU was restarted with a disk that cannot keep bitmaps, such as raw, or the bitmap was removed)", prev.Bitmap)
+			reason = fmt.Sprintf("change-tracking bitmap %s is missing (QEMU was restarted and the disk could not keep it: a raw disk, or QEMU was killed before saving it; or it was removed)", prev.Bitmap)
 		case found.Inconsistent:
 			reason = fmt.Sprintf("change-tracking bitmap %s is inconsistent (QEMU stopped without saving it)", prev.Bitmap)
 		case !found.Recording:
