@@ -1,0 +1,54 @@
+package main
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmshadow/vmshadow/internal/coord"
+)
+
+func init() { commands = append(commands, newSnapshotCmd) }
+
+func newSnapshotCmd(a *app) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "snapshot",
+		Short: "Take, list and delete snapshot sets of a running VM",
+		Long: `A snapshot set captures every disk of a running VM at one instant, after the
+writers (the guest agent, hook scripts) froze, and exposes each disk's shadow copy
+as a read-only NBD export until the set is deleted.`,
+	}
+	cmd.AddCommand(newSnapshotCreateCmd(a), newSnapshotListCmd(a), newSnapshotDeleteCmd(a))
+	return cmd
+}
+
+// printSet writes a set as human text.
+func printSet(w io.Writer, s coord.Info) {
+	freeze := "nothing froze"
+	if s.FreezeMS > 0 {
+		freeze = fmt.Sprintf("frozen %d ms", s.FreezeMS)
+	}
+	fmt.Fprintf(w, "snapshot set %s of %s: %s-consistent, %s, created %s (%s)\n", s.ID, s.VM, s.Consistency, freeze, s.Created, s.Phase)
+	for _, sh := range s.Shadows {
+		fmt.Fprintf(w, "  %-12s %10s  %s\n", sh.Disk, humanBytes(sh.Size), sh.NBD)
+	}
+	for _, wr := range s.Writers {
+		if wr.Error != "" {
+			fmt.Fprintf(w, "  writer %s: %s (%s)\n", wr.Name, wr.State, wr.Error)
+		}
+	}
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

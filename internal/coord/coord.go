@@ -1,0 +1,577 @@
+// Package coord owns the snapshot-set sequence of the Volume Shadow Copy
+// Service model: identify, prepare, freeze, commit, thaw, expose, and later
+// release. It enforces the time limits, decides the consistency level a set
+// reached, keeps the journal that lets Recover undo a set left behind by a
+// killed process, and allows one set per VM at a time.
+//
+// It knows nothing about any hypervisor or guest: providers (internal/provider/...)
+// capture and expose disks, writers (internal/writer) freeze and thaw.
+package coord
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
+	"github.com/vmshadow/vmshadow/internal/errs"
+)
+
+// Writer is something that can make the data on the disks consistent and
+// hold it so for a short while: the guest agent freezing file systems, a
+// hook script pausing a database. Freeze and Thaw must honour ctx's deadline.
+type Writer interface {
+	// Name identifies the writer in messages ("guest-agent", "hook:/path").
+	Name() string
+	// Level is the consistency the writer contributes when it froze.
+	Level() Level
+	// Spec describes the writer so that Recover can rebuild it.
+	Spec() WriterSpec
+	// Prepare checks that the writer can take part (connects, checks
+	// support) and tells it which set it serves. It is called before
+	// anything is created, and by Recover before a thaw.
+	Prepare(ctx context.Context, set SetContext) error
+	// Freeze makes the data consistent and holds it until Thaw.
+	Freeze(ctx context.Context) error
+	// Thaw releases what Freeze held. It is called once Freeze was
+	// attempted, whatever Freeze returned, and must be safe when nothing
+	// is frozen.
+	Thaw(ctx context.Context) error
+	// Close releases connections.
+	Close() error
+}
+
+// WriterSpec is the persistent description of a writer.
+type WriterSpec struct {
+	Kind string `json:"kind"` // "agent" or "hook"
+	Path string `json:"path"` // agent socket or hook executable
+}
+
+// SetContext is what a writer is told about the set it serves.
+type SetContext struct {
+	VM    string
+	SetID string
+}
+
+// FrozenReporter is implemented by writers that can tell whether they are
+// frozen now (the guest agent). Recover thaws such writers when they are,
+// even without a journal record.
+type FrozenReporter interface {
+	Frozen(ctx context.Context) (bool, error)
+}
+
+// VMInfo is what a provider reports about the VM.
+type VMInfo struct {
+	Name string
+	// Key names the VM's journal record and lock; stable for the VM.
+	Key string
+}
+
+// Provider captures the disks of one VM. Every method that creates
+// something records it in set.ProviderState and calls save() BEFORE
+// creating it, so that Release can always find and remove it, even from a
+// record left by a process that was killed.
+type Provider interface {
+	// Kind is the provider's name ("qemu").
+	Kind() string
+	// Identify connects to the hypervisor, checks what the provider needs
+	// and returns the VM. It fails with errs.ErrBusy if the VM carries
+	// leftovers of a set that is not in the journal.
+	Identify(ctx context.Context) (VMInfo, error)
+	// Prepare checks space and creates what Commit needs, without
+	// touching the guest's I/O path.
+	Prepare(ctx context.Context, set *Set, save func() error) error
+	// Commit captures every disk at one instant. Writers are frozen while
+	// it runs: it must be fast and honour ctx's deadline.
+	Commit(ctx context.Context, set *Set, save func() error) error
+	// Expose makes each disk's shadow copy readable and fills set.Shadows.
+	Expose(ctx context.Context, set *Set, save func() error) error
+	// Release removes everything the set created, in whatever phase it
+	// stopped; what was never created or is already gone is no error.
+	// With a nil set it removes anything the provider can recognise as
+	// its own leftovers. It returns what it removed.
+	Release(ctx context.Context, set *Set) ([]string, error)
+	// Alive reports whether the set's objects still exist in the VM.
+	Alive(ctx context.Context, set *Set) (bool, error)
+	// Close drops the connection to the hypervisor.
+	Close() error
+}
+
+// Options are the time limits and requirements of a set.
+type Options struct {
+	// FreezeTimeout bounds the time from the first freeze to the last thaw.
+	FreezeTimeout time.Duration
+	// WriterTimeout bounds each writer call.
+	WriterTimeout time.Duration
+	// Require fails the set unless it reaches this level.
+	Require Level
+	// Status and Warn report progress and problems; either may be nil.
+	Status func(phase string)
+	Warn   func(msg string)
+}
+
+// Default time limits, as in VSS.
+const (
+	DefaultFreezeTimeout = 10 * time.Second
+	DefaultWriterTimeout = 60 * time.Second
+	// cleanupTimeout bounds release work done after a failure or signal.
+	cleanupTimeout = 60 * time.Second
+)
+
+// Coordinator runs snapshot sets for one VM.
+type Coordinator struct {
+	Provider Provider
+	Writers  []Writer
+	Journal  *Journal
+	// Rebuild makes a writer from its journal record, so that Delete and
+	// Recover can thaw writers a set left frozen.
+	Rebuild func(WriterSpec) (Writer, error)
+	Options
+}
+
+// Session is an open coordinator: the VM identified and, for operations
+// that change it, locked against other vmshadow processes.
+type Session struct {
+	c      *Coordinator
+	vm     VMInfo
+	unlock func()
+}
+
+// Open identifies the VM and takes its lock (errs.ErrBusy when another
+// vmshadow process holds it). Close the session when done.
+func (c *Coordinator) Open(ctx context.Context) (*Session, error) {
+	if c.FreezeTimeout <= 0 {
+		c.FreezeTimeout = DefaultFreezeTimeout
+	}
+	if c.WriterTimeout <= 0 {
+		c.WriterTimeout = DefaultWriterTimeout
+	}
+	vm, err := c.Provider.Identify(ctx)
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := c.Journal.Lock(vm.Key)
+	if err != nil {
+		return nil, err
+	}
+	return &Session{c: c, vm: vm, unlock: unlock}, nil
+}
+
+// VM is the identified VM.
+func (s *Session) VM() VMInfo { return s.vm }
+
+// Close releases the lock and the provider's and writers' connections.
+func (s *Session) Close() error {
+	s.unlock()
+	for _, w := range s.c.Writers {
+		w.Close()
+	}
+	return s.c.Provider.Close()
+}
+
+func (s *Session) status(phase string) {
+	if s.c.Status != nil {
+		s.c.Status(phase)
+	}
+}
+
+func (s *Session) warn(set *Set, format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	if set != nil {
+		set.Warnings = append(set.Warnings, msg)
+	}
+	if s.c.Warn != nil {
+		s.c.Warn(msg)
+	}
+}
+
+// Current returns the VM's set from the journal, or nil.
+func (s *Session) Current() (*Set, error) { return s.c.Journal.Load(s.vm.Key) }
+
+// Create takes a snapshot set. On any failure everything it created is
+// released, writers are thawed, and the VM is as it was.
+func (s *Session) Create(ctx context.Context) (*Set, error) {
+	c := s.c
+	if cur, err := c.Journal.Load(s.vm.Key); err != nil {
+		return nil, err
+	} else if cur != nil {
+		return nil, fmt.Errorf("snapshot set %s (created %s by pid %d) exists for VM %s: delete it with 'vmshadow snapshot delete %s', or run 'vmshadow recover' if vmshadow was killed: %w",
+			cur.ID, cur.Created.Format(time.RFC3339), cur.PID, s.vm.Name, cur.ID, errs.ErrBusy)
+	}
+	set := &Set{ID: NewSetID(), VM: s.vm.Name, Provider: c.Provider.Kind(), Created: time.Now().UTC().Truncate(time.Second),
+		Phase: "preparing", PID: os.Getpid()}
+	for _, w := range c.Writers {
+		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: "pending"})
+	}
+	save := func() error { return c.Journal.Save(s.vm.Key, set) }
+	if err := save(); err != nil {
+		return nil, err
+	}
+	if err := s.create(ctx, set, save); err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		defer cancel()
+		if _, rerr := c.Provider.Release(cctx, set); rerr != nil {
+			return nil, fmt.Errorf("%w; cleanup failed too, run 'vmshadow recover': %v", err, rerr)
+		}
+		if frozen := s.stillFrozen(set); len(frozen) > 0 {
+			return nil, fmt.Errorf("%w; writers %v may still be frozen, run 'vmshadow recover'", err, frozen)
+		}
+		if rerr := c.Journal.Remove(s.vm.Key); rerr != nil {
+			return nil, fmt.Errorf("%w; %v", err, rerr)
+		}
+		return nil, err
+	}
+	return set, nil
+}
+
+func (s *Session) stillFrozen(set *Set) []string {
+	var names []string
+	for _, w := range set.Writers {
+		if w.State == "freezing" {
+			names = append(names, w.Name)
+		}
+	}
+	return names
+}
+
+func (s *Session) create(ctx context.Context, set *Set, save func() error) error {
+	c := s.c
+	// Identify: each writer checks it can take part.
+	ok := make([]bool, len(c.Writers))
+	for i, w := range c.Writers {
+		s.status("prepare writer " + w.Name())
+		wctx, cancel := context.WithTimeout(ctx, c.WriterTimeout)
+		err := w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID})
+		cancel()
+		if err != nil {
+			if ferr := s.writerFailed(set, i, "prepare", err); ferr != nil {
+				return ferr
+			}
+			continue
+		}
+		ok[i] = true
+	}
+	s.status("prepare")
+	if err := c.Provider.Prepare(ctx, set, save); err != nil {
+		return fmt.Errorf("prepare: %w", err)
+	}
+	crashpoint.Hit("prepared")
+
+	// Freeze, commit, thaw. The freeze window runs from the first freeze
+	// call to the end of the last thaw.
+	set.Phase = "freezing"
+	for i := range set.Writers {
+		if ok[i] {
+			set.Writers[i].State = "freezing" // recorded before the call: Recover thaws it
+		}
+	}
+	if err := save(); err != nil {
+		return err
+	}
+	s.status("freeze")
+	start := time.Now()
+	window, cancelWindow := context.WithDeadline(ctx, start.Add(c.FreezeTimeout))
+	defer cancelWindow()
+	var frozenErr error
+	for i, w := range c.Writers {
+		if !ok[i] {
+			continue
+		}
+		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
+		err := w.Freeze(wctx)
+		cancel()
+		if err != nil {
+			if window.Err() != nil && ctx.Err() == nil {
+				frozenErr = fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
+				break
+			}
+			if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
+				frozenErr = ferr
+				break
+			}
+			continue
+		}
+	}
+	crashpoint.Hit("frozen")
+	if frozenErr == nil {
+		s.status("commit")
+		if err := c.Provider.Commit(window, set, save); err != nil {
+			if window.Err() != nil && ctx.Err() == nil {
+				frozenErr = fmt.Errorf("commit did not finish within the %s freeze limit: %v: %w", c.FreezeTimeout, err, errs.ErrTimeout)
+			} else {
+				frozenErr = fmt.Errorf("commit: %w", err)
+			}
+		} else {
+			set.Phase = "committed"
+			crashpoint.Hit("committed")
+		}
+	}
+	s.status("thaw")
+	thawErr := s.thawAll(ctx, set)
+	set.FreezeMS = time.Since(start).Milliseconds()
+	if !s.anyFreezeAttempted(ok) {
+		set.FreezeMS = 0
+	}
+	if frozenErr != nil {
+		return frozenErr
+	}
+	if thawErr != nil {
+		return thawErr
+	}
+	if set.FreezeMS > c.FreezeTimeout.Milliseconds() {
+		return fmt.Errorf("writers were frozen for %d ms, more than the %s limit (raise --freeze-timeout if the guest needs longer): %w",
+			set.FreezeMS, c.FreezeTimeout, errs.ErrTimeout)
+	}
+	crashpoint.Hit("thawed")
+	set.Phase = "thawed"
+	set.Consistency = s.level(set)
+	if set.Consistency < c.Require {
+		return fmt.Errorf("set reached %s consistency, %s was required: %w", set.Consistency, c.Require, errs.ErrConsistency)
+	}
+	if len(set.Writers) > 0 && set.Consistency == Crash {
+		s.warn(set, "no writer froze: the set is crash-consistent only")
+	}
+	if err := save(); err != nil {
+		return err
+	}
+	s.status("expose")
+	if err := c.Provider.Expose(ctx, set, save); err != nil {
+		return fmt.Errorf("expose: %w", err)
+	}
+	set.Phase = "exposed"
+	return save()
+}
+
+func (s *Session) anyFreezeAttempted(ok []bool) bool {
+	for _, v := range ok {
+		if v {
+			return true
+		}
+	}
+	return false
+}
+
+// writerFailed records a writer's failure. It returns an error when the
+// failure must abort the set (the writer was needed for --require).
+func (s *Session) writerFailed(set *Set, i int, what string, err error) error {
+	w := &set.Writers[i]
+	if w.State != "freezing" {
+		w.State = "failed"
+	}
+	w.Error = fmt.Sprintf("%s: %v", what, err)
+	if s.c.Require >= Filesystem && w.Level <= s.c.Require {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("writer %s %s: %v (limit %s): %w", w.Name, what, err, s.c.WriterTimeout, errs.ErrTimeout)
+		}
+		return fmt.Errorf("writer %s %s failed and %s consistency is required: %v: %w", w.Name, what, s.c.Require, err, errs.ErrConsistency)
+	}
+	s.warn(set, "writer %s %s failed, going on without it: %v", w.Name, what, err)
+	return nil
+}
+
+// thawAll thaws, in reverse order, every writer whose freeze was attempted.
+// It runs whatever happened before, with its own time limits.
+func (s *Session) thawAll(ctx context.Context, set *Set) error {
+	var firstErr error
+	for i := len(s.c.Writers) - 1; i >= 0; i-- {
+		ws := &set.Writers[i]
+		if ws.State != "freezing" {
+			continue
+		}
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
+		err := s.c.Writers[i].Thaw(wctx)
+		cancel()
+		if err != nil {
+			// The writer may still be frozen: its state stays "freezing"
+			// so that Delete and Recover try again. A thaw that failed may
+			// also mean the writer let go early: its data cannot be
+			// trusted to be consistent.
+			if ferr := s.writerFailed(set, i, "thaw", err); ferr != nil && firstErr == nil {
+				firstErr = ferr
+			}
+			continue
+		}
+		if ws.Error == "" {
+			ws.State = "thawed"
+		} else {
+			ws.State = "failed" // froze badly, thawed fine
+		}
+	}
+	if err := s.c.Journal.Save(s.vm.Key, set); err != nil && firstErr == nil {
+		firstErr = err
+	}
+	return firstErr
+}
+
+// level is the consistency the set reached: application when every writer
+// froze and at least one application writer was among them; filesystem
+// when the file systems froze; crash otherwise.
+func (s *Session) level(set *Set) Level {
+	fs, app, all := false, false, true
+	for _, w := range set.Writers {
+		if w.State != "thawed" {
+			all = false
+			continue
+		}
+		switch w.Level {
+		case Filesystem:
+			fs = true
+		case Application:
+			app = true
+		}
+	}
+	switch {
+	case app && all:
+		return Application
+	case fs:
+		return Filesystem
+	}
+	return Crash
+}
+
+// Delete releases the set with the given id.
+func (s *Session) Delete(ctx context.Context, id string) (*Set, error) {
+	set, err := s.c.Journal.Load(s.vm.Key)
+	if err != nil {
+		return nil, err
+	}
+	if set == nil || set.ID != id {
+		return nil, fmt.Errorf("no snapshot set %q on VM %s (see 'vmshadow snapshot list'): %w", id, s.vm.Name, errs.ErrNotFound)
+	}
+	set.Phase = "releasing"
+	if err := s.c.Journal.Save(s.vm.Key, set); err != nil {
+		return nil, err
+	}
+	if _, errList := s.thawLeftFrozen(ctx, set); len(errList) > 0 {
+		return nil, fmt.Errorf("set %s: %v (run 'vmshadow recover' to retry)", id, errList)
+	}
+	s.status("release")
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	if _, err := s.c.Provider.Release(cctx, set); err != nil {
+		return nil, fmt.Errorf("release set %s: %w (run 'vmshadow recover' to retry)", id, err)
+	}
+	return set, s.c.Journal.Remove(s.vm.Key)
+}
+
+// List returns the VM's sets (at most one) and whether each still exists
+// in the VM. A set whose objects are gone (the VM restarted) is stale.
+func (s *Session) List(ctx context.Context) ([]*Set, error) {
+	set, err := s.c.Journal.Load(s.vm.Key)
+	if err != nil || set == nil {
+		return nil, err
+	}
+	alive, err := s.c.Provider.Alive(ctx, set)
+	if err != nil {
+		return nil, err
+	}
+	if !alive && set.Phase == "exposed" {
+		set.Phase = "stale"
+	}
+	return []*Set{set}, nil
+}
+
+// RecoverReport says what Recover did.
+type RecoverReport struct {
+	SetID   string   `json:"set_id,omitempty"`
+	Thawed  []string `json:"thawed"`
+	Removed []string `json:"removed"`
+	Errors  []string `json:"errors,omitempty"`
+}
+
+// thawLeftFrozen thaws, in reverse order, the set's writers that may still
+// be frozen (their thaw failed, or the process died), rebuilding them from
+// the journal. It returns what it thawed and what went wrong.
+func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problems []string) {
+	sc := SetContext{VM: set.VM, SetID: set.ID}
+	for i := len(set.Writers) - 1; i >= 0; i-- {
+		ws := &set.Writers[i]
+		if ws.State != "freezing" {
+			continue
+		}
+		if s.c.Rebuild == nil {
+			problems = append(problems, fmt.Sprintf("thaw %s: no way to rebuild the writer", ws.Name))
+			continue
+		}
+		w, err := s.c.Rebuild(ws.Spec)
+		if err == nil {
+			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
+			if err = w.Prepare(wctx, sc); err == nil {
+				err = w.Thaw(wctx)
+			}
+			cancel()
+			w.Close()
+		}
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("thaw %s: %v", ws.Name, err))
+			continue
+		}
+		ws.State = "thawed"
+		if ws.Error == "" {
+			ws.Error = "thawed late"
+		}
+		thawed = append(thawed, ws.Name)
+	}
+	s.c.Journal.Save(s.vm.Key, set)
+	return thawed, problems
+}
+
+// Recover undoes whatever a killed vmshadow left behind: it thaws writers
+// whose freeze was attempted, removes the set's objects and any other
+// leftovers the provider recognises, and deletes the journal record. On a
+// clean VM it does nothing. Writers given to the coordinator that can
+// report their state (FrozenReporter) are thawed too when they are frozen.
+func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
+	rep := RecoverReport{Thawed: []string{}, Removed: []string{}}
+	set, err := s.c.Journal.Load(s.vm.Key)
+	if err != nil {
+		return rep, err
+	}
+	thawed := map[WriterSpec]bool{}
+	if set != nil {
+		rep.SetID = set.ID
+		names, problems := s.thawLeftFrozen(ctx, set)
+		rep.Thawed = append(rep.Thawed, names...)
+		rep.Errors = append(rep.Errors, problems...)
+		for _, ws := range set.Writers {
+			if ws.State == "thawed" {
+				thawed[ws.Spec] = true
+			}
+		}
+	}
+	for _, w := range s.c.Writers {
+		fr, ok := w.(FrozenReporter)
+		if !ok || thawed[w.Spec()] {
+			continue
+		}
+		wctx, cancel := context.WithTimeout(ctx, s.c.WriterTimeout)
+		err := w.Prepare(wctx, SetContext{VM: s.vm.Name})
+		frozen := false
+		if err == nil {
+			frozen, err = fr.Frozen(wctx)
+		}
+		if err == nil && frozen {
+			if err = w.Thaw(wctx); err == nil {
+				rep.Thawed = append(rep.Thawed, w.Name())
+			}
+		}
+		cancel()
+		if err != nil {
+			rep.Errors = append(rep.Errors, fmt.Sprintf("check %s: %v", w.Name(), err))
+		}
+	}
+	removed, err := s.c.Provider.Release(ctx, set)
+	rep.Removed = append(rep.Removed, removed...)
+	if err != nil {
+		rep.Errors = append(rep.Errors, err.Error())
+	}
+	if len(rep.Errors) > 0 {
+		if set != nil {
+			s.c.Journal.Save(s.vm.Key, set)
+		}
+		return rep, fmt.Errorf("recover left problems (run it again once they are fixed): %v", rep.Errors)
+	}
+	return rep, s.c.Journal.Remove(s.vm.Key)
+}

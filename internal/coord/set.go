@@ -1,0 +1,102 @@
+package coord
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"strings"
+	"time"
+)
+
+// Shadow is one disk's shadow copy: a read-only view of the disk at the
+// set's instant.
+type Shadow struct {
+	ID   string `json:"id"`
+	Disk string `json:"disk"` // device's qdev id, or node name when the device has none
+	Node string `json:"node"` // the hypervisor's node the shadow copy reads
+	Size int64  `json:"size"` // bytes
+	NBD  string `json:"nbd"`  // read-only NBD URI accepted by qemu-img and qemu-io
+
+	// Set only when the set was asked to rotate change tracking (backups).
+	Bitmap     string `json:"bitmap,omitempty"`      // exported dirty bitmap: changes since the previous checkpoint
+	Checkpoint string `json:"checkpoint,omitempty"`  // bitmap started at this set's instant
+	FullReason string `json:"full_reason,omitempty"` // why changes since the previous checkpoint are unknown
+}
+
+// WriterState is what became of one writer in a set.
+type WriterState struct {
+	Name  string     `json:"name"`
+	Level Level      `json:"level"`
+	Spec  WriterSpec `json:"spec"`
+	// State: "pending", "freezing" (freeze attempted, not yet thawed),
+	// "thawed", or "failed" (freeze or thaw failed; Error says why).
+	State string `json:"state"`
+	Error string `json:"error,omitempty"`
+}
+
+// Set is a snapshot set. It is also the journal record: it is saved before
+// each step that creates something, so that Recover can undo a set left
+// behind by a process that was killed.
+type Set struct {
+	Version     int           `json:"version"`
+	ID          string        `json:"set_id"`
+	VM          string        `json:"vm"`
+	Provider    string        `json:"provider"`
+	Consistency Level         `json:"consistency"`
+	Created     time.Time     `json:"created"`
+	FreezeMS    int64         `json:"freeze_ms"`
+	Shadows     []Shadow      `json:"shadows"`
+	Writers     []WriterState `json:"writers"`
+	Warnings    []string      `json:"warnings,omitempty"`
+	// Phase: preparing, freezing, committed, thawed, exposed, releasing.
+	Phase string `json:"phase"`
+	// PID of the vmshadow process that created the set.
+	PID int `json:"pid"`
+	// ProviderState is the provider's own record of what it created.
+	ProviderState json.RawMessage `json:"provider_state,omitempty"`
+}
+
+// Info is the public view of a set: the "snapshot create" summary and each
+// element of "snapshot list".
+type Info struct {
+	ID          string        `json:"set_id"`
+	VM          string        `json:"vm"`
+	Consistency Level         `json:"consistency"`
+	Created     string        `json:"created"`
+	FreezeMS    int64         `json:"freeze_ms"`
+	Shadows     []Shadow      `json:"shadows"`
+	Writers     []WriterState `json:"writers"`
+	Warnings    []string      `json:"warnings,omitempty"`
+	Phase       string        `json:"phase"`
+}
+
+// Info returns the public view of the set.
+func (s *Set) Info() Info {
+	shadows := s.Shadows
+	if shadows == nil {
+		shadows = []Shadow{}
+	}
+	writers := s.Writers
+	if writers == nil {
+		writers = []WriterState{}
+	}
+	return Info{ID: s.ID, VM: s.VM, Consistency: s.Consistency, Created: s.Created.Format(time.RFC3339),
+		FreezeMS: s.FreezeMS, Shadows: shadows, Writers: writers, Warnings: s.Warnings, Phase: s.Phase}
+}
+
+// NewSetID returns a fresh set id: 10 lower-case base32 characters, short
+// enough to fit QEMU's 31-byte node names with a prefix.
+func NewSetID() string {
+	var b [7]byte
+	rand.Read(b[:])
+	const alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+	var sb strings.Builder
+	v := uint64(0)
+	for _, x := range b {
+		v = v<<8 | uint64(x)
+	}
+	for i := 0; i < 10; i++ {
+		sb.WriteByte(alphabet[v&31])
+		v >>= 5
+	}
+	return sb.String()
+}

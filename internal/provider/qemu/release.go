@@ -1,0 +1,256 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/coord"
+)
+
+// Release implements coord.Provider. It removes, in order, exports, the NBD
+// server, snapshot-access nodes, the filters from the devices' I/O path
+// (resuming the VM if vmshadow left it paused), filter and target nodes,
+// and scratch files; then anything else named vmshadow-* that QEMU still
+// has. Objects already gone are skipped.
+func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error) {
+	st, err := loadState(set)
+	if err != nil {
+		return nil, err
+	}
+	r := &releaser{p: p}
+	if st != nil {
+		r.state(ctx, set.ID, st)
+	}
+	r.leftovers(ctx)
+	return r.removed, errors.Join(r.errs...)
+}
+
+type releaser struct {
+	p       *Provider
+	removed []string
+	errs    []error
+}
+
+func (r *releaser) try(what string, err error) {
+	switch {
+	case err == nil:
+		r.removed = append(r.removed, what)
+	case isMissing(err):
+	default:
+		r.errs = append(r.errs, fmt.Errorf("remove %s: %w", what, err))
+	}
+}
+
+func (r *releaser) state(ctx context.Context, setID string, st *state) {
+	p := r.p
+	var exports []string
+	for _, d := range st.Disks {
+		exports = append(exports, d.Export)
+	}
+	r.delExports(ctx, exports)
+	if st.Server {
+		r.try("nbd server", p.exec(ctx, "nbd-server-stop", nil, nil))
+		// A getfd that never reached nbd-server-start leaves a named fd.
+		if err := p.exec(ctx, "closefd", map[string]any{"fdname": Prefix + setID}, nil); err == nil {
+			r.removed = append(r.removed, "fd "+Prefix+setID)
+		}
+	}
+	if st.Socket != "" {
+		if err := os.Remove(st.Socket); err == nil {
+			r.removed = append(r.removed, st.Socket)
+		}
+	}
+	for _, d := range st.Disks {
+		r.try("node "+d.Snap, p.exec(ctx, "blockdev-del", map[string]any{"node-name": d.Snap}, nil))
+	}
+	var inserted []diskState
+	for _, d := range st.Disks {
+		if d.Inserted {
+			inserted = append(inserted, d)
+		}
+	}
+	if len(inserted) > 0 {
+		if err := p.detach(ctx, inserted); err != nil {
+			r.errs = append(r.errs, err)
+		}
+	}
+	if st.Paused {
+		var status struct {
+			Running bool   `json:"running"`
+			Status  string `json:"status"`
+		}
+		if err := p.exec(ctx, "query-status", nil, &status); err == nil && !status.Running && status.Status == "paused" {
+			r.try("pause (VM resumed)", p.exec(ctx, "cont", nil, nil))
+		}
+	}
+	for _, d := range st.Disks {
+		r.try("node "+d.CBW, p.exec(ctx, "blockdev-del", map[string]any{"node-name": d.CBW}, nil))
+		r.try("node "+d.Target, p.exec(ctx, "blockdev-del", map[string]any{"node-name": d.Target}, nil))
+	}
+	r.fdsets(ctx, func(opaque string) bool {
+		return slices.ContainsFunc(st.Disks, func(d diskState) bool { return d.Target == opaque })
+	})
+	for _, d := range st.Disks {
+		if err := os.Remove(d.Scratch); err == nil {
+			r.removed = append(r.removed, d.Scratch)
+		} else if !errors.Is(err, os.ErrNotExist) {
+			r.errs = append(r.errs, fmt.Errorf("remove scratch file: %w", err))
+		}
+	}
+}
+
+// delExports removes exports (dropping their clients) and waits until QEMU
+// has let go of them.
+func (r *releaser) delExports(ctx context.Context, ids []string) {
+	p := r.p
+	for _, id := range ids {
+		r.try("export "+id, p.exec(ctx, "block-export-del", map[string]any{"id": id, "mode": "hard"}, nil))
+	}
+	for {
+		live, err := p.exports(ctx)
+		if err != nil {
+			r.errs = append(r.errs, err)
+			return
+		}
+		if !slices.ContainsFunc(live, func(e string) bool { return slices.Contains(ids, e) }) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			r.errs = append(r.errs, fmt.Errorf("exports still in use: %w", ctx.Err()))
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func (r *releaser) fdsets(ctx context.Context, match func(opaque string) bool) {
+	var sets []struct {
+		FDSetID int `json:"fdset-id"`
+		FDs     []struct {
+			Opaque string `json:"opaque"`
+		} `json:"fds"`
+	}
+	if err := r.p.exec(ctx, "query-fdsets", nil, &sets); err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	for _, s := range sets {
+		for _, fd := range s.FDs {
+			if match(fd.Opaque) {
+				r.try(fmt.Sprintf("fdset %d", s.FDSetID), r.p.exec(ctx, "remove-fd", map[string]any{"fdset-id": s.FDSetID}, nil))
+				break
+			}
+		}
+	}
+}
+
+// leftovers removes vmshadow-* objects no journal accounts for: devices
+// attached to a vmshadow filter go back to the filter's child, then the
+// exports and nodes go.
+func (r *releaser) leftovers(ctx context.Context) {
+	p := r.p
+	exports, err := p.exports(ctx)
+	if err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	var ours []string
+	for _, e := range exports {
+		if strings.HasPrefix(e, Prefix) {
+			ours = append(ours, e)
+		}
+	}
+	if len(ours) > 0 {
+		r.delExports(ctx, ours)
+	}
+	var blocks []blockInfo
+	if err := p.exec(ctx, "query-block", nil, &blocks); err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	var graph struct {
+		Nodes []struct {
+			ID   int    `json:"id"`
+			Name string `json:"name"`
+		} `json:"nodes"`
+		Edges []struct {
+			Parent int    `json:"parent"`
+			Child  int    `json:"child"`
+			Name   string `json:"name"`
+		} `json:"edges"`
+	}
+	for _, b := range blocks {
+		if b.Inserted == nil || b.Qdev == "" || !strings.HasPrefix(b.Inserted.NodeName, Prefix) {
+			continue
+		}
+		if graph.Nodes == nil {
+			if err := p.exec(ctx, "x-debug-query-block-graph", nil, &graph); err != nil {
+				r.errs = append(r.errs, err)
+				return
+			}
+		}
+		child := ""
+		for _, n := range graph.Nodes {
+			if n.Name != b.Inserted.NodeName {
+				continue
+			}
+			for _, e := range graph.Edges {
+				if e.Parent == n.ID && e.Name == "file" {
+					for _, c := range graph.Nodes {
+						if c.ID == e.Child {
+							child = c.Name
+						}
+					}
+				}
+			}
+		}
+		if child == "" {
+			r.errs = append(r.errs, fmt.Errorf("device %s is attached to %s and its disk cannot be found", b.Qdev, b.Inserted.NodeName))
+			continue
+		}
+		r.try(fmt.Sprintf("filter of %s (reattached to %s)", b.Qdev, child), p.setDrive(ctx, b.Qdev, child))
+	}
+	nodes, err := p.namedNodes(ctx)
+	if err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	// Parents before children: snapshot-access, then filters, then targets.
+	sets := map[string]bool{}
+	for _, suffix := range []string{"-snap", "-cbw", "-tgt"} {
+		for _, n := range nodes {
+			if strings.HasPrefix(n.NodeName, Prefix) && strings.HasSuffix(n.NodeName, suffix) {
+				r.try("node "+n.NodeName, p.exec(ctx, "blockdev-del", map[string]any{"node-name": n.NodeName}, nil))
+				if id, _, ok := strings.Cut(strings.TrimPrefix(n.NodeName, Prefix), "-"); ok {
+					sets[id] = true
+				}
+			}
+		}
+	}
+	r.fdsets(ctx, func(opaque string) bool { return strings.HasPrefix(opaque, Prefix) })
+	for id := range sets {
+		r.scratchFiles(id)
+	}
+}
+
+// scratchFiles removes the scratch files and socket of set id from the
+// scratch directory (other VMs' sets may share the directory).
+func (r *releaser) scratchFiles(id string) {
+	if r.p.opts.ScratchDir == "" {
+		return
+	}
+	matches, _ := filepath.Glob(filepath.Join(r.p.opts.ScratchDir, Prefix+id+"-*.cow"))
+	matches = append(matches, filepath.Join(r.p.opts.ScratchDir, Prefix+id+".sock"))
+	for _, m := range matches {
+		if err := os.Remove(m); err == nil {
+			r.removed = append(r.removed, m)
+		}
+	}
+}
