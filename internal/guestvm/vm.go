@@ -62,7 +62,8 @@ type Options struct {
 
 // VM is a running guest.
 type VM struct {
-	QMPSocket     string // QMP monitor (server socket)
+	QMPSocket     string // QMP monitor for the code under test
+	TestQMPSocket string // a second QMP monitor for the test's own look (one client per monitor)
 	AgentSocket   string // qemu-ga's virtio-serial port org.qemu.guest_agent.0
 	ControlSocket string // the guest's control port org.vmshadow.control (see Control)
 	ConsoleLog    string // the serial console
@@ -94,6 +95,7 @@ func Start(ctx context.Context, g *Guest, opts Options) (*VM, error) {
 	}
 	vm := &VM{
 		QMPSocket:     filepath.Join(opts.Dir, "qmp.sock"),
+		TestQMPSocket: filepath.Join(opts.Dir, "qmp-test.sock"),
 		AgentSocket:   filepath.Join(opts.Dir, "qga.sock"),
 		ControlSocket: filepath.Join(opts.Dir, "control.sock"),
 		ConsoleLog:    filepath.Join(opts.Dir, "console.log"),
@@ -123,7 +125,7 @@ func Start(ctx context.Context, g *Guest, opts Options) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, f := range []string{vm.QMPSocket, vm.AgentSocket, vm.ControlSocket, vm.ConsoleLog} {
+	for _, f := range []string{vm.QMPSocket, vm.TestQMPSocket, vm.AgentSocket, vm.ControlSocket, vm.ConsoleLog} {
 		os.Remove(f)
 	}
 	logf, err := os.Create(vm.QEMULog)
@@ -186,6 +188,7 @@ func (vm *VM) qemuArgs(g *Guest, opts Options) ([]string, error) {
 		"-kernel", g.Kernel, "-initrd", g.Initrd, "-append", strings.Join(cmdline, " "),
 		"-chardev", "file,id=console,path=" + escape(vm.ConsoleLog), "-serial", "chardev:console",
 		"-chardev", sock("qmp", vm.QMPSocket), "-mon", "chardev=qmp,mode=control",
+		"-chardev", sock("qmptest", vm.TestQMPSocket), "-mon", "chardev=qmptest,mode=control",
 		"-device", "virtio-serial-pci,id=vserial0",
 		"-chardev", sock("qga0", vm.AgentSocket),
 		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
