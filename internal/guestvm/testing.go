@@ -26,6 +26,7 @@ func TempDir(t testing.TB) string {
 // MakeDataDisk) and returns it for Options.DataDisks.
 func DataDiskForTest(t testing.TB, dir, name string, size int64, format string) Disk {
 	t.Helper()
+	testutil.SkipShort(t)
 	testutil.NeedCommand(t, "mkfs.ext4")
 	if format == "qcow2" {
 		testutil.NeedCommand(t, "qemu-img")
