@@ -85,7 +85,9 @@ func TestGuestBootsAndWorkloadRuns(t *testing.T) {
 	if s, err := agent.FreezeStatus(ctx); err != nil || s != "thawed" {
 		t.Fatalf("guest-fsfreeze-status = %q, %v; want thawed", s, err)
 	}
+	freezeStart := time.Now()
 	n, err := agent.Freeze(ctx, nil)
+	freezeTime := time.Since(freezeStart)
 	if err != nil {
 		t.Fatalf("guest-fsfreeze-freeze: %v", err)
 	}
@@ -119,9 +121,11 @@ func TestGuestBootsAndWorkloadRuns(t *testing.T) {
 		t.Errorf("guest-fsfreeze-status = %q, %v; want thawed", s, err)
 	}
 
+	stopStart := time.Now()
 	if err := vm.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
+	stopTime := time.Since(stopStart)
 	raw := toRaw(t, disk.Path)
 	fsck, err := walcheck.Fsck(ctx, raw)
 	if err != nil {
@@ -137,7 +141,8 @@ func TestGuestBootsAndWorkloadRuns(t *testing.T) {
 	if res.TrailingPartial || res.LastSeq < thawed.Seq {
 		t.Errorf("log after a clean power-off: %+v; the guest had written record %d", res, thawed.Seq)
 	}
-	t.Logf("boot %v; log: %d records, %d bytes", vm.BootTime.Round(time.Millisecond), res.LastSeq, res.Bytes)
+	t.Logf("boot %v, freeze call %v, power-off %v; log: %d records, %d bytes",
+		vm.BootTime.Round(time.Millisecond), freezeTime.Round(time.Millisecond), stopTime.Round(time.Millisecond), res.LastSeq, res.Bytes)
 }
 
 // TestGuestKnobs checks the guest's switches that the failure tests of the
