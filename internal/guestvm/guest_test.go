@@ -198,6 +198,9 @@ func TestGuestKnobs(t *testing.T) {
 	if st := status(t, vm); st.Agent {
 		t.Errorf("agent still running after agent-stop: %+v", st)
 	}
+	if strings.Contains(vm.Console(), "did not exit on SIGTERM") {
+		t.Error("qemu-ga, not frozen, needed SIGKILL to stop")
+	}
 	if _, err := vm.Control(ctx, "no-such-command"); err == nil {
 		t.Error("unknown control command accepted")
 	}
@@ -228,4 +231,32 @@ func TestGuestKnobs(t *testing.T) {
 		t.Errorf("no record survived the crash: %+v", res)
 	}
 	t.Logf("after the crash: %d records, %d bytes, partial tail %v (%d bytes)", res.LastSeq, res.Bytes, res.TrailingPartial, res.TrailingBytes())
+}
+
+// TestGuestPowerOffWhileFrozen: Stop works even when a freeze was left
+// behind, and the disk is then clean with a complete log.
+func TestGuestPowerOffWhileFrozen(t *testing.T) {
+	dir := TempDir(t)
+	disk := DataDiskForTest(t, dir, "data.raw", 64<<20, "raw")
+	vm := StartForTest(t, Options{Dir: dir, DataDisks: []Disk{disk}})
+	ctx := context.Background()
+	waitStatus(t, vm, "walapp to write", func(s Status) bool { return s.Seq > 0 })
+	agent := dialAgent(t, vm)
+	if n, err := agent.Freeze(ctx, nil); err != nil || n != 1 {
+		t.Fatalf("freeze = %d, %v", n, err)
+	}
+	paused := status(t, vm)
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(vm.Console(), "vmshadow-guest: thawed /data") {
+		t.Error("console does not show /data thawed before power-off")
+	}
+	if fsck, err := walcheck.Fsck(ctx, disk.Path); err != nil || !fsck.Clean {
+		t.Errorf("e2fsck -fn: %v:\n%s", err, fsck.Output)
+	}
+	res, err := walcheck.CheckImage(ctx, disk.Path, "")
+	if err != nil || res.TrailingPartial || res.LastSeq != paused.Durable {
+		t.Errorf("log %+v, %v; walapp had paused at record %d and must not write after", res, err, paused.Durable)
+	}
 }
