@@ -55,8 +55,9 @@ apt_install() {
 }
 
 # --- tools the build runs ---------------------------------------------------
-command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null ||
+if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
 	die "needs a Debian system (apt-get, dpkg-deb)"
+fi
 command -v go >/dev/null || die "go not found (looked in PATH and /usr/local/go/bin)"
 missing=""
 command -v cpio >/dev/null || missing="$missing cpio"
@@ -137,11 +138,17 @@ fi
 ! ldd "$qga" | grep 'not found' >&2 || die "qemu-ga's libraries above are missing on the host"
 
 # --- the cache key ------------------------------------------------------------
-walapp_srcs=$(cd "$root" && ls guest/walapp/*.go internal/walcheck/*.go internal/errs/*.go | grep -v '_test.go$')
+# walapp and the packages it imports, without tests.
+walapp_srcs() {
+	for f in "$root"/guest/walapp/*.go "$root"/internal/walcheck/*.go "$root"/internal/errs/*.go; do
+		case "$f" in *_test.go) ;; *) cat "$f" ;; esac
+	done
+}
 key=$(
 	{
 		cat "$here/build.sh" "$here/init" "$here/fsfreeze-hook"
-		(cd "$root" && cat go.mod $walapp_srcs)
+		cat "$root/go.mod"
+		walapp_srcs
 		go version
 		echo "$pkgs"
 		for l in $(libs); do echo "$l $(sha256sum <"$l")"; done
@@ -199,7 +206,7 @@ if [ ! -e "$out/.done" ]; then
 	done
 	install -m 0755 "$here/init" "$r/init"
 	install -m 0755 "$here/fsfreeze-hook" "$r/etc/qemu/fsfreeze-hook"
-	(cd "$root" && CGO_ENABLED=0 GOFLAGS= go build -trimpath -buildvcs=false \
+	(cd "$root" && CGO_ENABLED=0 GOFLAGS='' go build -trimpath -buildvcs=false \
 		-ldflags='-s -w -buildid=' -o "$r/bin/walapp" ./guest/walapp) || die "go build walapp failed"
 	printf 'root:x:0:0:root:/:/bin/sh\n' >"$r/etc/passwd"
 	printf 'root:x:0:\n' >"$r/etc/group"
@@ -212,7 +219,7 @@ if [ ! -e "$out/.done" ]; then
 		echo "guest $key"
 		echo "packages:$pkgs"
 		echo "kernel: $kver"
-		echo "$(go version)"
+		go version
 		echo "qemu-ga libraries (copied from the host):"
 		for l in $(libs); do
 			owner=$(dpkg -S "$l" 2>/dev/null || dpkg -S "$(readlink -f "$l")" 2>/dev/null || echo "?: ")
