@@ -14,7 +14,6 @@ want cpio cpio
 want python3 python3
 want /usr/bin/time time
 want mount mount
-want socat socat
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want hyperfine hyperfine
        want virtnbdbackup virtnbdbackup; want libvirtd libvirt-daemon-system ;;

@@ -262,14 +262,6 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	// Freeze, commit, thaw. The freeze window runs from the first freeze
 	// call to the end of the last thaw.
 	set.Phase = "freezing"
-	for i := range set.Writers {
-		if ok[i] {
-			set.Writers[i].State = "freezing" // recorded before the call: Recover thaws it
-		}
-	}
-	if err := save(); err != nil {
-		return err
-	}
 	s.status("freeze")
 	start := time.Now()
 	window, cancelWindow := context.WithDeadline(ctx, start.Add(c.FreezeTimeout))
@@ -278,6 +270,11 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	for i, w := range c.Writers {
 		if !ok[i] {
 			continue
+		}
+		set.Writers[i].State = "freezing" // recorded before the call: Recover thaws it
+		if err := save(); err != nil {
+			frozenErr = err
+			break
 		}
 		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
 		err := w.Freeze(wctx)
@@ -319,6 +316,11 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	}
 	if thawErr != nil {
 		return thawErr
+	}
+	if frozen := s.stillFrozen(set); len(frozen) > 0 {
+		// Never leave a guest or an application frozen behind a set
+		// that looks fine: fail, keep the journal, let recover thaw.
+		return fmt.Errorf("thaw of %v failed; they may still be frozen", frozen)
 	}
 	if set.FreezeMS > c.FreezeTimeout.Milliseconds() {
 		return fmt.Errorf("writers were frozen for %d ms, more than the %s limit (raise --freeze-timeout if the guest needs longer): %w",

@@ -138,7 +138,7 @@ func (c *Client) awaitSync(ctx context.Context, id int64, deadline time.Time) er
 			var r struct {
 				Return *int64 `json:"return"`
 			}
-			if json.Unmarshal(bytes.TrimLeft(line, "\xff"), &r) != nil || r.Return == nil {
+			if json.Unmarshal(TrimSentinel(line), &r) != nil || r.Return == nil {
 				break // not a sync reply: look for the next sentinel
 			}
 			if *r.Return == id {
@@ -234,7 +234,7 @@ func (c *Client) readReply(ctx context.Context, command string) (json.RawMessage
 			}
 			return nil, fmt.Errorf("guest agent %s: read reply: %w", command, err)
 		}
-		line = bytes.TrimLeft(line, "\xff")
+		line = TrimSentinel(line)
 		if len(bytes.TrimSpace(line)) == 0 {
 			continue
 		}
@@ -363,4 +363,13 @@ func (c *Client) Exec(ctx context.Context, path string, args []string, stdin []b
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// TrimSentinel strips leading 0xFF bytes: the agent's sync sentinel on
+// replies, the parser-flush byte on requests.
+func TrimSentinel(b []byte) []byte {
+	for len(b) > 0 && b[0] == 0xFF {
+		b = b[1:]
+	}
+	return b
 }

@@ -37,7 +37,7 @@ func fakeAgent(t *testing.T, handle func(req map[string]any, w *bufio.Writer)) s
 			if err != nil {
 				return
 			}
-			line = []byte(strings.TrimLeft(string(line), "\xff"))
+			line = TrimSentinel(line)
 			var req map[string]any
 			if json.Unmarshal(line, &req) != nil {
 				continue

@@ -47,6 +47,9 @@ type Options struct {
 	ScratchDir string
 	// Warn is told of problems that do not stop the set.
 	Warn func(string)
+	// Checkpoint, if set, rotates change tracking at the set's instant
+	// and exports the previous bitmap with each shadow copy (backups).
+	Checkpoint *Checkpoint
 }
 
 // Provider implements coord.Provider for one QEMU VM.
@@ -233,16 +236,18 @@ func (p *Provider) scan(ctx context.Context) error {
 }
 
 type namedNode struct {
-	NodeName     string `json:"node-name"`
-	Drv          string `json:"drv"`
-	DirtyBitmaps []struct {
-		Name         string `json:"name"`
-		Recording    bool   `json:"recording"`
-		Persistent   bool   `json:"persistent"`
-		Inconsistent bool   `json:"inconsistent"`
-		Count        int64  `json:"count"`
-		Granularity  int64  `json:"granularity"`
-	} `json:"dirty-bitmaps"`
+	NodeName     string       `json:"node-name"`
+	Drv          string       `json:"drv"`
+	DirtyBitmaps []bitmapInfo `json:"dirty-bitmaps"`
+}
+
+type bitmapInfo struct {
+	Name         string `json:"name"`
+	Recording    bool   `json:"recording"`
+	Persistent   bool   `json:"persistent"`
+	Inconsistent bool   `json:"inconsistent"`
+	Count        int64  `json:"count"`
+	Granularity  int64  `json:"granularity"`
 }
 
 func (p *Provider) namedNodes(ctx context.Context) ([]namedNode, error) {
@@ -286,6 +291,9 @@ type diskState struct {
 	Snap     string `json:"snap_node"`
 	Export   string `json:"export"`
 	Inserted bool   `json:"inserted"` // the device may be attached to CBW
+
+	Checkpoint *checkpointState `json:"checkpoint,omitempty"`
+	FullReason string           `json:"full_reason,omitempty"`
 }
 
 func loadState(set *coord.Set) (*state, error) {
@@ -315,6 +323,6 @@ func isMissing(err error) bool {
 		return false
 	}
 	d := strings.ToLower(qe.Desc)
-	return qe.Class == "DeviceNotFound" || strings.Contains(d, "not found") || strings.Contains(d, "cannot find") ||
+	return qe.Class == "DeviceNotFound" || strings.Contains(d, "not found") || strings.Contains(d, "failed to find") || strings.Contains(d, "cannot find") ||
 		strings.Contains(d, "no such") || strings.Contains(d, "not running") || strings.Contains(d, "does not exist")
 }

@@ -28,8 +28,10 @@ func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error
 		r.state(ctx, set.ID, st)
 	}
 	r.leftovers(ctx)
-	return r.removed, errors.Join(r.errs...)
+	return r.removed, joinErrs(r.errs)
 }
+
+func joinErrs(list []error) error { return errors.Join(list...) }
 
 type releaser struct {
 	p       *Provider
@@ -89,6 +91,7 @@ func (r *releaser) state(ctx context.Context, setID string, st *state) {
 			r.try("pause (VM resumed)", p.exec(ctx, "cont", nil, nil))
 		}
 	}
+	r.checkpoints(ctx, st)
 	for _, d := range st.Disks {
 		r.try("node "+d.CBW, p.exec(ctx, "blockdev-del", map[string]any{"node-name": d.CBW}, nil))
 		r.try("node "+d.Target, p.exec(ctx, "blockdev-del", map[string]any{"node-name": d.Target}, nil))

@@ -91,6 +91,11 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 		st.Disks = append(st.Disks, diskState{Disk: d, Target: tgt, CBW: cbw, Snap: snap, Export: snap,
 			Scratch: filepath.Join(dir, fmt.Sprintf("%s%s-%d.cow", Prefix, set.ID, i))})
 	}
+	if p.opts.Checkpoint != nil {
+		if err := p.planCheckpoint(ctx, set, st); err != nil {
+			return fmt.Errorf("change tracking: %w", err)
+		}
+	}
 	// Everything this set may create is named in the journal first.
 	if err := storeState(set, st, save); err != nil {
 		return err
@@ -207,6 +212,18 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 		}
 		crashpoint.Hit("qemu-inserted")
 	}
+	// Change tracking rotates at the same instant, atomically for all disks.
+	if acts := rotateActions(st); len(acts) > 0 {
+		if err := p.exec(ctx, "transaction", map[string]any{"actions": acts}, nil); err != nil {
+			p.detach(context.WithoutCancel(ctx), st.Disks)
+			for i := range st.Disks {
+				st.Disks[i].Checkpoint = nil // nothing of the transaction happened
+			}
+			storeState(set, st, save)
+			return fmt.Errorf("rotate change-tracking bitmaps: %w", err)
+		}
+		crashpoint.Hit("qemu-rotated")
+	}
 	return nil
 }
 
@@ -255,16 +272,24 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		if err := p.exec(ctx, "blockdev-add", map[string]any{"driver": "snapshot-access", "node-name": d.Snap, "file": d.CBW}, nil); err != nil {
 			return fmt.Errorf("disk %s: add snapshot-access node: %w", d.Name, err)
 		}
-		if err := p.exec(ctx, "block-export-add", map[string]any{
-			"type": "nbd", "id": d.Export, "node-name": d.Snap, "name": d.Name, "writable": false,
-		}, nil); err != nil {
+		export := map[string]any{"type": "nbd", "id": d.Export, "node-name": d.Snap, "name": d.Name, "writable": false}
+		sh := coord.Shadow{
+			ID: fmt.Sprintf("%s-%d", set.ID, i), Disk: d.Name, Node: d.Snap, Size: d.Size,
+			NBD:        "nbd+unix:///" + url.PathEscape(d.Name) + "?socket=" + st.Socket,
+			FullReason: d.FullReason,
+		}
+		if cp := d.Checkpoint; cp != nil {
+			sh.Checkpoint = cp.New
+			if cp.Previous != "" {
+				sh.Bitmap = cp.Previous
+				export["bitmaps"] = []any{map[string]string{"node": d.Node, "name": cp.Previous}}
+			}
+		}
+		if err := p.exec(ctx, "block-export-add", export, nil); err != nil {
 			return fmt.Errorf("disk %s: export: %w", d.Name, err)
 		}
 		crashpoint.Hit("qemu-exported")
-		set.Shadows = append(set.Shadows, coord.Shadow{
-			ID: fmt.Sprintf("%s-%d", set.ID, i), Disk: d.Name, Node: d.Snap, Size: d.Size,
-			NBD: "nbd+unix:///" + url.PathEscape(d.Name) + "?socket=" + st.Socket,
-		})
+		set.Shadows = append(set.Shadows, sh)
 	}
 	return storeState(set, st, save)
 }

@@ -9,10 +9,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vmshadow/vmshadow/internal/qga"
 )
 
 // Behaviour selects how the fake agent answers guest-fsfreeze-freeze.
@@ -104,7 +105,7 @@ func (a *Agent) serve(conn net.Conn) {
 			Execute   string          `json:"execute"`
 			Arguments json.RawMessage `json:"arguments"`
 		}
-		if json.Unmarshal([]byte(strings.TrimLeft(string(line), "\xff")), &req) != nil {
+		if json.Unmarshal(qga.TrimSentinel(line), &req) != nil {
 			continue
 		}
 		a.mu.Lock()

@@ -1,0 +1,194 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/vmshadow/vmshadow/internal/coord"
+)
+
+// Checkpoint asks a set to rotate change tracking for incremental backups.
+// Each repository keeps its own chain of persistent dirty bitmaps, named
+// Prefix-<set id>: the bitmap started at a backup's instant records every
+// change since, and the next backup reads only what it marks. Bitmaps of
+// other repositories (other prefixes) are never touched.
+type Checkpoint struct {
+	// Prefix names the repository's bitmaps, e.g. "vmshadow-<repo id>".
+	Prefix string
+	// Previous is, per disk name, the checkpoint of the last successful
+	// backup into the repository. A disk without one is read in full.
+	Previous map[string]Previous
+	// Full reads every disk in full (the chain still rotates).
+	Full bool
+}
+
+// Previous is one disk's checkpoint from the last successful backup.
+type Previous struct {
+	Bitmap string // bitmap name started at that backup's instant
+	Size   int64  // the disk's size then
+}
+
+// checkpointState is the journal record of a rotation, per disk.
+type checkpointState struct {
+	New      string `json:"new"`                // bitmap added at the instant
+	Previous string `json:"previous,omitempty"` // bitmap disabled at the instant, exported for the read
+	// Done: the backup succeeded and its manifest is durable; the previous
+	// bitmap is to be removed. Until then, Release merges the new bitmap
+	// back into the previous one so no change is ever lost.
+	Done bool `json:"done"`
+}
+
+// persistentFormats can store bitmaps in the image and keep them across
+// QEMU restarts. On other formats (raw) bitmaps live only as long as the
+// QEMU process: a restart means a full read.
+var persistentFormats = map[string]bool{"qcow2": true}
+
+// planCheckpoint decides, per disk, whether the previous bitmap can be
+// trusted, and removes this repository's stale bitmaps. It runs in
+// Prepare, before anything is frozen.
+func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state) error {
+	cp := p.opts.Checkpoint
+	nodes, err := p.namedNodes(ctx)
+	if err != nil {
+		return err
+	}
+	byNode := map[string]namedNode{}
+	for _, n := range nodes {
+		byNode[n.NodeName] = n
+	}
+	for i := range st.Disks {
+		d := &st.Disks[i]
+		d.Checkpoint = &checkpointState{New: cp.Prefix + "-" + set.ID}
+		prev, had := cp.Previous[d.Name]
+		reason := ""
+		var found *bitmapInfo
+		for _, b := range byNode[d.Node].DirtyBitmaps {
+			if b.Name == prev.Bitmap {
+				b := b
+				found = &b
+			}
+		}
+		switch {
+		case cp.Full:
+			reason = "full backup requested (--full)"
+		case !had || prev.Bitmap == "":
+			if len(cp.Previous) == 0 {
+				reason = "first backup of this VM into this repository"
+			} else {
+				reason = "disk added since the last backup"
+			}
+		case prev.Size != d.Size:
+			reason = fmt.Sprintf("disk resized from %d to %d bytes since the last backup", prev.Size, d.Size)
+		case found == nil:
+			reason = fmt.Sprintf("change-tracking bitmap %s is missing (QEMU was restarted with a disk that cannot keep bitmaps, such as raw, or the bitmap was removed)", prev.Bitmap)
+		case found.Inconsistent:
+			reason = fmt.Sprintf("change-tracking bitmap %s is inconsistent (QEMU stopped without saving it)", prev.Bitmap)
+		case !found.Recording:
+			reason = fmt.Sprintf("change-tracking bitmap %s was not recording", prev.Bitmap)
+		}
+		d.FullReason = reason
+		if reason == "" {
+			d.Checkpoint.Previous = prev.Bitmap
+		}
+		// Remove this repository's other bitmaps on the disk: they are
+		// of no further use and slow the guest's writes down.
+		for _, b := range byNode[d.Node].DirtyBitmaps {
+			if strings.HasPrefix(b.Name, cp.Prefix+"-") && b.Name != d.Checkpoint.Previous {
+				if err := p.exec(ctx, "block-dirty-bitmap-remove", map[string]any{"node": d.Node, "name": b.Name}, nil); err != nil && !isMissing(err) {
+					return fmt.Errorf("disk %s: remove stale bitmap %s: %w", d.Name, b.Name, err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// rotateActions are the transaction actions run at the instant: a new
+// bitmap per disk starts, the previous one stops.
+func rotateActions(st *state) []map[string]any {
+	var acts []map[string]any
+	for _, d := range st.Disks {
+		if d.Checkpoint == nil {
+			continue
+		}
+		acts = append(acts, map[string]any{"type": "block-dirty-bitmap-add", "data": map[string]any{
+			"node": d.Node, "name": d.Checkpoint.New, "persistent": persistentFormats[d.Format]}})
+		if d.Checkpoint.Previous != "" {
+			acts = append(acts, map[string]any{"type": "block-dirty-bitmap-disable", "data": map[string]any{
+				"node": d.Node, "name": d.Checkpoint.Previous}})
+		}
+	}
+	return acts
+}
+
+// CompleteCheckpoint records that the backup reading the set succeeded and
+// its manifest is durable. When the set is released, the previous bitmaps
+// are then removed (they are busy while exported) and the new ones kept;
+// without this call, Release merges the new bitmaps back into the previous
+// ones. Call it before deleting the set.
+func (p *Provider) CompleteCheckpoint(set *coord.Set, save func() error) error {
+	st, err := loadState(set)
+	if err != nil || st == nil {
+		return fmt.Errorf("complete checkpoint: no state: %v", err)
+	}
+	for i := range st.Disks {
+		if st.Disks[i].Checkpoint != nil {
+			st.Disks[i].Checkpoint.Done = true
+		}
+	}
+	return storeState(set, st, save)
+}
+
+// checkpoints finishes rotations: a completed one drops the previous
+// bitmap; any other merges the new bitmap back into the previous one (and
+// re-enables it), so the changes since the last good backup stay tracked.
+func (r *releaser) checkpoints(ctx context.Context, st *state) {
+	p := r.p
+	nodes, err := p.namedNodes(ctx)
+	if err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	has := map[string]bool{}
+	for _, n := range nodes {
+		for _, b := range n.DirtyBitmaps {
+			has[n.NodeName+"/"+b.Name] = true
+		}
+	}
+	for _, d := range st.Disks {
+		cp := d.Checkpoint
+		if cp == nil {
+			continue
+		}
+		newOK, prevOK := has[d.Node+"/"+cp.New], cp.Previous != "" && has[d.Node+"/"+cp.Previous]
+		var acts []map[string]any
+		var what string
+		switch {
+		case cp.Done && prevOK:
+			acts = append(acts, bitmapAction("remove", d.Node, cp.Previous))
+			what = "bitmap " + cp.Previous + " (superseded by " + cp.New + ")"
+		case !cp.Done && prevOK:
+			acts = append(acts, bitmapAction("enable", d.Node, cp.Previous))
+			if newOK {
+				acts = append(acts,
+					map[string]any{"type": "block-dirty-bitmap-merge", "data": map[string]any{"node": d.Node, "target": cp.Previous, "bitmaps": []string{cp.New}}},
+					bitmapAction("remove", d.Node, cp.New))
+			}
+			what = "bitmap " + cp.New + " (merged back into " + cp.Previous + ")"
+		case !cp.Done && newOK:
+			// No previous checkpoint: the next backup is full anyway, and
+			// no manifest names the new bitmap.
+			acts = append(acts, bitmapAction("remove", d.Node, cp.New))
+			what = "bitmap " + cp.New
+		}
+		if len(acts) == 0 {
+			continue
+		}
+		r.try(what, p.exec(ctx, "transaction", map[string]any{"actions": acts}, nil))
+	}
+}
+
+func bitmapAction(op, node, name string) map[string]any {
+	return map[string]any{"type": "block-dirty-bitmap-" + op, "data": map[string]any{"node": node, "name": name}}
+}

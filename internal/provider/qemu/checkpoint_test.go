@@ -1,0 +1,172 @@
+package qemu_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/provider/qemu"
+	"github.com/vmshadow/vmshadow/internal/qemutest"
+)
+
+// dirtyExtents reads an exported dirty bitmap with qemu-img map and returns
+// the dirty ranges as "off+len" strings.
+func dirtyExtents(t *testing.T, sh coord.Shadow) []string {
+	t.Helper()
+	sock := sh.NBD[strings.Index(sh.NBD, "socket=")+len("socket="):]
+	opts := fmt.Sprintf("driver=nbd,export=%s,server.type=unix,server.path=%s,x-dirty-bitmap=qemu:dirty-bitmap:%s", sh.Disk, sock, sh.Bitmap)
+	out, err := exec.Command("qemu-img", "map", "--output=json", "--image-opts", opts).Output()
+	if err != nil {
+		t.Fatalf("qemu-img map: %v", err)
+	}
+	var ext []struct {
+		Start, Length int64
+		Data          bool
+	}
+	if err := json.Unmarshal(out, &ext); err != nil {
+		t.Fatal(err)
+	}
+	var dirty []string
+	for _, e := range ext {
+		if !e.Data { // with x-dirty-bitmap, a dirty range reads as "no data"
+			dirty = append(dirty, fmt.Sprintf("%d+%d", e.Start, e.Length))
+		}
+	}
+	return dirty
+}
+
+type rig struct {
+	t       *testing.T
+	vm      *qemutest.VM
+	journal *coord.Journal
+	scratch string
+}
+
+// set takes a set with the given checkpoint request, runs fn on it, then
+// completes the checkpoint if ok and deletes the set.
+func (r *rig) set(cp *qemu.Checkpoint, ok bool, fn func(set *coord.Set)) *coord.Set {
+	r.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	p := qemu.New(qemu.Options{QMPPath: r.vm.QMPPath, ScratchDir: r.scratch, Checkpoint: cp})
+	s, err := (&coord.Coordinator{Provider: p, Journal: r.journal}).Open(ctx)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	defer s.Close()
+	set, err := s.Create(ctx)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	fn(set)
+	if ok {
+		if err := p.CompleteCheckpoint(set, func() error { return r.journal.Save(s.VM().Key, set) }); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+	if _, err := s.Delete(ctx, set.ID); err != nil {
+		r.t.Fatal(err)
+	}
+	return set
+}
+
+func bitmaps(vm *qemutest.VM) string {
+	return strings.Join(vm.Graph().Bitmaps, " ")
+}
+
+func TestCheckpointChain(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda"}, {ID: "vdb", Format: "raw", Size: 32 << 20}}})
+	dir, _ := os.MkdirTemp("", "vscp")
+	defer os.RemoveAll(dir)
+	r := &rig{t: t, vm: vm, journal: &coord.Journal{Dir: dir + "/j"}, scratch: dir + "/s"}
+	prefix := "vmshadow-repo1"
+	prev := func(set *coord.Set) map[string]qemu.Previous {
+		m := map[string]qemu.Previous{}
+		for _, sh := range set.Shadows {
+			m[sh.Disk] = qemu.Previous{Bitmap: sh.Checkpoint, Size: sh.Size}
+		}
+		return m
+	}
+
+	// First backup: full, a new bitmap per disk.
+	s1 := r.set(&qemu.Checkpoint{Prefix: prefix}, true, func(set *coord.Set) {
+		for _, sh := range set.Shadows {
+			if sh.Bitmap != "" || !strings.Contains(sh.FullReason, "first backup") || sh.Checkpoint != prefix+"-"+set.ID {
+				t.Errorf("first set: %+v", sh)
+			}
+		}
+	})
+	if got, want := bitmaps(vm), fmt.Sprintf("fmt-vda/%s-%s fmt-vdb/%s-%s", prefix, s1.ID, prefix, s1.ID); got != want {
+		t.Fatalf("bitmaps after first backup = %q, want %q", got, want)
+	}
+
+	// Changes, then a second backup that fails: it exports exactly those
+	// changes, and afterwards they are tracked again.
+	vm.Write("vda", 1, 1<<20, 64<<10)
+	vm.Write("vdb", 2, 4<<20, 128<<10)
+	s2 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1)}, false, func(set *coord.Set) {
+		vm.Write("vda", 3, 8<<20, 64<<10) // after the instant: not in this backup
+		for _, sh := range set.Shadows {
+			if sh.FullReason != "" || sh.Bitmap != prefix+"-"+s1.ID {
+				t.Errorf("second set: %+v", sh)
+			}
+			want := map[string]string{"vda": "1048576+65536", "vdb": "4194304+131072"}[sh.Disk]
+			if got := strings.Join(dirtyExtents(t, sh), ","); got != want {
+				t.Errorf("%s: dirty = %s, want %s", sh.Disk, got, want)
+			}
+		}
+	})
+	if got, want := bitmaps(vm), fmt.Sprintf("fmt-vda/%s-%s fmt-vdb/%s-%s", prefix, s1.ID, prefix, s1.ID); got != want {
+		t.Fatalf("bitmaps after failed backup = %q, want %q (set %s merged back)", got, want, s2.ID)
+	}
+
+	// Third backup from the first checkpoint: sees changes from before and
+	// during the failed one, and succeeds.
+	s3 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1)}, true, func(set *coord.Set) {
+		for _, sh := range set.Shadows {
+			want := map[string]string{"vda": "1048576+65536,8388608+65536", "vdb": "4194304+131072"}[sh.Disk]
+			if got := strings.Join(dirtyExtents(t, sh), ","); got != want {
+				t.Errorf("%s: dirty = %s, want %s", sh.Disk, got, want)
+			}
+		}
+	})
+	if got, want := bitmaps(vm), fmt.Sprintf("fmt-vda/%s-%s fmt-vdb/%s-%s", prefix, s3.ID, prefix, s3.ID); got != want {
+		t.Fatalf("bitmaps after third backup = %q, want %q", got, want)
+	}
+
+	// Chain breaks: a resized disk, a bitmap that is gone, --full, a second
+	// repository on the same VM (its own chain, ours untouched).
+	p3 := prev(s3)
+	p3["vdb"] = qemu.Previous{Bitmap: p3["vdb"].Bitmap, Size: 1}
+	vm.Exec("block-dirty-bitmap-remove", map[string]string{"node": "fmt-vda", "name": p3["vda"].Bitmap}, nil)
+	r.set(&qemu.Checkpoint{Prefix: prefix, Previous: p3}, false, func(set *coord.Set) {
+		for _, sh := range set.Shadows {
+			want := map[string]string{"vda": "is missing", "vdb": "resized"}[sh.Disk]
+			if !strings.Contains(sh.FullReason, want) || sh.Bitmap != "" {
+				t.Errorf("%s: reason %q, want %q", sh.Disk, sh.FullReason, want)
+			}
+		}
+	})
+	// The broken chain's bitmaps are gone; a new full backup starts a new one.
+	if got := bitmaps(vm); got != "" {
+		t.Errorf("bitmaps after a failed full backup = %q, want none", got)
+	}
+	s5 := r.set(&qemu.Checkpoint{Prefix: prefix}, true, func(*coord.Set) {})
+	other := r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo2"}, true, func(*coord.Set) {})
+	r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo2", Previous: prev(other), Full: true}, true, func(set *coord.Set) {
+		for _, sh := range set.Shadows {
+			if !strings.Contains(sh.FullReason, "--full") {
+				t.Errorf("%s: reason %q", sh.Disk, sh.FullReason)
+			}
+		}
+	})
+	if got := bitmaps(vm); !strings.Contains(got, "fmt-vda/"+prefix+"-"+s5.ID) || !strings.Contains(got, "fmt-vdb/"+prefix+"-"+s5.ID) {
+		t.Errorf("repository 2 touched repository 1's chain: %s", got)
+	}
+}
