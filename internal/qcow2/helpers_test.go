@@ -41,19 +41,24 @@ func (m *memFile) WriteAt(p []byte, off int64) (int, error) {
 	}
 	m.writes++
 	if end := off + int64(len(p)); end > int64(len(m.b)) {
-		m.b = append(m.b, make([]byte, end-int64(len(m.b)))...)
+		m.resize(end)
 	}
 	copy(m.b[off:], p)
 	return len(p), nil
 }
 
 func (m *memFile) Truncate(size int64) error {
-	if size <= int64(len(m.b)) {
-		m.b = m.b[:size]
-	} else {
-		m.b = append(m.b, make([]byte, size-int64(len(m.b)))...)
-	}
+	m.resize(size)
 	return nil
+}
+
+// resize sets the file size; new bytes read as zeros.
+func (m *memFile) resize(size int64) {
+	old := int64(len(m.b))
+	m.b = slices.Grow(m.b, int(max(0, size-old)))[:size]
+	if size > old {
+		clear(m.b[old:])
+	}
 }
 
 func (m *memFile) Sync() error { return nil }

@@ -66,12 +66,17 @@ func checkLayout(f io.ReaderAt, fileSize int64) (layout, error) {
 	if err := ref("header", 0, 1); err != nil {
 		return lay, err
 	}
-	l1Clusters := max(1, (int64(h.l1Size)*8+cs-1)/cs)
+	l1Clusters := (int64(h.l1Size)*8 + cs - 1) / cs
 	if want := l1Entries(h.size, uint(h.clusterBits)); uint64(h.l1Size) != want {
 		return lay, fmt.Errorf("l1_size %d, want exactly %d", h.l1Size, want)
 	}
-	if err := ref("L1 table", int64(h.l1TableOffset), l1Clusters); err != nil {
-		return lay, err
+	if l1Clusters == 0 && h.l1TableOffset != 0 {
+		return lay, fmt.Errorf("empty L1 table at offset %#x, want 0", h.l1TableOffset)
+	}
+	if l1Clusters > 0 {
+		if err := ref("L1 table", int64(h.l1TableOffset), l1Clusters); err != nil {
+			return lay, err
+		}
 	}
 	l1, err := read(int64(h.l1TableOffset), l1Clusters*cs)
 	if err != nil {

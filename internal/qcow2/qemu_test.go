@@ -161,6 +161,7 @@ func TestRandomPatternsQemu(t *testing.T) {
 		{"4k-clusters-one-table", 40 << 20, Options{ClusterSize: 4096, L2CacheTables: 1}, 300, 3},
 		{"2m-clusters", 256<<20 + 4096, Options{ClusterSize: 2 << 20}, 60, 2},
 		{"tiny", 512, Options{ClusterSize: 512}, 20, 2},
+		{"empty", 0, Options{}, 0, 1},
 	}
 	for _, c := range cases {
 		for seed := range c.seeds {

@@ -181,7 +181,7 @@ func (r *Reader) table(l1i uint64, off int64) (*l2Table, error) {
 	for i := range t.entries {
 		t.entries[i] = binary.BigEndian.Uint64(r.buf[i*8:])
 	}
-	t.index, t.host = l1i, off
+	t.index = l1i
 	return t, nil
 }
 

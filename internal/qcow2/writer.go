@@ -107,14 +107,20 @@ func Create(f File, virtualSize int64, opts Options) (*Writer, error) {
 		return nil, fmt.Errorf("qcow2: virtual size %d needs an L1 table above QEMU's 32 MiB limit with %d-byte clusters; use larger clusters: %w",
 			virtualSize, cs, errs.ErrUnsupported)
 	}
-	l1Clusters := max(1, (int64(n)*8+int64(cs)-1)/int64(cs))
+	// The L1 table follows the header; an empty disk has none (offset 0,
+	// as QEMU writes it: an unused cluster would be a leak).
+	l1Clusters := (int64(n)*8 + int64(cs) - 1) / int64(cs)
+	l1Offset := int64(cs)
+	if n == 0 {
+		l1Offset = 0
+	}
 	w := &Writer{
 		f:           f,
 		size:        virtualSize,
 		clusterBits: clusterBits,
 		l2Bits:      clusterBits - 3,
 		l1:          make([]uint64, n),
-		l1Offset:    int64(cs),
+		l1Offset:    l1Offset,
 		next:        int64(cs) * (1 + l1Clusters),
 		cacheCap:    cacheCap,
 		buf:         make([]byte, cs),
