@@ -14,7 +14,8 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
-// File is what a Writer needs from the image file. *os.File implements it.
+// File is what a Writer needs from the image file. *os.File opened
+// read-write implements it (L2 tables evicted from the cache are read back).
 // Create truncates it to zero length, and the Writer relies on a region it
 // never wrote reading back as zeros (a hole or beyond the end of the file).
 type File interface {
