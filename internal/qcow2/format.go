@@ -43,12 +43,11 @@ const (
 	refcountBits = 16
 	refcountOrd  = 4 // log2(refcountBits)
 
-	// Incompatible feature bits.
-	incDirty        = 1 << 0
-	incCorrupt      = 1 << 1
-	incExternalData = 1 << 2
-	incCompression  = 1 << 3
-	incExtendedL2   = 1 << 4
+	// Incompatible feature bits we handle. The others (2: external data
+	// file, 4: extended L2 entries, unknown ones) make an image unreadable.
+	incDirty       = 1 << 0
+	incCorrupt     = 1 << 1
+	incCompression = 1 << 3
 
 	// L1 and L2 entry bits.
 	flagCopied     = 1 << 63 // refcount is exactly one
