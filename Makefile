@@ -6,6 +6,8 @@ export PATH := $(PATH):/usr/local/go/bin:$(shell $(GO) env GOPATH 2>/dev/null)/b
 
 .PHONY: all build test unit lint demo bench deps fuzz clean
 
+include guest/guest.mk
+
 all: build
 
 build:
