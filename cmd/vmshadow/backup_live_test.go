@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -164,6 +165,22 @@ func TestLiveBackupIncrementalRounds(t *testing.T) {
 	// Every backup is a synthetic full: each restores on its own.
 	for i, id := range ids {
 		r.restoreCompare(id, wants[i])
+	}
+	// Restore straight to qcow2: a valid image with the same content.
+	last := ids[len(ids)-1]
+	dir := filepath.Join(t.TempDir(), "q")
+	if res := r.run("restore", "--repo", r.repo, last, "--to", dir, "--format", "qcow2"); res.code != 0 {
+		t.Fatalf("restore qcow2: %s", res.errorMessage())
+	}
+	for disk, w := range wants[len(wants)-1] {
+		raw := filepath.Join(t.TempDir(), disk+".raw")
+		os.WriteFile(raw, w, 0o600)
+		img := filepath.Join(dir, disk+".qcow2")
+		for _, c := range [][]string{{"check", img}, {"compare", "-f", "qcow2", "-F", "raw", img, raw}} {
+			if out, err := exec.Command("qemu-img", c...).CombinedOutput(); err != nil {
+				t.Errorf("qemu-img %s %s: %v: %s", c[0], disk, err, out)
+			}
+		}
 	}
 	if res := r.run("verify", "--repo", r.repo); res.code != 0 {
 		t.Fatalf("verify: %s", res.errorMessage())

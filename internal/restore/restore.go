@@ -35,8 +35,8 @@ type Format struct {
 	Create func(path string, size int64) (ImageWriter, error)
 }
 
-// Formats maps --format names to output formats. "raw" is built in; the
-// qcow2 writer registers "qcow2".
+// Formats maps --format names to output formats: "raw" (raw.go) and
+// "qcow2" (qcow2.go).
 var Formats = map[string]Format{
 	"raw": {Ext: ".raw", Create: CreateRaw},
 }

@@ -26,9 +26,6 @@ type Target struct {
 func Plan(m *repo.Manifest, disks []string, to, format string) ([]Target, error) {
 	f, ok := Formats[format]
 	if !ok {
-		if format == "qcow2" {
-			return nil, fmt.Errorf("--format qcow2 is not available in this build (the qcow2 writer is not linked in): restore to raw and convert with 'qemu-img convert -O qcow2': %w", errs.ErrUnsupported)
-		}
 		return nil, fmt.Errorf("unknown output format %q (known: raw, qcow2): %w", format, errs.ErrUsage)
 	}
 	if to == "" {
