@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 )
@@ -71,7 +72,14 @@ func (r *liveRig) expected() map[string][]byte {
 func (r *liveRig) restoreCompare(id string, want map[string][]byte) {
 	r.t.Helper()
 	dir := filepath.Join(r.t.TempDir(), "restore")
-	res := r.run("restore", "--repo", r.repo, id, "--to", dir)
+	to := dir
+	if len(want) == 1 {
+		os.Mkdir(dir, 0o700)
+		for disk := range want {
+			to = filepath.Join(dir, disk+".raw")
+		}
+	}
+	res := r.run("restore", "--repo", r.repo, id, "--to", to)
 	if res.code != 0 {
 		r.t.Fatalf("restore %s: %s", id, res.errorMessage())
 	}
@@ -257,4 +265,199 @@ func TestLiveBackupChainBreaks(t *testing.T) {
 	if d := diskSummaries(t, sum)["vda"]; d["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched))*testChunk {
 		t.Errorf("second repository: %v", d)
 	}
+}
+
+// paused is a vmshadow run in the background that pauses at a point.
+type paused struct {
+	t    *testing.T
+	file string
+	done chan result
+}
+
+// startPaused runs vmshadow in the background, pausing at point; it
+// returns once the process has reached it (or fails the test with the
+// process's result if it ended first).
+func (r *liveRig) startPaused(point string, args ...string) *paused {
+	r.t.Helper()
+	p := &paused{t: r.t, file: filepath.Join(r.t.TempDir(), "pause"), done: make(chan result, 1)}
+	env := append(r.env, "VMSHADOW_PAUSE_AT="+point, "VMSHADOW_PAUSE_FILE="+p.file)
+	go func() { p.done <- vmshadow(r.t, env, args...) }()
+	deadline := time.After(2 * time.Minute)
+	for {
+		if _, err := os.Stat(p.file); err == nil {
+			return p
+		}
+		select {
+		case res := <-p.done:
+			r.t.Fatalf("vmshadow ended before reaching %s: exit %d %q", point, res.code, res.errorMessage())
+		case <-deadline:
+			r.t.Fatalf("vmshadow did not reach %s", point)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// resume lets the process go on and waits for it to end.
+func (p *paused) resume() result {
+	os.Remove(p.file)
+	return <-p.done
+}
+
+func (r *liveRig) ourBitmaps() []string {
+	var out []string
+	for _, b := range r.vm.Graph().Bitmaps {
+		if strings.Contains(b, "/vmshadow-") {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// TestLiveBackupKilled: vmshadow killed (SIGKILL) in the middle of reading;
+// the next backup recovers the set it left, reads the changes of both
+// rounds (merged back), and restores right.
+func TestLiveBackupKilled(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{
+		{ID: "vda", Size: 64 << 20}, {ID: "vdb", Format: "raw", Size: 32 << 20}}})
+	r := newLiveRig(t, vm, false)
+	vm.Write("vda", 1, 0, 64<<20)
+	vm.Write("vdb", 2, 0, 32<<20)
+	r.backup()
+	before := vm.Graph()
+	touched := map[string]map[int64]bool{"vda": {}, "vdb": {}}
+	r.scatter("vda", 3, touched["vda"])
+	r.scatter("vdb", 2, touched["vdb"])
+	killed := vmshadow(t, append(r.env, "VMSHADOW_CRASH_AT=backup-read"), "backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+	if killed.code != 137 {
+		t.Fatalf("backup was not killed: exit %d %s", killed.code, killed.errorMessage())
+	}
+	r.scatter("vda", 2, touched["vda"])
+	want := r.expected()
+	res := r.run("backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+	if res.code != 0 {
+		t.Fatalf("backup after kill: %s", res.errorMessage())
+	}
+	if w := strings.Join(res.warnings(), "\n"); !strings.Contains(w, "interrupted backup") {
+		t.Errorf("no warning about recovering the interrupted backup's set: %q", w)
+	}
+	sum := res.summary(t)
+	for name, d := range diskSummaries(t, sum) {
+		if d["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched[name]))*testChunk {
+			t.Errorf("disk %s: mode %v read %d, want incremental %d", name, d["mode"], num(d["bytes_read"]), int64(len(touched[name]))*testChunk)
+		}
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+	g := vm.Graph()
+	before.Bitmaps, g.Bitmaps = nil, nil
+	if !g.Equal(before) {
+		t.Errorf("graph after recovery:\n%s\nwant\n%s", g, before)
+	}
+	if bm := r.ourBitmaps(); len(bm) != 2 {
+		t.Errorf("vmshadow bitmaps = %v, want one per disk", bm)
+	}
+}
+
+// TestLiveBackupFaults: faults in the middle of a backup fail it cleanly:
+// the set is released, the VM is left as it was (change tracking merged
+// back), the repository stays valid, and the next backup works.
+func TestLiveBackupFaults(t *testing.T) {
+	t.Run("export removed", func(t *testing.T) {
+		vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 64 << 20}}})
+		r := newLiveRig(t, vm, false)
+		vm.Write("vda", 1, 0, 64<<20)
+		r.backup()
+		before := vm.Graph()
+		touched := map[int64]bool{}
+		r.scatter("vda", 3, touched)
+		p := r.startPaused("backup-read", "backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+		var exports []struct{ ID string }
+		vm.Exec("query-block-exports", nil, &exports)
+		for _, e := range exports {
+			vm.Exec("block-export-del", map[string]string{"id": e.ID, "mode": "hard"}, nil)
+		}
+		res := p.resume()
+		if res.code == 0 || !strings.Contains(res.errorMessage(), "vda") {
+			t.Fatalf("backup with its export removed: exit %d %q", res.code, res.errorMessage())
+		}
+		vm.SameGraph(before)
+		r.scatter("vda", 1, touched)
+		want := r.expected()
+		sum := r.backup()
+		if d := diskSummaries(t, sum)["vda"]; d["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched))*testChunk {
+			t.Errorf("next backup: %v", d)
+		}
+		r.restoreCompare(sum["backup_id"].(string), want)
+	})
+
+	t.Run("VM disappears", func(t *testing.T) {
+		vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 64 << 20}}})
+		r := newLiveRig(t, vm, false)
+		vm.Write("vda", 1, 0, 64<<20)
+		r.backup()
+		r.scatter("vda", 2, map[int64]bool{})
+		p := r.startPaused("backup-read", "backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+		vm.Kill()
+		res := p.resume()
+		if res.code == 0 {
+			t.Fatal("backup of a VM that disappeared succeeded")
+		}
+		if v := r.run("verify", "--repo", r.repo); v.code != 0 {
+			t.Fatalf("verify after the failed backup: %s", v.errorMessage())
+		}
+		// The VM comes back (same QMP socket): the next backup recovers the
+		// old set's journal and reads in full (QEMU was killed).
+		vm.CrashRestart()
+		want := r.expected()
+		res = r.run("backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+		if res.code != 0 {
+			t.Fatalf("backup after the VM came back: %s", res.errorMessage())
+		}
+		sum := res.summary(t)
+		if d := diskSummaries(t, sum)["vda"]; d["mode"] != "full" {
+			t.Errorf("after a QEMU crash: %v", d)
+		}
+		r.restoreCompare(sum["backup_id"].(string), want)
+	})
+
+	t.Run("repository full", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to mount a small tmpfs for the repository")
+		}
+		vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 64 << 20}}})
+		r := newLiveRig(t, vm, false)
+		mnt := filepath.Join(t.TempDir(), "small")
+		os.Mkdir(mnt, 0o700)
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", mnt).CombinedOutput(); err != nil {
+			t.Fatalf("mount: %v %s", err, out)
+		}
+		defer exec.Command("umount", "-l", mnt).Run()
+		r.repo = filepath.Join(mnt, "repo")
+		if res := r.run("repo", "init", "--repo", r.repo, "--encryption", "none"); res.code != 0 {
+			t.Fatal(res.errorMessage())
+		}
+		random := filepath.Join(t.TempDir(), "random")
+		b := make([]byte, 48<<20)
+		for i := range b {
+			b[i] = byte(r.rng.IntN(256))
+		}
+		os.WriteFile(random, b, 0o600)
+		if err := vm.GuestIO("vda", fmt.Sprintf("write -s %s 0 %d", random, len(b))); err != nil {
+			t.Fatal(err)
+		}
+		before := vm.Graph()
+		res := r.run("backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+		if res.code != 11 {
+			t.Fatalf("backup into a full repository: exit %d %q, want 11 (no space)", res.code, res.errorMessage())
+		}
+		vm.SameGraph(before)
+		if out, err := exec.Command("mount", "-o", "remount,size=256m", mnt).CombinedOutput(); err != nil {
+			t.Fatalf("remount: %v %s", err, out)
+		}
+		if v := r.run("verify", "--repo", r.repo); v.code != 0 {
+			t.Fatalf("verify after the failed backup: %s", v.errorMessage())
+		}
+		want := r.expected()
+		sum := r.backup()
+		r.restoreCompare(sum["backup_id"].(string), want)
+	})
 }
