@@ -19,6 +19,7 @@ type vmFlags struct {
 	qmp           string
 	qga           string
 	hooks         []string
+	guestHooks    []string
 	freezeTimeout time.Duration
 	writerTimeout time.Duration
 	scratchDir    string
@@ -52,7 +53,8 @@ func (f *vmFlags) addVM(cmd *cobra.Command) {
 // addWriters adds the writer flags (--qga, --hook).
 func (f *vmFlags) addWriters(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.qga, "qga", "", "the guest agent's UNIX socket: freeze the guest's file systems")
-	cmd.Flags().StringArrayVar(&f.hooks, "hook", nil, "executable called with freeze/thaw around the instant (repeatable, run in order, thawed in reverse)")
+	cmd.Flags().StringArrayVar(&f.hooks, "hook", nil, "executable on this host called with freeze/thaw around the instant (repeatable, run in order, thawed in reverse)")
+	cmd.Flags().StringArrayVar(&f.guestHooks, "guest-hook", nil, "program inside the guest run through the agent (--qga) with freeze/thaw, before the file systems freeze (repeatable)")
 }
 
 // addSet adds the flags of taking a set.
@@ -97,9 +99,15 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		}
 		c.Writers = append(c.Writers, w)
 	}
+	if len(f.guestHooks) > 0 && f.qga == "" {
+		return nil, errorf(errs.ErrUsage, "--guest-hook runs through the guest agent: give --qga too")
+	}
 	if f.qga != "" {
 		ag := writer.NewAgent(f.qga, nil)
 		ag.Warn = opts.Warn
+		for _, g := range f.guestHooks {
+			c.Writers = append(c.Writers, writer.NewGuestHook(ag, g))
+		}
 		c.Writers = append(c.Writers, ag) // file systems freeze last, thaw first
 	}
 	return c, nil

@@ -4,9 +4,10 @@
 // and fsyncs them after every batch. It is the guest's VSS-style application
 // writer:
 //
-//   - SIGUSR1: finish the current record, fsync, write the last durable
-//     sequence number to the marker file and stop writing (freeze);
-//     repeated while paused it rewrites the marker.
+//   - SIGUSR1: finish the current record, fsync, record the last durable
+//     sequence number durably next to each log (LOG.checkpoint, the
+//     application's consistency point) and in the marker file, and stop
+//     writing (freeze); repeated while paused it rewrites both.
 //   - SIGUSR2: remove the marker and resume (thaw).
 //   - SIGTERM, SIGINT: fsync and exit 0.
 //
@@ -218,6 +219,9 @@ func (a *app) signal(s os.Signal, sigs <-chan os.Signal) (bool, error) {
 			if err := a.sync(); err != nil {
 				return true, err
 			}
+			if err := a.checkpoint(); err != nil {
+				return true, err
+			}
 			if err := writeFile(a.markerPath, fmt.Sprintf("%d\n", a.durable)); err != nil {
 				return true, fmt.Errorf("write pause marker: %w", err)
 			}
@@ -239,6 +243,30 @@ func (a *app) signal(s os.Signal, sigs <-chan os.Signal) (bool, error) {
 		}
 		s = <-sigs
 	}
+}
+
+// checkpoint records, next to each log and durably, the last record made
+// durable: the application's consistency point, which an
+// application-consistent copy of the disk ends exactly at.
+func (a *app) checkpoint() error {
+	for _, l := range a.logs {
+		path := walcheck.CheckpointPath(l.f.Name())
+		if err := writeFile(path, fmt.Sprintf("%d\n", a.durable)); err != nil {
+			return fmt.Errorf("write checkpoint: %w", err)
+		}
+		f, err := os.Open(path)
+		if err == nil {
+			err = f.Sync()
+			f.Close()
+		}
+		if err == nil {
+			err = syncDir(filepath.Dir(path))
+		}
+		if err != nil {
+			return fmt.Errorf("sync checkpoint: %w", err)
+		}
+	}
+	return nil
 }
 
 // writeStatus replaces the status file, at most every 100 ms unless forced.

@@ -45,8 +45,10 @@ type Writer interface {
 
 // WriterSpec is the persistent description of a writer.
 type WriterSpec struct {
-	Kind string `json:"kind"` // "agent" or "hook"
-	Path string `json:"path"` // agent socket or hook executable
+	Kind string `json:"kind"` // "agent", "hook" or "guest-hook"
+	Path string `json:"path"` // agent socket, hook executable, or guest hook's path in the guest
+	// Socket is the agent socket a guest hook runs through.
+	Socket string `json:"socket,omitempty"`
 }
 
 // SetContext is what a writer is told about the set it serves.

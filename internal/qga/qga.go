@@ -329,9 +329,14 @@ type ExecResult struct {
 	Stderr   []byte
 }
 
-// Exec runs a program in the guest and waits for it, polling every 100 ms.
-func (c *Client) Exec(ctx context.Context, path string, args []string, stdin []byte) (ExecResult, error) {
+// Exec runs a program in the guest with extra environment variables
+// ("NAME=value") and waits for it, polling every 100 ms. If ctx ends first
+// the program goes on running in the guest (the agent cannot kill it).
+func (c *Client) Exec(ctx context.Context, path string, args, env []string, stdin []byte) (ExecResult, error) {
 	req := map[string]any{"path": path, "arg": args, "capture-output": true}
+	if len(env) > 0 {
+		req["env"] = env
+	}
 	if stdin != nil {
 		req["input-data"] = base64.StdEncoding.EncodeToString(stdin)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -26,37 +27,76 @@ func CheckImage(ctx context.Context, image, path string) (Result, error) {
 	if path == "" {
 		path = LogPath
 	}
-	if err := checkRaw(image); err != nil {
-		return Result{}, err
-	}
 	dir, err := os.MkdirTemp("", "walcheck-")
 	if err != nil {
 		return Result{}, err
 	}
 	defer os.RemoveAll(dir)
 	out := filepath.Join(dir, "wal.log")
-	cmd := exec.CommandContext(ctx, "debugfs", "-R", fmt.Sprintf("dump %q %q", path, out), image)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		if errors.Is(err, exec.ErrNotFound) {
-			return Result{}, fmt.Errorf("debugfs not installed (package e2fsprogs): %w", err)
-		}
-		return Result{}, fmt.Errorf("debugfs %s: %w: %s", image, err, strings.TrimSpace(stderr.String()))
-	}
-	// debugfs exits 0 even when it could not open the image or find the file.
-	if _, err := os.Stat(out); err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if strings.Contains(msg, "not found") {
-			return Result{}, fmt.Errorf("%s not found in %s: %s: %w", path, image, msg, errs.ErrNotFound)
-		}
-		return Result{}, fmt.Errorf("debugfs could not extract %s from %s: %s", path, image, msg)
+	if err := dump(ctx, image, path, out); err != nil {
+		return Result{}, err
 	}
 	res, err := CheckFile(out)
 	if err != nil {
 		return res, fmt.Errorf("%s in %s: %w", path, image, err)
 	}
 	return res, nil
+}
+
+// CheckpointPath is where walapp records, each time it pauses for a freeze,
+// the last record it made durable: the application's consistency point.
+func CheckpointPath(logPath string) string { return logPath + ".checkpoint" }
+
+// ImageCheckpoint reads the consistency point walapp recorded for the log
+// at path (LogPath if empty) in a raw ext4 image; errs.ErrNotFound when it
+// never paused.
+func ImageCheckpoint(ctx context.Context, image, path string) (uint64, error) {
+	if path == "" {
+		path = LogPath
+	}
+	dir, err := os.MkdirTemp("", "walcheck-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	out := filepath.Join(dir, "checkpoint")
+	if err := dump(ctx, image, CheckpointPath(path), out); err != nil {
+		return 0, err
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		return 0, err
+	}
+	seq, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("checkpoint of %s in %s: %q: %w", path, image, b, errs.ErrCorrupt)
+	}
+	return seq, nil
+}
+
+// dump extracts the file at path from a raw ext4 image with debugfs.
+func dump(ctx context.Context, image, path, out string) error {
+	if err := checkRaw(image); err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, "debugfs", "-R", fmt.Sprintf("dump %q %q", path, out), image)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		if errors.Is(err, exec.ErrNotFound) {
+			return fmt.Errorf("debugfs not installed (package e2fsprogs): %w", err)
+		}
+		return fmt.Errorf("debugfs %s: %w: %s", image, err, strings.TrimSpace(stderr.String()))
+	}
+	// debugfs exits 0 even when it could not open the image or find the file.
+	if _, err := os.Stat(out); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if strings.Contains(msg, "not found") {
+			return fmt.Errorf("%s not found in %s: %s: %w", path, image, msg, errs.ErrNotFound)
+		}
+		return fmt.Errorf("debugfs could not extract %s from %s: %s", path, image, msg)
+	}
+	return nil
 }
 
 // FsckResult is the outcome of a read-only e2fsck.

@@ -134,6 +134,84 @@ func FromSpec(s coord.WriterSpec) (coord.Writer, error) {
 		return NewAgent(s.Path, nil), nil
 	case "hook":
 		return NewHook(s.Path)
+	case "guest-hook":
+		g := NewGuestHook(NewAgent(s.Socket, nil), s.Path)
+		g.own = true
+		return g, nil
 	}
 	return nil, fmt.Errorf("unknown writer kind %q in journal", s.Kind)
 }
+
+// GuestHook is an executable inside the guest that the guest agent runs
+// (guest-exec) as "PATH freeze" and "PATH thaw", with VMSHADOW_VM,
+// VMSHADOW_SET_ID and VMSHADOW_PHASE in its environment: an application
+// writer that needs no configuration of the agent itself. It shares the
+// agent writer's connection (the agent serves one client). Exit status 0 is
+// success; a call that runs past its time limit fails, but the program goes
+// on in the guest (the agent cannot kill it).
+type GuestHook struct {
+	agent *Agent
+	path  string
+	own   bool // the agent was made for this hook (rebuilt from a journal)
+	set   coord.SetContext
+}
+
+// NewGuestHook returns the writer for the guest program path, run through agent.
+func NewGuestHook(agent *Agent, path string) *GuestHook {
+	return &GuestHook{agent: agent, path: path}
+}
+
+func (g *GuestHook) Name() string       { return "guest-hook:" + g.path }
+func (g *GuestHook) Level() coord.Level { return coord.Application }
+func (g *GuestHook) Spec() coord.WriterSpec {
+	return coord.WriterSpec{Kind: "guest-hook", Path: g.path, Socket: g.agent.path}
+}
+
+// Close drops the agent connection if the hook owns it.
+func (g *GuestHook) Close() error {
+	if g.own {
+		return g.agent.Close()
+	}
+	return nil
+}
+
+// Prepare checks that the agent can run programs.
+func (g *GuestHook) Prepare(ctx context.Context, set coord.SetContext) error {
+	g.set = set
+	c, err := g.agent.client(ctx)
+	if err != nil {
+		return err
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("guest-info: %w", err)
+	}
+	if !info.Supports("guest-exec") || !info.Supports("guest-exec-status") {
+		return fmt.Errorf("the guest agent (version %s) does not allow guest-exec, which guest hooks need (see its --allow-rpcs/--block-rpcs): %w", info.Version, errs.ErrUnsupported)
+	}
+	return nil
+}
+
+func (g *GuestHook) Freeze(ctx context.Context) error { return g.run(ctx, "freeze") }
+func (g *GuestHook) Thaw(ctx context.Context) error   { return g.run(ctx, "thaw") }
+
+func (g *GuestHook) run(ctx context.Context, phase string) error {
+	c, err := g.agent.client(ctx)
+	if err != nil {
+		return err
+	}
+	res, err := c.Exec(ctx, g.path, []string{phase},
+		[]string{"VMSHADOW_VM=" + g.set.VM, "VMSHADOW_SET_ID=" + g.set.SetID, "VMSHADOW_PHASE=" + phase}, nil)
+	if err != nil {
+		return fmt.Errorf("run %s %s in the guest: %w", g.path, phase, err)
+	}
+	if res.ExitCode != 0 || res.Signal != 0 {
+		var out tailBuffer
+		out.Write(res.Stdout)
+		out.Write(res.Stderr)
+		return fmt.Errorf("%s %s in the guest: exit status %d%s", g.path, phase, res.ExitCode, out.describe())
+	}
+	return nil
+}
+
+var _ coord.Writer = (*GuestHook)(nil)
