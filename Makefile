@@ -21,6 +21,12 @@ test: deps
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 28m ./...
 
+# The main job end to end: a throwaway Linux guest backed up (full, then
+# incremental, application-consistent) while its workload writes, then
+# restored and checked.
+demo: deps build
+	$(GO) run ./demo -vmshadow bin/vmshadow
+
 # Only the tests that need no QEMU.
 unit:
 	$(GO) test -count=1 -short ./...
