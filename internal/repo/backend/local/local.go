@@ -102,8 +102,8 @@ func fanout(name string) string {
 	return name[:2]
 }
 
-// Put implements backend.Backend: temp file in tmp/, write, fsync, rename,
-// fsync the destination directory.
+// Put implements backend.Backend: temp file in tmp/, write, fsync, rename.
+// The directory entry is made durable by Sync, which fsyncs directories.
 func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -153,8 +153,32 @@ func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 		return wrapErr("rename "+h.String()+" into place", err)
 	}
 	ok = true
-	if err := syncDir(dir); err != nil {
-		return wrapErr("sync directory of "+h.String(), err)
+	return nil
+}
+
+// Sync implements backend.Backend: it fsyncs every directory that holds
+// blobs (the root, each kind, each chunk fan-out directory), so the renames
+// of all blobs visible now are durable. Syncing a clean directory is cheap.
+func (l *Local) Sync(ctx context.Context) error {
+	dirs := []string{l.root}
+	for _, k := range []string{"keys", "indexes", "backups", "locks"} {
+		dirs = append(dirs, filepath.Join(l.root, k))
+	}
+	chunks := filepath.Join(l.root, "chunks")
+	dirs = append(dirs, chunks)
+	err := eachEntry(ctx, chunks, func(e fs.DirEntry) error {
+		if e.IsDir() {
+			dirs = append(dirs, filepath.Join(chunks, e.Name()))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, d := range dirs {
+		if err := syncDir(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return wrapErr("sync directory "+d, err)
+		}
 	}
 	return nil
 }
