@@ -63,8 +63,10 @@ type codec struct {
 	metaD   *zstd.Decoder
 }
 
-// CompressionLevel is the zstd level new blobs are written with.
-var CompressionLevel = zstd.SpeedFastest
+// CompressionLevel is the zstd level new blobs are written with. The
+// default level compresses file-system data about 4% smaller than the
+// fastest at a similar speed on this kind of data (see bench/).
+var CompressionLevel = zstd.SpeedDefault
 
 func newCodec(k *masterKeys) *codec {
 	c := &codec{}
