@@ -38,14 +38,17 @@ type Local struct {
 
 var _ backend.Backend = (*Local)(nil)
 
-// Create makes the directory layout under root (which may exist but must be
-// empty of a repository) and returns the backend.
+// Create makes the directory layout under root, which must not exist or be
+// an empty directory, and returns the backend.
 func Create(root string) (*Local, error) {
-	if err := os.MkdirAll(root, 0o700); err != nil {
-		return nil, wrapErr("create repository directory "+root, err)
-	}
 	if _, err := os.Stat(filepath.Join(root, "config")); err == nil {
 		return nil, fmt.Errorf("%s already holds a repository (config exists): %w", root, errs.ErrUsage)
+	}
+	if ents, err := os.ReadDir(root); err == nil && len(ents) > 0 {
+		return nil, fmt.Errorf("%s is not empty: create the repository in a new or empty directory: %w", root, errs.ErrUsage)
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, wrapErr("create repository directory "+root, err)
 	}
 	for _, d := range []string{"keys", "chunks", "indexes", "backups", "locks", "tmp"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
