@@ -59,38 +59,47 @@ fi
 alloc=$(du -B1 "$IMG" | cut -f1)
 echo "image: $(numfmt --to=iec "$size") apparent, $(numfmt --to=iec "$alloc") allocated" >&2
 
-# run NAME CMD...: runs CMD under GNU time, records wall seconds and peak RSS.
+# run NAME CMD...: runs CMD under GNU time into $WORK/NAME.$round.time
+# (wall seconds, peak RSS KiB, user and system CPU seconds).
 run() {
 	name=$1; shift
-	/usr/bin/time -f "%e %M %U %S" -o "$WORK/$name.time" "$@" >"$WORK/$name.log" 2>&1 || {
+	sync
+	/usr/bin/time -f "%e %M %U %S" -o "$WORK/$name.$round.time" "$@" >"$WORK/$name.log" 2>&1 || {
 		echo "$name failed:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
 }
 
-rm -rf "$WORK/vmshadow-repo" "$WORK/restic-repo"
-"$BIN" repo init --repo "$WORK/vmshadow-repo" >/dev/null
-restic init --repository-version 2 --repo "$WORK/restic-repo" >/dev/null
+ROUNDS=${ROUNDS:-3}
 cat "$IMG" >/dev/null # warm the page cache for both
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+round=1
+while [ $round -le $ROUNDS ]; do
+	echo "round $round of $ROUNDS" >&2
+	rm -rf "$WORK/vmshadow-repo" "$WORK/restic-repo"
+	"$BIN" repo init --repo "$WORK/vmshadow-repo" >/dev/null
+	restic init --repository-version 2 --repo "$WORK/restic-repo" >/dev/null
+	run vmshadow "$BIN" backup --repo "$WORK/vmshadow-repo" --vm bench --disk sda="$IMG"
+	run restic restic backup --repo "$WORK/restic-repo" --quiet "$IMG"
+	run vmshadow-again "$BIN" backup --repo "$WORK/vmshadow-repo" --vm bench --disk sda="$IMG"
+	# --force: re-read the image instead of trusting its unchanged mtime and
+	# size (vmshadow has no such shortcut for images; live backups use bitmaps).
+	run restic-again restic backup --repo "$WORK/restic-repo" --quiet --force "$IMG"
+	round=$((round + 1))
+done
 
-run vmshadow "$BIN" backup --repo "$WORK/vmshadow-repo" --vm bench --disk sda="$IMG"
-run restic restic backup --repo "$WORK/restic-repo" --quiet "$IMG"
-run vmshadow-again "$BIN" backup --repo "$WORK/vmshadow-repo" --vm bench --disk sda="$IMG"
-# --force: re-read the image instead of trusting its unchanged mtime and
-# size (vmshadow has no such shortcut for images; live backups use bitmaps).
-run restic-again restic backup --repo "$WORK/restic-repo" --quiet --force "$IMG"
-
+# report NAME REPO: the round with the median wall time.
 report() {
 	name=$1 repo=$2
-	set -- $(cat "$WORK/$name.time")
+	set -- $(cat "$WORK/$name".*.time | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")
 	secs=$1 rss_kib=$2 cpu=$(echo "$3 $4" | awk '{ printf "%.1f", $1 + $2 }')
+	maxrss=$(cat "$WORK/$name".*.time | awk '$2 > m { m = $2 } END { print int(m / 1024) }')
 	mbs=$(echo "$size $secs" | awk '{ printf "%.0f", $1 / 1048576 / $2 }')
 	reposize=$(du -sb "$repo" | cut -f1)
-	printf "%-16s %9s s %9s MiB/s %9s s %9s MiB %12s\n" "$name" "$secs" "$mbs" "$cpu" $((rss_kib / 1024)) "$(numfmt --to=iec "$reposize")"
+	printf "%-16s %9s s %9s MiB/s %9s s %9s MiB %14s\n" "$name" "$secs" "$mbs" "$cpu" "$maxrss" "$reposize"
 }
 echo
-echo "$(nproc) CPUs, $(restic version | cut -d' ' -f1-2), vmshadow $(git describe --always --dirty 2>/dev/null || echo dev)"
+echo "$(nproc) CPUs, $(restic version | cut -d' ' -f1-2), vmshadow $(git describe --always --dirty 2>/dev/null || echo dev), $ROUNDS rounds"
 echo "load average before the runs: $LOAD (the figures are only comparable on an idle machine)"
-printf "%-16s %11s %15s %11s %13s %12s\n" "run" "wall time" "throughput" "CPU time" "peak RSS" "repo size"
+printf "%-16s %11s %15s %11s %13s %14s\n" "run (median)" "wall time" "throughput" "CPU time" "max peak RSS" "repo bytes"
 report vmshadow "$WORK/vmshadow-repo"
 report restic "$WORK/restic-repo"
 echo "second backup of the unchanged image (dedup only):"
