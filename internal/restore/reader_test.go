@@ -145,6 +145,9 @@ func TestPlanNaming(t *testing.T) {
 	if _, err := restore.Plan(m, []string{"sdc"}, "/x", "raw"); !errors.Is(err, errs.ErrNotFound) {
 		t.Errorf("unknown disk: %v", err)
 	}
+	if _, err := restore.Plan(m, []string{"sda", "sda"}, "/x", "raw"); !errors.Is(err, errs.ErrUsage) {
+		t.Errorf("disk twice: %v", err)
+	}
 	if _, err := restore.Plan(m, nil, "/x", "vmdk"); !errors.Is(err, errs.ErrUsage) {
 		t.Errorf("unknown format: %v", err)
 	}
