@@ -230,16 +230,3 @@ func (l *Lock) Unlock() error {
 	})
 	return err
 }
-
-// Locks lists the current locks, stale ones included, for display.
-func (r *Repo) Locks(ctx context.Context) ([]LockInfo, error) {
-	var out []LockInfo
-	err := r.be.List(ctx, backend.KindLocks, "", func(fi backend.Info) error {
-		li, err := r.readLock(ctx, fi)
-		if err == nil {
-			out = append(out, li)
-		}
-		return nil
-	})
-	return out, err
-}
