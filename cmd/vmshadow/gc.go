@@ -1,0 +1,66 @@
+package main
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/repo"
+)
+
+func init() { commands = append(commands, newGCCmd) }
+
+func newGCCmd(a *app) *cobra.Command {
+	var f repoFlags
+	var o repo.GCOptions
+	cmd := &cobra.Command{
+		Use:   "gc --repo DIR [--grace 24h] [--dry-run]",
+		Short: "Delete chunks and indexes that no backup references",
+		Long: `Delete the chunks and indexes that no backup manifest references and that are
+older than the grace period (default 24h), so the chunks of a backup still
+being written are never taken. gc takes an exclusive lock: it waits for no one
+and fails (busy) while a backup, restore or verify holds the repository. It
+refuses to delete anything while a manifest or index cannot be read.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if o.Grace <= 0 {
+				return errorf(errs.ErrUsage, "--grace must be positive (it protects the data of backups still being written)")
+			}
+			ctx := cmd.Context()
+			r, err := f.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			ctx, unlock, err := lock(ctx, a, r, true, "gc")
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			res, err := r.GC(ctx, o)
+			if err != nil {
+				return err
+			}
+			out := struct {
+				*repo.GCResult
+				GraceS float64 `json:"grace_s"`
+			}{res, o.Grace.Seconds()}
+			a.out.Summary(out, func(w io.Writer) {
+				verb := "deleted"
+				if o.DryRun {
+					verb = "would delete"
+				}
+				fmt.Fprintf(w, "%d backups reference %d chunks; %s %d chunks and %d indexes (%s); %d chunks younger than %s kept\n",
+					res.Backups, res.ChunksReferenced, verb, res.ChunksDeleted, res.IndexesDeleted, progress.Bytes(res.BytesDeleted), res.ChunksInGrace, o.Grace)
+			})
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().DurationVar(&o.Grace, "grace", repo.DefaultGrace, "never delete unreferenced data younger than this")
+	cmd.Flags().BoolVar(&o.DryRun, "dry-run", false, "only count what would be deleted")
+	return cmd
+}

@@ -1,0 +1,96 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/repo"
+)
+
+func init() { commands = append(commands, newPruneCmd) }
+
+func newPruneCmd(a *app) *cobra.Command {
+	var f repoFlags
+	var o repo.PruneOptions
+	p := &o.Policy
+	cmd := &cobra.Command{
+		Use:   "prune --repo DIR [--vm NAME] --keep-last N --keep-hourly N --keep-daily N --keep-weekly N --keep-monthly N --keep-yearly N [--dry-run]",
+		Short: "Remove backups that the keep policy does not keep",
+		Long: `Apply the keep policy to each VM's backups separately (restic semantics):
+--keep-last N keeps the N newest; --keep-hourly/daily/weekly/monthly/yearly N
+keep the newest backup of each of the N most recent hours, days, ISO weeks,
+months or years that have backups. Rules add up; -1 means no limit. Time
+buckets use the local time zone. With --dry-run nothing is removed and every
+backup is listed with keep or remove and the reasons.
+
+prune removes manifests only; 'vmshadow gc' then frees the chunks that no
+remaining backup uses.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := f.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			if p.Empty() {
+				return errorf(errs.ErrUsage, "no keep policy given: prune would remove every backup; give at least one --keep-* option")
+			}
+			ctx, unlock, err := lock(ctx, a, r, true, "prune")
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			ds, err := r.Prune(ctx, o)
+			if err != nil {
+				return err
+			}
+			out := struct {
+				DryRun  bool                 `json:"dry_run"`
+				Kept    int                  `json:"kept"`
+				Removed int                  `json:"removed"`
+				Backups []repo.PruneDecision `json:"backups"`
+			}{DryRun: o.DryRun, Backups: ds}
+			if out.Backups == nil {
+				out.Backups = []repo.PruneDecision{}
+			}
+			for _, d := range ds {
+				if d.Keep {
+					out.Kept++
+				} else {
+					out.Removed++
+				}
+			}
+			a.out.Summary(out, func(w io.Writer) {
+				verb := "removed"
+				if o.DryRun {
+					verb = "would remove"
+				}
+				for _, d := range ds {
+					act := "keep  "
+					if !d.Keep {
+						act = "remove"
+					}
+					fmt.Fprintf(w, "%s %s  %-16s %s  %s\n", act, d.ID[:8], d.VM, d.Time.Local().Format("2006-01-02 15:04:05"), strings.Join(d.Reasons, ", "))
+				}
+				fmt.Fprintf(w, "kept %d, %s %d backups\n", out.Kept, verb, out.Removed)
+			})
+			return nil
+		},
+	}
+	f.register(cmd)
+	fl := cmd.Flags()
+	fl.StringVar(&o.VM, "vm", "", "prune only this VM's backups")
+	fl.IntVar(&p.Last, "keep-last", 0, "keep the N newest backups")
+	fl.IntVar(&p.Hourly, "keep-hourly", 0, "keep the newest backup of each of the last N hours with backups")
+	fl.IntVar(&p.Daily, "keep-daily", 0, "keep the newest backup of each of the last N days with backups")
+	fl.IntVar(&p.Weekly, "keep-weekly", 0, "keep the newest backup of each of the last N ISO weeks with backups")
+	fl.IntVar(&p.Monthly, "keep-monthly", 0, "keep the newest backup of each of the last N months with backups")
+	fl.IntVar(&p.Yearly, "keep-yearly", 0, "keep the newest backup of each of the last N years with backups")
+	fl.BoolVar(&o.DryRun, "dry-run", false, "only show what would be kept and removed, and why")
+	return cmd
+}

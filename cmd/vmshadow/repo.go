@@ -1,0 +1,232 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/repo"
+	"github.com/vmshadow/vmshadow/internal/repo/backend"
+	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
+)
+
+func init() { commands = append(commands, newRepoCmd) }
+
+// repoFlags are the flags every repository command takes.
+type repoFlags struct {
+	dir          string
+	passwordFile string
+}
+
+func (f *repoFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.dir, "repo", "", "repository directory (required)")
+	cmd.Flags().StringVar(&f.passwordFile, "password-file", "", "read the repository password from this file (else $VMSHADOW_PASSWORD, else a terminal prompt)")
+	cmd.MarkFlagRequired("repo")
+}
+
+func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
+	return passwordSource("VMSHADOW_PASSWORD", f.passwordFile, "Repository password", confirm)
+}
+
+// open opens the repository.
+func (f *repoFlags) open(ctx context.Context) (*repo.Repo, error) {
+	be, err := local.Open(f.dir)
+	if err != nil {
+		return nil, err
+	}
+	return repo.Open(ctx, be, f.password(false))
+}
+
+// lock takes a repository lock for op. A shared lock on read-only storage
+// is skipped with a warning, so backups on read-only media can be listed,
+// verified and restored. Call the returned unlock when done.
+func lock(ctx context.Context, a *app, r *repo.Repo, exclusive bool, op string) (context.Context, func(), error) {
+	l, lctx, err := r.Lock(ctx, exclusive, op)
+	if err != nil {
+		if !exclusive && errors.Is(err, backend.ErrReadOnly) {
+			a.out.Warn("repository is read-only: reading it without a lock")
+			return ctx, func() {}, nil
+		}
+		return nil, nil, err
+	}
+	return lctx, func() {
+		if err := l.Unlock(); err != nil {
+			a.out.Warn("could not remove the repository lock (it becomes stale by itself): %v", err)
+		}
+	}, nil
+}
+
+// progressStatus is the JSON status object of a running operation.
+type progressStatus struct {
+	Phase string `json:"phase"`
+	progress.Snapshot
+}
+
+// showProgress reports meter every second: NDJSON status objects with
+// --json, a self-overwriting line on a terminal, nothing otherwise.
+func showProgress(ctx context.Context, a *app, phase string, m *progress.Meter) (stop func()) {
+	if a.out.JSON {
+		return progress.Report(ctx, m, time.Second, func(s progress.Snapshot) {
+			a.out.Status(progressStatus{phase, s}, "")
+		})
+	}
+	f := terminal(a)
+	if f == nil {
+		return func() {}
+	}
+	stopReport := progress.Report(ctx, m, 500*time.Millisecond, func(s progress.Snapshot) {
+		fmt.Fprintf(f, "\r\033[K%s: %s", phase, progress.Line(s))
+	})
+	return func() {
+		stopReport()
+		fmt.Fprint(f, "\r\033[K")
+	}
+}
+
+// terminal returns the printer's stderr when it is a terminal, else nil.
+func terminal(a *app) *os.File {
+	if f, ok := a.out.ErrOut.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		return f
+	}
+	return nil
+}
+
+// tick calls fn every interval until stopped; it is how commands without a
+// byte meter report progress.
+func tick(ctx context.Context, interval time.Duration, fn func()) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				fn()
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+func newRepoCmd(a *app) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "repo",
+		Short: "Create a backup repository or change its password",
+	}
+	cmd.AddCommand(newRepoInitCmd(a), newRepoPasswdCmd(a))
+	return cmd
+}
+
+func newRepoInitCmd(a *app) *cobra.Command {
+	var f repoFlags
+	var encryption string
+	var chunkSize int
+	cmd := &cobra.Command{
+		Use:   "init --repo DIR [--encryption aes-256-gcm|none]",
+		Short: "Create a new, empty backup repository",
+		Long: `Create a new, empty backup repository in DIR.
+
+The repository is encrypted with AES-256-GCM under random master keys, which
+are wrapped with a key derived from the password by Argon2id. The password is
+read from $VMSHADOW_PASSWORD, from --password-file, or from the terminal.
+With --encryption none nothing is encrypted and no password is needed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			opts := repo.InitOptions{Encryption: encryption, ChunkSize: chunkSize}
+			switch encryption {
+			case repo.EncryptionAESGCM:
+				pw, err := f.password(true)()
+				if err != nil {
+					return err
+				}
+				opts.Password = pw
+			case repo.EncryptionNone:
+			default:
+				return errorf(errs.ErrUsage, "unknown --encryption %q (use %s or %s)", encryption, repo.EncryptionAESGCM, repo.EncryptionNone)
+			}
+			be, err := local.Create(f.dir)
+			if err != nil {
+				return err
+			}
+			r, err := repo.Init(ctx, be, opts)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			c := r.Config()
+			a.out.Summary(struct {
+				Repository string `json:"repository"`
+				ID         string `json:"id"`
+				Version    int    `json:"version"`
+				Encryption string `json:"encryption"`
+				ChunkSize  int    `json:"chunk_size"`
+			}{f.dir, c.ID, c.Version, c.Encryption, c.ChunkSize}, func(w io.Writer) {
+				fmt.Fprintf(w, "created repository %s at %s (encryption %s, chunk size %s)\n", c.ID[:8], f.dir, c.Encryption, progress.Bytes(int64(c.ChunkSize)))
+			})
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringVar(&encryption, "encryption", repo.EncryptionAESGCM, "aes-256-gcm or none")
+	cmd.Flags().IntVar(&chunkSize, "chunk-size", repo.DefaultChunkSize, "chunk size in bytes (a power of two from 64 KiB to 64 MiB)")
+	return cmd
+}
+
+func newRepoPasswdCmd(a *app) *cobra.Command {
+	var f repoFlags
+	var newFile string
+	cmd := &cobra.Command{
+		Use:   "passwd --repo DIR",
+		Short: "Change the repository password (the keys are re-wrapped, no data is rewritten)",
+		Long: `Change the repository password. The current password comes from
+$VMSHADOW_PASSWORD, --password-file or the terminal; the new one from
+$VMSHADOW_NEW_PASSWORD, --new-password-file or the terminal (asked twice).
+A new key file is written, then the old one is removed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := f.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			if !r.Config().Encrypted() {
+				return errorf(errs.ErrUsage, "repository %s is not encrypted: it has no password", f.dir)
+			}
+			newPW, err := passwordSource("VMSHADOW_NEW_PASSWORD", newFile, "New repository password", true)()
+			if err != nil {
+				return err
+			}
+			ctx, unlock, err := lock(ctx, a, r, true, "passwd")
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			name, err := r.ChangePassword(ctx, newPW, nil)
+			if err != nil {
+				return err
+			}
+			a.out.Summary(struct {
+				Repository string `json:"repository"`
+				KeyID      string `json:"key_id"`
+			}{f.dir, name}, func(w io.Writer) { fmt.Fprintf(w, "password changed (new key file %s)\n", name[:8]) })
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringVar(&newFile, "new-password-file", "", "read the new password from this file (else $VMSHADOW_NEW_PASSWORD, else a terminal prompt)")
+	return cmd
+}

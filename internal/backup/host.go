@@ -1,0 +1,8 @@
+package backup
+
+import "os"
+
+func hostname() string {
+	h, _ := os.Hostname()
+	return h
+}

@@ -1,0 +1,394 @@
+package repo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/repo/backend"
+	"github.com/vmshadow/vmshadow/internal/repo/retention"
+)
+
+// Affected names a backup (and disk) that a damaged blob breaks.
+type Affected struct {
+	Backup string    `json:"backup"`
+	VM     string    `json:"vm,omitempty"`
+	Time   time.Time `json:"time,omitzero"`
+	Disk   string    `json:"disk,omitempty"`
+}
+
+// Problem is one damaged or missing blob found by Verify.
+type Problem struct {
+	Kind     string     `json:"kind"` // "manifest", "index" or "chunk"
+	ID       string     `json:"id"`
+	Error    string     `json:"error"`
+	Missing  bool       `json:"missing"`
+	Affected []Affected `json:"affected"`
+}
+
+// VerifyOptions select what Verify checks.
+type VerifyOptions struct {
+	Backups  []ID // nil: every backup
+	Workers  int  // parallel chunk reads; default 2 x GOMAXPROCS
+	Progress func(done, total int64)
+}
+
+// VerifyResult is what Verify checked and found.
+type VerifyResult struct {
+	Backups      int       `json:"backups"`
+	Indexes      int       `json:"indexes"`
+	Chunks       int       `json:"chunks"`
+	BytesChecked int64     `json:"bytes_checked"` // stored bytes read
+	Problems     []Problem `json:"problems"`
+}
+
+// Verify re-reads every manifest, index and chunk the selected backups
+// reference, decrypts and re-hashes each, and reports every missing or
+// damaged one with the backups it affects. Memory grows with the number of
+// distinct chunks (about 50 bytes each), not with their size. Hold a shared
+// lock. The error is for failures to run (listing, cancellation), not for
+// problems found.
+func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, error) {
+	ids := o.Backups
+	if ids == nil {
+		var err error
+		if ids, err = r.backupIDs(ctx, ""); err != nil {
+			return nil, err
+		}
+	}
+	res := &VerifyResult{Backups: len(ids), Problems: []Problem{}}
+	type ref struct {
+		backup ID
+		m      *Manifest
+		disk   string
+	}
+	indexRefs := map[ID][]ref{}
+	for _, id := range ids {
+		m, err := r.LoadManifest(ctx, id)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			res.Problems = append(res.Problems, Problem{Kind: "manifest", ID: id.String(), Error: err.Error(),
+				Missing: errors.Is(err, errs.ErrNotFound), Affected: []Affected{{Backup: id.String()}}})
+			continue
+		}
+		for _, d := range m.Disks {
+			xid, _ := ParseID(d.Index) // checked by DecodeManifest
+			indexRefs[xid] = append(indexRefs[xid], ref{id, m, d.Name})
+		}
+	}
+	affected := func(refs []ref) []Affected {
+		var a []Affected
+		for _, rf := range refs {
+			a = append(a, Affected{Backup: rf.backup.String(), VM: rf.m.VM, Time: rf.m.Time, Disk: rf.disk})
+		}
+		sort.Slice(a, func(i, j int) bool { return a[i].Backup+a[i].Disk < a[j].Backup+a[j].Disk })
+		return a
+	}
+	chunks := map[ID]struct{}{}
+	xids := sortedIDs(indexRefs)
+	for _, xid := range xids {
+		x, err := r.LoadIndex(ctx, xid)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			res.Problems = append(res.Problems, Problem{Kind: "index", ID: xid.String(), Error: err.Error(),
+				Missing: errors.Is(err, errs.ErrNotFound), Affected: affected(indexRefs[xid])})
+			delete(indexRefs, xid)
+			continue
+		}
+		res.Indexes++
+		for i := range x.Len() {
+			if id := x.ID(i); !id.IsZero() {
+				chunks[id] = struct{}{}
+			}
+		}
+	}
+	res.Chunks = len(chunks)
+
+	// Check every chunk once, in parallel.
+	workers := o.Workers
+	if workers <= 0 {
+		workers = 2 * runtime.GOMAXPROCS(0)
+	}
+	var (
+		mu       sync.Mutex
+		bad      = map[ID]error{}
+		done     atomic.Int64
+		checked  atomic.Int64
+		work     = make(chan ID)
+		g, gctx  = errgroup.WithContext(ctx)
+		progress = o.Progress
+	)
+	g.Go(func() error {
+		defer close(work)
+		for id := range chunks {
+			select {
+			case work <- id:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+		}
+		return nil
+	})
+	for range workers {
+		g.Go(func() error {
+			var buf []byte
+			for id := range work {
+				blob, err := r.be.Get(gctx, chunkHandle(id), 0, -1)
+				if err == nil {
+					checked.Add(int64(len(blob)))
+					buf, err = r.OpenChunk(id, blob, buf)
+				} else if backend.IsNotExist(err) {
+					err = fmt.Errorf("chunk %s is missing: %w", id, errs.ErrNotFound)
+				}
+				if err != nil {
+					if gctx.Err() != nil {
+						return gctx.Err()
+					}
+					mu.Lock()
+					bad[id] = err
+					mu.Unlock()
+				}
+				if n := done.Add(1); progress != nil {
+					progress(n, int64(len(chunks)))
+				}
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	res.BytesChecked = checked.Load()
+	if len(bad) == 0 {
+		return res, nil
+	}
+
+	// Attribute damaged chunks to the backups whose indexes name them.
+	chunkRefs := map[ID][]ref{}
+	for _, xid := range sortedIDs(indexRefs) {
+		x, err := r.LoadIndex(ctx, xid)
+		if err != nil {
+			return nil, fmt.Errorf("re-read index %s: %w", xid, err)
+		}
+		seen := map[ID]bool{}
+		for i := range x.Len() {
+			id := x.ID(i)
+			if _, isBad := bad[id]; isBad && !seen[id] {
+				seen[id] = true
+				chunkRefs[id] = append(chunkRefs[id], indexRefs[xid]...)
+			}
+		}
+	}
+	for _, id := range sortedIDs(bad) {
+		res.Problems = append(res.Problems, Problem{Kind: "chunk", ID: id.String(), Error: bad[id].Error(),
+			Missing: errors.Is(bad[id], errs.ErrNotFound), Affected: affected(chunkRefs[id])})
+	}
+	return res, nil
+}
+
+func sortedIDs[V any](m map[ID]V) []ID {
+	ids := make([]ID, 0, len(m))
+	for id := range m {
+		ids = append(ids, id)
+	}
+	sort.Slice(ids, func(i, j int) bool { return string(ids[i][:]) < string(ids[j][:]) })
+	return ids
+}
+
+// GCOptions configure garbage collection.
+type GCOptions struct {
+	// Grace protects unreferenced blobs younger than this: they may belong
+	// to a backup whose manifest is not written yet. Default DefaultGrace.
+	Grace  time.Duration
+	DryRun bool
+}
+
+// DefaultGrace is gc's default grace period.
+const DefaultGrace = 24 * time.Hour
+
+// GCResult counts what gc found and deleted.
+type GCResult struct {
+	Backups          int   `json:"backups"`
+	ChunksReferenced int   `json:"chunks_referenced"`
+	ChunksDeleted    int   `json:"chunks_deleted"`
+	IndexesDeleted   int   `json:"indexes_deleted"`
+	BytesDeleted     int64 `json:"bytes_deleted"`
+	ChunksInGrace    int   `json:"chunks_in_grace"` // unreferenced but younger than the grace period
+	IndexesInGrace   int   `json:"indexes_in_grace"`
+	TempFilesRemoved int   `json:"temp_files_removed"`
+	DryRun           bool  `json:"dry_run"`
+}
+
+// tempCleaner is implemented by backends that keep temporary files of
+// interrupted writes (the local directory backend).
+type tempCleaner interface {
+	CleanTemp(ctx context.Context, age time.Duration) (int, error)
+}
+
+// GC deletes indexes and chunks that no manifest references and that are
+// older than the grace period. It refuses to run when any manifest or
+// referenced index cannot be read, since it could not know what those
+// reference. Hold an exclusive lock.
+func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
+	if o.Grace == 0 {
+		o.Grace = DefaultGrace
+	}
+	if o.Grace < 0 {
+		return nil, fmt.Errorf("negative grace period %s: %w", o.Grace, errs.ErrUsage)
+	}
+	res := &GCResult{DryRun: o.DryRun}
+	backups, bad, err := r.ListBackups(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(bad) > 0 {
+		id := sortedIDs(bad)[0]
+		return nil, fmt.Errorf("gc stopped: manifest of backup %s cannot be read (%v); nothing was deleted. Run 'vmshadow verify' and remove or repair it: %w", id.Short(), bad[id], errs.ErrCorrupt)
+	}
+	res.Backups = len(backups)
+	indexes := map[ID]struct{}{}
+	for _, b := range backups {
+		for _, d := range b.Disks {
+			xid, _ := ParseID(d.Index)
+			indexes[xid] = struct{}{}
+		}
+	}
+	chunks := map[ID]struct{}{}
+	for xid := range indexes {
+		x, err := r.LoadIndex(ctx, xid)
+		if err != nil {
+			return nil, fmt.Errorf("gc stopped: %v; nothing was deleted. Run 'vmshadow verify': %w", err, errs.ErrCorrupt)
+		}
+		for i := range x.Len() {
+			if id := x.ID(i); !id.IsZero() {
+				chunks[id] = struct{}{}
+			}
+		}
+	}
+	res.ChunksReferenced = len(chunks)
+	cutoff := time.Now().Add(-o.Grace)
+	type victim struct {
+		h    backend.Handle
+		size int64
+	}
+	var victims []victim
+	collect := func(kind backend.Kind, refs map[ID]struct{}, inGrace *int) error {
+		return r.be.List(ctx, kind, "", func(fi backend.Info) error {
+			id, err := ParseID(fi.Name)
+			if err != nil {
+				return nil // not ours
+			}
+			if _, ok := refs[id]; ok {
+				return nil
+			}
+			if fi.ModTime.After(cutoff) {
+				*inGrace++
+				return nil
+			}
+			victims = append(victims, victim{backend.Handle{Kind: kind, Name: fi.Name}, fi.Size})
+			return nil
+		})
+	}
+	if err := collect(backend.KindIndexes, indexes, &res.IndexesInGrace); err != nil {
+		return nil, fmt.Errorf("list indexes: %w", err)
+	}
+	if err := collect(backend.KindChunks, chunks, &res.ChunksInGrace); err != nil {
+		return nil, fmt.Errorf("list chunks: %w", err)
+	}
+	for _, v := range victims {
+		if v.h.Kind == backend.KindChunks {
+			res.ChunksDeleted++
+		} else {
+			res.IndexesDeleted++
+		}
+		res.BytesDeleted += v.size
+		if o.DryRun {
+			continue
+		}
+		if err := r.be.Delete(ctx, v.h); err != nil && !backend.IsNotExist(err) {
+			return res, fmt.Errorf("delete %s: %w", v.h, err)
+		}
+	}
+	if tc, ok := r.be.(tempCleaner); ok && !o.DryRun {
+		n, err := tc.CleanTemp(ctx, o.Grace)
+		res.TempFilesRemoved = n
+		if err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// PruneOptions configure prune.
+type PruneOptions struct {
+	VM     string // only this VM; "" every VM
+	Policy retention.Policy
+	DryRun bool
+}
+
+// PruneDecision is prune's verdict on one backup.
+type PruneDecision struct {
+	ID      string    `json:"id"`
+	VM      string    `json:"vm"`
+	Time    time.Time `json:"time"`
+	Keep    bool      `json:"keep"`
+	Reasons []string  `json:"reasons"`
+}
+
+// Prune applies the keep policy to each VM's backups separately and
+// deletes the manifests of the backups it does not keep (unless DryRun).
+// Their chunks are freed by gc. Unreadable manifests are never deleted.
+// Hold an exclusive lock.
+func (r *Repo) Prune(ctx context.Context, o PruneOptions) ([]PruneDecision, error) {
+	if o.Policy.Empty() {
+		return nil, fmt.Errorf("no keep policy given: prune would remove every backup; give at least one --keep-* option: %w", errs.ErrUsage)
+	}
+	backups, _, err := r.ListBackups(ctx)
+	if err != nil {
+		return nil, err
+	}
+	byVM := map[string][]retention.Item{}
+	vmOf := map[string]string{}
+	for _, b := range backups {
+		if o.VM != "" && b.VM != o.VM {
+			continue
+		}
+		byVM[b.VM] = append(byVM[b.VM], retention.Item{ID: b.ID.String(), Time: b.Time})
+		vmOf[b.ID.String()] = b.VM
+	}
+	vms := make([]string, 0, len(byVM))
+	for vm := range byVM {
+		vms = append(vms, vm)
+	}
+	sort.Strings(vms)
+	var out []PruneDecision
+	for _, vm := range vms {
+		for _, d := range retention.Apply(byVM[vm], o.Policy) {
+			out = append(out, PruneDecision{ID: d.ID, VM: vm, Time: d.Time, Keep: d.Keep, Reasons: d.Reasons})
+		}
+	}
+	if o.DryRun {
+		return out, nil
+	}
+	for _, d := range out {
+		if d.Keep {
+			continue
+		}
+		if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindBackups, Name: d.ID}); err != nil && !backend.IsNotExist(err) {
+			return out, fmt.Errorf("remove backup %s: %w", d.ID[:8], err)
+		}
+	}
+	return out, nil
+}
