@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
@@ -25,6 +26,9 @@ and fails (busy) while a backup, restore or verify holds the repository. It
 refuses to delete anything while a manifest or index cannot be read.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if o.Grace <= 0 {
+				return errorf(errs.ErrUsage, "--grace must be positive (it protects the data of backups still being written)")
+			}
 			ctx := cmd.Context()
 			r, err := f.open(ctx)
 			if err != nil {

@@ -78,8 +78,8 @@ func showProgress(ctx context.Context, a *app, phase string, m *progress.Meter) 
 			a.out.Status(progressStatus{phase, s}, "")
 		})
 	}
-	f, ok := a.out.ErrOut.(*os.File)
-	if !ok || !term.IsTerminal(int(f.Fd())) {
+	f := terminal(a)
+	if f == nil {
 		return func() {}
 	}
 	stopReport := progress.Report(ctx, m, 500*time.Millisecond, func(s progress.Snapshot) {
@@ -89,6 +89,14 @@ func showProgress(ctx context.Context, a *app, phase string, m *progress.Meter) 
 		stopReport()
 		fmt.Fprint(f, "\r\033[K")
 	}
+}
+
+// terminal returns the printer's stderr when it is a terminal, else nil.
+func terminal(a *app) *os.File {
+	if f, ok := a.out.ErrOut.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		return f
+	}
+	return nil
 }
 
 // tick calls fn every interval until stopped; it is how commands without a

@@ -46,14 +46,17 @@ is non-zero (corrupt data) when anything is wrong.`,
 				ids = append(ids, id)
 			}
 			var done, total atomic.Int64
-			stop := tick(ctx, time.Second, func() {
-				d, t := done.Load(), total.Load()
-				a.out.Status(struct {
-					Phase       string `json:"phase"`
-					ChunksDone  int64  `json:"chunks_done"`
-					ChunksTotal int64  `json:"chunks_total"`
-				}{"verify", d, t}, fmt.Sprintf("verify: %d of %d chunks checked", d, t))
-			})
+			stop := func() {}
+			if a.out.JSON || terminal(a) != nil {
+				stop = tick(ctx, time.Second, func() {
+					d, t := done.Load(), total.Load()
+					a.out.Status(struct {
+						Phase       string `json:"phase"`
+						ChunksDone  int64  `json:"chunks_done"`
+						ChunksTotal int64  `json:"chunks_total"`
+					}{"verify", d, t}, fmt.Sprintf("verify: %d of %d chunks checked", d, t))
+				})
+			}
 			res, err := r.Verify(ctx, repo.VerifyOptions{Backups: ids, Progress: func(d, t int64) {
 				done.Store(d)
 				total.Store(t)

@@ -8,8 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -190,7 +190,6 @@ func TestImageChangesSize(t *testing.T) {
 		})
 	}
 }
-
 
 func countBackups(t testing.TB, repoDir string) int {
 	ents, err := os.ReadDir(filepath.Join(repoDir, "backups"))

@@ -169,6 +169,9 @@ func TestFaults(t *testing.T) {
 		{"chunk lookup fails", func(f *fault.Backend) {
 			f.Add(fault.Rule{Op: fault.OpStat, Kind: backend.KindChunks, Nth: 3, Mode: fault.Fail})
 		}, fault.ErrInjected},
+		{"sync before the index fails", func(f *fault.Backend) {
+			f.Add(fault.Rule{Op: fault.OpSync, Nth: 1, Mode: fault.Fail})
+		}, fault.ErrInjected},
 		{"disk full", func(f *fault.Backend) { f.SetSpace(200 << 10) }, errs.ErrNoSpace},
 		{"read-only", func(f *fault.Backend) { f.SetReadOnly(true) }, backend.ErrReadOnly},
 	}

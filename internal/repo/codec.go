@@ -59,12 +59,15 @@ type codec struct {
 	macKey  []byte      // nil when not encrypted: plain SHA-256
 	hashers sync.Pool
 	enc     *zstd.Encoder
+	sampler *zstd.Encoder // fastest level, for compressible
 	chunkD  *zstd.Decoder
 	metaD   *zstd.Decoder
 }
 
-// CompressionLevel is the zstd level new blobs are written with.
-var CompressionLevel = zstd.SpeedFastest
+// CompressionLevel is the zstd level new blobs are written with. The
+// default level compresses file-system data about 4% smaller than the
+// fastest at a similar speed on this kind of data (see bench/).
+var CompressionLevel = zstd.SpeedDefault
 
 func newCodec(k *masterKeys) *codec {
 	c := &codec{}
@@ -86,6 +89,11 @@ func newCodec(k *masterKeys) *codec {
 	if err != nil {
 		panic(err) // only on invalid options
 	}
+	c.sampler, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(n),
+		zstd.WithEncoderCRC(false), zstd.WithLowerEncoderMem(true), zstd.WithWindowSize(zstd.MinWindowSize))
+	if err != nil {
+		panic(err)
+	}
 	c.chunkD, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(n), zstd.WithDecoderMaxMemory(MaxChunkSize),
 		zstd.IgnoreChecksum(true))
 	if err != nil {
@@ -101,6 +109,7 @@ func newCodec(k *masterKeys) *codec {
 
 func (c *codec) close() {
 	c.enc.Close()
+	c.sampler.Close()
 	c.chunkD.Close()
 	c.metaD.Close()
 }
@@ -135,7 +144,7 @@ func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compr
 	dst[6] = encNone
 	dst[7] = 0
 	binary.LittleEndian.PutUint32(dst[8:12], uint32(len(plain)))
-	if compress && len(plain) > 0 {
+	if compress && len(plain) > 0 && c.compressible(plain) {
 		dst = c.enc.EncodeAll(plain, dst)
 		if len(dst)-hdr < len(plain) {
 			dst[5] = compZstd
@@ -156,6 +165,32 @@ func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compr
 	ad = append(append(ad, dst[:headerLen]...), name...)
 	out := c.aead.Seal(dst[hdr:hdr], nonce, dst[hdr:], ad)
 	return dst[:hdr+len(out)]
+}
+
+// Sampling: before compressing a large plaintext, compressible compresses
+// sampleCount samples of sampleLen bytes spread over it with the fastest
+// zstd level; when they shrink by less than 2%, the data is taken as
+// incompressible (already compressed or encrypted) and stored as is. This
+// spares the full compression attempt (the most expensive step of a backup)
+// on random data, at the cost of about 1% of one attempt on the rest.
+const (
+	sampleLen   = 8 << 10
+	sampleCount = 4
+)
+
+func (c *codec) compressible(p []byte) bool {
+	if len(p) < 4*sampleCount*sampleLen {
+		return true
+	}
+	var in, out int
+	buf := make([]byte, 0, sampleLen+64)
+	step := len(p) / sampleCount
+	for i := range sampleCount {
+		s := p[i*step : i*step+sampleLen]
+		in += len(s)
+		out += len(c.sampler.EncodeAll(s, buf[:0]))
+	}
+	return out < in-in/50
 }
 
 // open checks and decodes a sealed blob into dst[:0] (reused when large

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -24,7 +25,9 @@ import (
 //   - it was last refreshed more than LockStale ago (its holder died or lost
 //     the repository), or
 //   - it was taken on this host by a process that no longer exists (kill -9):
-//     detected at once with kill(pid, 0).
+//     detected at once with kill(pid, 0). "This host" means the same boot of
+//     the same kernel and the same PID namespace (LockInfo.Instance), so a
+//     container with the same host name never judges another's PIDs.
 var (
 	LockRefresh = 5 * time.Minute
 	LockStale   = 30 * time.Minute
@@ -32,11 +35,13 @@ var (
 
 // LockInfo is the content of a lock blob.
 type LockInfo struct {
-	Version   int       `json:"version"`
-	Exclusive bool      `json:"exclusive"`
-	Op        string    `json:"op"`
-	Host      string    `json:"host"`
-	PID       int       `json:"pid"`
+	Version   int    `json:"version"`
+	Exclusive bool   `json:"exclusive"`
+	Op        string `json:"op"`
+	Host      string `json:"host"`
+	PID       int    `json:"pid"`
+	// Instance identifies the kernel boot and PID namespace the PID belongs to.
+	Instance  string    `json:"instance,omitempty"`
 	Created   time.Time `json:"created"`
 	Refreshed time.Time `json:"refreshed"`
 }
@@ -61,12 +66,23 @@ func DecodeLock(b []byte) (LockInfo, error) {
 	return li, nil
 }
 
+// pidInstance identifies this process's PID space: the kernel boot ID and
+// the PID namespace. Empty when unknown (then PIDs are never judged).
+var pidInstance = func() string {
+	boot, err1 := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	ns, err2 := os.Readlink("/proc/self/ns/pid")
+	if err1 != nil || err2 != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(boot)) + "/" + ns
+}()
+
 // stale reports whether a lock no longer protects anything.
 func (li LockInfo) stale(now time.Time, host string) bool {
 	if now.Sub(li.Refreshed) > LockStale {
 		return true
 	}
-	if li.Host == host && li.PID > 0 {
+	if li.Host == host && li.PID > 0 && li.Instance != "" && li.Instance == pidInstance {
 		err := syscall.Kill(li.PID, 0)
 		return errors.Is(err, syscall.ESRCH)
 	}
@@ -94,7 +110,7 @@ func (r *Repo) Lock(ctx context.Context, exclusive bool, op string) (*Lock, cont
 	rand.Read(n[:])
 	now := time.Now().UTC()
 	l := &Lock{r: r, h: backend.Handle{Kind: backend.KindLocks, Name: fmt.Sprintf("%x", n)},
-		info: LockInfo{Version: 1, Exclusive: exclusive, Op: op, Host: hostname(), PID: os.Getpid(), Created: now, Refreshed: now},
+		info: LockInfo{Version: 1, Exclusive: exclusive, Op: op, Host: hostname(), PID: os.Getpid(), Instance: pidInstance, Created: now, Refreshed: now},
 		stop: make(chan struct{}), done: make(chan struct{})}
 	if err := l.write(ctx); err != nil {
 		return nil, nil, fmt.Errorf("take %s lock: %w", op, err)
@@ -213,17 +229,4 @@ func (l *Lock) Unlock() error {
 		}
 	})
 	return err
-}
-
-// Locks lists the current locks, stale ones included, for display.
-func (r *Repo) Locks(ctx context.Context) ([]LockInfo, error) {
-	var out []LockInfo
-	err := r.be.List(ctx, backend.KindLocks, "", func(fi backend.Info) error {
-		li, err := r.readLock(ctx, fi)
-		if err == nil {
-			out = append(out, li)
-		}
-		return nil
-	})
-	return out, err
 }

@@ -93,8 +93,14 @@ func Init(ctx context.Context, be backend.Backend, o InitOptions) (*Repo, error)
 		r.keyName = name
 	}
 	// The config goes last: a repository exists once its config does.
+	if err := be.Sync(ctx); err != nil {
+		return nil, fmt.Errorf("sync key file: %w", err)
+	}
 	if err := be.Put(ctx, backend.Handle{Kind: backend.KindConfig, Name: "config"}, raw); err != nil {
 		return nil, fmt.Errorf("write repository config: %w", err)
+	}
+	if err := be.Sync(ctx); err != nil {
+		return nil, fmt.Errorf("sync repository config: %w", err)
 	}
 	r.codec = newCodec(keys)
 	return r, nil
@@ -215,6 +221,10 @@ func (r *Repo) ChangePassword(ctx context.Context, newPassword []byte, kdf *KDFP
 	if err != nil {
 		return "", err
 	}
+	// The new key file must survive a crash before the old one goes.
+	if err := r.be.Sync(ctx); err != nil {
+		return "", fmt.Errorf("sync new key file: %w", err)
+	}
 	if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindKeys, Name: r.keyName}); err != nil {
 		return name, fmt.Errorf("new key file %s written, but removing the old key file %s failed (the old password still works until it is removed): %w", name, r.keyName, err)
 	}
@@ -283,8 +293,12 @@ func (r *Repo) OpenChunk(id ID, blob, dst []byte) ([]byte, error) {
 }
 
 // SaveIndex stores an index (if an identical one is not stored yet) and
-// returns its ID. Store its chunks first.
+// returns its ID. Store its chunks first: SaveIndex makes every blob stored
+// before it durable before it stores the index.
 func (r *Repo) SaveIndex(ctx context.Context, x *Index) (ID, error) {
+	if err := r.be.Sync(ctx); err != nil {
+		return ID{}, fmt.Errorf("make chunks durable before their index: %w", err)
+	}
 	plain := x.Encode()
 	id := r.codec.hash(plain)
 	h := backend.Handle{Kind: backend.KindIndexes, Name: id.String()}
@@ -322,8 +336,13 @@ func (r *Repo) LoadIndex(ctx context.Context, id ID) (*Index, error) {
 }
 
 // SaveManifest completes (version, nonce), checks and stores a manifest,
-// creating the backup, and returns the backup ID. Store its indexes first.
+// creating the backup, and returns the backup ID. Store its indexes first:
+// SaveManifest makes every blob stored before it durable, stores the
+// manifest, and makes it durable before returning.
 func (r *Repo) SaveManifest(ctx context.Context, m *Manifest) (ID, error) {
+	if err := r.be.Sync(ctx); err != nil {
+		return ID{}, fmt.Errorf("make indexes durable before the manifest: %w", err)
+	}
 	m.Version = ManifestVersion
 	if m.Nonce == "" {
 		var n [16]byte
@@ -341,6 +360,9 @@ func (r *Repo) SaveManifest(ctx context.Context, m *Manifest) (ID, error) {
 	h := backend.Handle{Kind: backend.KindBackups, Name: id.String()}
 	if err := r.be.Put(ctx, h, r.codec.seal(nil, magicManifest, h.Name, plain, true)); err != nil {
 		return id, fmt.Errorf("store manifest of backup %s: %w", id.Short(), err)
+	}
+	if err := r.be.Sync(ctx); err != nil {
+		return id, fmt.Errorf("make manifest of backup %s durable: %w", id.Short(), err)
 	}
 	return id, nil
 }

@@ -310,7 +310,14 @@ func TestLocks(t *testing.T) {
 	// A lock of a dead process on this host is stale at once.
 	cmd := exec.Command("true")
 	cmd.Run()
-	dead := LockInfo{Version: 1, Exclusive: true, Op: "gc", Host: hostname(), PID: cmd.Process.Pid, Created: time.Now(), Refreshed: time.Now()}
+	dead := LockInfo{Version: 1, Exclusive: true, Op: "gc", Host: hostname(), PID: cmd.Process.Pid, Instance: pidInstance, Created: time.Now(), Refreshed: time.Now()}
+	// The same PID in another PID namespace or boot is not judged.
+	dead.Instance = "other-boot/pid:[1]"
+	writeLock(t, r, "dead", dead)
+	if _, _, err := r.Lock(ctx, false, "backup"); !errors.Is(err, errs.ErrBusy) {
+		t.Fatalf("lock of a PID in another namespace: %v", err)
+	}
+	dead.Instance = pidInstance
 	writeLock(t, r, "dead", dead)
 	l, _, err := r.Lock(ctx, false, "backup")
 	if err != nil {

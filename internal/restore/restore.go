@@ -5,6 +5,7 @@
 package restore
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"runtime"
@@ -200,11 +201,7 @@ func writeSparse(w ImageWriter, z Zeroer, data []byte, off int64) (int64, error)
 	return wrote, flush(start, len(data), runZero)
 }
 
-func isZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
+var zeroBlock [blockSize]byte
+
+// isZero reports whether b (at most blockSize bytes) is all zeros.
+func isZero(b []byte) bool { return bytes.Equal(b, zeroBlock[:len(b)]) }

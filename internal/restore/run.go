@@ -35,7 +35,12 @@ func Plan(m *repo.Manifest, disks []string, to, format string) ([]Target, error)
 	if len(disks) == 0 {
 		sel = m.Disks
 	}
+	seen := map[string]bool{}
 	for _, name := range disks {
+		if seen[name] {
+			return nil, fmt.Errorf("disk %q given twice: %w", name, errs.ErrUsage)
+		}
+		seen[name] = true
 		d := m.Disk(name)
 		if d == nil {
 			var names []string

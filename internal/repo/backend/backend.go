@@ -83,12 +83,23 @@ type Backend interface {
 	// Location describes where the repository lives, for messages.
 	Location() string
 
-	// Put stores data under h, replacing any blob of that name. It is atomic
-	// and durable: when it returns nil the whole blob is stored and survives a
-	// crash; when it fails or the process dies, readers see either the old
-	// blob, no blob, or the complete new blob, never a part. Put never keeps
-	// a reference to data after it returns.
+	// Put stores data under h, replacing any blob of that name. It is
+	// atomic: readers, during the Put and after a crash, see the old blob,
+	// no blob, or the complete new blob, never a part. When Put returns nil
+	// the blob's content is durable and the blob is visible to every reader;
+	// that the blob survives a crash (rather than vanishing whole) is
+	// guaranteed after the next Sync. Put never keeps a reference to data
+	// after it returns.
 	Put(ctx context.Context, h Handle, data []byte) error
+
+	// Sync makes every blob visible to this process when Sync is called
+	// (stored by it or by others) survive a crash. Writers call it at their
+	// ordering points: before storing an index that names chunks, before
+	// storing a manifest, before deleting a key file whose replacement was
+	// just stored. Object stores whose Put is durable on return implement it
+	// as a no-op. (It lets the local backend sync each directory once per
+	// batch instead of once per blob.)
+	Sync(ctx context.Context) error
 
 	// Get returns length bytes of the blob from offset off; length < 0 means
 	// to the end. A range past the end of the blob is an error wrapping

@@ -202,6 +202,9 @@ func testList(t *testing.T, b backend.Backend) {
 		want = append(want, n)
 	}
 	mustPut(t, b, h(backend.KindChunks, "z"), []byte("short name"))
+	if err := b.Sync(context.Background()); err != nil {
+		t.Fatalf("Sync: %v", err)
+	}
 	want = append(want, "z")
 	mustPut(t, b, h(backend.KindIndexes, "0a0001"), []byte("index"))
 	sort.Strings(want)

@@ -24,6 +24,7 @@ const (
 	OpStat   Op = "stat"
 	OpList   Op = "list"
 	OpDelete Op = "delete"
+	OpSync   Op = "sync"
 )
 
 // Mode is what a rule does to a matching call.
@@ -193,6 +194,14 @@ func (b *Backend) List(ctx context.Context, kind backend.Kind, prefix string, fn
 		return fmt.Errorf("list %s: %w", kind, ErrInjected)
 	}
 	return b.Backend.List(ctx, kind, prefix, fn)
+}
+
+// Sync implements backend.Backend.
+func (b *Backend) Sync(ctx context.Context) error {
+	if r := b.match(OpSync, ""); r != nil && r.Mode == Fail {
+		return fmt.Errorf("sync: %w", ErrInjected)
+	}
+	return b.Backend.Sync(ctx)
 }
 
 // Delete implements backend.Backend.

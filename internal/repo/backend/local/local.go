@@ -38,14 +38,17 @@ type Local struct {
 
 var _ backend.Backend = (*Local)(nil)
 
-// Create makes the directory layout under root (which may exist but must be
-// empty of a repository) and returns the backend.
+// Create makes the directory layout under root, which must not exist or be
+// an empty directory, and returns the backend.
 func Create(root string) (*Local, error) {
-	if err := os.MkdirAll(root, 0o700); err != nil {
-		return nil, wrapErr("create repository directory "+root, err)
-	}
 	if _, err := os.Stat(filepath.Join(root, "config")); err == nil {
 		return nil, fmt.Errorf("%s already holds a repository (config exists): %w", root, errs.ErrUsage)
+	}
+	if ents, err := os.ReadDir(root); err == nil && len(ents) > 0 {
+		return nil, fmt.Errorf("%s is not empty: create the repository in a new or empty directory: %w", root, errs.ErrUsage)
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, wrapErr("create repository directory "+root, err)
 	}
 	for _, d := range []string{"keys", "chunks", "indexes", "backups", "locks", "tmp"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
@@ -102,8 +105,8 @@ func fanout(name string) string {
 	return name[:2]
 }
 
-// Put implements backend.Backend: temp file in tmp/, write, fsync, rename,
-// fsync the destination directory.
+// Put implements backend.Backend: temp file in tmp/, write, fsync, rename.
+// The directory entry is made durable by Sync, which fsyncs directories.
 func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -153,8 +156,32 @@ func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 		return wrapErr("rename "+h.String()+" into place", err)
 	}
 	ok = true
-	if err := syncDir(dir); err != nil {
-		return wrapErr("sync directory of "+h.String(), err)
+	return nil
+}
+
+// Sync implements backend.Backend: it fsyncs every directory that holds
+// blobs (the root, each kind, each chunk fan-out directory), so the renames
+// of all blobs visible now are durable. Syncing a clean directory is cheap.
+func (l *Local) Sync(ctx context.Context) error {
+	dirs := []string{l.root}
+	for _, k := range []string{"keys", "indexes", "backups", "locks"} {
+		dirs = append(dirs, filepath.Join(l.root, k))
+	}
+	chunks := filepath.Join(l.root, "chunks")
+	dirs = append(dirs, chunks)
+	err := eachEntry(ctx, chunks, func(e fs.DirEntry) error {
+		if e.IsDir() {
+			dirs = append(dirs, filepath.Join(chunks, e.Name()))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, d := range dirs {
+		if err := syncDir(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return wrapErr("sync directory "+d, err)
+		}
 	}
 	return nil
 }

@@ -48,6 +48,14 @@ func TestLayout(t *testing.T) {
 	if _, err := Create(root); !errors.Is(err, errs.ErrUsage) {
 		t.Errorf("Create over an existing repository: %v", err)
 	}
+	other := t.TempDir()
+	os.WriteFile(filepath.Join(other, "precious"), []byte("x"), 0o600)
+	if _, err := Create(other); !errors.Is(err, errs.ErrUsage) {
+		t.Errorf("Create in a non-empty directory: %v", err)
+	}
+	if _, err := Create(t.TempDir()); err != nil {
+		t.Errorf("Create in an empty directory: %v", err)
+	}
 	if _, err := Open(filepath.Join(t.TempDir(), "none")); !errors.Is(err, errs.ErrNotFound) {
 		t.Errorf("Open of a non-repository: %v", err)
 	}

@@ -50,6 +50,9 @@ func (m *Mem) Put(ctx context.Context, h backend.Handle, data []byte) error {
 	return nil
 }
 
+// Sync implements backend.Backend: memory has nothing to sync.
+func (m *Mem) Sync(ctx context.Context) error { return ctx.Err() }
+
 // Get implements backend.Backend.
 func (m *Mem) Get(ctx context.Context, h backend.Handle, off, length int64) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
