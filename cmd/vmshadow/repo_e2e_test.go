@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,43 +18,22 @@ import (
 	"github.com/vmshadow/vmshadow/internal/testutil"
 )
 
-// These tests run the real vmshadow binary, built once, as users do.
+// These tests run the real vmshadow binary (built by TestMain), as users do.
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
-
+// vmshadowBinary is the binary TestMain built.
 func vmshadowBinary(t *testing.T) string {
 	t.Helper()
 	testutil.SkipShort(t)
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "vmshadow-bin")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "vmshadow")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
-		if err != nil {
-			buildErr = err
-			binPath = string(out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatalf("build vmshadow: %v: %s", buildErr, binPath)
-	}
-	return binPath
+	return bin
 }
 
-type result struct {
+type runResult struct {
 	code           int
 	stdout, stderr string
 }
 
 // msgs parses NDJSON stdout.
-func (r result) msgs(t *testing.T) []map[string]any {
+func (r runResult) msgs(t *testing.T) []map[string]any {
 	t.Helper()
 	var out []map[string]any
 	for _, l := range strings.Split(strings.TrimSpace(r.stdout), "\n") {
@@ -71,7 +49,7 @@ func (r result) msgs(t *testing.T) []map[string]any {
 	return out
 }
 
-func (r result) last(t *testing.T) map[string]any {
+func (r runResult) last(t *testing.T) map[string]any {
 	m := r.msgs(t)
 	if len(m) == 0 {
 		t.Fatalf("no JSON output; stderr %s", r.stderr)
@@ -79,7 +57,7 @@ func (r result) last(t *testing.T) map[string]any {
 	return m[len(m)-1]
 }
 
-func vm(t *testing.T, env []string, args ...string) result {
+func vm(t *testing.T, env []string, args ...string) runResult {
 	t.Helper()
 	cmd := exec.Command(vmshadowBinary(t), args...)
 	cmd.Env = append(os.Environ(), env...)
@@ -92,12 +70,12 @@ func vm(t *testing.T, env []string, args ...string) result {
 	} else if err != nil {
 		t.Fatal(err)
 	}
-	return result{code, o.String(), e.String()}
+	return runResult{code, o.String(), e.String()}
 }
 
 var pwEnv = []string{"VMSHADOW_PASSWORD=correct horse"}
 
-func mustOK(t *testing.T, r result) result {
+func mustOK(t *testing.T, r runResult) runResult {
 	t.Helper()
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s%s", r.code, r.stdout, r.stderr)
