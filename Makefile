@@ -27,6 +27,11 @@ test: deps
 demo: deps build
 	$(GO) run ./demo -vmshadow bin/vmshadow
 
+# Benchmarks side by side with the tools users would pick instead.
+bench: build
+	scripts/deps.sh bench
+	bench/repo-vs-restic.sh
+
 # Only the tests that need no QEMU.
 unit:
 	$(GO) test -count=1 -short ./...
