@@ -331,13 +331,11 @@ func (n *negotiator) ioErr(what string, err error) error {
 	return connError(n.peer, "handshake: "+what, err)
 }
 
-// watchContext makes conn's I/O fail when ctx is done (or its deadline
-// passes) until the returned stop function is called. stop returns ctx's
-// error if ctx interrupted the I/O.
+// watchContext makes conn's I/O fail when ctx is done until the returned
+// stop function is called. stop returns ctx's error if ctx interrupted the
+// I/O. (ctx's deadline is not copied to conn: the I/O must fail only once
+// ctx reports an error, so that callers can tell why.)
 func watchContext(ctx context.Context, conn net.Conn) (stop func() error) {
-	if d, ok := ctx.Deadline(); ok {
-		_ = conn.SetDeadline(d)
-	}
 	fired := make(chan struct{})
 	stopAfter := context.AfterFunc(ctx, func() {
 		_ = conn.SetDeadline(aLongTimeAgo)
