@@ -13,6 +13,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -734,8 +735,8 @@ func (c *Client) readLoop() {
 	switch {
 	case errors.As(err, &pe):
 		c.fail(err)
-	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
-		c.fail(connError(c.peer, "server closed the connection", io.ErrUnexpectedEOF))
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET):
+		c.fail(connError(c.peer, "server closed the connection", err))
 	default:
 		c.fail(connError(c.peer, "connection broken", err))
 	}

@@ -293,15 +293,21 @@ func (q *qmpConn) cmd(name string, args any) json.RawMessage {
 	}
 }
 
-// hmp runs a human monitor command and returns its output. (QEMU 7.2
+// hmp runs a human monitor command and returns its output. QEMU 7.2
 // prints the output of HMP qemu-io on its stdout rather than returning it:
-// that is included.)
-func (q *qmpConn) hmp(line string) string {
+// with until, hmp waits (up to 10 s) for QEMU's stdout to show that text
+// and includes that output.
+func (q *qmpConn) hmp(line string, until ...string) string {
 	q.t.Helper()
 	before := len(q.qemu.out.String())
 	var s string
 	if err := json.Unmarshal(q.cmd("human-monitor-command", map[string]any{"command-line": line}), &s); err != nil {
 		q.t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(until) > 0 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if strings.Contains(q.qemu.out.String()[before:], until[0]) {
+			break
+		}
 	}
 	return s + q.qemu.out.String()[before:]
 }

@@ -206,9 +206,9 @@ func TestQEMUBuiltinServer(t *testing.T) {
 	q := startQEMU(t, "-machine", "none")
 	q.cmd("blockdev-add", map[string]any{"driver": "qcow2", "node-name": "disk0",
 		"file": map[string]any{"driver": "file", "filename": img}})
-	q.hmp(`qemu-io disk0 "write -P 0x5a 0 1M"`)
+	q.hmp(`qemu-io disk0 "write -P 0x5a 0 1M"`, "ops/sec")
 	q.cmd("block-dirty-bitmap-add", map[string]any{"node": "disk0", "name": "b1", "granularity": 65536})
-	out := q.hmp(`qemu-io disk0 "write -P 0xa5 5M 100k"`)
+	out := q.hmp(`qemu-io disk0 "write -P 0xa5 5M 100k"`, "ops/sec")
 	if !strings.Contains(out, "wrote 102400/102400") {
 		t.Fatalf("qemu-io: %s", out)
 	}

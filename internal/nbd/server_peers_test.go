@@ -259,15 +259,15 @@ func TestServerQEMUDrive(t *testing.T) {
 	if !strings.Contains(info, "d0") || !strings.Contains(info, "nbd") || !strings.Contains(info, "d1") {
 		t.Fatalf("info block: %s", info)
 	}
-	out := q.hmp(`qemu-io -d /machine/peripheral/vd0/virtio-backend "read -P 0x5a 8M 1M"`)
+	out := q.hmp(`qemu-io -d /machine/peripheral/vd0/virtio-backend "read -P 0x5a 8M 1M"`, "ops/sec")
 	if !strings.Contains(out, "read 1048576/1048576 bytes at offset 8388608") || strings.Contains(out, "failed") {
 		t.Fatalf("read through the VM's drive: %s", out)
 	}
-	out = q.hmp(`qemu-io -d /machine/peripheral/vd0/virtio-backend "read -P 0x11 8M 512"`)
+	out = q.hmp(`qemu-io -d /machine/peripheral/vd0/virtio-backend "read -P 0x11 8M 512"`, "Pattern verification failed")
 	if !strings.Contains(out, "Pattern verification failed") {
 		t.Fatalf("a wrong pattern was not noticed: %s", out)
 	}
-	out = q.hmp(`qemu-io -d /machine/peripheral/vd1/virtio-backend "write -P 0x3c 5M 64k"`)
+	out = q.hmp(`qemu-io -d /machine/peripheral/vd1/virtio-backend "write -P 0x3c 5M 64k"`, "ops/sec")
 	if !strings.Contains(out, "wrote 65536/65536") {
 		t.Fatalf("write through the VM's drive: %s", out)
 	}
