@@ -541,3 +541,35 @@ func TestFakeHandshakeHonoursContext(t *testing.T) {
 		t.Fatalf("dial returned after %v", d)
 	}
 }
+
+func TestFakeServerShuttingDown(t *testing.T) {
+	gotDisc := make(chan bool, 1)
+	tgt := startFake(t, fakeConfig{size: 1 << 20}, func(fs *fakeServer) {
+		h, _, ok := fs.request()
+		if !ok {
+			return
+		}
+		fs.errorChunk(h.cookie, replyFlagDone, chunkError, ESHUTDOWN, "going down")
+		h, _, ok = fs.request()
+		gotDisc <- ok && h.typ == cmdDisc
+		fs.conn.Close()
+	})
+	c := dialFake(t, tgt, nil)
+	ctx := testCtx(t)
+	_, err := c.ReadAt(ctx, make([]byte, 512), 0)
+	var se *ServerError
+	if !errors.As(err, &se) || se.Errno != ESHUTDOWN || !errors.Is(err, errs.ErrConnect) {
+		t.Fatalf("read answered with ESHUTDOWN: %v", err)
+	}
+	select {
+	case ok := <-gotDisc:
+		if !ok {
+			t.Fatal("the client did not send NBD_CMD_DISC after ESHUTDOWN")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no soft disconnect after ESHUTDOWN")
+	}
+	if _, err := c.ReadAt(ctx, make([]byte, 512), 0); !strings.Contains(fmtErr(err), "shutting down") {
+		t.Fatalf("call after ESHUTDOWN: %v", err)
+	}
+}
