@@ -34,6 +34,7 @@ import (
 type Client struct {
 	conn       net.Conn
 	peer       string
+	export     string
 	size       int64
 	flags      TransmissionFlags
 	blockSizes BlockSizes

@@ -573,3 +573,28 @@ func TestFakeServerShuttingDown(t *testing.T) {
 		t.Fatalf("call after ESHUTDOWN: %v", err)
 	}
 }
+
+// A XenServer export name carries the session reference: it must not reach
+// error messages, even when the server repeats it.
+func TestFakeSecretExportNameRedacted(t *testing.T) {
+	const export = "/4b5d-vdi?session_id=OpaqueRef:s3cr3t"
+	tgt := startFake(t, fakeConfig{handshake: func(fs *fakeServer) {
+		fs.greet(flagFixedNewstyle)
+		for {
+			opt, _, ok := fs.readOption()
+			if !ok {
+				return
+			}
+			if opt == optGo {
+				fs.optReply(opt, repErrUnknown, []byte("export '"+export+"' not present"))
+			} else {
+				fs.optReply(opt, repAck, nil)
+			}
+		}
+	}}, nil)
+	tgt.Export = export
+	_, err := Dial(testCtx(t), tgt, nil)
+	if !errors.Is(err, errs.ErrNotFound) || strings.Contains(err.Error(), "s3cr3t") || !strings.Contains(err.Error(), "4b5d-vdi") {
+		t.Fatalf("error %q: want not found, naming the VDI but not the session", err)
+	}
+}

@@ -74,12 +74,12 @@ func NewClient(ctx context.Context, conn net.Conn, t Target, opts *Options) (*Cl
 		return nil, err
 	}
 	stop := watchContext(ctx, conn)
-	n := &negotiator{conn: conn, peer: peer}
+	n := &negotiator{conn: conn, peer: peer, export: t.Export}
 	c, err := negotiate(ctx, n, t.Export, tlsConfig, opts)
 	if err = handshakeResult(ctx, peer, err, stop()); err != nil {
 		return nil, err
 	}
-	c.conn, c.peer = n.conn, peer
+	c.conn, c.peer, c.export = n.conn, peer, t.Export
 	c.sendSem = make(chan struct{}, 1)
 	c.inflight = map[uint64]*request{}
 	c.readerDone = make(chan struct{})
@@ -205,7 +205,7 @@ func inHandshake(ctx context.Context, t Target, opts *Options, fn func(*negotiat
 	}
 	defer conn.Close()
 	stop := watchContext(ctx, conn)
-	n := &negotiator{conn: conn, peer: t.String()}
+	n := &negotiator{conn: conn, peer: t.String(), export: t.Export}
 	err = n.greet()
 	if err == nil && !n.fixed {
 		err = fmt.Errorf("nbd %s: server does not support fixed newstyle negotiation: %w", n.peer, errs.ErrUnsupported)

@@ -20,6 +20,7 @@ import (
 type negotiator struct {
 	conn     net.Conn // replaced by a *tls.Conn after NBD_OPT_STARTTLS
 	peer     string
+	export   string // hidden in messages from the server, see redactIn
 	fixed    bool // fixed newstyle: options other than EXPORT_NAME allowed
 	noZeroes bool
 	buf      []byte
@@ -89,7 +90,7 @@ func (n *negotiator) reply(opt uint32) (typ uint32, payload []byte, err error) {
 		return 0, nil, n.ioErr("reading the reply to "+optName(opt), err)
 	}
 	if h.typ&repFlagError != 0 {
-		oe := &OptionError{Peer: n.peer, Option: optName(opt), Reply: repName(h.typ), Message: sanitize(payload), code: h.typ}
+		oe := &OptionError{Peer: n.peer, Option: optName(opt), Reply: repName(h.typ), Message: redactIn(sanitize(payload), n.export), code: h.typ}
 		switch h.typ {
 		case repErrTLSReqd:
 			oe.Hint = "the server requires TLS: use nbds:// or nbds+unix:// with the server's CA"

@@ -115,7 +115,7 @@ func (r *replyReader) complete(cookie uint64, req *request) {
 
 func (r *replyReader) serverError(req *request, ec errorChunk) *ServerError {
 	e := &ServerError{Peer: r.c.peer, Op: opName(req.cmd), Offset: int64(req.off), Length: int64(req.length),
-		Errno: ec.errno, Message: ec.message, ErrorOffset: -1}
+		Errno: ec.errno, Message: redactIn(ec.message, r.c.export), ErrorOffset: -1}
 	if ec.hasOffset {
 		e.ErrorOffset = int64(ec.offset)
 	}

@@ -215,6 +215,14 @@ func redactExport(name string) string {
 	return name
 }
 
+// redactIn hides a secret export name where a peer's message repeats it.
+func redactIn(msg, export string) string {
+	if red := redactExport(export); red != export {
+		return strings.ReplaceAll(msg, export, red)
+	}
+	return msg
+}
+
 // redactURI hides the query of an export path in a URI that failed to parse.
 func redactURI(s string) string {
 	for _, q := range []string{"%3F", "%3f"} {
