@@ -21,7 +21,7 @@ type negotiator struct {
 	conn     net.Conn // replaced by a *tls.Conn after NBD_OPT_STARTTLS
 	peer     string
 	export   string // hidden in messages from the server, see redactIn
-	fixed    bool // fixed newstyle: options other than EXPORT_NAME allowed
+	fixed    bool   // fixed newstyle: options other than EXPORT_NAME allowed
 	noZeroes bool
 	buf      []byte
 }
