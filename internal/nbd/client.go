@@ -1,15 +1,10 @@
 package nbd
 
 import (
-	"bufio"
 	"context"
-	"crypto/tls"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
-	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -18,36 +13,6 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
-// Options configure a client connection. The zero value is valid.
-type Options struct {
-	// TLSConfig verifies the server of a TLS target (nbds://, nbds+unix://):
-	// its RootCAs must hold the CA that signed the server certificate, and
-	// the certificate must carry the target's TLSHostname, its host, or
-	// TLSConfig.ServerName. It must be nil for plain targets, so that asking
-	// for TLS is never silently ignored.
-	TLSConfig *tls.Config
-	// MetaContexts are selected with NBD_OPT_SET_META_CONTEXT, e.g.
-	// ContextBaseAllocation and ContextDirtyBitmap("backup-0"). The handshake
-	// fails (errs.ErrNotFound) if the server does not grant every one.
-	MetaContexts []string
-	// MaxRequest caps the length of one READ or WRITE request (memory per
-	// request). Zero means 32 MiB. The server's maximum block size is always
-	// respected; longer calls are split.
-	MaxRequest int
-}
-
-// Extent is a range of the export with the status flags one metadata
-// context gives it (StateHole/StateZero for base:allocation, StateDirty for
-// a dirty bitmap).
-type Extent struct {
-	Offset int64
-	Length int64
-	Flags  uint32
-}
-
-// End is the offset just past the extent.
-func (e Extent) End() int64 { return e.Offset + e.Length }
-
 // Client is one connection to an export in the transmission phase.
 //
 // A Client is safe for concurrent use: every call sends its own request and
@@ -55,13 +20,21 @@ func (e Extent) End() int64 { return e.Offset + e.Length }
 // connection. Every call takes a context; when it is done the call returns
 // its error at once and the reply, when it comes, is discarded.
 //
+// A call cancelled while the server is in the middle of sending its data
+// waits up to 2 s for that chunk to end, then closes the connection; a call cancelled
+// while its own request is still being written (a long write to a slow
+// server) closes the connection at once, since a request cut short leaves
+// the stream unusable.
+//
 // Errors: a *ServerError is the server's refusal of one request and leaves
-// the connection usable. Anything else (a *ProtocolError, a broken
-// connection, ErrClosed) ends the connection: every call in flight and every
-// later call fails with that same error.
+// the connection usable (except ESHUTDOWN: the server is going away, so the
+// client disconnects and later calls fail). Anything else (a
+// *ProtocolError, a broken connection, ErrClosed) ends the connection: every
+// call in flight and every later call fails with that same error.
 type Client struct {
 	conn       net.Conn
 	peer       string
+	export     string
 	size       int64
 	flags      TransmissionFlags
 	blockSizes BlockSizes
@@ -120,220 +93,6 @@ const closeTimeout = 5 * time.Second
 // to be split.
 const readWindow = 64
 
-// Dial connects to the target and performs the handshake. ctx bounds the
-// connection and the handshake only.
-func Dial(ctx context.Context, t Target, opts *Options) (*Client, error) {
-	conn, err := dialTarget(ctx, t)
-	if err != nil {
-		return nil, err
-	}
-	c, err := NewClient(ctx, conn, t, opts)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return c, nil
-}
-
-// DialURI parses uri with ParseURI and dials it.
-func DialURI(ctx context.Context, uri string, opts *Options) (*Client, error) {
-	t, err := ParseURI(uri)
-	if err != nil {
-		return nil, err
-	}
-	return Dial(ctx, t, opts)
-}
-
-func dialTarget(ctx context.Context, t Target) (net.Conn, error) {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, t.Network, t.Address)
-	if err != nil {
-		return nil, connError(t.String(), "cannot connect", err)
-	}
-	return conn, nil
-}
-
-// NewClient performs the handshake on conn, an established connection to
-// the server that t describes (t.Network and t.Address are used for TLS
-// verification and messages only). On success the Client owns conn; on error
-// the caller still does.
-func NewClient(ctx context.Context, conn net.Conn, t Target, opts *Options) (*Client, error) {
-	if opts == nil {
-		opts = &Options{}
-	}
-	peer := t.String()
-	tlsConfig, err := clientTLSConfig(t, opts.TLSConfig)
-	if err != nil {
-		return nil, err
-	}
-	stop := watchContext(ctx, conn)
-	n := &negotiator{conn: conn, peer: peer}
-	c, err := negotiate(ctx, n, t.Export, tlsConfig, opts)
-	if err = handshakeResult(ctx, peer, err, stop()); err != nil {
-		if n.conn != conn {
-			n.conn.Close() // the TLS connection; conn stays the caller's
-		}
-		return nil, err
-	}
-	c.conn, c.peer = n.conn, peer
-	c.sendSem = make(chan struct{}, 1)
-	c.inflight = map[uint64]*request{}
-	c.readerDone = make(chan struct{})
-	c.maxLen = alignDown(0xffffffff, int64(c.blockSizes.Min))
-	c.maxIO = min(int64(c.blockSizes.Max), defaultMaxBlockSize, c.maxLen)
-	if opts.MaxRequest > 0 {
-		c.maxIO = min(int64(c.blockSizes.Max), int64(opts.MaxRequest), c.maxLen)
-	}
-	c.maxIO = max(alignDown(c.maxIO, int64(c.blockSizes.Min)), int64(c.blockSizes.Min))
-	go c.readLoop()
-	return c, nil
-}
-
-func clientTLSConfig(t Target, cfg *tls.Config) (*tls.Config, error) {
-	if !t.TLS {
-		if cfg != nil {
-			return nil, fmt.Errorf("nbd %s: a TLS configuration was given for a target without TLS; use nbds:// or nbds+unix:// (%w)", t, errs.ErrUsage)
-		}
-		return nil, nil
-	}
-	if cfg == nil {
-		return nil, fmt.Errorf("nbd %s: TLS target needs a TLS configuration with the server's CA (%w)", t, errs.ErrUsage)
-	}
-	if cfg.InsecureSkipVerify {
-		return nil, fmt.Errorf("nbd %s: TLS configuration must verify the server certificate (%w)", t, errs.ErrUsage)
-	}
-	cfg = cfg.Clone()
-	if t.TLSHostname != "" {
-		cfg.ServerName = t.TLSHostname
-	}
-	if cfg.ServerName == "" && t.Network == "tcp" {
-		if host, _, err := net.SplitHostPort(t.Address); err == nil {
-			cfg.ServerName = host
-		}
-	}
-	if cfg.ServerName == "" {
-		return nil, fmt.Errorf("nbd %s: no name to verify the server certificate against: add tls-hostname= to the URI or set ServerName (%w)", t, errs.ErrUsage)
-	}
-	return cfg, nil
-}
-
-func negotiate(ctx context.Context, n *negotiator, export string, tlsConfig *tls.Config, opts *Options) (*Client, error) {
-	if err := n.greet(); err != nil {
-		return nil, err
-	}
-	if tlsConfig != nil {
-		if err := n.startTLS(ctx, tlsConfig); err != nil {
-			return nil, err
-		}
-	}
-	c := &Client{}
-	if n.fixed {
-		var err error
-		if c.structured, err = n.structuredReplies(); err != nil {
-			return nil, err
-		}
-	}
-	if len(opts.MetaContexts) > 0 {
-		if !c.structured {
-			return nil, fmt.Errorf("nbd %s: server does not support structured replies, so block status (%s) cannot be queried: %w", n.peer, opts.MetaContexts[0], errs.ErrUnsupported)
-		}
-		var err error
-		if c.contexts, err = n.setMetaContexts(export, opts.MetaContexts); err != nil {
-			return nil, err
-		}
-	}
-	info, err := n.goExport(export)
-	if err != nil {
-		return nil, err
-	}
-	c.size, c.flags = int64(info.size), info.flags
-	c.blockSizes = BlockSizes{Min: 1, Preferred: 4096, Max: defaultMaxBlockSize}
-	if info.haveBlock {
-		c.blockSizes = info.blockSizes
-	}
-	return c, nil
-}
-
-// List connects to the server and returns the exports it lists
-// (NBD_OPT_LIST). t.Export is ignored.
-func List(ctx context.Context, t Target, opts *Options) ([]ExportInfo, error) {
-	var out []ExportInfo
-	err := inHandshake(ctx, t, opts, func(n *negotiator) (err error) {
-		out, err = n.list()
-		return err
-	})
-	return out, err
-}
-
-// ListMetaContexts connects to the server and returns the metadata contexts
-// it offers for t.Export that match queries (e.g. "qemu:dirty-bitmap:" for
-// every exported bitmap), or all contexts if there are none.
-func ListMetaContexts(ctx context.Context, t Target, opts *Options, queries ...string) ([]string, error) {
-	var out []string
-	err := inHandshake(ctx, t, opts, func(n *negotiator) error {
-		sr, err := n.structuredReplies()
-		if err != nil {
-			return err
-		}
-		if !sr {
-			return nil // no structured replies: no metadata contexts
-		}
-		out, err = n.listMetaContexts(t.Export, queries)
-		return err
-	})
-	return out, err
-}
-
-// inHandshake connects, greets (and starts TLS), runs fn during option
-// haggling and ends with NBD_OPT_ABORT.
-func inHandshake(ctx context.Context, t Target, opts *Options, fn func(*negotiator) error) error {
-	if opts == nil {
-		opts = &Options{}
-	}
-	tlsConfig, err := clientTLSConfig(t, opts.TLSConfig)
-	if err != nil {
-		return err
-	}
-	conn, err := dialTarget(ctx, t)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	stop := watchContext(ctx, conn)
-	n := &negotiator{conn: conn, peer: t.String()}
-	err = n.greet()
-	if err == nil && !n.fixed {
-		err = fmt.Errorf("nbd %s: server does not support fixed newstyle negotiation: %w", n.peer, errs.ErrUnsupported)
-	}
-	if err == nil && tlsConfig != nil {
-		err = n.startTLS(ctx, tlsConfig)
-	}
-	if err == nil {
-		err = fn(n)
-	}
-	if err == nil {
-		n.abort()
-	}
-	err = handshakeResult(ctx, n.peer, err, stop())
-	if n.conn != conn {
-		n.conn.Close()
-	}
-	return err
-}
-
-// handshakeResult is the outcome of a handshake that ended with err, given
-// what stopping the context watch returned: when ctx ended, its error is
-// the cause, whatever I/O error it provoked.
-func handshakeResult(ctx context.Context, peer string, err, stopErr error) error {
-	if stopErr == nil && err != nil && ctx.Err() != nil {
-		stopErr = ctx.Err()
-	}
-	if stopErr != nil {
-		return fmt.Errorf("nbd %s: handshake interrupted: %w", peer, stopErr)
-	}
-	return err
-}
-
 // Size is the export size in bytes.
 func (c *Client) Size() int64 { return c.size }
 
@@ -388,7 +147,7 @@ func (c *Client) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	}
 	c.busy.Add(n)
 	defer c.busy.Add(-n)
-	err := c.pipeline(ctx, off, n, c.maxIO, func(o, l int64) *request {
+	err := c.pipeline(ctx, off, n, c.maxIO, 0, func(o, l int64) *request {
 		return &request{cmd: cmdRead, off: uint64(o), length: uint64(l), buf: p[o-off : o-off+l]}
 	}, nil)
 	if err != nil {
@@ -409,7 +168,7 @@ func (c *Client) WriteAt(ctx context.Context, p []byte, off int64) (int, error) 
 	}
 	c.busy.Add(int64(len(p)))
 	defer c.busy.Add(-int64(len(p)))
-	err := c.pipeline(ctx, off, int64(len(p)), c.maxIO, func(o, l int64) *request {
+	err := c.pipeline(ctx, off, int64(len(p)), c.maxIO, 0, func(o, l int64) *request {
 		return &request{cmd: cmdWrite, off: uint64(o), length: uint64(l)}
 	}, func(o, l int64) []byte { return p[o-off : o-off+l] })
 	if err != nil {
@@ -427,7 +186,7 @@ func (c *Client) WriteZeroes(ctx context.Context, off, length int64, punch bool)
 	}
 	if !c.flags.Has(FlagSendWriteZeroes) {
 		zeroes := make([]byte, min(length, c.maxIO))
-		return c.pipeline(ctx, off, length, c.maxIO, func(o, l int64) *request {
+		return c.pipeline(ctx, off, length, c.maxIO, 0, func(o, l int64) *request {
 			return &request{cmd: cmdWrite, off: uint64(o), length: uint64(l)}
 		}, func(o, l int64) []byte { return zeroes[:l] })
 	}
@@ -435,9 +194,9 @@ func (c *Client) WriteZeroes(ctx context.Context, off, length int64, punch bool)
 	if !punch {
 		flags = cmdFlagNoHole
 	}
-	return c.pipeline(ctx, off, length, c.maxIO, func(o, l int64) *request {
+	return c.pipeline(ctx, off, length, c.maxIO, flags, func(o, l int64) *request {
 		return &request{cmd: cmdWriteZeroes, off: uint64(o), length: uint64(l)}
-	}, nil, flags)
+	}, nil)
 }
 
 // Trim tells the server [off, off+length) is no longer needed. The range's
@@ -450,7 +209,7 @@ func (c *Client) Trim(ctx context.Context, off, length int64) error {
 	if !c.flags.Has(FlagSendTrim) {
 		return nil
 	}
-	return c.pipeline(ctx, off, length, c.maxLen, func(o, l int64) *request {
+	return c.pipeline(ctx, off, length, c.maxLen, 0, func(o, l int64) *request {
 		return &request{cmd: cmdTrim, off: uint64(o), length: uint64(l)}
 	}, nil)
 }
@@ -467,70 +226,6 @@ func (c *Client) Flush(ctx context.Context) error {
 		return err
 	}
 	return c.wait(ctx, req)
-}
-
-// BlockStatus sends one NBD_CMD_BLOCK_STATUS for [off, off+length) and
-// returns the extents the server reported for the metadata context name,
-// merged where adjacent extents have the same flags. They start at off and
-// are contiguous; they may end before off+length (servers may describe less
-// than asked), never after. name must be one of Options.MetaContexts.
-func (c *Client) BlockStatus(ctx context.Context, name string, off, length int64) ([]Extent, error) {
-	id, ok := c.contexts[name]
-	if !ok {
-		return nil, fmt.Errorf("nbd %s: metadata context %q was not selected when connecting; add it to Options.MetaContexts (%w)", c.peer, name, errs.ErrUsage)
-	}
-	if off < 0 || length <= 0 || off >= c.size {
-		return nil, fmt.Errorf("nbd %s: block status of %d bytes at offset %d is outside the export of %d bytes (%w)", c.peer, length, off, c.size, errs.ErrUsage)
-	}
-	length = min(length, c.size-off, c.maxLen)
-	if err := c.checkAligned("block status", off, length); err != nil {
-		return nil, err
-	}
-	req := &request{cmd: cmdBlockStatus, off: uint64(off), length: uint64(length), ctxID: id}
-	if err := c.start(ctx, req, 0, nil); err != nil {
-		return nil, err
-	}
-	if err := c.wait(ctx, req); err != nil {
-		return nil, err
-	}
-	return req.extents, nil
-}
-
-// Extents walks the extents of metadata context name over [off, off+length)
-// (clipped to the export), one NBD_CMD_BLOCK_STATUS at a time, so memory
-// stays bounded whatever the size of the export. Adjacent extents with equal
-// flags are merged. On error the iterator yields it once and stops; breaking
-// out of the loop stops the walk.
-func (c *Client) Extents(ctx context.Context, name string, off, length int64) func(yield func(Extent, error) bool) {
-	return walkExtents(ctx, c.BlockStatus, name, off, min(length, c.size-off))
-}
-
-func walkExtents(ctx context.Context, bs func(context.Context, string, int64, int64) ([]Extent, error), name string, off, length int64) func(yield func(Extent, error) bool) {
-	return func(yield func(Extent, error) bool) {
-		end := off + length
-		var pending Extent
-		for pos := off; pos < end; {
-			exts, err := bs(ctx, name, pos, end-pos)
-			if err != nil {
-				yield(Extent{}, err)
-				return
-			}
-			for _, e := range exts {
-				if pending.Length > 0 && pending.Flags == e.Flags {
-					pending.Length += e.Length
-					continue
-				}
-				if pending.Length > 0 && !yield(pending, nil) {
-					return
-				}
-				pending = e
-			}
-			pos = exts[len(exts)-1].End()
-		}
-		if pending.Length > 0 {
-			yield(pending, nil)
-		}
-	}
 }
 
 func (c *Client) checkAligned(op string, off, length int64) error {
@@ -554,11 +249,7 @@ func (c *Client) checkWrite(op string, off, length int64) error {
 // pipeline issues the requests mk makes for consecutive pieces of [off,
 // off+length), each at most maxLen long, keeping up to readWindow in flight,
 // and waits for all of them. payload gives the data of a WRITE piece.
-func (c *Client) pipeline(ctx context.Context, off, length, maxLen int64, mk func(o, l int64) *request, payload func(o, l int64) []byte, flags ...uint16) error {
-	var fl uint16
-	for _, f := range flags {
-		fl |= f
-	}
+func (c *Client) pipeline(ctx context.Context, off, length, maxLen int64, flags uint16, mk func(o, l int64) *request, payload func(o, l int64) []byte) error {
 	var queue []*request
 	defer func() { // on early return nothing may still write into the caller's buffers
 		for _, r := range queue {
@@ -573,7 +264,7 @@ func (c *Client) pipeline(ctx context.Context, off, length, maxLen int64, mk fun
 			if payload != nil {
 				data = payload(pos, l)
 			}
-			if err := c.start(ctx, req, fl, data); err != nil {
+			if err := c.start(ctx, req, flags, data); err != nil {
 				return err
 			}
 			queue = append(queue, req)
@@ -688,16 +379,23 @@ func (c *Client) fail(err error) {
 // within a few seconds and ErrClosed otherwise. Close is safe to call more
 // than once and concurrently with other calls.
 func (c *Client) Close() error {
+	c.disconnect(ErrClosed)
+	return nil
+}
+
+// disconnect ends the connection softly (NBD_CMD_DISC), later calls failing
+// with err, and waits for the reader goroutine to end.
+func (c *Client) disconnect(err error) {
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()
 		<-c.readerDone
-		return nil
+		return
 	}
 	c.closing = true
 	alive := c.err == nil
 	if alive {
-		c.err = ErrClosed
+		c.err = err
 	}
 	c.mu.Unlock()
 	if alive {
@@ -720,307 +418,6 @@ func (c *Client) Close() error {
 	}
 	c.conn.Close()
 	<-c.readerDone
-	return nil
-}
-
-// ---- the reader goroutine ----
-
-// readLoop reads replies and completes their requests until the connection
-// ends, then fails whatever is still in flight.
-func (c *Client) readLoop() {
-	r := &replyReader{c: c, br: bufio.NewReaderSize(c.conn, 64<<10)}
-	err := r.run()
-	var pe *ProtocolError
-	switch {
-	case errors.As(err, &pe):
-		c.fail(err)
-	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
-		c.fail(connError(c.peer, "server closed the connection", io.ErrUnexpectedEOF))
-	default:
-		c.fail(connError(c.peer, "connection broken", err))
-	}
-	c.mu.Lock()
-	reqs := c.inflight
-	c.inflight = nil
-	err = c.err
-	c.mu.Unlock()
-	for _, req := range reqs {
-		req.err = err
-		close(req.done)
-	}
-	close(c.readerDone)
-}
-
-// replyReader parses the reply stream. All its methods run on the reader
-// goroutine.
-type replyReader struct {
-	c       *Client
-	br      *bufio.Reader
-	hdr     [structuredReplyLen]byte
-	scratch []byte
-}
-
-func (r *replyReader) protoErr(format string, a ...any) error {
-	return &ProtocolError{Peer: r.c.peer, Msg: fmt.Sprintf(format, a...)}
-}
-
-func (r *replyReader) run() error {
-	for {
-		if _, err := io.ReadFull(r.br, r.hdr[:4]); err != nil {
-			return err
-		}
-		switch m := binary.BigEndian.Uint32(r.hdr[:]); m {
-		case magicSimpleReply:
-			if _, err := io.ReadFull(r.br, r.hdr[4:simpleReplyLen]); err != nil {
-				return err
-			}
-			errno := Errno(binary.BigEndian.Uint32(r.hdr[4:]))
-			cookie := binary.BigEndian.Uint64(r.hdr[8:])
-			req, err := r.lookup(cookie, "simple reply")
-			if err != nil {
-				return err
-			}
-			if err := r.simpleReply(cookie, req, errno); err != nil {
-				return err
-			}
-		case magicStructuredReply:
-			if _, err := io.ReadFull(r.br, r.hdr[4:structuredReplyLen]); err != nil {
-				return err
-			}
-			h := parseChunkHeader(r.hdr[4:])
-			if !r.c.structured {
-				return r.protoErr("structured reply chunk, but structured replies were not negotiated")
-			}
-			req, err := r.lookup(h.cookie, chunkName(h.typ))
-			if err != nil {
-				return err
-			}
-			if err := r.chunk(req, h); err != nil {
-				return err
-			}
-		case magicExtendedReply:
-			return r.protoErr("extended header reply, but extended headers were not negotiated")
-		default:
-			return r.protoErr("bad reply magic 0x%08x", m)
-		}
-	}
-}
-
-func (r *replyReader) lookup(cookie uint64, what string) (*request, error) {
-	r.c.mu.Lock()
-	req := r.c.inflight[cookie]
-	r.c.mu.Unlock()
-	if req == nil {
-		return nil, r.protoErr("%s for cookie %d, which has no request in flight", what, cookie)
-	}
-	return req, nil
-}
-
-func (r *replyReader) complete(cookie uint64, req *request) {
-	r.c.mu.Lock()
-	delete(r.c.inflight, cookie)
-	r.c.mu.Unlock()
-	close(req.done)
-}
-
-func (r *replyReader) serverError(req *request, ec errorChunk) *ServerError {
-	e := &ServerError{Peer: r.c.peer, Op: opName(req.cmd), Offset: int64(req.off), Length: int64(req.length),
-		Errno: ec.errno, Message: ec.message, ErrorOffset: -1}
-	if ec.hasOffset {
-		e.ErrorOffset = int64(ec.offset)
-	}
-	return e
-}
-
-func (r *replyReader) simpleReply(cookie uint64, req *request, errno Errno) error {
-	switch {
-	case errno != 0:
-		req.err = r.serverError(req, errorChunk{errno: errno})
-	case req.cmd == cmdRead && r.c.structured:
-		return r.protoErr("simple reply to NBD_CMD_READ (cookie %d) although structured replies were negotiated", cookie)
-	case req.cmd == cmdBlockStatus:
-		return r.protoErr("simple reply without error to NBD_CMD_BLOCK_STATUS (cookie %d)", cookie)
-	case req.cmd == cmdRead:
-		if err := r.data(req, 0, req.length); err != nil {
-			return err
-		}
-	}
-	r.complete(cookie, req)
-	return nil
-}
-
-// data reads n bytes of the reply stream into req.buf at offset at, or
-// discards them if the caller has given up.
-func (r *replyReader) data(req *request, at, n uint64) error {
-	req.mu.Lock()
-	defer req.mu.Unlock()
-	if req.abandoned {
-		_, err := io.CopyN(io.Discard, r.br, int64(n))
-		return err
-	}
-	_, err := io.ReadFull(r.br, req.buf[at:at+n])
-	return err
-}
-
-// payload reads a chunk payload of n bytes into the scratch buffer.
-func (r *replyReader) payload(n uint32) ([]byte, error) {
-	if cap(r.scratch) < int(n) {
-		r.scratch = make([]byte, n)
-	}
-	p := r.scratch[:n]
-	_, err := io.ReadFull(r.br, p)
-	return p, err
-}
-
-func (r *replyReader) chunk(req *request, h chunkHeader) error {
-	done := h.flags&replyFlagDone != 0
-	what := fmt.Sprintf("%s for %s (cookie %d)", chunkName(h.typ), cmdName(req.cmd), h.cookie)
-	switch {
-	case h.typ == chunkNone:
-		if h.length != 0 || !done {
-			return r.protoErr("%s with length %d and flags 0x%x: must be empty and final", what, h.length, h.flags)
-		}
-	case h.typ&chunkFlagError != 0:
-		if h.length > 6+0xffff+8 {
-			return r.protoErr("%s of %d bytes", what, h.length)
-		}
-		p, err := r.payload(h.length)
-		if err != nil {
-			return err
-		}
-		ec, err := parseErrorChunk(h.typ, p)
-		if err != nil {
-			return r.protoErr("%s: %v", what, err)
-		}
-		if ec.hasOffset && (ec.offset < req.off || ec.offset >= req.off+req.length) {
-			return r.protoErr("%s at offset %d, outside the request [%d, %d)", what, ec.offset, req.off, req.off+req.length)
-		}
-		if req.err == nil {
-			req.err = r.serverError(req, ec)
-		}
-	case h.typ == chunkOffsetData && req.cmd == cmdRead:
-		if h.length < 9 || uint64(h.length)-8 > req.length {
-			return r.protoErr("%s with length %d for a read of %d bytes", what, h.length, req.length)
-		}
-		if _, err := io.ReadFull(r.br, r.hdr[:8]); err != nil {
-			return err
-		}
-		off, n := binary.BigEndian.Uint64(r.hdr[:8]), uint64(h.length)-8
-		if err := r.cover(req, off, n, what); err != nil {
-			return err
-		}
-		if err := r.data(req, off-req.off, n); err != nil {
-			return err
-		}
-	case h.typ == chunkOffsetHole && req.cmd == cmdRead:
-		if h.length != 12 {
-			return r.protoErr("%s with length %d, want 12", what, h.length)
-		}
-		p, err := r.payload(12)
-		if err != nil {
-			return err
-		}
-		off, size, err := parseOffsetHole(p)
-		if err != nil {
-			return r.protoErr("%s: %v", what, err)
-		}
-		if err := r.cover(req, off, uint64(size), what); err != nil {
-			return err
-		}
-		req.mu.Lock()
-		if !req.abandoned {
-			clear(req.buf[off-req.off : off-req.off+uint64(size)])
-		}
-		req.mu.Unlock()
-	case h.typ == chunkBlockStatus && req.cmd == cmdBlockStatus:
-		if h.length > 4+8*maxBlockStatusExtent {
-			return r.protoErr("%s of %d bytes, more than the %d extents accepted", what, h.length, maxBlockStatusExtent)
-		}
-		p, err := r.payload(h.length)
-		if err != nil {
-			return err
-		}
-		if err := r.blockStatus(req, p, what); err != nil {
-			return err
-		}
-	default:
-		return r.protoErr("unexpected %s", what)
-	}
-	if !done {
-		return nil
-	}
-	if req.err == nil {
-		switch {
-		case req.cmd == cmdRead && req.received != req.length:
-			return r.protoErr("reply to NBD_CMD_READ of %d bytes at offset %d (cookie %d) ended after %d bytes without an error", req.length, req.off, h.cookie, req.received)
-		case req.cmd == cmdBlockStatus && req.extents == nil:
-			return r.protoErr("reply to NBD_CMD_BLOCK_STATUS (cookie %d) ended without extents for the context asked for", h.cookie)
-		}
-	}
-	r.complete(h.cookie, req)
-	return nil
-}
-
-// cover records that a READ chunk covers [off, off+n), checking it lies in
-// the request and does not overlap an earlier chunk.
-func (r *replyReader) cover(req *request, off, n uint64, what string) error {
-	end := off + n
-	if off < req.off || end > req.off+req.length || end < off {
-		return r.protoErr("%s covers [%d, %d), outside the request [%d, %d)", what, off, end, req.off, req.off+req.length)
-	}
-	i := sort.Search(len(req.spans), func(i int) bool { return req.spans[i].start >= off })
-	if (i > 0 && req.spans[i-1].end > off) || (i < len(req.spans) && req.spans[i].start < end) {
-		return r.protoErr("%s covers [%d, %d), which overlaps data already received", what, off, end)
-	}
-	switch joinPrev, joinNext := i > 0 && req.spans[i-1].end == off, i < len(req.spans) && req.spans[i].start == end; {
-	case joinPrev && joinNext:
-		req.spans[i-1].end = req.spans[i].end
-		req.spans = slices.Delete(req.spans, i, i+1)
-	case joinPrev:
-		req.spans[i-1].end = end
-	case joinNext:
-		req.spans[i].start = off
-	default:
-		req.spans = slices.Insert(req.spans, i, span{off, end})
-	}
-	req.received += n
-	return nil
-}
-
-func (r *replyReader) blockStatus(req *request, p []byte, what string) error {
-	id, n, err := parseBlockStatusHeader(p)
-	if err != nil {
-		return r.protoErr("%s: %v", what, err)
-	}
-	known := false
-	for _, v := range r.c.contexts {
-		known = known || v == id
-	}
-	if !known {
-		return r.protoErr("%s for metadata context ID %d, which was not negotiated", what, id)
-	}
-	if slices.Contains(req.seen, id) {
-		return r.protoErr("%s: second chunk for metadata context ID %d", what, id)
-	}
-	req.seen = append(req.seen, id)
-	pos, end := req.off, req.off+req.length
-	for i := range n {
-		length, flags := blockStatusDescriptor(p, i)
-		if length == 0 {
-			return r.protoErr("%s: descriptor %d has length 0", what, i)
-		}
-		if id != req.ctxID || pos >= end {
-			continue // other contexts are checked, not kept; extents past the request are dropped
-		}
-		l := min(uint64(length), end-pos)
-		if k := len(req.extents); k > 0 && req.extents[k-1].Flags == flags {
-			req.extents[k-1].Length += int64(l)
-		} else {
-			req.extents = append(req.extents, Extent{Offset: int64(pos), Length: int64(l), Flags: flags})
-		}
-		pos += l
-	}
-	return nil
 }
 
 func opName(cmd uint16) string {

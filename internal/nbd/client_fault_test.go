@@ -212,7 +212,9 @@ func TestFakeProtocolViolations(t *testing.T) {
 		{"simple reply to structured read", cmdRead, func(fs *fakeServer, h requestHeader) { fs.simple(h.cookie, 0, make([]byte, 4096)) }, "simple reply to NBD_CMD_READ"},
 		{"none with payload", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, replyFlagDone, chunkNone, []byte{1}) }, "must be empty and final"},
 		{"none not final", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, 0, chunkNone, nil) }, "must be empty and final"},
-		{"hole of bad length", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, replyFlagDone, chunkOffsetHole, make([]byte, 16)) }, "want 12"},
+		{"hole of bad length", cmdRead, func(fs *fakeServer, h requestHeader) {
+			fs.chunk(h.cookie, replyFlagDone, chunkOffsetHole, make([]byte, 16))
+		}, "want 12"},
 		{"hole of size 0", cmdRead, func(fs *fakeServer, h requestHeader) { fs.hole(h.cookie, replyFlagDone, 4096, 0) }, "hole size 0"},
 		{"unknown chunk type", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, replyFlagDone, 77, nil) }, "unexpected chunk type"},
 		{"block status for read", cmdRead, func(fs *fakeServer, h requestHeader) {
@@ -537,5 +539,62 @@ func TestFakeHandshakeHonoursContext(t *testing.T) {
 	}
 	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("dial returned after %v", d)
+	}
+}
+
+func TestFakeServerShuttingDown(t *testing.T) {
+	gotDisc := make(chan bool, 1)
+	tgt := startFake(t, fakeConfig{size: 1 << 20}, func(fs *fakeServer) {
+		h, _, ok := fs.request()
+		if !ok {
+			return
+		}
+		fs.errorChunk(h.cookie, replyFlagDone, chunkError, ESHUTDOWN, "going down")
+		h, _, ok = fs.request()
+		gotDisc <- ok && h.typ == cmdDisc
+		fs.conn.Close()
+	})
+	c := dialFake(t, tgt, nil)
+	ctx := testCtx(t)
+	_, err := c.ReadAt(ctx, make([]byte, 512), 0)
+	var se *ServerError
+	if !errors.As(err, &se) || se.Errno != ESHUTDOWN || !errors.Is(err, errs.ErrConnect) {
+		t.Fatalf("read answered with ESHUTDOWN: %v", err)
+	}
+	select {
+	case ok := <-gotDisc:
+		if !ok {
+			t.Fatal("the client did not send NBD_CMD_DISC after ESHUTDOWN")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no soft disconnect after ESHUTDOWN")
+	}
+	if _, err := c.ReadAt(ctx, make([]byte, 512), 0); !strings.Contains(fmtErr(err), "shutting down") {
+		t.Fatalf("call after ESHUTDOWN: %v", err)
+	}
+}
+
+// A XenServer export name carries the session reference: it must not reach
+// error messages, even when the server repeats it.
+func TestFakeSecretExportNameRedacted(t *testing.T) {
+	const export = "/4b5d-vdi?session_id=OpaqueRef:s3cr3t"
+	tgt := startFake(t, fakeConfig{handshake: func(fs *fakeServer) {
+		fs.greet(flagFixedNewstyle)
+		for {
+			opt, _, ok := fs.readOption()
+			if !ok {
+				return
+			}
+			if opt == optGo {
+				fs.optReply(opt, repErrUnknown, []byte("export '"+export+"' not present"))
+			} else {
+				fs.optReply(opt, repAck, nil)
+			}
+		}
+	}}, nil)
+	tgt.Export = export
+	_, err := Dial(testCtx(t), tgt, nil)
+	if !errors.Is(err, errs.ErrNotFound) || strings.Contains(err.Error(), "s3cr3t") || !strings.Contains(err.Error(), "4b5d-vdi") {
+		t.Fatalf("error %q: want not found, naming the VDI but not the session", err)
 	}
 }

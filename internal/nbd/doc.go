@@ -17,10 +17,18 @@
 // export.
 //
 // Errors: a server that reports an error for a request gives a [*ServerError]
-// (the connection stays usable); a server that breaks the protocol gives a
+// (the connection stays usable; it wraps the [Errno] and, where one fits, a
+// class from internal/errs); a server that breaks the protocol gives a
 // [*ProtocolError] and the connection is closed; a connection that breaks
-// fails every request in flight and every later one. All of these wrap
-// errs.ErrConnect or a more specific class from internal/errs.
+// fails every request in flight and every later one with an error wrapping
+// errs.ErrConnect. Handshake refusals are [*OptionError] values (errs.ErrNotFound
+// for a missing export or metadata context, errs.ErrUnsupported, ...); TLS
+// certificates that do not verify give errs.ErrAuth; misuse (bad URI,
+// unaligned request) gives errs.ErrUsage.
+//
+// Extents: [Client.BlockStatus] answers one range; [Client.Extents] walks a
+// range of any size one request at a time (an iter.Seq2), so that a
+// multi-TiB disk is planned in bounded memory.
 //
 // # Server
 //

@@ -20,7 +20,8 @@ import (
 type negotiator struct {
 	conn     net.Conn // replaced by a *tls.Conn after NBD_OPT_STARTTLS
 	peer     string
-	fixed    bool // fixed newstyle: options other than EXPORT_NAME allowed
+	export   string // hidden in messages from the server, see redactIn
+	fixed    bool   // fixed newstyle: options other than EXPORT_NAME allowed
 	noZeroes bool
 	buf      []byte
 }
@@ -89,7 +90,7 @@ func (n *negotiator) reply(opt uint32) (typ uint32, payload []byte, err error) {
 		return 0, nil, n.ioErr("reading the reply to "+optName(opt), err)
 	}
 	if h.typ&repFlagError != 0 {
-		oe := &OptionError{Peer: n.peer, Option: optName(opt), Reply: repName(h.typ), Message: sanitize(payload), code: h.typ}
+		oe := &OptionError{Peer: n.peer, Option: optName(opt), Reply: repName(h.typ), Message: redactIn(sanitize(payload), n.export), code: h.typ}
 		switch h.typ {
 		case repErrTLSReqd:
 			oe.Hint = "the server requires TLS: use nbds:// or nbds+unix:// with the server's CA"
@@ -331,13 +332,11 @@ func (n *negotiator) ioErr(what string, err error) error {
 	return connError(n.peer, "handshake: "+what, err)
 }
 
-// watchContext makes conn's I/O fail when ctx is done (or its deadline
-// passes) until the returned stop function is called. stop returns ctx's
-// error if ctx interrupted the I/O.
+// watchContext makes conn's I/O fail when ctx is done until the returned
+// stop function is called. stop returns ctx's error if ctx interrupted the
+// I/O. (ctx's deadline is not copied to conn: the I/O must fail only once
+// ctx reports an error, so that callers can tell why.)
 func watchContext(ctx context.Context, conn net.Conn) (stop func() error) {
-	if d, ok := ctx.Deadline(); ok {
-		_ = conn.SetDeadline(d)
-	}
 	fired := make(chan struct{})
 	stopAfter := context.AfterFunc(ctx, func() {
 		_ = conn.SetDeadline(aLongTimeAgo)

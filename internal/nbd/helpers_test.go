@@ -220,3 +220,5 @@ func randBytes(rng *rand.Rand, n int) []byte {
 	}
 	return b
 }
+
+func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)) }

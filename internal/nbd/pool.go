@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"sync/atomic"
 )
 
@@ -134,7 +135,7 @@ func (p *Pool) BlockStatus(ctx context.Context, name string, off, length int64) 
 
 // Extents is Client.Extents, each request going to the least busy
 // connection.
-func (p *Pool) Extents(ctx context.Context, name string, off, length int64) func(yield func(Extent, error) bool) {
+func (p *Pool) Extents(ctx context.Context, name string, off, length int64) iter.Seq2[Extent, error] {
 	return walkExtents(ctx, p.BlockStatus, name, off, min(length, p.Size()-off))
 }
 

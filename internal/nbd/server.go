@@ -302,9 +302,3 @@ func (s *Server) Close() error {
 	s.wg.Wait()
 	return nil
 }
-
-func (s *Server) isClosing() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.closing
-}

@@ -52,8 +52,12 @@ type serverConn struct {
 }
 
 func newServerConn(s *Server, conn net.Conn) *serverConn {
+	remote := "unknown"
+	if a := conn.RemoteAddr(); a != nil && a.String() != "" {
+		remote = a.String()
+	}
 	sc := &serverConn{s: s, raw: conn, conn: conn, br: bufio.NewReaderSize(conn, 64<<10),
-		log: s.log.With("remote", conn.RemoteAddr().String())}
+		log: s.log.With("remote", remote)}
 	sc.ctx, sc.cancel = context.WithCancel(s.ctx)
 	sc.budget.init(s.opts.ConnBuffer)
 	return sc

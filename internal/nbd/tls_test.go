@@ -127,6 +127,7 @@ func TestMain(m *testing.M) {
 	if pki != nil {
 		os.RemoveAll(pki.dir)
 	}
+	removeBenchImage()
 	os.Exit(code)
 }
 

@@ -123,7 +123,9 @@ func ParseURI(s string) (Target, error) {
 		} else if err := checkPort(port); err != nil {
 			return bad("%v", err)
 		}
-		t.Address = net.JoinHostPort(host, port)
+		if t.Address, err = joinHostPort(host, port); err != nil {
+			return bad("%v", err)
+		}
 	case "unix":
 		if u.Host != "" {
 			return bad("a unix socket URI has no host: want %s:///EXPORT?socket=PATH", u.Scheme)
@@ -159,8 +161,20 @@ func parseLegacy(rest string, bad func(string, ...any) (Target, error)) (Target,
 	if err := checkPort(port); err != nil {
 		return bad("%v", err)
 	}
-	t.Address = net.JoinHostPort(host, port)
+	if t.Address, err = joinHostPort(host, port); err != nil {
+		return bad("%v", err)
+	}
 	return t, nil
+}
+
+// joinHostPort makes a TCP address, checking that the host is one that
+// reads back the same in an nbd:// URI.
+func joinHostPort(host, port string) (string, error) {
+	addr := net.JoinHostPort(host, port)
+	if u, err := url.Parse("nbd://" + addr + "/"); err != nil || u.Hostname() != host {
+		return "", fmt.Errorf("invalid host %q", host)
+	}
+	return addr, nil
 }
 
 func checkPort(p string) error {
@@ -199,6 +213,14 @@ func redactExport(name string) string {
 		return name[:i] + "?..."
 	}
 	return name
+}
+
+// redactIn hides a secret export name where a peer's message repeats it.
+func redactIn(msg, export string) string {
+	if red := redactExport(export); red != export {
+		return strings.ReplaceAll(msg, export, red)
+	}
+	return msg
 }
 
 // redactURI hides the query of an export path in a URI that failed to parse.
