@@ -8,6 +8,8 @@ want qemu-system-x86_64 qemu-system-x86
 want qemu-img qemu-utils
 want qemu-nbd qemu-utils
 want nbdkit nbdkit
+want nbdinfo libnbd-bin
+want nbdcopy libnbd-bin
 want mkfs.ext4 e2fsprogs
 want e2fsck e2fsprogs
 want cpio cpio
