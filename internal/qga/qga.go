@@ -96,6 +96,10 @@ func (c *Client) sync(ctx context.Context) error {
 		req, _ := json.Marshal(map[string]any{"execute": "guest-sync-delimited", "arguments": map[string]int64{"id": id}})
 		// 0xFF first: the agent's JSON parser discards any partial input.
 		if err := c.write(ctx, append([]byte{0xFF}, append(req, '\n')...)); err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return c.noAnswer(start) // the time ran out before the request was even taken
+			}
 			return fmt.Errorf("guest agent %s: send sync: %w: %w", c.path, err, errs.ErrConnect)
 		}
 		deadline := time.Now().Add(SyncInterval)
@@ -113,10 +117,14 @@ func (c *Client) sync(ctx context.Context) error {
 			return fmt.Errorf("guest agent %s: sync: %w: %w", c.path, err, errs.ErrConnect)
 		}
 		if ctx.Err() != nil {
-			return fmt.Errorf("guest agent %s did not answer within %s: qemu-ga is not running in the guest, the guest is not up yet, or another client holds the socket: %w",
-				c.path, time.Since(start).Round(time.Second), errs.ErrConnect)
+			return c.noAnswer(start)
 		}
 	}
+}
+
+func (c *Client) noAnswer(start time.Time) error {
+	return fmt.Errorf("guest agent %s did not answer within %s: qemu-ga is not running in the guest, the guest is not up yet, or another client holds the socket: %w",
+		c.path, time.Since(start).Round(time.Millisecond), errs.ErrConnect)
 }
 
 // awaitSync skips input up to the 0xFF sentinel, then reads replies until the
