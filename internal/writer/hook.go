@@ -60,12 +60,31 @@ func (h *Hook) Prepare(_ context.Context, set coord.SetContext) error {
 func (h *Hook) Freeze(ctx context.Context) error { return h.run(ctx, "freeze") }
 func (h *Hook) Thaw(ctx context.Context) error   { return h.run(ctx, "thaw") }
 
+// secretEnv names environment variables that hold secrets vmshadow uses;
+// hooks do not inherit them.
+var secretEnv = map[string]bool{
+	"VMSHADOW_PASSWORD": true, "VMSHADOW_NEW_PASSWORD": true, "VMSHADOW_XAPI_PASSWORD": true,
+	"AWS_SECRET_ACCESS_KEY": true, "AWS_SESSION_TOKEN": true,
+}
+
+// hookEnv is env without vmshadow's secrets.
+func hookEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		if !secretEnv[name] {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
 // maxHookOutput bounds what is kept of a hook's output.
 const maxHookOutput = 64 << 10
 
 func (h *Hook) run(ctx context.Context, phase string) error {
 	cmd := exec.Command(h.path, phase)
-	cmd.Env = append(os.Environ(), "VMSHADOW_VM="+h.set.VM, "VMSHADOW_SET_ID="+h.set.SetID, "VMSHADOW_PHASE="+phase)
+	cmd.Env = append(hookEnv(os.Environ()), "VMSHADOW_VM="+h.set.VM, "VMSHADOW_SET_ID="+h.set.SetID, "VMSHADOW_PHASE="+phase)
 	var out tailBuffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out

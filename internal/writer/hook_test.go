@@ -42,6 +42,21 @@ func TestHookEnvironmentAndPhases(t *testing.T) {
 	}
 }
 
+func TestHookGetsNoSecrets(t *testing.T) {
+	t.Setenv("VMSHADOW_PASSWORD", "repo-secret")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
+	t.Setenv("SOME_SETTING", "kept")
+	out := filepath.Join(t.TempDir(), "env")
+	h, _ := NewHook(script(t, "env > "+out+"\n"))
+	if err := h.Freeze(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(out)
+	if strings.Contains(string(b), "secret") || !strings.Contains(string(b), "SOME_SETTING=kept") {
+		t.Fatalf("hook environment:\n%s", b)
+	}
+}
+
 func TestHookFailureCarriesOutput(t *testing.T) {
 	h, _ := NewHook(script(t, "echo one; echo 'cannot lock tables' >&2; exit 3\n"))
 	err := h.Freeze(context.Background())
