@@ -166,6 +166,17 @@ func (c *Coordinator) Open(ctx context.Context) (*Session, error) {
 	return &Session{c: c, vm: vm, unlock: unlock}, nil
 }
 
+// Inspect identifies the VM without taking its lock: for reading its state
+// (List, Current) while another process, such as a running backup, holds
+// the lock. Do not create, delete or recover through it.
+func (c *Coordinator) Inspect(ctx context.Context) (*Session, error) {
+	vm, err := c.Provider.Identify(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &Session{c: c, vm: vm, unlock: func() {}}, nil
+}
+
 // VM is the identified VM.
 func (s *Session) VM() VMInfo { return s.vm }
 
