@@ -66,11 +66,12 @@ type VDI struct {
 
 // SR is the part of an SR record vmshadow reads.
 type SR struct {
-	UUID        string `json:"uuid"`
-	NameLabel   string `json:"name_label"`
-	Type        string `json:"type"`
-	ContentType string `json:"content_type"`
-	Shared      bool   `json:"shared"`
+	UUID        string   `json:"uuid"`
+	NameLabel   string   `json:"name_label"`
+	Type        string   `json:"type"`
+	ContentType string   `json:"content_type"`
+	Shared      bool     `json:"shared"`
+	PBDs        []string `json:"PBDs"`
 }
 
 // Network is the part of a network record vmshadow reads.
