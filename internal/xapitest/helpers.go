@@ -243,3 +243,53 @@ func (s *Server) PendingTasks() int {
 	defer s.mu.Unlock()
 	return len(s.tasks)
 }
+
+// AddDisk gives a VM one more disk (next free userdevice, attached if the
+// VM runs) and returns its VDI UUID.
+func (s *Server) AddDisk(vmUUID string, size int64) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, v := range s.vms {
+		if v.uuid != vmUUID {
+			continue
+		}
+		used := map[string]bool{}
+		var sr *sr
+		for _, r := range v.vbds {
+			b := s.vbds[r]
+			used[b.userdevice] = true
+			if d := s.vdis[b.vdi]; d != nil && sr == nil {
+				sr = s.srs[d.sr]
+			}
+		}
+		n := 0
+		for used[strconv.Itoa(n)] {
+			n++
+		}
+		d, err := s.newVDI(sr, fmt.Sprintf("%s disk %d", v.name, n), size, false)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		b := &vbd{ref: newRef(), uuid: newUUID(), vm: v.ref, vdi: d.ref, userdevice: strconv.Itoa(n), typ: "Disk", mode: "RW", attached: v.power == "Running"}
+		s.vbds[b.ref] = b
+		v.vbds = append(v.vbds, b.ref)
+		return d.uuid
+	}
+	s.t.Fatalf("xapitest: no VM %s", vmUUID)
+	return ""
+}
+
+// VMs lists the VMs (not templates) as "name-label uuid snapshot=BOOL",
+// sorted.
+func (s *Server) VMs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, v := range s.vms {
+		if !v.template {
+			out = append(out, fmt.Sprintf("%s %s snapshot=%v", v.name, v.uuid, v.snapshot))
+		}
+	}
+	sort.Strings(out)
+	return out
+}

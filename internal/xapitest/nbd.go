@@ -26,53 +26,39 @@ type nbdServer struct {
 }
 
 func startNBD(ctx context.Context, dir, tlsDir string) (*nbdServer, error) {
-	sock := filepath.Join(dir, "qsd.qmp")
-	args := []string{"--chardev", "socket,id=m,path=" + sock + ",server=on,wait=off", "--monitor", "chardev=m"}
-	if tlsDir != "" {
-		args = append(args, "--object", "tls-creds-x509,id=tls0,dir="+tlsDir+",endpoint=server,verify-peer=off")
-	}
-	cmd := exec.Command("qemu-storage-daemon", args...)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start qemu-storage-daemon: %w", err)
-	}
-	n := &nbdServer{cmd: cmd, exports: map[string]string{}, nodes: map[string]string{}}
-	var err error
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if n.qmp, err = qmp.Dial(ctx, sock); err == nil {
-			break
-		}
-	}
-	if err != nil {
-		n.stop()
-		return nil, fmt.Errorf("connect to qemu-storage-daemon: %w", err)
-	}
+	// The listening socket is made here and inherited as fd 3, so the port
+	// is known without a race.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		n.stop()
 		return nil, err
 	}
 	defer ln.Close()
-	n.port = ln.Addr().(*net.TCPAddr).Port
 	f, err := ln.(*net.TCPListener).File()
 	if err != nil {
-		n.stop()
 		return nil, err
 	}
 	defer f.Close()
-	if err := n.qmp.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": "nbd"}, nil, f); err != nil {
-		n.stop()
-		return nil, fmt.Errorf("pass NBD socket: %w", err)
-	}
-	start := map[string]any{"addr": map[string]any{"type": "fd", "data": map[string]any{"str": "nbd"}}}
+	sock := filepath.Join(dir, "qsd.qmp")
+	args := []string{"--chardev", "socket,id=m,path=" + sock + ",server=on,wait=off", "--monitor", "chardev=m"}
+	server := "addr.type=fd,addr.str=3"
 	if tlsDir != "" {
-		start["tls-creds"] = "tls0"
+		args = append(args, "--object", "tls-creds-x509,id=tls0,dir="+tlsDir+",endpoint=server,verify-peer=off")
+		server += ",tls-creds=tls0"
 	}
-	if err := n.qmp.Execute(ctx, "nbd-server-start", start, nil); err != nil {
-		n.stop()
-		return nil, fmt.Errorf("nbd-server-start: %w", err)
+	args = append(args, "--nbd-server", server)
+	cmd := exec.Command("qemu-storage-daemon", args...)
+	cmd.ExtraFiles = []*os.File{f} // its TLS failures are the client's to report
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start qemu-storage-daemon: %w", err)
 	}
-	return n, nil
+	n := &nbdServer{cmd: cmd, port: ln.Addr().(*net.TCPAddr).Port, exports: map[string]string{}, nodes: map[string]string{}}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if n.qmp, err = qmp.Dial(ctx, sock); err == nil {
+			return n, nil
+		}
+	}
+	n.stop()
+	return nil, fmt.Errorf("connect to qemu-storage-daemon: %w", err)
 }
 
 // export serves the raw file path read-only under name (idempotent).

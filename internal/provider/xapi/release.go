@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"sort"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
@@ -13,8 +15,13 @@ import (
 // Release implements coord.Provider. It waits for (or cancels) a snapshot
 // still being taken, destroys the set's snapshot VDIs (after a stored
 // backup only their data, keeping the CBT metadata as the new checkpoints,
-// and then the previous checkpoints), then the snapshot VM; then any other
-// vmshadow snapshot of the VM. Objects already gone are skipped.
+// and then the previous checkpoints), then the snapshot VM. Objects already
+// gone are skipped.
+//
+// When it recovers (a nil set, or a set left by another process), it also
+// removes any other vmshadow snapshot of the VM. A process releasing its
+// own set does not: the pool is shared, and another backup host may be
+// working on the VM (its snapshot is what made this set fail as busy).
 func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error) {
 	st, err := loadState(set)
 	if err != nil {
@@ -24,10 +31,18 @@ func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error
 		return nil, err
 	}
 	r := &releaser{p: p}
+	if st == nil && set != nil {
+		// Prepare did not get to journal the state: only the snapshot name
+		// is known, and nothing was created yet unless a killed process
+		// got further than its journal says.
+		st = &state{Snapshot: Prefix + set.ID}
+	}
 	if st != nil {
 		r.state(ctx, st)
 	}
-	r.leftovers(ctx)
+	if set == nil || set.PID != os.Getpid() {
+		r.leftovers(ctx)
+	}
 	return r.removed, errors.Join(r.errs...)
 }
 
@@ -51,12 +66,17 @@ func (r *releaser) state(ctx context.Context, st *state) {
 	c := r.p.c
 	if st.Task != "" {
 		// A snapshot may still be in the making: stop it, and wait until
-		// the pool says it ended, so that what it made can be removed.
-		if status, err := c.TaskStatus(ctx, st.Task); err == nil && (status == "pending" || status == "cancelling") {
+		// the pool says it ended, so that what it made can be removed. The
+		// task record goes too.
+		switch status, err := c.TaskStatus(ctx, st.Task); {
+		case err != nil || status == "":
+		case status == "pending" || status == "cancelling":
 			c.CancelTask(ctx, st.Task)
 			wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-			c.WaitTask(wctx, "VM.snapshot", st.Task)
+			c.WaitTask(wctx, "VM.snapshot", st.Task) // destroys the task
 			cancel()
+		default:
+			r.try("task "+st.Task, c.Call(ctx, "task.destroy", nil, st.Task))
 		}
 	}
 	snap, err := r.findSnapshot(ctx, st)
@@ -65,29 +85,34 @@ func (r *releaser) state(ctx context.Context, st *state) {
 		return
 	}
 	vdis := map[string]string{} // disk name -> snapshot VDI UUID
+	disks := map[string]diskState{}
 	for _, d := range st.Disks {
+		disks[d.Name] = d
 		if d.SnapshotVDI != "" {
 			vdis[d.Name] = d.SnapshotVDI
 		}
 	}
-	if snap != "" && len(vdis) < len(st.Disks) {
-		// Killed before the snapshot's disks were journaled.
+	if snap != "" {
+		// The snapshot's disks, in case the process was killed before it
+		// journaled them.
 		if s, err := c.VMRecord(ctx, snap); err == nil {
 			for _, vref := range s.VBDs {
 				if b, err := c.VBDRecord(ctx, vref); err == nil && b.Type == "Disk" && !api.IsNull(b.VDI) {
-					if d, err := c.VDIRecord(ctx, b.VDI); err == nil {
+					if d, err := c.VDIRecord(ctx, b.VDI); err == nil && vdis[DiskName(b.Userdevice)] == "" {
 						vdis[DiskName(b.Userdevice)] = d.UUID
 					}
 				}
 			}
 		}
 	}
-	for _, d := range st.Disks {
-		u := vdis[d.Name]
-		if u == "" {
-			continue
-		}
-		if st.Done && st.Prefix != "" && d.CBT {
+	names := make([]string, 0, len(vdis))
+	for n := range vdis {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		u := vdis[n]
+		if st.Done && st.Prefix != "" && disks[n].CBT {
 			r.try("data of snapshot VDI "+u+" (its changed block tracking metadata kept as checkpoint)", r.dataDestroy(ctx, u))
 		} else {
 			r.try("snapshot VDI "+u, r.p.destroyVDI(ctx, u))

@@ -165,16 +165,18 @@ func RepoName(label string) string {
 }
 
 // Identify implements coord.Provider: it logs in, finds the VM by UUID or
-// name-label, lists its disks and notes vmshadow's leftovers.
+// name-label, lists its disks and notes vmshadow's leftovers. On failure
+// it logs out again.
 func (p *Provider) Identify(ctx context.Context) (coord.VMInfo, error) {
 	c, err := p.Client(ctx)
 	if err != nil {
 		return coord.VMInfo{}, err
 	}
-	if p.vmRef, err = p.findVM(ctx, c); err != nil {
-		return coord.VMInfo{}, err
+	if p.vmRef, err = p.findVM(ctx, c); err == nil {
+		err = p.scan(ctx)
 	}
-	if err := p.scan(ctx); err != nil {
+	if err != nil {
+		p.Close()
 		return coord.VMInfo{}, err
 	}
 	return coord.VMInfo{Name: p.vm.NameLabel, Key: "xapi-" + p.vm.UUID}, nil
