@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/testutil"
@@ -293,7 +294,9 @@ func TestXAPIChainBreaks(t *testing.T) {
 // recover leaves the pool exactly as before, and the next backup is a good
 // incremental that reads the changes since the last stored backup.
 func TestXAPIBackupKilled(t *testing.T) {
-	r := newXRig(t, xapitest.Options{}, 16<<20, 8<<20)
+	// The snapshot task takes a while, so a kill while it runs leaves it
+	// running on the pool: recover cancels it and waits.
+	r := newXRig(t, xapitest.Options{SnapshotDelay: 300 * time.Millisecond}, 16<<20, 8<<20)
 	r.fill(0, 0, 16<<20)
 	r.fill(1, 0, 8<<20)
 	r.backup()

@@ -38,7 +38,7 @@ func (x XAPI) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns
 		return nil, err
 	}
 	o := nbdsource.Options{Name: sh.Disk, Target: &target, TLS: tlsConfig, Conns: conns,
-		ServerErrorHint: "the pool's NBD server failed to read the snapshot VDI"}
+		ServerErrorHint: "the pool's NBD server failed to read the snapshot VDI", AllocationOptional: true}
 	if incremental {
 		cb, err := x.ChangedBlocks(sh)
 		if err != nil {

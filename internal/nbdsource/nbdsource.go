@@ -17,6 +17,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
+	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/nbd"
 )
 
@@ -40,12 +41,17 @@ type Options struct {
 	// ServerErrorHint is added to errors the NBD server reports for a read
 	// (what such an error means for this kind of shadow copy).
 	ServerErrorHint string
+	// AllocationOptional reads a server that cannot report allocation (no
+	// structured replies, or no base:allocation context) as if every range
+	// held data, instead of failing. Not with Bitmap.
+	AllocationOptional bool
 }
 
 // Source is a shadow copy as a backup.Source.
 type Source struct {
-	o    Options
-	pool *nbd.Pool
+	o       Options
+	pool    *nbd.Pool
+	noAlloc bool // the server reports no allocation: everything is data
 }
 
 // Open connects to the shadow copy.
@@ -67,11 +73,20 @@ func Open(ctx context.Context, o Options) (*Source, error) {
 		contexts = append(contexts, nbd.ContextDirtyBitmap(o.Bitmap))
 	}
 	pool, err := nbd.DialPool(ctx, t, o.Conns, &nbd.Options{TLSConfig: o.TLS, MetaContexts: contexts})
+	noAlloc := false
+	if err != nil && o.AllocationOptional && o.Bitmap == "" && (errors.Is(err, errs.ErrUnsupported) || errors.Is(err, errs.ErrNotFound)) {
+		pool, err = nbd.DialPool(ctx, t, o.Conns, &nbd.Options{TLSConfig: o.TLS})
+		noAlloc = true
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open shadow copy of disk %s: %w", o.Name, err)
 	}
-	return &Source{o: o, pool: pool}, nil
+	return &Source{o: o, pool: pool, noAlloc: noAlloc}, nil
 }
+
+// Allocation reports whether the server tells which ranges hold data;
+// without it every range is read.
+func (s *Source) Allocation() bool { return !s.noAlloc }
 
 // Close drops the connections.
 func (s *Source) Close() error { return s.pool.Close() }
@@ -102,6 +117,9 @@ func (s *Source) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 func (s *Source) Extents(ctx context.Context) iter.Seq2[backup.Extent, error] {
 	size := s.Size()
 	alloc := s.pool.Extents(ctx, nbd.ContextBaseAllocation, 0, size)
+	if s.noAlloc {
+		alloc = func(yield func(nbd.Extent, error) bool) { yield(nbd.Extent{Offset: 0, Length: size}, nil) }
+	}
 	if s.o.Bitmap == "" && s.o.Changed != nil {
 		return merge(alloc, s.o.Changed, size, s.o.Name)
 	}
