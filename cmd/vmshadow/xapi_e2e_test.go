@@ -45,7 +45,24 @@ func newXRig(t *testing.T, opts xapitest.Options, sizes ...int64) *xrig {
 	if res := r.run("repo", "init", "--repo", r.repo, "--encryption", "none"); res.code != 0 {
 		t.Fatalf("repo init: %s", res.errorMessage())
 	}
+	t.Cleanup(func() { callsDocumented(t, s) })
 	return r
+}
+
+// callsDocumented checks that every XAPI call vmshadow made is in the
+// list of docs/README-xapi.md.
+func callsDocumented(t *testing.T, s *xapitest.Server) {
+	doc, err := os.ReadFile("../../docs/README-xapi.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, list, _ := strings.Cut(string(doc), "### Every XAPI call vmshadow makes")
+	list, _, _ = strings.Cut(list, "###")
+	for _, c := range s.Calls() {
+		if !strings.Contains(list, "`"+c+"`") {
+			t.Errorf("vmshadow called %s, which docs/README-xapi.md does not list", c)
+		}
+	}
 }
 
 // pool adds the flags that name the pool and the VM.
@@ -249,6 +266,12 @@ func TestXAPIChainBreaks(t *testing.T) {
 
 	r.s.DisableCBT(r.disks[1])
 	check("CBT disabled", map[string]string{"xvda": "incremental", "xvdb": "full", "xvdc": "incremental"}, map[string]string{"xvdb": "changed block tracking is off"})
+
+	// Turned off and on again by hand: a new chain, unrelated to the
+	// checkpoint.
+	r.s.DisableCBT(r.disks[1])
+	r.s.EnableCBT(r.disks[1])
+	check("CBT restarted", map[string]string{"xvda": "incremental", "xvdb": "full", "xvdc": "incremental"}, map[string]string{"xvdb": "CBT cannot compare"})
 
 	r.disks[1] = r.s.MigrateVDI(r.disks[1])
 	check("storage migration", map[string]string{"xvda": "incremental", "xvdb": "full", "xvdc": "incremental"}, map[string]string{"xvdb": "changed block tracking is off"})

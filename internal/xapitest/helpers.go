@@ -293,3 +293,13 @@ func (s *Server) VMs() []string {
 	sort.Strings(out)
 	return out
 }
+
+// EnableCBT turns changed block tracking on (an administrator's
+// vdi-enable-cbt): a new chain, unrelated to earlier snapshots.
+func (s *Server) EnableCBT(uuid string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	s.chainSeq++
+	d.cbt, d.chain, d.dirty = true, s.chainSeq, map[int64]bool{}
+}
