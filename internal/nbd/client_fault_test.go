@@ -212,9 +212,7 @@ func TestFakeProtocolViolations(t *testing.T) {
 		{"simple reply to structured read", cmdRead, func(fs *fakeServer, h requestHeader) { fs.simple(h.cookie, 0, make([]byte, 4096)) }, "simple reply to NBD_CMD_READ"},
 		{"none with payload", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, replyFlagDone, chunkNone, []byte{1}) }, "must be empty and final"},
 		{"none not final", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, 0, chunkNone, nil) }, "must be empty and final"},
-		{"hole of bad length", cmdRead, func(fs *fakeServer, h requestHeader) {
-			fs.chunk(h.cookie, replyFlagDone, chunkOffsetHole, make([]byte, 16))
-		}, "want 12"},
+		{"hole of bad length", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, replyFlagDone, chunkOffsetHole, make([]byte, 16)) }, "want 12"},
 		{"hole of size 0", cmdRead, func(fs *fakeServer, h requestHeader) { fs.hole(h.cookie, replyFlagDone, 4096, 0) }, "hole size 0"},
 		{"unknown chunk type", cmdRead, func(fs *fakeServer, h requestHeader) { fs.chunk(h.cookie, replyFlagDone, 77, nil) }, "unexpected chunk type"},
 		{"block status for read", cmdRead, func(fs *fakeServer, h requestHeader) {

@@ -86,7 +86,6 @@ type Server struct {
 	calls    []string
 	drop     map[string]int
 	nbd      *nbdServer
-	nbdErr   error
 	chains   map[int][]cbtDelta // chain -> snapshots' deltas in order
 	chainSeq int
 }
