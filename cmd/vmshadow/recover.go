@@ -28,7 +28,7 @@ snapshot still being taken), and any other snapshot of the VM named vmshadow-*.`
 			if err != nil {
 				return err
 			}
-			s, err := c.Open(cmd.Context())
+			s, err := openSession(cmd.Context(), c)
 			if err != nil {
 				return err
 			}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"time"
@@ -134,4 +135,16 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		c.Writers = append(c.Writers, ag) // file systems freeze last, thaw first
 	}
 	return c, nil
+}
+
+// openSession opens the coordinator's session. When that fails (the VM
+// is busy) the provider's connection is closed: for a pool, its session is
+// logged out rather than left to expire.
+func openSession(ctx context.Context, c *coord.Coordinator) (*coord.Session, error) {
+	s, err := c.Open(ctx)
+	if err != nil {
+		c.Provider.Close()
+		return nil, err
+	}
+	return s, nil
 }

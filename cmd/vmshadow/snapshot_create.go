@@ -17,7 +17,7 @@ func newSnapshotCreateCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			s, err := c.Open(cmd.Context())
+			s, err := openSession(cmd.Context(), c)
 			if err != nil {
 				return err
 			}

@@ -20,7 +20,7 @@ func newSnapshotListCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			s, err := c.Open(cmd.Context())
+			s, err := openSession(cmd.Context(), c)
 			if err != nil {
 				return err
 			}

@@ -104,9 +104,18 @@ func (r *xrig) clean() {
 			r.t.Errorf("snapshot left on the pool: %s", v)
 		}
 	}
+	chains := map[string]int{}
 	for _, d := range r.s.VDIs() {
 		if d.Snapshot && (d.Data || d.Type != "cbt_metadata") {
 			r.t.Errorf("snapshot VDI with data left: %+v", d)
+		}
+		if d.Type == "cbt_metadata" {
+			if d.SnapshotOf == "" {
+				r.t.Errorf("checkpoint %s of a disk that is gone left on the pool", d.UUID)
+			}
+			if chains[d.SnapshotOf+" "+d.OtherConfig["vmshadow-chain"]]++; chains[d.SnapshotOf+" "+d.OtherConfig["vmshadow-chain"]] > 1 {
+				r.t.Errorf("more than one checkpoint of disk VDI %s for one repository", d.SnapshotOf)
+			}
 		}
 	}
 	if r.s.Sessions() != r.killed || r.s.PendingTasks() != 0 {

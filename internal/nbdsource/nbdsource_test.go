@@ -19,6 +19,7 @@ import (
 // without structured replies, so it cannot report allocation.
 func nbdkitNoSR(t *testing.T) string {
 	t.Helper()
+	testutil.SkipShort(t)
 	testutil.NeedCommand(t, "nbdkit")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.raw")

@@ -11,21 +11,16 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
-// RedirectError is the pool master's answer to an upload into a storage
-// repository it cannot see: repeat the upload on Host (a pool member).
-// Callers avoid it by uploading to the host of an SR that is not shared.
-type RedirectError struct{ Host string }
-
-func (e *RedirectError) Error() string { return "upload redirected to host " + e.Host }
-
 // ImportRaw uploads a disk image into the VDI vdi with PUT
 // /import_raw_vdi?session_id=..&task_id=..&vdi=..&format=raw, tracked by a
 // task of its own. body yields exactly length bytes: the whole disk (raw),
 // or with chunked the sparse "chunked" stream XAPI's vhd-tool reads
 // (frames of a little-endian uint64 offset, uint32 length and data, ended by
 // a zero frame), in which ranges not sent keep the VDI's content. host is
-// "" for the pool master, or the host a RedirectError named. XAPI does not
-// accept chunked transfer encoding, hence the exact length.
+// "" for the pool master, or the pool member that has the VDI's SR attached
+// when the SR is local to it: the master would answer with a redirect,
+// which a streamed upload cannot follow. XAPI does not accept chunked
+// transfer encoding, hence the exact length.
 func (c *Client) ImportRaw(ctx context.Context, host, vdi string, length int64, chunked bool, body io.Reader) error {
 	var task string
 	if err := c.Call(ctx, "task.create", &task, "vmshadow import", "restore of a disk into VDI "+vdi); err != nil {
@@ -62,11 +57,11 @@ func (c *Client) ImportRaw(ctx context.Context, host, vdi string, length int64, 
 	switch {
 	case resp.StatusCode >= 300 && resp.StatusCode < 400:
 		c.destroyTask(ctx, task)
-		loc, err := url.Parse(resp.Header.Get("Location"))
-		if err != nil || loc.Host == "" {
-			return fmt.Errorf("XAPI %s: import redirected without a usable location: %w", u.Host, errs.ErrConnect)
+		to := "another host"
+		if loc, err := url.Parse(resp.Header.Get("Location")); err == nil && loc.Host != "" {
+			to = loc.Host
 		}
-		return &RedirectError{Host: loc.Host}
+		return fmt.Errorf("XAPI %s: PUT /import_raw_vdi: redirected to %s, which holds the storage repository: %w", u.Host, to, errs.ErrConnect)
 	case resp.StatusCode != http.StatusOK:
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		terr := c.taskError(ctx, "import_raw_vdi", task)

@@ -15,7 +15,8 @@ import (
 // if not nil, is told the task reference before the wait (callers record it
 // in their journal, so that a process killed meanwhile leaves a trace of
 // the work still running on the pool). When ctx ends first, the task is
-// cancelled and RunAsync waits (at most 30 s) for the pool to stop it. The
+// asked to cancel and RunAsync returns at once, without waiting for the
+// pool to stop it (a caller that needs to know waits with WaitTask). The
 // finished task is destroyed. The result is the call's return value: a
 // reference, or "" for calls that return nothing.
 func (c *Client) RunAsync(ctx context.Context, method string, started func(task string) error, params ...any) (string, error) {
@@ -30,15 +31,10 @@ func (c *Client) RunAsync(ctx context.Context, method string, started func(task 
 		}
 	}
 	res, err := c.WaitTask(ctx, method, task)
-	if ctx.Err() != nil && err != nil && !IsCode(err) {
-		// Interrupted: stop the work on the pool, and wait until it did.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	if err != nil && ctx.Err() != nil && !IsCode(err) {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		c.CancelTask(cctx, task)
-		if late, werr := c.WaitTask(cctx, method, task); werr == nil {
-			return late, fmt.Errorf("XAPI %s: %s finished although it was interrupted: %w", c.base.Host, method, ctx.Err())
-		}
-		return "", err
 	}
 	return res, err
 }

@@ -126,10 +126,6 @@ func Restore(ctx context.Context, pool api.Config, r *repo.Repo, m *repo.Manifes
 			return nil, err
 		}
 		st, sent, err := upload(ctx, c, host, vdi, r, x, sparse, opts.Meter)
-		var redirect *api.RedirectError
-		if errors.As(err, &redirect) {
-			st, sent, err = upload(ctx, c, redirect.Host, vdi, r, x, sparse, opts.Meter)
-		}
 		if err != nil {
 			return nil, fmt.Errorf("restore disk %s into VDI %s: %w", d.Name, vr.UUID, err)
 		}
@@ -204,9 +200,9 @@ func findSR(ctx context.Context, c *api.Client, want string) (string, api.SR, er
 }
 
 // uploadHost is "" (the pool master) for a shared SR, else the address of
-// the host that has the SR attached: the master redirects uploads into a
-// local SR of another host there, which an upload that streams its data
-// cannot follow.
+// the host that has the SR attached: the master would redirect an upload
+// into a local SR of another host there, which a streamed upload cannot
+// follow.
 func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, error) {
 	if sr.Shared {
 		return "", nil

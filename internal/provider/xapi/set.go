@@ -78,7 +78,9 @@ func (p *Provider) checkNBD(ctx context.Context) error {
 
 // Commit implements coord.Provider: Async.VM.snapshot captures every disk
 // of the VM at once. The task is journaled while it runs; when the freeze
-// window ends first, the task is cancelled.
+// window ends first, the task is asked to cancel and Commit returns, so
+// the writers thaw at once (Release waits for the task). Reading the
+// snapshot's details waits for Expose, after the thaw.
 func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) error {
 	st, err := loadState(set)
 	if err != nil || st == nil {
@@ -93,26 +95,21 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 		return nil
 	}
 	snap, err := p.c.RunAsync(ctx, "VM.snapshot", started, p.vmRef, st.Snapshot)
-	if snap != "" {
-		crashpoint.Hit("xapi-snapshot-taken")
-		if rerr := p.recordSnapshot(ctx, set, st, snap, save); rerr != nil && err == nil {
-			err = rerr
-		}
-	}
 	if err != nil {
 		return fmt.Errorf("VM.snapshot: %w", err)
 	}
-	return nil
+	crashpoint.Hit("xapi-snapshot-taken")
+	p.snapRef, st.Task = snap, ""
+	return storeState(set, st, save)
 }
 
 // recordSnapshot journals the snapshot VM's UUID and its disks' VDIs.
 func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state, ref string, save func() error) error {
-	ctx = context.WithoutCancel(ctx)
 	r, err := p.c.VMRecord(ctx, ref)
 	if err != nil {
 		return fmt.Errorf("read snapshot %s: %w", st.Snapshot, err)
 	}
-	st.SnapshotUUID, st.Task = r.UUID, ""
+	st.SnapshotUUID = r.UUID
 	byDevice := map[string]string{}
 	for _, vref := range r.VBDs {
 		b, err := p.c.VBDRecord(ctx, vref)
@@ -151,6 +148,9 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 	if err != nil || st == nil {
 		return fmt.Errorf("expose: no state: %v", err)
 	}
+	if err := p.recordSnapshot(ctx, set, st, p.snapRef, save); err != nil {
+		return err
+	}
 	set.Shadows = nil
 	for i := range st.Disks {
 		d := &st.Disks[i]
@@ -186,7 +186,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 				sh.Checkpoint = d.SnapshotVDI
 			}
 			p.listChanges(ctx, d, ref)
-			sh.Bitmap, sh.FullReason = d.Previous, d.FullReason
+			sh.Bitmap, sh.FullReason = d.Base, d.FullReason
 		}
 		set.Shadows = append(set.Shadows, sh)
 	}
@@ -198,25 +198,25 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 // checkpoint; anything that makes the answer unusable turns the disk's
 // read into a full one, with the reason.
 func (p *Provider) listChanges(ctx context.Context, d *diskState, snapRef string) {
-	if d.Previous == "" {
+	if d.Base == "" {
 		return
 	}
 	full := func(format string, args ...any) {
-		d.FullReason, d.Previous = fmt.Sprintf(format, args...), ""
+		d.FullReason, d.Base = fmt.Sprintf(format, args...), ""
 	}
-	prev, err := p.c.VDIByUUID(ctx, d.Previous)
+	prev, err := p.c.VDIByUUID(ctx, d.Base)
 	if err != nil {
-		full("the previous checkpoint VDI %s cannot be read (%v)", d.Previous, err)
+		full("the previous checkpoint VDI %s cannot be read (%v)", d.Base, err)
 		return
 	}
 	b64, err := p.c.ListChangedBlocks(ctx, prev, snapRef)
 	if err != nil {
-		full("CBT cannot compare the disk with the previous checkpoint VDI %s (%v)", d.Previous, err)
+		full("CBT cannot compare the disk with the previous checkpoint VDI %s (%v)", d.Base, err)
 		return
 	}
 	cb, err := api.ParseChangedBlocks(b64, d.Size)
 	if err != nil {
-		full("XAPI's list of changed blocks since checkpoint VDI %s is unusable (%v)", d.Previous, err)
+		full("XAPI's list of changed blocks since checkpoint VDI %s is unusable (%v)", d.Base, err)
 		return
 	}
 	p.cbt[d.SnapshotVDI] = cb

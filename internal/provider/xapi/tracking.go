@@ -3,6 +3,7 @@ package xapi
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -77,7 +78,7 @@ func (p *Provider) planTracking(ctx context.Context, st *state) error {
 		}
 		d.FullReason = reason
 		if reason == "" {
-			d.Previous = prev.Checkpoint
+			d.Previous, d.Base = prev.Checkpoint, prev.Checkpoint
 		}
 		d.CBT = live.CBTEnabled
 		if !live.CBTEnabled {
@@ -94,8 +95,14 @@ func (p *Provider) planTracking(ctx context.Context, st *state) error {
 				return fmt.Errorf("disk %s: turn on changed block tracking: %w", d.Name, err)
 			}
 		}
-		// The repository's other checkpoints on the disk are of no use.
-		for _, u := range chain {
+		// The repository's other checkpoints on the disk are of no use; nor
+		// is the last backup's when it cannot be compared with (after a
+		// storage migration it is no longer a snapshot of the disk's VDI).
+		stale := chain
+		if reason != "" && prev.Checkpoint != "" && !slices.Contains(chain, prev.Checkpoint) && p.isChainVDI(ctx, prev.Checkpoint) {
+			stale = append(stale, prev.Checkpoint)
+		}
+		for _, u := range stale {
 			if u == d.Previous {
 				continue
 			}
@@ -118,6 +125,17 @@ func (p *Provider) chainVDIs(ctx context.Context, live api.VDI) []string {
 		}
 	}
 	return out
+}
+
+// isChainVDI reports whether the VDI exists and is one of the repository's
+// checkpoints.
+func (p *Provider) isChainVDI(ctx context.Context, uuid string) bool {
+	ref, err := p.c.VDIByUUID(ctx, uuid)
+	if err != nil {
+		return false
+	}
+	r, err := p.c.VDIRecord(ctx, ref)
+	return err == nil && r.OtherConfig[keyChain] == p.opts.Tracking.Prefix
 }
 
 // checkPrevious says why the previous checkpoint cannot be compared with,

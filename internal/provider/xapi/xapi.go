@@ -67,6 +67,7 @@ type Provider struct {
 
 	vmRef     string
 	vm        api.VM
+	snapRef   string // the set's snapshot, from Commit to Expose
 	disks     []Disk
 	leftovers []string
 
@@ -359,9 +360,12 @@ type state struct {
 type diskState struct {
 	Disk
 	SnapshotVDI string `json:"snapshot_vdi,omitempty"`
-	// Previous is the checkpoint (snapshot VDI UUID) the changes are
-	// listed against; empty for a full read (FullReason says why).
+	// Previous is the last backup's checkpoint (snapshot VDI UUID) when it
+	// is usable; a stored backup supersedes it. Base is the checkpoint the
+	// changes are listed against: Previous, or empty for a full read
+	// (FullReason says why).
 	Previous   string `json:"previous,omitempty"`
+	Base       string `json:"base,omitempty"`
 	FullReason string `json:"full_reason,omitempty"`
 	// CBT: the disk tracks changes, so its snapshot keeps CBT metadata.
 	CBT bool `json:"cbt,omitempty"`

@@ -15,6 +15,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/nbd"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/xapi"
 	"github.com/vmshadow/vmshadow/internal/xapitest"
@@ -40,6 +41,7 @@ type rig struct {
 }
 
 func newRig(t *testing.T, opts xapitest.Options) *rig {
+	testutil.SkipShort(t) // the fake pool's NBD server is qemu-storage-daemon
 	return &rig{t: t, s: xapitest.New(t, opts), journal: &coord.Journal{Dir: t.TempDir()}}
 }
 
