@@ -334,3 +334,34 @@ func TestHostDropsConnection(t *testing.T) {
 		t.Fatalf("pool after a dropped connection:\n%s\nwant\n%s", after, before)
 	}
 }
+
+// TestFreezeWindowExceeded: a snapshot slower than the freeze limit fails
+// the set at the limit (the writers thaw then), its task is cancelled, and
+// the release waits for the pool to stop it: nothing is left.
+func TestFreezeWindowExceeded(t *testing.T) {
+	r := newRig(t, xapitest.Options{SnapshotDelay: 700 * time.Millisecond})
+	r.s.AddVM("slow", true, MiB)
+	before := r.s.Dump()
+	ctx := context.Background()
+	c, _ := r.coordinator("slow", nil)
+	c.FreezeTimeout = 200 * time.Millisecond
+	s, err := c.Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	start := time.Now()
+	_, err = s.Create(ctx)
+	if !errors.Is(err, errs.ErrTimeout) || !strings.Contains(err.Error(), "freeze limit") {
+		t.Fatalf("slow snapshot: %v", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("failing took %s", d)
+	}
+	if after := r.s.Dump(); after != before {
+		t.Fatalf("pool after a cancelled snapshot:\n%s\nwant\n%s", after, before)
+	}
+	if n := r.s.PendingTasks(); n != 0 {
+		t.Errorf("%d tasks left", n)
+	}
+}
