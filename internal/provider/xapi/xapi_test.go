@@ -15,8 +15,8 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/nbd"
-	"github.com/vmshadow/vmshadow/internal/testutil"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 	"github.com/vmshadow/vmshadow/internal/xapi"
 	"github.com/vmshadow/vmshadow/internal/xapitest"
 )
