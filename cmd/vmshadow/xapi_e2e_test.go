@@ -617,3 +617,53 @@ func TestXAPIRestoreBothWays(t *testing.T) {
 		t.Errorf("%d sessions, %d tasks left", r.s.Sessions(), r.s.PendingTasks())
 	}
 }
+
+// TestXAPICheckpointLost: CBT turned off on a snapshot VDI while the backup
+// reads it: the backup is stored, the VDI (without CBT metadata to keep) is
+// destroyed with a warning, and the next backup reads that disk in full.
+func TestXAPICheckpointLost(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 8<<20, 8<<20)
+	r.fill(0, 0, 8<<20)
+	r.fill(1, 0, 8<<20)
+	r.backup()
+	r.scatter(0, 1, map[int64]bool{})
+	r.scatter(1, 1, map[int64]bool{})
+	pause := filepath.Join(t.TempDir(), "pause")
+	done := make(chan result, 1)
+	go func() {
+		done <- vmshadow(t, append(r.env, "VMSHADOW_PAUSE_AT=backup-read", "VMSHADOW_PAUSE_FILE="+pause), r.pool("backup", "--repo", r.repo)...)
+	}()
+	for {
+		if _, err := os.Stat(pause); err == nil {
+			break
+		}
+		select {
+		case res := <-done:
+			t.Fatalf("backup ended before reading: %d %s", res.code, res.errorMessage())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	lost := ""
+	for _, v := range r.s.VDIs() {
+		if v.Snapshot && v.Data && v.SnapshotOf == r.disks[1] {
+			lost = v.UUID
+			r.s.DisableCBT(v.UUID)
+		}
+	}
+	if lost == "" {
+		t.Fatal("no snapshot VDI of xvdb during the backup")
+	}
+	os.Remove(pause)
+	res := <-done
+	if res.code != 0 || !strings.Contains(strings.Join(res.warnings(), "\n"), "lost its changed block tracking metadata") {
+		t.Fatalf("backup: exit %d %s %v", res.code, res.errorMessage(), res.warnings())
+	}
+	r.clean()
+	want := r.expected()
+	sum := r.backup()
+	disks := diskSummaries(t, sum)
+	if disks["xvda"]["mode"] != "incremental" || disks["xvdb"]["mode"] != "full" || !strings.Contains(fmt.Sprint(disks["xvdb"]["reason"]), "gone from the pool") {
+		t.Fatalf("next backup: %v", disks)
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+}

@@ -155,12 +155,19 @@ func (r *releaser) findSnapshot(ctx context.Context, st *state) (string, error) 
 	return "", nil
 }
 
+// dataDestroy frees a snapshot VDI's data and keeps its CBT metadata. A
+// VDI that lost its CBT metadata meanwhile (CBT turned off) is destroyed:
+// the next backup finds its checkpoint gone and reads in full.
 func (r *releaser) dataDestroy(ctx context.Context, uuid string) error {
 	ref, err := r.p.c.VDIByUUID(ctx, uuid)
 	if err != nil {
 		return err
 	}
 	_, err = r.p.c.RunAsync(ctx, "VDI.data_destroy", nil, ref)
+	if api.IsCode(err, "VDI_NO_CBT_METADATA") {
+		r.p.warn("snapshot VDI %s lost its changed block tracking metadata: destroyed; the next backup of its disk reads it in full", uuid)
+		return r.p.destroyVDI(ctx, uuid)
+	}
 	return err
 }
 
