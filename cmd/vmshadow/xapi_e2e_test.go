@@ -628,21 +628,7 @@ func TestXAPICheckpointLost(t *testing.T) {
 	r.backup()
 	r.scatter(0, 1, map[int64]bool{})
 	r.scatter(1, 1, map[int64]bool{})
-	pause := filepath.Join(t.TempDir(), "pause")
-	done := make(chan result, 1)
-	go func() {
-		done <- vmshadow(t, append(r.env, "VMSHADOW_PAUSE_AT=backup-read", "VMSHADOW_PAUSE_FILE="+pause), r.pool("backup", "--repo", r.repo)...)
-	}()
-	for {
-		if _, err := os.Stat(pause); err == nil {
-			break
-		}
-		select {
-		case res := <-done:
-			t.Fatalf("backup ended before reading: %d %s", res.code, res.errorMessage())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	resume := r.pausedBackup("backup-read")
 	lost := ""
 	for _, v := range r.s.VDIs() {
 		if v.Snapshot && v.Data && v.SnapshotOf == r.disks[1] {
@@ -653,8 +639,7 @@ func TestXAPICheckpointLost(t *testing.T) {
 	if lost == "" {
 		t.Fatal("no snapshot VDI of xvdb during the backup")
 	}
-	os.Remove(pause)
-	res := <-done
+	res := resume()
 	if res.code != 0 || !strings.Contains(strings.Join(res.warnings(), "\n"), "lost its changed block tracking metadata") {
 		t.Fatalf("backup: exit %d %s %v", res.code, res.errorMessage(), res.warnings())
 	}
@@ -664,6 +649,60 @@ func TestXAPICheckpointLost(t *testing.T) {
 	disks := diskSummaries(t, sum)
 	if disks["xvda"]["mode"] != "incremental" || disks["xvdb"]["mode"] != "full" || !strings.Contains(fmt.Sprint(disks["xvdb"]["reason"]), "gone from the pool") {
 		t.Fatalf("next backup: %v", disks)
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+}
+
+// pausedBackup starts a backup that pauses at point; it returns once the
+// backup got there, with the function that lets it go on and waits for
+// its end.
+func (r *xrig) pausedBackup(point string) (resume func() result) {
+	r.t.Helper()
+	pause := filepath.Join(r.t.TempDir(), "pause")
+	done := make(chan result, 1)
+	go func() {
+		done <- vmshadow(r.t, append(r.env, "VMSHADOW_PAUSE_AT="+point, "VMSHADOW_PAUSE_FILE="+pause), r.pool("backup", "--repo", r.repo)...)
+	}()
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		if _, err := os.Stat(pause); err == nil {
+			break
+		}
+		select {
+		case res := <-done:
+			r.t.Fatalf("backup ended before %s: exit %d %s", point, res.code, res.errorMessage())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("backup did not reach %s", point)
+		}
+	}
+	return func() result {
+		os.Remove(pause)
+		return <-done
+	}
+}
+
+// TestXAPINBDDrops: the pool's NBD server goes away while the backup
+// reads: the backup fails with a clear error and stores nothing, the
+// snapshot is released, and the next backup reads every change since the
+// last stored one.
+func TestXAPINBDDrops(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 16<<20)
+	r.fill(0, 0, 16<<20)
+	r.backup()
+	touched := map[int64]bool{}
+	r.scatter(0, 3, touched)
+	resume := r.pausedBackup("backup-read")
+	r.s.StopNBD()
+	res := resume()
+	if res.code != 10 || !strings.Contains(res.errorMessage(), "shadow copy of disk xvda") {
+		t.Fatalf("backup with the NBD server gone: exit %d %q", res.code, res.errorMessage())
+	}
+	r.clean()
+	want := r.expected()
+	sum := r.backup()
+	if d := diskSummaries(t, sum)["xvda"]; sum["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched))*testChunk {
+		t.Fatalf("next backup: %v read %d, want %d", sum["mode"], num(d["bytes_read"]), int64(len(touched))*testChunk)
 	}
 	r.restoreCompare(sum["backup_id"].(string), want)
 }

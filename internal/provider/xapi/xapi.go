@@ -94,9 +94,6 @@ type Disk struct {
 // Kind implements coord.Provider.
 func (p *Provider) Kind() string { return "xapi" }
 
-// Disks returns the disks found by Identify.
-func (p *Provider) Disks() []Disk { return p.disks }
-
 // Client returns the logged-in client, logging in if needed.
 func (p *Provider) Client(ctx context.Context) (*api.Client, error) {
 	if p.c != nil {
