@@ -10,11 +10,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
+	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/imagefile"
 	"github.com/vmshadow/vmshadow/internal/livebackup"
 	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
+	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
 
@@ -29,15 +31,16 @@ type backupFlags struct {
 	disks []string // NAME=IMAGE
 	tags  []string
 
-	live  vmFlags // --qmp and the snapshot-set flags: back up a running VM
-	full  bool
-	conns int
+	live   vmFlags // --qmp or --xapi and the snapshot-set flags: back up a running VM
+	full   bool
+	conns  int
+	repoVM string // with --xapi: the VM's name in the repository
 }
 
 func newBackupCmd(a *app) *cobra.Command {
 	var f backupFlags
 	cmd := &cobra.Command{
-		Use:   "backup --repo DIR (--qmp SOCKET [--qga SOCKET] [--hook PATH]... | --vm NAME --disk NAME=IMAGE.raw...)",
+		Use:   "backup --repo DIR (--qmp SOCKET [--qga SOCKET] [--hook PATH]... | --xapi URL --vm NAME|UUID [--hook PATH]... | --vm NAME --disk NAME=IMAGE.raw...)",
 		Short: "Back up a running VM, or disk images, into a repository",
 		Long: `With --qmp, back up a running QEMU VM: take a snapshot set (freezing the
 writers given with --qga and --hook), read its shadow copies over NBD, and
@@ -45,13 +48,17 @@ release it. The first backup into a repository reads every allocated extent;
 later ones read only what the VM's change tracking marks as changed since the
 last backup into the same repository, and take the rest from that backup.
 
+With --xapi and --vm, back up a VM of a XenServer / XCP-ng pool the same way:
+VM.snapshot with the --hook writers frozen around it, the snapshot's disks read
+over the pool's NBD (TLS), and changed block tracking (CBT) for incrementals.
+
 With --disk, back up the raw disk images of a VM (shut down, or any image).
 
 Unallocated ranges are not read; chunks already in the repository are not
 stored again. The summary lists what was read and stored per disk.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if f.live.qmp != "" {
+			if f.live.qmp != "" || f.live.x.url != "" {
 				return liveBackup(cmd.Context(), a, &f)
 			}
 			job, cleanup, err := imageJob(&f)
@@ -63,12 +70,14 @@ stored again. The summary lists what was read and stored per disk.`,
 		},
 	}
 	cmd.Flags().StringVar(&f.live.qmp, "qmp", "", "back up the running VM behind this QMP socket")
+	f.live.x.register(cmd, "xapi", "back up a VM of this XenServer / XCP-ng pool master, https://HOST (with --vm NAME|UUID)")
+	cmd.Flags().StringVar(&f.repoVM, "repo-vm", "", "with --xapi: name of the VM in the repository (default: its name-label, other characters than letters, digits, '.', '_' and '-' made '_')")
 	cmd.Flags().StringVar(&f.live.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
 	f.live.addSet(cmd)
-	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp: read every disk in full, not only what changed")
-	cmd.Flags().IntVar(&f.conns, "nbd-connections", 4, "with --qmp: NBD connections per disk")
+	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp or --xapi: read every disk in full, not only what changed")
+	cmd.Flags().IntVar(&f.conns, "nbd-connections", 4, "with --qmp or --xapi: NBD connections per disk")
 	f.repo.register(cmd)
-	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name)")
+	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")
 	cmd.Flags().StringArrayVar(&f.tags, "tag", nil, "tag to attach to the backup; repeat for several")
 	return cmd
@@ -152,6 +161,18 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	if len(f.disks) > 0 {
 		return errorf(errs.ErrUsage, "--disk backs up image files; with --qmp the VM's disks are found by themselves")
 	}
+	lo := livebackup.Options{VM: f.vm, Tags: f.tags, Full: f.full, Conns: f.conns}
+	if f.live.x.url != "" {
+		f.live.vm, lo.VM = f.vm, f.repoVM
+		if f.repoVM != "" {
+			if err := repo.ValidName("VM", f.repoVM); err != nil {
+				return fmt.Errorf("--repo-vm: %w", err)
+			}
+		}
+		lo.Name = func(vm coord.VMInfo) string { return xapiprov.RepoName(vm.Name) }
+	} else if f.repoVM != "" {
+		return errorf(errs.ErrUsage, "--repo-vm is for --xapi; with --qmp, --vm names the VM in the repository")
+	}
 	c, err := f.live.coordinator(a)
 	if err != nil {
 		return err
@@ -166,8 +187,14 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 		return err
 	}
 	defer unlock()
-	lb, err := livebackup.Start(ctx, r, livebackup.Options{Coordinator: c, Provider: c.Provider.(*qemu.Provider),
-		VM: f.vm, Tags: f.tags, Full: f.full, Conns: f.conns})
+	lo.Coordinator = c
+	switch p := c.Provider.(type) {
+	case *qemu.Provider:
+		lo.Provider = livebackup.QEMU{Provider: p}
+	case *xapiprov.Provider:
+		lo.Provider = livebackup.XAPI{Provider: p}
+	}
+	lb, err := livebackup.Start(ctx, r, lo)
 	if err != nil {
 		return err
 	}

@@ -13,19 +13,22 @@ func init() { commands = append(commands, newRecoverCmd) }
 func newRecoverCmd(a *app) *cobra.Command {
 	var f vmFlags
 	cmd := &cobra.Command{
-		Use:   "recover --qmp SOCKET [--qga SOCKET]",
+		Use:   "recover (--qmp SOCKET [--qga SOCKET] | --xapi URL --vm NAME|UUID)",
 		Short: "Undo a snapshot set left behind by a vmshadow that was killed",
 		Long: `recover thaws writers whose freeze was attempted, resumes the VM if vmshadow
 paused it, removes the set's exports, filters, nodes and scratch files, and any
 other vmshadow objects found in the VM. With --qga it also thaws the guest's file
-systems if they are frozen. On a clean VM it does nothing.`,
+systems if they are frozen. On a clean VM it does nothing.
+
+With --xapi it removes the set's snapshot and snapshot VDIs (waiting for a
+snapshot still being taken), and any other snapshot of the VM named vmshadow-*.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := f.coordinator(a)
 			if err != nil {
 				return err
 			}
-			s, err := c.Open(cmd.Context())
+			s, err := openSession(cmd.Context(), c)
 			if err != nil {
 				return err
 			}

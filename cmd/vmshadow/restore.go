@@ -1,14 +1,19 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
+	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
+	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
+	"github.com/vmshadow/vmshadow/internal/xapi"
 )
 
 func init() { commands = append(commands, newRestoreCmd) }
@@ -17,9 +22,11 @@ func newRestoreCmd(a *app) *cobra.Command {
 	var f repoFlags
 	var disks []string
 	var to, format string
+	var x xapiFlags
+	var sr, vmName, template string
 	cmd := &cobra.Command{
-		Use:   "restore --repo DIR BACKUP_ID [--disk NAME] --to PATH [--format raw|qcow2]",
-		Short: "Restore the disks of a backup to image files or block devices",
+		Use:   "restore --repo DIR BACKUP_ID [--disk NAME]... (--to PATH [--format raw|qcow2] | --to-xapi URL --sr NAME|UUID [--vm-name NEW])",
+		Short: "Restore the disks of a backup to image files, block devices, or a XenServer / XCP-ng pool",
 		Long: `Restore disks of a backup. BACKUP_ID may be any unambiguous prefix.
 
 With one disk (the backup has one, or --disk names one) --to is the output
@@ -28,11 +35,35 @@ needed, and each disk goes to DIR/NAME.raw (or NAME.qcow2).
 
 Raw files are sparse where the disk was zero. Every chunk is checked
 against its hash while restoring; a failed restore removes the file it
-created. Existing files are never overwritten.`,
+created. Existing files are never overwritten.
+
+With --to-xapi, each disk becomes a new VDI on the storage repository --sr of
+the pool, uploaded through XAPI (import_raw_vdi), whatever hypervisor the backup
+came from; with --vm-name a halted VM with those disks is created from the
+template --vm-template. A failed restore destroys what it created.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
+			switch {
+			case to != "" && x.url != "":
+				return errorf(errs.ErrUsage, "give --to PATH or --to-xapi URL, not both")
+			case to == "" && x.url == "":
+				return errorf(errs.ErrUsage, "no restore target: give --to PATH (or --to-xapi URL --sr NAME|UUID)")
+			case x.url == "" && (sr != "" || vmName != ""):
+				return errorf(errs.ErrUsage, "--sr and --vm-name go with --to-xapi")
+			case x.url != "" && sr == "":
+				return errorf(errs.ErrUsage, "--to-xapi needs --sr NAME|UUID, the storage repository of the new disks")
+			case x.url != "" && cmd.Flags().Changed("format"):
+				return errorf(errs.ErrUsage, "--format is for --to; a pool gets raw VDIs")
+			}
+			var pool xapi.Config
+			if x.url != "" {
+				var err error
+				if pool, err = x.config(a); err != nil {
+					return err
+				}
+			}
 			r, err := f.open(ctx)
 			if err != nil {
 				return err
@@ -50,6 +81,9 @@ created. Existing files are never overwritten.`,
 			m, err := r.LoadManifest(ctx, id)
 			if err != nil {
 				return err
+			}
+			if x.url != "" {
+				return restoreToXAPI(ctx, a, r, id, m, disks, pool, xapiprov.RestoreOptions{SR: sr, VMName: vmName, Template: template}, start)
 			}
 			targets, err := restore.Plan(m, disks, to, format)
 			if err != nil {
@@ -87,8 +121,66 @@ created. Existing files are never overwritten.`,
 	}
 	f.register(cmd)
 	cmd.Flags().StringArrayVar(&disks, "disk", nil, "restore only this disk; repeat for several (default: all)")
-	cmd.Flags().StringVar(&to, "to", "", "output file (one disk) or directory (several disks) (required)")
+	cmd.Flags().StringVar(&to, "to", "", "output file (one disk) or directory (several disks)")
 	cmd.Flags().StringVar(&format, "format", "raw", "output format: raw or qcow2")
-	cmd.MarkFlagRequired("to")
+	x.register(cmd, "to-xapi", "restore into this XenServer / XCP-ng pool master, https://HOST (with --sr)")
+	cmd.Flags().StringVar(&sr, "sr", "", "with --to-xapi: the storage repository (name-label or UUID) of the new VDIs")
+	cmd.Flags().StringVar(&vmName, "vm-name", "", "with --to-xapi: create a halted VM of this name with the restored disks")
+	cmd.Flags().StringVar(&template, "vm-template", "Other install media", "with --vm-name: the template the VM is created from (its CPU, memory and boot settings)")
 	return cmd
+}
+
+// restoreToXAPI restores the backup's disks into new VDIs of a pool.
+func restoreToXAPI(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *repo.Manifest, names []string, pool xapi.Config, o xapiprov.RestoreOptions, start time.Time) error {
+	var sel []repo.ManifestDisk
+	seen := map[string]bool{}
+	for _, n := range names {
+		d := m.Disk(n)
+		switch {
+		case seen[n]:
+			return errorf(errs.ErrUsage, "disk %q given twice", n)
+		case d == nil:
+			return fmt.Errorf("backup has no disk %q: %w", n, errs.ErrNotFound)
+		}
+		seen[n] = true
+		sel = append(sel, *d)
+	}
+	if len(names) == 0 {
+		sel = m.Disks
+	}
+	var total int64
+	for _, d := range sel {
+		total += d.Size
+	}
+	meter := progress.NewMeter(total)
+	stop := showProgress(ctx, a, "restore", meter)
+	o.Meter = meter
+	res, err := xapiprov.Restore(ctx, pool, r, m, sel, o)
+	stop()
+	if err != nil {
+		return err
+	}
+	s := struct {
+		BackupID     string                  `json:"backup_id"`
+		VM           string                  `json:"vm"`
+		Format       string                  `json:"format"`
+		Pool         string                  `json:"pool"`
+		SR           string                  `json:"sr"`
+		NewVM        string                  `json:"vm_uuid,omitempty"`
+		Disks        []xapiprov.RestoredDisk `json:"disks"`
+		BytesWritten int64                   `json:"bytes_written"`
+		DurationS    float64                 `json:"duration_s"`
+	}{BackupID: id.String(), VM: m.VM, Format: "xapi", Pool: pool.URL, SR: res.SR, NewVM: res.VM, Disks: res.Disks, DurationS: time.Since(start).Seconds()}
+	for _, d := range res.Disks {
+		s.BytesWritten += d.BytesWritten
+	}
+	a.out.Summary(s, func(w io.Writer) {
+		for _, d := range res.Disks {
+			fmt.Fprintf(w, "restored disk %s (%s) of backup %s to VDI %s on SR %s, verified\n", d.Name, progress.Bytes(d.Size), id.Short(), d.VDI, res.SR)
+		}
+		if res.VM != "" {
+			fmt.Fprintf(w, "created VM %s (%s), halted, with these disks\n", o.VMName, res.VM)
+		}
+	})
+	return nil
 }

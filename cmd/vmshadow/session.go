@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"time"
@@ -10,13 +11,18 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
+	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/writer"
 )
 
 // vmFlags are the flags that name a VM and the writers of its snapshot sets,
-// shared by the snapshot, recover and backup commands.
+// shared by the snapshot, recover and backup commands. A VM is a QEMU VM
+// behind a QMP socket (--qmp), or a XenServer / XCP-ng VM of a pool (--xapi
+// and --vm).
 type vmFlags struct {
 	qmp           string
+	x             xapiFlags
+	vm            string // with --xapi: the VM's name-label or UUID
 	qga           string
 	hooks         []string
 	guestHooks    []string
@@ -43,11 +49,12 @@ func defaultStateDir() string {
 	return filepath.Join(home, ".local", "state", "vmshadow")
 }
 
-// addVM adds --qmp and --state-dir.
+// addVM adds --qmp, the XAPI flags (--xapi, --vm, ...) and --state-dir.
 func (f *vmFlags) addVM(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.qmp, "qmp", "", "the VM's QMP UNIX socket (required)")
+	cmd.Flags().StringVar(&f.qmp, "qmp", "", "the QEMU VM's QMP UNIX socket (or --xapi and --vm)")
+	f.x.register(cmd, "xapi", "the XenServer / XCP-ng pool master, https://HOST (with --vm)")
+	cmd.Flags().StringVar(&f.vm, "vm", "", "with --xapi: the VM's name-label or UUID")
 	cmd.Flags().StringVar(&f.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
-	cmd.MarkFlagRequired("qmp")
 }
 
 // addWriters adds the writer flags (--qga, --hook).
@@ -68,8 +75,11 @@ func (f *vmFlags) addSet(cmd *cobra.Command) {
 
 // coordinator builds the coordinator for the flags.
 func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
-	if f.qmp == "" {
-		return nil, errorf(errs.ErrUsage, "--qmp is required")
+	switch {
+	case f.qmp != "" && f.x.url != "":
+		return nil, errorf(errs.ErrUsage, "give --qmp SOCKET (a QEMU VM) or --xapi URL (a XenServer / XCP-ng VM), not both")
+	case f.qmp == "" && f.x.url == "":
+		return nil, errorf(errs.ErrUsage, "--qmp is required (or --xapi URL --vm NAME|UUID for a XenServer / XCP-ng VM)")
 	}
 	opts := coord.Options{FreezeTimeout: f.freezeTimeout, WriterTimeout: f.writerTimeout,
 		Status: func(phase string) { a.out.Status(map[string]string{"phase": phase}, "") },
@@ -87,10 +97,24 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		scratch = filepath.Join(f.stateDir, "scratch")
 	}
 	c := &coord.Coordinator{
-		Provider: qemu.New(qemu.Options{QMPPath: f.qmp, ScratchDir: scratch, Warn: opts.Warn}),
-		Journal:  &coord.Journal{Dir: filepath.Join(f.stateDir, "journal")},
-		Rebuild:  writer.FromSpec,
-		Options:  opts,
+		Journal: &coord.Journal{Dir: filepath.Join(f.stateDir, "journal")},
+		Rebuild: writer.FromSpec,
+		Options: opts,
+	}
+	if f.x.url != "" {
+		if f.qga != "" || len(f.guestHooks) > 0 {
+			return nil, errorf(errs.ErrUsage, "--qga and --guest-hook talk to the QEMU guest agent, which XenServer VMs do not run: use --hook")
+		}
+		if f.vm == "" {
+			return nil, errorf(errs.ErrUsage, "--vm NAME|UUID is required with --xapi")
+		}
+		cfg, err := f.x.config(a)
+		if err != nil {
+			return nil, err
+		}
+		c.Provider = xapiprov.New(xapiprov.Options{Pool: cfg, VM: f.vm, Insecure: f.x.insecure, Warn: opts.Warn})
+	} else {
+		c.Provider = qemu.New(qemu.Options{QMPPath: f.qmp, ScratchDir: scratch, Warn: opts.Warn})
 	}
 	for _, h := range f.hooks {
 		w, err := writer.NewHook(h)
@@ -111,4 +135,16 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		c.Writers = append(c.Writers, ag) // file systems freeze last, thaw first
 	}
 	return c, nil
+}
+
+// openSession opens the coordinator's session. When that fails (the VM
+// is busy) the provider's connection is closed: for a pool, its session is
+// logged out rather than left to expire.
+func openSession(ctx context.Context, c *coord.Coordinator) (*coord.Session, error) {
+	s, err := c.Open(ctx)
+	if err != nil {
+		c.Provider.Close()
+		return nil, err
+	}
+	return s, nil
 }

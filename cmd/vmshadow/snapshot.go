@@ -17,7 +17,11 @@ func newSnapshotCmd(a *app) *cobra.Command {
 		Short: "Take, list and delete snapshot sets of a running VM",
 		Long: `A snapshot set captures every disk of a running VM at one instant, after the
 writers (the guest agent, hook scripts) froze, and exposes each disk's shadow copy
-as a read-only NBD export until the set is deleted.`,
+as a read-only NBD export until the set is deleted.
+
+A XenServer / XCP-ng VM (--xapi URL --vm NAME|UUID) is captured by VM.snapshot into
+a snapshot named vmshadow-<set id>; its disks are the shadow copies (snapshot VDIs,
+readable over the pool's NBD in a session of your own).`,
 	}
 	cmd.AddCommand(newSnapshotCreateCmd(a), newSnapshotListCmd(a), newSnapshotDeleteCmd(a))
 	return cmd
@@ -31,7 +35,11 @@ func printSet(w io.Writer, s coord.Info) {
 	}
 	fmt.Fprintf(w, "snapshot set %s of %s: %s-consistent, %s, created %s (%s)\n", s.ID, s.VM, s.Consistency, freeze, s.Created, s.Phase)
 	for _, sh := range s.Shadows {
-		fmt.Fprintf(w, "  %-12s %10s  %s\n", sh.Disk, humanBytes(sh.Size), sh.NBD)
+		where := sh.NBD
+		if where == "" { // XAPI: read in a session of your own (VDI.get_nbd_info)
+			where = "snapshot VDI " + sh.Node
+		}
+		fmt.Fprintf(w, "  %-12s %10s  %s\n", sh.Disk, humanBytes(sh.Size), where)
 	}
 	for _, wr := range s.Writers {
 		if wr.Error != "" {

@@ -10,15 +10,15 @@ import (
 func newSnapshotDeleteCmd(a *app) *cobra.Command {
 	var f vmFlags
 	cmd := &cobra.Command{
-		Use:   "delete --qmp SOCKET SET_ID",
-		Short: "Release a snapshot set: remove its exports, filters and scratch files",
+		Use:   "delete (--qmp SOCKET | --xapi URL --vm NAME|UUID) SET_ID",
+		Short: "Release a snapshot set: remove its exports, filters and scratch files (QEMU), or its snapshot (XAPI)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := f.coordinator(a)
 			if err != nil {
 				return err
 			}
-			s, err := c.Open(cmd.Context())
+			s, err := openSession(cmd.Context(), c)
 			if err != nil {
 				return err
 			}

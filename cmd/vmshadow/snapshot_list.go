@@ -12,7 +12,7 @@ import (
 func newSnapshotListCmd(a *app) *cobra.Command {
 	var f vmFlags
 	cmd := &cobra.Command{
-		Use:   "list --qmp SOCKET",
+		Use:   "list (--qmp SOCKET | --xapi URL --vm NAME|UUID)",
 		Short: "List the VM's snapshot sets",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -20,7 +20,7 @@ func newSnapshotListCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			s, err := c.Open(cmd.Context())
+			s, err := openSession(cmd.Context(), c)
 			if err != nil {
 				return err
 			}

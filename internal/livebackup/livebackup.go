@@ -4,7 +4,14 @@
 // backup of the VM, or everything allocated when the chain is broken),
 // and, once the backup pipeline has stored it, completes the change
 // tracking and releases the set. A backup that fails or is interrupted
-// merges the change tracking back, so no change is ever lost.
+// leaves the change tracking where the last stored backup left it, so no
+// change is ever lost.
+//
+// It is hypervisor-neutral: a Provider (the coordinator's provider plus
+// change tracking and a way to read each shadow copy) adapts each
+// hypervisor; QEMU (dirty bitmaps, qemu.go) and XAPI (changed block
+// tracking, xapi.go) are the two. Both feed the same backup pipeline and
+// the same repository format.
 //
 // The VM is locked for the whole backup, and the set is ephemeral: if the
 // process dies, the next backup (or recover) finds and undoes it.
@@ -19,19 +26,52 @@ import (
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
-	"github.com/vmshadow/vmshadow/internal/nbdsource"
-	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
+
+// Provider is what a live backup needs from a hypervisor's provider
+// besides the snapshot set itself.
+type Provider interface {
+	// Kind is the provider's name, recorded as the backups' source ("qemu",
+	// "xapi"); a chain continues only from a backup of the same kind.
+	Kind() string
+	// Track asks the next set to rotate change tracking for the repository
+	// whose checkpoints are named with prefix. prev is the repository's
+	// last backup of the VM (nil: none): its disks' Checkpoint and Size say
+	// where each disk's chain stands. full reads every disk in full (the
+	// chain still rotates). The set's shadows then carry Checkpoint (this
+	// backup's checkpoint), and Bitmap (the previous checkpoint the changes
+	// are relative to) or FullReason.
+	Track(prefix string, prev *repo.Manifest, full bool)
+	// Idle is called once the set exists, before its shadow copies are read:
+	// the provider may drop connections the read does not need.
+	Idle()
+	// Open opens a shadow copy of the set as a backup source. With
+	// incremental, ranges that did not change since sh.Bitmap are
+	// Unchanged; otherwise every allocated range is read.
+	Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (Source, error)
+	// Complete records that the backup is stored (its manifest durable):
+	// releasing the set then moves the chain on to this backup's
+	// checkpoints. Without it, release keeps the chain where it was.
+	Complete(set *coord.Set, save func() error) error
+}
+
+// Source is an open shadow copy.
+type Source interface {
+	backup.Source
+	Close() error
+}
 
 // Options of a live backup.
 type Options struct {
 	// Coordinator has the writers, journal and limits; its Provider is
-	// Provider.
+	// the coordinator's face of Provider.
 	Coordinator *coord.Coordinator
-	Provider    *qemu.Provider
-	// VM names the VM in the repository; default: the VM's own name.
+	Provider    Provider
+	// VM names the VM in the repository; default: Name of the VM the
+	// provider identified, or the VM's own name.
 	VM    string
+	Name  func(coord.VMInfo) string
 	Tags  []string
 	Full  bool // read every disk in full
 	Conns int  // NBD connections per disk
@@ -53,10 +93,11 @@ type Backup struct {
 
 	o       Options
 	session *coord.Session
-	sources []*nbdsource.Source
+	sources []Source
 }
 
-// BitmapPrefix names the repository's change-tracking bitmaps in QEMU.
+// BitmapPrefix names the repository's change tracking: its bitmaps in
+// QEMU, its checkpoint VDIs in XAPI.
 func BitmapPrefix(r *repo.Repo) string {
 	id := r.Config().ID
 	if len(id) > 16 {
@@ -73,6 +114,7 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	c.Ephemeral = true
 	s, err := c.Open(ctx)
 	if err != nil {
+		c.Provider.Close() // Open does not, when the VM is busy
 		return nil, err
 	}
 	b := &Backup{o: o, session: s}
@@ -88,34 +130,36 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 		b.close()
 	}()
 	vm := o.VM
-	if vm == "" {
+	switch {
+	case vm != "":
+	case o.Name != nil:
+		vm = o.Name(s.VM())
+	default:
 		vm = s.VM().Name
 	}
 	if err := repo.ValidName("vm", vm); err != nil {
 		return nil, fmt.Errorf("%w (name the VM in the repository with --vm)", err)
 	}
-	cp := &qemu.Checkpoint{Prefix: BitmapPrefix(r), Full: o.Full, Previous: map[string]qemu.Previous{}}
-	prev, err := r.LatestBackup(ctx, vm, func(b *repo.Backup) bool { return b.Source == "qemu" })
+	kind := o.Provider.Kind()
+	prev, err := r.LatestBackup(ctx, vm, func(b *repo.Backup) bool { return b.Source == kind })
 	switch {
 	case errors.Is(err, errs.ErrNotFound):
 		prev = nil
 	case err != nil:
 		return nil, fmt.Errorf("find the previous backup of %s: %w", vm, err)
-	default:
-		for _, d := range prev.Disks {
-			if d.Checkpoint != "" {
-				cp.Previous[d.Name] = qemu.Previous{Bitmap: d.Checkpoint, Size: d.Size}
-			}
-		}
 	}
-	o.Provider.SetCheckpoint(cp)
+	var prevManifest *repo.Manifest
+	if prev != nil {
+		prevManifest = prev.Manifest
+	}
+	o.Provider.Track(BitmapPrefix(r), prevManifest, o.Full)
 	set, err := s.Create(ctx)
 	if err != nil {
 		return nil, err
 	}
 	b.Set = set
-	o.Provider.Close() // do not hold the QMP socket during the read; reopened for Finish
-	b.Job = backup.Job{VM: vm, Tags: o.Tags, Time: set.Created, Source: "qemu", Consistency: set.Consistency.String(), SetID: set.ID}
+	o.Provider.Idle()
+	b.Job = backup.Job{VM: vm, Tags: o.Tags, Time: set.Created, Source: kind, Consistency: set.Consistency.String(), SetID: set.ID}
 	var reasons []string
 	incremental := 0
 	for _, sh := range set.Shadows {
@@ -137,14 +181,11 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 				incremental++
 			}
 		}
-		bitmap := ""
-		if plan.Mode == "incremental" {
-			bitmap = sh.Bitmap
-		} else {
+		if plan.Mode != "incremental" {
 			base = nil
 			reasons = append(reasons, sh.Disk+": "+plan.Reason)
 		}
-		src, err := nbdsource.Open(ctx, nbdsource.Options{Name: sh.Disk, URI: sh.NBD, Bitmap: bitmap, Conns: o.Conns})
+		src, err := o.Provider.Open(ctx, sh, plan.Mode == "incremental", o.Conns)
 		if err != nil {
 			return nil, err
 		}
@@ -174,7 +215,7 @@ func (b *Backup) Finish(ctx context.Context, stored bool) error {
 	}
 	b.sources = nil
 	if stored {
-		if err := b.o.Provider.CompleteCheckpoint(b.Set, func() error { return b.session.Save(b.Set) }); err != nil {
+		if err := b.o.Provider.Complete(b.Set, func() error { return b.session.Save(b.Set) }); err != nil {
 			return fmt.Errorf("record the backup's checkpoint: %w", err)
 		}
 	}

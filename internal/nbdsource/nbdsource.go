@@ -1,9 +1,11 @@
 // Package nbdsource reads a shadow copy exported over NBD as a backup
 // source: reads spread over a pool of connections, and an extent plan built
 // lazily from the export's allocation (base:allocation) and, for an
-// incremental backup, from the dirty bitmap exported with it
-// (qemu:dirty-bitmap:NAME). It is hypervisor-neutral: anything that exports
-// a point-in-time disk over NBD can be read through it.
+// incremental backup, from what changed since the base backup: the dirty
+// bitmap exported with it (qemu:dirty-bitmap:NAME, QEMU) or changed ranges
+// the hypervisor gave otherwise (XAPI's changed block tracking). It is
+// hypervisor-neutral: anything that exports a point-in-time disk over NBD
+// can be read through it.
 package nbdsource
 
 import (
@@ -15,6 +17,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
+	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/nbd"
 )
 
@@ -22,24 +25,45 @@ import (
 type Options struct {
 	Name string // the disk's name in the backup
 	URI  string // the shadow copy's NBD URI
+	// Target, when URI is empty, is the shadow copy (for export names that
+	// are tokens rather than URI paths, as XenServer's).
+	Target *nbd.Target
 	// Bitmap, if not empty, is the dirty bitmap exported with the shadow
 	// copy: what it does not mark is Unchanged since the base backup.
 	Bitmap string
-	Conns  int // connections for parallel reads; default 4
-	TLS    *tls.Config
+	// Changed, if not nil (and Bitmap empty), gives the changes since the
+	// base backup from outside the export: extents covering the disk in
+	// order, flagged nbd.StateDirty where the disk changed. What it does not
+	// mark is Unchanged. It is consumed once, by Extents.
+	Changed iter.Seq2[nbd.Extent, error]
+	Conns   int // connections for parallel reads; default 4
+	TLS     *tls.Config
+	// ServerErrorHint is added to errors the NBD server reports for a read
+	// (what such an error means for this kind of shadow copy).
+	ServerErrorHint string
+	// AllocationOptional reads a server that cannot report allocation (no
+	// structured replies, or no base:allocation context) as if every range
+	// held data, instead of failing. Not with Bitmap.
+	AllocationOptional bool
 }
 
 // Source is a shadow copy as a backup.Source.
 type Source struct {
-	o    Options
-	pool *nbd.Pool
+	o       Options
+	pool    *nbd.Pool
+	noAlloc bool // the server reports no allocation: everything is data
 }
 
 // Open connects to the shadow copy.
 func Open(ctx context.Context, o Options) (*Source, error) {
-	t, err := nbd.ParseURI(o.URI)
-	if err != nil {
-		return nil, err
+	var t nbd.Target
+	if o.URI != "" || o.Target == nil {
+		var err error
+		if t, err = nbd.ParseURI(o.URI); err != nil {
+			return nil, err
+		}
+	} else {
+		t = *o.Target
 	}
 	if o.Conns <= 0 {
 		o.Conns = 4
@@ -49,11 +73,20 @@ func Open(ctx context.Context, o Options) (*Source, error) {
 		contexts = append(contexts, nbd.ContextDirtyBitmap(o.Bitmap))
 	}
 	pool, err := nbd.DialPool(ctx, t, o.Conns, &nbd.Options{TLSConfig: o.TLS, MetaContexts: contexts})
+	noAlloc := false
+	if err != nil && o.AllocationOptional && o.Bitmap == "" && (errors.Is(err, errs.ErrUnsupported) || errors.Is(err, errs.ErrNotFound)) {
+		pool, err = nbd.DialPool(ctx, t, o.Conns, &nbd.Options{TLSConfig: o.TLS})
+		noAlloc = true
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open shadow copy of disk %s: %w", o.Name, err)
 	}
-	return &Source{o: o, pool: pool}, nil
+	return &Source{o: o, pool: pool, noAlloc: noAlloc}, nil
 }
+
+// Allocation reports whether the server tells which ranges hold data;
+// without it every range is read.
+func (s *Source) Allocation() bool { return !s.noAlloc }
 
 // Close drops the connections.
 func (s *Source) Close() error { return s.pool.Close() }
@@ -70,8 +103,8 @@ func (s *Source) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	n, err := s.pool.ReadAt(ctx, p, off)
 	if err != nil {
 		var se *nbd.ServerError
-		if errors.As(err, &se) {
-			return n, fmt.Errorf("read shadow copy of disk %s at offset %d: %w (the shadow copy is broken if its diff area filled up or failed: give the set more scratch space with --scratch-dir)", s.o.Name, off, err)
+		if errors.As(err, &se) && s.o.ServerErrorHint != "" {
+			return n, fmt.Errorf("read shadow copy of disk %s at offset %d: %w (%s)", s.o.Name, off, err, s.o.ServerErrorHint)
 		}
 		return n, fmt.Errorf("read shadow copy of disk %s at offset %d: %w", s.o.Name, off, err)
 	}
@@ -79,10 +112,17 @@ func (s *Source) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 }
 
 // Extents implements backup.Source: ranges that read as zeros are Zero;
-// with a bitmap, ranges it does not mark are Unchanged; the rest is Data.
+// with a bitmap or changed ranges, ranges they do not mark are Unchanged;
+// the rest is Data.
 func (s *Source) Extents(ctx context.Context) iter.Seq2[backup.Extent, error] {
 	size := s.Size()
 	alloc := s.pool.Extents(ctx, nbd.ContextBaseAllocation, 0, size)
+	if s.noAlloc {
+		alloc = func(yield func(nbd.Extent, error) bool) { yield(nbd.Extent{Offset: 0, Length: size}, nil) }
+	}
+	if s.o.Bitmap == "" && s.o.Changed != nil {
+		return merge(alloc, s.o.Changed, size, s.o.Name)
+	}
 	if s.o.Bitmap == "" {
 		return func(yield func(backup.Extent, error) bool) {
 			for e, err := range alloc {

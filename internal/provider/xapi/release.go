@@ -1,0 +1,200 @@
+package xapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/coord"
+	api "github.com/vmshadow/vmshadow/internal/xapi"
+)
+
+// Release implements coord.Provider. It waits for (or cancels) a snapshot
+// still being taken, destroys the set's snapshot VDIs (after a stored
+// backup only their data, keeping the CBT metadata as the new checkpoints,
+// and then the previous checkpoints), then the snapshot VM. Objects already
+// gone are skipped.
+//
+// When it recovers (a nil set, or a set left by another process), it also
+// removes any other vmshadow snapshot of the VM. A process releasing its
+// own set does not: the pool is shared, and another backup host may be
+// working on the VM (its snapshot is what made this set fail as busy).
+func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error) {
+	st, err := loadState(set)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := p.Client(ctx); err != nil {
+		return nil, err
+	}
+	r := &releaser{p: p}
+	if st == nil && set != nil {
+		// Prepare did not get to journal the state: only the snapshot name
+		// is known, and nothing was created yet unless a killed process
+		// got further than its journal says.
+		st = &state{Snapshot: Prefix + set.ID}
+	}
+	if st != nil {
+		r.state(ctx, st)
+	}
+	if set == nil || set.PID != os.Getpid() {
+		r.leftovers(ctx)
+	}
+	return r.removed, errors.Join(r.errs...)
+}
+
+type releaser struct {
+	p       *Provider
+	removed []string
+	errs    []error
+}
+
+func (r *releaser) try(what string, err error) {
+	switch {
+	case err == nil:
+		r.removed = append(r.removed, what)
+	case api.IsGone(err):
+	default:
+		r.errs = append(r.errs, fmt.Errorf("remove %s: %w", what, err))
+	}
+}
+
+func (r *releaser) state(ctx context.Context, st *state) {
+	c := r.p.c
+	if st.Task != "" {
+		// A snapshot may still be in the making: stop it, and wait until
+		// the pool says it ended, so that what it made can be removed. The
+		// task record goes too.
+		switch status, err := c.TaskStatus(ctx, st.Task); {
+		case err != nil || status == "":
+		case status == "pending" || status == "cancelling":
+			c.CancelTask(ctx, st.Task)
+			wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			c.WaitTask(wctx, "VM.snapshot", st.Task) // destroys the task
+			cancel()
+		default:
+			r.try("task "+st.Task, c.Call(ctx, "task.destroy", nil, st.Task))
+		}
+	}
+	snap, err := r.findSnapshot(ctx, st)
+	if err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	vdis := map[string]string{} // disk name -> snapshot VDI UUID
+	disks := map[string]diskState{}
+	for _, d := range st.Disks {
+		disks[d.Name] = d
+		if d.SnapshotVDI != "" {
+			vdis[d.Name] = d.SnapshotVDI
+		}
+	}
+	if snap != "" {
+		// The snapshot's disks, in case the process was killed before it
+		// journaled them.
+		if s, err := c.VMRecord(ctx, snap); err == nil {
+			for _, vref := range s.VBDs {
+				if b, err := c.VBDRecord(ctx, vref); err == nil && b.Type == "Disk" && !api.IsNull(b.VDI) {
+					if d, err := c.VDIRecord(ctx, b.VDI); err == nil && vdis[DiskName(b.Userdevice)] == "" {
+						vdis[DiskName(b.Userdevice)] = d.UUID
+					}
+				}
+			}
+		}
+	}
+	names := make([]string, 0, len(vdis))
+	for n := range vdis {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		u := vdis[n]
+		if st.Done && st.Prefix != "" && disks[n].CBT {
+			r.try("data of snapshot VDI "+u+" (its changed block tracking metadata kept as checkpoint)", r.dataDestroy(ctx, u))
+		} else {
+			r.try("snapshot VDI "+u, r.p.destroyVDI(ctx, u))
+		}
+	}
+	if st.Done {
+		for _, d := range st.Disks {
+			if d.Previous != "" && d.Previous != vdis[d.Name] {
+				r.try("checkpoint VDI "+d.Previous+" (superseded)", r.p.destroyVDI(ctx, d.Previous))
+			}
+		}
+	}
+	if snap != "" {
+		_, err := c.RunAsync(ctx, "VM.destroy", nil, snap)
+		r.try("snapshot "+st.Snapshot, err)
+	}
+}
+
+// findSnapshot finds the set's snapshot VM by UUID, else by name among the
+// VM's snapshots; "" when there is none.
+func (r *releaser) findSnapshot(ctx context.Context, st *state) (string, error) {
+	c := r.p.c
+	if st.SnapshotUUID != "" {
+		ref, err := c.VMByUUID(ctx, st.SnapshotUUID)
+		if api.IsGone(err) {
+			return "", nil
+		}
+		return ref, err
+	}
+	refs, err := c.VMsByName(ctx, st.Snapshot)
+	if err != nil {
+		return "", fmt.Errorf("find snapshot %s: %w", st.Snapshot, err)
+	}
+	for _, ref := range refs {
+		s, err := c.VMRecord(ctx, ref)
+		if err == nil && s.IsASnapshot && s.SnapshotOf == r.p.vmRef {
+			return ref, nil
+		}
+	}
+	return "", nil
+}
+
+// dataDestroy frees a snapshot VDI's data and keeps its CBT metadata. A
+// VDI that lost its CBT metadata meanwhile (CBT turned off) is destroyed:
+// the next backup finds its checkpoint gone and reads in full.
+func (r *releaser) dataDestroy(ctx context.Context, uuid string) error {
+	ref, err := r.p.c.VDIByUUID(ctx, uuid)
+	if err != nil {
+		return err
+	}
+	_, err = r.p.c.RunAsync(ctx, "VDI.data_destroy", nil, ref)
+	if api.IsCode(err, "VDI_NO_CBT_METADATA") {
+		r.p.warn("snapshot VDI %s lost its changed block tracking metadata: destroyed; the next backup of its disk reads it in full", uuid)
+		return r.p.destroyVDI(ctx, uuid)
+	}
+	return err
+}
+
+// leftovers removes vmshadow snapshots and tagged snapshot VDIs with data
+// that no journal accounts for.
+func (r *releaser) leftovers(ctx context.Context) {
+	p := r.p
+	if err := p.scan(ctx); err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	lo, err := p.findLeftovers(ctx)
+	if err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	for _, l := range lo {
+		for i, v := range l.vdis {
+			_, err := p.c.RunAsync(ctx, "VDI.destroy", nil, v)
+			r.try("snapshot VDI "+l.labels[i], err)
+		}
+		if l.vm != "" {
+			_, err := p.c.RunAsync(ctx, "VM.destroy", nil, l.vm)
+			r.try(l.what, err)
+		}
+	}
+	if err := p.scan(ctx); err != nil {
+		r.errs = append(r.errs, err)
+	}
+}

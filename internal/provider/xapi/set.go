@@ -1,0 +1,276 @@
+package xapi
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+
+	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/nbd"
+	api "github.com/vmshadow/vmshadow/internal/xapi"
+)
+
+// Prepare implements coord.Provider: it checks that the VM carries no
+// leftovers, that the pool serves VDIs over NBD, and, for a backup, plans
+// the change tracking (turning CBT on where it is off).
+func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() error) error {
+	if err := p.scan(ctx); err != nil { // fresh: a recover may have run since Identify
+		return err
+	}
+	if len(p.leftovers) > 0 {
+		return fmt.Errorf("VM %s carries objects of an earlier vmshadow snapshot set (%s): run 'vmshadow recover --xapi %s --vm %s': %w",
+			p.vm.NameLabel, strings.Join(p.leftovers, ", "), p.opts.Pool.URL, p.vm.UUID, errs.ErrBusy)
+	}
+	if len(p.disks) == 0 {
+		return fmt.Errorf("VM %s has no disks: nothing to snapshot: %w", p.vm.NameLabel, errs.ErrNotFound)
+	}
+	if err := p.checkNBD(ctx); err != nil {
+		return err
+	}
+	st := &state{Pool: p.c.Host(), VM: p.vm.UUID, Snapshot: Prefix + set.ID}
+	for _, d := range p.disks {
+		st.Disks = append(st.Disks, diskState{Disk: d})
+	}
+	if t := p.opts.Tracking; t != nil {
+		st.Prefix = t.Prefix
+		if err := p.planTracking(ctx, st); err != nil {
+			return fmt.Errorf("change tracking: %w", err)
+		}
+	}
+	return storeState(set, st, save)
+}
+
+// checkNBD fails unless a network of the pool has the nbd purpose (or
+// insecure_nbd, when allowed).
+func (p *Provider) checkNBD(ctx context.Context) error {
+	nets, err := p.c.Networks(ctx)
+	if err != nil {
+		return fmt.Errorf("list networks: %w", err)
+	}
+	insecure := false
+	for _, n := range nets {
+		for _, pu := range n.Purpose {
+			switch pu {
+			case "nbd":
+				return nil
+			case "insecure_nbd":
+				insecure = true
+			}
+		}
+	}
+	if insecure {
+		if p.opts.Insecure {
+			p.warn("the pool serves NBD without TLS (insecure_nbd): disk data and the session cross the network in clear")
+			return nil
+		}
+		return fmt.Errorf("pool %s serves NBD only without TLS (network purpose insecure_nbd), which sends the session and the disks in clear: give the network the nbd purpose instead (xe network-param-add param-name=purpose param-key=nbd uuid=NETWORK), or allow it with --insecure: %w",
+			p.c.Host(), errs.ErrUnsupported)
+	}
+	return fmt.Errorf("no network of pool %s is enabled for NBD, which vmshadow reads disks through: enable it on a network the backup host reaches (xe network-param-add param-name=purpose param-key=nbd uuid=NETWORK; wait 10 s for it to apply): %w",
+		p.c.Host(), errs.ErrUnsupported)
+}
+
+// Commit implements coord.Provider: Async.VM.snapshot captures every disk
+// of the VM at once. The task is journaled while it runs; when the freeze
+// window ends first, the task is asked to cancel and Commit returns, so
+// the writers thaw at once (Release waits for the task). Reading the
+// snapshot's details waits for Expose, after the thaw.
+func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) error {
+	st, err := loadState(set)
+	if err != nil || st == nil {
+		return fmt.Errorf("commit: no prepared state: %v", err)
+	}
+	started := func(task string) error {
+		st.Task = task
+		if err := storeState(set, st, save); err != nil {
+			return err
+		}
+		crashpoint.Hit("xapi-snapshot-started")
+		return nil
+	}
+	snap, err := p.c.RunAsync(ctx, "VM.snapshot", started, p.vmRef, st.Snapshot)
+	if err != nil {
+		return fmt.Errorf("VM.snapshot: %w", err)
+	}
+	crashpoint.Hit("xapi-snapshot-taken")
+	p.snapRef, st.Task = snap, ""
+	return storeState(set, st, save)
+}
+
+// recordSnapshot journals the snapshot VM's UUID and its disks' VDIs.
+func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state, ref string, save func() error) error {
+	r, err := p.c.VMRecord(ctx, ref)
+	if err != nil {
+		return fmt.Errorf("read snapshot %s: %w", st.Snapshot, err)
+	}
+	st.SnapshotUUID = r.UUID
+	byDevice := map[string]string{}
+	for _, vref := range r.VBDs {
+		b, err := p.c.VBDRecord(ctx, vref)
+		if err != nil {
+			return fmt.Errorf("read VBD of snapshot %s: %w", st.Snapshot, err)
+		}
+		if b.Type == "Disk" && !api.IsNull(b.VDI) {
+			d, err := p.c.VDIRecord(ctx, b.VDI)
+			if err != nil {
+				return fmt.Errorf("read snapshot VDI: %w", err)
+			}
+			byDevice[b.Userdevice] = d.UUID
+		}
+	}
+	var missing []string
+	for i := range st.Disks {
+		d := &st.Disks[i]
+		if d.SnapshotVDI = byDevice[d.Userdevice]; d.SnapshotVDI == "" {
+			missing = append(missing, d.Name)
+		}
+	}
+	if err := storeState(set, st, save); err != nil {
+		return err
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("snapshot %s has no copy of disks %v", st.Snapshot, missing)
+	}
+	return nil
+}
+
+// Expose implements coord.Provider: each snapshot VDI is tagged as the
+// set's, its NBD connection details are fetched, and for a backup the
+// changed blocks since the previous checkpoint are listed.
+func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error) error {
+	st, err := loadState(set)
+	if err != nil || st == nil {
+		return fmt.Errorf("expose: no state: %v", err)
+	}
+	if err := p.recordSnapshot(ctx, set, st, p.snapRef, save); err != nil {
+		return err
+	}
+	set.Shadows = nil
+	for i := range st.Disks {
+		d := &st.Disks[i]
+		ref, err := p.c.VDIByUUID(ctx, d.SnapshotVDI)
+		if err != nil {
+			return fmt.Errorf("disk %s: snapshot VDI %s: %w", d.Name, d.SnapshotVDI, err)
+		}
+		tags := map[string]string{keySet: set.ID}
+		if st.Prefix != "" {
+			tags[keyChain] = st.Prefix
+		}
+		for k, v := range tags {
+			if err := p.c.Call(ctx, "VDI.add_to_other_config", nil, ref, k, v); err != nil && !api.IsCode(err, "MAP_DUPLICATE_KEY") {
+				return fmt.Errorf("disk %s: tag snapshot VDI: %w", d.Name, err)
+			}
+		}
+		infos, err := p.c.NBDInfo(ctx, ref)
+		if err != nil {
+			return fmt.Errorf("disk %s: NBD connection details of snapshot VDI %s: %w", d.Name, d.SnapshotVDI, err)
+		}
+		if len(infos) == 0 {
+			return fmt.Errorf("disk %s: the pool offers no NBD connection to snapshot VDI %s: is a network with the nbd purpose connected to the host that holds its storage? %w",
+				d.Name, d.SnapshotVDI, errs.ErrUnsupported)
+		}
+		info := infos[0]
+		if info.Cert == "" && !p.opts.Insecure {
+			return fmt.Errorf("disk %s: the pool serves NBD without TLS (insecure_nbd): allow it with --insecure: %w", d.Name, errs.ErrUnsupported)
+		}
+		p.nbd[d.SnapshotVDI] = info
+		sh := coord.Shadow{ID: fmt.Sprintf("%s-%d", set.ID, i), Disk: d.Name, Node: d.SnapshotVDI, Size: d.Size}
+		if st.Prefix != "" {
+			if d.CBT {
+				sh.Checkpoint = d.SnapshotVDI
+			}
+			p.listChanges(ctx, d, ref)
+			sh.Bitmap, sh.FullReason = d.Base, d.FullReason
+		}
+		set.Shadows = append(set.Shadows, sh)
+	}
+	crashpoint.Hit("xapi-exposed")
+	return storeState(set, st, save)
+}
+
+// listChanges asks for the blocks changed since the disk's previous
+// checkpoint; anything that makes the answer unusable turns the disk's
+// read into a full one, with the reason.
+func (p *Provider) listChanges(ctx context.Context, d *diskState, snapRef string) {
+	if d.Base == "" {
+		return
+	}
+	full := func(format string, args ...any) {
+		d.FullReason, d.Base = fmt.Sprintf(format, args...), ""
+	}
+	prev, err := p.c.VDIByUUID(ctx, d.Base)
+	if err != nil {
+		full("the previous checkpoint VDI %s cannot be read (%v)", d.Base, err)
+		return
+	}
+	b64, err := p.c.ListChangedBlocks(ctx, prev, snapRef)
+	if err != nil {
+		full("CBT cannot compare the disk with the previous checkpoint VDI %s (%v)", d.Base, err)
+		return
+	}
+	cb, err := api.ParseChangedBlocks(b64, d.Size)
+	if err != nil {
+		full("XAPI's list of changed blocks since checkpoint VDI %s is unusable (%v)", d.Base, err)
+		return
+	}
+	p.cbt[d.SnapshotVDI] = cb
+}
+
+// Alive implements coord.Provider: the set is alive while its snapshot VM
+// exists.
+func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
+	st, err := loadState(set)
+	if err != nil || st == nil || st.SnapshotUUID == "" {
+		return false, err
+	}
+	_, err = p.c.VMByUUID(ctx, st.SnapshotUUID)
+	if api.IsGone(err) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Idle is called once the set exists and before its shadow copies are
+// read. The session must stay logged in: the NBD exports live with it.
+func (p *Provider) Idle() {}
+
+// NBD returns how to read a shadow copy of the set exposed by this
+// process: the target (its export name holds the session) and the TLS
+// configuration, which trusts exactly the certificate XAPI reported for
+// the NBD server (nil for insecure_nbd).
+func (p *Provider) NBD(sh coord.Shadow) (nbd.Target, *tls.Config, error) {
+	info, ok := p.nbd[sh.Node]
+	if !ok {
+		return nbd.Target{}, nil, fmt.Errorf("disk %s: snapshot VDI %s was not exposed by this process", sh.Disk, sh.Node)
+	}
+	t := nbd.Target{Network: "tcp", Address: net.JoinHostPort(info.Address, strconv.FormatInt(int64(info.Port), 10)), Export: info.ExportName}
+	if info.Cert == "" {
+		return t, nil, nil
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(info.Cert)) {
+		return nbd.Target{}, nil, fmt.Errorf("disk %s: the NBD server certificate XAPI reported is not PEM: %w", sh.Disk, errs.ErrConnect)
+	}
+	t.TLS = true
+	t.TLSHostname = info.Subject
+	if t.TLSHostname == "" {
+		t.TLSHostname = info.Address
+	}
+	return t, &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
+
+// ChangedBlocks returns the changes of a shadow copy since its previous
+// checkpoint (sh.Bitmap), listed when the set was exposed.
+func (p *Provider) ChangedBlocks(sh coord.Shadow) (*api.ChangedBlocks, error) {
+	cb, ok := p.cbt[sh.Node]
+	if !ok {
+		return nil, fmt.Errorf("disk %s: no list of changed blocks for snapshot VDI %s", sh.Disk, sh.Node)
+	}
+	return cb, nil
+}

@@ -1,0 +1,305 @@
+package xapitest
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+)
+
+// What tests do to the pool "by hand", as an administrator or the guest
+// would. Each helper fails the test on misuse.
+
+// AddSR adds a storage repository with a PBD on the pool's host and
+// returns its UUID. VDIs created on an SR of type "lvm" are not zeroed.
+func (s *Server) AddSR(name, typ string, shared bool) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := &sr{ref: newRef(), uuid: newUUID(), name: name, typ: typ, shared: shared}
+	p := &pbd{ref: newRef(), uuid: newUUID(), sr: r.ref}
+	r.pbd = p.ref
+	s.srs[r.ref], s.pbds[p.ref] = r, p
+	return r.uuid
+}
+
+// AddVM adds a VM named name with one disk per size (on the first SR,
+// userdevices 0, 1, ...) and, when running, attached VBDs. It returns the
+// VM's UUID and its disks' VDI UUIDs.
+func (s *Server) AddVM(name string, running bool, sizes ...int64) (string, []string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var first *sr
+	for _, r := range s.srs {
+		if r.name == "Local storage" {
+			first = r
+		}
+	}
+	power := "Halted"
+	if running {
+		power = "Running"
+	}
+	v := &vm{ref: newRef(), uuid: newUUID(), name: name, power: power, other: map[string]string{}}
+	cd := &vbd{ref: newRef(), uuid: newUUID(), vm: v.ref, vdi: nullRef, userdevice: "3", typ: "CD", mode: "RO", empty: true, attached: running}
+	s.vbds[cd.ref] = cd
+	var uuids []string
+	for i, size := range sizes {
+		d, err := s.newVDI(first, fmt.Sprintf("%s disk %d", name, i), size, false)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		b := &vbd{ref: newRef(), uuid: newUUID(), vm: v.ref, vdi: d.ref, userdevice: strconv.Itoa(i), typ: "Disk", mode: "RW",
+			attached: running, bootable: i == 0}
+		s.vbds[b.ref] = b
+		v.vbds = append(v.vbds, b.ref)
+		uuids = append(uuids, d.uuid)
+	}
+	v.vbds = append(v.vbds, cd.ref)
+	s.vms[v.ref] = v
+	return v.uuid, uuids
+}
+
+func (s *Server) vdiByUUIDLocked(uuid string) *vdi {
+	for _, d := range s.vdis {
+		if d.uuid == uuid {
+			return d
+		}
+	}
+	s.t.Fatalf("xapitest: no VDI %s", uuid)
+	return nil
+}
+
+// Write writes data into the VDI at off, as the guest would, and records
+// the 64 KiB blocks it touches for changed block tracking.
+func (s *Server) Write(uuid string, off int64, data []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	if d.path == "" || off < 0 || off+int64(len(data)) > d.size {
+		s.t.Fatalf("xapitest: write %d bytes at %d into VDI %s of %d bytes (data %v)", len(data), off, uuid, d.size, d.path != "")
+	}
+	f, err := os.OpenFile(d.path, os.O_WRONLY, 0)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(data, off); err != nil {
+		s.t.Fatal(err)
+	}
+	if d.cbt && len(data) > 0 {
+		for b := off / cbtBlock; b <= (off+int64(len(data))-1)/cbtBlock; b++ {
+			d.dirty[b] = true
+		}
+	}
+}
+
+// Read returns the VDI's content.
+func (s *Server) Read(uuid string) []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	if d.path == "" {
+		s.t.Fatalf("xapitest: VDI %s has no data (%s)", uuid, d.typ)
+	}
+	b, err := os.ReadFile(d.path)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return b
+}
+
+// VDI describes a VDI for tests.
+type VDI struct {
+	UUID, Name, Type, SnapshotOf string
+	Size                         int64
+	CBT, Snapshot, Data          bool
+	OtherConfig                  map[string]string
+}
+
+// VDIs lists the pool's VDIs, sorted by UUID.
+func (s *Server) VDIs() []VDI {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []VDI
+	for _, d := range s.vdis {
+		x := VDI{UUID: d.uuid, Name: d.name, Type: d.typ, Size: d.size, CBT: d.cbt, Snapshot: d.snapshot, Data: d.path != "", OtherConfig: map[string]string{}}
+		if p := s.vdis[d.snapshotOf]; p != nil {
+			x.SnapshotOf = p.uuid
+		}
+		for k, v := range d.other {
+			x.OtherConfig[k] = v
+		}
+		out = append(out, x)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].UUID < out[j].UUID })
+	return out
+}
+
+// VMDisks returns the VDI UUIDs of a VM's disks in userdevice order.
+func (s *Server) VMDisks(vmUUID string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, v := range s.vms {
+		if v.uuid != vmUUID {
+			continue
+		}
+		type ud struct {
+			n    int
+			uuid string
+		}
+		var disks []ud
+		for _, r := range v.vbds {
+			b := s.vbds[r]
+			if d := s.vdis[b.vdi]; b.typ == "Disk" && d != nil {
+				n, _ := strconv.Atoi(b.userdevice)
+				disks = append(disks, ud{n, d.uuid})
+			}
+		}
+		sort.Slice(disks, func(i, j int) bool { return disks[i].n < disks[j].n })
+		var out []string
+		for _, d := range disks {
+			out = append(out, d.uuid)
+		}
+		return out
+	}
+	return nil
+}
+
+// VMsNamed returns the UUIDs of the VMs (not templates or snapshots) named name.
+func (s *Server) VMsNamed(name string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, v := range s.vms {
+		if v.name == name && !v.template && !v.snapshot {
+			out = append(out, v.uuid)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// DisableCBT turns changed block tracking off on a VDI (an administrator's
+// vdi-disable-cbt): the chain is broken.
+func (s *Server) DisableCBT(uuid string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	d.cbt, d.chain, d.dirty = false, 0, nil
+}
+
+// MigrateVDI moves a VDI to another SR as storage migration does: the disk
+// gets a new VDI (new UUID and reference, same data) without changed block
+// tracking, and the old one is gone. It returns the new UUID.
+func (s *Server) MigrateVDI(uuid string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	nd := &vdi{ref: newRef(), uuid: newUUID(), name: d.name, sr: d.sr, typ: d.typ, size: d.size, other: map[string]string{}, path: d.path}
+	nd.path = d.path + ".migrated"
+	if err := copySparse(d.path, nd.path, d.size); err != nil {
+		s.t.Fatal(err)
+	}
+	for _, b := range s.vbds {
+		if b.vdi == d.ref {
+			b.vdi = nd.ref
+		}
+	}
+	os.Remove(d.path)
+	delete(s.vdis, d.ref)
+	s.vdis[nd.ref] = nd
+	return nd.uuid
+}
+
+// ResizeVDI changes a disk's size (growing or shrinking its file).
+func (s *Server) ResizeVDI(uuid string, size int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	if err := os.Truncate(d.path, size); err != nil {
+		s.t.Fatal(err)
+	}
+	d.size = size
+}
+
+// DestroyVDI removes a VDI (an administrator deleting a snapshot).
+func (s *Server) DestroyVDI(uuid string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	s.dropData(d)
+	delete(s.vdis, d.ref)
+}
+
+// Sessions is the number of sessions logged in.
+func (s *Server) Sessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+// PendingTasks is the number of tasks not destroyed.
+func (s *Server) PendingTasks() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.tasks)
+}
+
+// AddDisk gives a VM one more disk (next free userdevice, attached if the
+// VM runs) and returns its VDI UUID.
+func (s *Server) AddDisk(vmUUID string, size int64) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, v := range s.vms {
+		if v.uuid != vmUUID {
+			continue
+		}
+		used := map[string]bool{}
+		var sr *sr
+		for _, r := range v.vbds {
+			b := s.vbds[r]
+			used[b.userdevice] = true
+			if d := s.vdis[b.vdi]; d != nil && sr == nil {
+				sr = s.srs[d.sr]
+			}
+		}
+		n := 0
+		for used[strconv.Itoa(n)] {
+			n++
+		}
+		d, err := s.newVDI(sr, fmt.Sprintf("%s disk %d", v.name, n), size, false)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		b := &vbd{ref: newRef(), uuid: newUUID(), vm: v.ref, vdi: d.ref, userdevice: strconv.Itoa(n), typ: "Disk", mode: "RW", attached: v.power == "Running"}
+		s.vbds[b.ref] = b
+		v.vbds = append(v.vbds, b.ref)
+		return d.uuid
+	}
+	s.t.Fatalf("xapitest: no VM %s", vmUUID)
+	return ""
+}
+
+// VMs lists the VMs (not templates) as "name-label uuid snapshot=BOOL",
+// sorted.
+func (s *Server) VMs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, v := range s.vms {
+		if !v.template {
+			out = append(out, fmt.Sprintf("%s %s snapshot=%v", v.name, v.uuid, v.snapshot))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// EnableCBT turns changed block tracking on (an administrator's
+// vdi-enable-cbt): a new chain, unrelated to earlier snapshots.
+func (s *Server) EnableCBT(uuid string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.vdiByUUIDLocked(uuid)
+	s.chainSeq++
+	d.cbt, d.chain, d.dirty = true, s.chainSeq, map[int64]bool{}
+}

@@ -1,0 +1,116 @@
+package xapitest
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/qmp"
+)
+
+// nbdServer is the pool's NBD server: a real qemu-storage-daemon, driven
+// over QMP, serving each VDI a session asked for (VDI.get_nbd_info) as a
+// read-only export named "/<vdi-uuid>?session_id=<session>", as XenServer's
+// NBD server names them, over TLS (nbd networks) or not (insecure_nbd).
+type nbdServer struct {
+	cmd     *exec.Cmd
+	qmp     *qmp.Client
+	port    int
+	seq     int
+	exports map[string]string // export name -> export id
+	nodes   map[string]string // export id -> node name
+}
+
+func startNBD(ctx context.Context, dir, tlsDir string) (*nbdServer, error) {
+	// The listening socket is made here and inherited as fd 3, so the port
+	// is known without a race.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	sock := filepath.Join(dir, "qsd.qmp")
+	args := []string{"--chardev", "socket,id=m,path=" + sock + ",server=on,wait=off", "--monitor", "chardev=m"}
+	server := "addr.type=fd,addr.str=3"
+	if tlsDir != "" {
+		args = append(args, "--object", "tls-creds-x509,id=tls0,dir="+tlsDir+",endpoint=server,verify-peer=off")
+		server += ",tls-creds=tls0"
+	}
+	args = append(args, "--nbd-server", server)
+	cmd := exec.Command("qemu-storage-daemon", args...)
+	cmd.ExtraFiles = []*os.File{f} // its TLS failures are the client's to report
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start qemu-storage-daemon: %w", err)
+	}
+	n := &nbdServer{cmd: cmd, port: ln.Addr().(*net.TCPAddr).Port, exports: map[string]string{}, nodes: map[string]string{}}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if n.qmp, err = qmp.Dial(ctx, sock); err == nil {
+			return n, nil
+		}
+	}
+	n.stop()
+	return nil, fmt.Errorf("connect to qemu-storage-daemon: %w", err)
+}
+
+// export serves the raw file path read-only under name (idempotent).
+func (n *nbdServer) export(ctx context.Context, name, path string) error {
+	if _, ok := n.exports[name]; ok {
+		return nil
+	}
+	n.seq++
+	node, id := fmt.Sprintf("n%d", n.seq), fmt.Sprintf("e%d", n.seq)
+	err := n.qmp.Execute(ctx, "blockdev-add", map[string]any{"driver": "raw", "node-name": node, "read-only": true,
+		"file": map[string]any{"driver": "file", "filename": path, "read-only": true}}, nil)
+	if err != nil {
+		return fmt.Errorf("blockdev-add: %w", err)
+	}
+	err = n.qmp.Execute(ctx, "block-export-add", map[string]any{"type": "nbd", "id": id, "node-name": node, "name": name, "writable": false}, nil)
+	if err != nil {
+		n.qmp.Execute(ctx, "blockdev-del", map[string]any{"node-name": node}, nil)
+		return fmt.Errorf("block-export-add: %w", err)
+	}
+	n.exports[name] = id
+	n.nodes[id] = node
+	return nil
+}
+
+// unexport removes an export, dropping its clients, and its node.
+func (n *nbdServer) unexport(ctx context.Context, name string) error {
+	id, ok := n.exports[name]
+	if !ok {
+		return nil
+	}
+	delete(n.exports, name)
+	node := n.nodes[id]
+	delete(n.nodes, id)
+	if err := n.qmp.Execute(ctx, "block-export-del", map[string]any{"id": id, "mode": "hard"}, nil); err != nil {
+		return err
+	}
+	// The export goes away asynchronously; its node is busy until then.
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if err = n.qmp.Execute(ctx, "blockdev-del", map[string]any{"node-name": node}, nil); err == nil {
+			return nil
+		}
+	}
+	return err
+}
+
+func (n *nbdServer) stop() {
+	if n.qmp != nil {
+		n.qmp.Close()
+	}
+	if n.cmd.Process != nil {
+		n.cmd.Process.Kill()
+		n.cmd.Wait()
+	}
+}
