@@ -6,6 +6,7 @@ need=""
 want() { command -v "$1" >/dev/null 2>&1 || need="$need $2"; }
 want qemu-system-x86_64 qemu-system-x86
 want qemu-img qemu-utils
+want qemu-storage-daemon qemu-system-common
 want qemu-nbd qemu-utils
 want nbdkit nbdkit
 want nbdinfo libnbd-bin
