@@ -50,9 +50,9 @@ func newXRig(t *testing.T, opts xapitest.Options, sizes ...int64) *xrig {
 }
 
 // callsDocumented checks that every XAPI call vmshadow made is in the
-// list of docs/README-xapi.md.
+// list of README.md.
 func callsDocumented(t *testing.T, s *xapitest.Server) {
-	doc, err := os.ReadFile("../../docs/README-xapi.md")
+	doc, err := os.ReadFile("../../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func callsDocumented(t *testing.T, s *xapitest.Server) {
 	list, _, _ = strings.Cut(list, "###")
 	for _, c := range s.Calls() {
 		if !strings.Contains(list, "`"+c+"`") {
-			t.Errorf("vmshadow called %s, which docs/README-xapi.md does not list", c)
+			t.Errorf("vmshadow called %s, which README.md does not list", c)
 		}
 	}
 }
