@@ -177,16 +177,11 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	if err != nil {
 		return err
 	}
-	r, err := f.repo.open(ctx)
+	r, ctx, done, err := f.repo.openLocked(ctx, a, false, "backup")
 	if err != nil {
 		return err
 	}
-	defer r.Close()
-	ctx, unlock, err := lock(ctx, a, r, false, "backup")
-	if err != nil {
-		return err
-	}
-	defer unlock()
+	defer done()
 	lo.Coordinator = c
 	switch p := c.Provider.(type) {
 	case *qemu.Provider:
@@ -222,16 +217,11 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 // runBackup opens the repository, runs the job under a shared lock with
 // progress, and prints the summary.
 func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job, live *livebackup.Backup) error {
-	r, err := f.repo.open(ctx)
+	r, ctx, done, err := f.repo.openLocked(ctx, a, false, "backup")
 	if err != nil {
 		return err
 	}
-	defer r.Close()
-	ctx, unlock, err := lock(ctx, a, r, false, "backup")
-	if err != nil {
-		return err
-	}
-	defer unlock()
+	defer done()
 	return runJob(ctx, a, r, job, live)
 }
 

@@ -47,16 +47,11 @@ func newBackupsCmd(a *app) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := f.open(ctx)
+			r, ctx, done, err := f.openLocked(ctx, a, false, "list")
 			if err != nil {
 				return err
 			}
-			defer r.Close()
-			ctx, unlock, err := lock(ctx, a, r, false, "list")
-			if err != nil {
-				return err
-			}
-			defer unlock()
+			defer done()
 			list, bad, err := r.ListBackups(ctx)
 			if err != nil {
 				return err

@@ -30,16 +30,11 @@ refuses to delete anything while a manifest or index cannot be read.`,
 				return errorf(errs.ErrUsage, "--grace must be positive (it protects the data of backups still being written)")
 			}
 			ctx := cmd.Context()
-			r, err := f.open(ctx)
+			r, ctx, done, err := f.openLocked(ctx, a, true, "gc")
 			if err != nil {
 				return err
 			}
-			defer r.Close()
-			ctx, unlock, err := lock(ctx, a, r, true, "gc")
-			if err != nil {
-				return err
-			}
-			defer unlock()
+			defer done()
 			res, err := r.GC(ctx, o)
 			if err != nil {
 				return err

@@ -24,11 +24,7 @@ With --xapi it removes the set's snapshot and snapshot VDIs (waiting for a
 snapshot still being taken), and any other snapshot of the VM named vmshadow-*.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := f.coordinator(a)
-			if err != nil {
-				return err
-			}
-			s, err := openSession(cmd.Context(), c)
+			s, err := f.session(cmd.Context(), a, true)
 			if err != nil {
 				return err
 			}

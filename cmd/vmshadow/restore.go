@@ -64,16 +64,11 @@ template --vm-template. A failed restore destroys what it created.`,
 					return err
 				}
 			}
-			r, err := f.open(ctx)
+			r, ctx, done, err := f.openLocked(ctx, a, false, "restore")
 			if err != nil {
 				return err
 			}
-			defer r.Close()
-			ctx, unlock, err := lock(ctx, a, r, false, "restore")
-			if err != nil {
-				return err
-			}
-			defer unlock()
+			defer done()
 			id, err := r.FindBackup(ctx, args[0])
 			if err != nil {
 				return err

@@ -17,6 +17,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/instant"
 	"github.com/vmshadow/vmshadow/internal/nbd"
+	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
 
@@ -57,17 +58,12 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 			if err != nil {
 				return err
 			}
-			r, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
 			// A shared lock keeps gc from removing chunks while they are served.
-			ctx, unlock, err := lock(ctx, a, r, false, "serve")
+			r, ctx, release, err := f.openLocked(ctx, a, false, "serve")
 			if err != nil {
 				return err
 			}
-			defer unlock()
+			defer release()
 			id, err := r.FindBackup(ctx, args[0])
 			if err != nil {
 				return err
@@ -133,7 +129,7 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 				a.out.Status(struct {
 					Phase string `json:"phase"`
 					servedExport
-				}{"serving", s}, fmt.Sprintf("serving %s (%s) at %s", s.Disk, humanBytes(s.Size), s.NBD))
+				}{"serving", s}, fmt.Sprintf("serving %s (%s) at %s", s.Disk, progress.Bytes(s.Size), s.NBD))
 			}
 			done := make(chan error, 1)
 			go func() { done <- srv.Serve(ln) }()

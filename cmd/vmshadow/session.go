@@ -137,14 +137,16 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	return c, nil
 }
 
-// openSession opens the coordinator's session. When that fails (the VM
-// is busy) the provider's connection is closed: for a pool, its session is
-// logged out rather than left to expire.
-func openSession(ctx context.Context, c *coord.Coordinator) (*coord.Session, error) {
-	s, err := c.Open(ctx)
+// session builds the coordinator and opens its session: locked for
+// commands that change the VM, or not (Inspect) for those that only read
+// its state while another process may hold the lock.
+func (f *vmFlags) session(ctx context.Context, a *app, locked bool) (*coord.Session, error) {
+	c, err := f.coordinator(a)
 	if err != nil {
-		c.Provider.Close()
 		return nil, err
 	}
-	return s, nil
+	if locked {
+		return c.Open(ctx)
+	}
+	return c.Inspect(ctx)
 }

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/progress"
 )
 
 func init() { commands = append(commands, newSnapshotCmd) }
@@ -39,24 +40,11 @@ func printSet(w io.Writer, s coord.Info) {
 		if where == "" { // XAPI: read in a session of your own (VDI.get_nbd_info)
 			where = "snapshot VDI " + sh.Node
 		}
-		fmt.Fprintf(w, "  %-12s %10s  %s\n", sh.Disk, humanBytes(sh.Size), where)
+		fmt.Fprintf(w, "  %-12s %10s  %s\n", sh.Disk, progress.Bytes(sh.Size), where)
 	}
 	for _, wr := range s.Writers {
 		if wr.Error != "" {
 			fmt.Fprintf(w, "  writer %s: %s (%s)\n", wr.Name, wr.State, wr.Error)
 		}
 	}
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

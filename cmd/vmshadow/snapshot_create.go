@@ -13,11 +13,7 @@ func newSnapshotCreateCmd(a *app) *cobra.Command {
 		Short: "Take a snapshot set of every disk of a running VM",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := f.coordinator(a)
-			if err != nil {
-				return err
-			}
-			s, err := openSession(cmd.Context(), c)
+			s, err := f.session(cmd.Context(), a, true)
 			if err != nil {
 				return err
 			}

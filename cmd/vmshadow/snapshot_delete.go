@@ -14,11 +14,7 @@ func newSnapshotDeleteCmd(a *app) *cobra.Command {
 		Short: "Release a snapshot set: remove its exports, filters and scratch files (QEMU), or its snapshot (XAPI)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := f.coordinator(a)
-			if err != nil {
-				return err
-			}
-			s, err := openSession(cmd.Context(), c)
+			s, err := f.session(cmd.Context(), a, true)
 			if err != nil {
 				return err
 			}

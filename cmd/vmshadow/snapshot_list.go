@@ -16,11 +16,7 @@ func newSnapshotListCmd(a *app) *cobra.Command {
 		Short: "List the VM's snapshot sets",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := f.coordinator(a)
-			if err != nil {
-				return err
-			}
-			s, err := openSession(cmd.Context(), c)
+			s, err := f.session(cmd.Context(), a, false)
 			if err != nil {
 				return err
 			}

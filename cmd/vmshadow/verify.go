@@ -27,16 +27,11 @@ corrupt file is reported with the backups (and disks) it breaks. The exit code
 is non-zero (corrupt data) when anything is wrong.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := f.open(ctx)
+			r, ctx, release, err := f.openLocked(ctx, a, false, "verify")
 			if err != nil {
 				return err
 			}
-			defer r.Close()
-			ctx, unlock, err := lock(ctx, a, r, false, "verify")
-			if err != nil {
-				return err
-			}
-			defer unlock()
+			defer release()
 			var ids []repo.ID
 			for _, p := range args {
 				id, err := r.FindBackup(ctx, p)

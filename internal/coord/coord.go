@@ -147,7 +147,8 @@ type Session struct {
 }
 
 // Open identifies the VM and takes its lock (errs.ErrBusy when another
-// vmshadow process holds it). Close the session when done.
+// vmshadow process holds it). Close the session when done; on failure the
+// provider's connection is closed.
 func (c *Coordinator) Open(ctx context.Context) (*Session, error) {
 	if c.FreezeTimeout <= 0 {
 		c.FreezeTimeout = DefaultFreezeTimeout
@@ -157,10 +158,12 @@ func (c *Coordinator) Open(ctx context.Context) (*Session, error) {
 	}
 	vm, err := c.Provider.Identify(ctx)
 	if err != nil {
+		c.Provider.Close()
 		return nil, err
 	}
 	unlock, err := c.Journal.Lock(vm.Key)
 	if err != nil {
+		c.Provider.Close() // log out of a pool rather than leave the session to expire
 		return nil, err
 	}
 	return &Session{c: c, vm: vm, unlock: unlock}, nil
@@ -172,6 +175,7 @@ func (c *Coordinator) Open(ctx context.Context) (*Session, error) {
 func (c *Coordinator) Inspect(ctx context.Context) (*Session, error) {
 	vm, err := c.Provider.Identify(ctx)
 	if err != nil {
+		c.Provider.Close()
 		return nil, err
 	}
 	return &Session{c: c, vm: vm, unlock: func() {}}, nil

@@ -114,7 +114,6 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	c.Ephemeral = true
 	s, err := c.Open(ctx)
 	if err != nil {
-		c.Provider.Close() // Open does not, when the VM is busy
 		return nil, err
 	}
 	b := &Backup{o: o, session: s}

@@ -15,6 +15,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/progress"
 )
 
 // cbwTimeout bounds how long a guest write may wait for its old data to be
@@ -73,10 +74,10 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 	switch {
 	case free < minScratch || free < need/100:
 		return fmt.Errorf("scratch dir %s has %s free; the diff area of this set may need up to %s (the size of its disks): free space or choose another --scratch-dir: %w",
-			dir, human(free), human(need), errs.ErrNoSpace)
+			dir, progress.Bytes(free), progress.Bytes(need), errs.ErrNoSpace)
 	case free < need:
 		msg := fmt.Sprintf("scratch dir %s has %s free, less than the %s the diff area needs if the guest rewrites every block while the set exists; if it fills, the shadow copies break (their reads fail) and the guest goes on",
-			dir, human(free), human(need))
+			dir, progress.Bytes(free), progress.Bytes(need))
 		set.Warnings = append(set.Warnings, msg)
 		p.warn("%s", msg)
 	}
@@ -355,17 +356,4 @@ func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
 		}
 	}
 	return true, nil
-}
-
-func human(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
