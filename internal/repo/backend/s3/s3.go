@@ -382,7 +382,7 @@ func (b *Backend) Get(ctx context.Context, h backend.Handle, off, length int64) 
 		return []byte{}, nil
 	}
 	var out []byte
-	var final error      // a range error: not retried
+	var final error       // a range error: not retried
 	invalidRange := false // 416: the offset is at or past the end
 	err = b.do(ctx, "read "+h.String(), false, func(ctx context.Context, w *watchdog) error {
 		var opts minio.GetObjectOptions
