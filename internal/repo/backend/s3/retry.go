@@ -154,12 +154,12 @@ func (b *Backend) classify(what string, write bool, err error, attempts int, too
 	isResp := errors.As(err, &er) && (er.Code != "" || er.StatusCode != 0)
 	where := fmt.Sprintf("bucket %q at %s", b.cfg.Bucket, b.cfg.Endpoint)
 	switch {
-	case isResp && (er.Code == "NoSuchKey" || er.StatusCode == http.StatusNotFound && er.Code != "NoSuchBucket" && er.Code != "NoSuchUpload"):
+	case isResp && (er.Code == "NoSuchKey" || er.StatusCode == http.StatusNotFound && er.Code == ""):
 		return fmt.Errorf("%s: %w", what, backend.ErrNotExist)
 	case isResp && er.Code == "NoSuchBucket":
 		return fmt.Errorf("%s: %s does not exist: create it, or create the repository with 'vmshadow repo init' (which creates the bucket): %w",
 			what, where, errs.ErrNotFound)
-	case isResp && er.Code == "InvalidAccessKeyId":
+	case isResp && (er.Code == "InvalidAccessKeyId" || er.Code == "XAdminUserNotFound" || er.Code == "InvalidClientTokenId"):
 		return fmt.Errorf("%s: %s does not know the access key ID (check AWS_ACCESS_KEY_ID or the profile's aws_access_key_id): %w", what, b.cfg.Endpoint, errs.ErrAuth)
 	case isResp && er.Code == "SignatureDoesNotMatch":
 		return fmt.Errorf("%s: %s rejected the request signature: the secret key does not match the access key ID (check AWS_SECRET_ACCESS_KEY or the profile's aws_secret_access_key): %w", what, b.cfg.Endpoint, errs.ErrAuth)

@@ -30,6 +30,7 @@ package s3
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -190,7 +191,106 @@ func Create(ctx context.Context, cfg Config) (*Backend, error) {
 		}
 		return nil, fmt.Errorf("%s is not empty: create the repository under a new or empty prefix (s3:.../bucket/prefix): %w", b.Location(), errs.ErrUsage)
 	}
+	if err := b.checkConsistency(ctx); err != nil {
+		b.Close()
+		return nil, err
+	}
 	return b, nil
+}
+
+// checkConsistency writes, reads, lists, replaces and deletes a probe
+// object under the prefix and refuses a store that does not show its own
+// writes at once: the ordering rules and the locks need read-after-write,
+// list-after-write and read-after-delete consistency. One probe cannot
+// prove a store consistent, but it catches stores (or caches in front of
+// them) that are plainly not.
+func (b *Backend) checkConsistency(ctx context.Context) error {
+	var rnd [8]byte
+	rand.Read(rnd[:])
+	key := b.base + "consistency-probe-" + hex.EncodeToString(rnd[:])
+	defer b.do(context.WithoutCancel(ctx), "remove consistency probe", true, func(ctx context.Context, w *watchdog) error {
+		return b.core.RemoveObject(ctx, b.cfg.Bucket, key, minio.RemoveObjectOptions{})
+	})
+	refuse := func(what string) error {
+		return fmt.Errorf("%s does not show its own writes at once (%s): vmshadow needs read-after-write, list-after-write and read-after-delete consistency (see docs/repository-format.md): %w",
+			b.Location(), what, errs.ErrUnsupported)
+	}
+	put := func(v string) error {
+		sum := sha256.Sum256([]byte(v))
+		return b.do(ctx, "write consistency probe", true, func(ctx context.Context, w *watchdog) error {
+			_, err := b.core.PutObject(ctx, b.cfg.Bucket, key, strings.NewReader(v), int64(len(v)), "", hex.EncodeToString(sum[:]),
+				minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true})
+			return err
+		})
+	}
+	get := func() (string, error) {
+		var got []byte
+		err := b.do(ctx, "read consistency probe", false, func(ctx context.Context, w *watchdog) error {
+			body, _, _, err := b.core.GetObject(ctx, b.cfg.Bucket, key, minio.GetObjectOptions{})
+			if err != nil {
+				return err
+			}
+			defer body.Close()
+			got, err = io.ReadAll(io.LimitReader(w.reader(body), 1<<10))
+			return err
+		})
+		return string(got), err
+	}
+	listed := func() (bool, error) {
+		found := false
+		err := b.do(ctx, "list consistency probe", false, func(ctx context.Context, w *watchdog) error {
+			found = false
+			for o := range b.core.ListObjectsIter(ctx, b.cfg.Bucket, minio.ListObjectsOptions{Prefix: key, Recursive: true, MaxKeys: 10, FetchOwner: new(false)}) {
+				if o.Err != nil {
+					return o.Err
+				}
+				found = found || o.Key == key
+			}
+			return ctx.Err()
+		})
+		return found, err
+	}
+	for _, v := range []string{"first", "second version"} {
+		if err := put(v); err != nil {
+			return err
+		}
+		got, err := get()
+		if backend.IsNotExist(err) {
+			return refuse("an object just written is not found")
+		}
+		if err != nil {
+			return err
+		}
+		if got != v {
+			return refuse("a read right after a write returns older content")
+		}
+		found, err := listed()
+		if err != nil {
+			return err
+		}
+		if !found {
+			return refuse("a listing right after a write misses the object")
+		}
+	}
+	if err := b.do(ctx, "delete consistency probe", true, func(ctx context.Context, w *watchdog) error {
+		return b.core.RemoveObject(ctx, b.cfg.Bucket, key, minio.RemoveObjectOptions{})
+	}); err != nil {
+		return err
+	}
+	if _, err := get(); !backend.IsNotExist(err) {
+		if err != nil {
+			return err
+		}
+		return refuse("an object just deleted can still be read")
+	}
+	found, err := listed()
+	if err != nil {
+		return err
+	}
+	if found {
+		return refuse("a listing right after a delete still shows the object")
+	}
+	return nil
 }
 
 func (b *Backend) makeBucket(ctx context.Context) error {
