@@ -160,9 +160,8 @@ func ParseURL(s string) (Config, error) {
 	if !strings.Contains(rest, "://") {
 		rest = "https://" + rest
 	}
-	scheme, after, _ := strings.Cut(rest, "://")
-	authority, _, _ := strings.Cut(after, "/")
-	if strings.Contains(authority, "@") {
+	scheme, _, _ := strings.Cut(rest, "://")
+	if strings.Contains(rest, "@") { // no bucket or prefix has one: user info
 		return c, fmt.Errorf("credentials in the S3 repository URL are not accepted (they would be visible to every user of this host): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE: %w", errs.ErrUsage)
 	}
 	u, err := url.Parse(rest)
