@@ -25,18 +25,18 @@ import (
 type rig struct {
 	srv    *s3test.Server
 	bucket string
-	proxy  *faultProxy
+	proxy  *s3test.FaultProxy
 }
 
 func newRig(t *testing.T) *rig {
 	srv := s3test.Start(t, s3test.Options{})
 	srv.SetEnv(t)
-	return &rig{srv: srv, bucket: srv.Bucket(t), proxy: newFaultProxy(t, srv.Endpoint)}
+	return &rig{srv: srv, bucket: srv.Bucket(t), proxy: s3test.NewFaultProxy(t, srv.Endpoint)}
 }
 
 // config is a repository in the rig's bucket reached through the proxy.
 func (r *rig) config(prefix string) Config {
-	return Config{Endpoint: r.proxy.endpoint(), Bucket: r.bucket, Prefix: prefix, Retry: fastRetry}
+	return Config{Endpoint: r.proxy.Endpoint(), Bucket: r.bucket, Prefix: prefix, Retry: fastRetry}
 }
 
 func (r *rig) create(t *testing.T, cfg Config) *Backend {
@@ -82,20 +82,20 @@ func TestTransientFaultsRetried(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		method string
-		act    action
+		act    s3test.Action
 	}{
-		{"put-slowdown", "PUT", slowDown},
-		{"put-500", "PUT", serverError},
-		{"put-dropped-before-store", "PUT", dropRequest},
-		{"put-answer-lost", "PUT", dropResponse},
-		{"put-cut-mid-body", "PUT", cutUpload},
-		{"put-hangs", "PUT", hang},
-		{"get-slowdown", "GET", slowDown},
-		{"get-cut-mid-body", "GET", cutDownload},
-		{"get-answer-lost", "GET", dropResponse},
-		{"get-hangs", "GET", hang},
-		{"head-500", "HEAD", serverError},
-		{"delete-dropped", "DELETE", dropRequest},
+		{"put-slowdown", "PUT", s3test.SlowDown},
+		{"put-500", "PUT", s3test.ServerError},
+		{"put-dropped-before-store", "PUT", s3test.DropRequest},
+		{"put-answer-lost", "PUT", s3test.DropResponse},
+		{"put-cut-mid-body", "PUT", s3test.CutUpload},
+		{"put-hangs", "PUT", s3test.Hang},
+		{"get-slowdown", "GET", s3test.SlowDown},
+		{"get-cut-mid-body", "GET", s3test.CutDownload},
+		{"get-answer-lost", "GET", s3test.DropResponse},
+		{"get-hangs", "GET", s3test.Hang},
+		{"head-500", "HEAD", s3test.ServerError},
+		{"delete-dropped", "DELETE", s3test.DropRequest},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := chunk("c" + strings.ReplaceAll(tc.name, "-", ""))
@@ -105,8 +105,8 @@ func TestTransientFaultsRetried(t *testing.T) {
 				}
 			}
 			before := b.Retries()
-			ru := r.proxy.add(&rule{method: tc.method, contains: h.Name, from: 1, to: 1, act: tc.act})
-			defer r.proxy.clear()
+			ru := r.proxy.Add(&s3test.Rule{Method: tc.method, Contains: h.Name, From: 1, To: 1, Act: tc.act})
+			defer r.proxy.Clear()
 			var err error
 			switch tc.method {
 			case "PUT":
@@ -129,12 +129,12 @@ func TestTransientFaultsRetried(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s: %v", tc.name, err)
 			}
-			if r.proxy.hits(ru) != 1 {
-				t.Fatalf("fault injected %d times, want 1", r.proxy.hits(ru))
+			if r.proxy.Hits(ru) != 1 {
+				t.Fatalf("fault injected %d times, want 1", r.proxy.Hits(ru))
 			}
 			// net/http itself resends an idempotent request whose reused
 			// connection closed before any answer: no retry of ours then.
-			transportRetry := (tc.act == dropRequest || tc.act == dropResponse) && tc.method != "PUT"
+			transportRetry := (tc.act == s3test.DropRequest || tc.act == s3test.DropResponse) && tc.method != "PUT"
 			if got := b.Retries() - before; got != 1 && !(transportRetry && got == 0) {
 				t.Errorf("%d retries, want 1", got)
 			}
@@ -166,7 +166,7 @@ func TestThrottlingGivesUp(t *testing.T) {
 	ctx := context.Background()
 	b := r.create(t, r.config("throttle"))
 	h := chunk("throttled")
-	ru := r.proxy.add(&rule{method: "PUT", contains: h.Name, from: 1, act: slowDown})
+	ru := r.proxy.Add(&s3test.Rule{Method: "PUT", Contains: h.Name, From: 1, Act: s3test.SlowDown})
 	start := time.Now()
 	err := b.Put(ctx, h, []byte("data"))
 	if err == nil {
@@ -176,7 +176,7 @@ func TestThrottlingGivesUp(t *testing.T) {
 		!strings.Contains(err.Error(), "chunks/throttled") || !strings.Contains(err.Error(), "throttling") {
 		t.Fatalf("unclear error: %v", err)
 	}
-	if n := r.proxy.hits(ru); n != fastRetry.Attempts {
+	if n := r.proxy.Hits(ru); n != fastRetry.Attempts {
 		t.Errorf("%d attempts, want %d", n, fastRetry.Attempts)
 	}
 	if time.Since(start) > 5*time.Second {
@@ -186,7 +186,7 @@ func TestThrottlingGivesUp(t *testing.T) {
 	if r.exists(t, key) {
 		t.Fatal("a throttled write left an object")
 	}
-	r.proxy.clear()
+	r.proxy.Clear()
 	if err := b.Put(ctx, h, []byte("data")); err != nil {
 		t.Fatalf("Put after the store recovered: %v", err)
 	}
@@ -213,12 +213,13 @@ func TestPartialUploadNeverVisible(t *testing.T) {
 			h := chunk("partial" + strings.ReplaceAll(tc.name, "-", ""))
 			key, _ := b.key(h)
 			data := payload(2, tc.size)
-			r.proxy.add(&rule{method: "PUT", contains: key + "?" + tc.contains, from: 1, act: cutUpload})
-			if tc.contains == "" {
-				r.proxy.rules[len(r.proxy.rules)-1].contains = key
+			match := key
+			if tc.contains != "" {
+				match += "?" + tc.contains
 			}
+			r.proxy.Add(&s3test.Rule{Method: "PUT", Contains: match, From: 1, Act: s3test.CutUpload})
 			err := b.Put(ctx, h, data)
-			r.proxy.clear()
+			r.proxy.Clear()
 			if err == nil {
 				t.Fatal("Put succeeded although every upload was cut")
 			}
@@ -416,12 +417,12 @@ func TestConsistencyProbe(t *testing.T) {
 		t.Run(tc.want, func(t *testing.T) {
 			prefix := "probe" + strings.ReplaceAll(tc.want, " ", "")
 			if tc.want == "not found" {
-				r.proxy.add(&rule{method: "GET", contains: "consistency-probe", from: 1, to: 1, act: notFound})
+				r.proxy.Add(&s3test.Rule{Method: "GET", Contains: "consistency-probe", From: 1, To: 1, Act: s3test.NotFound})
 			} else {
 				// The second write is acknowledged but not applied.
-				r.proxy.add(&rule{method: "PUT", contains: "consistency-probe", from: 2, to: 2, act: fakeOK})
+				r.proxy.Add(&s3test.Rule{Method: "PUT", Contains: "consistency-probe", From: 2, To: 2, Act: s3test.FakeOK})
 			}
-			defer r.proxy.clear()
+			defer r.proxy.Clear()
 			_, err := Create(context.Background(), r.config(prefix))
 			if !errors.Is(err, errs.ErrUnsupported) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Create on an inconsistent store: %v, want ErrUnsupported saying %q", err, tc.want)
@@ -438,7 +439,7 @@ func TestConsistencyProbe(t *testing.T) {
 // stretched) by the skew.
 func TestStoreClock(t *testing.T) {
 	r := newRig(t)
-	r.proxy.skew = time.Hour
+	r.proxy.SetSkew(time.Hour)
 	ctx := context.Background()
 	b := r.create(t, r.config("clock"))
 	h := chunk("clock1")
@@ -481,13 +482,11 @@ func TestStoreClock(t *testing.T) {
 // however many callers.
 func TestConnectionsBounded(t *testing.T) {
 	r := newRig(t)
-	r.proxy.delay = 20 * time.Millisecond
+	r.proxy.SetDelay(20 * time.Millisecond)
 	cfg := r.config("bounded")
 	cfg.Connections = 3
 	b := r.create(t, cfg)
-	r.proxy.mu.Lock()
-	r.proxy.maxInflight = 0
-	r.proxy.mu.Unlock()
+	r.proxy.MaxInflight() // count from here
 	var wg sync.WaitGroup
 	for i := range 24 {
 		wg.Go(func() {
@@ -501,9 +500,7 @@ func TestConnectionsBounded(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	r.proxy.mu.Lock()
-	got := r.proxy.maxInflight
-	r.proxy.mu.Unlock()
+	got := r.proxy.MaxInflight()
 	if got > 3 || got < 2 {
 		t.Fatalf("%d requests in flight at most, want 3 (the bound)", got)
 	}
@@ -532,7 +529,7 @@ func TestCancelledWhileRetrying(t *testing.T) {
 	cfg := r.config("cancel")
 	cfg.Retry = Retry{Attempts: 100, Base: 50 * time.Millisecond, Max: 50 * time.Millisecond}
 	b := r.create(t, cfg)
-	r.proxy.add(&rule{method: "PUT", from: 1, act: slowDown})
+	r.proxy.Add(&s3test.Rule{Method: "PUT", From: 1, Act: s3test.SlowDown})
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	start := time.Now()

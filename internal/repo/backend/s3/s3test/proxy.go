@@ -1,4 +1,4 @@
-package s3
+package s3test
 
 import (
 	"bufio"
@@ -17,94 +17,100 @@ import (
 	"time"
 )
 
-// faultProxy sits between the backend and the real S3 server and breaks
+// FaultProxy sits between a client and the real S3 server and breaks
 // chosen requests the ways networks and overloaded stores do.
-type faultProxy struct {
+type FaultProxy struct {
 	target string // host:port of the real server
 	srv    *httptest.Server
 	tr     *http.Transport
 
 	mu          sync.Mutex
-	rules       []*rule
+	rules       []*Rule
 	inflight    int
 	maxInflight int
 	requests    int
-	skew        time.Duration // added to every timestamp the store returns
-	delay       time.Duration // added before forwarding (to make requests overlap)
+	skew        time.Duration
+	delay       time.Duration
 }
 
-type action int
+type Action int
 
+// What a rule does to a request.
 const (
-	slowDown     action = iota // 503 SlowDown, after reading the body
-	serverError                // 500 InternalError
-	notFound                   // 404 NoSuchKey (a stale read)
-	fakeOK                     // 200 without forwarding (a lost write)
-	dropRequest                // read the body, close the connection (the store never saw it)
-	dropResponse               // forward, then close without the answer (the store did it)
-	cutUpload                  // forward half the body, then cut both connections
-	cutDownload                // forward, send half of the response body, cut
-	hang                       // read the body and never answer
+	SlowDown     Action = iota // 503 SlowDown, after reading the body
+	ServerError                // 500 InternalError
+	NotFound                   // 404 NoSuchKey (a stale read)
+	FakeOK                     // 200 without forwarding (a lost write)
+	DropRequest                // read the body, close the connection (the store never saw it)
+	DropResponse               // forward, then close without the answer (the store did it)
+	CutUpload                  // forward half the body, then cut both connections
+	CutDownload                // forward, send half of the response body, cut
+	Hang                       // read the body and never answer
 )
 
-// rule applies act to the from-th through to-th requests (1-based; to 0:
-// all from from on) whose method and path?query match.
-type rule struct {
-	method   string // "" any
-	contains string // substring of path?query; "" any
-	from, to int
-	act      action
+// Rule applies Act to the From-th through To-th requests (1-based; To 0:
+// all from From on) whose method and path?query match.
+type Rule struct {
+	Method   string // "" any
+	Contains string // substring of path?query; "" any
+	From, To int
+	Act      Action
 	seen     int
 	hits     int
 }
 
-func newFaultProxy(t *testing.T, target string) *faultProxy {
-	p := &faultProxy{target: target, tr: &http.Transport{DisableCompression: true}}
+// NewFaultProxy starts a proxy to target (host:port) for the test.
+func NewFaultProxy(t testing.TB, target string) *FaultProxy {
+	p := &FaultProxy{target: target, tr: &http.Transport{DisableCompression: true}}
 	p.srv = httptest.NewServer(p)
 	t.Cleanup(func() { p.srv.CloseClientConnections(); p.srv.Close(); p.tr.CloseIdleConnections() })
 	return p
 }
 
-func (p *faultProxy) endpoint() string { return strings.TrimPrefix(p.srv.URL, "http://") }
+// Endpoint is the proxy's host:port, for the client.
+func (p *FaultProxy) Endpoint() string { return strings.TrimPrefix(p.srv.URL, "http://") }
 
-func (p *faultProxy) add(r *rule) *rule {
+// Add adds a rule; the first matching rule applies.
+func (p *FaultProxy) Add(r *Rule) *Rule {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.rules = append(p.rules, r)
 	return r
 }
 
-func (p *faultProxy) clear() {
+// Clear removes every rule.
+func (p *FaultProxy) Clear() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.rules = nil
 }
 
-func (p *faultProxy) hits(r *rule) int {
+// Hits is how many requests r broke.
+func (p *FaultProxy) Hits(r *Rule) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return r.hits
 }
 
-func (p *faultProxy) match(r *http.Request) (action, bool) {
+func (p *FaultProxy) match(r *http.Request) (Action, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.requests++
 	target := r.URL.Path + "?" + r.URL.RawQuery
 	for _, ru := range p.rules {
-		if ru.method != "" && ru.method != r.Method || !strings.Contains(target, ru.contains) {
+		if ru.Method != "" && ru.Method != r.Method || !strings.Contains(target, ru.Contains) {
 			continue
 		}
 		ru.seen++
-		if ru.seen >= ru.from && (ru.to == 0 || ru.seen <= ru.to) {
+		if ru.seen >= ru.From && (ru.To == 0 || ru.seen <= ru.To) {
 			ru.hits++
-			return ru.act, true
+			return ru.Act, true
 		}
 	}
 	return 0, false
 }
 
-func (p *faultProxy) track(d int) {
+func (p *FaultProxy) track(d int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.inflight += d
@@ -131,37 +137,40 @@ func cut(w http.ResponseWriter) {
 
 var errCut = errors.New("proxy cut the upload")
 
-func (p *faultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.track(1)
 	defer p.track(-1)
-	if p.delay > 0 {
-		time.Sleep(p.delay)
+	p.mu.Lock()
+	delay, skew := p.delay, p.skew
+	p.mu.Unlock()
+	if delay > 0 {
+		time.Sleep(delay)
 	}
 	act, hit := p.match(r)
 	if hit {
 		switch act {
-		case slowDown:
+		case SlowDown:
 			io.Copy(io.Discard, r.Body)
 			s3Error(w, http.StatusServiceUnavailable, "SlowDown", "Please reduce your request rate.")
 			return
-		case serverError:
+		case ServerError:
 			io.Copy(io.Discard, r.Body)
 			s3Error(w, http.StatusInternalServerError, "InternalError", "We encountered an internal error. Please try again.")
 			return
-		case notFound:
+		case NotFound:
 			io.Copy(io.Discard, r.Body)
 			s3Error(w, http.StatusNotFound, "NoSuchKey", "The specified key does not exist.")
 			return
-		case fakeOK:
+		case FakeOK:
 			io.Copy(io.Discard, r.Body)
 			w.Header().Set("ETag", `"00000000000000000000000000000000"`)
 			w.WriteHeader(http.StatusOK)
 			return
-		case dropRequest:
+		case DropRequest:
 			io.Copy(io.Discard, r.Body)
 			cut(w)
 			return
-		case hang:
+		case Hang:
 			io.Copy(io.Discard, r.Body)
 			select {
 			case <-r.Context().Done():
@@ -173,11 +182,11 @@ func (p *faultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	out := r.Clone(r.Context())
 	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", p.target, ""
 	out.Host = r.Host // the signature covers the Host the client used
-	if hit && act == cutUpload {
+	if hit && act == CutUpload {
 		out.Body = io.NopCloser(io.MultiReader(io.LimitReader(r.Body, r.ContentLength/2), errReader{}))
 	}
 	resp, err := p.tr.RoundTrip(out)
-	if hit && act == cutUpload {
+	if hit && act == CutUpload {
 		if err == nil {
 			resp.Body.Close()
 		}
@@ -194,13 +203,13 @@ func (p *faultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		cut(w)
 		return
 	}
-	if p.skew != 0 {
-		body = p.shift(resp.Header, body)
+	if skew != 0 {
+		body = shift(skew, resp.Header, body)
 	}
 	switch {
-	case hit && act == dropResponse:
+	case hit && act == DropResponse:
 		cut(w)
-	case hit && act == cutDownload:
+	case hit && act == CutDownload:
 		c, bw, err := w.(http.Hijacker).Hijack()
 		if err != nil {
 			return
@@ -240,10 +249,10 @@ var xmlTime = regexp.MustCompile(`<(LastModified|Initiated)>([^<]+)</(LastModifi
 
 // shift moves the store's clock: Date, Last-Modified and the timestamps in
 // listings.
-func (p *faultProxy) shift(h http.Header, body []byte) []byte {
+func shift(skew time.Duration, h http.Header, body []byte) []byte {
 	for _, k := range []string{"Date", "Last-Modified"} {
 		if t, err := http.ParseTime(h.Get(k)); err == nil {
-			h.Set(k, t.Add(p.skew).UTC().Format(http.TimeFormat))
+			h.Set(k, t.Add(skew).UTC().Format(http.TimeFormat))
 		}
 	}
 	return xmlTime.ReplaceAllFunc(body, func(m []byte) []byte {
@@ -252,6 +261,30 @@ func (p *faultProxy) shift(h http.Header, body []byte) []byte {
 		if err != nil {
 			return m
 		}
-		return bytes.Join([][]byte{[]byte("<" + string(sm[1]) + ">"), []byte(t.Add(p.skew).UTC().Format(time.RFC3339Nano)), []byte("</" + string(sm[1]) + ">")}, nil)
+		return bytes.Join([][]byte{[]byte("<" + string(sm[1]) + ">"), []byte(t.Add(skew).UTC().Format(time.RFC3339Nano)), []byte("</" + string(sm[1]) + ">")}, nil)
 	})
+}
+
+// SetSkew moves the store's clock by d in every timestamp it returns.
+func (p *FaultProxy) SetSkew(d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.skew = d
+}
+
+// SetDelay delays every request by d (to make requests overlap).
+func (p *FaultProxy) SetDelay(d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.delay = d
+}
+
+// MaxInflight returns the most requests in flight at once since the last
+// call, and starts counting again.
+func (p *FaultProxy) MaxInflight() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := p.maxInflight
+	p.maxInflight = p.inflight
+	return n
 }
