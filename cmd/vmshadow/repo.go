@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -65,6 +66,13 @@ func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, 
 		return nil, errorf(errs.ErrUsage, "--s3-connections must be positive")
 	}
 	cfg.Connections = f.s3Connections
+	if v := os.Getenv("VMSHADOW_S3_RETRIES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return nil, errorf(errs.ErrUsage, "VMSHADOW_S3_RETRIES=%q: want the number of attempts per request, at least 1", v)
+		}
+		cfg.Retry.Attempts = n
+	}
 	if create {
 		return s3.Create(ctx, cfg)
 	}

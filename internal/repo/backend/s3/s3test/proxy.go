@@ -31,6 +31,7 @@ type FaultProxy struct {
 	requests    int
 	skew        time.Duration
 	delay       time.Duration
+	release     chan struct{} // closed by Release
 }
 
 type Action int
@@ -46,6 +47,7 @@ const (
 	CutUpload                  // forward half the body, then cut both connections
 	CutDownload                // forward, send half of the response body, cut
 	Hang                       // read the body and never answer
+	Hold                       // wait until Release, then forward
 )
 
 // Rule applies Act to the From-th through To-th requests (1-based; To 0:
@@ -61,7 +63,7 @@ type Rule struct {
 
 // NewFaultProxy starts a proxy to target (host:port) for the test.
 func NewFaultProxy(t testing.TB, target string) *FaultProxy {
-	p := &FaultProxy{target: target, tr: &http.Transport{DisableCompression: true}}
+	p := &FaultProxy{target: target, tr: &http.Transport{DisableCompression: true}, release: make(chan struct{})}
 	p.srv = httptest.NewServer(p)
 	t.Cleanup(func() { p.srv.CloseClientConnections(); p.srv.Close(); p.tr.CloseIdleConnections() })
 	return p
@@ -179,6 +181,16 @@ func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if hit && act == Hold {
+		p.mu.Lock()
+		release := p.release
+		p.mu.Unlock()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+	}
 	out := r.Clone(r.Context())
 	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", p.target, ""
 	out.Host = r.Host // the signature covers the Host the client used
@@ -287,4 +299,13 @@ func (p *FaultProxy) MaxInflight() int {
 	n := p.maxInflight
 	p.maxInflight = p.inflight
 	return n
+}
+
+// Release lets every request held by a Hold rule go on; later ones are
+// held again.
+func (p *FaultProxy) Release() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	close(p.release)
+	p.release = make(chan struct{})
 }
