@@ -372,6 +372,23 @@ func TestS3BackupFaults(t *testing.T) {
 	if res := s.run(nil, "backups", "--repo", repo, "--s3-addressing", "dns"); res.code != 2 {
 		t.Errorf("--s3-addressing dns: exit %d", res.code)
 	}
+
+	// Read-only credentials (the store refuses every write): listing,
+	// verify and restore work without a lock, with a warning; a backup
+	// fails saying why.
+	for _, m := range []string{"PUT", "DELETE", "POST"} {
+		s.proxy.Add(&s3test.Rule{Method: m, From: 1, Act: s3test.Fail, Status: 403, Code: "AccessDenied"})
+	}
+	res = s.run(nil, "backups", "--repo", repo)
+	if res.code != 0 || !strings.Contains(fmt.Sprint(res.warnings()), "read-only") {
+		t.Fatalf("backups with read-only credentials: exit %d %q, warnings %v", res.code, res.errorMessage(), res.warnings())
+	}
+	s.ok("verify", "--repo", repo)
+	s.restoreCompare(repo, id, map[string][]byte{"sda": img})
+	res = s.run(nil, "backup", "--repo", repo, "--vm", "web3", "--disk", "sda="+filepath.Join(dir, "b.raw"))
+	if res.code != 7 || !strings.Contains(res.errorMessage(), "may only read") {
+		t.Fatalf("backup with read-only credentials: exit %d %q, want 7", res.code, res.errorMessage())
+	}
 }
 
 // TestS3LiveBackup: a running QEMU VM backed up into S3 (full, then

@@ -541,3 +541,64 @@ func TestCancelledWhileRetrying(t *testing.T) {
 		t.Fatalf("Put returned %s after it was cancelled", d)
 	}
 }
+
+// TestErrorClasses: what the store answers becomes the right error class,
+// with a message that says what to do.
+func TestErrorClasses(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	b := r.create(t, r.config("classes"))
+	h := chunk("classes")
+	if err := b.Put(ctx, h, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		method, code string
+		status       int
+		classes      []error
+		not          []error
+		want         string
+	}{
+		{"PUT", "AccessDenied", 403, []error{errs.ErrAuth, backend.ErrReadOnly}, nil, "may only read"},
+		{"DELETE", "AccessDenied", 403, []error{errs.ErrAuth, backend.ErrReadOnly}, nil, "may only read"},
+		{"GET", "AccessDenied", 403, []error{errs.ErrAuth}, []error{backend.ErrReadOnly}, "bucket policy"},
+		{"GET", "ExpiredToken", 400, []error{errs.ErrAuth}, nil, "AWS_SESSION_TOKEN"},
+		{"GET", "RequestTimeTooSkewed", 403, []error{errs.ErrAuth}, nil, "clock"},
+		{"PUT", "XMinioStorageFull", 507, []error{errs.ErrNoSpace}, nil, "full"},
+		{"PUT", "QuotaExceeded", 403, []error{errs.ErrNoSpace}, nil, "quota"},
+		{"GET", "NoSuchBucket", 404, []error{errs.ErrNotFound}, []error{backend.ErrNotExist}, "does not exist"},
+		{"GET", "NoSuchKey", 404, []error{backend.ErrNotExist}, nil, "chunks/classes"},
+		{"GET", "InvalidArgument", 400, nil, []error{errs.ErrAuth, errs.ErrConnect, backend.ErrNotExist}, "InvalidArgument (HTTP 400)"},
+		{"GET", "InternalError", 500, []error{errs.ErrConnect}, nil, "4 times"},
+	} {
+		t.Run(tc.method+"-"+tc.code, func(t *testing.T) {
+			ru := r.proxy.Add(&s3test.Rule{Method: tc.method, Contains: h.Name, From: 1, Act: s3test.Fail, Status: tc.status, Code: tc.code})
+			defer r.proxy.Clear()
+			var err error
+			switch tc.method {
+			case "PUT":
+				err = b.Put(ctx, h, []byte("y"))
+			case "DELETE":
+				err = b.Delete(ctx, h)
+			case "GET":
+				_, err = b.Get(ctx, h, 0, -1)
+			}
+			if err == nil || r.proxy.Hits(ru) == 0 {
+				t.Fatalf("no error (%d faults injected)", r.proxy.Hits(ru))
+			}
+			for _, c := range tc.classes {
+				if !errors.Is(err, c) {
+					t.Errorf("error %q is not %v", err, c)
+				}
+			}
+			for _, c := range tc.not {
+				if errors.Is(err, c) {
+					t.Errorf("error %q is %v", err, c)
+				}
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not say %q", err, tc.want)
+			}
+		})
+	}
+}

@@ -168,6 +168,8 @@ func (b *Backend) classify(what string, write bool, err error, attempts int, too
 	case isResp && er.Code == "RequestTimeTooSkewed":
 		return fmt.Errorf("%s: this host's clock is too far from %s's (%s ahead of ours): fix the time (NTP): %w",
 			what, b.cfg.Endpoint, b.clock.Offset().Round(time.Second), errs.ErrAuth)
+	case isResp && (er.StatusCode == http.StatusInsufficientStorage || er.Code == "QuotaExceeded" || er.Code == "XMinioStorageFull" || er.Code == "StorageFull"):
+		return fmt.Errorf("%s: %s is full or over quota (%s): %w", what, where, b.describe(err), errs.ErrNoSpace)
 	case isResp && (er.Code == "AccessDenied" || er.Code == "AllAccessDisabled" || er.StatusCode == http.StatusForbidden || er.StatusCode == http.StatusUnauthorized):
 		if write {
 			// The credentials could read the bucket when it was opened:
@@ -177,8 +179,6 @@ func (b *Backend) classify(what string, write bool, err error, attempts int, too
 		}
 		return fmt.Errorf("%s: access denied to %s: check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket policy (vmshadow needs s3:ListBucket, GetObject, PutObject and DeleteObject on it): %w",
 			what, where, errs.ErrAuth)
-	case isResp && (er.StatusCode == http.StatusInsufficientStorage || er.Code == "QuotaExceeded" || er.Code == "XMinioStorageFull" || er.Code == "StorageFull"):
-		return fmt.Errorf("%s: %s is full or over quota (%s): %w", what, where, b.describe(err), errs.ErrNoSpace)
 	}
 	var ua x509.UnknownAuthorityError
 	var hn x509.HostnameError

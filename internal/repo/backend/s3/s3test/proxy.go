@@ -48,6 +48,7 @@ const (
 	CutDownload                // forward, send half of the response body, cut
 	Hang                       // read the body and never answer
 	Hold                       // wait until Release, then forward
+	Fail                       // answer with the rule's Status and Code
 )
 
 // Rule applies Act to the From-th through To-th requests (1-based; To 0:
@@ -57,6 +58,8 @@ type Rule struct {
 	Contains string // substring of path?query; "" any
 	From, To int
 	Act      Action
+	Status   int    // for Fail
+	Code     string // for Fail
 	seen     int
 	hits     int
 }
@@ -94,7 +97,7 @@ func (p *FaultProxy) Hits(r *Rule) int {
 	return r.hits
 }
 
-func (p *FaultProxy) match(r *http.Request) (Action, bool) {
+func (p *FaultProxy) match(r *http.Request) (*Rule, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.requests++
@@ -106,10 +109,10 @@ func (p *FaultProxy) match(r *http.Request) (Action, bool) {
 		ru.seen++
 		if ru.seen >= ru.From && (ru.To == 0 || ru.seen <= ru.To) {
 			ru.hits++
-			return ru.Act, true
+			return ru, true
 		}
 	}
-	return 0, false
+	return nil, false
 }
 
 func (p *FaultProxy) track(d int) {
@@ -148,9 +151,15 @@ func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if delay > 0 {
 		time.Sleep(delay)
 	}
-	act, hit := p.match(r)
+	ru, hit := p.match(r)
+	var act Action
 	if hit {
+		act = ru.Act
 		switch act {
+		case Fail:
+			io.Copy(io.Discard, r.Body)
+			s3Error(w, ru.Status, ru.Code, "Injected "+ru.Code+".")
+			return
 		case SlowDown:
 			io.Copy(io.Discard, r.Body)
 			s3Error(w, http.StatusServiceUnavailable, "SlowDown", "Please reduce your request rate.")
