@@ -390,33 +390,33 @@ func testConsistency(t *testing.T, b backend.Backend) {
 					return
 				}
 				if d, err := b.Get(ctx, hd, 0, -1); err != nil || !bytes.Equal(d, v1) {
-					errc <- fmt.Errorf("Get %s right after Put: %d bytes, %v", hd, len(d), err)
+					errc <- fmt.Errorf("right after Put, Get %s: %d bytes, %v", hd, len(d), err)
 				}
 				if !listed(hd.Kind, hd.Name) {
-					errc <- fmt.Errorf("List right after Put misses %s", hd)
+					errc <- fmt.Errorf("right after Put, List misses %s", hd)
 				}
 				if err := b.Put(ctx, hd, v2); err != nil {
 					errc <- err
 					return
 				}
 				if fi, err := b.Stat(ctx, hd); err != nil || fi.Size != int64(len(v2)) {
-					errc <- fmt.Errorf("Stat %s right after replacing Put: %+v, %v", hd, fi, err)
+					errc <- fmt.Errorf("right after a replacing Put, Stat %s: %+v, %v", hd, fi, err)
 				}
 				if d, err := b.Get(ctx, hd, 0, -1); err != nil || !bytes.Equal(d, v2) {
-					errc <- fmt.Errorf("Get %s right after replacing Put: %d bytes, %v", hd, len(d), err)
+					errc <- fmt.Errorf("right after a replacing Put, Get %s: %d bytes, %v", hd, len(d), err)
 				}
 				if err := b.Delete(ctx, hd); err != nil {
 					errc <- err
 					return
 				}
 				if _, err := b.Stat(ctx, hd); !backend.IsNotExist(err) {
-					errc <- fmt.Errorf("Stat %s right after Delete: %v", hd, err)
+					errc <- fmt.Errorf("right after Delete, Stat %s: %v", hd, err)
 				}
 				if _, err := b.Get(ctx, hd, 0, -1); !backend.IsNotExist(err) {
-					errc <- fmt.Errorf("Get %s right after Delete: %v", hd, err)
+					errc <- fmt.Errorf("right after Delete, Get %s: %v", hd, err)
 				}
 				if listed(hd.Kind, hd.Name) {
-					errc <- fmt.Errorf("List right after Delete shows %s", hd)
+					errc <- fmt.Errorf("right after Delete, List shows %s", hd)
 				}
 			}
 		})
