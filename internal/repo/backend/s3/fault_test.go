@@ -90,6 +90,7 @@ func TestTransientFaultsRetried(t *testing.T) {
 		{"put-answer-lost", "PUT", s3test.DropResponse},
 		{"put-cut-mid-body", "PUT", s3test.CutUpload},
 		{"put-hangs", "PUT", s3test.Hang},
+		{"put-corrupted-on-the-way", "PUT", s3test.Corrupt},
 		{"get-slowdown", "GET", s3test.SlowDown},
 		{"get-cut-mid-body", "GET", s3test.CutDownload},
 		{"get-answer-lost", "GET", s3test.DropResponse},

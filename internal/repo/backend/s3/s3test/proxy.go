@@ -49,6 +49,7 @@ const (
 	Hang                       // read the body and never answer
 	Hold                       // wait until Release, then forward
 	Fail                       // answer with the rule's Status and Code
+	Corrupt                    // forward the request with one body byte changed
 )
 
 // Rule applies Act to the From-th through To-th requests (1-based; To 0:
@@ -203,8 +204,19 @@ func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	out := r.Clone(r.Context())
 	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", p.target, ""
 	out.Host = r.Host // the signature covers the Host the client used
-	if hit && act == CutUpload {
+	switch {
+	case hit && act == CutUpload:
 		out.Body = io.NopCloser(io.MultiReader(io.LimitReader(r.Body, r.ContentLength/2), errReader{}))
+	case hit && act == Corrupt:
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			cut(w)
+			return
+		}
+		if len(body) > 0 {
+			body[len(body)/2] ^= 0x01
+		}
+		out.Body = io.NopCloser(bytes.NewReader(body))
 	}
 	resp, err := p.tr.RoundTrip(out)
 	if hit && act == CutUpload {
