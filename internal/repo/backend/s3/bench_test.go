@@ -45,6 +45,7 @@ func BenchmarkPut(b *testing.B) {
 			be := targets[name](b)
 			defer be.Close()
 			var n atomic.Int64
+			srv0 := srv.CPUTime()
 			b.SetBytes(int64(len(data)))
 			b.SetParallelism(2) // 2 x GOMAXPROCS(2) = 4 uploaders
 			b.ResetTimer()
@@ -57,6 +58,11 @@ func BenchmarkPut(b *testing.B) {
 					}
 				}
 			})
+			b.StopTimer()
+			if name == "s3" {
+				gb := float64(b.N) * float64(len(data)) / 1e9
+				b.ReportMetric((srv.CPUTime()-srv0).Seconds()/gb, "server-cpu-s/GB")
+			}
 		})
 	}
 }

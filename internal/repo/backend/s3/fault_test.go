@@ -603,3 +603,36 @@ func TestErrorClasses(t *testing.T) {
 		})
 	}
 }
+
+// TestIntegrityModes: a store that verifies CRC32C headers gets them; one
+// that ignores them (it accepts the probe's wrong checksum) gets signed
+// payload hashes. Either way a body damaged on the way is refused and the
+// retry stores it intact.
+func TestIntegrityModes(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	for _, ignores := range []bool{false, true} {
+		t.Run(fmt.Sprintf("store-ignores-checksums=%v", ignores), func(t *testing.T) {
+			b := r.create(t, r.config(fmt.Sprintf("integrity%v", ignores)))
+			if ignores {
+				r.proxy.Add(&s3test.Rule{Method: "PUT", Contains: "checksum-probe", From: 1, Act: s3test.FakeOK})
+			}
+			h := chunk("integrity")
+			data := payload(9, 1<<20+5)
+			corrupt := r.proxy.Add(&s3test.Rule{Method: "PUT", Contains: "/chunks/in/" + h.Name, From: 1, To: 1, Act: s3test.Corrupt})
+			defer r.proxy.Clear()
+			if err := b.Put(ctx, h, data); err != nil {
+				t.Fatal(err)
+			}
+			if b.crc32c == ignores {
+				t.Fatalf("crc32c mode %v", b.crc32c)
+			}
+			if r.proxy.Hits(corrupt) != 1 || b.Retries() != 1 {
+				t.Fatalf("%d bodies damaged, %d retries; want 1 and 1", r.proxy.Hits(corrupt), b.Retries())
+			}
+			if got, err := b.Get(ctx, h, 0, -1); err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("stored blob differs from what was written (%v)", err)
+			}
+		})
+	}
+}

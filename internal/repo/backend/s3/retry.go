@@ -90,7 +90,11 @@ var transientCodes = map[string]bool{
 	"TooManyRequests": true, "ServiceUnavailable": true, "InternalError": true,
 	"RequestTimeout": true, "RequestTimeTooSkewed": false, "OperationAborted": true,
 	"XMinioServerNotInitialized": true, "XAmzContentSHA256Mismatch": true,
-	"BadDigest": true, "IncompleteBody": true,
+	"BadDigest": true, "IncompleteBody": true, "XAmzContentChecksumMismatch": true,
+	// versitygw's POSIX backend answers this when a concurrent DELETE
+	// removed the (empty) parent directory of the key between its checks
+	// and its link: our keys are never directories, so it is a race.
+	"ExistingObjectIsDirectory": true,
 }
 
 // transient reports whether another attempt may succeed.

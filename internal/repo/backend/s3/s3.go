@@ -32,9 +32,12 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"net/http"
 	"os"
@@ -63,6 +66,9 @@ type Backend struct {
 	retries atomic.Int64
 	// listPage is how many keys one listing request asks for.
 	listPage int
+	// crc32c: the store verifies CRC32C checksum headers (see checksums).
+	checksumOnce sync.Once
+	crc32c       bool
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -357,8 +363,9 @@ func (b *Backend) key(h backend.Handle) (string, error) {
 	return b.base + string(h.Kind) + "/" + h.Name, nil
 }
 
-// Put implements backend.Backend. The payload's SHA-256 is signed, so the
-// store refuses a body damaged on the way.
+// Put implements backend.Backend. The store checks the body against a
+// CRC32C header or the signed SHA-256 (see checksums), so it refuses a body
+// damaged on the way and the retry stores it intact.
 func (b *Backend) Put(ctx context.Context, h backend.Handle, data []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -370,12 +377,62 @@ func (b *Backend) Put(ctx context.Context, h backend.Handle, data []byte) error 
 	if int64(len(data)) > b.cfg.MultipartThreshold {
 		return b.putMultipart(ctx, h, key, data)
 	}
-	sum := sha256.Sum256(data)
+	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true}
+	sha := ""
+	if b.checksums(ctx) {
+		opts.UserMetadata = map[string]string{crc32cHeader: crc32c(data)}
+	} else {
+		sum := sha256.Sum256(data)
+		sha = hex.EncodeToString(sum[:])
+	}
 	return b.do(ctx, "write "+h.String(), true, func(ctx context.Context, w *watchdog) error {
-		_, err := b.core.PutObject(ctx, b.cfg.Bucket, key, w.reader(bytes.NewReader(data)), int64(len(data)), "", hex.EncodeToString(sum[:]),
-			minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true})
+		_, err := b.core.PutObject(ctx, b.cfg.Bucket, key, w.reader(bytes.NewReader(data)), int64(len(data)), "", sha, opts)
 		return err
 	})
+}
+
+const crc32cHeader = "x-amz-checksum-crc32c"
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func crc32c(data []byte) string {
+	return base64.StdEncoding.EncodeToString(binary.BigEndian.AppendUint32(nil, crc32.Checksum(data, castagnoli)))
+}
+
+// checksums reports whether the store verifies an x-amz-checksum-crc32c
+// header (AWS S3 since 2022, MinIO, recent Ceph RGW and Garage, versitygw).
+// Every Put makes the store check what it received: with a CRC32C header
+// where the store verifies it (a hardware CRC on both sides), else with the
+// payload's SHA-256 in the request signature, which every store verifies
+// but which costs a SHA-256 pass on each side. The first Put of the process
+// finds out with a probe: an object whose header is deliberately wrong must
+// be refused (BadDigest). Any other outcome means signed payloads.
+func (b *Backend) checksums(ctx context.Context) bool {
+	b.checksumOnce.Do(func() {
+		var rnd [8]byte
+		rand.Read(rnd[:])
+		key := b.base + "checksum-probe-" + hex.EncodeToString(rnd[:])
+		body := "vmshadow checksum probe"
+		wrong := crc32c([]byte(body + "!"))
+		refused, stored := false, false
+		b.do(ctx, "probe checksum support", true, func(ctx context.Context, w *watchdog) error {
+			_, err := b.core.PutObject(ctx, b.cfg.Bucket, key, strings.NewReader(body), int64(len(body)), "", "",
+				minio.PutObjectOptions{DisableContentSha256: true, UserMetadata: map[string]string{crc32cHeader: wrong}})
+			if er := minio.ToErrorResponse(err); er.Code == "BadDigest" || er.Code == "XAmzContentChecksumMismatch" {
+				refused = true
+				return nil
+			}
+			stored = err == nil
+			return err
+		})
+		if stored {
+			b.do(context.WithoutCancel(ctx), "remove checksum probe", true, func(ctx context.Context, w *watchdog) error {
+				return b.core.RemoveObject(ctx, b.cfg.Bucket, key, minio.RemoveObjectOptions{})
+			})
+		}
+		b.crc32c = refused
+	})
+	return b.crc32c
 }
 
 // putMultipart uploads data in parts, in parallel within the connection

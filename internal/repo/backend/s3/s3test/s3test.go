@@ -151,6 +151,25 @@ type Server struct {
 	SecretKey string
 	CAFile    string // with Options.TLS
 	log       string
+	pid       int
+}
+
+// CPUTime is the CPU time (user and system) the server has used so far.
+func (s *Server) CPUTime() time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the parenthesised command name: utime and stime are the
+	// 12th and 13th.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	var ut, st int64
+	fmt.Sscan(f[11], &ut)
+	fmt.Sscan(f[12], &st)
+	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
 }
 
 var buckets atomic.Int64
@@ -209,6 +228,7 @@ func (s *Server) run(t testing.TB, bin string, args []string) error {
 		logf.Close()
 		return err
 	}
+	s.pid = cmd.Process.Pid
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); logf.Close(); close(exited) }()
 	deadline := time.Now().Add(30 * time.Second)
