@@ -77,7 +77,7 @@ var _ backend.Backend = (*Backend)(nil)
 // 1 GiB), so a bogus Content-Length cannot make us allocate without limit.
 const maxBlob = 4 << 30
 
-// Credentials returns the credential chain: the environment, then the
+// credentialChain is where credentials come from: the environment, then the
 // shared AWS files. Nothing else (no instance metadata, no URL, no flags).
 func credentialChain() *credentials.Credentials {
 	return credentials.NewChainCredentials([]credentials.Provider{
@@ -86,7 +86,7 @@ func credentialChain() *credentials.Credentials {
 	})
 }
 
-func newBackend(ctx context.Context, cfg Config) (*Backend, error) {
+func newBackend(cfg Config) (*Backend, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
@@ -153,7 +153,7 @@ func (b *Backend) probe(ctx context.Context) (bool, error) {
 
 // Open returns the backend of an existing repository.
 func Open(ctx context.Context, cfg Config) (*Backend, error) {
-	b, err := newBackend(ctx, cfg)
+	b, err := newBackend(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -175,7 +175,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 // it does not exist (in the configured region) and refuses a prefix that
 // already holds objects.
 func Create(ctx context.Context, cfg Config) (*Backend, error) {
-	b, err := newBackend(ctx, cfg)
+	b, err := newBackend(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -191,8 +191,9 @@ func Create(ctx context.Context, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	if used {
+		_, serr := b.Stat(ctx, configHandle)
 		b.Close()
-		if _, err := b.Stat(ctx, configHandle); err == nil {
+		if serr == nil {
 			return nil, fmt.Errorf("%s already holds a repository (config exists): %w", b.Location(), errs.ErrUsage)
 		}
 		return nil, fmt.Errorf("%s is not empty: create the repository under a new or empty prefix (s3:.../bucket/prefix): %w", b.Location(), errs.ErrUsage)
@@ -220,14 +221,6 @@ func (b *Backend) checkConsistency(ctx context.Context) error {
 	refuse := func(what string) error {
 		return fmt.Errorf("%s does not show its own writes at once (%s): vmshadow needs read-after-write, list-after-write and read-after-delete consistency (see docs/repository-format.md): %w",
 			b.Location(), what, errs.ErrUnsupported)
-	}
-	put := func(v string) error {
-		sum := sha256.Sum256([]byte(v))
-		return b.do(ctx, "write consistency probe", true, func(ctx context.Context, w *watchdog) error {
-			_, err := b.core.PutObject(ctx, b.cfg.Bucket, key, strings.NewReader(v), int64(len(v)), "", hex.EncodeToString(sum[:]),
-				minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true})
-			return err
-		})
 	}
 	get := func() (string, error) {
 		var got []byte
@@ -257,7 +250,7 @@ func (b *Backend) checkConsistency(ctx context.Context) error {
 		return found, err
 	}
 	for _, v := range []string{"first", "second version"} {
-		if err := put(v); err != nil {
+		if err := b.putObject(ctx, "write consistency probe", key, []byte(v)); err != nil {
 			return err
 		}
 		got, err := get()
@@ -377,6 +370,11 @@ func (b *Backend) Put(ctx context.Context, h backend.Handle, data []byte) error 
 	if int64(len(data)) > b.cfg.MultipartThreshold {
 		return b.putMultipart(ctx, h, key, data)
 	}
+	return b.putObject(ctx, "write "+h.String(), key, data)
+}
+
+// putObject stores data under key with one PUT.
+func (b *Backend) putObject(ctx context.Context, what, key string, data []byte) error {
 	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true}
 	sha := ""
 	if b.checksums(ctx) {
@@ -385,7 +383,7 @@ func (b *Backend) Put(ctx context.Context, h backend.Handle, data []byte) error 
 		sum := sha256.Sum256(data)
 		sha = hex.EncodeToString(sum[:])
 	}
-	return b.do(ctx, "write "+h.String(), true, func(ctx context.Context, w *watchdog) error {
+	return b.do(ctx, what, true, func(ctx context.Context, w *watchdog) error {
 		_, err := b.core.PutObject(ctx, b.cfg.Bucket, key, w.reader(bytes.NewReader(data)), int64(len(data)), "", sha, opts)
 		return err
 	})
@@ -400,7 +398,7 @@ func crc32c(data []byte) string {
 }
 
 // checksums reports whether the store verifies an x-amz-checksum-crc32c
-// header (AWS S3 since 2022, MinIO, recent Ceph RGW and Garage, versitygw).
+// header (AWS S3, MinIO and versitygw do; older stores ignore it).
 // Every Put makes the store check what it received: with a CRC32C header
 // where the store verifies it (a hardware CRC on both sides), else with the
 // payload's SHA-256 in the request signature, which every store verifies
