@@ -613,10 +613,10 @@ func TestIntegrityModes(t *testing.T) {
 	ctx := context.Background()
 	for _, ignores := range []bool{false, true} {
 		t.Run(fmt.Sprintf("store-ignores-checksums=%v", ignores), func(t *testing.T) {
-			b := r.create(t, r.config(fmt.Sprintf("integrity%v", ignores)))
 			if ignores {
 				r.proxy.Add(&s3test.Rule{Method: "PUT", Contains: "checksum-probe", From: 1, Act: s3test.FakeOK})
 			}
+			b := r.create(t, r.config(fmt.Sprintf("integrity%v", ignores)))
 			h := chunk("integrity")
 			data := payload(9, 1<<20+5)
 			corrupt := r.proxy.Add(&s3test.Rule{Method: "PUT", Contains: "/chunks/in/" + h.Name, From: 1, To: 1, Act: s3test.Corrupt})
