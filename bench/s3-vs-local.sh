@@ -124,5 +124,10 @@ name=local report local
 name=s3 report s3
 l=$(median local | cut -d' ' -f1)
 s=$(median s3 | cut -d' ' -f1)
-echo "all rounds (wall s): local $(cat "$WORK"/local.*.time | cut -d' ' -f1 | tr '\n' ' ')/ s3 $(cat "$WORK"/s3.*.time | cut -d' ' -f1 | tr '\n' ' ')"
-echo "S3 / local throughput: $(echo "$l $s" | awk '{ printf "%.2f", $1 / $2 }') (issue 8: at least 0.80)"
+# Per round, the two runs were back to back: their ratio is less disturbed
+# by other load on the machine than the ratio of medians.
+ratios=$(r=1; while [ $r -le $ROUNDS ]; do
+	echo "$(cut -d' ' -f1 "$WORK/local.$r.time") $(cut -d' ' -f1 "$WORK/s3.$r.time")" | awk '{ printf "%.2f\n", $1 / $2 }'
+	r=$((r + 1)); done)
+echo "rounds (wall s, local/s3): $(r=1; while [ $r -le $ROUNDS ]; do printf "%s/%s " "$(cut -d' ' -f1 "$WORK/local.$r.time")" "$(cut -d' ' -f1 "$WORK/s3.$r.time")"; r=$((r + 1)); done)"
+echo "S3 / local throughput: $(echo "$l $s" | awk '{ printf "%.2f", $1 / $2 }') from the medians; per round $(echo $ratios), median $(echo "$ratios" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p") (issue 8: at least 0.80)"
