@@ -41,7 +41,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -488,7 +487,6 @@ func (b *Backend) putMultipart(ctx context.Context, h backend.Handle, key string
 	if perr != nil {
 		return perr
 	}
-	sort.Slice(parts, func(i, j int) bool { return parts[i].PartNumber < parts[j].PartNumber })
 	tries := 0
 	return b.do(ctx, what+" (complete multipart upload)", true, func(ctx context.Context, w *watchdog) error {
 		tries++
