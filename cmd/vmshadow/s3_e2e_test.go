@@ -427,3 +427,34 @@ func TestS3LiveBackup(t *testing.T) {
 		t.Fatalf("verify: %s", res.errorMessage())
 	}
 }
+
+// TestS3TLS: an https store with a private CA is reached with --s3-ca or
+// VMSHADOW_S3_CA, and refused without, saying how to fix it.
+func TestS3TLS(t *testing.T) {
+	testutil.SkipShort(t)
+	srv := s3test.Start(t, s3test.Options{TLS: true})
+	_, env := stateEnv(t)
+	env = append(append(env, srv.Env()...), "VMSHADOW_PASSWORD=tls")
+	repo := "s3:https://" + srv.Endpoint + "/tls-bucket/repo"
+	res := vmshadow(t, env, "repo", "init", "--repo", repo)
+	if res.code != 10 || !strings.Contains(res.errorMessage(), "--s3-ca") {
+		t.Fatalf("init without the CA: exit %d %q, want 10 naming --s3-ca", res.code, res.errorMessage())
+	}
+	if res := vmshadow(t, env, "repo", "init", "--repo", repo, "--s3-ca", srv.CAFile); res.code != 0 {
+		t.Fatalf("init with --s3-ca: exit %d %q", res.code, res.errorMessage())
+	}
+	dir := t.TempDir()
+	img := s3Image(t, filepath.Join(dir, "a.raw"), 6<<20, 5, 0, 5)
+	withCA := append(env, "VMSHADOW_S3_CA="+srv.CAFile)
+	res = vmshadow(t, withCA, "backup", "--repo", repo, "--vm", "tls", "--disk", "sda="+filepath.Join(dir, "a.raw"))
+	if res.code != 0 {
+		t.Fatalf("backup with VMSHADOW_S3_CA: exit %d %q", res.code, res.errorMessage())
+	}
+	out := filepath.Join(dir, "out.raw")
+	if res := vmshadow(t, withCA, "restore", "--repo", repo, res.summary(t)["backup_id"].(string), "--to", out); res.code != 0 {
+		t.Fatalf("restore: exit %d %q", res.code, res.errorMessage())
+	}
+	if got, _ := os.ReadFile(out); !bytes.Equal(got, img) {
+		t.Fatal("restored image differs")
+	}
+}
