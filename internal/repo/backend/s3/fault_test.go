@@ -76,7 +76,7 @@ func TestTransientFaultsRetried(t *testing.T) {
 	r := newRig(t)
 	ctx := context.Background()
 	cfg := r.config("transient")
-	cfg.StallTimeout = 300 * time.Millisecond
+	cfg.StallTimeout = 2 * time.Second // the hang cases wait this long; shorter flakes under load
 	b := r.create(t, cfg)
 	data := payload(1, 3<<20+17)
 	for _, tc := range []struct {
