@@ -21,6 +21,12 @@ case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want hyperfine hyperfine
        want virtnbdbackup virtnbdbackup; want libvirtd libvirt-daemon-system ;;
 esac
+# versitygw, the real S3 server of the S3 tests and benchmarks: built once
+# with go install into ~/.cache/vmshadow/bin (the tests would build it too,
+# inside their time limit).
+case "${1:-test}" in
+test|bench) "$(dirname "$0")/s3-test-server.sh" install >/dev/null ;;
+esac
 [ -z "$need" ] && exit 0
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 echo "installing:$need" >&2

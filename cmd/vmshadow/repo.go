@@ -1,11 +1,13 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -16,19 +18,26 @@ import (
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
+	"github.com/vmshadow/vmshadow/internal/repo/backend/s3"
 )
 
 func init() { commands = append(commands, newRepoCmd) }
 
 // repoFlags are the flags every repository command takes.
 type repoFlags struct {
-	dir          string
-	passwordFile string
+	dir           string // a directory or an s3: URL
+	passwordFile  string
+	s3CA          string
+	s3Addressing  string
+	s3Connections int
 }
 
 func (f *repoFlags) register(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.dir, "repo", "", "repository directory (required)")
+	cmd.Flags().StringVar(&f.dir, "repo", "", "repository: a directory, or S3 storage as s3:https://host/bucket/prefix (credentials from $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY, or $AWS_PROFILE) (required)")
 	cmd.Flags().StringVar(&f.passwordFile, "password-file", "", "read the repository password from this file (else $VMSHADOW_PASSWORD, else a terminal prompt)")
+	cmd.Flags().StringVar(&f.s3CA, "s3-ca", "", "S3: PEM file of extra CA certificates to trust for https (else $VMSHADOW_S3_CA)")
+	cmd.Flags().StringVar(&f.s3Addressing, "s3-addressing", "", "S3: bucket addressing, auto, path or virtual-host (else $VMSHADOW_S3_ADDRESSING, else auto: virtual-host for AWS, path for other stores)")
+	cmd.Flags().IntVar(&f.s3Connections, "s3-connections", 0, "S3: requests in flight at most (default 16)")
 	cmd.MarkFlagRequired("repo")
 }
 
@@ -36,9 +45,43 @@ func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
 	return passwordSource("VMSHADOW_PASSWORD", f.passwordFile, "Repository password", confirm)
 }
 
+// backend opens (or, for repo init, creates) the storage --repo names: a
+// local directory, or S3-compatible object storage for an s3: URL.
+func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, error) {
+	if !s3.IsURL(f.dir) {
+		if create {
+			return local.Create(f.dir)
+		}
+		return local.Open(f.dir)
+	}
+	cfg, err := s3.ParseURL(f.dir)
+	if err != nil {
+		return nil, err
+	}
+	cfg.CAFile = cmp.Or(f.s3CA, os.Getenv("VMSHADOW_S3_CA"))
+	if cfg.Addressing, err = s3.ParseAddressing(cmp.Or(f.s3Addressing, os.Getenv("VMSHADOW_S3_ADDRESSING"))); err != nil {
+		return nil, err
+	}
+	if f.s3Connections < 0 {
+		return nil, errorf(errs.ErrUsage, "--s3-connections must be positive")
+	}
+	cfg.Connections = f.s3Connections
+	if v := os.Getenv("VMSHADOW_S3_RETRIES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return nil, errorf(errs.ErrUsage, "VMSHADOW_S3_RETRIES=%q: want the number of attempts per request, at least 1", v)
+		}
+		cfg.Retry.Attempts = n
+	}
+	if create {
+		return s3.Create(ctx, cfg)
+	}
+	return s3.Open(ctx, cfg)
+}
+
 // open opens the repository.
 func (f *repoFlags) open(ctx context.Context) (*repo.Repo, error) {
-	be, err := local.Open(f.dir)
+	be, err := f.backend(ctx, false)
 	if err != nil {
 		return nil, err
 	}
@@ -134,9 +177,14 @@ func newRepoInitCmd(a *app) *cobra.Command {
 	var encryption string
 	var chunkSize int
 	cmd := &cobra.Command{
-		Use:   "init --repo DIR [--encryption aes-256-gcm|none]",
+		Use:   "init --repo DIR|s3:URL [--encryption aes-256-gcm|none]",
 		Short: "Create a new, empty backup repository",
-		Long: `Create a new, empty backup repository in DIR.
+		Long: `Create a new, empty backup repository in DIR, or on S3-compatible object
+storage: --repo s3:https://host/bucket/prefix (s3:http://... without TLS).
+The bucket is created if it does not exist; the prefix must be empty.
+S3 credentials come from $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY (and
+$AWS_SESSION_TOKEN), or $AWS_PROFILE with ~/.aws/credentials or ~/.aws/config,
+never from the command line.
 
 The repository is encrypted with AES-256-GCM under random master keys, which
 are wrapped with a key derived from the password by Argon2id. The password is
@@ -157,7 +205,7 @@ With --encryption none nothing is encrypted and no password is needed.`,
 			default:
 				return errorf(errs.ErrUsage, "unknown --encryption %q (use %s or %s)", encryption, repo.EncryptionAESGCM, repo.EncryptionNone)
 			}
-			be, err := local.Create(f.dir)
+			be, err := f.backend(ctx, true)
 			if err != nil {
 				return err
 			}
@@ -189,7 +237,7 @@ func newRepoPasswdCmd(a *app) *cobra.Command {
 	var f repoFlags
 	var newFile string
 	cmd := &cobra.Command{
-		Use:   "passwd --repo DIR",
+		Use:   "passwd --repo DIR|s3:URL",
 		Short: "Change the repository password (the keys are re-wrapped, no data is rewritten)",
 		Long: `Change the repository password. The current password comes from
 $VMSHADOW_PASSWORD, --password-file or the terminal; the new one from

@@ -1,8 +1,8 @@
 // Package backend owns the storage interface under a vmshadow repository:
 // named blobs grouped by kind, with no file-system semantics in the contract,
 // so that a local directory, memory and S3-compatible object storage all fit.
-// The implementations live in subpackages (local, mem, fault) and are all held
-// to the shared suite in backendtest.
+// The implementations live in subpackages (local, mem, fault, s3) and are all
+// held to the shared suite in backendtest.
 package backend
 
 import (
@@ -67,18 +67,27 @@ type Info struct {
 	Name string
 	Size int64
 	// ModTime is when the blob was last written (the object's own timestamp,
-	// never its access time). Garbage collection compares it with its grace
-	// period.
+	// never its access time), on this host's clock: a backend whose
+	// timestamps come from another clock (an object store's) converts them
+	// by the offset it measured, so that time.Since(ModTime) is the blob's
+	// age. Garbage collection compares that with its grace period.
 	ModTime time.Time
 }
 
 // Backend stores named blobs. Implementations must be safe for concurrent use.
 //
+// Consistency: once Put returns, every reader (any process, any host) sees
+// the new blob in Get, Stat and List; once Delete returns, none sees it.
+// The ordering rules and the locks depend on this (see
+// docs/repository-format.md); backendtest checks it.
+//
 // Errors: an operation on a blob that does not exist returns an error for
 // which errors.Is(err, ErrNotExist) holds (and errors.Is(err,
 // errs.ErrNotFound)). A write refused because the storage is full wraps
 // errs.ErrNoSpace; a write refused because the storage is read-only wraps
-// ErrReadOnly. Every error names the blob.
+// ErrReadOnly. Transient failures (a dropped connection, a throttling
+// store) are retried by the backend itself: an error returned is final for
+// that call. Every error names the blob, and none contains a credential.
 type Backend interface {
 	// Location describes where the repository lives, for messages.
 	Location() string
@@ -115,8 +124,10 @@ type Backend interface {
 	// never is. If fn returns an error, List stops and returns it.
 	List(ctx context.Context, kind Kind, prefix string, fn func(Info) error) error
 
-	// Delete removes the blob. Deleting a blob that does not exist returns
-	// an error wrapping ErrNotExist.
+	// Delete removes the blob. Deleting a blob that does not exist either
+	// returns nil or an error wrapping ErrNotExist (object stores answer a
+	// DELETE of a missing key with success, and checking first would cost
+	// a request and still race): callers treat both as done.
 	Delete(ctx context.Context, h Handle) error
 
 	// Close releases resources. The backend must not be used afterwards.

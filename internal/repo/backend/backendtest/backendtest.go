@@ -23,7 +23,8 @@ import (
 // Factory returns a new, empty backend for one subtest.
 type Factory func(t *testing.T) backend.Backend
 
-// Run runs the suite against backends made by factory.
+// Run runs the suite against backends made by factory. The backends of
+// one Run may share storage (a bucket) as long as each is empty when made.
 func Run(t *testing.T, factory Factory) {
 	tests := []struct {
 		name string
@@ -42,6 +43,7 @@ func Run(t *testing.T, factory Factory) {
 		{"Cancelled", testCancelled},
 		{"ConcurrentReplace", testConcurrentReplace},
 		{"Large", testLarge},
+		{"Consistency", testConsistency},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -139,8 +141,14 @@ func testNotFound(t *testing.T, b backend.Backend) {
 	if _, err := b.Stat(ctx, hd); !backend.IsNotExist(err) {
 		t.Errorf("Stat of missing blob: %v, want ErrNotExist", err)
 	}
-	if err := b.Delete(ctx, hd); !backend.IsNotExist(err) {
-		t.Errorf("Delete of missing blob: %v, want ErrNotExist", err)
+	if err := b.Delete(ctx, hd); err != nil && !backend.IsNotExist(err) {
+		t.Errorf("Delete of missing blob: %v, want nil or ErrNotExist", err)
+	}
+	if _, err := b.Stat(ctx, hd); !backend.IsNotExist(err) {
+		t.Errorf("Stat after Delete of missing blob: %v, want ErrNotExist", err)
+	}
+	if _, err := b.Stat(ctx, h(backend.KindIndexes, "missing")); err != nil {
+		t.Errorf("Delete of a missing chunk touched the index of that name: %v", err)
 	}
 }
 
@@ -349,5 +357,73 @@ func testLarge(t *testing.T, b backend.Backend) {
 	got, err := b.Get(context.Background(), hd, 8<<20, 4096)
 	if err != nil || !bytes.Equal(got, d[8<<20:8<<20+4096]) {
 		t.Fatalf("ranged read in large blob: %v", err)
+	}
+}
+
+// testConsistency checks what the ordering rules and the locks need from
+// the storage: a Put is seen at once by Get, Stat and List, a replacing Put
+// at once by Get and Stat, a Delete at once by Stat, Get and List; with
+// several writers at a time, as in a backup.
+func testConsistency(t *testing.T, b backend.Backend) {
+	ctx := context.Background()
+	r := rand.New(rand.NewPCG(7, 8))
+	listed := func(k backend.Kind, name string) bool {
+		found := false
+		err := b.List(ctx, k, name, func(fi backend.Info) error {
+			found = found || fi.Name == name
+			return nil
+		})
+		if err != nil {
+			t.Errorf("List %s %s: %v", k, name, err)
+		}
+		return found
+	}
+	var wg sync.WaitGroup
+	errc := make(chan error, 64)
+	for w := range 4 {
+		v1, v2 := randBytes(r, 1000+w), randBytes(r, 3000+w)
+		wg.Go(func() {
+			for i := range 8 {
+				hd := h(backend.KindLocks, fmt.Sprintf("cons%d-%d", w, i))
+				if err := b.Put(ctx, hd, v1); err != nil {
+					errc <- err
+					return
+				}
+				if d, err := b.Get(ctx, hd, 0, -1); err != nil || !bytes.Equal(d, v1) {
+					errc <- fmt.Errorf("right after Put, Get %s: %d bytes, %v", hd, len(d), err)
+				}
+				if !listed(hd.Kind, hd.Name) {
+					errc <- fmt.Errorf("right after Put, List misses %s", hd)
+				}
+				if err := b.Put(ctx, hd, v2); err != nil {
+					errc <- err
+					return
+				}
+				if fi, err := b.Stat(ctx, hd); err != nil || fi.Size != int64(len(v2)) {
+					errc <- fmt.Errorf("right after a replacing Put, Stat %s: %+v, %v", hd, fi, err)
+				}
+				if d, err := b.Get(ctx, hd, 0, -1); err != nil || !bytes.Equal(d, v2) {
+					errc <- fmt.Errorf("right after a replacing Put, Get %s: %d bytes, %v", hd, len(d), err)
+				}
+				if err := b.Delete(ctx, hd); err != nil {
+					errc <- err
+					return
+				}
+				if _, err := b.Stat(ctx, hd); !backend.IsNotExist(err) {
+					errc <- fmt.Errorf("right after Delete, Stat %s: %v", hd, err)
+				}
+				if _, err := b.Get(ctx, hd, 0, -1); !backend.IsNotExist(err) {
+					errc <- fmt.Errorf("right after Delete, Get %s: %v", hd, err)
+				}
+				if listed(hd.Kind, hd.Name) {
+					errc <- fmt.Errorf("right after Delete, List shows %s", hd)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		t.Error(err)
 	}
 }
