@@ -4,7 +4,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 export PATH := $(PATH):/usr/local/go/bin:$(shell $(GO) env GOPATH 2>/dev/null)/bin
 
-.PHONY: all build test unit lint demo bench deps fuzz clean
+.PHONY: all build test unit lint demo bench bench-s3 deps fuzz clean
 
 include guest/guest.mk
 
@@ -31,6 +31,11 @@ demo: deps build
 bench: build
 	scripts/deps.sh bench
 	bench/repo-vs-restic.sh
+
+# S3 repository against a local directory, side by side.
+bench-s3: build
+	scripts/deps.sh bench
+	bench/s3-vs-local.sh
 
 # Only the tests that need no QEMU.
 unit:
