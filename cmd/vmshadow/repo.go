@@ -85,7 +85,12 @@ func (f *repoFlags) open(ctx context.Context) (*repo.Repo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return repo.Open(ctx, be, f.password(false))
+	r, err := repo.Open(ctx, be, f.password(false))
+	if err != nil {
+		be.Close()
+		return nil, err
+	}
+	return r, nil
 }
 
 // lock takes a repository lock for op. A shared lock on read-only storage
