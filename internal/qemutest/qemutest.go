@@ -34,6 +34,8 @@ type Disk struct {
 	// Legacy attaches the image with -drive if=none (auto-named nodes, a
 	// named BlockBackend) instead of -blockdev.
 	Legacy bool
+	// CreateOptions are passed to qemu-img create -o (e.g. "compat=0.10").
+	CreateOptions string
 
 	Path string // image file, set by Start
 	Node string // format node name (-blockdev only), set by Start
@@ -120,7 +122,11 @@ func Start(t testing.TB, opts Options) *VM {
 			d.Size = 64 << 20
 		}
 		d.Path = filepath.Join(dir, d.ID+"."+d.Format)
-		if out, err := exec.Command("qemu-img", "create", "-q", "-f", d.Format, d.Path, fmt.Sprint(d.Size)).CombinedOutput(); err != nil {
+		create := []string{"create", "-q", "-f", d.Format}
+		if d.CreateOptions != "" {
+			create = append(create, "-o", d.CreateOptions)
+		}
+		if out, err := exec.Command("qemu-img", append(create, d.Path, fmt.Sprint(d.Size))...).CombinedOutput(); err != nil {
 			t.Fatalf("qemu-img create %s: %v: %s", d.Path, err, out)
 		}
 		if d.Legacy {

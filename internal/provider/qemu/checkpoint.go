@@ -39,11 +39,6 @@ type checkpointState struct {
 	Done bool `json:"done"`
 }
 
-// persistentFormats can store bitmaps in the image and keep them across
-// QEMU restarts. On other formats (raw) bitmaps live only as long as the
-// QEMU process: a restart means a full read.
-var persistentFormats = map[string]bool{"qcow2": true}
-
 // planCheckpoint decides, per disk, whether the previous bitmap can be
 // trusted, and removes this repository's stale bitmaps. It runs in
 // Prepare, before anything is frozen.
@@ -118,7 +113,7 @@ func rotateActions(st *state) []map[string]any {
 			continue
 		}
 		acts = append(acts, map[string]any{"type": "block-dirty-bitmap-add", "data": map[string]any{
-			"node": d.Node, "name": d.Checkpoint.New, "persistent": persistentFormats[d.Format]}})
+			"node": d.Node, "name": d.Checkpoint.New, "persistent": d.Persistent}})
 		if d.Checkpoint.Previous != "" {
 			acts = append(acts, map[string]any{"type": "block-dirty-bitmap-disable", "data": map[string]any{
 				"node": d.Node, "name": d.Checkpoint.Previous}})

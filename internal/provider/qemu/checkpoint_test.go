@@ -170,3 +170,35 @@ func TestCheckpointChain(t *testing.T) {
 		t.Errorf("repository 2 touched repository 1's chain: %s", got)
 	}
 }
+
+// TestCheckpointOldQcow2: a qcow2 v2 image cannot store bitmaps; its change
+// tracking lives in memory, and backups still work.
+func TestCheckpointOldQcow2(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Disks: []qemutest.Disk{{ID: "vda", CreateOptions: "compat=0.10"}}})
+	dir, _ := os.MkdirTemp("", "vscp")
+	defer os.RemoveAll(dir)
+	r := &rig{t: t, vm: vm, journal: &coord.Journal{Dir: dir + "/j"}, scratch: dir + "/s"}
+	set := r.set(&qemu.Checkpoint{Prefix: "vmshadow-old"}, true, func(*coord.Set) {})
+	var nodes []struct {
+		NodeName     string `json:"node-name"`
+		DirtyBitmaps []struct {
+			Name       string `json:"name"`
+			Persistent bool   `json:"persistent"`
+		} `json:"dirty-bitmaps"`
+	}
+	vm.Exec("query-named-block-nodes", map[string]bool{"flat": true}, &nodes)
+	found := false
+	for _, n := range nodes {
+		for _, b := range n.DirtyBitmaps {
+			if b.Name == "vmshadow-old-"+set.ID {
+				found = true
+				if b.Persistent {
+					t.Error("bitmap on a qcow2 v2 image marked persistent")
+				}
+			}
+		}
+	}
+	if !found {
+		t.Fatal("no change-tracking bitmap on the qcow2 v2 disk")
+	}
+}

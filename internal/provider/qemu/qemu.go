@@ -74,6 +74,9 @@ type Disk struct {
 	Node   string `json:"node"`   // the device's root node before vmshadow touched it
 	Format string `json:"format"` // driver of the root node (qcow2, raw, ...)
 	Size   int64  `json:"size"`
+	// Persistent: the image can keep dirty bitmaps across QEMU restarts
+	// (qcow2 v3); on others they live as long as the QEMU process.
+	Persistent bool `json:"persistent_bitmaps"`
 }
 
 // SetCheckpoint sets the change-tracking request of the next set (before
@@ -137,7 +140,13 @@ type blockInfo struct {
 		Drv      string `json:"drv"`
 		RO       bool   `json:"ro"`
 		Image    struct {
-			VirtualSize int64 `json:"virtual-size"`
+			VirtualSize    int64 `json:"virtual-size"`
+			FormatSpecific struct {
+				Type string `json:"type"`
+				Data struct {
+					Compat string `json:"compat"`
+				} `json:"data"`
+			} `json:"format-specific"`
 		} `json:"image"`
 	} `json:"inserted"`
 }
@@ -211,6 +220,9 @@ func (p *Provider) scan(ctx context.Context) error {
 			continue
 		}
 		d := Disk{QOM: b.Qdev, Node: in.NodeName, Format: in.Drv, Size: in.Image.VirtualSize}
+		// Only qcow2 v3 images store bitmaps; v2 (compat=0.10) refuse them.
+		fs := in.Image.FormatSpecific
+		d.Persistent = in.Drv == "qcow2" && fs.Type == "qcow2" && fs.Data.Compat != "0.10"
 		if m := peripheral.FindStringSubmatch(b.Qdev); m != nil {
 			d.Name = m[1]
 		} else {
