@@ -101,13 +101,14 @@ type Backend interface {
 	// after it returns.
 	Put(ctx context.Context, h Handle, data []byte) error
 
-	// Sync makes every blob visible to this process when Sync is called
-	// (stored by it or by others) survive a crash. Writers call it at their
-	// ordering points: before storing an index that names chunks, before
-	// storing a manifest, before deleting a key file whose replacement was
-	// just stored. Object stores whose Put is durable on return implement it
-	// as a no-op. (It lets the local backend sync each directory once per
-	// batch instead of once per blob.)
+	// Sync makes every blob this process stored, deleted or found with
+	// Stat (such as a chunk another writer stored, which a backup reuses)
+	// survive a crash. Writers call it at their ordering points: before
+	// storing an index that names chunks, before storing a manifest, before
+	// deleting a key file whose replacement was just stored. Object stores
+	// whose Put is durable on return implement it as a no-op. (It lets the
+	// local backend sync only the directories it touched, once per batch,
+	// instead of once per blob.)
 	Sync(ctx context.Context) error
 
 	// Get returns length bytes of the blob from offset off; length < 0 means

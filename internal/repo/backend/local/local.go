@@ -24,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -34,6 +35,24 @@ import (
 // Local is a backend.Backend over a directory.
 type Local struct {
 	root string
+
+	// dirty holds the directories whose entries Sync must make durable:
+	// those this process renamed blobs into or created, and those of
+	// blobs it found by Stat (a backup that reuses another process's
+	// chunk depends on that chunk's directory entry being durable too).
+	mu    sync.Mutex
+	dirty map[string]bool
+}
+
+func (l *Local) markDirty(dirs ...string) {
+	l.mu.Lock()
+	if l.dirty == nil {
+		l.dirty = map[string]bool{}
+	}
+	for _, d := range dirs {
+		l.dirty[d] = true
+	}
+	l.mu.Unlock()
 }
 
 var _ backend.Backend = (*Local)(nil)
@@ -149,37 +168,33 @@ func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 	err = os.Rename(tmp, dst)
 	if errors.Is(err, fs.ErrNotExist) {
 		if err = os.MkdirAll(dir, 0o700); err == nil {
+			l.markDirty(filepath.Dir(dir)) // the new directory's own entry
 			err = os.Rename(tmp, dst)
 		}
 	}
 	if err != nil {
 		return wrapErr("rename "+h.String()+" into place", err)
 	}
+	l.markDirty(dir)
 	ok = true
 	return nil
 }
 
-// Sync implements backend.Backend: it fsyncs every directory that holds
-// blobs (the root, each kind, each chunk fan-out directory), so the renames
-// of all blobs visible now are durable. Syncing a clean directory is cheap.
+// Sync implements backend.Backend: it fsyncs the directories this process
+// renamed blobs into or created, and those of blobs it found by Stat, so
+// those entries are durable. A backup syncs only what it touched, not every
+// fan-out directory.
 func (l *Local) Sync(ctx context.Context) error {
-	dirs := []string{l.root}
-	for _, k := range []string{"keys", "indexes", "backups", "locks"} {
-		dirs = append(dirs, filepath.Join(l.root, k))
-	}
-	chunks := filepath.Join(l.root, "chunks")
-	dirs = append(dirs, chunks)
-	err := eachEntry(ctx, chunks, func(e fs.DirEntry) error {
-		if e.IsDir() {
-			dirs = append(dirs, filepath.Join(chunks, e.Name()))
-		}
-		return nil
-	})
-	if err != nil {
+	if err := ctx.Err(); err != nil {
 		return err
 	}
-	for _, d := range dirs {
+	l.mu.Lock()
+	dirs := l.dirty
+	l.dirty = nil
+	l.mu.Unlock()
+	for d := range dirs {
 		if err := syncDir(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			l.markDirty(d) // keep it for the next try
 			return wrapErr("sync directory "+d, err)
 		}
 	}
@@ -235,6 +250,7 @@ func (l *Local) Stat(ctx context.Context, h backend.Handle) (backend.Info, error
 	if err != nil {
 		return backend.Info{}, wrapErr("stat "+h.String(), err)
 	}
+	l.markDirty(filepath.Dir(p))
 	return backend.Info{Name: h.Name, Size: st.Size(), ModTime: st.ModTime()}, nil
 }
 
@@ -250,6 +266,7 @@ func (l *Local) Delete(ctx context.Context, h backend.Handle) error {
 	if err := os.Remove(p); err != nil {
 		return wrapErr("delete "+h.String(), err)
 	}
+	l.markDirty(filepath.Dir(p))
 	return nil
 }
 
