@@ -1,0 +1,501 @@
+// Command harness is `make bench`: it backs up the same multi-GiB VM disk
+// with vmshadow and with the tools users would pick instead (restic, borg,
+// virtnbdbackup), next to the read floor (qemu-img convert of the same NBD
+// shadow copy), several times, interleaved, and writes bench/results.md and
+// a throughput chart. Run as root (it drops the page cache before every
+// timed step and starts libvirtd):
+//
+//	go run ./bench/harness -vmshadow bin/vmshadow [-rounds 3] [-size-gib 4]
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func logf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, a...)...)
+}
+
+type config struct {
+	vmshadow string
+	work     string
+	sizeGiB  int64
+	bigGiB   int64
+	rounds   int
+	results  string
+	chart    string
+	skip     map[string]bool
+}
+
+const (
+	chunkSize   = 4 << 20
+	changeWrite = 1 << 20
+	password    = "bench-password"
+	shm         = "/dev/shm"
+)
+
+func main() {
+	var c config
+	var skip string
+	flag.StringVar(&c.vmshadow, "vmshadow", "bin/vmshadow", "the vmshadow binary to measure")
+	flag.StringVar(&c.work, "work", "bench/out", "scratch directory (keeps the generated test image between runs)")
+	flag.Int64Var(&c.sizeGiB, "size-gib", 4, "size of the test disk")
+	flag.Int64Var(&c.bigGiB, "big-gib", 64, "size of the sparse disk of the memory check (0: skip)")
+	flag.IntVar(&c.rounds, "rounds", 3, "rounds: each runs every tool once, in a rotating order")
+	flag.StringVar(&c.results, "results", "bench/results.md", "markdown report to write")
+	flag.StringVar(&c.chart, "chart", "bench/throughput.png", "throughput chart to write (gnuplot)")
+	flag.StringVar(&skip, "skip", "", "comma-separated tools to leave out: restic,borg,virtnbdbackup")
+	flag.Parse()
+	c.skip = map[string]bool{}
+	for _, s := range strings.Split(skip, ",") {
+		if s != "" {
+			c.skip[s] = true
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, c); err != nil {
+		logf("bench failed: %v", err)
+		os.Exit(1)
+	}
+}
+
+// bench is the state of one harness run.
+type bench struct {
+	config
+	size    int64
+	raw     string // the raw image restic and borg back up
+	vm      *vm
+	lv      *libvirt
+	lvNote  string // why virtnbdbackup did not run
+	state   string // VMSHADOW_STATE_DIR
+	env     []string
+	samples map[string][]sample
+	extra   map[string][]int64 // vmshadow's own bytes_read per step
+	changed struct {
+		bytes, chunkBytes int64
+		writes            int
+	}
+	loadBefore, loadAfter string
+	start                 time.Time
+}
+
+func run(ctx context.Context, c config) error {
+	if os.Geteuid() != 0 {
+		return errors.New("run as root: the harness drops the page cache and starts libvirtd")
+	}
+	for _, cmd := range []string{"qemu-system-x86_64", "qemu-img", "cmp"} {
+		if _, err := exec.LookPath(cmd); err != nil {
+			return fmt.Errorf("%s is missing: run scripts/deps.sh bench", cmd)
+		}
+	}
+	b := &bench{config: c, samples: map[string][]sample{}, extra: map[string][]int64{}, start: time.Now()}
+	b.vmshadow = abs(c.vmshadow)
+	if err := os.MkdirAll(c.work, 0o755); err != nil {
+		return err
+	}
+	b.work = abs(c.work)
+	// libvirt's QEMU runs as another user: it must reach the disk.
+	for d := b.work; d != "/"; d = filepath.Dir(d) {
+		if fi, err := os.Stat(d); err == nil && fi.Mode().Perm()&0o005 != 0o005 {
+			os.Chmod(d, fi.Mode().Perm()|0o005)
+		}
+	}
+	b.size = c.sizeGiB << 30
+	b.state = filepath.Join(b.work, "state")
+	b.env = []string{"VMSHADOW_PASSWORD=" + password, "RESTIC_PASSWORD=" + password, "BORG_PASSPHRASE=" + password,
+		"VMSHADOW_STATE_DIR=" + b.state, "BORG_RELOCATED_REPO_ACCESS_IS_OK=yes", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes",
+		"BORG_BASE_DIR=" + filepath.Join(b.work, "borg-home"), "RESTIC_CACHE_DIR=" + filepath.Join(b.work, "restic-cache")}
+	run := filepath.Join(b.work, "run")
+	os.RemoveAll(run)
+	os.RemoveAll(b.state)
+	if err := os.MkdirAll(run, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(run)
+	defer os.RemoveAll(b.state)
+	defer os.RemoveAll(filepath.Join(b.work, "borg-home"))
+	defer os.RemoveAll(filepath.Join(b.work, "restic-cache"))
+
+	img := filepath.Join(b.work, fmt.Sprintf("disk-%dg.raw", c.sizeGiB))
+	if err := makeImage(ctx, img, b.size); err != nil {
+		return fmt.Errorf("make the test image: %w", err)
+	}
+	// Three copies of the same content, changed alike: the vmshadow VM's
+	// disk, the libvirt VM's disk, and a raw file for restic and borg.
+	b.raw = filepath.Join(run, "disk.raw")
+	vmDisk := filepath.Join(run, "vm.qcow2")
+	lvDisk := filepath.Join(run, "lv.qcow2")
+	logf("copying the test image for the VMs and the file-based tools")
+	if _, err := quiet(ctx, nil, "cp", "--sparse=always", img, b.raw); err != nil {
+		return err
+	}
+	for _, d := range []string{vmDisk, lvDisk} {
+		if _, err := quiet(ctx, nil, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, d); err != nil {
+			return err
+		}
+	}
+	os.Chmod(lvDisk, 0o666)
+	var err error
+	vmDir := filepath.Join(run, "vm")
+	os.MkdirAll(vmDir, 0o755)
+	if b.vm, err = startVM(ctx, "bench", vmDir, vmDisk); err != nil {
+		return err
+	}
+	defer b.vm.stop()
+	if !c.skip["virtnbdbackup"] {
+		lvDir := filepath.Join(run, "libvirt")
+		os.MkdirAll(lvDir, 0o755)
+		b.lv, err = startLibvirt(ctx, "vmshadow-bench", lvDir, lvDisk)
+		if errors.Is(err, errSkip) {
+			b.lvNote = err.Error()
+			logf("virtnbdbackup left out: %v", err)
+			b.lv = nil
+		} else if err != nil {
+			return err
+		} else {
+			defer b.lv.stop()
+		}
+	} else {
+		b.lvNote = "left out with -skip"
+	}
+	for _, t := range []string{"restic", "borg"} {
+		if _, err := exec.LookPath(t); err != nil && !c.skip[t] {
+			logf("%s is not installed: left out (scripts/deps.sh bench installs it)", t)
+			c.skip[t] = true
+		}
+	}
+	b.skip = c.skip
+
+	b.loadBefore = loadavg()
+	for r := 1; r <= c.rounds; r++ {
+		if err := b.round(ctx, r, filepath.Join(run, fmt.Sprintf("round%d", r))); err != nil {
+			return fmt.Errorf("round %d: %w", r, err)
+		}
+	}
+	b.vm.stop()
+	if c.bigGiB > 0 {
+		if err := b.big(ctx, filepath.Join(run, "big")); err != nil {
+			return fmt.Errorf("%d GiB sparse disk: %w", c.bigGiB, err)
+		}
+	}
+	b.loadAfter = loadavg()
+	if err := b.report(ctx); err != nil {
+		return err
+	}
+	logf("wrote %s and %s", c.results, c.chart)
+	return nil
+}
+
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// rotate returns the steps starting at the r-th, so that no tool always
+// runs first (or right after the same other tool).
+func rotate[T any](s []T, r int) []T {
+	k := r % len(s)
+	return append(append([]T{}, s[k:]...), s[:k]...)
+}
+
+type step struct {
+	name string
+	fn   func(context.Context) error
+}
+
+func (b *bench) add(name string, s sample) {
+	b.samples[name] = append(b.samples[name], s)
+	logf("  %-28s %7.2f s wall %7.2f s CPU %6.0f MiB RSS  read %s  stored %s", name, s.Wall, s.CPU, float64(s.RSS)/(1<<20), mib(s.Read), mib(s.Stored))
+}
+
+func mib(n int64) string { return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20)) }
+
+// round runs every tool once: full backups, the change, incremental
+// backups, then vmshadow's restore and verify.
+func (b *bench) round(ctx context.Context, r int, dir string) error {
+	logf("round %d of %d", r, b.rounds)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	vrepo := filepath.Join(dir, "vmshadow-repo")
+	rrepo := filepath.Join(dir, "restic-repo")
+	brepo := filepath.Join(dir, "borg-repo")
+	vnb := filepath.Join(dir, "virtnbdbackup")
+	if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", vrepo); err != nil {
+		return err
+	}
+	if err := b.vm.removeBitmaps(ctx); err != nil {
+		return err
+	}
+	if !b.skip["restic"] {
+		if _, err := quiet(ctx, b.env, "restic", "init", "--repository-version", "2", "--repo", rrepo); err != nil {
+			return err
+		}
+	}
+	if !b.skip["borg"] {
+		if _, err := quiet(ctx, b.env, "borg", "init", "--encryption", "repokey", brepo); err != nil {
+			return err
+		}
+	}
+	size := map[string]int64{"v": dirSize(vrepo), "r": dirSize(rrepo), "b": dirSize(brepo)}
+	grew := func(k, dir string) int64 {
+		n := dirSize(dir)
+		d := n - size[k]
+		size[k] = n
+		return d
+	}
+	qemuRead := func(pid int, f func() (sample, error)) (sample, error) {
+		before, _ := procIO(pid)
+		s, err := f()
+		after, _ := procIO(pid)
+		s.Read = after - before
+		return s, err
+	}
+	logs := func(name string) string { return filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".log") }
+
+	vmBackup := func(name string) step {
+		return step{name, func(ctx context.Context) error {
+			var sum struct {
+				BytesRead int64  `json:"bytes_read"`
+				Mode      string `json:"mode"`
+			}
+			s, err := qemuRead(b.vm.pid(), func() (sample, error) {
+				s, out, err := measured(ctx, logs(name), b.env, b.vmshadow, "backup", "--repo", vrepo, "--qmp", b.vm.QMPPath, "--json")
+				if err == nil {
+					err = lastJSON(out, &sum)
+				}
+				return s, err
+			})
+			if err != nil {
+				return err
+			}
+			if want := strings.Fields(name)[1]; sum.Mode != want {
+				return fmt.Errorf("%s: the backup was %s", name, sum.Mode)
+			}
+			s.Stored = grew("v", vrepo)
+			b.extra[name] = append(b.extra[name], sum.BytesRead)
+			b.add(name, s)
+			return nil
+		}}
+	}
+	floor := step{"qemu-img convert (read floor)", func(ctx context.Context) error {
+		var set struct {
+			SetID   string `json:"set_id"`
+			Shadows []struct {
+				NBD string `json:"nbd"`
+			} `json:"shadows"`
+		}
+		out, err := quiet(ctx, b.env, b.vmshadow, "snapshot", "create", "--qmp", b.vm.QMPPath, "--json")
+		if err == nil {
+			err = lastJSON(out, &set)
+		}
+		if err != nil || len(set.Shadows) != 1 {
+			return fmt.Errorf("snapshot create: %v", err)
+		}
+		defer quiet(context.WithoutCancel(ctx), b.env, b.vmshadow, "snapshot", "delete", "--qmp", b.vm.QMPPath, set.SetID)
+		target := filepath.Join(shm, "vmshadow-bench-floor.raw")
+		defer os.Remove(target)
+		os.Remove(target)
+		s, err := qemuRead(b.vm.pid(), func() (sample, error) {
+			s, _, err := measured(ctx, logs("floor"), nil, "qemu-img", "convert", "-f", "raw", "-O", "raw", set.Shadows[0].NBD, target)
+			return s, err
+		})
+		if err != nil {
+			return err
+		}
+		b.add("qemu-img convert (read floor)", s)
+		return nil
+	}}
+	restic := func(name string) step {
+		return step{name, func(ctx context.Context) error {
+			s, _, err := measured(ctx, logs(name), b.env, "restic", "backup", "--repo", rrepo, "--quiet", b.raw)
+			if err != nil {
+				return err
+			}
+			s.Stored = grew("r", rrepo)
+			b.add(name, s)
+			return nil
+		}}
+	}
+	borg := func(name, archive string) step {
+		return step{name, func(ctx context.Context) error {
+			s, _, err := measured(ctx, logs(name), b.env, "borg", "create", brepo+"::"+archive, b.raw)
+			if err != nil {
+				return err
+			}
+			s.Stored = grew("b", brepo)
+			b.add(name, s)
+			return nil
+		}}
+	}
+	virtnbd := func(name, level string) step {
+		return step{name, func(ctx context.Context) error {
+			before := dirSize(vnb)
+			s, err := qemuRead(b.lv.pid(), func() (sample, error) {
+				s, _, err := measured(ctx, logs(name), nil, b.lv.backupArgs(level, vnb)...)
+				return s, err
+			})
+			if err != nil {
+				return err
+			}
+			s.Stored = dirSize(vnb) - before
+			b.add(name, s)
+			return nil
+		}}
+	}
+	full := []step{vmBackup("vmshadow full"), floor}
+	inc := []step{vmBackup("vmshadow incremental")}
+	if !b.skip["restic"] {
+		full = append(full, restic("restic full"))
+		inc = append(inc, restic("restic incremental"))
+	}
+	if !b.skip["borg"] {
+		full = append(full, borg("borg full", "full"))
+		inc = append(inc, borg("borg incremental", "inc"))
+	}
+	if b.lv != nil {
+		full = append(full, virtnbd("virtnbdbackup full", "full"))
+		inc = append(inc, virtnbd("virtnbdbackup incremental", "inc"))
+	}
+	for _, s := range rotate(full, r) {
+		if err := s.fn(ctx); err != nil {
+			return err
+		}
+	}
+
+	// About 1% of the disk changes in scattered 1 MiB writes, the same on
+	// the three copies, different each round.
+	count := int(b.size / 100 / changeWrite)
+	cs, chunkBytes := changes(b.size, changeWrite, count, r, chunkSize)
+	b.changed.bytes, b.changed.chunkBytes, b.changed.writes = int64(count)*changeWrite, chunkBytes, count
+	data := filepath.Join(dir, "change.bin")
+	if err := changeData(data, changeWrite, r); err != nil {
+		return err
+	}
+	os.Chmod(dir, 0o755)
+	if err := b.vm.write(ctx, data, cs); err != nil {
+		return err
+	}
+	if err := applyRaw(b.raw, data, cs); err != nil {
+		return err
+	}
+	if b.lv != nil {
+		if err := b.lv.write(ctx, data, cs); err != nil {
+			return err
+		}
+	}
+	b.extra["changed chunk bytes"] = append(b.extra["changed chunk bytes"], chunkBytes)
+	for _, s := range rotate(inc, r) {
+		if err := s.fn(ctx); err != nil {
+			return err
+		}
+	}
+
+	// Restore the incremental backup and compare it with the raw copy.
+	target := filepath.Join(shm, "vmshadow-bench-restore.raw")
+	os.Remove(target)
+	defer os.Remove(target)
+	out, err := quiet(ctx, b.env, b.vmshadow, "backups", "--repo", vrepo, "--json")
+	if err != nil {
+		return err
+	}
+	var list struct {
+		Backups []struct {
+			ID   string `json:"id"`
+			Mode string `json:"mode"`
+		} `json:"backups"`
+	}
+	if err := lastJSON(out, &list); err != nil {
+		return fmt.Errorf("backups --json: %w", err)
+	}
+	id := ""
+	for _, bk := range list.Backups {
+		if bk.Mode == "incremental" {
+			id = bk.ID
+		}
+	}
+	if id == "" {
+		return fmt.Errorf("no incremental backup listed: %s", out)
+	}
+	s, _, err := measured(ctx, logs("restore"), b.env, b.vmshadow, "restore", "--repo", vrepo, id, "--to", target)
+	if err != nil {
+		return err
+	}
+	b.add("vmshadow restore", s)
+	if _, err := quiet(ctx, nil, "cmp", b.raw, target); err != nil {
+		return fmt.Errorf("the restored incremental backup differs from the disk: %w", err)
+	}
+	os.Remove(target)
+	s, _, err = measured(ctx, logs("verify"), b.env, b.vmshadow, "verify", "--repo", vrepo)
+	if err != nil {
+		return err
+	}
+	b.add("vmshadow verify", s)
+	return nil
+}
+
+// big backs up a sparse disk of bigGiB with the test image in its first
+// GiBs and 4 MiB of data every 4 GiB after, to show that vmshadow's memory
+// does not grow with the disk.
+func (b *bench) big(ctx context.Context, dir string) error {
+	logf("%d GiB sparse disk", b.bigGiB)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	disk := filepath.Join(dir, "big.qcow2")
+	size := b.bigGiB << 30
+	if _, err := quiet(ctx, nil, "qemu-img", "create", "-q", "-f", "qcow2", disk, fmt.Sprint(size)); err != nil {
+		return err
+	}
+	if _, err := quiet(ctx, nil, "qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", b.raw, disk); err != nil {
+		return err
+	}
+	data := filepath.Join(dir, "data.bin")
+	if err := changeData(data, chunkSize, 99); err != nil {
+		return err
+	}
+	var io []string
+	for off := b.size; off < size; off += 4 << 30 {
+		io = append(io, "-c", fmt.Sprintf("write -q -s %s %d %d", data, off, chunkSize))
+	}
+	if _, err := quiet(ctx, nil, append(append([]string{"qemu-io", "-f", "qcow2"}, io...), disk)...); err != nil {
+		return err
+	}
+	v, err := startVM(ctx, "bench-big", dir, disk)
+	if err != nil {
+		return err
+	}
+	defer v.stop()
+	repo := filepath.Join(dir, "repo")
+	if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", repo); err != nil {
+		return err
+	}
+	name := fmt.Sprintf("vmshadow full, %d GiB sparse", b.bigGiB)
+	before, _ := procIO(v.pid())
+	s, _, err := measured(ctx, filepath.Join(dir, "backup.log"), b.env, b.vmshadow, "backup", "--repo", repo, "--qmp", v.QMPPath, "--json")
+	if err != nil {
+		return err
+	}
+	after, _ := procIO(v.pid())
+	s.Read = after - before
+	s.Stored = dirSize(repo)
+	b.add(name, s)
+	return nil
+}

@@ -1,0 +1,316 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func field(ss []sample, f func(sample) float64) []float64 {
+	out := make([]float64, len(ss))
+	for i, s := range ss {
+		out[i] = f(s)
+	}
+	return out
+}
+
+func wall(s sample) float64 { return s.Wall }
+func cpu(s sample) float64  { return s.CPU }
+
+// spread formats the median with the range of the runs.
+func spread(v []float64, unit string, prec int) string {
+	if len(v) == 0 {
+		return "–"
+	}
+	m := median(v)
+	lo, hi := slices.Min(v), slices.Max(v)
+	if len(v) == 1 {
+		return fmt.Sprintf("%.*f%s", prec, m, unit)
+	}
+	return fmt.Sprintf("%.*f%s (%.*f–%.*f)", prec, m, unit, prec, lo, prec, hi)
+}
+
+// order of the rows of the results table.
+var order = []string{
+	"vmshadow full", "qemu-img convert (read floor)", "restic full", "borg full", "virtnbdbackup full",
+	"vmshadow incremental", "restic incremental", "borg incremental", "virtnbdbackup incremental",
+	"vmshadow restore", "vmshadow verify",
+}
+
+func version(args ...string) string {
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+}
+
+func cpuModel() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
+}
+
+func cpuFlags() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	var have []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "flags" {
+			fl := strings.Fields(v)
+			for _, f := range []string{"sha_ni", "aes", "vaes", "vpclmulqdq", "avx2", "avx512f"} {
+				if slices.Contains(fl, f) {
+					have = append(have, f)
+				}
+			}
+			break
+		}
+	}
+	return strings.Join(have, " ")
+}
+
+func memTotal() string {
+	b, _ := os.ReadFile("/proc/meminfo")
+	var kb int64
+	fmt.Sscanf(strings.TrimPrefix(strings.SplitN(string(b), "\n", 2)[0], "MemTotal:"), "%d", &kb)
+	return fmt.Sprintf("%.0f GiB", float64(kb)/(1<<20))
+}
+
+type target struct {
+	what    string
+	figures string
+	ratio   float64
+	want    float64
+	atMost  bool // ratio must be <= want
+	cpu     float64
+	unit    string
+}
+
+func (t target) pass() string {
+	if math.IsNaN(t.ratio) {
+		return "not measured"
+	}
+	ok := t.ratio >= t.want
+	if t.atMost {
+		ok = t.ratio <= t.want
+	}
+	if ok {
+		return "**pass**"
+	}
+	return "**FAIL**"
+}
+
+func (b *bench) report(ctx context.Context) error {
+	diskMiB := float64(b.size) / (1 << 20)
+	med := func(name string, f func(sample) float64) float64 { return median(field(b.samples[name], f)) }
+	var w strings.Builder
+	pf := func(format string, a ...any) { fmt.Fprintf(&w, format, a...) }
+	gitv := version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty")
+	pf("# vmshadow benchmark results\n\n")
+	pf("Written by `make bench` (`bench/harness`) on %s; the run took %s.\n\n", b.start.UTC().Format("2006-01-02 15:04 UTC"), time.Since(b.start).Round(time.Second))
+	pf("| | |\n|---|---|\n")
+	pf("| CPU | %s, %d cores (%s) |\n", cpuModel(), runtime.NumCPU(), cpuFlags())
+	pf("| memory | %s |\n", memTotal())
+	pf("| kernel | %s |\n", version("uname", "-r"))
+	pf("| load average (1, 5, 15 min) | before %s, after %s (the machine is shared: see CPU time) |\n", b.loadBefore, b.loadAfter)
+	pf("| vmshadow | %s (%s) |\n", version(b.vmshadow, "--version"), gitv)
+	pf("| QEMU | %s |\n", version("qemu-system-x86_64", "--version"))
+	if !b.skip["restic"] {
+		pf("| restic | %s |\n", version("restic", "version"))
+	}
+	if !b.skip["borg"] {
+		pf("| borg | %s |\n", version("borg", "--version"))
+	}
+	if b.lv != nil {
+		pf("| virtnbdbackup | %s; %s |\n", version("virtnbdbackup", "--version"), version("libvirtd", "--version"))
+	}
+	pf("| rounds | %d, tools interleaved in a rotating order; page cache dropped before every timed step |\n\n", b.rounds)
+
+	pf("## Test disk\n\n")
+	pf("%s virtual, %s allocated: in 64 MiB regions, 25%% system files (a tar of /usr), 25%% random data, ", gib(b.size), gib(allocated(b.raw)))
+	pf("15%% copies of earlier regions (4 MiB-aligned), 35%% holes (see `bench/harness/disk.go`). ")
+	pf("The VMs run QEMU (TCG, no guest OS) with the disk as qcow2 (`-blockdev`, virtio-blk). ")
+	pf("Between the full and the incremental backups, %d writes of 1 MiB of random data at random 1 MiB-aligned offsets (%s, %.1f%% of the disk, touching %s of 4 MiB chunks) go through the VM's device (HMP `qemu-io`), ",
+		b.changed.writes, mib(b.changed.bytes), 100*float64(b.changed.bytes)/float64(b.size), mib(b.changed.chunkBytes))
+	pf("and the same writes to the raw copy that restic and borg back up. Each round changes different places. ")
+	pf("Every QEMU process runs with `GLIBC_TUNABLES=%s` (a fixed malloc mmap threshold: a fresh NBD server is otherwise slowed by page faults on large requests until glibc's threshold settles).\n\n", glibcTunables)
+
+	pf("## Results\n\n")
+	pf("Medians, with the range over the rounds in brackets. Throughput is the disk's virtual size (%s) over wall time, for every tool. CPU is user + system time of the tool and its children (not of QEMU serving NBD): steadier than wall time on a shared machine. Peak RSS is the largest of the rounds (wait4's ru_maxrss, as GNU time reports it).\n\n", gib(b.size))
+	pf("| step | wall s | throughput MiB/s | CPU s | peak RSS MiB | read from source MiB | stored MiB |\n|---|---|---|---|---|---|---|\n")
+	names := append([]string{}, order...)
+	for n := range b.samples {
+		if !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	var chart []string
+	for _, n := range names {
+		ss := b.samples[n]
+		if len(ss) == 0 {
+			continue
+		}
+		size := diskMiB
+		if strings.Contains(n, "sparse") {
+			size = float64(b.bigGiB << 10)
+		}
+		tp := field(ss, func(s sample) float64 { return size / s.Wall })
+		rss := slices.Max(field(ss, func(s sample) float64 { return float64(s.RSS) / (1 << 20) }))
+		read := median(field(ss, func(s sample) float64 { return float64(s.Read) / (1 << 20) }))
+		stored := median(field(ss, func(s sample) float64 { return float64(s.Stored) / (1 << 20) }))
+		st := fmt.Sprintf("%.0f", stored)
+		if strings.Contains(n, "floor") || strings.Contains(n, "restore") || strings.Contains(n, "verify") {
+			st = "–"
+		}
+		pf("| %s | %s | %s | %s | %.0f | %.0f | %s |\n", n, spread(field(ss, wall), "", 2), spread(tp, "", 0), spread(field(ss, cpu), "", 2), rss, read, st)
+		if !strings.Contains(n, "verify") && !strings.Contains(n, "sparse") {
+			chart = append(chart, fmt.Sprintf("%q %.1f %.1f %.1f", n, median(tp), slices.Min(tp), slices.Max(tp)))
+		}
+	}
+	pf("\nRead from source: for the NBD readers (vmshadow backups, qemu-img convert, virtnbdbackup) the bytes QEMU read from its image file during the step (`rchar` of QEMU's /proc/PID/io); for restic and borg, which read the raw file, the bytes the tool read (its `rchar`: the whole file, holes included, and its own repository reads); for restore and verify, the repository bytes read. ")
+	pf("vmshadow's own count of bytes read over NBD (its summary's `bytes_read`): full %s, incremental %s.\n\n", mib(int64(median(i64s(b.extra["vmshadow full"])))), mib(int64(median(i64s(b.extra["vmshadow incremental"])))))
+	pf("Stored: what the step added to its repository (restic, borg, vmshadow: all files; virtnbdbackup: its output directory, uncompressed, unencrypted). restic: repository format 2, compression auto; borg: `--encryption repokey`, default lz4 compression and chunker; vmshadow: AES-256-GCM, zstd.\n\n")
+
+	// Targets.
+	vf, vi := med("vmshadow full", wall), med("vmshadow incremental", wall)
+	vfc, vic := med("vmshadow full", cpu), med("vmshadow incremental", cpu)
+	ratio := func(a, b float64) float64 {
+		if a == 0 || b == 0 || math.IsNaN(a) || math.IsNaN(b) {
+			return math.NaN()
+		}
+		return a / b
+	}
+	var ts []target
+	add := func(what string, other string, otherWall, otherCPU, mine, mineCPU, want float64) {
+		ts = append(ts, target{what: what, figures: fmt.Sprintf("%s %.2f s, vmshadow %.2f s", other, otherWall, mine),
+			ratio: ratio(otherWall, mine), want: want, cpu: ratio(otherCPU, mineCPU), unit: "x"})
+	}
+	for _, t := range []string{"restic", "borg"} {
+		if !b.skip[t] {
+			add(fmt.Sprintf("full backup throughput >= 2x %s's", t), t, med(t+" full", wall), med(t+" full", cpu), vf, vfc, 2)
+		}
+	}
+	fl := "qemu-img convert (read floor)"
+	add("full backup throughput >= 0.8x the read floor (qemu-img convert)", "qemu-img convert", med(fl, wall), med(fl, cpu), vf, vfc, 0.8)
+	ts = append(ts, target{what: "incremental after 1% change >= 20x faster than vmshadow's full", figures: fmt.Sprintf("full %.2f s, incremental %.2f s", vf, vi),
+		ratio: ratio(vf, vi), want: 20, cpu: ratio(vfc, vic), unit: "x"})
+	if !b.skip["restic"] {
+		add("incremental >= 5x faster than restic's second run", "restic", med("restic incremental", wall), med("restic incremental", cpu), vi, vic, 5)
+	}
+	if b.lv != nil {
+		add("full backup >= 2x faster than virtnbdbackup's", "virtnbdbackup", med("virtnbdbackup full", wall), med("virtnbdbackup full", cpu), vf, vfc, 2)
+		add("incremental >= 2x faster than virtnbdbackup's", "virtnbdbackup", med("virtnbdbackup incremental", wall), med("virtnbdbackup incremental", cpu), vi, vic, 2)
+	}
+	incRead := median(i64s(b.extra["vmshadow incremental"]))
+	chunkBytes := median(i64s(b.extra["changed chunk bytes"]))
+	ts = append(ts, target{what: "incremental reads <= 1.1x the changed bytes rounded to 4 MiB chunks", figures: fmt.Sprintf("read %s, changed chunks %s", mib(int64(incRead)), mib(int64(chunkBytes))),
+		ratio: ratio(incRead, chunkBytes), want: 1.1, atMost: true, cpu: math.NaN(), unit: "x"})
+	if !b.skip["restic"] {
+		vs := median(field(b.samples["vmshadow full"], func(s sample) float64 { return float64(s.Stored) })) + median(field(b.samples["vmshadow incremental"], func(s sample) float64 { return float64(s.Stored) }))
+		rs := median(field(b.samples["restic full"], func(s sample) float64 { return float64(s.Stored) })) + median(field(b.samples["restic incremental"], func(s sample) float64 { return float64(s.Stored) }))
+		ts = append(ts, target{what: "repository size (full + incremental) <= restic's", figures: fmt.Sprintf("vmshadow %.1f MiB, restic %.1f MiB", vs/(1<<20), rs/(1<<20)),
+			ratio: ratio(vs, rs), want: 1, atMost: true, cpu: math.NaN(), unit: "x"})
+	}
+	var maxRSS float64
+	for n, ss := range b.samples {
+		if strings.HasPrefix(n, "vmshadow") {
+			maxRSS = max(maxRSS, slices.Max(field(ss, func(s sample) float64 { return float64(s.RSS) / (1 << 20) })))
+		}
+	}
+	ts = append(ts, target{what: fmt.Sprintf("vmshadow peak memory < 256 MiB (every step, and the %d GiB sparse disk)", b.bigGiB), figures: fmt.Sprintf("%.0f MiB", maxRSS),
+		ratio: maxRSS, want: 255.99, atMost: true, cpu: math.NaN(), unit: " MiB"})
+
+	pf("## Targets (issues 4 and 6), from the medians of this run\n\n")
+	pf("| target | figures | ratio (wall time) | ratio (CPU time) | result |\n|---|---|---|---|---|\n")
+	for _, t := range ts {
+		c := "–"
+		if !math.IsNaN(t.cpu) {
+			c = fmt.Sprintf("%.2fx", t.cpu)
+		}
+		r := "–"
+		if !math.IsNaN(t.ratio) {
+			r = fmt.Sprintf("%.2f%s", t.ratio, t.unit)
+		}
+		pf("| %s | %s | %s | %s | %s |\n", t.what, t.figures, r, c, t.pass())
+	}
+	if b.lv == nil {
+		pf("\nvirtnbdbackup was not measured: %s.\n", b.lvNote)
+	}
+	pf("\n![throughput per tool](%s)\n", filepath.Base(b.chart))
+	if notes, err := os.ReadFile(filepath.Join(filepath.Dir(b.results), "notes.md")); err == nil {
+		pf("\n%s", notes)
+	}
+	if err := os.WriteFile(b.results, []byte(w.String()), 0o644); err != nil {
+		return err
+	}
+	return plot(ctx, b.chart, chart, gib(b.size))
+}
+
+func i64s(v []int64) []float64 {
+	out := make([]float64, len(v))
+	for i, x := range v {
+		out[i] = float64(x)
+	}
+	return out
+}
+
+// plot draws the median throughput per step with the range as error bars.
+func plot(ctx context.Context, png string, rows []string, disk string) error {
+	if _, err := exec.LookPath("gnuplot"); err != nil {
+		logf("gnuplot is not installed: no chart (scripts/deps.sh bench installs it)")
+		return nil
+	}
+	dir, err := os.MkdirTemp("", "vmsbplot")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	data := filepath.Join(dir, "data")
+	if err := os.WriteFile(data, []byte(strings.Join(rows, "\n")+"\n"), 0o644); err != nil {
+		return err
+	}
+	script := fmt.Sprintf(`set terminal pngcairo size 1100,600 font "sans,10"
+set output %q
+set title "Throughput per step (%s disk; median, bars: range over the rounds)"
+set ylabel "MiB/s of disk (log scale)"
+set logscale y
+set style data histograms
+set style histogram errorbars gap 1 lw 1
+set style fill solid 0.8 border -1
+set boxwidth 0.8
+set xtics rotate by -30 left
+set grid ytics
+set key off
+set yrange [*:*]
+set bmargin 8
+plot %q using 2:3:4:xtic(1) linecolor rgb "#3b75af", '' using 0:2:(sprintf("%%.0f", $2)) with labels offset 0,1 notitle
+`, png, disk, data)
+	sf := filepath.Join(dir, "plot.gp")
+	if err := os.WriteFile(sf, []byte(script), 0o644); err != nil {
+		return err
+	}
+	_, err = quiet(ctx, nil, "gnuplot", sf)
+	return err
+}
