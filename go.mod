@@ -13,5 +13,7 @@ require (
 
 require (
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
+	github.com/klauspost/cpuid/v2 v2.0.9 // indirect
 	github.com/spf13/pflag v1.0.9 // indirect
+	lukechampine.com/blake3 v1.4.1 // indirect
 )

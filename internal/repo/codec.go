@@ -12,6 +12,7 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
+	"lukechampine.com/blake3"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
@@ -57,7 +58,7 @@ type codec struct {
 	aead    cipher.AEAD // nil when not encrypted
 	encKey  []byte      // the AEAD key, kept to re-wrap under a new password
 	macKey  []byte      // nil when not encrypted: plain SHA-256
-	hashers sync.Pool
+	hashers sync.Pool   // of hash.Hash: the repository's chunk hash
 	enc     *zstd.Encoder
 	sampler *zstd.Encoder // fastest level, for compressible
 	chunkD  *zstd.Decoder
@@ -69,18 +70,22 @@ type codec struct {
 // fastest at a similar speed on this kind of data (see bench/).
 var CompressionLevel = zstd.SpeedDefault
 
-func newCodec(k *masterKeys) *codec {
+// newCodec makes the codec of a repository with keys k (nil when not
+// encrypted) and the config's chunk hash (checked by DecodeConfig).
+func newCodec(k *masterKeys, chunkHash string) *codec {
 	c := &codec{}
 	if k != nil {
 		c.aead = newGCM(k.Encrypt)
 		c.encKey = k.Encrypt
 		c.macKey = k.MAC
 	}
-	c.hashers.New = func() any {
-		if c.macKey != nil {
-			return hmac.New(sha256.New, c.macKey)
-		}
-		return sha256.New()
+	switch {
+	case c.macKey == nil:
+		c.hashers.New = func() any { return sha256.New() }
+	case chunkHash == HashBLAKE3Keyed:
+		c.hashers.New = func() any { return blake3.New(32, c.macKey) }
+	default:
+		c.hashers.New = func() any { return hmac.New(sha256.New, c.macKey) }
 	}
 	n := runtime.GOMAXPROCS(0)
 	var err error
@@ -114,8 +119,9 @@ func (c *codec) close() {
 	c.metaD.Close()
 }
 
-// hash returns the ID of plaintext p: HMAC-SHA256 under the MAC key when the
-// repository is encrypted, SHA-256 otherwise.
+// hash returns the ID of plaintext p: keyed BLAKE3 or HMAC-SHA256 (as the
+// config says) under the MAC key when the repository is encrypted, SHA-256
+// otherwise.
 func (c *codec) hash(p []byte) ID {
 	h := c.hashers.Get().(hash.Hash)
 	h.Reset()
