@@ -102,7 +102,6 @@ func usrTar(ctx context.Context) (io.Reader, func(), error) {
 	return bufio.NewReaderSize(out, 1<<20), stop, nil
 }
 
-
 // change is one scattered write of the ~1% change.
 type change struct{ off, n int64 }
 

@@ -31,7 +31,7 @@ type vm struct {
 	Disk    string
 	cmd     *exec.Cmd
 	mon     *qmp.Client
-	exit    chan error
+	exited  chan struct{} // closed when QEMU has exited
 }
 
 func startVM(ctx context.Context, name, dir, disk string) (*vm, error) {
@@ -57,8 +57,8 @@ func startVM(ctx context.Context, name, dir, disk string) (*vm, error) {
 	if err := v.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start qemu: %w", err)
 	}
-	v.exit = make(chan error, 1)
-	go func() { v.exit <- v.cmd.Wait() }()
+	v.exited = make(chan struct{})
+	go func() { v.cmd.Wait(); close(v.exited) }()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := os.Stat(mon); err == nil {
@@ -67,9 +67,9 @@ func startVM(ctx context.Context, name, dir, disk string) (*vm, error) {
 			}
 		}
 		select {
-		case err := <-v.exit:
+		case <-v.exited:
 			b, _ := os.ReadFile(filepath.Join(dir, "qemu.log"))
-			return nil, fmt.Errorf("qemu exited at start: %v: %s", err, b)
+			return nil, fmt.Errorf("qemu exited at start: %v: %s", v.cmd.ProcessState, b)
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
@@ -109,8 +109,8 @@ func (v *vm) write(ctx context.Context, data string, cs []change) error {
 // rounds' repositories, so each round starts alike.
 func (v *vm) removeBitmaps(ctx context.Context) error {
 	var blocks []struct {
-		Device       string `json:"device"`
-		Inserted     struct {
+		Device   string `json:"device"`
+		Inserted struct {
 			NodeName     string `json:"node-name"`
 			DirtyBitmaps []struct {
 				Name string `json:"name"`
@@ -132,7 +132,14 @@ func (v *vm) removeBitmaps(ctx context.Context) error {
 	return nil
 }
 
+// stop quits QEMU (killing it if it does not quit); it may be called more
+// than once.
 func (v *vm) stop() {
+	select {
+	case <-v.exited:
+		return
+	default:
+	}
 	if v.mon != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		v.mon.Execute(ctx, "quit", nil, nil)
@@ -140,10 +147,10 @@ func (v *vm) stop() {
 		v.mon.Close()
 	}
 	select {
-	case <-v.exit:
+	case <-v.exited:
 	case <-time.After(10 * time.Second):
 		v.cmd.Process.Kill()
-		<-v.exit
+		<-v.exited
 	}
 }
 

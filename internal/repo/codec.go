@@ -132,8 +132,9 @@ func (c *codec) hash(p []byte) ID {
 	return id
 }
 
-// seal appends the sealed form of plain to dst[:0] and returns it. With
-// compress, zstd is tried and kept only if it shrinks the data.
+// seal appends the sealed form of plain to dst[:0] (which must not overlap
+// plain) and returns it. With compress, zstd is tried and kept only if it
+// shrinks the data.
 func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compress bool) []byte {
 	hdr := headerLen
 	if c.aead != nil {
@@ -158,10 +159,10 @@ func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compr
 			dst = dst[:hdr]
 		}
 	}
-	if dst[5] == compNone {
-		dst = append(dst, plain...)
-	}
 	if c.aead == nil {
+		if dst[5] == compNone {
+			dst = append(dst, plain...)
+		}
 		return dst
 	}
 	dst[6] = encAESGCM
@@ -169,7 +170,11 @@ func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compr
 	rand.Read(nonce)
 	ad := make([]byte, 0, headerLen+len(name))
 	ad = append(append(ad, dst[:headerLen]...), name...)
-	out := c.aead.Seal(dst[hdr:hdr], nonce, dst[hdr:], ad)
+	payload := dst[hdr:] // compressed, sealed in place
+	if dst[5] == compNone {
+		payload = plain // sealed straight into dst: no copy first
+	}
+	out := c.aead.Seal(dst[hdr:hdr], nonce, payload, ad)
 	return dst[:hdr+len(out)]
 }
 

@@ -249,7 +249,8 @@ func chunkHandle(id ID) backend.Handle {
 func (r *Repo) HashChunk(plain []byte) ID { return r.codec.hash(plain) }
 
 // SealChunk compresses (when it helps) and encrypts a chunk for storage,
-// reusing dst when large enough. id must be HashChunk(plain).
+// reusing dst (which must not overlap plain) when large enough. id must be
+// HashChunk(plain).
 func (r *Repo) SealChunk(dst []byte, id ID, plain []byte) []byte {
 	return r.codec.seal(dst, magicChunk, id.String(), plain, true)
 }
