@@ -12,7 +12,7 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
-	"lukechampine.com/blake3"
+	"github.com/zeebo/blake3"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
@@ -83,7 +83,13 @@ func newCodec(k *masterKeys, chunkHash string) *codec {
 	case c.macKey == nil:
 		c.hashers.New = func() any { return sha256.New() }
 	case chunkHash == HashBLAKE3Keyed:
-		c.hashers.New = func() any { return blake3.New(32, c.macKey) }
+		c.hashers.New = func() any {
+			h, err := blake3.NewKeyed(c.macKey)
+			if err != nil {
+				panic(err) // only for a key that is not 32 bytes; keys are checked when loaded
+			}
+			return h
+		}
 	default:
 		c.hashers.New = func() any { return hmac.New(sha256.New, c.macKey) }
 	}
