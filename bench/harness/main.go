@@ -35,6 +35,7 @@ type config struct {
 	results  string
 	chart    string
 	skip     map[string]bool
+	noMicro  bool
 }
 
 const (
@@ -54,6 +55,7 @@ func main() {
 	flag.IntVar(&c.rounds, "rounds", 3, "rounds: each runs every tool once, in a rotating order")
 	flag.StringVar(&c.results, "results", "bench/results.md", "markdown report to write")
 	flag.StringVar(&c.chart, "chart", "bench/throughput.png", "throughput chart to write (gnuplot)")
+	flag.BoolVar(&c.noMicro, "no-micro", false, "do not run the Go microbenchmarks")
 	flag.StringVar(&skip, "skip", "", "comma-separated tools to leave out: restic,borg,virtnbdbackup")
 	flag.Parse()
 	c.skip = map[string]bool{}
@@ -88,6 +90,7 @@ type bench struct {
 	}
 	loadBefore, loadAfter string
 	start                 time.Time
+	micro                 []microResult
 }
 
 func run(ctx context.Context, c config) error {
@@ -190,6 +193,11 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	b.loadAfter = loadavg()
+	if !c.noMicro {
+		if b.micro, err = microbench(ctx); err != nil {
+			return fmt.Errorf("microbenchmarks: %w", err)
+		}
+	}
 	if err := b.report(ctx); err != nil {
 		return err
 	}
