@@ -10,6 +10,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -36,6 +37,7 @@ type config struct {
 	chart    string
 	skip     map[string]bool
 	noMicro  bool
+	from     string
 }
 
 const (
@@ -56,6 +58,7 @@ func main() {
 	flag.StringVar(&c.results, "results", "bench/results.md", "markdown report to write")
 	flag.StringVar(&c.chart, "chart", "bench/throughput.png", "throughput chart to write (gnuplot)")
 	flag.BoolVar(&c.noMicro, "no-micro", false, "do not run the Go microbenchmarks")
+	flag.StringVar(&c.from, "from", "", "only write the report, from the measurements a run saved (WORK/measurements.json)")
 	flag.StringVar(&skip, "skip", "", "comma-separated tools to leave out: restic,borg,virtnbdbackup")
 	flag.Parse()
 	c.skip = map[string]bool{}
@@ -66,7 +69,11 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, c); err != nil {
+	do := run
+	if c.from != "" {
+		do = reportFrom
+	}
+	if err := do(ctx, c); err != nil {
 		logf("bench failed: %v", err)
 		os.Exit(1)
 	}
@@ -75,22 +82,32 @@ func main() {
 // bench is the state of one harness run.
 type bench struct {
 	config
-	size    int64
-	raw     string // the raw image restic and borg back up
-	vm      *vm
-	lv      *libvirt
-	lvNote  string // why virtnbdbackup did not run
-	state   string // VMSHADOW_STATE_DIR
-	env     []string
-	samples map[string][]sample
-	extra   map[string][]int64 // vmshadow's own bytes_read per step
-	changed struct {
-		bytes, chunkBytes int64
-		writes            int
+	raw   string // the raw image restic and borg back up
+	vm    *vm
+	lv    *libvirt
+	state string // VMSHADOW_STATE_DIR
+	env   []string
+	measurements
+}
+
+// measurements are what the report is written from; a run saves them as
+// WORK/measurements.json (-from writes the report again from that file).
+type measurements struct {
+	Size, BigGiB int64
+	Rounds       int
+	Allocated    int64           // of the test image
+	Skip         map[string]bool // tools left out
+	HaveLV       bool            // virtnbdbackup ran
+	LVNote       string          // why it did not
+	Samples      map[string][]sample
+	Extra        map[string][]int64 // vmshadow's own bytes_read per step; changed chunk bytes per round
+	Changed      struct {
+		Bytes, ChunkBytes int64
+		Writes            int
 	}
-	loadBefore, loadAfter string
-	start                 time.Time
-	micro                 []microResult
+	LoadBefore, LoadAfter string
+	Start                 time.Time
+	Micro                 []microResult
 }
 
 func run(ctx context.Context, c config) error {
@@ -102,7 +119,8 @@ func run(ctx context.Context, c config) error {
 			return fmt.Errorf("%s is missing: run scripts/deps.sh bench", cmd)
 		}
 	}
-	b := &bench{config: c, samples: map[string][]sample{}, extra: map[string][]int64{}, start: time.Now()}
+	b := &bench{config: c}
+	b.Samples, b.Extra, b.Start, b.Rounds, b.BigGiB = map[string][]sample{}, map[string][]int64{}, time.Now(), c.rounds, c.bigGiB
 	b.vmshadow = abs(c.vmshadow)
 	if err := os.MkdirAll(c.work, 0o755); err != nil {
 		return err
@@ -114,7 +132,7 @@ func run(ctx context.Context, c config) error {
 			os.Chmod(d, fi.Mode().Perm()|0o005)
 		}
 	}
-	b.size = c.sizeGiB << 30
+	b.Size = c.sizeGiB << 30
 	b.state = filepath.Join(b.work, "state")
 	b.env = []string{"VMSHADOW_PASSWORD=" + password, "RESTIC_PASSWORD=" + password, "BORG_PASSPHRASE=" + password,
 		"VMSHADOW_STATE_DIR=" + b.state, "BORG_RELOCATED_REPO_ACCESS_IS_OK=yes", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes",
@@ -131,9 +149,10 @@ func run(ctx context.Context, c config) error {
 	defer os.RemoveAll(filepath.Join(b.work, "restic-cache"))
 
 	img := filepath.Join(b.work, fmt.Sprintf("disk-%dg.raw", c.sizeGiB))
-	if err := makeImage(ctx, img, b.size); err != nil {
+	if err := makeImage(ctx, img, b.Size); err != nil {
 		return fmt.Errorf("make the test image: %w", err)
 	}
+	b.Allocated = allocated(img)
 	// Three copies of the same content, changed alike: the vmshadow VM's
 	// disk, the libvirt VM's disk, and a raw file for restic and borg.
 	b.raw = filepath.Join(run, "disk.raw")
@@ -161,7 +180,7 @@ func run(ctx context.Context, c config) error {
 		os.MkdirAll(lvDir, 0o755)
 		b.lv, err = startLibvirt(ctx, "vmshadow-bench", lvDir, lvDisk)
 		if errors.Is(err, errSkip) {
-			b.lvNote = err.Error()
+			b.LVNote = err.Error()
 			logf("virtnbdbackup left out: %v", err)
 			b.lv = nil
 		} else if err != nil {
@@ -170,7 +189,7 @@ func run(ctx context.Context, c config) error {
 			defer b.lv.stop()
 		}
 	} else {
-		b.lvNote = "left out with -skip"
+		b.LVNote = "left out with -skip"
 	}
 	for _, t := range []string{"restic", "borg"} {
 		if _, err := exec.LookPath(t); err != nil && !c.skip[t] {
@@ -178,9 +197,10 @@ func run(ctx context.Context, c config) error {
 			c.skip[t] = true
 		}
 	}
-	b.skip = c.skip
+	b.Skip = c.skip
+	b.HaveLV = b.lv != nil
 
-	b.loadBefore = loadavg()
+	b.LoadBefore = loadavg()
 	for r := 1; r <= c.rounds; r++ {
 		if err := b.round(ctx, r, filepath.Join(run, fmt.Sprintf("round%d", r))); err != nil {
 			return fmt.Errorf("round %d: %w", r, err)
@@ -192,17 +212,34 @@ func run(ctx context.Context, c config) error {
 			return fmt.Errorf("%d GiB sparse disk: %w", c.bigGiB, err)
 		}
 	}
-	b.loadAfter = loadavg()
+	b.LoadAfter = loadavg()
 	if !c.noMicro {
-		if b.micro, err = microbench(ctx); err != nil {
+		if b.Micro, err = microbench(ctx); err != nil {
 			return fmt.Errorf("microbenchmarks: %w", err)
 		}
 	}
-	if err := b.report(ctx); err != nil {
+	raw, err := json.MarshalIndent(b.measurements, "", " ")
+	if err != nil {
 		return err
 	}
-	logf("wrote %s and %s", c.results, c.chart)
-	return nil
+	if err := os.WriteFile(filepath.Join(b.work, "measurements.json"), raw, 0o644); err != nil {
+		return err
+	}
+	return b.report(ctx)
+}
+
+// reportFrom writes the report from saved measurements.
+func reportFrom(ctx context.Context, c config) error {
+	raw, err := os.ReadFile(c.from)
+	if err != nil {
+		return err
+	}
+	b := &bench{config: c}
+	if err := json.Unmarshal(raw, &b.measurements); err != nil {
+		return fmt.Errorf("%s: %w", c.from, err)
+	}
+	b.vmshadow = abs(c.vmshadow)
+	return b.report(ctx)
 }
 
 func loadavg() string {
@@ -227,7 +264,7 @@ type step struct {
 }
 
 func (b *bench) add(name string, s sample) {
-	b.samples[name] = append(b.samples[name], s)
+	b.Samples[name] = append(b.Samples[name], s)
 	logf("  %-28s %7.2f s wall %7.2f s CPU %6.0f MiB RSS  read %s  stored %s", name, s.Wall, s.CPU, float64(s.RSS)/(1<<20), mib(s.Read), mib(s.Stored))
 }
 
@@ -236,7 +273,7 @@ func mib(n int64) string { return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20)) }
 // round runs every tool once: full backups, the change, incremental
 // backups, then vmshadow's restore and verify.
 func (b *bench) round(ctx context.Context, r int, dir string) error {
-	logf("round %d of %d", r, b.rounds)
+	logf("round %d of %d", r, b.Rounds)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -251,12 +288,12 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 	if err := b.vm.removeBitmaps(ctx); err != nil {
 		return err
 	}
-	if !b.skip["restic"] {
+	if !b.Skip["restic"] {
 		if _, err := quiet(ctx, b.env, "restic", "init", "--repository-version", "2", "--repo", rrepo); err != nil {
 			return err
 		}
 	}
-	if !b.skip["borg"] {
+	if !b.Skip["borg"] {
 		if _, err := quiet(ctx, b.env, "borg", "init", "--encryption", "repokey", brepo); err != nil {
 			return err
 		}
@@ -297,7 +334,7 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 				return fmt.Errorf("%s: the backup was %s", name, sum.Mode)
 			}
 			s.Stored = grew("v", vrepo)
-			b.extra[name] = append(b.extra[name], sum.BytesRead)
+			b.Extra[name] = append(b.Extra[name], sum.BytesRead)
 			b.add(name, s)
 			return nil
 		}}
@@ -369,11 +406,11 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 	}
 	full := []step{vmBackup("vmshadow full"), floor}
 	inc := []step{vmBackup("vmshadow incremental")}
-	if !b.skip["restic"] {
+	if !b.Skip["restic"] {
 		full = append(full, restic("restic full"))
 		inc = append(inc, restic("restic incremental"))
 	}
-	if !b.skip["borg"] {
+	if !b.Skip["borg"] {
 		full = append(full, borg("borg full", "full"))
 		inc = append(inc, borg("borg incremental", "inc"))
 	}
@@ -389,9 +426,9 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 
 	// About 1% of the disk changes in scattered 1 MiB writes, the same on
 	// the three copies, different each round.
-	count := int(b.size / 100 / changeWrite)
-	cs, chunkBytes := changes(b.size, changeWrite, count, r, chunkSize)
-	b.changed.bytes, b.changed.chunkBytes, b.changed.writes = int64(count)*changeWrite, chunkBytes, count
+	count := int(b.Size / 100 / changeWrite)
+	cs, chunkBytes := changes(b.Size, changeWrite, count, r, chunkSize)
+	b.Changed.Bytes, b.Changed.ChunkBytes, b.Changed.Writes = int64(count)*changeWrite, chunkBytes, count
 	data := filepath.Join(dir, "change.bin")
 	if err := changeData(data, changeWrite, r); err != nil {
 		return err
@@ -408,7 +445,7 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 			return err
 		}
 	}
-	b.extra["changed chunk bytes"] = append(b.extra["changed chunk bytes"], chunkBytes)
+	b.Extra["changed chunk bytes"] = append(b.Extra["changed chunk bytes"], chunkBytes)
 	for _, s := range rotate(inc, r) {
 		if err := s.fn(ctx); err != nil {
 			return err
@@ -462,13 +499,13 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 // GiBs and 4 MiB of data every 4 GiB after, to show that vmshadow's memory
 // does not grow with the disk.
 func (b *bench) big(ctx context.Context, dir string) error {
-	logf("%d GiB sparse disk", b.bigGiB)
+	logf("%d GiB sparse disk", b.BigGiB)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
 	disk := filepath.Join(dir, "big.qcow2")
-	size := b.bigGiB << 30
+	size := b.BigGiB << 30
 	if _, err := quiet(ctx, nil, "qemu-img", "create", "-q", "-f", "qcow2", disk, fmt.Sprint(size)); err != nil {
 		return err
 	}
@@ -480,7 +517,7 @@ func (b *bench) big(ctx context.Context, dir string) error {
 		return err
 	}
 	var io []string
-	for off := b.size; off < size; off += 4 << 30 {
+	for off := b.Size; off < size; off += 4 << 30 {
 		io = append(io, "-c", fmt.Sprintf("write -q -s %s %d %d", data, off, chunkSize))
 	}
 	if _, err := quiet(ctx, nil, append(append([]string{"qemu-io", "-f", "qcow2"}, io...), disk)...); err != nil {
@@ -495,7 +532,7 @@ func (b *bench) big(ctx context.Context, dir string) error {
 	if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", repo); err != nil {
 		return err
 	}
-	name := fmt.Sprintf("vmshadow full, %d GiB sparse", b.bigGiB)
+	name := fmt.Sprintf("vmshadow full, %d GiB sparse", b.BigGiB)
 	before, _ := procIO(v.pid())
 	s, _, err := measured(ctx, filepath.Join(dir, "backup.log"), b.env, b.vmshadow, "backup", "--repo", repo, "--qmp", v.QMPPath, "--json")
 	if err != nil {

@@ -63,7 +63,7 @@ func microbench(ctx context.Context) ([]microResult, error) {
 func (b *bench) microTable() string {
 	var w strings.Builder
 	fmt.Fprintf(&w, "| benchmark | MB/s (one run) | compressed/input |\n|---|---|---|\n")
-	for _, r := range b.micro {
+	for _, r := range b.Micro {
 		ratio := ""
 		if r.Ratio > 0 {
 			ratio = fmt.Sprintf("%.3f", r.Ratio)
@@ -74,7 +74,7 @@ func (b *bench) microTable() string {
 }
 
 func (b *bench) microMBs(name string) float64 {
-	for _, r := range b.micro {
+	for _, r := range b.Micro {
 		if r.Name == name {
 			return r.MBs
 		}
@@ -89,7 +89,7 @@ func (b *bench) microMBs(name string) float64 {
 // stored.
 func (b *bench) cpuBound() (secs float64, ok bool) {
 	var text, random, dup float64
-	for i := int64(0); i < b.size/region; i++ {
+	for i := int64(0); i < b.Size/region; i++ {
 		switch k := i % 20; {
 		case k < 5:
 			text += region
@@ -102,7 +102,7 @@ func (b *bench) cpuBound() (secs float64, ok bool) {
 	hash := b.microMBs("repo: ChunkHash/blake3-keyed")
 	zstd := b.microMBs("repo: RawZstd/default/usr")
 	ratio := 0.0
-	for _, r := range b.micro {
+	for _, r := range b.Micro {
 		if r.Name == "repo: RawZstd/default/usr" {
 			ratio = r.Ratio
 		}

@@ -123,58 +123,58 @@ func (t target) pass() string {
 }
 
 func (b *bench) report(ctx context.Context) error {
-	diskMiB := float64(b.size) / (1 << 20)
-	med := func(name string, f func(sample) float64) float64 { return median(field(b.samples[name], f)) }
+	diskMiB := float64(b.Size) / (1 << 20)
+	med := func(name string, f func(sample) float64) float64 { return median(field(b.Samples[name], f)) }
 	var w strings.Builder
 	pf := func(format string, a ...any) { fmt.Fprintf(&w, format, a...) }
 	gitv := version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty")
 	pf("# vmshadow benchmark results\n\n")
-	pf("Written by `make bench` (`bench/harness`) on %s; the run took %s.\n\n", b.start.UTC().Format("2006-01-02 15:04 UTC"), time.Since(b.start).Round(time.Second))
+	pf("Written by `make bench` (`bench/harness`) on %s; the run took %s.\n\n", b.Start.UTC().Format("2006-01-02 15:04 UTC"), time.Since(b.Start).Round(time.Second))
 	pf("| | |\n|---|---|\n")
 	pf("| CPU | %s, %d cores (%s) |\n", cpuModel(), runtime.NumCPU(), cpuFlags())
 	pf("| memory | %s |\n", memTotal())
 	pf("| kernel | %s |\n", version("uname", "-r"))
-	pf("| load average (1, 5, 15 min) | before %s, after %s (the machine is shared: see CPU time) |\n", b.loadBefore, b.loadAfter)
+	pf("| load average (1, 5, 15 min) | before %s, after %s (the machine is shared: see CPU time) |\n", b.LoadBefore, b.LoadAfter)
 	pf("| vmshadow | %s (%s) |\n", version(b.vmshadow, "--version"), gitv)
 	pf("| QEMU | %s |\n", version("qemu-system-x86_64", "--version"))
-	if !b.skip["restic"] {
+	if !b.Skip["restic"] {
 		pf("| restic | %s |\n", version("restic", "version"))
 	}
-	if !b.skip["borg"] {
+	if !b.Skip["borg"] {
 		pf("| borg | %s |\n", version("borg", "--version"))
 	}
-	if b.lv != nil {
+	if b.HaveLV {
 		pf("| virtnbdbackup | %s; %s |\n", version("virtnbdbackup", "--version"), version("libvirtd", "--version"))
 	}
-	pf("| rounds | %d, tools interleaved in a rotating order; page cache dropped before every timed step |\n\n", b.rounds)
+	pf("| rounds | %d, tools interleaved in a rotating order; page cache dropped before every timed step |\n\n", b.Rounds)
 
 	pf("## Test disk\n\n")
-	pf("%s virtual, %s allocated: in 64 MiB regions, 25%% system files (a tar of /usr), 25%% random data, ", gib(b.size), gib(allocated(b.raw)))
+	pf("%s virtual, %s allocated: in 64 MiB regions, 25%% system files (a tar of /usr), 25%% random data, ", gib(b.Size), gib(b.Allocated))
 	pf("15%% copies of earlier regions (4 MiB-aligned), 35%% holes (see `bench/harness/disk.go`). ")
 	pf("The VMs run QEMU (TCG, no guest OS) with the disk as qcow2 (`-blockdev`, virtio-blk). ")
 	pf("Between the full and the incremental backups, %d writes of 1 MiB of random data at random 1 MiB-aligned offsets (%s, %.1f%% of the disk, touching %s of 4 MiB chunks) go through the VM's device (HMP `qemu-io`), ",
-		b.changed.writes, mib(b.changed.bytes), 100*float64(b.changed.bytes)/float64(b.size), mib(b.changed.chunkBytes))
+		b.Changed.Writes, mib(b.Changed.Bytes), 100*float64(b.Changed.Bytes)/float64(b.Size), mib(b.Changed.ChunkBytes))
 	pf("and the same writes to the raw copy that restic and borg back up. Each round changes different places. ")
 	pf("Every QEMU process runs with `GLIBC_TUNABLES=%s` (a fixed malloc mmap threshold: a fresh NBD server is otherwise slowed by page faults on large requests until glibc's threshold settles).\n\n", glibcTunables)
 
 	pf("## Results\n\n")
-	pf("Medians, with the range over the rounds in brackets. Throughput is the disk's virtual size (%s) over wall time, for every tool. CPU is user + system time of the tool and its children (not of QEMU serving NBD): steadier than wall time on a shared machine. Peak RSS is the largest of the rounds (wait4's ru_maxrss, as GNU time reports it).\n\n", gib(b.size))
+	pf("Medians, with the range over the rounds in brackets. Throughput is the disk's virtual size (%s) over wall time, for every tool. CPU is user + system time of the tool and its children (not of QEMU serving NBD): steadier than wall time on a shared machine. Peak RSS is the largest of the rounds (wait4's ru_maxrss, as GNU time reports it).\n\n", gib(b.Size))
 	pf("| step | wall s | throughput MiB/s | CPU s | peak RSS MiB | read from source MiB | stored MiB |\n|---|---|---|---|---|---|---|\n")
 	names := append([]string{}, order...)
-	for n := range b.samples {
+	for n := range b.Samples {
 		if !slices.Contains(names, n) {
 			names = append(names, n)
 		}
 	}
 	var chart []string
 	for _, n := range names {
-		ss := b.samples[n]
+		ss := b.Samples[n]
 		if len(ss) == 0 {
 			continue
 		}
 		size := diskMiB
 		if strings.Contains(n, "sparse") {
-			size = float64(b.bigGiB << 10)
+			size = float64(b.BigGiB << 10)
 		}
 		tp := field(ss, func(s sample) float64 { return size / s.Wall })
 		rss := slices.Max(field(ss, func(s sample) float64 { return float64(s.RSS) / (1 << 20) }))
@@ -190,7 +190,7 @@ func (b *bench) report(ctx context.Context) error {
 		}
 	}
 	pf("\nRead from source: for the NBD readers (vmshadow backups, qemu-img convert, virtnbdbackup) the bytes QEMU read from its image file during the step (`rchar` of QEMU's /proc/PID/io); for restic and borg, which read the raw file, the bytes the tool read (its `rchar`: the whole file, holes included, and its own repository reads); for restore and verify, the repository bytes read. ")
-	pf("vmshadow's own count of bytes read over NBD (its summary's `bytes_read`): full %s, incremental %s.\n\n", mib(int64(median(i64s(b.extra["vmshadow full"])))), mib(int64(median(i64s(b.extra["vmshadow incremental"])))))
+	pf("vmshadow's own count of bytes read over NBD (its summary's `bytes_read`): full %s, incremental %s.\n\n", mib(int64(median(i64s(b.Extra["vmshadow full"])))), mib(int64(median(i64s(b.Extra["vmshadow incremental"])))))
 	pf("Stored: what the step added to its repository (restic, borg, vmshadow: all files; virtnbdbackup: its output directory, uncompressed, unencrypted). restic: repository format 2, compression auto; borg: `--encryption repokey`, default lz4 compression and chunker; vmshadow: AES-256-GCM, zstd.\n\n")
 
 	// Targets.
@@ -208,7 +208,7 @@ func (b *bench) report(ctx context.Context) error {
 			ratio: ratio(otherWall, mine), want: want, cpu: ratio(otherCPU, mineCPU), unit: "x"})
 	}
 	for _, t := range []string{"restic", "borg"} {
-		if !b.skip[t] {
+		if !b.Skip[t] {
 			add(fmt.Sprintf("full backup throughput >= 2x %s's", t), t, med(t+" full", wall), med(t+" full", cpu), vf, vfc, 2)
 		}
 	}
@@ -216,30 +216,30 @@ func (b *bench) report(ctx context.Context) error {
 	add("full backup throughput >= 0.8x the read floor (qemu-img convert)", "qemu-img convert", med(fl, wall), med(fl, cpu), vf, vfc, 0.8)
 	ts = append(ts, target{what: "incremental after 1% change >= 20x faster than vmshadow's full", figures: fmt.Sprintf("full %.2f s, incremental %.2f s", vf, vi),
 		ratio: ratio(vf, vi), want: 20, cpu: ratio(vfc, vic), unit: "x"})
-	if !b.skip["restic"] {
+	if !b.Skip["restic"] {
 		add("incremental >= 5x faster than restic's second run", "restic", med("restic incremental", wall), med("restic incremental", cpu), vi, vic, 5)
 	}
-	if b.lv != nil {
+	if b.HaveLV {
 		add("full backup >= 2x faster than virtnbdbackup's", "virtnbdbackup", med("virtnbdbackup full", wall), med("virtnbdbackup full", cpu), vf, vfc, 2)
 		add("incremental >= 2x faster than virtnbdbackup's", "virtnbdbackup", med("virtnbdbackup incremental", wall), med("virtnbdbackup incremental", cpu), vi, vic, 2)
 	}
-	incRead := median(i64s(b.extra["vmshadow incremental"]))
-	chunkBytes := median(i64s(b.extra["changed chunk bytes"]))
+	incRead := median(i64s(b.Extra["vmshadow incremental"]))
+	chunkBytes := median(i64s(b.Extra["changed chunk bytes"]))
 	ts = append(ts, target{what: "incremental reads <= 1.1x the changed bytes rounded to 4 MiB chunks", figures: fmt.Sprintf("read %s, changed chunks %s", mib(int64(incRead)), mib(int64(chunkBytes))),
 		ratio: ratio(incRead, chunkBytes), want: 1.1, atMost: true, cpu: math.NaN(), unit: "x"})
-	if !b.skip["restic"] {
-		vs := median(field(b.samples["vmshadow full"], func(s sample) float64 { return float64(s.Stored) })) + median(field(b.samples["vmshadow incremental"], func(s sample) float64 { return float64(s.Stored) }))
-		rs := median(field(b.samples["restic full"], func(s sample) float64 { return float64(s.Stored) })) + median(field(b.samples["restic incremental"], func(s sample) float64 { return float64(s.Stored) }))
+	if !b.Skip["restic"] {
+		vs := median(field(b.Samples["vmshadow full"], func(s sample) float64 { return float64(s.Stored) })) + median(field(b.Samples["vmshadow incremental"], func(s sample) float64 { return float64(s.Stored) }))
+		rs := median(field(b.Samples["restic full"], func(s sample) float64 { return float64(s.Stored) })) + median(field(b.Samples["restic incremental"], func(s sample) float64 { return float64(s.Stored) }))
 		ts = append(ts, target{what: "repository size (full + incremental) <= restic's", figures: fmt.Sprintf("vmshadow %.1f MiB, restic %.1f MiB", vs/(1<<20), rs/(1<<20)),
 			ratio: ratio(vs, rs), want: 1, atMost: true, cpu: math.NaN(), unit: "x"})
 	}
 	var maxRSS float64
-	for n, ss := range b.samples {
+	for n, ss := range b.Samples {
 		if strings.HasPrefix(n, "vmshadow") {
 			maxRSS = max(maxRSS, slices.Max(field(ss, func(s sample) float64 { return float64(s.RSS) / (1 << 20) })))
 		}
 	}
-	ts = append(ts, target{what: fmt.Sprintf("vmshadow peak memory < 256 MiB (every step, and the %d GiB sparse disk)", b.bigGiB), figures: fmt.Sprintf("%.0f MiB", maxRSS),
+	ts = append(ts, target{what: fmt.Sprintf("vmshadow peak memory < 256 MiB (every step, and the %d GiB sparse disk)", b.BigGiB), figures: fmt.Sprintf("%.0f MiB", maxRSS),
 		ratio: maxRSS, want: 255.99, atMost: true, cpu: math.NaN(), unit: " MiB"})
 
 	pf("## Targets (issues 4 and 6), from the medians of this run\n\n")
@@ -255,11 +255,11 @@ func (b *bench) report(ctx context.Context) error {
 		}
 		pf("| %s | %s | %s | %s | %s |\n", t.what, t.figures, r, c, t.pass())
 	}
-	if b.lv == nil {
-		pf("\nvirtnbdbackup was not measured: %s.\n", b.lvNote)
+	if !b.HaveLV {
+		pf("\nvirtnbdbackup was not measured: %s.\n", b.LVNote)
 	}
 	pf("\n![throughput per tool](%s)\n", filepath.Base(b.chart))
-	if len(b.micro) > 0 {
+	if len(b.Micro) > 0 {
 		pf("\n## Microbenchmarks of the hot path\n\n")
 		pf("`go test -bench` in internal/repo (4 MiB chunks: `usr` system files, `mixed` half random half text, `random`; the `Raw` rows are the bare primitives, i.e. what the CPU can do on one core), internal/backup (the whole pipeline on a 256 MiB mixed image, all cores, in memory and into a local directory), internal/nbd (our NBD client reading a 1 GiB export of qemu-nbd over 1, 2 and 4 connections, next to qemu-img convert and nbdcopy of the same export). One run each, taken after the rounds above.\n\n")
 		pf("%s", b.microTable())
@@ -278,7 +278,11 @@ func (b *bench) report(ctx context.Context) error {
 	if err := os.WriteFile(b.results, []byte(w.String()), 0o644); err != nil {
 		return err
 	}
-	return plot(ctx, b.chart, chart, gib(b.size))
+	if err := plot(ctx, b.chart, chart, gib(b.Size)); err != nil {
+		return err
+	}
+	logf("wrote %s and %s", b.results, b.chart)
+	return nil
 }
 
 func i64s(v []int64) []float64 {
