@@ -55,7 +55,7 @@ func startLibvirt(ctx context.Context, name, dir, disk string) (*libvirt, error)
 		return nil, err
 	}
 	os.Chmod(l.scratch, 0o1777)
-	xml := fmt.Sprintf(`<domain type='qemu'>
+	xml := fmt.Sprintf(`<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>%s</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
@@ -67,8 +67,10 @@ func startLibvirt(ctx context.Context, name, dir, disk string) (*libvirt, error)
       <target dev='vda' bus='virtio'/>
     </disk>
   </devices>
+  <qemu:commandline>%s
+  </qemu:commandline>
 </domain>
-`, name, disk)
+`, name, disk, qemuEnv())
 	xf := filepath.Join(dir, "domain.xml")
 	if err := os.WriteFile(xf, []byte(xml), 0o644); err != nil {
 		return nil, err
@@ -140,4 +142,13 @@ func (l *libvirt) stop() {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
+}
+
+func qemuEnv() string {
+	var s string
+	for _, e := range mallocEnv {
+		k, v, _ := strings.Cut(e, "=")
+		s += fmt.Sprintf("\n    <qemu:env name='%s' value='%s'/>", k, v)
+	}
+	return s
 }

@@ -14,12 +14,15 @@ import (
 	"github.com/vmshadow/vmshadow/internal/qmp"
 )
 
-// glibcTunables is set for every QEMU process of the benchmark (the VM,
-// and qemu-nbd where used): with glibc's dynamic mmap threshold a freshly
-// started NBD server serves large requests from fresh mmaps and is slowed
-// by page faults until the threshold settles; a fixed threshold makes the
-// figures stable from the first request.
-const glibcTunables = "glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=268435456"
+// mallocEnv is set for every QEMU process of the benchmark (the VM and the
+// libvirt domain): with glibc's dynamic mmap threshold a freshly started NBD
+// server serves large requests from fresh mmaps and is slowed by page
+// faults until the threshold settles; a fixed threshold (and a trim
+// threshold above it) makes the figures stable from the first request.
+// These are glibc's MALLOC_*_ variables, the same tunables as
+// GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...,
+// which libvirt's qemu:env cuts at the first colon.
+var mallocEnv = []string{"MALLOC_MMAP_THRESHOLD_=67108864", "MALLOC_TRIM_THRESHOLD_=268435456"}
 
 // vm is a QEMU VM with one qcow2 disk (virtio-blk, device id vda) and no
 // guest OS: it runs in the firmware. vmshadow talks to QMPPath; the harness
@@ -51,7 +54,7 @@ func startVM(ctx context.Context, name, dir, disk string) (*vm, error) {
 		"-blockdev", "driver=file,filename="+disk+",node-name=file-vda",
 		"-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda",
 		"-device", "virtio-blk-pci,drive=fmt-vda,id=vda")
-	v.cmd.Env = append(os.Environ(), "GLIBC_TUNABLES="+glibcTunables)
+	v.cmd.Env = append(os.Environ(), mallocEnv...)
 	v.cmd.Stdout, v.cmd.Stderr = out, out
 	v.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := v.cmd.Start(); err != nil {
