@@ -274,6 +274,12 @@ func (b *bench) add(name string, s sample) {
 
 func mib(n int64) string { return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20)) }
 
+// Names of the steps of the repository with 1 MiB chunks.
+const (
+	full1M = "vmshadow full, 1 MiB chunks"
+	inc1M  = "vmshadow incremental, 1 MiB chunks"
+)
+
 // round runs every tool once: full backups, the change, incremental
 // backups, then vmshadow's restore and verify.
 func (b *bench) round(ctx context.Context, r int, dir string) error {
@@ -286,7 +292,14 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 	rrepo := filepath.Join(dir, "restic-repo")
 	brepo := filepath.Join(dir, "borg-repo")
 	vnb := filepath.Join(dir, "virtnbdbackup")
+	// A second repository with 1 MiB chunks (repo init --chunk-size),
+	// backing up the same VM with its own change-tracking chain: the
+	// trade-off of the chunk size, measured next to the default.
+	vrepo1 := filepath.Join(dir, "vmshadow-repo-1m")
 	if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", vrepo); err != nil {
+		return err
+	}
+	if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", vrepo1, "--chunk-size", fmt.Sprint(1<<20)); err != nil {
 		return err
 	}
 	if err := b.vm.removeBitmaps(ctx); err != nil {
@@ -302,7 +315,7 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 			return err
 		}
 	}
-	size := map[string]int64{"v": dirSize(vrepo), "r": dirSize(rrepo), "b": dirSize(brepo)}
+	size := map[string]int64{vrepo: dirSize(vrepo), vrepo1: dirSize(vrepo1), "r": dirSize(rrepo), "b": dirSize(brepo)}
 	grew := func(k, dir string) int64 {
 		n := dirSize(dir)
 		d := n - size[k]
@@ -318,7 +331,7 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 	}
 	logs := func(name string) string { return filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".log") }
 
-	vmBackup := func(name string) step {
+	vmBackup := func(name, mode, vrepo string) step {
 		return step{name, func(ctx context.Context) error {
 			var sum struct {
 				BytesRead int64  `json:"bytes_read"`
@@ -334,10 +347,10 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 			if err != nil {
 				return err
 			}
-			if want := strings.Fields(name)[1]; sum.Mode != want {
+			if sum.Mode != mode {
 				return fmt.Errorf("%s: the backup was %s", name, sum.Mode)
 			}
-			s.Stored = grew("v", vrepo)
+			s.Stored = grew(vrepo, vrepo)
 			b.Extra[name] = append(b.Extra[name], sum.BytesRead)
 			b.add(name, s)
 			return nil
@@ -401,8 +414,8 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 			return nil
 		}}
 	}
-	full := []step{vmBackup("vmshadow full"), floor}
-	inc := []step{vmBackup("vmshadow incremental")}
+	full := []step{vmBackup("vmshadow full", "full", vrepo), floor, vmBackup(full1M, "full", vrepo1)}
+	inc := []step{vmBackup("vmshadow incremental", "incremental", vrepo), vmBackup(inc1M, "incremental", vrepo1)}
 	if !b.Skip["restic"] {
 		full = append(full, restic("restic full"))
 		inc = append(inc, restic("restic incremental"))
@@ -443,6 +456,8 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		}
 	}
 	b.Extra["changed chunk bytes"] = append(b.Extra["changed chunk bytes"], chunkBytes)
+	_, chunkBytes1M := changes(b.Size, changeWrite, count, r, 1<<20)
+	b.Extra["changed chunk bytes, 1 MiB chunks"] = append(b.Extra["changed chunk bytes, 1 MiB chunks"], chunkBytes1M)
 	for _, s := range rotate(inc, r) {
 		if err := s.fn(ctx); err != nil {
 			return err
