@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -102,59 +103,75 @@ func usrTar(ctx context.Context) (io.Reader, func(), error) {
 	return bufio.NewReaderSize(out, 1<<20), stop, nil
 }
 
-// change is one scattered write of the ~1% change.
-type change struct{ off, n int64 }
-
-// changes returns the writes of round r: count writes of n bytes at
-// distinct offsets aligned to n, spread over the whole disk (in holes and
-// data alike), and the number of distinct chunks (of chunk bytes) they
-// touch.
-func changes(size, n int64, count int, round int, chunk int64) ([]change, int64) {
-	rng := rand.New(rand.NewPCG(uint64(round), 1))
-	slots := size / n
-	seen := map[int64]bool{}
-	chunks := map[int64]bool{}
-	var out []change
-	for len(out) < count {
-		s := rng.Int64N(slots)
-		if seen[s] {
-			continue
-		}
-		seen[s] = true
-		out = append(out, change{s * n, n})
-		for c := s * n / chunk; c <= (s*n+n-1)/chunk; c++ {
-			chunks[c] = true
-		}
-	}
-	return out, int64(len(chunks)) * chunk
+// change is one scattered write of the ~1% change: n bytes at off, taken
+// from the file data.
+type change struct {
+	off, n int64
+	data   string
 }
 
-// changeData writes the data file the writes take their bytes from: n bytes
-// of random data, different per round.
-func changeData(path string, n int64, round int) error {
-	rng := rand.NewChaCha8([32]byte{'c', 'h', 'a', 'n', 'g', 'e', byte(round)})
-	b := make([]byte, n)
-	rng.Read(b)
-	return os.WriteFile(path, b, 0o644)
+// changes returns the writes of round r: count writes of n bytes at random
+// 4 KiB-aligned offsets (as a guest file system writes, not aligned to any
+// chunk size), not overlapping, spread over the whole disk (in holes and
+// data alike), each with its own random data in a file under dir; and the
+// bytes of the distinct chunks of each given size they touch.
+func changes(dir string, size, n int64, count, round int, chunks ...int64) ([]change, []int64, error) {
+	rng := rand.New(rand.NewPCG(uint64(round), 1))
+	const align = 4 << 10
+	var out []change
+	for len(out) < count {
+		off := rng.Int64N((size-n)/align+1) * align
+		if slices.ContainsFunc(out, func(c change) bool { return off < c.off+c.n && c.off < off+n }) {
+			continue
+		}
+		out = append(out, change{off: off, n: n})
+	}
+	src := rand.NewChaCha8([32]byte{'c', 'h', 'a', 'n', 'g', 'e', byte(round)})
+	buf := make([]byte, n)
+	for i := range out {
+		out[i].data = filepath.Join(dir, fmt.Sprintf("change-%d.bin", i))
+		src.Read(buf)
+		if err := os.WriteFile(out[i].data, buf, 0o644); err != nil {
+			return nil, nil, err
+		}
+	}
+	touched := make([]int64, len(chunks))
+	for k, cs := range chunks {
+		set := map[int64]bool{}
+		for _, c := range out {
+			for i := c.off / cs; i <= (c.off+c.n-1)/cs; i++ {
+				set[i] = true
+			}
+		}
+		touched[k] = int64(len(set)) * cs
+	}
+	return out, touched, nil
 }
 
 // applyRaw applies the writes to a raw image file.
-func applyRaw(path, data string, cs []change) error {
-	src, err := os.ReadFile(data)
-	if err != nil {
-		return err
-	}
+func applyRaw(path string, cs []change) error {
 	f, err := os.OpenFile(path, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	for _, c := range cs {
-		if _, err := f.WriteAt(src[:c.n], c.off); err != nil {
+		b, err := os.ReadFile(c.data)
+		if err != nil {
+			return err
+		}
+		if _, err := f.WriteAt(b[:c.n], c.off); err != nil {
 			return err
 		}
 	}
 	return f.Sync()
+}
+
+// fillFile writes n bytes of random data (seeded) to path.
+func fillFile(path string, n int64, seed byte) error {
+	b := make([]byte, n)
+	rand.NewChaCha8([32]byte{'f', 'i', 'l', 'l', seed}).Read(b)
+	return os.WriteFile(path, b, 0o644)
 }
 
 func gib(n int64) string {

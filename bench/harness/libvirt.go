@@ -99,9 +99,9 @@ func (l *libvirt) pid() int {
 }
 
 // write applies the change through the domain's device.
-func (l *libvirt) write(ctx context.Context, data string, cs []change) error {
+func (l *libvirt) write(ctx context.Context, cs []change) error {
 	for _, c := range cs {
-		line := fmt.Sprintf(`qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -q -s %s %d %d"`, data, c.off, c.n)
+		line := fmt.Sprintf(`qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -q -s %s %d %d"`, c.data, c.off, c.n)
 		out, err := quiet(ctx, nil, "virsh", "-c", libvirtURI, "qemu-monitor-command", l.dom, "--hmp", line)
 		if err != nil {
 			return err

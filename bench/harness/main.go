@@ -437,27 +437,29 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 	// About 1% of the disk changes in scattered 1 MiB writes, the same on
 	// the three copies, different each round.
 	count := int(b.Size / 100 / changeWrite)
-	cs, chunkBytes := changes(b.Size, changeWrite, count, r, chunkSize)
-	b.Changed.Bytes, b.Changed.ChunkBytes, b.Changed.Writes = int64(count)*changeWrite, chunkBytes, count
-	data := filepath.Join(dir, "change.bin")
-	if err := changeData(data, changeWrite, r); err != nil {
+	chdir := filepath.Join(dir, "change")
+	if err := os.MkdirAll(chdir, 0o755); err != nil {
 		return err
 	}
 	os.Chmod(dir, 0o755)
-	if err := b.vm.write(ctx, data, cs); err != nil {
+	cs, touched, err := changes(chdir, b.Size, changeWrite, count, r, chunkSize, 1<<20)
+	if err != nil {
 		return err
 	}
-	if err := applyRaw(b.raw, data, cs); err != nil {
+	b.Changed.Bytes, b.Changed.ChunkBytes, b.Changed.Writes = int64(count)*changeWrite, touched[0], count
+	if err := b.vm.write(ctx, cs); err != nil {
+		return err
+	}
+	if err := applyRaw(b.raw, cs); err != nil {
 		return err
 	}
 	if b.lv != nil {
-		if err := b.lv.write(ctx, data, cs); err != nil {
+		if err := b.lv.write(ctx, cs); err != nil {
 			return err
 		}
 	}
-	b.Extra["changed chunk bytes"] = append(b.Extra["changed chunk bytes"], chunkBytes)
-	_, chunkBytes1M := changes(b.Size, changeWrite, count, r, 1<<20)
-	b.Extra["changed chunk bytes, 1 MiB chunks"] = append(b.Extra["changed chunk bytes, 1 MiB chunks"], chunkBytes1M)
+	b.Extra["changed chunk bytes"] = append(b.Extra["changed chunk bytes"], touched[0])
+	b.Extra["changed chunk bytes, 1 MiB chunks"] = append(b.Extra["changed chunk bytes, 1 MiB chunks"], touched[1])
 	for _, s := range rotate(inc, r) {
 		if err := s.fn(ctx); err != nil {
 			return err
@@ -564,7 +566,7 @@ func (b *bench) big(ctx context.Context, dir string) error {
 		return err
 	}
 	data := filepath.Join(dir, "data.bin")
-	if err := changeData(data, chunkSize, 99); err != nil {
+	if err := fillFile(data, chunkSize, 99); err != nil {
 		return err
 	}
 	var io []string

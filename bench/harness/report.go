@@ -152,7 +152,7 @@ func (b *bench) report(ctx context.Context) error {
 	pf("%s virtual, %s allocated: in 64 MiB regions, 25%% system files (a tar of /usr), 25%% random data, ", gib(b.Size), gib(b.Allocated))
 	pf("15%% copies of earlier regions (4 MiB-aligned), 35%% holes (see `bench/harness/disk.go`). ")
 	pf("The VMs run QEMU (TCG, no guest OS) with the disk as qcow2 (`-blockdev`, virtio-blk). ")
-	pf("Between the full and the incremental backups, %d writes of 1 MiB of random data at random 1 MiB-aligned offsets (%s, %.1f%% of the disk, touching %s of 4 MiB chunks) go through the VM's device (HMP `qemu-io`), ",
+	pf("Between the full and the incremental backups, %d writes of 1 MiB, each of its own random data, at random non-overlapping 4 KiB-aligned offsets (%s, %.1f%% of the disk, touching %s of 4 MiB chunks) go through the VM's device (HMP `qemu-io`), ",
 		b.Changed.Writes, mib(b.Changed.Bytes), 100*float64(b.Changed.Bytes)/float64(b.Size), mib(b.Changed.ChunkBytes))
 	pf("and the same writes to the raw copy that restic and borg back up. Each round changes different places. ")
 	pf("Every QEMU process (the vmshadow VM and the libvirt domain) runs with `%s` (a fixed malloc mmap threshold: a fresh NBD server is otherwise slowed by page faults on large requests until glibc's threshold settles), and the vmshadow VM's disk is read once, untimed, through a shadow copy before the rounds.\n\n", strings.Join(mallocEnv, " "))
@@ -265,9 +265,9 @@ func (b *bench) report(ctx context.Context) error {
 			r := "–"
 			if !math.IsNaN(t.ratio) {
 				r = fmt.Sprintf("%.2f%s", t.ratio, t.unit)
-			if t.atMost && t.unit == "x" {
-				r = fmt.Sprintf("%.3f%s", t.ratio, t.unit)
-			}
+				if t.atMost && t.unit == "x" {
+					r = fmt.Sprintf("%.3f%s", t.ratio, t.unit)
+				}
 			}
 			pf("| %s | %s | %s | %s | %s |\n", t.what, t.figures, r, c, t.pass())
 		}

@@ -99,9 +99,9 @@ func (v *vm) hmp(ctx context.Context, line string) error {
 }
 
 // write applies the change through the device, as the guest would.
-func (v *vm) write(ctx context.Context, data string, cs []change) error {
+func (v *vm) write(ctx context.Context, cs []change) error {
 	for _, c := range cs {
-		if err := v.hmp(ctx, fmt.Sprintf("qemu-io -d /machine/peripheral/vda/virtio-backend \"write -q -s %s %d %d\"", data, c.off, c.n)); err != nil {
+		if err := v.hmp(ctx, fmt.Sprintf("qemu-io -d /machine/peripheral/vda/virtio-backend \"write -q -s %s %d %d\"", c.data, c.off, c.n)); err != nil {
 			return err
 		}
 	}
