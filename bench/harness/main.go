@@ -28,16 +28,17 @@ func logf(format string, a ...any) {
 }
 
 type config struct {
-	vmshadow string
-	work     string
-	sizeGiB  int64
-	bigGiB   int64
-	rounds   int
-	results  string
-	chart    string
-	skip     map[string]bool
-	noMicro  bool
-	from     string
+	vmshadow  string
+	work      string
+	sizeGiB   int64
+	bigGiB    int64
+	rounds    int
+	results   string
+	chart     string
+	skip      map[string]bool
+	noMicro   bool
+	from      string
+	floorOnly string
 }
 
 const (
@@ -58,6 +59,7 @@ func main() {
 	flag.StringVar(&c.results, "results", "bench/results.md", "markdown report to write")
 	flag.StringVar(&c.chart, "chart", "bench/throughput.png", "throughput chart to write (gnuplot)")
 	flag.BoolVar(&c.noMicro, "no-micro", false, "do not run the Go microbenchmarks")
+	flag.StringVar(&c.floorOnly, "cpu-floor", "", "only measure the CPU floor of a full backup of this test image")
 	flag.StringVar(&c.from, "from", "", "only write the report, from the measurements a run saved (WORK/measurements.json)")
 	flag.StringVar(&skip, "skip", "", "comma-separated tools to leave out: restic,borg,virtnbdbackup")
 	flag.Parse()
@@ -70,8 +72,19 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	do := run
-	if c.from != "" {
+	switch {
+	case c.from != "":
 		do = reportFrom
+	case c.floorOnly != "":
+		do = func(ctx context.Context, c config) error {
+			fi, err := os.Stat(c.floorOnly)
+			if err != nil {
+				return err
+			}
+			f, err := measureCPUFloor(c.floorOnly, fi.Size())
+			fmt.Printf("CPU floor of a full backup of %s: hash %.2f s, compress %.2f s, encrypt %.2f s, total %.2f s\n", c.floorOnly, f.Hash, f.Compress, f.Encrypt, f.total())
+			return err
+		}
 	}
 	if err := do(ctx, c); err != nil {
 		logf("bench failed: %v", err)
@@ -108,6 +121,7 @@ type measurements struct {
 	LoadBefore, LoadAfter string
 	Start                 time.Time
 	Micro                 []microResult
+	Floor                 cpuFloor
 }
 
 func run(ctx context.Context, c config) error {
@@ -220,6 +234,10 @@ func run(ctx context.Context, c config) error {
 	if !c.noMicro {
 		if b.Micro, err = microbench(ctx); err != nil {
 			return fmt.Errorf("microbenchmarks: %w", err)
+		}
+		logf("CPU floor of the full backup of the test image")
+		if b.Floor, err = measureCPUFloor(img, b.Size); err != nil {
+			return fmt.Errorf("CPU floor: %w", err)
 		}
 	}
 	raw, err := json.MarshalIndent(b.measurements, "", " ")
