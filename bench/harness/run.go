@@ -45,6 +45,9 @@ func measured(ctx context.Context, logPath string, env []string, args ...string)
 	script := `"$@"; rc=$?; cat /proc/$$/io > "$VMSB_IOFILE"; exit $rc`
 	cmd := exec.CommandContext(ctx, "sh", append([]string{"-c", script, "sh"}, args...)...)
 	cmd.Env = append(append(os.Environ(), env...), "VMSB_IOFILE="+ioFile)
+	// On cancellation the tool goes too, not only the shell around it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	lf, err := os.Create(logPath)
 	if err != nil {
 		return sample{}, nil, err
