@@ -27,10 +27,12 @@ test: deps
 demo: deps build
 	$(GO) run ./demo -vmshadow bin/vmshadow
 
-# Benchmarks side by side with the tools users would pick instead.
+# Benchmarks side by side with the tools users would pick instead: writes
+# bench/results.md and bench/throughput.png (root: it drops the page cache
+# and starts libvirtd). BENCHFLAGS e.g. "-rounds 5 -size-gib 8".
 bench: build
 	scripts/deps.sh bench
-	bench/repo-vs-restic.sh
+	$(GO) run ./bench/harness -vmshadow bin/vmshadow $(BENCHFLAGS)
 
 # S3 repository against a local directory, side by side.
 bench-s3: build

@@ -18,8 +18,9 @@ want python3 python3
 want /usr/bin/time time
 want mount mount
 case "${1:-test}" in
-bench) want restic restic; want borg borgbackup; want hyperfine hyperfine
-       want virtnbdbackup virtnbdbackup; want libvirtd libvirt-daemon-system ;;
+bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox
+       want virtnbdbackup virtnbdbackup; want /usr/sbin/libvirtd libvirt-daemon-system
+       want virsh libvirt-clients; want qemu-io qemu-utils; want tar tar ;;
 esac
 # versitygw, the real S3 server of the S3 tests and benchmarks: built once
 # with go install into ~/.cache/vmshadow/bin (the tests would build it too,

@@ -265,7 +265,7 @@ func (p *pipeline) disk(ctx context.Context, d Disk) (*repo.Index, repo.Stats, e
 					return err
 				}
 				buf = buf[:j.n]
-				clear(buf)
+				clearGaps(buf, j.spans)
 				var nread int64
 				for _, s := range j.spans {
 					n, err := src.ReadAt(ctx, buf[s.off:s.off+s.n], j.off+s.off)
@@ -381,6 +381,18 @@ func (p *pipeline) work(ctx context.Context, j hashJob, x *repo.Index, st *diskS
 		putBuf(p.sealed, sealed)
 		return ctx.Err()
 	}
+}
+
+// clearGaps zeroes the parts of buf that the spans (sorted, not
+// overlapping) do not cover: those are known to read as zeros and are not
+// read. A chunk read whole is not cleared first.
+func clearGaps(buf []byte, spans []span) {
+	pos := int64(0)
+	for _, s := range spans {
+		clear(buf[pos:s.off])
+		pos = s.off + s.n
+	}
+	clear(buf[pos:])
 }
 
 var zeroPage [64 << 10]byte

@@ -12,6 +12,7 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/zeebo/blake3"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
@@ -57,7 +58,7 @@ type codec struct {
 	aead    cipher.AEAD // nil when not encrypted
 	encKey  []byte      // the AEAD key, kept to re-wrap under a new password
 	macKey  []byte      // nil when not encrypted: plain SHA-256
-	hashers sync.Pool
+	hashers sync.Pool   // of hash.Hash: the repository's chunk hash
 	enc     *zstd.Encoder
 	sampler *zstd.Encoder // fastest level, for compressible
 	chunkD  *zstd.Decoder
@@ -69,18 +70,28 @@ type codec struct {
 // fastest at a similar speed on this kind of data (see bench/).
 var CompressionLevel = zstd.SpeedDefault
 
-func newCodec(k *masterKeys) *codec {
+// newCodec makes the codec of a repository with keys k (nil when not
+// encrypted) and the config's chunk hash (checked by DecodeConfig).
+func newCodec(k *masterKeys, chunkHash string) *codec {
 	c := &codec{}
 	if k != nil {
 		c.aead = newGCM(k.Encrypt)
 		c.encKey = k.Encrypt
 		c.macKey = k.MAC
 	}
-	c.hashers.New = func() any {
-		if c.macKey != nil {
-			return hmac.New(sha256.New, c.macKey)
+	switch {
+	case c.macKey == nil:
+		c.hashers.New = func() any { return sha256.New() }
+	case chunkHash == HashBLAKE3Keyed:
+		c.hashers.New = func() any {
+			h, err := blake3.NewKeyed(c.macKey)
+			if err != nil {
+				panic(err) // only for a key that is not 32 bytes; keys are checked when loaded
+			}
+			return h
 		}
-		return sha256.New()
+	default:
+		c.hashers.New = func() any { return hmac.New(sha256.New, c.macKey) }
 	}
 	n := runtime.GOMAXPROCS(0)
 	var err error
@@ -114,8 +125,9 @@ func (c *codec) close() {
 	c.metaD.Close()
 }
 
-// hash returns the ID of plaintext p: HMAC-SHA256 under the MAC key when the
-// repository is encrypted, SHA-256 otherwise.
+// hash returns the ID of plaintext p: keyed BLAKE3 or HMAC-SHA256 (as the
+// config says) under the MAC key when the repository is encrypted, SHA-256
+// otherwise.
 func (c *codec) hash(p []byte) ID {
 	h := c.hashers.Get().(hash.Hash)
 	h.Reset()
@@ -126,8 +138,9 @@ func (c *codec) hash(p []byte) ID {
 	return id
 }
 
-// seal appends the sealed form of plain to dst[:0] and returns it. With
-// compress, zstd is tried and kept only if it shrinks the data.
+// seal appends the sealed form of plain to dst[:0] (which must not overlap
+// plain) and returns it. With compress, zstd is tried and kept only if it
+// shrinks the data.
 func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compress bool) []byte {
 	hdr := headerLen
 	if c.aead != nil {
@@ -152,10 +165,10 @@ func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compr
 			dst = dst[:hdr]
 		}
 	}
-	if dst[5] == compNone {
-		dst = append(dst, plain...)
-	}
 	if c.aead == nil {
+		if dst[5] == compNone {
+			dst = append(dst, plain...)
+		}
 		return dst
 	}
 	dst[6] = encAESGCM
@@ -163,7 +176,11 @@ func (c *codec) seal(dst []byte, magic [4]byte, name string, plain []byte, compr
 	rand.Read(nonce)
 	ad := make([]byte, 0, headerLen+len(name))
 	ad = append(append(ad, dst[:headerLen]...), name...)
-	out := c.aead.Seal(dst[hdr:hdr], nonce, dst[hdr:], ad)
+	payload := dst[hdr:] // compressed, sealed in place
+	if dst[5] == compNone {
+		payload = plain // sealed straight into dst: no copy first
+	}
+	out := c.aead.Seal(dst[hdr:hdr], nonce, payload, ad)
 	return dst[:hdr+len(out)]
 }
 

@@ -22,6 +22,7 @@ const (
 	EncryptionAESGCM = "aes-256-gcm"
 	HashSHA256       = "sha256"
 	HashHMACSHA256   = "hmac-sha256"
+	HashBLAKE3Keyed  = "blake3-keyed" // BLAKE3 in keyed mode under the MAC key (new encrypted repositories)
 	CompressionZstd  = "zstd"
 )
 
@@ -75,7 +76,7 @@ func DecodeConfig(b []byte) (Config, error) {
 	}
 	switch {
 	case c.Encryption == EncryptionNone && c.ChunkHash == HashSHA256:
-	case c.Encryption == EncryptionAESGCM && c.ChunkHash == HashHMACSHA256:
+	case c.Encryption == EncryptionAESGCM && (c.ChunkHash == HashHMACSHA256 || c.ChunkHash == HashBLAKE3Keyed):
 	default:
 		return c, fmt.Errorf("repository config has unsupported encryption %q with chunk hash %q: %w", c.Encryption, c.ChunkHash, errs.ErrUnsupported)
 	}

@@ -43,6 +43,10 @@ type InitOptions struct {
 	Password []byte
 	// KDF overrides DefaultKDF (tests use cheaper parameters).
 	KDF *KDFParams
+	// ChunkHash is the keyed hash of an encrypted repository:
+	// HashBLAKE3Keyed (default) or HashHMACSHA256 (what repositories
+	// created before BLAKE3 use). Unencrypted repositories use HashSHA256.
+	ChunkHash string
 }
 
 func hostname() string {
@@ -66,7 +70,12 @@ func Init(ctx context.Context, be backend.Backend, o InitOptions) (*Repo, error)
 	cfg := Config{Format: formatName, Version: FormatVersion, ID: rid.String(), Created: time.Now().UTC(),
 		ChunkSize: o.ChunkSize, Encryption: o.Encryption, ChunkHash: HashSHA256, Compression: CompressionZstd}
 	if o.Encryption == EncryptionAESGCM {
-		cfg.ChunkHash = HashHMACSHA256
+		cfg.ChunkHash = HashBLAKE3Keyed
+		if o.ChunkHash != "" {
+			cfg.ChunkHash = o.ChunkHash
+		}
+	} else if o.ChunkHash != "" && o.ChunkHash != HashSHA256 {
+		return nil, fmt.Errorf("an unencrypted repository uses chunk hash %s, not %s: %w", HashSHA256, o.ChunkHash, errs.ErrUsage)
 	}
 	raw, err := cfg.encode()
 	if err != nil {
@@ -102,7 +111,7 @@ func Init(ctx context.Context, be backend.Backend, o InitOptions) (*Repo, error)
 	if err := be.Sync(ctx); err != nil {
 		return nil, fmt.Errorf("sync repository config: %w", err)
 	}
-	r.codec = newCodec(keys)
+	r.codec = newCodec(keys, cfg.ChunkHash)
 	return r, nil
 }
 
@@ -137,7 +146,7 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 	}
 	r := &Repo{be: be, cfg: cfg}
 	if !cfg.Encrypted() {
-		r.codec = newCodec(nil)
+		r.codec = newCodec(nil, cfg.ChunkHash)
 		return r, nil
 	}
 	pw, err := password()
@@ -181,7 +190,7 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 			continue
 		}
 		r.keyName = n
-		r.codec = newCodec(keys)
+		r.codec = newCodec(keys, cfg.ChunkHash)
 		return r, nil
 	}
 	if len(errList) > 0 {
@@ -240,7 +249,8 @@ func chunkHandle(id ID) backend.Handle {
 func (r *Repo) HashChunk(plain []byte) ID { return r.codec.hash(plain) }
 
 // SealChunk compresses (when it helps) and encrypts a chunk for storage,
-// reusing dst when large enough. id must be HashChunk(plain).
+// reusing dst (which must not overlap plain) when large enough. id must be
+// HashChunk(plain).
 func (r *Repo) SealChunk(dst []byte, id ID, plain []byte) []byte {
 	return r.codec.seal(dst, magicChunk, id.String(), plain, true)
 }
