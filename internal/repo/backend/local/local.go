@@ -155,7 +155,7 @@ func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 			os.Remove(tmp)
 		}
 	}()
-	if _, err := f.Write(data); err != nil {
+	if err := writeFile(f, data); err != nil {
 		return wrapErr("write "+h.String(), err)
 	}
 	if err := f.Sync(); err != nil {
