@@ -62,7 +62,7 @@ func startLibvirt(ctx context.Context, name, dir, disk string) (*libvirt, error)
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='qcow2' cache='none'/>
       <source file='%s'/>
       <target dev='vda' bus='virtio'/>
     </disk>

@@ -151,7 +151,7 @@ func (b *bench) report(ctx context.Context) error {
 	pf("## Test disk\n\n")
 	pf("%s virtual, %s allocated: in 64 MiB regions, 25%% system files (a tar of /usr), 25%% random data, ", gib(b.Size), gib(b.Allocated))
 	pf("15%% copies of earlier regions (4 MiB-aligned), 35%% holes (see `bench/harness/disk.go`). ")
-	pf("The VMs run QEMU (TCG, no guest OS) with the disk as qcow2 (`-blockdev`, virtio-blk). ")
+	pf("The VMs run QEMU (TCG, no guest OS) with the disk as qcow2 (`-blockdev`, virtio-blk) opened with O_DIRECT (`cache.direct=on`; libvirt `cache='none'`), as production VMs usually are: QEMU then reads it without the page cache, for every NBD reader alike. ")
 	pf("Between the full and the incremental backups, %d writes of 1 MiB, each of its own random data, at random non-overlapping 4 KiB-aligned offsets (%s, %.1f%% of the disk, touching %s of 4 MiB chunks) go through the VM's device (HMP `qemu-io`), ",
 		b.Changed.Writes, mib(b.Changed.Bytes), 100*float64(b.Changed.Bytes)/float64(b.Size), mib(b.Changed.ChunkBytes))
 	pf("and the same writes to the raw copy that restic and borg back up. Each round changes different places. ")

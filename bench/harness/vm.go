@@ -51,7 +51,7 @@ func startVM(ctx context.Context, name, dir, disk string) (*vm, error) {
 		"-machine", "pc,accel=tcg", "-m", "64",
 		"-qmp", "unix:"+v.QMPPath+",server=on,wait=off",
 		"-qmp", "unix:"+mon+",server=on,wait=off",
-		"-blockdev", "driver=file,filename="+disk+",node-name=file-vda",
+		"-blockdev", "driver=file,filename="+disk+",node-name=file-vda,cache.direct=on",
 		"-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda",
 		"-device", "virtio-blk-pci,drive=fmt-vda,id=vda")
 	v.cmd.Env = append(os.Environ(), mallocEnv...)

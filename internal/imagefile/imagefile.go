@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
+	"github.com/vmshadow/vmshadow/internal/directio"
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
@@ -25,6 +26,7 @@ type Image struct {
 	name string
 	path string
 	f    *os.File
+	d    *directio.File // reads through f, and O_DIRECT where it can
 	size int64
 }
 
@@ -52,11 +54,17 @@ func Open(name, path string) (*Image, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s is a qcow2 image, not raw: convert it first (qemu-img convert -O raw %s IMAGE.raw): %w", path, path, errs.ErrUnsupported)
 	}
-	return &Image{name: name, path: path, f: f, size: size}, nil
+	return &Image{name: name, path: path, f: f, d: directio.New(path, f, os.O_RDONLY), size: size}, nil
 }
 
 // Close closes the image.
-func (im *Image) Close() error { return im.f.Close() }
+func (im *Image) Close() error {
+	err := im.d.Close()
+	if cerr := im.f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
 
 // Name implements backup.Source.
 func (im *Image) Name() string { return im.name }
@@ -67,7 +75,7 @@ func (im *Image) Size() int64 { return im.size }
 // ReadAt implements backup.Source. Reading past the end (the image shrank)
 // is an error naming the image.
 func (im *Image) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	n, err := im.f.ReadAt(p, off)
+	n, err := im.d.ReadAt(p, off)
 	if n == len(p) {
 		return n, nil
 	}

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vmshadow/vmshadow/internal/directio"
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
@@ -16,6 +17,7 @@ import (
 // device (zero ranges are zeroed explicitly).
 type rawFile struct {
 	f     *os.File
+	w     *directio.File // writes through f, and O_DIRECT where it can
 	path  string
 	block bool
 	zeros []byte
@@ -37,7 +39,7 @@ func CreateRaw(path string, size int64) (ImageWriter, error) {
 			f.Close()
 			return nil, fmt.Errorf("block device %s has %d bytes, the disk needs %d: %w", path, dsize, size, errs.ErrNoSpace)
 		}
-		return &rawFile{f: f, path: path, block: true}, nil
+		return &rawFile{f: f, w: directio.New(path, f, os.O_WRONLY), path: path, block: true}, nil
 	case err == nil:
 		return nil, fmt.Errorf("%s already exists: restore never overwrites a file; remove it or choose another path: %w", path, errs.ErrUsage)
 	case !errors.Is(err, fs.ErrNotExist):
@@ -52,11 +54,11 @@ func CreateRaw(path string, size int64) (ImageWriter, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("size %s to %d bytes: %w", path, size, mapNoSpace(err))
 	}
-	return &rawFile{f: f, path: path}, nil
+	return &rawFile{f: f, w: directio.New(path, f, os.O_WRONLY), path: path}, nil
 }
 
 func (r *rawFile) WriteAt(p []byte, off int64) (int, error) {
-	n, err := r.f.WriteAt(p, off)
+	n, err := r.w.WriteAt(p, off)
 	if err != nil {
 		return n, fmt.Errorf("write %s: %w", r.path, mapNoSpace(err))
 	}
@@ -87,6 +89,10 @@ func (r *rawFile) WriteZeroes(off, n int64) error {
 }
 
 func (r *rawFile) Close() error {
+	if err := r.w.Close(); err != nil {
+		r.f.Close()
+		return fmt.Errorf("close %s: %w", r.path, err)
+	}
 	if err := r.f.Sync(); err != nil {
 		r.f.Close()
 		return fmt.Errorf("sync %s: %w", r.path, mapNoSpace(err))

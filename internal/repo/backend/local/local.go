@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmshadow/vmshadow/internal/directio"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 )
@@ -124,7 +125,8 @@ func fanout(name string) string {
 	return name[:2]
 }
 
-// Put implements backend.Backend: temp file in tmp/, write, fsync, rename.
+// Put implements backend.Backend: temp file in tmp/, write (large blobs
+// mostly with O_DIRECT, see package directio), fsync, rename.
 // The directory entry is made durable by Sync, which fsyncs directories.
 func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 	if err := ctx.Err(); err != nil {
@@ -155,7 +157,12 @@ func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 			os.Remove(tmp)
 		}
 	}()
-	if err := writeFile(f, data); err != nil {
+	w := directio.New(tmp, f, os.O_WRONLY)
+	_, err = w.WriteAt(data, 0)
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return wrapErr("write "+h.String(), err)
 	}
 	if err := f.Sync(); err != nil {
