@@ -189,7 +189,7 @@ func (b *bench) report(ctx context.Context) error {
 			chart = append(chart, fmt.Sprintf("%q %.1f %.1f %.1f", n, median(tp), slices.Min(tp), slices.Max(tp)))
 		}
 	}
-	pf("\nRead from source: for the NBD readers (vmshadow backups, qemu-img convert, virtnbdbackup) the bytes QEMU read from its image file during the step (`rchar` of QEMU's /proc/PID/io); restic and borg read the whole raw file, holes included (the file size is shown); for restore and verify, the bytes vmshadow read (its `rchar`: the repository). ")
+	pf("\nRead from source: for the NBD readers (vmshadow backups, qemu-img convert, virtnbdbackup) the bytes QEMU read from its image file during the step (`rchar` of QEMU's /proc/PID/io); restic and borg read the whole raw file, holes included (the file size is shown); for restore and verify, the bytes vmshadow read (its `rchar`: the repository; restore writes a sparse raw file on the same disk, as an operator would, where the read floor discards what it reads: `qemu-img convert -n` to the `null-co` driver). ")
 	pf("vmshadow's own count of bytes read over NBD (its summary's `bytes_read`): full %s, incremental %s.\n\n", mib(int64(median(i64s(b.Extra["vmshadow full"])))), mib(int64(median(i64s(b.Extra["vmshadow incremental"])))))
 	pf("Stored: what the step added to its repository (restic, borg, vmshadow: all files; virtnbdbackup: its output directory, uncompressed, unencrypted). restic: repository format 2, compression auto; borg: `--encryption repokey`, default lz4 compression and chunker; vmshadow: AES-256-GCM, zstd.\n\n")
 
