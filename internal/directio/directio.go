@@ -33,12 +33,13 @@ type File struct {
 	direct   *os.File // nil when the file system refuses O_DIRECT
 }
 
-// New returns a File for f, which was opened from path with the access
-// mode flag (os.O_RDONLY, os.O_WRONLY or os.O_RDWR). It opens path a
-// second time with that mode and O_DIRECT; where that fails every request
+// New returns a File for f, opened with the access mode flag (os.O_RDONLY,
+// os.O_WRONLY or os.O_RDWR). It opens the same file a second time, through
+// /proc/self/fd (so a path renamed or replaced in between does not
+// matter), with that mode and O_DIRECT; where that fails every request
 // goes through f. Close closes only that second descriptor, not f.
-func New(path string, f *os.File, flag int) *File {
-	return &File{buffered: f, direct: openDirect(path, flag&(os.O_RDONLY|os.O_WRONLY|os.O_RDWR))}
+func New(f *os.File, flag int) *File {
+	return &File{buffered: f, direct: openDirect(f, flag&(os.O_RDONLY|os.O_WRONLY|os.O_RDWR))}
 }
 
 // ReadAt reads len(p) bytes at off, like (*os.File).ReadAt.

@@ -54,7 +54,7 @@ func Open(name, path string) (*Image, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s is a qcow2 image, not raw: convert it first (qemu-img convert -O raw %s IMAGE.raw): %w", path, path, errs.ErrUnsupported)
 	}
-	return &Image{name: name, path: path, f: f, d: directio.New(path, f, os.O_RDONLY), size: size}, nil
+	return &Image{name: name, path: path, f: f, d: directio.New(f, os.O_RDONLY), size: size}, nil
 }
 
 // Close closes the image.

@@ -39,7 +39,7 @@ func CreateRaw(path string, size int64) (ImageWriter, error) {
 			f.Close()
 			return nil, fmt.Errorf("block device %s has %d bytes, the disk needs %d: %w", path, dsize, size, errs.ErrNoSpace)
 		}
-		return &rawFile{f: f, w: directio.New(path, f, os.O_WRONLY), path: path, block: true}, nil
+		return &rawFile{f: f, w: directio.New(f, os.O_WRONLY), path: path, block: true}, nil
 	case err == nil:
 		return nil, fmt.Errorf("%s already exists: restore never overwrites a file; remove it or choose another path: %w", path, errs.ErrUsage)
 	case !errors.Is(err, fs.ErrNotExist):
@@ -54,7 +54,7 @@ func CreateRaw(path string, size int64) (ImageWriter, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("size %s to %d bytes: %w", path, size, mapNoSpace(err))
 	}
-	return &rawFile{f: f, w: directio.New(path, f, os.O_WRONLY), path: path}, nil
+	return &rawFile{f: f, w: directio.New(f, os.O_WRONLY), path: path}, nil
 }
 
 func (r *rawFile) WriteAt(p []byte, off int64) (int, error) {

@@ -157,7 +157,7 @@ func (l *Local) Put(ctx context.Context, h backend.Handle, data []byte) error {
 			os.Remove(tmp)
 		}
 	}()
-	w := directio.New(tmp, f, os.O_WRONLY)
+	w := directio.New(f, os.O_WRONLY)
 	_, err = w.WriteAt(data, 0)
 	if cerr := w.Close(); err == nil {
 		err = cerr

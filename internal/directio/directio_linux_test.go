@@ -7,9 +7,10 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // alignedBuf returns n bytes of random data starting skew bytes past a
@@ -24,9 +25,6 @@ func alignedBuf(n, skew int) []byte {
 }
 
 func TestSplit(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("O_DIRECT is used on Linux only")
-	}
 	tests := []struct {
 		name      string
 		n, skew   int   // length and memory offset from a 4 KiB boundary
@@ -95,7 +93,7 @@ func TestWriteAt(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			w := New(p, f, os.O_WRONLY)
+			w := New(f, os.O_WRONLY)
 			var wg sync.WaitGroup
 			errc := make(chan error, len(pieces))
 			for _, pc := range pieces {
@@ -143,7 +141,7 @@ func testReadAt(t *testing.T, p string, want []byte) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	r := New(p, f, os.O_RDONLY)
+	r := New(f, os.O_RDONLY)
 	defer r.Close()
 	size := int64(len(want))
 	type req struct {
@@ -186,5 +184,29 @@ func testReadAt(t *testing.T, p string, want []byte) {
 	close(errc)
 	for err := range errc {
 		t.Error(err)
+	}
+}
+
+// TestOpensDirect checks that a file on a disk file system gets its
+// O_DIRECT descriptor (else every request would quietly take the slow
+// path).
+func TestOpensDirect(t *testing.T) {
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type == unix.TMPFS_MAGIC || st.Type == unix.OVERLAYFS_SUPER_MAGIC {
+		t.Skipf("%s is on tmpfs or overlayfs, which may refuse O_DIRECT", dir)
+	}
+	f, err := os.Create(filepath.Join(dir, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	d := New(f, os.O_WRONLY)
+	defer d.Close()
+	if d.direct == nil {
+		t.Fatalf("no O_DIRECT descriptor for a file in %s (file system type %#x)", dir, st.Type)
 	}
 }
