@@ -119,6 +119,8 @@ type measurements struct {
 	}
 	LoadBefore, LoadAfter string
 	Start                 time.Time
+	Took                  time.Duration // the whole run, set when it ends
+	Version               string        // of the vmshadow measured, and its git describe
 	Micro                 []microResult
 	Floor                 cpuFloor
 }
@@ -239,6 +241,8 @@ func run(ctx context.Context, c config) error {
 			return fmt.Errorf("CPU floor: %w", err)
 		}
 	}
+	b.Took = time.Since(b.Start).Round(time.Second)
+	b.Version = fmt.Sprintf("%s (%s)", version(b.vmshadow, "--version"), version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty"))
 	raw, err := json.MarshalIndent(b.measurements, "", " ")
 	if err != nil {
 		return err

@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"time"
 )
 
 func median(v []float64) float64 {
@@ -127,15 +126,14 @@ func (b *bench) report(ctx context.Context) error {
 	med := func(name string, f func(sample) float64) float64 { return median(field(b.Samples[name], f)) }
 	var w strings.Builder
 	pf := func(format string, a ...any) { fmt.Fprintf(&w, format, a...) }
-	gitv := version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty")
 	pf("# vmshadow benchmark results\n\n")
-	pf("Written by `make bench` (`bench/harness`) on %s; the run took %s.\n\n", b.Start.UTC().Format("2006-01-02 15:04 UTC"), time.Since(b.Start).Round(time.Second))
+	pf("Written by `make bench` (`bench/harness`) on %s; the run took %s.\n\n", b.Start.UTC().Format("2006-01-02 15:04 UTC"), b.Took)
 	pf("| | |\n|---|---|\n")
 	pf("| CPU | %s, %d cores (%s) |\n", cpuModel(), runtime.NumCPU(), cpuFlags())
 	pf("| memory | %s |\n", memTotal())
 	pf("| kernel | %s |\n", version("uname", "-r"))
 	pf("| load average (1, 5, 15 min) | before %s, after %s (the machine is shared: see CPU time) |\n", b.LoadBefore, b.LoadAfter)
-	pf("| vmshadow | %s (%s) |\n", version(b.vmshadow, "--version"), gitv)
+	pf("| vmshadow | %s |\n", b.Version)
 	pf("| QEMU | %s |\n", version("qemu-system-x86_64", "--version"))
 	if !b.Skip["restic"] {
 		pf("| restic | %s |\n", version("restic", "version"))

@@ -237,7 +237,9 @@ func (l *Local) Get(ctx context.Context, h backend.Handle, off, length int64) ([
 		return nil, fmt.Errorf("read %s: range %d+%d past end of blob of %d bytes: %w", h, off, length, size, io.ErrUnexpectedEOF)
 	}
 	buf := make([]byte, length)
-	n, err := f.ReadAt(buf, off)
+	d := directio.New(f, os.O_RDONLY) // chunks bypass the page cache
+	n, err := d.ReadAt(buf, off)
+	d.Close()
 	if n == len(buf) {
 		return buf, nil
 	}
