@@ -3,8 +3,11 @@ package coord
 import (
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"time"
+
+	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
 // Shadow is one disk's shadow copy: a read-only view of the disk at the
@@ -101,4 +104,29 @@ func NewSetID() string {
 		v >>= 5
 	}
 	return sb.String()
+}
+
+// ProviderStateOf decodes set's provider state as a T: nil when the set is
+// nil or has none, errs.ErrCorrupt when the journal holds something else.
+func ProviderStateOf[T any](set *Set) (*T, error) {
+	if set == nil || len(set.ProviderState) == 0 {
+		return nil, nil
+	}
+	var st T
+	if err := json.Unmarshal(set.ProviderState, &st); err != nil {
+		return nil, fmt.Errorf("journal of set %s: provider state: %w: %w", set.ID, err, errs.ErrCorrupt)
+	}
+	return &st, nil
+}
+
+// StoreProviderState records st as set's provider state and saves the
+// journal with save (the provider calls it before acting on what it
+// records, so that recover finds it).
+func StoreProviderState(set *Set, st any, save func() error) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	set.ProviderState = b
+	return save()
 }

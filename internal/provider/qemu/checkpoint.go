@@ -128,7 +128,7 @@ func rotateActions(st *state) []map[string]any {
 // without this call, Release merges the new bitmaps back into the previous
 // ones. Call it before deleting the set.
 func (p *Provider) CompleteCheckpoint(set *coord.Set, save func() error) error {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete checkpoint: no state: %v", err)
 	}
@@ -137,7 +137,7 @@ func (p *Provider) CompleteCheckpoint(set *coord.Set, save func() error) error {
 			st.Disks[i].Checkpoint.Done = true
 		}
 	}
-	return storeState(set, st, save)
+	return coord.StoreProviderState(set, st, save)
 }
 
 // checkpoints finishes rotations: a completed one drops the previous

@@ -24,7 +24,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -310,26 +309,6 @@ type diskState struct {
 
 	Checkpoint *checkpointState `json:"checkpoint,omitempty"`
 	FullReason string           `json:"full_reason,omitempty"`
-}
-
-func loadState(set *coord.Set) (*state, error) {
-	if set == nil || len(set.ProviderState) == 0 {
-		return nil, nil
-	}
-	var st state
-	if err := json.Unmarshal(set.ProviderState, &st); err != nil {
-		return nil, fmt.Errorf("journal of set %s: provider state: %w: %w", set.ID, err, errs.ErrCorrupt)
-	}
-	return &st, nil
-}
-
-func storeState(set *coord.Set, st *state, save func() error) error {
-	b, err := json.Marshal(st)
-	if err != nil {
-		return err
-	}
-	set.ProviderState = b
-	return save()
 }
 
 // isMissing reports a QMP error that means the object is already gone.

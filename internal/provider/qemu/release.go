@@ -19,7 +19,7 @@ import (
 // and scratch files; then anything else named vmshadow-* that QEMU still
 // has. Objects already gone are skipped.
 func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error) {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil {
 		return nil, err
 	}

@@ -101,7 +101,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 		}
 	}
 	// Everything this set may create is named in the journal first.
-	if err := storeState(set, st, save); err != nil {
+	if err := coord.StoreProviderState(set, st, save); err != nil {
 		return err
 	}
 	for _, d := range st.Disks {
@@ -168,7 +168,7 @@ func (p *Provider) addTarget(ctx context.Context, setID string, d diskState) err
 // switched onto its copy-before-write filter, so all disks are captured at
 // the same instant.
 func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) (err error) {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("commit: no prepared state: %v", err)
 	}
@@ -180,7 +180,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	}
 	if status.Running {
 		st.Paused = true
-		if err := storeState(set, st, save); err != nil {
+		if err := coord.StoreProviderState(set, st, save); err != nil {
 			return err
 		}
 		if err := p.exec(ctx, "stop", nil, nil); err != nil {
@@ -198,7 +198,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 				return
 			}
 			st.Paused = false
-			if serr := storeState(set, st, save); serr != nil && err == nil {
+			if serr := coord.StoreProviderState(set, st, save); serr != nil && err == nil {
 				err = serr
 			}
 		}()
@@ -206,7 +206,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	for i := range st.Disks {
 		st.Disks[i].Inserted = true
 	}
-	if err := storeState(set, st, save); err != nil {
+	if err := coord.StoreProviderState(set, st, save); err != nil {
 		return err
 	}
 	for i, d := range st.Disks {
@@ -223,7 +223,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 			for i := range st.Disks {
 				st.Disks[i].Checkpoint = nil // nothing of the transaction happened
 			}
-			storeState(set, st, save)
+			coord.StoreProviderState(set, st, save)
 			return fmt.Errorf("rotate change-tracking bitmaps: %w", err)
 		}
 		crashpoint.Hit("qemu-rotated")
@@ -257,17 +257,17 @@ func (p *Provider) detach(ctx context.Context, disks []diskState) error {
 // Expose implements coord.Provider: a snapshot-access node per disk,
 // exported read-only on an NBD server listening on a socket vmshadow made.
 func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error) error {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("expose: no prepared state: %v", err)
 	}
 	st.Server = true
-	if err := storeState(set, st, save); err != nil {
+	if err := coord.StoreProviderState(set, st, save); err != nil {
 		return err
 	}
 	if err := p.startServer(ctx, set.ID, st.Socket); err != nil {
 		st.Server = !errors.Is(err, errServerRunning)
-		storeState(set, st, save)
+		coord.StoreProviderState(set, st, save)
 		return err
 	}
 	crashpoint.Hit("qemu-server")
@@ -295,7 +295,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		crashpoint.Hit("qemu-exported")
 		set.Shadows = append(set.Shadows, sh)
 	}
-	return storeState(set, st, save)
+	return coord.StoreProviderState(set, st, save)
 }
 
 var errServerRunning = errors.New("NBD server already running")
@@ -338,7 +338,7 @@ func (p *Provider) startServer(ctx context.Context, setID, path string) error {
 // Alive implements coord.Provider: the set is alive when QEMU still has its
 // shadow-copy nodes.
 func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return false, err
 	}

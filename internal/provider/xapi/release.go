@@ -23,7 +23,7 @@ import (
 // own set does not: the pool is shared, and another backup host may be
 // working on the VM (its snapshot is what made this set fail as busy).
 func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error) {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil {
 		return nil, err
 	}

@@ -43,7 +43,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 			return fmt.Errorf("change tracking: %w", err)
 		}
 	}
-	return storeState(set, st, save)
+	return coord.StoreProviderState(set, st, save)
 }
 
 // checkNBD fails unless a network of the pool has the nbd purpose (or
@@ -82,13 +82,13 @@ func (p *Provider) checkNBD(ctx context.Context) error {
 // the writers thaw at once (Release waits for the task). Reading the
 // snapshot's details waits for Expose, after the thaw.
 func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) error {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("commit: no prepared state: %v", err)
 	}
 	started := func(task string) error {
 		st.Task = task
-		if err := storeState(set, st, save); err != nil {
+		if err := coord.StoreProviderState(set, st, save); err != nil {
 			return err
 		}
 		crashpoint.Hit("xapi-snapshot-started")
@@ -100,7 +100,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	}
 	crashpoint.Hit("xapi-snapshot-taken")
 	p.snapRef, st.Task = snap, ""
-	return storeState(set, st, save)
+	return coord.StoreProviderState(set, st, save)
 }
 
 // recordSnapshot journals the snapshot VM's UUID and its disks' VDIs.
@@ -131,7 +131,7 @@ func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state
 			missing = append(missing, d.Name)
 		}
 	}
-	if err := storeState(set, st, save); err != nil {
+	if err := coord.StoreProviderState(set, st, save); err != nil {
 		return err
 	}
 	if len(missing) > 0 {
@@ -144,7 +144,7 @@ func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state
 // set's, its NBD connection details are fetched, and for a backup the
 // changed blocks since the previous checkpoint are listed.
 func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error) error {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("expose: no state: %v", err)
 	}
@@ -191,7 +191,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		set.Shadows = append(set.Shadows, sh)
 	}
 	crashpoint.Hit("xapi-exposed")
-	return storeState(set, st, save)
+	return coord.StoreProviderState(set, st, save)
 }
 
 // listChanges asks for the blocks changed since the disk's previous
@@ -225,7 +225,7 @@ func (p *Provider) listChanges(ctx context.Context, d *diskState, snapRef string
 // Alive implements coord.Provider: the set is alive while its snapshot VM
 // exists.
 func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil || st.SnapshotUUID == "" {
 		return false, err
 	}

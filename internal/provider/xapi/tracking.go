@@ -168,12 +168,12 @@ func (p *Provider) checkPrevious(ctx context.Context, live, checkpoint, other st
 // go. Without this call Release destroys the new snapshot VDIs and the
 // previous checkpoints stay. Call it before deleting the set.
 func (p *Provider) CompleteTracking(set *coord.Set, save func() error) error {
-	st, err := loadState(set)
+	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete change tracking: no state: %v", err)
 	}
 	st.Done = true
-	return storeState(set, st, save)
+	return coord.StoreProviderState(set, st, save)
 }
 
 // destroyVDI destroys a VDI by UUID; one already gone is no error.

@@ -25,7 +25,6 @@ package xapi
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"sort"
 	"strconv"
@@ -366,24 +365,4 @@ type diskState struct {
 	FullReason string `json:"full_reason,omitempty"`
 	// CBT: the disk tracks changes, so its snapshot keeps CBT metadata.
 	CBT bool `json:"cbt,omitempty"`
-}
-
-func loadState(set *coord.Set) (*state, error) {
-	if set == nil || len(set.ProviderState) == 0 {
-		return nil, nil
-	}
-	var st state
-	if err := json.Unmarshal(set.ProviderState, &st); err != nil {
-		return nil, fmt.Errorf("journal of set %s: provider state: %w: %w", set.ID, err, errs.ErrCorrupt)
-	}
-	return &st, nil
-}
-
-func storeState(set *coord.Set, st *state, save func() error) error {
-	b, err := json.Marshal(st)
-	if err != nil {
-		return err
-	}
-	set.ProviderState = b
-	return save()
 }
