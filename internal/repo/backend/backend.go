@@ -38,6 +38,36 @@ type Handle struct {
 
 func (h Handle) String() string { return string(h.Kind) + "/" + h.Name }
 
+// Path is where the blob lives under a repository's root, with "/"
+// separators, in the layout every storage backend shares
+// (docs/repository-format.md): "config", "chunks/<ab>/<name>" (fanned out
+// by the name's first two bytes, see Fanout), "<kind>/<name>" for the
+// rest. It fails for an invalid handle, and for a config blob not named
+// "config".
+func (h Handle) Path() (string, error) {
+	if err := h.Valid(); err != nil {
+		return "", err
+	}
+	switch h.Kind {
+	case KindConfig:
+		if h.Name != "config" {
+			return "", fmt.Errorf("config blob must be named \"config\", not %q: %w", h.Name, errs.ErrUsage)
+		}
+		return "config", nil
+	case KindChunks:
+		return "chunks/" + Fanout(h.Name) + "/" + h.Name, nil
+	}
+	return string(h.Kind) + "/" + h.Name, nil
+}
+
+// Fanout is the directory under chunks/ that holds the chunk called name.
+func Fanout(name string) string {
+	if len(name) < 2 {
+		return "__"
+	}
+	return name[:2]
+}
+
 // Valid checks that the kind is known and the name is a non-empty string of
 // [0-9a-z_-] of at most 128 bytes. Backends must refuse invalid handles, so
 // that no name can escape its kind (no "/", no "..").

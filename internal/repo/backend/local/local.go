@@ -103,26 +103,11 @@ func (l *Local) Location() string { return l.root }
 func (l *Local) Close() error { return nil }
 
 func (l *Local) path(h backend.Handle) (string, error) {
-	if err := h.Valid(); err != nil {
+	p, err := h.Path()
+	if err != nil {
 		return "", err
 	}
-	switch h.Kind {
-	case backend.KindConfig:
-		if h.Name != "config" {
-			return "", fmt.Errorf("config blob must be named \"config\", not %q: %w", h.Name, errs.ErrUsage)
-		}
-		return filepath.Join(l.root, "config"), nil
-	case backend.KindChunks:
-		return filepath.Join(l.root, "chunks", fanout(h.Name), h.Name), nil
-	}
-	return filepath.Join(l.root, string(h.Kind), h.Name), nil
-}
-
-func fanout(name string) string {
-	if len(name) < 2 {
-		return "__"
-	}
-	return name[:2]
+	return filepath.Join(l.root, filepath.FromSlash(p)), nil
 }
 
 // Put implements backend.Backend: temp file in tmp/, write (large blobs

@@ -332,27 +332,12 @@ func (b *Backend) Close() error {
 	return nil
 }
 
-func fanout(name string) string {
-	if len(name) < 2 {
-		return "__"
-	}
-	return name[:2]
-}
-
 func (b *Backend) key(h backend.Handle) (string, error) {
-	if err := h.Valid(); err != nil {
+	p, err := h.Path()
+	if err != nil {
 		return "", err
 	}
-	switch h.Kind {
-	case backend.KindConfig:
-		if h.Name != "config" {
-			return "", fmt.Errorf("config blob must be named \"config\", not %q: %w", h.Name, errs.ErrUsage)
-		}
-		return b.base + "config", nil
-	case backend.KindChunks:
-		return b.base + "chunks/" + fanout(h.Name) + "/" + h.Name, nil
-	}
-	return b.base + string(h.Kind) + "/" + h.Name, nil
+	return b.base + p, nil
 }
 
 // Put implements backend.Backend. The store checks the body against a
@@ -748,7 +733,7 @@ func (b *Backend) nameOf(kind backend.Kind, key string) (string, bool) {
 	name := rest
 	if kind == backend.KindChunks {
 		fan, n, ok := strings.Cut(rest, "/")
-		if !ok || fan != fanout(n) {
+		if !ok || fan != backend.Fanout(n) {
 			return "", false
 		}
 		name = n
