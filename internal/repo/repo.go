@@ -130,8 +130,11 @@ func (r *Repo) putKey(ctx context.Context, k *masterKeys, password []byte, kdf K
 }
 
 // Open opens an existing repository. password is called only when the
-// repository is encrypted. A password that opens no key file is errs.ErrAuth;
-// a repository of a newer format is errs.ErrUnsupported.
+// repository is encrypted. A password that opens no key file is errs.ErrAuth
+// when every key file is intact; when one is damaged (its checksum does not
+// match) or unreadable, it is that error's class (errs.ErrCorrupt for
+// damage), since whether the password was right for it cannot be known. A
+// repository of a newer format is errs.ErrUnsupported.
 func Open(ctx context.Context, be backend.Backend, password func() ([]byte, error)) (*Repo, error) {
 	raw, err := be.Get(ctx, backend.Handle{Kind: backend.KindConfig, Name: "config"}, 0, -1)
 	if err != nil {
@@ -166,6 +169,7 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 	}
 	sort.Strings(names)
 	var errList []error
+	legacy := 0 // key files without a checksum the password did not open
 	for _, n := range names {
 		b, err := be.Get(ctx, backend.Handle{Kind: backend.KindKeys, Name: n}, 0, -1)
 		if err != nil {
@@ -179,6 +183,9 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 		}
 		keys, err := kf.unwrap(pw)
 		if errors.Is(err, errs.ErrAuth) {
+			if kf.Check == "" {
+				legacy++
+			}
 			continue
 		}
 		if err != nil {
@@ -194,7 +201,17 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 		return r, nil
 	}
 	if len(errList) > 0 {
-		return nil, fmt.Errorf("wrong password, or damaged key files: %w; %w", errors.Join(errList...), errs.ErrAuth)
+		// Whether the password is right for a damaged key file cannot be
+		// known: say so, and report the damage (not a wrong password).
+		others := ""
+		if k := len(names) - len(errList); k > 0 {
+			others = fmt.Sprintf("; the password opens none of the other %d key files", k)
+		}
+		return nil, fmt.Errorf("cannot open repository %s: %d of its %d key files cannot be used%s; whether the password is right for the damaged ones cannot be told. Restore keys/ from a copy, or use the password of another key file: %w",
+			be.Location(), len(errList), len(names), others, errors.Join(errList...))
+	}
+	if legacy > 0 {
+		return nil, fmt.Errorf("wrong password for repository %s (it opens none of its %d key files; %d of them were written without a checksum, so damage to those would look the same): %w", be.Location(), len(names), legacy, errs.ErrAuth)
 	}
 	return nil, fmt.Errorf("wrong password for repository %s (it opens none of its %d key files): %w", be.Location(), len(names), errs.ErrAuth)
 }
