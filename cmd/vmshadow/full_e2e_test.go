@@ -1,0 +1,94 @@
+package main
+
+import (
+	"context"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vmshadow/vmshadow/internal/repo"
+	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
+	"github.com/vmshadow/vmshadow/internal/repo/repotest"
+)
+
+// randomImage writes size incompressible bytes.
+func randomImage(t *testing.T, path string, size int64, seed uint64) {
+	t.Helper()
+	r := rand.New(rand.NewPCG(seed, seed))
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		for i := range buf {
+			buf[i] = byte(r.Uint32())
+		}
+		if _, err := f.Write(buf[:min(int64(len(buf)), size-off)]); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestCLIFullRepository: on a 64 MiB file system, a backup that does not
+// fit fails with exit 11 and removes the chunks it stored, so the next
+// (small) backup works; when another process holds the repository they
+// stay (with a warning), and 'gc --grace 0s' reclaims them at once.
+func TestCLIFullRepository(t *testing.T) {
+	vmshadowBinary(t)
+	mp := repotest.TinyTmpfs(t, 64<<20)
+	r := filepath.Join(mp, "repo")
+	src := t.TempDir()
+	mustOK(t, vm(t, nil, "repo", "init", "--repo", r, "--encryption", "none"))
+	for name, size := range map[string]int64{"8m": 8 << 20, "256m": 256 << 20, "4m": 4 << 20, "4m2": 4 << 20} {
+		randomImage(t, filepath.Join(src, name), size, uint64(size)+uint64(len(name)))
+	}
+	backup := func(img string) runResult {
+		return vm(t, nil, "backup", "--repo", r, "--vm", "db", "--disk", "sda="+filepath.Join(src, img), "--json")
+	}
+	mustOK(t, backup("8m"))
+	res := backup("256m")
+	if res.code != 11 {
+		t.Fatalf("backup larger than the file system: exit %d, want 11: %s", res.code, res.stderr)
+	}
+	if !strings.Contains(res.stdout+res.stderr, "removed the") {
+		t.Errorf("failed backup does not say it removed its chunks: %s %s", res.stdout, res.stderr)
+	}
+	mustOK(t, backup("4m"))
+
+	// Another process holds the repository (a shared lock, as a restore
+	// would): the failed backup cannot know whether that one reuses its
+	// chunks, so they stay; the next backup fails too, until gc --grace 0s.
+	be, _ := local.Open(r)
+	rp, err := repo.Open(context.Background(), be, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rp.Close()
+	l, _, err := rp.Lock(context.Background(), false, "restore")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res = backup("256m")
+	if res.code != 11 || !strings.Contains(res.stdout+res.stderr, "gc --grace 0s") {
+		t.Fatalf("failed backup with the repository held: exit %d: %s %s", res.code, res.stdout, res.stderr)
+	}
+	l.Unlock()
+	if res := backup("4m2"); res.code != 11 {
+		t.Fatalf("backup into a repository still full of a failed backup's chunks: exit %d, want 11", res.code)
+	}
+	g := mustOK(t, vm(t, nil, "gc", "--repo", r, "--grace", "0s", "--json")).last(t)
+	if g["chunks_deleted"].(float64) == 0 {
+		t.Fatalf("gc --grace 0s deleted nothing: %v", g)
+	}
+	mustOK(t, backup("4m2"))
+	if res := vm(t, nil, "verify", "--repo", r); res.code != 0 {
+		t.Fatalf("verify: exit %d %s", res.code, res.stderr)
+	}
+	if res := vm(t, nil, "gc", "--repo", r, "--grace", "-1s"); res.code != 2 {
+		t.Errorf("gc --grace -1s: exit %d, want 2", res.code)
+	}
+}
