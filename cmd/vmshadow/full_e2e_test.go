@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -90,5 +91,50 @@ func TestCLIFullRepository(t *testing.T) {
 	}
 	if res := vm(t, nil, "gc", "--repo", r, "--grace", "-1s"); res.code != 2 {
 		t.Errorf("gc --grace -1s: exit %d, want 2", res.code)
+	}
+}
+
+// TestCLIQuarantineAndKeyDamage: verify quarantines a damaged chunk, the
+// next backup stores it again, and verify then reports the first backup
+// whole again; a damaged key file with the right password exits 8.
+func TestCLIQuarantineAndKeyDamage(t *testing.T) {
+	dir := t.TempDir()
+	r := filepath.Join(dir, "repo")
+	mustOK(t, vm(t, pwEnv, "repo", "init", "--repo", r))
+	writeImage(t, filepath.Join(dir, "a.raw"), 8<<20, 0)
+	backup := func() string {
+		return mustOK(t, vm(t, pwEnv, "backup", "--repo", r, "--vm", "db", "--disk", "sda="+filepath.Join(dir, "a.raw"), "--json")).last(t)["backup_id"].(string)
+	}
+	id := backup()
+	var chunk string
+	filepath.Walk(filepath.Join(r, "chunks"), func(p string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() && chunk == "" {
+			chunk = p
+		}
+		return nil
+	})
+	data, _ := os.ReadFile(chunk)
+	data[len(data)/2] ^= 1
+	os.WriteFile(chunk, data, 0o600)
+	if res := vm(t, pwEnv, "verify", "--repo", r, "--json"); res.code != 8 || !strings.Contains(res.stdout, `"quarantined":true`) {
+		t.Fatalf("verify of a damaged chunk: exit %d %s", res.code, res.stdout)
+	}
+	if _, err := os.Stat(filepath.Join(r, "quarantine", filepath.Base(chunk))); err != nil {
+		t.Fatalf("damaged chunk not in quarantine/: %v", err)
+	}
+	backup()
+	res := mustOK(t, vm(t, pwEnv, "verify", "--repo", r, "--json"))
+	hb, _ := res.last(t)["healed_backups"].([]any)
+	if !slices.Contains(hb, any(id)) {
+		t.Fatalf("verify after the next backup: healed_backups %v lack %s", hb, id)
+	}
+
+	keys, _ := filepath.Glob(filepath.Join(r, "keys", "*"))
+	k, _ := os.ReadFile(keys[0])
+	k[len(k)/2] ^= 1
+	os.WriteFile(keys[0], k, 0o600)
+	res = vm(t, pwEnv, "backups", "--repo", r)
+	if res.code != 8 || !strings.Contains(res.stderr, "damaged") || strings.Contains(res.stderr, "wrong password") {
+		t.Fatalf("damaged key file, right password: exit %d %s", res.code, res.stderr)
 	}
 }
