@@ -29,6 +29,12 @@ func quarantineHandle(id ID) backend.Handle {
 // copy, or the damage was in transit) or is gone (someone else moved it).
 // The damaged bytes are kept as quarantine/<id>. Readers of the chunk
 // between the move and its next backup find it missing.
+//
+// The re-read narrows, but does not close, one race: if between it and
+// the delete another process moved the chunk aside too and a backup
+// stored a good copy, the good copy is deleted. The backup that stored it
+// then names a missing chunk, which verify reports and the next backup
+// stores again; it needs two readers to find the same damage at once.
 func (r *Repo) quarantineChunk(ctx context.Context, id ID) error {
 	h := chunkHandle(id)
 	blob, err := r.be.Get(ctx, h, 0, -1)
