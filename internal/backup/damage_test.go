@@ -19,7 +19,6 @@ import (
 	"github.com/vmshadow/vmshadow/internal/repo/backend/s3"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/s3/s3test"
 	"github.com/vmshadow/vmshadow/internal/restore"
-	"github.com/vmshadow/vmshadow/internal/testutil"
 )
 
 // The rule "exit 0 of a backup means restorable", checked by damaging each
@@ -184,8 +183,9 @@ func mustVerifyHealed(t *testing.T, r *repo.Repo, chunk repo.ID, backups ...repo
 	}
 }
 
+// TestBackupAfterDamage is the rule's test; with -short only on local
+// storage (S3 needs the versitygw server).
 func TestBackupAfterDamage(t *testing.T) {
-	testutil.SkipShort(t)
 	ctx := context.Background()
 	src := filepath.Join(t.TempDir(), "img")
 	img := damageImage(t, src)
