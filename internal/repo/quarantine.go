@@ -93,5 +93,5 @@ func (r *Repo) quarantineNote(ctx context.Context, id ID) string {
 	if err := r.quarantineChunk(context.WithoutCancel(ctx), id); err != nil {
 		return fmt.Sprintf(" (could not move it aside: %v; the next backup may reuse it until it is)", err)
 	}
-	return fmt.Sprintf(" (moved aside to quarantine/%s: the next backup of this data stores it again)", id.Short())
+	return " (moved to the quarantine: the next backup of this data stores it again)"
 }
