@@ -177,11 +177,17 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	if err != nil {
 		return err
 	}
-	r, ctx, done, err := f.repo.openLocked(ctx, a, false, "backup")
+	pctx := ctx
+	r, err := f.repo.open(ctx)
 	if err != nil {
 		return err
 	}
-	defer done()
+	defer func() { r.Close(); r.Backend().Close() }()
+	ctx, unlock, err := lock(ctx, a, r, false, "backup")
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	lo.Coordinator = c
 	switch p := c.Provider.(type) {
 	case *qemu.Provider:
@@ -208,7 +214,8 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 		}
 	}
 	if err != nil {
-		return err
+		unlock()
+		return reclaimFailed(pctx, a, r, err)
 	}
 	printSummary()
 	return nil
@@ -217,12 +224,18 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 // runBackup opens the repository, runs the job under a shared lock with
 // progress, and prints the summary.
 func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job, live *livebackup.Backup) error {
-	r, ctx, done, err := f.repo.openLocked(ctx, a, false, "backup")
+	r, err := f.repo.open(ctx)
 	if err != nil {
 		return err
 	}
-	defer done()
-	return runJob(ctx, a, r, job, live)
+	defer func() { r.Close(); r.Backend().Close() }()
+	lctx, unlock, err := lock(ctx, a, r, false, "backup")
+	if err != nil {
+		return err
+	}
+	err = runJob(lctx, a, r, job, live)
+	unlock()
+	return reclaimFailed(ctx, a, r, err)
 }
 
 // runJob runs the job with progress and prints the summary; live adds

@@ -23,12 +23,16 @@ func newGCCmd(a *app) *cobra.Command {
 older than the grace period (default 24h), so the chunks of a backup still
 being written are never taken. gc takes an exclusive lock: it waits for no one
 and fails (busy) while a backup, restore or verify holds the repository. It
-refuses to delete anything while a manifest or index cannot be read.`,
+refuses to delete anything while a manifest or index cannot be read.
+
+--grace 0s reclaims the space at once (after a failed backup on a full
+repository, say): the exclusive lock already excludes running backups.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if o.Grace <= 0 {
-				return errorf(errs.ErrUsage, "--grace must be positive (it protects the data of backups still being written)")
+			if o.Grace < 0 {
+				return errorf(errs.ErrUsage, "--grace %s is negative: give a duration such as 24h, or 0s to delete unreferenced data at once", o.Grace)
 			}
+			o.Immediate = o.Grace == 0
 			ctx := cmd.Context()
 			r, ctx, done, err := f.openLocked(ctx, a, true, "gc")
 			if err != nil {
@@ -55,7 +59,7 @@ refuses to delete anything while a manifest or index cannot be read.`,
 		},
 	}
 	f.register(cmd)
-	cmd.Flags().DurationVar(&o.Grace, "grace", repo.DefaultGrace, "never delete unreferenced data younger than this")
+	cmd.Flags().DurationVar(&o.Grace, "grace", repo.DefaultGrace, "never delete unreferenced data younger than this (0s: delete it at once; the exclusive lock excludes running backups)")
 	cmd.Flags().BoolVar(&o.DryRun, "dry-run", false, "only count what would be deleted")
 	return cmd
 }

@@ -24,7 +24,9 @@ func newVerifyCmd(a *app) *cobra.Command {
 		Long: `Verify backups (all, or the given ones): every manifest, index and chunk they
 reference is read back, decrypted, decompressed and re-hashed. Each missing or
 corrupt file is reported with the backups (and disks) it breaks. The exit code
-is non-zero (corrupt data) when anything is wrong.`,
+is non-zero (corrupt data) when anything is wrong. Damaged chunks are moved to
+the quarantine so the next backup stores them again; quarantined chunks stored
+again since are reported as healed, with the backups that are whole again.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			r, ctx, release, err := f.openLocked(ctx, a, false, "verify")
@@ -73,7 +75,11 @@ is non-zero (corrupt data) when anything is wrong.`,
 					}
 					aff = append(aff, s)
 				}
-				a.out.Warn("%s %s: %s; affects backups %s", p.Kind, p.ID[:16], p.Error, strings.Join(aff, ", "))
+				q := ""
+				if p.Quarantined {
+					q = " (quarantined: the next backup of this data stores it again)"
+				}
+				a.out.Warn("%s %s: %s; affects backups %s%s", p.Kind, p.ID[:16], p.Error, strings.Join(aff, ", "), q)
 			}
 			out := struct {
 				OK bool `json:"ok"`
@@ -82,6 +88,13 @@ is non-zero (corrupt data) when anything is wrong.`,
 			a.out.Summary(out, func(w io.Writer) {
 				fmt.Fprintf(w, "checked %d backups, %d indexes, %d chunks (%s): %d problems\n",
 					res.Backups, res.Indexes, res.Chunks, progress.Bytes(res.BytesChecked), len(res.Problems))
+				if len(res.Healed) > 0 {
+					var short []string
+					for _, b := range res.HealedBackups {
+						short = append(short, b[:8])
+					}
+					fmt.Fprintf(w, "%d quarantined chunks were stored again by later backups; whole again: %s\n", len(res.Healed), strings.Join(short, ", "))
+				}
 			})
 			if len(res.Problems) > 0 {
 				return fmt.Errorf("verify found %d damaged or missing files: %w", len(res.Problems), errs.ErrCorrupt)

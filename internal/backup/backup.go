@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
+	"math/bits"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -68,35 +70,97 @@ type Result struct {
 	Duration time.Duration
 }
 
+// Failure is the error of a backup that stored chunks before it failed: no
+// manifest names them. After releasing its shared lock, the caller may take
+// an exclusive lock and remove them with repo.DropChunks(ctx, f.Chunks(),
+// f.Start) (so a backup that filled the storage does not make the next one
+// fail too); otherwise the next backup of the same data reuses them, and gc
+// removes them after its grace period.
+type Failure struct {
+	Err   error
+	Start time.Time // when the backup started
+	// Stored and Bytes count the chunks it stored and their stored size.
+	Stored int64
+	Bytes  int64
+	disks  []*storedSet
+}
+
+func (f *Failure) Error() string { return f.Err.Error() }
+func (f *Failure) Unwrap() error { return f.Err }
+
+// Chunks yields the IDs of the chunks the failed backup stored.
+func (f *Failure) Chunks() iter.Seq[repo.ID] {
+	return func(yield func(repo.ID) bool) {
+		for _, d := range f.disks {
+			for i := range d.x.Len() {
+				if d.bits[i/64].Load()&(1<<(i%64)) != 0 && !yield(d.x.ID(i)) {
+					return
+				}
+			}
+		}
+	}
+}
+
+// storedSet marks the entries of one disk's index whose chunk this backup
+// stored (one bit per entry, beside the 32 bytes of the index itself).
+type storedSet struct {
+	x    *repo.Index
+	bits []atomic.Uint64
+}
+
+func (s *storedSet) set(i int) { s.bits[i/64].Or(1 << (i % 64)) }
+
 // Run backs up the job's disks into r and returns the new backup. The
 // caller holds a shared repository lock for the duration. On any error no
-// manifest is written, so no backup exists; chunks already stored are
-// reused by the next backup or removed by gc after its grace period.
+// manifest is written, so no backup exists; when chunks were already
+// stored, the error is a *Failure that names them.
 func Run(ctx context.Context, r *repo.Repo, job Job, o Options) (*Result, error) {
 	start := time.Now()
+	p, res, err := run(ctx, r, job, o, start)
+	if err != nil && p != nil {
+		f := &Failure{Err: err, Start: start, disks: p.stored}
+		for _, d := range p.stored {
+			for i := range d.bits {
+				f.Stored += int64(bits.OnesCount64(d.bits[i].Load()))
+			}
+		}
+		f.Bytes = p.bytesNew.Load()
+		if f.Stored > 0 {
+			return nil, f
+		}
+	}
+	return res, err
+}
+
+func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time) (*pipeline, *Result, error) {
 	if err := repo.ValidName("VM", job.VM); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(job.Disks) == 0 {
-		return nil, fmt.Errorf("backup of %s has no disks: %w", job.VM, errs.ErrUsage)
+		return nil, nil, fmt.Errorf("backup of %s has no disks: %w", job.VM, errs.ErrUsage)
 	}
 	seen := map[string]bool{}
 	for _, d := range job.Disks {
 		n := d.Source.Name()
 		if err := repo.ValidName("disk", n); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if seen[n] {
-			return nil, fmt.Errorf("disk %q given twice: %w", n, errs.ErrUsage)
+			return nil, nil, fmt.Errorf("disk %q given twice: %w", n, errs.ErrUsage)
 		}
 		seen[n] = true
 		if d.Base != nil && d.Base.ChunkSize() != r.ChunkSize() {
-			return nil, fmt.Errorf("disk %s: base index has chunk size %d, the repository %d: read the disk in full (no base): %w",
+			return nil, nil, fmt.Errorf("disk %s: base index has chunk size %d, the repository %d: read the disk in full (no base): %w",
 				n, d.Base.ChunkSize(), r.ChunkSize(), errs.ErrUsage)
 		}
 	}
 	o.defaults()
 	p := newPipeline(r, o)
+	q, err := r.Quarantined(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	p.quarantined = q
 	res := &Result{}
 	m := &repo.Manifest{VM: job.VM, Time: job.Time, Host: hostname(), Tags: job.Tags, Source: job.Source, Mode: job.Mode,
 		Reason: job.Reason, Consistency: job.Consistency, SetID: job.SetID}
@@ -114,7 +178,7 @@ func Run(ctx context.Context, r *repo.Repo, job Job, o Options) (*Result, error)
 	for i, d := range job.Disks {
 		x, st, err := p.disk(ctx, d)
 		if err != nil {
-			return nil, fmt.Errorf("back up disk %s of %s: %w", d.Source.Name(), job.VM, err)
+			return p, nil, fmt.Errorf("back up disk %s of %s: %w", d.Source.Name(), job.VM, err)
 		}
 		indexes[i] = x
 		res.Disks = append(res.Disks, DiskResult{Name: d.Source.Name(), Size: d.Source.Size(), Stats: st})
@@ -125,7 +189,7 @@ func Run(ctx context.Context, r *repo.Repo, job Job, o Options) (*Result, error)
 	for i, x := range indexes {
 		id, err := r.SaveIndex(ctx, x)
 		if err != nil {
-			return nil, err
+			return p, nil, err
 		}
 		res.Disks[i].Index = id
 		d := job.Disks[i]
@@ -136,10 +200,10 @@ func Run(ctx context.Context, r *repo.Repo, job Job, o Options) (*Result, error)
 	m.DurationS = time.Since(start).Seconds()
 	id, err := r.SaveManifest(ctx, m)
 	if err != nil {
-		return nil, err
+		return p, nil, err
 	}
 	res.ID, res.Manifest, res.Duration = id, m, time.Since(start)
-	return res, nil
+	return p, res, nil
 }
 
 func (o *Options) defaults() {
@@ -165,6 +229,11 @@ type pipeline struct {
 	nPlain atomic.Int32
 	nSeal  atomic.Int32
 	known  knownSet
+	// quarantined are chunks found damaged or missing (listed at the
+	// start): never reused from a base index; their ranges are read again.
+	quarantined map[repo.ID]time.Time
+	stored      []*storedSet // per disk: the chunks this backup stored
+	bytesNew    atomic.Int64 // their stored size
 }
 
 func newPipeline(r *repo.Repo, o Options) *pipeline {
@@ -244,6 +313,8 @@ func (p *pipeline) disk(ctx context.Context, d Disk) (*repo.Index, repo.Stats, e
 		return nil, repo.Stats{}, err
 	}
 	var st diskStats
+	ss := &storedSet{x: x, bits: make([]atomic.Uint64, (x.Len()+63)/64)}
+	p.stored = append(p.stored, ss)
 	g, ctx := errgroup.WithContext(ctx)
 	reads := make(chan readJob, p.o.Readers)
 	hashes := make(chan hashJob, p.o.Workers)
@@ -316,11 +387,14 @@ func (p *pipeline) disk(ctx context.Context, d Disk) (*repo.Index, repo.Stats, e
 		g.Go(func() error {
 			for u := range uploads {
 				err := p.r.PutChunk(ctx, u.id, u.sealed)
+				sealedLen := len(u.sealed)
 				putBuf(p.sealed, u.sealed)
 				if err != nil {
 					return err
 				}
-				st.bytesNew.Add(int64(len(u.sealed)))
+				ss.set(u.i)
+				p.bytesNew.Add(int64(sealedLen))
+				st.bytesNew.Add(int64(sealedLen))
 				st.chunksNew.Add(1)
 				meter.Add(u.n)
 			}
@@ -356,7 +430,7 @@ func (p *pipeline) work(ctx context.Context, j hashJob, x *repo.Index, st *diskS
 		p.o.Meter.Add(n)
 		return nil
 	}
-	have, err := p.r.HasChunk(ctx, id)
+	have, err := p.r.HasChunk(ctx, id, len(j.buf))
 	if err != nil {
 		putBuf(p.plain, j.buf)
 		return err

@@ -30,7 +30,8 @@ func (c *chunkPlan) add(s span, kind ExtentKind) {
 }
 
 // plan turns the source's extents into per-chunk decisions: wholly
-// unchanged chunks reuse the base entry, wholly zero chunks get a zero
+// unchanged chunks reuse the base entry (unless that chunk is quarantined:
+// then they are read again, so the chunk is stored again), wholly zero chunks get a zero
 // entry, and every other chunk becomes a read job for its Data and
 // Unchanged parts (known-zero parts are not read).
 func (p *pipeline) plan(ctx context.Context, d Disk, x *repo.Index, st *diskStats, reads chan<- readJob) error {
@@ -43,7 +44,7 @@ func (p *pipeline) plan(ctx context.Context, d Disk, x *repo.Index, st *diskStat
 	flush := func() error {
 		off, n := x.Range(ci)
 		switch {
-		case cur.unchanged == n && base != nil && ci < base.Len() && baseLen(base, ci) == n:
+		case cur.unchanged == n && base != nil && ci < base.Len() && baseLen(base, ci) == n && !p.isQuarantined(base.ID(ci)):
 			id := base.ID(ci)
 			x.Set(ci, id)
 			if id.IsZero() {
@@ -116,4 +117,9 @@ func (p *pipeline) plan(ctx context.Context, d Disk, x *repo.Index, st *diskStat
 func baseLen(b *repo.Index, i int) int64 {
 	_, n := b.Range(i)
 	return n
+}
+
+func (p *pipeline) isQuarantined(id repo.ID) bool {
+	_, q := p.quarantined[id]
+	return q
 }

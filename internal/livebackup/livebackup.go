@@ -173,11 +173,17 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 				if err == nil {
 					base, err = r.LoadIndex(ctx, id)
 				}
-				if err != nil {
+				switch {
+				case errors.Is(err, errs.ErrCorrupt) || errors.Is(err, errs.ErrNotFound):
+					// A damaged or missing index must not fail every
+					// backup from now on: read the disk in full.
+					plan.Reason = fmt.Sprintf("the previous backup's index cannot be read (%v)", err)
+				case err != nil:
 					return nil, fmt.Errorf("disk %s: load the previous backup's index: %w", sh.Disk, err)
+				default:
+					plan.Mode, plan.Reason = "incremental", ""
+					incremental++
 				}
-				plan.Mode, plan.Reason = "incremental", ""
-				incremental++
 			}
 		}
 		if plan.Mode != "incremental" {

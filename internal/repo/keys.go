@@ -4,6 +4,8 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"time"
@@ -79,6 +81,23 @@ type keyFile struct {
 	AEAD    string    `json:"aead"` // "aes-256-gcm"
 	Nonce   []byte    `json:"nonce"`
 	Data    []byte    `json:"data"`
+	// Check is the hex SHA-256 of the key file's compact JSON encoding
+	// without this field (json.Marshal of the other fields, in this
+	// order). It is not secret and needs no password: it tells a damaged
+	// key file from a wrong password, which AES-GCM alone cannot (both
+	// fail authentication). Key files written before it have none.
+	Check string `json:"check,omitempty"`
+}
+
+// checksum is what Check must be for kf.
+func (kf keyFile) checksum() string {
+	kf.Check = ""
+	b, err := json.Marshal(kf)
+	if err != nil {
+		return "" // cannot happen: every field marshals
+	}
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
 }
 
 const keyFileVersion = 1
@@ -101,14 +120,20 @@ func wrapKeys(k *masterKeys, password []byte, p KDFParams, host string) ([]byte,
 	rand.Read(nonce)
 	kf := keyFile{Version: keyFileVersion, Created: time.Now().UTC(), Host: host, KDF: p,
 		AEAD: EncryptionAESGCM, Nonce: nonce, Data: aead.Seal(nil, nonce, plain, []byte(keyAD))}
+	kf.Check = kf.checksum()
 	return json.MarshalIndent(kf, "", "  ")
 }
 
-// decodeKeyFile parses and checks a key blob without deriving anything.
+// decodeKeyFile parses and checks a key blob without deriving anything. A
+// key file that is not valid JSON, or whose checksum does not match, is
+// errs.ErrCorrupt: it was damaged after it was written.
 func decodeKeyFile(b []byte) (*keyFile, error) {
 	var kf keyFile
 	if err := json.Unmarshal(b, &kf); err != nil {
-		return nil, fmt.Errorf("key file is not valid JSON (%v): %w", err, errs.ErrCorrupt)
+		return nil, fmt.Errorf("key file is damaged: not valid JSON (%v): %w", err, errs.ErrCorrupt)
+	}
+	if kf.Check != "" && kf.Check != kf.checksum() {
+		return nil, fmt.Errorf("key file is damaged: its content does not match its checksum (it changed after it was written): %w", errs.ErrCorrupt)
 	}
 	if kf.Version > keyFileVersion {
 		return nil, fmt.Errorf("key file version %d is newer than this vmshadow supports (%d): %w", kf.Version, keyFileVersion, errs.ErrUnsupported)
@@ -129,11 +154,15 @@ func decodeKeyFile(b []byte) (*keyFile, error) {
 }
 
 // unwrap derives the KEK from password and opens the master keys. A wrong
-// password is errs.ErrAuth.
+// password is errs.ErrAuth. (A key file without a checksum that was
+// damaged also fails so: the two cannot be told apart.)
 func (kf *keyFile) unwrap(password []byte) (*masterKeys, error) {
 	aead := newGCM(kf.KDF.derive(password))
 	plain, err := aead.Open(nil, kf.Nonce, kf.Data, []byte(keyAD))
 	if err != nil {
+		if kf.Check == "" {
+			return nil, fmt.Errorf("wrong password (or the key file, written without a checksum, is damaged): %w", errs.ErrAuth)
+		}
 		return nil, fmt.Errorf("wrong password: %w", errs.ErrAuth)
 	}
 	var k masterKeys

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"runtime"
 	"sort"
 	"sync"
@@ -32,6 +33,19 @@ type Problem struct {
 	Error    string     `json:"error"`
 	Missing  bool       `json:"missing"`
 	Affected []Affected `json:"affected"`
+	// Quarantined: the chunk is in the quarantine (moved aside by this or
+	// an earlier read): the next backup of the same data stores it again
+	// and heals the affected backups.
+	Quarantined bool `json:"quarantined,omitempty"`
+}
+
+// Healed is a chunk that was quarantined (found damaged or missing) and
+// has since been stored again by a later backup: the backups that
+// reference it have that chunk back.
+type Healed struct {
+	ID          string     `json:"id"`
+	Quarantined time.Time  `json:"quarantined"` // when it was moved aside
+	Affected    []Affected `json:"affected"`
 }
 
 // VerifyOptions select what Verify checks.
@@ -48,11 +62,19 @@ type VerifyResult struct {
 	Chunks       int       `json:"chunks"`
 	BytesChecked int64     `json:"bytes_checked"` // stored bytes read
 	Problems     []Problem `json:"problems"`
+	// Healed lists quarantined chunks that are stored again and intact;
+	// HealedBackups the backups that referenced one of them and have no
+	// problem left: they are whole again.
+	Healed        []Healed `json:"healed"`
+	HealedBackups []string `json:"healed_backups"`
 }
 
 // Verify re-reads every manifest, index and chunk the selected backups
 // reference, decrypts and re-hashes each, and reports every missing or
-// damaged one with the backups it affects. Memory grows with the number of
+// damaged one with the backups it affects. A damaged chunk is moved to the
+// quarantine and a missing one recorded there, so the next backup stores
+// it again (see quarantineChunk); a quarantined chunk found stored again
+// and intact is reported as healed. Memory grows with the number of
 // distinct chunks (about 50 bytes each), not with their size. Hold a shared
 // lock. The error is for failures to run (listing, cancellation), not for
 // problems found.
@@ -64,7 +86,11 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 			return nil, err
 		}
 	}
-	res := &VerifyResult{Backups: len(ids), Problems: []Problem{}}
+	res := &VerifyResult{Backups: len(ids), Problems: []Problem{}, Healed: []Healed{}, HealedBackups: []string{}}
+	quarantined, err := r.Quarantined(ctx)
+	if err != nil {
+		return nil, err
+	}
 	type ref struct {
 		backup ID
 		m      *Manifest
@@ -156,6 +182,17 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 					if gctx.Err() != nil {
 						return gctx.Err()
 					}
+					// Move it aside (or record it missing) so that no
+					// backup deduplicates onto it.
+					var qerr error
+					if errors.Is(err, errs.ErrCorrupt) {
+						qerr = r.quarantineChunk(gctx, id)
+					} else if errors.Is(err, errs.ErrNotFound) {
+						qerr = r.recordMissing(gctx, id)
+					}
+					if qerr != nil {
+						err = fmt.Errorf("%w (could not quarantine it: %v)", err, qerr)
+					}
 					mu.Lock()
 					bad[id] = err
 					mu.Unlock()
@@ -171,11 +208,20 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 		return nil, err
 	}
 	res.BytesChecked = checked.Load()
-	if len(bad) == 0 {
+	healed := map[ID]time.Time{}
+	for id, t := range quarantined {
+		if _, ok := chunks[id]; ok {
+			if _, isBad := bad[id]; !isBad {
+				healed[id] = t
+			}
+		}
+	}
+	if len(bad) == 0 && len(healed) == 0 {
 		return res, nil
 	}
 
-	// Attribute damaged chunks to the backups whose indexes name them.
+	// Attribute damaged and healed chunks to the backups whose indexes
+	// name them.
 	chunkRefs := map[ID][]ref{}
 	for _, xid := range sortedIDs(indexRefs) {
 		x, err := r.LoadIndex(ctx, xid)
@@ -185,16 +231,37 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 		seen := map[ID]bool{}
 		for i := range x.Len() {
 			id := x.ID(i)
-			if _, isBad := bad[id]; isBad && !seen[id] {
+			_, isBad := bad[id]
+			_, isHealed := healed[id]
+			if (isBad || isHealed) && !seen[id] {
 				seen[id] = true
 				chunkRefs[id] = append(chunkRefs[id], indexRefs[xid]...)
 			}
 		}
 	}
 	for _, id := range sortedIDs(bad) {
+		_, q := r.be.Stat(ctx, quarantineHandle(id))
 		res.Problems = append(res.Problems, Problem{Kind: "chunk", ID: id.String(), Error: bad[id].Error(),
-			Missing: errors.Is(bad[id], errs.ErrNotFound), Affected: affected(chunkRefs[id])})
+			Missing: errors.Is(bad[id], errs.ErrNotFound), Affected: affected(chunkRefs[id]), Quarantined: q == nil})
 	}
+	broken := map[string]bool{}
+	for _, p := range res.Problems {
+		for _, a := range p.Affected {
+			broken[a.Backup] = true
+		}
+	}
+	whole := map[string]bool{}
+	for _, id := range sortedIDs(healed) {
+		a := affected(chunkRefs[id])
+		res.Healed = append(res.Healed, Healed{ID: id.String(), Quarantined: healed[id], Affected: a})
+		for _, x := range a {
+			if !broken[x.Backup] && !whole[x.Backup] {
+				whole[x.Backup] = true
+				res.HealedBackups = append(res.HealedBackups, x.Backup)
+			}
+		}
+	}
+	sort.Strings(res.HealedBackups)
 	return res, nil
 }
 
@@ -211,8 +278,13 @@ func sortedIDs[V any](m map[ID]V) []ID {
 type GCOptions struct {
 	// Grace protects unreferenced blobs younger than this: they may belong
 	// to a backup whose manifest is not written yet. Default DefaultGrace.
-	Grace  time.Duration
-	DryRun bool
+	Grace time.Duration
+	// Immediate is grace 0: every unreferenced blob goes at once. The
+	// exclusive lock gc holds is what makes it safe: no backup is running
+	// (one whose lock went stale, its host cut off from the repository for
+	// LockStale, cancels itself before it writes its manifest).
+	Immediate bool
+	DryRun    bool
 }
 
 // DefaultGrace is gc's default grace period.
@@ -228,7 +300,10 @@ type GCResult struct {
 	ChunksInGrace    int   `json:"chunks_in_grace"` // unreferenced but younger than the grace period
 	IndexesInGrace   int   `json:"indexes_in_grace"`
 	TempFilesRemoved int   `json:"temp_files_removed"`
-	DryRun           bool  `json:"dry_run"`
+	// QuarantineRemoved counts quarantined chunk copies removed: their
+	// chunk is stored again, or no backup references it any more.
+	QuarantineRemoved int  `json:"quarantine_removed"`
+	DryRun            bool `json:"dry_run"`
 }
 
 // tempCleaner is implemented by backends that keep temporary files of
@@ -242,7 +317,9 @@ type tempCleaner interface {
 // referenced index cannot be read, since it could not know what those
 // reference. Hold an exclusive lock.
 func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
-	if o.Grace == 0 {
+	if o.Immediate {
+		o.Grace = 0
+	} else if o.Grace == 0 {
 		o.Grace = DefaultGrace
 	}
 	if o.Grace < 0 {
@@ -306,6 +383,30 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	}
 	if err := collect(backend.KindChunks, chunks, &res.ChunksInGrace); err != nil {
 		return nil, fmt.Errorf("list chunks: %w", err)
+	}
+	// Quarantined copies go once their chunk is stored again (verify has
+	// had the grace period to report the backups healed) or unreferenced.
+	var quarantine []backend.Handle
+	err = r.be.List(ctx, backend.KindQuarantine, "", func(fi backend.Info) error {
+		if id, err := ParseID(fi.Name); err == nil && !fi.ModTime.After(cutoff) {
+			if _, ok := chunks[id]; !ok {
+				quarantine = append(quarantine, quarantineHandle(id))
+			} else if _, err := r.be.Stat(ctx, chunkHandle(id)); err == nil {
+				quarantine = append(quarantine, quarantineHandle(id))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list quarantined chunks: %w", err)
+	}
+	res.QuarantineRemoved = len(quarantine)
+	if !o.DryRun {
+		for _, h := range quarantine {
+			if err := r.be.Delete(ctx, h); err != nil && !backend.IsNotExist(err) {
+				return res, fmt.Errorf("delete %s: %w", h, err)
+			}
+		}
 	}
 	for _, v := range victims {
 		if v.h.Kind == backend.KindChunks {
@@ -391,4 +492,64 @@ func (r *Repo) Prune(ctx context.Context, o PruneOptions) ([]PruneDecision, erro
 		}
 	}
 	return out, nil
+}
+
+// dropMargin widens the window of manifests DropChunks checks, for clock
+// differences between this host and the store's timestamps.
+const dropMargin = 15 * time.Minute
+
+// DropChunks deletes the chunks ids, which a failed backup that started at
+// since stored, unless a manifest written since then references them
+// (another backup may have deduplicated onto them and finished) or they
+// are quarantined (the failed backup stored a damaged chunk again: that
+// heals older backups, so it stays). Chunks of manifests written before
+// since cannot be among them: the failed backup stored only chunks that
+// were absent. Hold an exclusive lock: it excludes backups still running,
+// which might reuse them. It returns how many chunks it deleted.
+func (r *Repo) DropChunks(ctx context.Context, ids iter.Seq[ID], since time.Time) (int, error) {
+	keep, err := r.Quarantined(ctx)
+	if err != nil {
+		return 0, err
+	}
+	var recent []ID
+	err = r.be.List(ctx, backend.KindBackups, "", func(fi backend.Info) error {
+		if id, err := ParseID(fi.Name); err == nil && !fi.ModTime.Before(since.Add(-dropMargin)) {
+			recent = append(recent, id)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("list backups: %w", err)
+	}
+	for _, bid := range recent {
+		m, err := r.LoadManifest(ctx, bid)
+		if err != nil {
+			return 0, fmt.Errorf("nothing deleted: %w", err)
+		}
+		for _, d := range m.Disks {
+			xid, _ := ParseID(d.Index)
+			x, err := r.LoadIndex(ctx, xid)
+			if err != nil {
+				return 0, fmt.Errorf("nothing deleted: %w", err)
+			}
+			for i := range x.Len() {
+				keep[x.ID(i)] = time.Time{}
+			}
+		}
+	}
+	n := 0
+	for id := range ids {
+		if _, ok := keep[id]; ok {
+			continue
+		}
+		keep[id] = time.Time{} // a chunk stored at two entries is deleted once
+		if err := r.be.Delete(ctx, chunkHandle(id)); err != nil && !backend.IsNotExist(err) {
+			return n, fmt.Errorf("delete chunk %s: %w", id, err)
+		}
+		n++
+	}
+	if err := r.be.Sync(ctx); err != nil {
+		return n, fmt.Errorf("sync deletions: %w", err)
+	}
+	return n, nil
 }

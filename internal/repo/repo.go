@@ -130,8 +130,11 @@ func (r *Repo) putKey(ctx context.Context, k *masterKeys, password []byte, kdf K
 }
 
 // Open opens an existing repository. password is called only when the
-// repository is encrypted. A password that opens no key file is errs.ErrAuth;
-// a repository of a newer format is errs.ErrUnsupported.
+// repository is encrypted. A password that opens no key file is errs.ErrAuth
+// when every key file is intact; when one is damaged (its checksum does not
+// match) or unreadable, it is that error's class (errs.ErrCorrupt for
+// damage), since whether the password was right for it cannot be known. A
+// repository of a newer format is errs.ErrUnsupported.
 func Open(ctx context.Context, be backend.Backend, password func() ([]byte, error)) (*Repo, error) {
 	raw, err := be.Get(ctx, backend.Handle{Kind: backend.KindConfig, Name: "config"}, 0, -1)
 	if err != nil {
@@ -166,6 +169,7 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 	}
 	sort.Strings(names)
 	var errList []error
+	legacy := 0 // key files without a checksum the password did not open
 	for _, n := range names {
 		b, err := be.Get(ctx, backend.Handle{Kind: backend.KindKeys, Name: n}, 0, -1)
 		if err != nil {
@@ -179,6 +183,9 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 		}
 		keys, err := kf.unwrap(pw)
 		if errors.Is(err, errs.ErrAuth) {
+			if kf.Check == "" {
+				legacy++
+			}
 			continue
 		}
 		if err != nil {
@@ -194,7 +201,17 @@ func Open(ctx context.Context, be backend.Backend, password func() ([]byte, erro
 		return r, nil
 	}
 	if len(errList) > 0 {
-		return nil, fmt.Errorf("wrong password, or damaged key files: %w; %w", errors.Join(errList...), errs.ErrAuth)
+		// Whether the password is right for a damaged key file cannot be
+		// known: say so, and report the damage (not a wrong password).
+		others := ""
+		if k := len(names) - len(errList); k > 0 {
+			others = fmt.Sprintf("; the password opens none of the other %d key files", k)
+		}
+		return nil, fmt.Errorf("cannot open repository %s: %d of its %d key files cannot be used%s; whether the password is right for the damaged ones cannot be told. Restore keys/ from a copy, or use the password of another key file: %w",
+			be.Location(), len(errList), len(names), others, errors.Join(errList...))
+	}
+	if legacy > 0 {
+		return nil, fmt.Errorf("wrong password for repository %s (it opens none of its %d key files; %d of them were written without a checksum, so damage to those would look the same): %w", be.Location(), len(names), legacy, errs.ErrAuth)
 	}
 	return nil, fmt.Errorf("wrong password for repository %s (it opens none of its %d key files): %w", be.Location(), len(names), errs.ErrAuth)
 }
@@ -263,9 +280,16 @@ func (r *Repo) PutChunk(ctx context.Context, id ID, sealed []byte) error {
 	return nil
 }
 
-// HasChunk reports whether a chunk is stored (a blob too short to be a
-// chunk counts as absent, so that a new backup stores it again).
-func (r *Repo) HasChunk(ctx context.Context, id ID) (bool, error) {
+// HasChunk reports whether the chunk id, whose plaintext is plainLen bytes,
+// is stored, as far as its size tells: a backup reuses a stored chunk
+// without reading it. A blob whose size no sealed chunk of plainLen bytes
+// can have (empty, shorter than the envelope, longer than the plaintext
+// stored uncompressed) counts as absent, so that the backup stores it
+// again; so does a chunk in quarantine (it was moved aside). Damage that
+// keeps the size plausible (a flipped byte, a compressed chunk cut short)
+// is not noticed here: a read (verify, restore) finds it and quarantines
+// the chunk.
+func (r *Repo) HasChunk(ctx context.Context, id ID, plainLen int) (bool, error) {
 	fi, err := r.be.Stat(ctx, chunkHandle(id))
 	if backend.IsNotExist(err) {
 		return false, nil
@@ -273,12 +297,31 @@ func (r *Repo) HasChunk(ctx context.Context, id ID) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("look up chunk %s: %w", id, err)
 	}
-	return fi.Size >= headerLen, nil
+	lo, hi := r.sealedBounds(plainLen)
+	return fi.Size >= lo && fi.Size <= hi, nil
+}
+
+// sealedBounds is the range of sizes a sealed chunk of plainLen bytes can
+// have: the envelope plus at least one byte of payload, at most the
+// plaintext stored as is (compression is kept only when it makes the
+// payload smaller).
+func (r *Repo) sealedBounds(plainLen int) (lo, hi int64) {
+	env := int64(headerLen)
+	if r.cfg.Encrypted() {
+		env += nonceLen + tagLen
+	}
+	lo = env + 1
+	if plainLen == 0 {
+		lo = env
+	}
+	return lo, env + int64(plainLen)
 }
 
 // ReadChunk fetches, decrypts, decompresses and verifies a chunk, returning
 // its plaintext in dst's storage when large enough. A chunk whose content
-// does not hash to its ID is errs.ErrCorrupt; a missing one errs.ErrNotFound.
+// does not hash to its ID is errs.ErrCorrupt, and is moved to the
+// quarantine (see quarantineChunk) so the next backup stores it again; a
+// missing one is errs.ErrNotFound.
 func (r *Repo) ReadChunk(ctx context.Context, id ID, dst []byte) ([]byte, error) {
 	blob, err := r.be.Get(ctx, chunkHandle(id), 0, -1)
 	if err != nil {
@@ -287,7 +330,11 @@ func (r *Repo) ReadChunk(ctx context.Context, id ID, dst []byte) ([]byte, error)
 		}
 		return nil, fmt.Errorf("read chunk %s: %w", id, err)
 	}
-	return r.OpenChunk(id, blob, dst)
+	p, err := r.OpenChunk(id, blob, dst)
+	if errors.Is(err, errs.ErrCorrupt) {
+		return nil, fmt.Errorf("%w%s", err, r.quarantineNote(ctx, id))
+	}
+	return p, err
 }
 
 // OpenChunk decodes and verifies a sealed chunk (as stored under id).
@@ -312,7 +359,10 @@ func (r *Repo) SaveIndex(ctx context.Context, x *Index) (ID, error) {
 	plain := x.Encode()
 	id := r.codec.hash(plain)
 	h := backend.Handle{Kind: backend.KindIndexes, Name: id.String()}
-	if fi, err := r.be.Stat(ctx, h); err == nil && fi.Size >= headerLen {
+	// An identical index (the same disk content backed up before) is
+	// reused only when it reads back intact: indexes are small, and a
+	// damaged one must not be what the new manifest names.
+	if _, err := r.LoadIndex(ctx, id); err == nil {
 		return id, nil
 	}
 	if err := r.be.Put(ctx, h, r.codec.seal(nil, magicIndex, h.Name, plain, true)); err != nil {

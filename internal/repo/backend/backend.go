@@ -25,10 +25,14 @@ const (
 	KindIndexes Kind = "indexes" // per-disk chunk indexes
 	KindBackups Kind = "backups" // backup manifests: a backup exists once its manifest does
 	KindLocks   Kind = "locks"   // repository locks
+	// KindQuarantine holds chunks found damaged, moved aside under their
+	// chunk's name (so that a backup stores the chunk again instead of
+	// reusing it); an empty blob records a chunk found missing.
+	KindQuarantine Kind = "quarantine"
 )
 
 // Kinds lists every kind.
-var Kinds = []Kind{KindConfig, KindKeys, KindChunks, KindIndexes, KindBackups, KindLocks}
+var Kinds = []Kind{KindConfig, KindKeys, KindChunks, KindIndexes, KindBackups, KindLocks, KindQuarantine}
 
 // Handle names one blob.
 type Handle struct {

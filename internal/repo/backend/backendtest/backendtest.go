@@ -44,6 +44,7 @@ func Run(t *testing.T, factory Factory) {
 		{"ConcurrentReplace", testConcurrentReplace},
 		{"Large", testLarge},
 		{"Consistency", testConsistency},
+		{"Quarantine", testQuarantine},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -425,5 +426,39 @@ func testConsistency(t *testing.T, b backend.Backend) {
 	close(errc)
 	for err := range errc {
 		t.Error(err)
+	}
+}
+
+// testQuarantine: a chunk and its quarantined copy share a name but not a
+// blob: listing, reading and deleting one leaves the other (the repository
+// moves damaged chunks aside this way).
+func testQuarantine(t *testing.T, b backend.Backend) {
+	ctx := context.Background()
+	name := "ab" + fmt.Sprintf("%062x", 7)
+	c, q := h(backend.KindChunks, name), h(backend.KindQuarantine, name)
+	mustPut(t, b, c, []byte("damaged chunk"))
+	mustPut(t, b, q, mustGet(t, b, c))
+	mustPut(t, b, h(backend.KindQuarantine, "cd"+name[2:]), nil) // a missing chunk's record
+	if err := b.Delete(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Stat(ctx, c); !backend.IsNotExist(err) {
+		t.Fatalf("chunk still there after moving it aside: %v", err)
+	}
+	if got := mustGet(t, b, q); string(got) != "damaged chunk" {
+		t.Fatalf("quarantined copy: %q", got)
+	}
+	var names []string
+	if err := b.List(ctx, backend.KindQuarantine, "", func(fi backend.Info) error { names = append(names, fi.Name); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(names)
+	if len(names) != 2 || names[0] != name {
+		t.Fatalf("quarantine lists %v", names)
+	}
+	n := 0
+	b.List(ctx, backend.KindChunks, "", func(backend.Info) error { n++; return nil })
+	if n != 0 {
+		t.Fatalf("%d chunks listed; the quarantine leaks into chunks", n)
 	}
 }
