@@ -15,6 +15,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/redact"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
@@ -39,6 +40,15 @@ func (f *repoFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.s3Addressing, "s3-addressing", "", "S3: bucket addressing, auto, path or virtual-host (else $VMSHADOW_S3_ADDRESSING, else auto: virtual-host for AWS, path for other stores)")
 	cmd.Flags().IntVar(&f.s3Connections, "s3-connections", 0, "S3: requests in flight at most (default 16)")
 	cmd.MarkFlagRequired("repo")
+}
+
+// location is --repo as it may be shown: an s3: URL without user info,
+// query or fragment.
+func (f *repoFlags) location() string {
+	if s3.IsURL(f.dir) {
+		return redact.URL(f.dir)
+	}
+	return f.dir
 }
 
 func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
@@ -226,8 +236,8 @@ With --encryption none nothing is encrypted and no password is needed.`,
 				Version    int    `json:"version"`
 				Encryption string `json:"encryption"`
 				ChunkSize  int    `json:"chunk_size"`
-			}{f.dir, c.ID, c.Version, c.Encryption, c.ChunkSize}, func(w io.Writer) {
-				fmt.Fprintf(w, "created repository %s at %s (encryption %s, chunk size %s)\n", c.ID[:8], f.dir, c.Encryption, progress.Bytes(int64(c.ChunkSize)))
+			}{f.location(), c.ID, c.Version, c.Encryption, c.ChunkSize}, func(w io.Writer) {
+				fmt.Fprintf(w, "created repository %s at %s (encryption %s, chunk size %s)\n", c.ID[:8], f.location(), c.Encryption, progress.Bytes(int64(c.ChunkSize)))
 			})
 			return nil
 		},
@@ -257,7 +267,7 @@ A new key file is written, then the old one is removed.`,
 			}
 			defer r.Close()
 			if !r.Config().Encrypted() {
-				return errorf(errs.ErrUsage, "repository %s is not encrypted: it has no password", f.dir)
+				return errorf(errs.ErrUsage, "repository %s is not encrypted: it has no password", f.location())
 			}
 			newPW, err := passwordSource("VMSHADOW_NEW_PASSWORD", newFile, "New repository password", true)()
 			if err != nil {
@@ -275,7 +285,7 @@ A new key file is written, then the old one is removed.`,
 			a.out.Summary(struct {
 				Repository string `json:"repository"`
 				KeyID      string `json:"key_id"`
-			}{f.dir, name}, func(w io.Writer) { fmt.Fprintf(w, "password changed (new key file %s)\n", name[:8]) })
+			}{f.location(), name}, func(w io.Writer) { fmt.Fprintf(w, "password changed (new key file %s)\n", name[:8]) })
 			return nil
 		},
 	}
