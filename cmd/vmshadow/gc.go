@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -55,7 +56,7 @@ refuses to delete anything while a manifest or index cannot be read.`,
 		},
 	}
 	f.register(cmd)
-	cmd.Flags().DurationVar(&o.Grace, "grace", repo.DefaultGrace, "never delete unreferenced data younger than this")
+	durationFlag(cmd.Flags(), &o.Grace, "grace", repo.DefaultGrace, time.Second, 10*365*24*time.Hour, "never delete unreferenced data younger than this")
 	cmd.Flags().BoolVar(&o.DryRun, "dry-run", false, "only count what would be deleted")
 	return cmd
 }

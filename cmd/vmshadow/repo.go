@@ -38,7 +38,7 @@ func (f *repoFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.passwordFile, "password-file", "", "read the repository password from this file (else $VMSHADOW_PASSWORD, else a terminal prompt)")
 	cmd.Flags().StringVar(&f.s3CA, "s3-ca", "", "S3: PEM file of extra CA certificates to trust for https (else $VMSHADOW_S3_CA)")
 	cmd.Flags().StringVar(&f.s3Addressing, "s3-addressing", "", "S3: bucket addressing, auto, path or virtual-host (else $VMSHADOW_S3_ADDRESSING, else auto: virtual-host for AWS, path for other stores)")
-	cmd.Flags().IntVar(&f.s3Connections, "s3-connections", 0, "S3: requests in flight at most (default 16)")
+	intFlag(cmd.Flags(), &f.s3Connections, "s3-connections", 16, 1, 256, "S3: requests in flight at most")
 	cmd.MarkFlagRequired("repo")
 }
 
@@ -71,9 +71,6 @@ func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, 
 	cfg.CAFile = cmp.Or(f.s3CA, os.Getenv("VMSHADOW_S3_CA"))
 	if cfg.Addressing, err = s3.ParseAddressing(cmp.Or(f.s3Addressing, os.Getenv("VMSHADOW_S3_ADDRESSING"))); err != nil {
 		return nil, err
-	}
-	if f.s3Connections < 0 {
-		return nil, errorf(errs.ErrUsage, "--s3-connections must be positive")
 	}
 	cfg.Connections = f.s3Connections
 	if v := os.Getenv("VMSHADOW_S3_RETRIES"); v != "" {
@@ -244,7 +241,12 @@ With --encryption none nothing is encrypted and no password is needed.`,
 	}
 	f.register(cmd)
 	cmd.Flags().StringVar(&encryption, "encryption", repo.EncryptionAESGCM, "aes-256-gcm or none")
-	cmd.Flags().IntVar(&chunkSize, "chunk-size", repo.DefaultChunkSize, "chunk size in bytes (a power of two from 64 KiB to 64 MiB)")
+	intFlag(cmd.Flags(), &chunkSize, "chunk-size", repo.DefaultChunkSize, repo.MinChunkSize, repo.MaxChunkSize, "chunk size in bytes, a power of two from 64 KiB to 64 MiB", func(n int) error {
+		if n&(n-1) != 0 {
+			return fmt.Errorf("not a power of two")
+		}
+		return nil
+	})
 	return cmd
 }
 

@@ -35,7 +35,7 @@ func newServeCmd(a *app) *cobra.Command {
 	var disks []string
 	var listen, stateDir string
 	var writable bool
-	var cacheMiB int64
+	var cacheMiB int
 	cmd := &cobra.Command{
 		Use:   "serve --repo DIR BACKUP_ID [--disk NAME] --listen unix:/path.sock|tcp:127.0.0.1:10809 [--writable]",
 		Short: "Serve the disks of a backup over NBD, read on demand (instant restore)",
@@ -91,7 +91,7 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 				if err != nil {
 					return fmt.Errorf("disk %s: %w", d.Name, err)
 				}
-				var export nbd.Export = instant.NewDisk(r, x, cacheMiB<<20)
+				var export nbd.Export = instant.NewDisk(r, x, int64(cacheMiB)<<20)
 				if writable {
 					dir := filepath.Join(stateDir, "serve")
 					if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -159,7 +159,7 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 	cmd.Flags().StringArrayVar(&disks, "disk", nil, "serve only this disk; repeat for several (default: all)")
 	cmd.Flags().StringVar(&listen, "listen", "", "where to listen: unix:/path.sock or tcp:HOST:PORT (required)")
 	cmd.Flags().BoolVar(&writable, "writable", false, "accept writes into a temporary local overlay (the repository is never changed)")
-	cmd.Flags().Int64Var(&cacheMiB, "cache", 256, "MiB of decoded chunks to cache per disk")
+	intFlag(cmd.Flags(), &cacheMiB, "cache", 256, 0, 65536, "MiB of decoded chunks to cache per disk (at least one chunk)")
 	cmd.Flags().StringVar(&stateDir, "state-dir", defaultStateDir(), "directory for the overlay files of --writable")
 	cmd.MarkFlagRequired("listen")
 	return cmd
