@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -59,6 +60,9 @@ func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
 // local directory, or S3-compatible object storage for an s3: URL.
 func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, error) {
 	if !s3.IsURL(f.dir) {
+		if err := checkRepoDir(f.dir); err != nil {
+			return nil, err
+		}
 		if create {
 			return local.Create(f.dir)
 		}
@@ -84,6 +88,21 @@ func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, 
 		return s3.Create(ctx, cfg)
 	}
 	return s3.Open(ctx, cfg)
+}
+
+// checkRepoDir refuses a --repo path that cannot be a repository directory:
+// empty, a file, or below a file.
+func checkRepoDir(dir string) error {
+	st, err := os.Stat(dir)
+	switch {
+	case dir == "":
+		return errorf(errs.ErrUsage, "--repo is empty: give a repository directory or an s3: URL")
+	case err == nil && !st.IsDir():
+		return errorf(errs.ErrUsage, "--repo %s is not a directory: give a repository directory or an s3: URL", dir)
+	case errors.Is(err, syscall.ENOTDIR):
+		return errorf(errs.ErrUsage, "--repo %s: a part of the path is a file, not a directory", dir)
+	}
+	return nil
 }
 
 // open opens the repository.
