@@ -90,6 +90,16 @@ func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, 
 	return s3.Open(ctx, cfg)
 }
 
+// check refuses a --repo that cannot name a repository, without
+// touching the storage.
+func (f *repoFlags) check() error {
+	if s3.IsURL(f.dir) {
+		_, err := s3.ParseURL(f.dir)
+		return err
+	}
+	return checkRepoDir(f.dir)
+}
+
 // checkRepoDir refuses a --repo path that cannot be a repository directory:
 // empty, a file, or below a file.
 func checkRepoDir(dir string) error {
@@ -224,6 +234,9 @@ With --encryption none nothing is encrypted and no password is needed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
+			if err := f.check(); err != nil { // before asking for a password
+				return err
+			}
 			opts := repo.InitOptions{Encryption: encryption, ChunkSize: chunkSize}
 			switch encryption {
 			case repo.EncryptionAESGCM:

@@ -171,6 +171,12 @@ func parseListen(s string) (network, addr string, err error) {
 	if !ok || addr == "" || (network != "unix" && network != "tcp") {
 		return "", "", errorf(errs.ErrUsage, "--listen %q: want unix:/path.sock or tcp:HOST:PORT", s)
 	}
+	if network == "unix" {
+		dir := filepath.Dir(addr)
+		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+			return "", "", errorf(errs.ErrUsage, "--listen %q: the socket's directory %s is not an existing directory", s, dir)
+		}
+	}
 	if network == "tcp" {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			return "", "", errorf(errs.ErrUsage, "--listen %q: %v", s, err)
