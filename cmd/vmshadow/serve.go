@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -178,8 +179,12 @@ func parseListen(s string) (network, addr string, err error) {
 		}
 	}
 	if network == "tcp" {
-		if _, _, err := net.SplitHostPort(addr); err != nil {
+		_, port, err := net.SplitHostPort(addr)
+		if err != nil {
 			return "", "", errorf(errs.ErrUsage, "--listen %q: %v", s, err)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+			return "", "", errorf(errs.ErrUsage, "--listen %q: port %q is not a number from 0 (any free port) to 65535", s, port)
 		}
 	}
 	return network, addr, nil

@@ -68,7 +68,7 @@ func Open(name, path string) (*Image, error) {
 	size, err := f.Seek(0, io.SeekEnd) // works for block devices too
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("size of image %s: %w", path, err)
+		return nil, fmt.Errorf("image %s has no size (%v): not a disk image: %w", path, err, errs.ErrUsage)
 	}
 	var magic [4]byte
 	if n, _ := f.ReadAt(magic[:], 0); n == 4 && bytes.Equal(magic[:], []byte("QFI\xfb")) {
