@@ -37,6 +37,10 @@ type backupFlags struct {
 	repoVM string // with --xapi: the VM's name in the repository
 }
 
+// maxNBDConnections bounds --nbd-connections: more connections per disk
+// than this do not read faster, only load the NBD server.
+const maxNBDConnections = 64
+
 func newBackupCmd(a *app) *cobra.Command {
 	var f backupFlags
 	cmd := &cobra.Command{
@@ -75,7 +79,7 @@ stored again. The summary lists what was read and stored per disk.`,
 	cmd.Flags().StringVar(&f.live.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
 	f.live.addSet(cmd)
 	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp or --xapi: read every disk in full, not only what changed")
-	cmd.Flags().IntVar(&f.conns, "nbd-connections", 4, "with --qmp or --xapi: NBD connections per disk")
+	intFlag(cmd.Flags(), &f.conns, "nbd-connections", 4, 1, maxNBDConnections, "with --qmp or --xapi: NBD connections per disk")
 	f.repo.register(cmd)
 	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")

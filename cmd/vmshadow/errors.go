@@ -19,11 +19,15 @@ func errorf(class *errs.Class, format string, args ...any) error {
 }
 
 // isCobraUsage recognises cobra's own argument errors, which it returns as
-// plain errors.
+// plain errors, by how they begin (an error of vmshadow's that merely
+// contains "invalid argument", an EINVAL, is not one).
 func isCobraUsage(err error) bool {
+	if errs.ExitCode(err) != 1 {
+		return false
+	}
 	s := err.Error()
 	for _, p := range []string{"unknown command", "unknown flag", "unknown shorthand", "accepts ", "requires at least", "required flag", "invalid argument"} {
-		if strings.Contains(s, p) {
+		if strings.HasPrefix(s, p) {
 			return true
 		}
 	}

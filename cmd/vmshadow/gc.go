@@ -3,10 +3,10 @@ package main
 import (
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
@@ -29,9 +29,6 @@ refuses to delete anything while a manifest or index cannot be read.
 repository, say): the exclusive lock already excludes running backups.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if o.Grace < 0 {
-				return errorf(errs.ErrUsage, "--grace %s is negative: give a duration such as 24h, or 0s to delete unreferenced data at once", o.Grace)
-			}
 			o.Immediate = o.Grace == 0
 			ctx := cmd.Context()
 			r, ctx, done, err := f.openLocked(ctx, a, true, "gc")
@@ -59,7 +56,7 @@ repository, say): the exclusive lock already excludes running backups.`,
 		},
 	}
 	f.register(cmd)
-	cmd.Flags().DurationVar(&o.Grace, "grace", repo.DefaultGrace, "never delete unreferenced data younger than this (0s: delete it at once; the exclusive lock excludes running backups)")
+	durationFlag(cmd.Flags(), &o.Grace, "grace", repo.DefaultGrace, 0, 10*365*24*time.Hour, "never delete unreferenced data younger than this (0s: delete it at once; the exclusive lock excludes running backups)")
 	cmd.Flags().BoolVar(&o.DryRun, "dry-run", false, "only count what would be deleted")
 	return cmd
 }

@@ -26,7 +26,7 @@ func passwordSource(env, file, prompt string, confirm bool) func() ([]byte, erro
 		if file != "" {
 			b, err := os.ReadFile(file)
 			if err != nil {
-				return nil, fmt.Errorf("read password file: %w", err)
+				return nil, fmt.Errorf("cannot read password file %s (%v): %w", file, pathErr(err), errs.ErrUsage)
 			}
 			b = bytes.TrimSuffix(b, []byte("\n"))
 			b = bytes.TrimSuffix(b, []byte("\r"))

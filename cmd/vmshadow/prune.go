@@ -13,6 +13,9 @@ import (
 
 func init() { commands = append(commands, newPruneCmd) }
 
+// maxKeep bounds the --keep-* counts (-1 is no limit).
+const maxKeep = 1000000
+
 func newPruneCmd(a *app) *cobra.Command {
 	var f repoFlags
 	var o repo.PruneOptions
@@ -85,12 +88,12 @@ remaining backup uses.`,
 	f.register(cmd)
 	fl := cmd.Flags()
 	fl.StringVar(&o.VM, "vm", "", "prune only this VM's backups")
-	fl.IntVar(&p.Last, "keep-last", 0, "keep the N newest backups")
-	fl.IntVar(&p.Hourly, "keep-hourly", 0, "keep the newest backup of each of the last N hours with backups")
-	fl.IntVar(&p.Daily, "keep-daily", 0, "keep the newest backup of each of the last N days with backups")
-	fl.IntVar(&p.Weekly, "keep-weekly", 0, "keep the newest backup of each of the last N ISO weeks with backups")
-	fl.IntVar(&p.Monthly, "keep-monthly", 0, "keep the newest backup of each of the last N months with backups")
-	fl.IntVar(&p.Yearly, "keep-yearly", 0, "keep the newest backup of each of the last N years with backups")
+	intFlag(fl, &p.Last, "keep-last", 0, -1, maxKeep, "keep the N newest backups")
+	intFlag(fl, &p.Hourly, "keep-hourly", 0, -1, maxKeep, "keep the newest backup of each of the last N hours with backups")
+	intFlag(fl, &p.Daily, "keep-daily", 0, -1, maxKeep, "keep the newest backup of each of the last N days with backups")
+	intFlag(fl, &p.Weekly, "keep-weekly", 0, -1, maxKeep, "keep the newest backup of each of the last N ISO weeks with backups")
+	intFlag(fl, &p.Monthly, "keep-monthly", 0, -1, maxKeep, "keep the newest backup of each of the last N months with backups")
+	intFlag(fl, &p.Yearly, "keep-yearly", 0, -1, maxKeep, "keep the newest backup of each of the last N years with backups")
 	fl.BoolVar(&o.DryRun, "dry-run", false, "only show what would be kept and removed, and why")
 	return cmd
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/redact"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
@@ -37,8 +39,17 @@ func (f *repoFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.passwordFile, "password-file", "", "read the repository password from this file (else $VMSHADOW_PASSWORD, else a terminal prompt)")
 	cmd.Flags().StringVar(&f.s3CA, "s3-ca", "", "S3: PEM file of extra CA certificates to trust for https (else $VMSHADOW_S3_CA)")
 	cmd.Flags().StringVar(&f.s3Addressing, "s3-addressing", "", "S3: bucket addressing, auto, path or virtual-host (else $VMSHADOW_S3_ADDRESSING, else auto: virtual-host for AWS, path for other stores)")
-	cmd.Flags().IntVar(&f.s3Connections, "s3-connections", 0, "S3: requests in flight at most (default 16)")
+	intFlag(cmd.Flags(), &f.s3Connections, "s3-connections", 16, 1, 256, "S3: requests in flight at most")
 	cmd.MarkFlagRequired("repo")
+}
+
+// location is --repo as it may be shown: an s3: URL without user info,
+// query or fragment.
+func (f *repoFlags) location() string {
+	if s3.IsURL(f.dir) {
+		return redact.URL(f.dir)
+	}
+	return f.dir
 }
 
 func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
@@ -49,6 +60,9 @@ func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
 // local directory, or S3-compatible object storage for an s3: URL.
 func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, error) {
 	if !s3.IsURL(f.dir) {
+		if err := checkRepoDir(f.dir); err != nil {
+			return nil, err
+		}
 		if create {
 			return local.Create(f.dir)
 		}
@@ -62,9 +76,6 @@ func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, 
 	if cfg.Addressing, err = s3.ParseAddressing(cmp.Or(f.s3Addressing, os.Getenv("VMSHADOW_S3_ADDRESSING"))); err != nil {
 		return nil, err
 	}
-	if f.s3Connections < 0 {
-		return nil, errorf(errs.ErrUsage, "--s3-connections must be positive")
-	}
 	cfg.Connections = f.s3Connections
 	if v := os.Getenv("VMSHADOW_S3_RETRIES"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -77,6 +88,31 @@ func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, 
 		return s3.Create(ctx, cfg)
 	}
 	return s3.Open(ctx, cfg)
+}
+
+// check refuses a --repo that cannot name a repository, without
+// touching the storage.
+func (f *repoFlags) check() error {
+	if s3.IsURL(f.dir) {
+		_, err := s3.ParseURL(f.dir)
+		return err
+	}
+	return checkRepoDir(f.dir)
+}
+
+// checkRepoDir refuses a --repo path that cannot be a repository directory:
+// empty, a file, or below a file.
+func checkRepoDir(dir string) error {
+	st, err := os.Stat(dir)
+	switch {
+	case dir == "":
+		return errorf(errs.ErrUsage, "--repo is empty: give a repository directory or an s3: URL")
+	case err == nil && !st.IsDir():
+		return errorf(errs.ErrUsage, "--repo %s is not a directory: give a repository directory or an s3: URL", dir)
+	case errors.Is(err, syscall.ENOTDIR):
+		return errorf(errs.ErrUsage, "--repo %s: a part of the path is a file, not a directory", dir)
+	}
+	return nil
 }
 
 // open opens the repository.
@@ -198,6 +234,9 @@ With --encryption none nothing is encrypted and no password is needed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
+			if err := f.check(); err != nil { // before asking for a password
+				return err
+			}
 			opts := repo.InitOptions{Encryption: encryption, ChunkSize: chunkSize}
 			switch encryption {
 			case repo.EncryptionAESGCM:
@@ -226,15 +265,20 @@ With --encryption none nothing is encrypted and no password is needed.`,
 				Version    int    `json:"version"`
 				Encryption string `json:"encryption"`
 				ChunkSize  int    `json:"chunk_size"`
-			}{f.dir, c.ID, c.Version, c.Encryption, c.ChunkSize}, func(w io.Writer) {
-				fmt.Fprintf(w, "created repository %s at %s (encryption %s, chunk size %s)\n", c.ID[:8], f.dir, c.Encryption, progress.Bytes(int64(c.ChunkSize)))
+			}{f.location(), c.ID, c.Version, c.Encryption, c.ChunkSize}, func(w io.Writer) {
+				fmt.Fprintf(w, "created repository %s at %s (encryption %s, chunk size %s)\n", c.ID[:8], f.location(), c.Encryption, progress.Bytes(int64(c.ChunkSize)))
 			})
 			return nil
 		},
 	}
 	f.register(cmd)
 	cmd.Flags().StringVar(&encryption, "encryption", repo.EncryptionAESGCM, "aes-256-gcm or none")
-	cmd.Flags().IntVar(&chunkSize, "chunk-size", repo.DefaultChunkSize, "chunk size in bytes (a power of two from 64 KiB to 64 MiB)")
+	intFlag(cmd.Flags(), &chunkSize, "chunk-size", repo.DefaultChunkSize, repo.MinChunkSize, repo.MaxChunkSize, "chunk size in bytes, a power of two from 64 KiB to 64 MiB", func(n int) error {
+		if n&(n-1) != 0 {
+			return fmt.Errorf("not a power of two")
+		}
+		return nil
+	})
 	return cmd
 }
 
@@ -257,7 +301,7 @@ A new key file is written, then the old one is removed.`,
 			}
 			defer r.Close()
 			if !r.Config().Encrypted() {
-				return errorf(errs.ErrUsage, "repository %s is not encrypted: it has no password", f.dir)
+				return errorf(errs.ErrUsage, "repository %s is not encrypted: it has no password", f.location())
 			}
 			newPW, err := passwordSource("VMSHADOW_NEW_PASSWORD", newFile, "New repository password", true)()
 			if err != nil {
@@ -275,7 +319,7 @@ A new key file is written, then the old one is removed.`,
 			a.out.Summary(struct {
 				Repository string `json:"repository"`
 				KeyID      string `json:"key_id"`
-			}{f.dir, name}, func(w io.Writer) { fmt.Fprintf(w, "password changed (new key file %s)\n", name[:8]) })
+			}{f.location(), name}, func(w io.Writer) { fmt.Fprintf(w, "password changed (new key file %s)\n", name[:8]) })
 			return nil
 		},
 	}

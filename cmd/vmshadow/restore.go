@@ -2,8 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -29,9 +35,11 @@ func newRestoreCmd(a *app) *cobra.Command {
 		Short: "Restore the disks of a backup to image files, block devices, or a XenServer / XCP-ng pool",
 		Long: `Restore disks of a backup. BACKUP_ID may be any unambiguous prefix.
 
-With one disk (the backup has one, or --disk names one) --to is the output
-file or block device. With several disks --to is a directory, created if
-needed, and each disk goes to DIR/NAME.raw (or NAME.qcow2).
+--to DIR/ (ending in /) or an existing directory: each disk goes to
+DIR/NAME.raw (or NAME.qcow2), whatever the number of disks; the directory is
+created if needed. Otherwise, with one disk (the backup has one, or --disk
+names one) --to is the output file or block device, in a directory that
+exists; with several disks --to is a directory as above.
 
 Raw files are sparse where the disk was zero. Every chunk is checked
 against its hash while restoring; a failed restore removes the file it
@@ -80,9 +88,24 @@ template --vm-template. A failed restore destroys what it created.`,
 			if x.url != "" {
 				return restoreToXAPI(ctx, a, r, id, m, disks, pool, xapiprov.RestoreOptions{SR: sr, VMName: vmName, Template: template}, start)
 			}
-			targets, err := restore.Plan(m, disks, to, format)
+			n, first := len(disks), ""
+			if n == 0 {
+				n = len(m.Disks)
+			}
+			if len(disks) > 0 {
+				first = disks[0]
+			} else if len(m.Disks) > 0 {
+				first = m.Disks[0].Name
+			}
+			dest, inDir := restoreDest(to, n, first, restore.Formats[format].Ext)
+			targets, err := restore.Plan(m, disks, dest, format)
 			if err != nil {
 				return err
+			}
+			if len(targets) > 0 {
+				if err := restoreDir(to, filepath.Dir(targets[0].Path), inDir); err != nil {
+					return err
+				}
 			}
 			var total int64
 			for _, t := range targets {
@@ -116,7 +139,7 @@ template --vm-template. A failed restore destroys what it created.`,
 	}
 	f.register(cmd)
 	cmd.Flags().StringArrayVar(&disks, "disk", nil, "restore only this disk; repeat for several (default: all)")
-	cmd.Flags().StringVar(&to, "to", "", "output file (one disk) or directory (several disks)")
+	cmd.Flags().StringVar(&to, "to", "", "output directory (DIR/ or an existing directory: DIR/NAME.raw per disk), or output file or block device (one disk)")
 	cmd.Flags().StringVar(&format, "format", "raw", "output format: raw or qcow2")
 	x.register(cmd, "to-xapi", "restore into this XenServer / XCP-ng pool master, https://HOST (with --sr)")
 	cmd.Flags().StringVar(&sr, "sr", "", "with --to-xapi: the storage repository (name-label or UUID) of the new VDIs")
@@ -178,4 +201,54 @@ func restoreToXAPI(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *rep
 		}
 	})
 	return nil
+}
+
+// restoreDest resolves --to for n selected disks, the first named first:
+// a path ending in "/" or an existing directory means DIR/NAME.EXT per
+// disk whatever their number (restore.Plan joins the names for several
+// disks); otherwise --to is the file of a single disk, or the directory of
+// several. inDir says whether the files go into the directory --to.
+func restoreDest(to string, n int, first, ext string) (dest string, inDir bool) {
+	if st, err := os.Stat(to); strings.HasSuffix(to, "/") || err == nil && st.IsDir() {
+		if n == 1 {
+			return filepath.Join(to, first+ext), true
+		}
+		return to, true
+	}
+	return to, n > 1
+}
+
+// restoreDir makes sure the directory the restored files go into is
+// there: created when it is the directory --to, else it must exist. A file
+// where a directory should be, or a missing directory, is a usage error.
+func restoreDir(to, dir string, create bool) error {
+	if create {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			if errors.Is(err, syscall.ENOTDIR) || errors.Is(err, syscall.EEXIST) {
+				return errorf(errs.ErrUsage, "--to %s: cannot create directory %s: a file is in the way (%v)", to, dir, pathErr(err))
+			}
+			return fmt.Errorf("create directory %s: %w", dir, err)
+		}
+		return nil
+	}
+	st, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return errorf(errs.ErrUsage, "--to %s: directory %s does not exist: create it first, or give --to %s/ to restore into a new directory", to, dir, dir)
+	case errors.Is(err, syscall.ENOTDIR) || err == nil && !st.IsDir():
+		return errorf(errs.ErrUsage, "--to %s: %s is not a directory", to, dir)
+	case err != nil:
+		return fmt.Errorf("--to %s: %w", to, err)
+	}
+	return nil
+}
+
+// pathErr is the reason of an *fs.PathError without the path the message
+// names already.
+func pathErr(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
 }

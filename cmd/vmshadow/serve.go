@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,7 +36,7 @@ func newServeCmd(a *app) *cobra.Command {
 	var disks []string
 	var listen, stateDir string
 	var writable bool
-	var cacheMiB int64
+	var cacheMiB int
 	cmd := &cobra.Command{
 		Use:   "serve --repo DIR BACKUP_ID [--disk NAME] --listen unix:/path.sock|tcp:127.0.0.1:10809 [--writable]",
 		Short: "Serve the disks of a backup over NBD, read on demand (instant restore)",
@@ -91,7 +92,7 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 				if err != nil {
 					return fmt.Errorf("disk %s: %w", d.Name, err)
 				}
-				var export nbd.Export = instant.NewDisk(r, x, cacheMiB<<20)
+				var export nbd.Export = instant.NewDisk(r, x, int64(cacheMiB)<<20)
 				if writable {
 					dir := filepath.Join(stateDir, "serve")
 					if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -159,7 +160,7 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 	cmd.Flags().StringArrayVar(&disks, "disk", nil, "serve only this disk; repeat for several (default: all)")
 	cmd.Flags().StringVar(&listen, "listen", "", "where to listen: unix:/path.sock or tcp:HOST:PORT (required)")
 	cmd.Flags().BoolVar(&writable, "writable", false, "accept writes into a temporary local overlay (the repository is never changed)")
-	cmd.Flags().Int64Var(&cacheMiB, "cache", 256, "MiB of decoded chunks to cache per disk")
+	intFlag(cmd.Flags(), &cacheMiB, "cache", 256, 0, 65536, "MiB of decoded chunks to cache per disk (at least one chunk)")
 	cmd.Flags().StringVar(&stateDir, "state-dir", defaultStateDir(), "directory for the overlay files of --writable")
 	cmd.MarkFlagRequired("listen")
 	return cmd
@@ -171,9 +172,19 @@ func parseListen(s string) (network, addr string, err error) {
 	if !ok || addr == "" || (network != "unix" && network != "tcp") {
 		return "", "", errorf(errs.ErrUsage, "--listen %q: want unix:/path.sock or tcp:HOST:PORT", s)
 	}
+	if network == "unix" {
+		dir := filepath.Dir(addr)
+		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+			return "", "", errorf(errs.ErrUsage, "--listen %q: the socket's directory %s is not an existing directory", s, dir)
+		}
+	}
 	if network == "tcp" {
-		if _, _, err := net.SplitHostPort(addr); err != nil {
+		_, port, err := net.SplitHostPort(addr)
+		if err != nil {
 			return "", "", errorf(errs.ErrUsage, "--listen %q: %v", s, err)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+			return "", "", errorf(errs.ErrUsage, "--listen %q: port %q is not a number from 0 (any free port) to 65535", s, port)
 		}
 	}
 	return network, addr, nil

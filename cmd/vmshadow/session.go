@@ -67,8 +67,8 @@ func (f *vmFlags) addWriters(cmd *cobra.Command) {
 // addSet adds the flags of taking a set.
 func (f *vmFlags) addSet(cmd *cobra.Command) {
 	f.addWriters(cmd)
-	cmd.Flags().DurationVar(&f.freezeTimeout, "freeze-timeout", coord.DefaultFreezeTimeout, "longest time from the first freeze to the last thaw")
-	cmd.Flags().DurationVar(&f.writerTimeout, "writer-timeout", coord.DefaultWriterTimeout, "longest time for each writer call")
+	durationFlag(cmd.Flags(), &f.freezeTimeout, "freeze-timeout", coord.DefaultFreezeTimeout, time.Second, 10*time.Minute, "longest time from the first freeze to the last thaw")
+	durationFlag(cmd.Flags(), &f.writerTimeout, "writer-timeout", coord.DefaultWriterTimeout, time.Second, time.Hour, "longest time for each writer call")
 	cmd.Flags().StringVar(&f.scratchDir, "scratch-dir", "", "directory of the diff area (scratch files) and NBD socket (default STATE_DIR/scratch)")
 	cmd.Flags().StringVar(&f.require, "require", "", "fail unless the set reaches this consistency: filesystem or application")
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/redact"
 	"github.com/vmshadow/vmshadow/internal/xapi"
 )
 
@@ -42,7 +43,7 @@ func (f *xapiFlags) config(a *app) (xapi.Config, error) {
 	case f.insecure && f.ca != "":
 		return cfg, errorf(errs.ErrUsage, "give --xapi-ca or --insecure, not both")
 	case f.insecure:
-		a.out.Warn("--insecure: the pool master's identity is not verified; the password goes to whoever answers at %s", f.url)
+		a.out.Warn("--insecure: the pool master's identity is not verified; the password goes to whoever answers at %s", redact.URL(f.url))
 		cfg.TLS = &tls.Config{InsecureSkipVerify: true}
 	case f.ca != "":
 		pem, err := os.ReadFile(f.ca)

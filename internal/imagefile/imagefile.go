@@ -35,8 +35,20 @@ var (
 	_ backup.Finisher = (*Image)(nil)
 )
 
-// Open opens the raw image at path as the disk called name.
+// Open opens the raw image at path as the disk called name. Only a regular
+// file or a block device is a disk image: anything else (a directory, a
+// character device such as /dev/zero, a FIFO, a socket) is errs.ErrUsage.
 func Open(name, path string) (*Image, error) {
+	st, err := os.Stat(path) // before opening: opening a FIFO would block
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("image %s does not exist: %w", path, errs.ErrNotFound)
+		}
+		return nil, fmt.Errorf("image %s: %w", path, err)
+	}
+	if err := checkType(path, st); err != nil {
+		return nil, err
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -44,10 +56,19 @@ func Open(name, path string) (*Image, error) {
 		}
 		return nil, fmt.Errorf("open image: %w", err)
 	}
+	if st, err = f.Stat(); err != nil {
+		err = fmt.Errorf("image %s: %w", path, err)
+	} else {
+		err = checkType(path, st) // the path may have been replaced since
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
 	size, err := f.Seek(0, io.SeekEnd) // works for block devices too
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("size of image %s: %w", path, err)
+		return nil, fmt.Errorf("image %s has no size (%v): not a disk image: %w", path, err, errs.ErrUsage)
 	}
 	var magic [4]byte
 	if n, _ := f.ReadAt(magic[:], 0); n == 4 && bytes.Equal(magic[:], []byte("QFI\xfb")) {
@@ -55,6 +76,30 @@ func Open(name, path string) (*Image, error) {
 		return nil, fmt.Errorf("%s is a qcow2 image, not raw: convert it first (qemu-img convert -O raw %s IMAGE.raw): %w", path, path, errs.ErrUnsupported)
 	}
 	return &Image{name: name, path: path, f: f, d: directio.New(f, os.O_RDONLY), size: size}, nil
+}
+
+// checkType accepts regular files and block devices.
+func checkType(path string, st os.FileInfo) error {
+	m := st.Mode()
+	var what string
+	switch {
+	case m.IsRegular():
+		return nil
+	case m&os.ModeDevice != 0 && m&os.ModeCharDevice == 0:
+		return nil // block device
+	case m.IsDir():
+		what = "a directory"
+	case m&os.ModeCharDevice != 0:
+		what = "a character device"
+	case m&os.ModeNamedPipe != 0:
+		what = "a named pipe"
+	case m&os.ModeSocket != 0:
+		what = "a socket"
+	default:
+		what = "not a regular file (" + m.Type().String() + ")"
+		return fmt.Errorf("image %s is %s: a disk image is a raw image file or a block device: %w", path, what, errs.ErrUsage)
+	}
+	return fmt.Errorf("image %s is %s, not a disk image: give a raw image file or a block device: %w", path, what, errs.ErrUsage)
 }
 
 // Close closes the image.

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/redact"
 )
 
 // DefaultPort is the IANA-assigned NBD port.
@@ -223,15 +224,9 @@ func redactIn(msg, export string) string {
 	return msg
 }
 
-// redactURI hides the query of an export path in a URI that failed to parse.
+// redactURI hides user info, a query other than the URI's own parameters,
+// and an escaped '?' in the export path (XenServer puts a session reference
+// there) in a URI that failed to parse.
 func redactURI(s string) string {
-	for _, q := range []string{"%3F", "%3f"} {
-		if i := strings.Index(s, q); i >= 0 {
-			s = s[:i] + "%3F..."
-		}
-	}
-	if i := strings.Index(s, "?"); i >= 0 && !strings.Contains(s[i:], "socket=") {
-		s = s[:i] + "?..."
-	}
-	return s
+	return redact.URL(s, "socket", "tls-hostname", "tls-verify-peer", "tls-type")
 }

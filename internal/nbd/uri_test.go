@@ -102,6 +102,11 @@ func TestTargetStringRedactsSecrets(t *testing.T) {
 	if err == nil || strings.Contains(err.Error(), "secret") {
 		t.Fatalf("parse error leaks the session: %v", err)
 	}
+	for _, uri := range []string{"nbd://user:secret@xen1/vdi", "nbd+unix:///vda?socket=/run/x.sock&token=secret", "nbds://xen1/vdi#secret"} {
+		if _, err := ParseURI(uri); err == nil || strings.Contains(err.Error(), "secret") {
+			t.Fatalf("ParseURI(%q): error leaks a secret: %v", uri, err)
+		}
+	}
 	u := Target{Network: "unix", Address: "/run/a b.sock", Export: "d"}.String()
 	back, err := ParseURI(u)
 	if err != nil || back.Address != "/run/a b.sock" || back.Export != "d" {

@@ -34,8 +34,11 @@ func NewIndex(size, chunkSize int64) (*Index, error) {
 	if size < 0 || chunkSize < MinChunkSize || chunkSize > MaxChunkSize || chunkSize&(chunkSize-1) != 0 {
 		return nil, fmt.Errorf("invalid index geometry: size %d, chunk size %d: %w", size, chunkSize, errs.ErrUsage)
 	}
-	n := (size + chunkSize - 1) / chunkSize
-	if n*32 > maxMetaPlain-indexHeaderLen {
+	n := size / chunkSize // ceil without overflowing near math.MaxInt64
+	if size%chunkSize != 0 {
+		n++
+	}
+	if n > (maxMetaPlain-indexHeaderLen)/32 {
 		return nil, fmt.Errorf("disk of %d bytes needs an index larger than %d bytes: use a larger chunk size: %w", size, maxMetaPlain, errs.ErrUnsupported)
 	}
 	return &Index{size: size, chunkSize: chunkSize, ids: make([]byte, n*32)}, nil

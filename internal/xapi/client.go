@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/redact"
 )
 
 // Config says how to reach and log in to a pool.
@@ -132,18 +133,18 @@ func Login(ctx context.Context, cfg Config) (*Client, error) {
 func ParseURL(s string, insecure bool) (*url.URL, error) {
 	u, err := url.Parse(s)
 	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("XAPI URL %q: want https://HOST[:PORT] (the pool master): %w", s, errs.ErrUsage)
+		return nil, fmt.Errorf("XAPI URL %q: want https://HOST[:PORT] (the pool master): %w", redact.URL(s), errs.ErrUsage)
 	}
 	switch {
 	case u.Scheme == "https":
 	case u.Scheme == "http" && insecure:
 	case u.Scheme == "http":
-		return nil, fmt.Errorf("XAPI URL %q: plain http would send the password unencrypted: use https (or --insecure): %w", s, errs.ErrUsage)
+		return nil, fmt.Errorf("XAPI URL %q: plain http would send the password unencrypted: use https (or --insecure): %w", redact.URL(s), errs.ErrUsage)
 	default:
-		return nil, fmt.Errorf("XAPI URL %q: scheme %q is not https: %w", s, u.Scheme, errs.ErrUsage)
+		return nil, fmt.Errorf("XAPI URL %q: scheme %q is not https: %w", redact.URL(s), u.Scheme, errs.ErrUsage)
 	}
 	if u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("XAPI URL %q: give only https://HOST[:PORT], without user, path or query: %w", redactURL(u), errs.ErrUsage)
+		return nil, fmt.Errorf("XAPI URL %q: give only https://HOST[:PORT], without user, path or query: %w", redact.URL(s), errs.ErrUsage)
 	}
 	return &url.URL{Scheme: u.Scheme, Host: u.Host}, nil
 }
@@ -309,11 +310,4 @@ func snippet(b []byte) string {
 		}
 		return r
 	}, s)
-}
-
-func redactURL(u *url.URL) string {
-	v := *u
-	v.User = nil
-	v.RawQuery = ""
-	return v.String()
 }

@@ -2,6 +2,7 @@ package s3
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -12,6 +13,7 @@ import (
 	"github.com/minio/minio-go/v7/pkg/s3utils"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/redact"
 )
 
 // Addressing says how requests name the bucket.
@@ -166,41 +168,50 @@ func ParseURL(s string) (Config, error) {
 	}
 	u, err := url.Parse(rest)
 	if err != nil {
-		return c, fmt.Errorf("invalid S3 repository URL %q: %v: %w", s, err, errs.ErrUsage)
+		return c, fmt.Errorf("invalid S3 repository URL %q: %v: %w", redact.URL(s), unwrapURLError(err), errs.ErrUsage)
 	}
 	switch scheme {
 	case "https":
 		c.Secure = true
 	case "http":
 	default:
-		return c, fmt.Errorf("S3 repository URL %q: scheme must be http or https: %w", s, errs.ErrUsage)
+		return c, fmt.Errorf("S3 repository URL %q: scheme must be http or https: %w", redact.URL(s), errs.ErrUsage)
 	}
 	if u.RawQuery != "" || u.Fragment != "" || strings.Contains(rest, "?") || strings.Contains(rest, "#") {
-		return c, fmt.Errorf("S3 repository URL %q: no query string or fragment allowed (options are flags: --s3-ca, --s3-addressing): %w", s, errs.ErrUsage)
+		return c, fmt.Errorf("S3 repository URL %q: no query string or fragment allowed (options are flags: --s3-ca, --s3-addressing): %w", redact.URL(s), errs.ErrUsage)
 	}
 	if u.Host == "" || u.Hostname() == "" {
-		return c, fmt.Errorf("S3 repository URL %q has no host (s3:https://host/bucket/prefix): %w", s, errs.ErrUsage)
+		return c, fmt.Errorf("S3 repository URL %q has no host (s3:https://host/bucket/prefix): %w", redact.URL(s), errs.ErrUsage)
 	}
 	if p := u.Port(); p != "" {
 		if n, err := strconv.Atoi(p); err != nil || n <= 0 || n > 65535 {
-			return c, fmt.Errorf("S3 repository URL %q: invalid port %q: %w", s, p, errs.ErrUsage)
+			return c, fmt.Errorf("S3 repository URL %q: invalid port %q: %w", redact.URL(s), p, errs.ErrUsage)
 		}
 	}
 	c.Endpoint = u.Host
 	path := strings.TrimPrefix(u.Path, "/")
 	bucket, prefix, _ := strings.Cut(path, "/")
 	if bucket == "" {
-		return c, fmt.Errorf("S3 repository URL %q names no bucket (s3:https://host/bucket/prefix): %w", s, errs.ErrUsage)
+		return c, fmt.Errorf("S3 repository URL %q names no bucket (s3:https://host/bucket/prefix): %w", redact.URL(s), errs.ErrUsage)
 	}
 	c.Bucket = bucket
 	c.Prefix = strings.TrimSuffix(prefix, "/")
 	if err := s3utils.CheckValidBucketNameStrict(c.Bucket); err != nil {
-		return c, fmt.Errorf("S3 repository URL %q: invalid bucket name %q (%v): %w", s, c.Bucket, err, errs.ErrUsage)
+		return c, fmt.Errorf("S3 repository URL %q: invalid bucket name %q (%v): %w", redact.URL(s), c.Bucket, err, errs.ErrUsage)
 	}
 	if err := checkPrefix(c.Prefix); err != nil {
-		return c, fmt.Errorf("S3 repository URL %q: %w", s, err)
+		return c, fmt.Errorf("S3 repository URL %q: %w", redact.URL(s), err)
 	}
 	return c, nil
+}
+
+// unwrapURLError drops the URL that url.Parse repeats in its error.
+func unwrapURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
 }
 
 // checkPrefix allows segments of [A-Za-z0-9._-], none "." or "..", joined

@@ -41,6 +41,12 @@ func TestParseURL(t *testing.T) {
 		{in: "s3:https://host/bucket/a b", err: "invalid S3 key prefix"},
 		{in: "s3:https://host/bucket/x?versioning=1", err: "no query string"},
 		{in: "s3:https://host/bucket/x#frag", err: "no query string"},
+		{in: "s3:http://127.0.0.1:7391/bkt?X-Amz-Credential=secret", err: "no query string"},
+		{in: "s3:http://127.0.0.1:7391/bkt#secret", err: "no query string"},
+		{in: "s3:ftp://host/bucket?secret", err: "scheme must be http or https"},
+		{in: "s3:https://host:99999/bucket?secret", err: "no query string"},
+		{in: "s3:https://host/bucket/x%zz?secret", err: "invalid URL escape"},
+		{in: "s3:https:///bucket?secret", err: "no query string"},
 		{in: "/srv/repo", err: "must start with s3:"},
 	} {
 		t.Run(tc.in, func(t *testing.T) {
