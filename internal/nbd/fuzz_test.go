@@ -255,11 +255,11 @@ func FuzzServerConn(f *testing.F) {
 		opt(optGo, appendInfoRequest(nil, "d", infoBlockSize)),
 		req(cmdWrite, cmdFlagFUA, 1, 4096, 8, []byte("12345678")),
 		req(cmdRead, 0, 2, 0, 8192, nil),
-		req(cmdBlockStatus, cmdFlagReqOne, 3, 0, 1<<20, nil),
+		req(cmdBlockStatus, cmdFlagReqOne, 3, 0, 64<<10, nil),
 		req(cmdWriteZeroes, cmdFlagNoHole, 4, 0, 65536, nil),
 		req(cmdTrim, 0, 5, 65536, 65536, nil),
 		req(cmdFlush, 0, 6, 0, 0, nil),
-		req(cmdRead, 0, 7, 1<<20-1, 2, nil),
+		req(cmdRead, 0, 7, 64<<10-1, 2, nil),
 		req(99, 0, 8, 0, 0, nil),
 		req(cmdDisc, 0, 9, 0, 0, nil))
 	f.Add(session)
@@ -268,7 +268,7 @@ func FuzzServerConn(f *testing.F) {
 	f.Add(slices.Concat([]byte{0, 0, 0, 1}, opt(optGo, appendInfoRequest(nil, "nope")), opt(optExportName, nil), req(cmdWrite, 0, 1, 0, 1<<30, nil)))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		s := NewServer(&ServerOptions{MaxBlockSize: 1 << 20, ConnBuffer: 4 << 20})
-		m := newMemExport(1 << 20)
+		m := newMemExport(64 << 10)
 		if err := s.AddExport("d", m, ExportOptions{Description: "fuzz"}); err != nil {
 			t.Fatal(err)
 		}
