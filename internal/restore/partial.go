@@ -51,7 +51,7 @@ func createPartial(final string, flag int) (*partialFile, error) {
 	tmp := partialName(final)
 	f, err := os.OpenFile(tmp, flag|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("create %s: %w", tmp, mapNoSpace(err))
+		return nil, fmt.Errorf("create %s: %w", final, mapNoSpace(err))
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil && !errors.Is(err, unix.ENOLCK) && !errors.Is(err, unix.EOPNOTSUPP) {
 		f.Close()
