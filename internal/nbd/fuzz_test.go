@@ -150,14 +150,16 @@ func FuzzClientReplies(f *testing.F) {
 		putSimpleReply(b, errno, cookie)
 		return b
 	}
+	// Reads are of fuzzReadLen bytes: small inputs keep each execution
+	// and the minimization of interesting inputs fast.
 	all := slices.Concat(
-		data(2, 4096, 4096),
-		chunk(0, chunkOffsetHole, 1, binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(nil, 0), 2048)),
-		chunk(replyFlagDone, chunkOffsetData, 1, append(binary.BigEndian.AppendUint64(nil, 2048), make([]byte, 2048)...)),
+		data(2, fuzzReadLen, fuzzReadLen),
+		chunk(0, chunkOffsetHole, 1, binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(nil, 0), fuzzReadLen/2)),
+		chunk(replyFlagDone, chunkOffsetData, 1, append(binary.BigEndian.AppendUint64(nil, fuzzReadLen/2), make([]byte, fuzzReadLen/2)...)),
 		chunk(replyFlagDone, chunkBlockStatus, 3, blockStatusPayload(1, 4096, 0, 61440, 3)),
 		simple(4, 0), simple(5, 0))
 	f.Add(all)
-	f.Add(slices.Concat(data(1, 0, 4096), data(2, 4096, 4096),
+	f.Add(slices.Concat(data(1, 0, fuzzReadLen), data(2, fuzzReadLen, fuzzReadLen),
 		chunk(0, chunkErrorOffset, 3, binary.BigEndian.AppendUint64(appendErrorChunkPayload(nil, EIO, "x"), 100)),
 		chunk(replyFlagDone, chunkNone, 3, nil),
 		chunk(replyFlagDone, chunkError, 4, appendErrorChunkPayload(nil, ENOSPC, "full")), simple(5, EIO)))
@@ -165,6 +167,9 @@ func FuzzClientReplies(f *testing.F) {
 	f.Add([]byte{})
 	f.Fuzz(fuzzClientRepliesBody)
 }
+
+// fuzzReadLen is the length of the reads FuzzClientReplies has in flight.
+const fuzzReadLen = 64
 
 func fuzzClientRepliesBody(t *testing.T, replies []byte) {
 	conn := newScriptConn(serverHandshake(1<<20, FlagHasFlags|FlagSendFlush, &BlockSizes{1, 4096, 4096}), replies, true)
@@ -175,10 +180,10 @@ func fuzzClientRepliesBody(t *testing.T, replies []byte) {
 		t.Fatalf("handshake: %v", err)
 	}
 	defer c.Close()
-	bufs := [][]byte{make([]byte, 4096), make([]byte, 4096)}
+	bufs := [][]byte{make([]byte, fuzzReadLen), make([]byte, fuzzReadLen)}
 	reqs := []*request{
-		{cmd: cmdRead, off: 0, length: 4096, buf: bufs[0]},
-		{cmd: cmdRead, off: 4096, length: 4096, buf: bufs[1]},
+		{cmd: cmdRead, off: 0, length: fuzzReadLen, buf: bufs[0]},
+		{cmd: cmdRead, off: fuzzReadLen, length: fuzzReadLen, buf: bufs[1]},
 		{cmd: cmdBlockStatus, off: 0, length: 65536, ctxID: 1},
 		{cmd: cmdWrite, off: 0, length: 512},
 		{cmd: cmdFlush},
@@ -193,6 +198,16 @@ func fuzzClientRepliesBody(t *testing.T, replies []byte) {
 		}
 	}
 	close(conn.gate)
+	// Let the reader goroutine consume every reply (it ends at the end of
+	// the input) before collecting the results. Collecting them while it
+	// runs made the coverage of an input depend on scheduling: the fuzzer
+	// then kept re-running inputs whose new coverage it could not
+	// reproduce, and managed about one counted execution a second.
+	select {
+	case <-c.readerDone:
+	case <-ctx.Done():
+		t.Fatal("the client did not finish reading a finite reply stream")
+	}
 	for _, r := range reqs {
 		err := c.wait(ctx, r)
 		var se *ServerError
@@ -240,11 +255,11 @@ func FuzzServerConn(f *testing.F) {
 		opt(optGo, appendInfoRequest(nil, "d", infoBlockSize)),
 		req(cmdWrite, cmdFlagFUA, 1, 4096, 8, []byte("12345678")),
 		req(cmdRead, 0, 2, 0, 8192, nil),
-		req(cmdBlockStatus, cmdFlagReqOne, 3, 0, 1<<20, nil),
+		req(cmdBlockStatus, cmdFlagReqOne, 3, 0, 64<<10, nil),
 		req(cmdWriteZeroes, cmdFlagNoHole, 4, 0, 65536, nil),
 		req(cmdTrim, 0, 5, 65536, 65536, nil),
 		req(cmdFlush, 0, 6, 0, 0, nil),
-		req(cmdRead, 0, 7, 1<<20-1, 2, nil),
+		req(cmdRead, 0, 7, 64<<10-1, 2, nil),
 		req(99, 0, 8, 0, 0, nil),
 		req(cmdDisc, 0, 9, 0, 0, nil))
 	f.Add(session)
@@ -253,7 +268,7 @@ func FuzzServerConn(f *testing.F) {
 	f.Add(slices.Concat([]byte{0, 0, 0, 1}, opt(optGo, appendInfoRequest(nil, "nope")), opt(optExportName, nil), req(cmdWrite, 0, 1, 0, 1<<30, nil)))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		s := NewServer(&ServerOptions{MaxBlockSize: 1 << 20, ConnBuffer: 4 << 20})
-		m := newMemExport(1 << 20)
+		m := newMemExport(64 << 10)
 		if err := s.AddExport("d", m, ExportOptions{Description: "fuzz"}); err != nil {
 			t.Fatal(err)
 		}

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 	"github.com/vmshadow/vmshadow/internal/repo/retention"
@@ -421,6 +422,7 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		if err := r.be.Delete(ctx, v.h); err != nil && !backend.IsNotExist(err) {
 			return res, fmt.Errorf("delete %s: %w", v.h, err)
 		}
+		crashpoint.Hit("gc-deleted")
 	}
 	if tc, ok := r.be.(tempCleaner); ok && !o.DryRun {
 		n, err := tc.CleanTemp(ctx, o.Grace)
@@ -490,6 +492,7 @@ func (r *Repo) Prune(ctx context.Context, o PruneOptions) ([]PruneDecision, erro
 		if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindBackups, Name: d.ID}); err != nil && !backend.IsNotExist(err) {
 			return out, fmt.Errorf("remove backup %s: %w", d.ID[:8], err)
 		}
+		crashpoint.Hit("prune-removed")
 	}
 	return out, nil
 }

@@ -21,6 +21,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 )
@@ -251,6 +252,7 @@ func (r *Repo) ChangePassword(ctx context.Context, newPassword []byte, kdf *KDFP
 	if err := r.be.Sync(ctx); err != nil {
 		return "", fmt.Errorf("sync new key file: %w", err)
 	}
+	crashpoint.Hit("passwd-key-written")
 	if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindKeys, Name: r.keyName}); err != nil {
 		return name, fmt.Errorf("new key file %s written, but removing the old key file %s failed (the old password still works until it is removed): %w", name, r.keyName, err)
 	}

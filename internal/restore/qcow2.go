@@ -1,7 +1,6 @@
 package restore
 
 import (
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -15,10 +14,11 @@ func init() {
 }
 
 // qcow2File is a qcow2 image being restored: all-zero clusters stay
-// unallocated, and the image is only valid once Close has written its
-// metadata (an interrupted restore leaves a file QEMU refuses to open).
+// unallocated. It is written under a temporary name (partial.go) and only
+// appears under its path once Close has written its metadata; the
+// temporary file of an interrupted restore is one QEMU refuses to open.
 type qcow2File struct {
-	f    *os.File
+	part *partialFile
 	w    *qcow2.Writer
 	path string
 }
@@ -26,25 +26,19 @@ type qcow2File struct {
 // CreateQcow2 creates the qcow2 image path (which must not exist) for a disk
 // of size bytes.
 func CreateQcow2(path string, size int64) (ImageWriter, error) {
-	if st, err := os.Stat(path); err == nil {
-		if st.Mode()&fs.ModeDevice != 0 {
-			return nil, fmt.Errorf("%s is a device: restore to a device with --format raw: %w", path, errs.ErrUsage)
-		}
-		return nil, fmt.Errorf("%s already exists: restore never overwrites a file; remove it or choose another path: %w", path, errs.ErrUsage)
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("restore target %s: %w", path, err)
+	if st, err := os.Stat(path); err == nil && st.Mode()&fs.ModeDevice != 0 {
+		return nil, fmt.Errorf("%s is a device: restore to a device with --format raw: %w", path, errs.ErrUsage)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	p, err := createPartial(path, os.O_RDWR)
 	if err != nil {
-		return nil, fmt.Errorf("create %s: %w", path, err)
+		return nil, err
 	}
-	w, err := qcow2.Create(f, size, qcow2.Options{})
+	w, err := qcow2.Create(p.File, size, qcow2.Options{})
 	if err != nil {
-		f.Close()
-		os.Remove(path)
+		p.abort()
 		return nil, fmt.Errorf("create qcow2 image %s: %w", path, err)
 	}
-	return &qcow2File{f: f, w: w, path: path}, nil
+	return &qcow2File{part: p, w: w, path: path}, nil
 }
 
 func (q *qcow2File) WriteAt(p []byte, off int64) (int, error) {
@@ -55,14 +49,15 @@ func (q *qcow2File) WriteAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// Close finishes the image (metadata, header, fsync) and closes the file.
+// Close finishes the image (metadata, header, fsync) and renames it to its
+// path; on failure it removes it.
 func (q *qcow2File) Close() error {
-	err := q.w.Close()
-	if cerr := q.f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	if err := q.w.Close(); err != nil {
+		q.part.abort()
 		return fmt.Errorf("finish qcow2 image %s: %w", q.path, err)
 	}
-	return nil
+	return q.part.commit()
 }
+
+// Abort removes the unfinished image.
+func (q *qcow2File) Abort() { q.part.abort() }

@@ -21,11 +21,15 @@ type rawFile struct {
 	path  string
 	block bool
 	zeros []byte
+	part  *partialFile // a regular file: written under a temporary name
 }
 
 // CreateRaw creates the raw image path for a disk of size bytes. A regular
-// file must not exist yet (a restore never overwrites a file); a block
-// device must be at least size bytes.
+// file must not exist yet (a restore never overwrites a file); it is
+// written under a temporary name and only appears under path once Close
+// has completed it (partial.go). A block device must be at least size
+// bytes; it is written in place, so an interrupted restore leaves it with
+// partial content.
 func CreateRaw(path string, size int64) (ImageWriter, error) {
 	st, err := os.Stat(path)
 	switch {
@@ -40,21 +44,18 @@ func CreateRaw(path string, size int64) (ImageWriter, error) {
 			return nil, fmt.Errorf("block device %s has %d bytes, the disk needs %d: %w", path, dsize, size, errs.ErrNoSpace)
 		}
 		return &rawFile{f: f, w: directio.New(f, os.O_WRONLY), path: path, block: true}, nil
-	case err == nil:
-		return nil, fmt.Errorf("%s already exists: restore never overwrites a file; remove it or choose another path: %w", path, errs.ErrUsage)
-	case !errors.Is(err, fs.ErrNotExist):
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return nil, fmt.Errorf("restore target %s: %w", path, err)
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	p, err := createPartial(path, os.O_WRONLY)
 	if err != nil {
-		return nil, fmt.Errorf("create %s: %w", path, err)
+		return nil, err
 	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("size %s to %d bytes: %w", path, size, mapNoSpace(err))
+	if err := p.Truncate(size); err != nil {
+		p.abort()
+		return nil, fmt.Errorf("size %s to %d bytes: %w", p.Name(), size, mapNoSpace(err))
 	}
-	return &rawFile{f: f, w: directio.New(f, os.O_WRONLY), path: path}, nil
+	return &rawFile{f: p.File, w: directio.New(p.File, os.O_WRONLY), path: path, part: p}, nil
 }
 
 func (r *rawFile) WriteAt(p []byte, off int64) (int, error) {
@@ -88,16 +89,33 @@ func (r *rawFile) WriteZeroes(off, n int64) error {
 	return nil
 }
 
+// Close completes the image: a regular file is synced and renamed to its
+// final name (or removed on failure), a block device synced.
 func (r *rawFile) Close() error {
 	if err := r.w.Close(); err != nil {
-		r.f.Close()
+		r.Abort()
 		return fmt.Errorf("close %s: %w", r.path, err)
+	}
+	if r.part != nil {
+		return r.part.commit()
 	}
 	if err := r.f.Sync(); err != nil {
 		r.f.Close()
 		return fmt.Errorf("sync %s: %w", r.path, mapNoSpace(err))
 	}
 	return r.f.Close()
+}
+
+// Abort ends a failed restore: a regular file's temporary file is removed,
+// nothing ever appears under its final name; a block device keeps what was
+// written.
+func (r *rawFile) Abort() {
+	r.w.Close()
+	if r.part != nil {
+		r.part.abort()
+		return
+	}
+	r.f.Close()
 }
 
 func mapNoSpace(err error) error {

@@ -24,6 +24,12 @@ type ImageWriter interface {
 	Close() error
 }
 
+// Aborter is implemented by writers that can discard an unfinished image:
+// Run calls Abort instead of Close when a restore failed.
+type Aborter interface {
+	Abort()
+}
+
 // Zeroer is implemented by writers whose unwritten ranges do not read as
 // zeros (block devices): zero ranges are then passed to WriteZeroes.
 type Zeroer interface {

@@ -2,9 +2,7 @@ package restore
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -74,9 +72,9 @@ type DiskResult struct {
 	Stats
 }
 
-// Run restores the targets one after another in format. A file it created
-// for a disk whose restore failed is removed, so no half-restored image is
-// left looking complete.
+// Run restores the targets one after another in format. A file appears
+// under its path only once its image is complete and synced; a failed
+// restore leaves nothing there (a block device keeps partial content).
 func Run(ctx context.Context, r *repo.Repo, targets []Target, format string, o Options) ([]DiskResult, error) {
 	f, ok := Formats[format]
 	if !ok {
@@ -101,24 +99,31 @@ func Run(ctx context.Context, r *repo.Repo, targets []Target, format string, o O
 		if x.Size() != t.Disk.Size {
 			return out, fmt.Errorf("disk %s: index says %d bytes, manifest %d: %w", t.Disk.Name, x.Size(), t.Disk.Size, errs.ErrCorrupt)
 		}
-		_, statErr := os.Stat(t.Path)
-		created := errors.Is(statErr, fs.ErrNotExist)
 		w, err := f.Create(t.Path, x.Size())
 		if err != nil {
 			return out, fmt.Errorf("disk %s: %w", t.Disk.Name, err)
 		}
 		st, err := Disk(ctx, r, x, w, o)
-		if cerr := w.Close(); err == nil {
-			err = cerr
+		if err != nil {
+			abort(w)
+		} else {
+			err = w.Close()
 		}
 		if err != nil {
-			if created {
-				os.Remove(t.Path)
-			}
 			return out, fmt.Errorf("restore disk %s to %s: %w", t.Disk.Name, t.Path, err)
 		}
 		out = append(out, DiskResult{Name: t.Disk.Name, Path: t.Path, Size: x.Size(), Verified: true,
 			Seconds: time.Since(start).Seconds(), Stats: st})
 	}
 	return out, nil
+}
+
+// abort ends the image of a failed restore: writers that can discard it
+// (Aborter) do, others are closed.
+func abort(w ImageWriter) {
+	if a, ok := w.(Aborter); ok {
+		a.Abort()
+		return
+	}
+	w.Close()
 }
