@@ -259,6 +259,19 @@ func (vm *VM) Resize(id string, size int64) {
 	}
 }
 
+// Pause stops the guest's CPUs (QMP stop), as an operator suspending the
+// VM would: the VM is then "paused". (Start without Running leaves it in
+// "prelaunch", never run; Pause runs it for a moment first.)
+func (vm *VM) Pause() {
+	vm.t.Helper()
+	var status struct{ Status string }
+	vm.Exec("query-status", nil, &status)
+	if status.Status == "prelaunch" {
+		vm.Exec("cont", nil, nil)
+	}
+	vm.Exec("stop", nil, nil)
+}
+
 // Kill stops QEMU (SIGKILL) and waits for it. Safe to call twice.
 func (vm *VM) Kill() {
 	if vm.qmp != nil {
@@ -380,30 +393,45 @@ type Graph struct {
 // Graph reads the current block graph.
 func (vm *VM) Graph() Graph {
 	vm.t.Helper()
+	return readGraph(vm.Exec)
+}
+
+// Graph reads the current block graph.
+func (p *Peer) Graph() Graph {
+	p.t.Helper()
+	return readGraph(p.Exec)
+}
+
+func readGraph(exec func(string, any, any)) Graph {
 	var nodes []struct {
 		NodeName     string `json:"node-name"`
 		DirtyBitmaps []struct {
-			Name string `json:"name"`
+			Name      string `json:"name"`
+			Recording bool   `json:"recording"`
 		} `json:"dirty-bitmaps"`
 	}
-	vm.Exec("query-named-block-nodes", map[string]bool{"flat": true}, &nodes)
+	exec("query-named-block-nodes", map[string]bool{"flat": true}, &nodes)
 	var blocks []struct {
 		Qdev     string `json:"qdev"`
 		Inserted *struct {
 			NodeName string `json:"node-name"`
 		} `json:"inserted"`
 	}
-	vm.Exec("query-block", nil, &blocks)
+	exec("query-block", nil, &blocks)
 	var exports []struct {
 		ID string `json:"id"`
 	}
-	vm.Exec("query-block-exports", nil, &exports)
+	exec("query-block-exports", nil, &exports)
 	var jobs []struct {
 		ID string `json:"id"`
 	}
-	vm.Exec("query-block-jobs", nil, &jobs)
+	exec("query-block-jobs", nil, &jobs)
+	var anyJobs []struct {
+		ID string `json:"id"`
+	}
+	exec("query-jobs", nil, &anyJobs)
 	var status struct{ Status string }
-	vm.Exec("query-status", nil, &status)
+	exec("query-status", nil, &status)
 	g := Graph{Devices: map[string]string{}, Status: status.Status}
 	for _, n := range nodes {
 		g.Nodes = append(g.Nodes, n.NodeName)
@@ -421,6 +449,11 @@ func (vm *VM) Graph() Graph {
 	}
 	for _, j := range jobs {
 		g.Jobs = append(g.Jobs, j.ID)
+	}
+	for _, j := range anyJobs {
+		if !slices.Contains(g.Jobs, j.ID) {
+			g.Jobs = append(g.Jobs, j.ID)
+		}
 	}
 	slices.Sort(g.Nodes)
 	slices.Sort(g.Bitmaps)
