@@ -301,6 +301,7 @@ type state struct {
 type diskState struct {
 	Disk
 	Scratch  string `json:"scratch"`
+	ByPath   bool   `json:"scratch_by_path,omitempty"` // QEMU opened Scratch by path (the VM was paused), not through a passed descriptor
 	Target   string `json:"target_node"`
 	CBW      string `json:"cbw_node"`
 	Snap     string `json:"snap_node"`

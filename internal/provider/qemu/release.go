@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
@@ -99,11 +100,72 @@ func (r *releaser) state(ctx context.Context, setID string, st *state) {
 	r.fdsets(ctx, func(opaque string) bool {
 		return slices.ContainsFunc(st.Disks, func(d diskState) bool { return d.Target == opaque })
 	})
+	nodes, err := p.namedNodes(ctx)
+	if err != nil {
+		r.errs = append(r.errs, err)
+		if !processGone(st.QEMUPID) {
+			return // the scratch files may still be in use
+		}
+	}
 	for _, d := range st.Disks {
-		if err := os.Remove(d.Scratch); err == nil {
-			r.removed = append(r.removed, d.Scratch)
-		} else if !errors.Is(err, os.ErrNotExist) {
-			r.errs = append(r.errs, fmt.Errorf("remove scratch file: %w", err))
+		if slices.ContainsFunc(nodes, func(n namedNode) bool { return n.NodeName == d.Target }) {
+			r.errs = append(r.errs, fmt.Errorf("scratch file %s kept: QEMU still has its node %s", d.Scratch, d.Target))
+			continue
+		}
+		r.scratchFile(d.Scratch)
+	}
+	if st.QEMUPID != 0 && st.QEMUPID == r.pid(ctx) {
+		r.stillOpen(st.QEMUPID, func(path string) bool {
+			return slices.ContainsFunc(st.Disks, func(d diskState) bool { return d.Scratch == path })
+		})
+	}
+}
+
+// processGone reports whether process pid has ended (nothing it held is
+// open any more).
+func processGone(pid int) bool {
+	return pid > 0 && errors.Is(syscall.Kill(pid, 0), syscall.ESRCH)
+}
+
+// pid is the QEMU process id of the provider's connection (0 if unknown).
+func (r *releaser) pid(ctx context.Context) int {
+	c, err := r.p.QMP(ctx)
+	if err != nil {
+		return 0
+	}
+	return c.PID()
+}
+
+// scratchFile empties and removes a scratch file whose node QEMU no longer
+// has. Emptying it first gives its space back even if a descriptor on it
+// is still open somewhere.
+func (r *releaser) scratchFile(path string) {
+	if err := os.Truncate(path, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		r.errs = append(r.errs, fmt.Errorf("empty scratch file: %w", err))
+	}
+	if err := os.Remove(path); err == nil {
+		r.removed = append(r.removed, path)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		r.errs = append(r.errs, fmt.Errorf("remove scratch file: %w", err))
+	}
+}
+
+// stillOpen reports, as a warning, scratch files QEMU (process pid) still
+// has open after their nodes are gone. It looks only when it may read the
+// process's descriptors (same user, or root).
+func (r *releaser) stillOpen(pid int, ours func(path string) bool) {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		target, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue
+		}
+		if path := strings.TrimSuffix(target, " (deleted)"); ours(path) {
+			r.p.warn("QEMU (pid %d) still holds descriptor %s on scratch file %s; it was emptied, and QEMU closes it when the VM runs again", pid, e.Name(), path)
 		}
 	}
 }
@@ -133,24 +195,55 @@ func (r *releaser) delExports(ctx context.Context, ids []string) {
 	}
 }
 
+// fdsets removes the fdsets holding descriptors vmshadow passed (matched
+// by their opaque) and reports those QEMU really closed: before QEMU 9.1 it
+// closes them only while the VM runs, so on a paused VM they stay, and are
+// reported as a warning, not as removed.
 func (r *releaser) fdsets(ctx context.Context, match func(opaque string) bool) {
-	var sets []struct {
-		FDSetID int `json:"fdset-id"`
-		FDs     []struct {
-			Opaque string `json:"opaque"`
-		} `json:"fds"`
+	ours := func() (map[int]string, error) {
+		var sets []struct {
+			FDSetID int `json:"fdset-id"`
+			FDs     []struct {
+				Opaque string `json:"opaque"`
+			} `json:"fds"`
+		}
+		if err := r.p.exec(ctx, "query-fdsets", nil, &sets); err != nil {
+			return nil, err
+		}
+		m := map[int]string{}
+		for _, s := range sets {
+			for _, fd := range s.FDs {
+				if match(fd.Opaque) {
+					m[s.FDSetID] = fd.Opaque
+				}
+			}
+		}
+		return m, nil
 	}
-	if err := r.p.exec(ctx, "query-fdsets", nil, &sets); err != nil {
+	before, err := ours()
+	if err != nil {
 		r.errs = append(r.errs, err)
 		return
 	}
-	for _, s := range sets {
-		for _, fd := range s.FDs {
-			if match(fd.Opaque) {
-				r.try(fmt.Sprintf("fdset %d", s.FDSetID), r.p.exec(ctx, "remove-fd", map[string]any{"fdset-id": s.FDSetID}, nil))
-				break
-			}
+	if len(before) == 0 {
+		return
+	}
+	for id := range before {
+		if err := r.p.exec(ctx, "remove-fd", map[string]any{"fdset-id": id}, nil); err != nil && !isMissing(err) {
+			r.errs = append(r.errs, fmt.Errorf("remove fdset %d: %w", id, err))
 		}
+	}
+	after, err := ours()
+	if err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
+	for id, opaque := range before {
+		if _, left := after[id]; left {
+			r.p.warn("QEMU keeps fdset %d (%s) open while the VM is paused; it closes it when the VM runs again", id, opaque)
+			continue
+		}
+		r.removed = append(r.removed, fmt.Sprintf("fdset %d", id))
 	}
 }
 
@@ -238,7 +331,17 @@ func (r *releaser) leftovers(ctx context.Context) {
 		}
 	}
 	r.fdsets(ctx, func(opaque string) bool { return strings.HasPrefix(opaque, Prefix) })
+	if len(sets) == 0 {
+		return
+	}
+	if nodes, err = p.namedNodes(ctx); err != nil {
+		r.errs = append(r.errs, err)
+		return
+	}
 	for id := range sets {
+		if slices.ContainsFunc(nodes, func(n namedNode) bool { return strings.HasPrefix(n.NodeName, Prefix+id+"-") }) {
+			continue // not removed: an error was reported for the node
+		}
 		r.scratchFiles(id)
 	}
 }
@@ -250,10 +353,10 @@ func (r *releaser) scratchFiles(id string) {
 		return
 	}
 	matches, _ := filepath.Glob(filepath.Join(r.p.opts.ScratchDir, Prefix+id+"-*.cow"))
-	matches = append(matches, filepath.Join(r.p.opts.ScratchDir, Prefix+id+".sock"))
 	for _, m := range matches {
-		if err := os.Remove(m); err == nil {
-			r.removed = append(r.removed, m)
-		}
+		r.scratchFile(m)
+	}
+	if sock := filepath.Join(r.p.opts.ScratchDir, Prefix+id+".sock"); os.Remove(sock) == nil {
+		r.removed = append(r.removed, sock)
 	}
 }
