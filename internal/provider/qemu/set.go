@@ -303,7 +303,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		}
 		if cp := d.Checkpoint; cp != nil {
 			sh.Checkpoint = cp.New
-			if cp.Previous != "" {
+			if cp.Previous != "" && d.FullReason == "" {
 				sh.Bitmap = cp.Previous
 				export["bitmaps"] = []any{map[string]string{"node": d.Node, "name": cp.Previous}}
 			}
