@@ -253,6 +253,7 @@ func (p *Provider) scan(ctx context.Context) error {
 type namedNode struct {
 	NodeName     string       `json:"node-name"`
 	Drv          string       `json:"drv"`
+	File         string       `json:"file"` // the image's file name`
 	DirtyBitmaps []bitmapInfo `json:"dirty-bitmaps"`
 }
 

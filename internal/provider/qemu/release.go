@@ -266,6 +266,14 @@ func (r *releaser) leftovers(ctx context.Context) {
 	if len(ours) > 0 {
 		r.delExports(ctx, ours)
 	}
+	// A set whose journal is lost may have left QEMU's NBD server running:
+	// it is vmshadow's when it listens on a socket named vmshadow-*.sock.
+	if sock := r.serverSocket(ctx); sock != "" {
+		r.try("nbd server (on "+sock+")", p.exec(ctx, "nbd-server-stop", nil, nil))
+		if os.Remove(sock) == nil {
+			r.removed = append(r.removed, sock)
+		}
+	}
 	var blocks []blockInfo
 	if err := p.exec(ctx, "query-block", nil, &blocks); err != nil {
 		r.errs = append(r.errs, err)
@@ -318,6 +326,10 @@ func (r *releaser) leftovers(ctx context.Context) {
 		r.errs = append(r.errs, err)
 		return
 	}
+	// A set of another state directory has its scratch files elsewhere:
+	// QEMU knows them, by the target node's file name (opened by path) or
+	// by its open descriptors (passed).
+	files := r.openScratchFiles(ctx, nodes)
 	// Parents before children: snapshot-access, then filters, then targets.
 	sets := map[string]bool{}
 	for _, suffix := range []string{"-snap", "-cbw", "-tgt"} {
@@ -343,7 +355,78 @@ func (r *releaser) leftovers(ctx context.Context) {
 			continue // not removed: an error was reported for the node
 		}
 		r.scratchFiles(id)
+		for _, f := range files {
+			if strings.HasPrefix(filepath.Base(f), Prefix+id+"-") && !slices.Contains(r.removed, f) {
+				r.scratchFile(f)
+			}
+		}
 	}
+}
+
+// serverSocket returns the path of a UNIX socket named vmshadow-*.sock
+// that QEMU has open (its NBD server's, started by vmshadow), or "" when
+// there is none or QEMU's descriptors may not be read.
+func (r *releaser) serverSocket(ctx context.Context) string {
+	pid := r.pid(ctx)
+	if pid == 0 {
+		return ""
+	}
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return ""
+	}
+	inodes := map[string]bool{}
+	for _, e := range ents {
+		target, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if ino, ok := strings.CutPrefix(target, "socket:["); err == nil && ok {
+			inodes[strings.TrimSuffix(ino, "]")] = true
+		}
+	}
+	table, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/unix", pid))
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(table), "\n") {
+		// Num RefCount Protocol Flags Type St Inode Path
+		f := strings.Fields(line)
+		if len(f) < 8 || !inodes[f[6]] {
+			continue
+		}
+		if base := filepath.Base(f[7]); filepath.IsAbs(f[7]) && strings.HasPrefix(base, Prefix) && strings.HasSuffix(base, ".sock") {
+			return f[7]
+		}
+	}
+	return ""
+}
+
+// openScratchFiles returns the scratch files (vmshadow-*.cow) QEMU has
+// open: the file names of vmshadow's target nodes, and the files of QEMU's
+// descriptors when they may be read (same user, or root).
+func (r *releaser) openScratchFiles(ctx context.Context, nodes []namedNode) []string {
+	isScratch := func(path string) bool {
+		base := filepath.Base(path)
+		return filepath.IsAbs(path) && strings.HasPrefix(base, Prefix) && strings.HasSuffix(base, ".cow")
+	}
+	var files []string
+	for _, n := range nodes {
+		if strings.HasPrefix(n.NodeName, Prefix) && strings.HasSuffix(n.NodeName, "-tgt") && isScratch(n.File) {
+			files = append(files, n.File)
+		}
+	}
+	pid := r.pid(ctx)
+	if pid == 0 {
+		return files
+	}
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		target, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err == nil && isScratch(target) && !slices.Contains(files, target) {
+			files = append(files, target)
+		}
+	}
+	return files
 }
 
 // scratchFiles removes the scratch files and socket of set id from the
