@@ -185,7 +185,21 @@ func (vm *VM) launch() {
 			t.Fatalf("qemu did not create its QMP sockets within 30s")
 		}
 	}
-	// The sockets exist before the machine is set up; QMP answers after.
+	// The sockets exist before QEMU listens on them (bind, then listen)
+	// and before the machine is set up; QMP answers after.
+	for vm.qmp == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		c, err := qmp.Dial(ctx, vm.TestQMPPath)
+		cancel()
+		if err == nil {
+			vm.qmp = c
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("test qmp: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	var status struct{ Status string }
 	vm.Exec("query-status", nil, &status)
 }
