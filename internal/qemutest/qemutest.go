@@ -6,6 +6,10 @@
 // Guest writes are made the way a guest would make them, through the
 // device (HMP "qemu-io -d <qdev>"), so that they pass through any filter
 // vmshadow inserted above the disk; writing to the node would bypass it.
+//
+// It also owns the check every snapshot and backup test ends with: a set
+// gives back everything it took (Baseline, AssertAsBefore), for these VMs
+// and, through Attach, for any QEMU process.
 package qemutest
 
 import (

@@ -2,9 +2,11 @@
 // (no libvirt). It owns the mapping of the shadow-copy model onto QEMU's
 // block layer:
 //
-//   - diff area: one sparse scratch file per disk, opened by vmshadow and
-//     handed to QEMU as a file descriptor (so QEMU needs no permission on
-//     the scratch directory);
+//   - diff area: one sparse scratch file per disk, created by vmshadow and
+//     handed to QEMU as a file descriptor when the VM runs (so QEMU needs no
+//     permission on the scratch directory), opened by QEMU by path when it
+//     is paused (QEMU before 9.1 closes passed descriptors only while the
+//     VM runs); released with its node, then emptied and deleted;
 //   - copy-on-write: a copy-before-write filter node above each disk, with
 //     on-cbw-error=break-snapshot, so a full or failing diff area breaks the
 //     shadow copy (its reads fail) instead of the guest's writes, and a
