@@ -49,9 +49,11 @@ type rig struct {
 }
 
 // set takes a set with the given checkpoint request, runs fn on it, then
-// completes the checkpoint if ok and deletes the set.
+// completes the checkpoint if ok and deletes the set, which must give back
+// everything it took (the chain's bitmaps may move on).
 func (r *rig) set(cp *qemu.Checkpoint, ok bool, fn func(set *coord.Set)) *coord.Set {
 	r.t.Helper()
+	before := r.vm.Baseline(r.scratch).WithChains()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	p := qemu.New(qemu.Options{QMPPath: r.vm.QMPPath, ScratchDir: r.scratch, Checkpoint: cp})
@@ -73,6 +75,7 @@ func (r *rig) set(cp *qemu.Checkpoint, ok bool, fn func(set *coord.Set)) *coord.
 	if _, err := s.Delete(ctx, set.ID); err != nil {
 		r.t.Fatal(err)
 	}
+	r.vm.AssertAsBefore(r.t, before)
 	return set
 }
 
