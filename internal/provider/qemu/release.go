@@ -24,7 +24,7 @@ func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error
 	if err != nil {
 		return nil, err
 	}
-	r := &releaser{p: p}
+	r := &releaser{p: p, kept: map[int]bool{}}
 	if st != nil {
 		r.state(ctx, set.ID, st)
 	}
@@ -38,6 +38,7 @@ type releaser struct {
 	p       *Provider
 	removed []string
 	errs    []error
+	kept    map[int]bool // fdsets QEMU keeps (warned about once)
 }
 
 func (r *releaser) try(what string, err error) {
@@ -240,7 +241,10 @@ func (r *releaser) fdsets(ctx context.Context, match func(opaque string) bool) {
 	}
 	for id, opaque := range before {
 		if _, left := after[id]; left {
-			r.p.warn("QEMU keeps fdset %d (%s) open while the VM is paused; it closes it when the VM runs again", id, opaque)
+			if !r.kept[id] {
+				r.p.warn("QEMU keeps fdset %d (%s) open while the VM is paused; it closes it when the VM runs again", id, opaque)
+			}
+			r.kept[id] = true
 			continue
 		}
 		r.removed = append(r.removed, fmt.Sprintf("fdset %d", id))

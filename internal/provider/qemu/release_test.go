@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -98,5 +99,61 @@ func TestSetGivesBackEverything(t *testing.T) {
 			}
 			vm.AssertAsBefore(t, before)
 		})
+	}
+}
+
+// TestRecoverReportsOnlyVerified: a descriptor vmshadow passed is left in
+// an fdset of a paused VM (QEMU closes it only while the VM runs): recover
+// warns about it and does not report it removed; once the VM runs, recover
+// removes it and says so.
+func TestRecoverReportsOnlyVerified(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Disks: []qemutest.Disk{{ID: "vda"}}})
+	vm.Pause()
+	dir := t.TempDir()
+	f, err := os.Create(filepath.Join(dir, "vmshadow-x-0.cow"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var fdset struct {
+		ID int `json:"fdset-id"`
+	}
+	if err := vm.QMP().ExecuteWithFile(ctx, "add-fd", map[string]any{"opaque": "vmshadow-x-0-tgt"}, &fdset, f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	recover := func() (coord.RecoverReport, []string) {
+		t.Helper()
+		var warnings []string
+		p := qemu.New(qemu.Options{QMPPath: vm.QMPPath, ScratchDir: dir, Warn: func(w string) { warnings = append(warnings, w) }})
+		s, err := (&coord.Coordinator{Provider: p, Journal: &coord.Journal{Dir: dir + "/j"}}).Open(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		rep, err := s.Recover(ctx)
+		if err != nil {
+			t.Fatalf("recover: %v", err)
+		}
+		return rep, warnings
+	}
+	name := fmt.Sprintf("fdset %d", fdset.ID)
+	rep, warnings := recover()
+	if slices.Contains(rep.Removed, name) {
+		t.Errorf("recover on a paused VM reports %q removed; QEMU still has it", name)
+	}
+	if !strings.Contains(strings.Join(warnings, "\n"), name) {
+		t.Errorf("recover did not warn about %s: %q", name, warnings)
+	}
+	vm.Exec("cont", nil, nil)
+	rep, _ = recover()
+	if !slices.Contains(rep.Removed, name) {
+		t.Errorf("recover on the running VM: removed %q, want %q", rep.Removed, name)
+	}
+	var sets []any
+	vm.Exec("query-fdsets", nil, &sets)
+	if len(sets) != 0 {
+		t.Errorf("fdsets left: %v", sets)
 	}
 }
