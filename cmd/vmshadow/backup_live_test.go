@@ -45,14 +45,24 @@ func (r *liveRig) run(args ...string) result {
 	return vmshadow(r.t, r.env, args...)
 }
 
-// backup runs a live backup that must succeed and returns its summary.
+// backup runs a live backup that must succeed and give back everything
+// its set took, and returns its summary.
 func (r *liveRig) backup(extra ...string) map[string]any {
 	r.t.Helper()
+	before := r.baseline()
 	res := r.run(append([]string{"backup", "--repo", r.repo, "--qmp", r.vm.QMPPath}, extra...)...)
 	if res.code != 0 {
 		r.t.Fatalf("backup: exit %d: %s", res.code, res.errorMessage())
 	}
+	r.vm.AssertAsBefore(r.t, before)
 	return res.summary(r.t)
+}
+
+// baseline records what a backup's set may take from the VM; the chain's
+// bitmaps may move on.
+func (r *liveRig) baseline() qemutest.Baseline {
+	r.t.Helper()
+	return r.vm.Baseline(scratchOf(r.t, r.env)).WithChains()
 }
 
 // expected copies every disk as it is now (nothing writes meanwhile).
@@ -324,7 +334,7 @@ func TestLiveBackupKilled(t *testing.T) {
 	vm.Write("vda", 1, 0, 64<<20)
 	vm.Write("vdb", 2, 0, 32<<20)
 	r.backup()
-	before := vm.Graph()
+	before := r.baseline()
 	touched := map[string]map[int64]bool{"vda": {}, "vdb": {}}
 	r.scatter("vda", 3, touched["vda"])
 	r.scatter("vdb", 2, touched["vdb"])
@@ -348,14 +358,93 @@ func TestLiveBackupKilled(t *testing.T) {
 		}
 	}
 	r.restoreCompare(sum["backup_id"].(string), want)
-	g := vm.Graph()
-	before.Bitmaps, g.Bitmaps = nil, nil
-	if !g.Equal(before) {
-		t.Errorf("graph after recovery:\n%s\nwant\n%s", g, before)
-	}
+	vm.AssertAsBefore(t, before)
 	if bm := r.ourBitmaps(); len(bm) != 2 {
 		t.Errorf("vmshadow bitmaps = %v, want one per disk", bm)
 	}
+}
+
+// TestLiveBackupPausedVM: backups of a paused VM (suspended, or stopped for
+// maintenance while its backups go on) are incremental, restore right, and
+// each gives back everything its set took, the guest having rewritten
+// 24 MiB while the set existed; the VM stays paused.
+func TestLiveBackupPausedVM(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Disks: []qemutest.Disk{
+		{ID: "vda", Size: 64 << 20}, {ID: "vdb", Format: "raw", Size: 32 << 20}}})
+	vm.Pause()
+	r := newLiveRig(t, vm, false)
+	vm.Write("vda", 1, 0, 64<<20)
+	vm.Write("vdb", 2, 0, 32<<20)
+	r.backup()
+	touched := map[int64]bool{}
+	for round := 1; round <= 3; round++ {
+		r.scatter("vda", 3, touched)
+		want := r.expected()
+		before := r.baseline()
+		p := r.startPaused("backup-read", "backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+		vm.Write("vda", byte(0x40+round), 0, 24<<20) // after the instant: not in this backup
+		res := p.resume()
+		if res.code != 0 {
+			t.Fatalf("round %d: backup: exit %d %s", round, res.code, res.errorMessage())
+		}
+		vm.AssertAsBefore(t, before)
+		sum := res.summary(t)
+		if d := diskSummaries(t, sum)["vda"]; d["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched))*testChunk {
+			t.Errorf("round %d: vda %v, want incremental reading %d chunks", round, d, len(touched))
+		}
+		r.restoreCompare(sum["backup_id"].(string), want)
+		// The write during the backup is a change for the next one.
+		clear(touched)
+		for c := int64(0); c < 24<<20/testChunk; c++ {
+			touched[c] = true
+		}
+	}
+}
+
+// TestLiveBackupFullKilled: a --full backup killed (SIGKILL) once its set
+// exists leaves the chain where the last stored backup left it: the next
+// backup is incremental, reads exactly what changed since that backup
+// (before and during the killed one), and restores bit-identical.
+func TestLiveBackupFullKilled(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{
+		{ID: "vda", Size: 64 << 20}, {ID: "vdb", Format: "raw", Size: 32 << 20}}})
+	r := newLiveRig(t, vm, false)
+	vm.Write("vda", 1, 0, 64<<20)
+	vm.Write("vdb", 2, 0, 32<<20)
+	r.backup()
+	before := r.baseline()
+	touched := map[string]map[int64]bool{"vda": {}, "vdb": {}}
+	r.scatter("vda", 3, touched["vda"])
+	r.scatter("vdb", 2, touched["vdb"])
+	killed := vmshadow(t, append(r.env, "VMSHADOW_CRASH_AT=backup-read"), "backup", "--full", "--repo", r.repo, "--qmp", vm.QMPPath)
+	if killed.code != 137 {
+		t.Fatalf("--full backup was not killed: exit %d %s", killed.code, killed.errorMessage())
+	}
+	r.scatter("vda", 2, touched["vda"])
+	want := r.expected()
+	res := r.run("backup", "--repo", r.repo, "--qmp", vm.QMPPath)
+	if res.code != 0 {
+		t.Fatalf("backup after the killed --full one: %s", res.errorMessage())
+	}
+	sum := res.summary(t)
+	for name, d := range diskSummaries(t, sum) {
+		if d["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched[name]))*testChunk {
+			t.Errorf("disk %s after a killed --full backup: mode %v (reason %q) read %d, want incremental %d",
+				name, d["mode"], d["reason"], num(d["bytes_read"]), int64(len(touched[name]))*testChunk)
+		}
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+	vm.AssertAsBefore(t, before)
+	// A --full backup that is stored moves the chain on.
+	clear(touched["vda"])
+	r.scatter("vda", 1, touched["vda"])
+	r.backup("--full")
+	want = r.expected()
+	sum = r.backup()
+	if d := diskSummaries(t, sum)["vda"]; d["mode"] != "incremental" || num(d["bytes_read"]) != 0 {
+		t.Errorf("backup right after a stored --full one: %v, want incremental reading nothing", d)
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
 }
 
 // TestLiveBackupFaults: faults in the middle of a backup fail it cleanly:
@@ -367,7 +456,7 @@ func TestLiveBackupFaults(t *testing.T) {
 		r := newLiveRig(t, vm, false)
 		vm.Write("vda", 1, 0, 64<<20)
 		r.backup()
-		before := vm.Graph()
+		before := r.baseline()
 		touched := map[int64]bool{}
 		r.scatter("vda", 3, touched)
 		p := r.startPaused("backup-read", "backup", "--repo", r.repo, "--qmp", vm.QMPPath)
@@ -380,7 +469,7 @@ func TestLiveBackupFaults(t *testing.T) {
 		if res.code == 0 || !strings.Contains(res.errorMessage(), "vda") {
 			t.Fatalf("backup with its export removed: exit %d %q", res.code, res.errorMessage())
 		}
-		vm.SameGraph(before)
+		vm.AssertAsBefore(t, before)
 		r.scatter("vda", 1, touched)
 		want := r.expected()
 		sum := r.backup()
@@ -445,12 +534,12 @@ func TestLiveBackupFaults(t *testing.T) {
 		if err := vm.GuestIO("vda", fmt.Sprintf("write -s %s 0 %d", random, len(b))); err != nil {
 			t.Fatal(err)
 		}
-		before := vm.Graph()
+		before := r.baseline()
 		res := r.run("backup", "--repo", r.repo, "--qmp", vm.QMPPath)
 		if res.code != 11 {
 			t.Fatalf("backup into a full repository: exit %d %q, want 11 (no space)", res.code, res.errorMessage())
 		}
-		vm.SameGraph(before)
+		vm.AssertAsBefore(t, before)
 		if out, err := exec.Command("mount", "-o", "remount,size=256m", mnt).CombinedOutput(); err != nil {
 			t.Fatalf("remount: %v %s", err, out)
 		}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/guestvm"
+	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/walcheck"
 )
 
@@ -19,6 +20,25 @@ type guestRig struct {
 	env  []string
 	repo string
 	dir  string
+
+	look    *qemutest.Peer // the test's own QMP connection to vm
+	lookPID int
+}
+
+// peer is the test's own look at the guest's QEMU (a new one once the
+// guest was started again).
+func (g *guestRig) peer() *qemutest.Peer {
+	g.t.Helper()
+	if g.look == nil || g.lookPID != g.vm.PID {
+		g.look, g.lookPID = qemutest.Attach(g.t, g.vm.TestQMPSocket, g.vm.PID), g.vm.PID
+	}
+	return g.look
+}
+
+// baseline records what a backup's set may take from the guest's QEMU.
+func (g *guestRig) baseline() qemutest.Baseline {
+	g.t.Helper()
+	return g.peer().Baseline(scratchOf(g.t, g.env)).WithChains()
 }
 
 func startGuest(t *testing.T, kernelArgs ...string) *guestRig {
@@ -71,9 +91,18 @@ func (g *guestRig) waitRecords(seq uint64) uint64 {
 	}
 }
 
+// backup runs a backup, which whether it succeeds or not must give back
+// everything its set took.
 func (g *guestRig) backup(args ...string) result {
 	g.t.Helper()
-	return vmshadow(g.t, g.env, append([]string{"backup", "--repo", g.repo, "--qmp", g.vm.QMPSocket, "--qga", g.vm.AgentSocket}, args...)...)
+	return g.backupFrom(g.baseline(), args...)
+}
+
+func (g *guestRig) backupFrom(before qemutest.Baseline, args ...string) result {
+	g.t.Helper()
+	res := vmshadow(g.t, g.env, append([]string{"backup", "--repo", g.repo, "--qmp", g.vm.QMPSocket, "--qga", g.vm.AgentSocket}, args...)...)
+	g.peer().AssertAsBefore(g.t, before)
+	return res
 }
 
 // checkRestored restores a backup's data disk and checks the file system
@@ -218,7 +247,10 @@ func TestGuestWriterFailures(t *testing.T) {
 	defer vm2.Kill()
 	g.vm = vm2
 	g.waitRecords(0)
-	res = g.backup(append(fast, "--require", "filesystem")...)
+	// This backup also releases the killed guest's set: its scratch files go.
+	before := g.baseline()
+	before.Scratch = nil
+	res = g.backupFrom(before, append(fast, "--require", "filesystem")...)
 	if res.code != 0 {
 		t.Fatalf("backup after the guest came back: %s", res.errorMessage())
 	}

@@ -25,6 +25,18 @@ func stateEnv(t *testing.T) (dir string, env []string) {
 	return dir, []string{"VMSHADOW_STATE_DIR=" + dir}
 }
 
+// scratchOf is the diff area vmshadow uses with env: STATE_DIR/scratch.
+func scratchOf(t testing.TB, env []string) string {
+	t.Helper()
+	for _, e := range env {
+		if dir, ok := strings.CutPrefix(e, "VMSHADOW_STATE_DIR="); ok {
+			return filepath.Join(dir, "scratch")
+		}
+	}
+	t.Fatal("no VMSHADOW_STATE_DIR in the test's environment")
+	return ""
+}
+
 // readNBD copies an NBD export to a raw file with qemu-img and returns it.
 func readNBD(t *testing.T, uri string) ([]byte, error) {
 	t.Helper()
@@ -54,16 +66,28 @@ func shadows(t *testing.T, sum map[string]any) map[string]map[string]any {
 	return m
 }
 
+// TestSnapshotCapturesOneInstant, of a running VM and of a paused one
+// (suspended, or stopped for maintenance): the shadow copies read as the
+// disks were at the instant while the guest writes on, and delete gives
+// back everything the set took.
 func TestSnapshotCapturesOneInstant(t *testing.T) {
-	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{
+	t.Run("running", func(t *testing.T) { testSnapshotCapturesOneInstant(t, true) })
+	t.Run("paused", func(t *testing.T) { testSnapshotCapturesOneInstant(t, false) })
+}
+
+func testSnapshotCapturesOneInstant(t *testing.T, running bool) {
+	vm := qemutest.Start(t, qemutest.Options{Running: running, Disks: []qemutest.Disk{
 		{ID: "vda"}, {ID: "vdb", Format: "raw", Size: 32 << 20}, {ID: "vdc", Legacy: true, Size: 48 << 20},
 	}})
+	if !running {
+		vm.Pause()
+	}
 	_, env := stateEnv(t)
 	for _, d := range vm.Disks {
 		vm.Write(d.ID, 0x11, 0, 3<<20)
 		vm.Write(d.ID, 0x12, 10<<20, 64<<10)
 	}
-	before := vm.Graph()
+	before := vm.Baseline(scratchOf(t, env))
 	expected := map[string][]byte{}
 	for _, d := range vm.Disks {
 		b, err := os.ReadFile(vm.Snapshot(d.ID))
@@ -90,11 +114,13 @@ func TestSnapshotCapturesOneInstant(t *testing.T) {
 		t.Fatalf("want 3 shadows, got %v", sh)
 	}
 
-	// Guest writes after the instant: over old data, into holes, at the end.
+	// Guest writes after the instant: over old data (24 MiB of it in all),
+	// into holes, at the end.
 	for _, d := range vm.Disks {
 		vm.Write(d.ID, 0x22, 1<<20, 4<<20)
 		vm.Write(d.ID, 0x23, d.Size-(1<<20), 1<<20)
 	}
+	vm.Write("vda", 0x24, 8<<20, 16<<20)
 	for _, d := range vm.Disks {
 		s := sh[d.ID]
 		if int64(s["size"].(float64)) != d.Size {
@@ -119,7 +145,7 @@ func TestSnapshotCapturesOneInstant(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("delete: exit %d: %s", r.code, r.errorMessage())
 	}
-	vm.SameGraph(before)
+	vm.AssertAsBefore(t, before)
 	// The guest's writes went to the disks.
 	for _, d := range vm.Disks {
 		live, _ := os.ReadFile(vm.Snapshot(d.ID))
@@ -210,7 +236,7 @@ func TestSnapshotWriters(t *testing.T) {
 				}()
 			}
 			args = append(args, tt.args...)
-			before := vm.Graph()
+			before := vm.Baseline(scratchOf(t, env))
 			r := vmshadow(t, env, args...)
 			if r.code != tt.code {
 				t.Fatalf("exit %d, want %d: %s %v", r.code, tt.code, r.errorMessage(), r.warnings())
@@ -225,7 +251,7 @@ func TestSnapshotWriters(t *testing.T) {
 				t.Errorf("warnings %q do not mention %q", r.warnings(), tt.warn)
 			}
 			if r.code != 0 {
-				vm.SameGraph(before)
+				vm.AssertAsBefore(t, before)
 				return
 			}
 			sum := r.summary(t)
@@ -240,7 +266,7 @@ func TestSnapshotWriters(t *testing.T) {
 			if d := vmshadow(t, env, "snapshot", "delete", "--qmp", vm.QMPPath, fmt.Sprint(sum["set_id"])); d.code != 0 {
 				t.Fatalf("delete: %s", d.errorMessage())
 			}
-			vm.SameGraph(before)
+			vm.AssertAsBefore(t, before)
 		})
 	}
 }
@@ -250,14 +276,15 @@ func TestSnapshotWriters(t *testing.T) {
 // the guest through a new one.
 func TestSnapshotHangingAgent(t *testing.T) {
 	vm := qemutest.Start(t, qemutest.Options{Disks: []qemutest.Disk{{ID: "vda"}}})
+	vm.Pause()
 	_, env := stateEnv(t)
 	ag := qgatest.Start(t, qgatest.HangFreeze, "")
-	before := vm.Graph()
+	before := vm.Baseline(scratchOf(t, env))
 	r := vmshadow(t, env, "snapshot", "create", "--qmp", vm.QMPPath, "--qga", ag.Path, "--writer-timeout", "1s")
 	if r.code == 0 || !strings.Contains(r.errorMessage(), "recover") {
 		t.Fatalf("exit %d, error %q: want a failure that points to recover", r.code, r.errorMessage())
 	}
-	vm.SameGraph(before)
+	vm.AssertAsBefore(t, before)
 	if !ag.Frozen() {
 		t.Fatal("fake agent should still be frozen")
 	}
@@ -271,14 +298,15 @@ func TestSnapshotHangingAgent(t *testing.T) {
 	if ag.Frozen() {
 		t.Fatal("recover did not thaw the guest")
 	}
-	vm.SameGraph(before)
+	vm.AssertAsBefore(t, before)
 }
 
 func TestSnapshotBusyAndBadInput(t *testing.T) {
 	vm := qemutest.Start(t, qemutest.Options{Disks: []qemutest.Disk{{ID: "vda"}}})
+	vm.Pause()
 	empty := qemutest.Start(t, qemutest.Options{Name: "nodisks"})
 	_, env := stateEnv(t)
-	before := vm.Graph()
+	before := vm.Baseline(scratchOf(t, env))
 
 	notQMP := filepath.Join(t.TempDir(), "x.sock")
 	srv := exec.Command("python3", "-c", `
@@ -321,7 +349,7 @@ while True:
 			if r.code != tt.code || !strings.Contains(strings.ToLower(r.errorMessage()), tt.want) {
 				t.Fatalf("exit %d (want %d), error %q (want %q)", r.code, tt.code, r.errorMessage(), tt.want)
 			}
-			vm.SameGraph(before)
+			vm.AssertAsBefore(t, before)
 		})
 	}
 
@@ -330,15 +358,15 @@ while True:
 		if r.code != 0 {
 			t.Fatalf("create: %s", r.errorMessage())
 		}
-		during := vm.Graph()
+		during := vm.Baseline(scratchOf(t, env))
 		r2 := vmshadow(t, env, "snapshot", "create", "--qmp", vm.QMPPath)
 		if r2.code != 3 || !strings.Contains(r2.errorMessage(), "exists") {
 			t.Fatalf("second create: exit %d, %q", r2.code, r2.errorMessage())
 		}
-		vm.SameGraph(during)
+		vm.AssertAsBefore(t, during)
 		if d := vmshadow(t, env, "snapshot", "delete", "--qmp", vm.QMPPath, fmt.Sprint(r.summary(t)["set_id"])); d.code != 0 {
 			t.Fatal(d.errorMessage())
 		}
-		vm.SameGraph(before)
+		vm.AssertAsBefore(t, before)
 	})
 }

@@ -6,6 +6,10 @@
 // Guest writes are made the way a guest would make them, through the
 // device (HMP "qemu-io -d <qdev>"), so that they pass through any filter
 // vmshadow inserted above the disk; writing to the node would bypass it.
+//
+// It also owns the check every snapshot and backup test ends with: a set
+// gives back everything it took (Baseline, AssertAsBefore), for these VMs
+// and, through Attach, for any QEMU process.
 package qemutest
 
 import (
@@ -185,7 +189,21 @@ func (vm *VM) launch() {
 			t.Fatalf("qemu did not create its QMP sockets within 30s")
 		}
 	}
-	// The sockets exist before the machine is set up; QMP answers after.
+	// The sockets exist before QEMU listens on them (bind, then listen)
+	// and before the machine is set up; QMP answers after.
+	for vm.qmp == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		c, err := qmp.Dial(ctx, vm.TestQMPPath)
+		cancel()
+		if err == nil {
+			vm.qmp = c
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("test qmp: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	var status struct{ Status string }
 	vm.Exec("query-status", nil, &status)
 }
@@ -257,6 +275,19 @@ func (vm *VM) Resize(id string, size int64) {
 			vm.Disks[i].Size = size
 		}
 	}
+}
+
+// Pause stops the guest's CPUs (QMP stop), as an operator suspending the
+// VM would: the VM is then "paused". (Start without Running leaves it in
+// "prelaunch", never run; Pause runs it for a moment first.)
+func (vm *VM) Pause() {
+	vm.t.Helper()
+	var status struct{ Status string }
+	vm.Exec("query-status", nil, &status)
+	if status.Status == "prelaunch" {
+		vm.Exec("cont", nil, nil)
+	}
+	vm.Exec("stop", nil, nil)
 }
 
 // Kill stops QEMU (SIGKILL) and waits for it. Safe to call twice.
@@ -380,30 +411,45 @@ type Graph struct {
 // Graph reads the current block graph.
 func (vm *VM) Graph() Graph {
 	vm.t.Helper()
+	return readGraph(vm.Exec)
+}
+
+// Graph reads the current block graph.
+func (p *Peer) Graph() Graph {
+	p.t.Helper()
+	return readGraph(p.Exec)
+}
+
+func readGraph(exec func(string, any, any)) Graph {
 	var nodes []struct {
 		NodeName     string `json:"node-name"`
 		DirtyBitmaps []struct {
-			Name string `json:"name"`
+			Name      string `json:"name"`
+			Recording bool   `json:"recording"`
 		} `json:"dirty-bitmaps"`
 	}
-	vm.Exec("query-named-block-nodes", map[string]bool{"flat": true}, &nodes)
+	exec("query-named-block-nodes", map[string]bool{"flat": true}, &nodes)
 	var blocks []struct {
 		Qdev     string `json:"qdev"`
 		Inserted *struct {
 			NodeName string `json:"node-name"`
 		} `json:"inserted"`
 	}
-	vm.Exec("query-block", nil, &blocks)
+	exec("query-block", nil, &blocks)
 	var exports []struct {
 		ID string `json:"id"`
 	}
-	vm.Exec("query-block-exports", nil, &exports)
+	exec("query-block-exports", nil, &exports)
 	var jobs []struct {
 		ID string `json:"id"`
 	}
-	vm.Exec("query-block-jobs", nil, &jobs)
+	exec("query-block-jobs", nil, &jobs)
+	var anyJobs []struct {
+		ID string `json:"id"`
+	}
+	exec("query-jobs", nil, &anyJobs)
 	var status struct{ Status string }
-	vm.Exec("query-status", nil, &status)
+	exec("query-status", nil, &status)
 	g := Graph{Devices: map[string]string{}, Status: status.Status}
 	for _, n := range nodes {
 		g.Nodes = append(g.Nodes, n.NodeName)
@@ -421,6 +467,11 @@ func (vm *VM) Graph() Graph {
 	}
 	for _, j := range jobs {
 		g.Jobs = append(g.Jobs, j.ID)
+	}
+	for _, j := range anyJobs {
+		if !slices.Contains(g.Jobs, j.ID) {
+			g.Jobs = append(g.Jobs, j.ID)
+		}
 	}
 	slices.Sort(g.Nodes)
 	slices.Sort(g.Bitmaps)

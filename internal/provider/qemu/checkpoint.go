@@ -37,11 +37,17 @@ type checkpointState struct {
 	// bitmap is to be removed. Until then, Release merges the new bitmap
 	// back into the previous one so no change is ever lost.
 	Done bool `json:"done"`
+	// Stale are the repository's other bitmaps on the disk (of a broken
+	// chain): removed once the backup is stored, kept until then, so an
+	// interrupted backup leaves the disk as it found it.
+	Stale []string `json:"stale,omitempty"`
 }
 
 // planCheckpoint decides, per disk, whether the previous bitmap can be
-// trusted, and removes this repository's stale bitmaps. It runs in
-// Prepare, before anything is frozen.
+// trusted, and notes this repository's stale bitmaps. It runs in Prepare,
+// before anything is frozen, and removes nothing: a valid previous bitmap
+// goes on through a --full backup too, so that if the backup is not
+// stored the chain still continues from the last backup that was.
 func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state) error {
 	cp := p.opts.Checkpoint
 	nodes, err := p.namedNodes(ctx)
@@ -88,16 +94,15 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 			reason = fmt.Sprintf("change-tracking bitmap %s was not recording", prev.Bitmap)
 		}
 		d.FullReason = reason
-		if reason == "" {
-			d.Checkpoint.Previous = prev.Bitmap
+		if found != nil && had && prev.Size == d.Size && !found.Inconsistent && found.Recording {
+			d.Checkpoint.Previous = prev.Bitmap // read from only when reason is ""
 		}
-		// Remove this repository's other bitmaps on the disk: they are
-		// of no further use and slow the guest's writes down.
+		// The repository's other bitmaps on the disk are of no further
+		// use (and slow the guest's writes down): they go once this
+		// backup is stored.
 		for _, b := range byNode[d.Node].DirtyBitmaps {
 			if strings.HasPrefix(b.Name, cp.Prefix+"-") && b.Name != d.Checkpoint.Previous {
-				if err := p.exec(ctx, "block-dirty-bitmap-remove", map[string]any{"node": d.Node, "name": b.Name}, nil); err != nil && !isMissing(err) {
-					return fmt.Errorf("disk %s: remove stale bitmap %s: %w", d.Name, b.Name, err)
-				}
+				d.Checkpoint.Stale = append(d.Checkpoint.Stale, b.Name)
 			}
 		}
 	}
@@ -164,6 +169,13 @@ func (r *releaser) checkpoints(ctx context.Context, st *state) {
 		newOK, prevOK := has[d.Node+"/"+cp.New], cp.Previous != "" && has[d.Node+"/"+cp.Previous]
 		var acts []map[string]any
 		var what string
+		if cp.Done {
+			for _, b := range cp.Stale {
+				if has[d.Node+"/"+b] {
+					r.try("bitmap "+b+" (of a broken chain)", p.exec(ctx, "block-dirty-bitmap-remove", map[string]any{"node": d.Node, "name": b}, nil))
+				}
+			}
+		}
 		switch {
 		case cp.Done && prevOK:
 			acts = append(acts, bitmapAction("remove", d.Node, cp.Previous))

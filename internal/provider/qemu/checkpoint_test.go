@@ -49,9 +49,11 @@ type rig struct {
 }
 
 // set takes a set with the given checkpoint request, runs fn on it, then
-// completes the checkpoint if ok and deletes the set.
+// completes the checkpoint if ok and deletes the set, which must give back
+// everything it took (the chain's bitmaps may move on).
 func (r *rig) set(cp *qemu.Checkpoint, ok bool, fn func(set *coord.Set)) *coord.Set {
 	r.t.Helper()
+	before := r.vm.Baseline(r.scratch).WithChains()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	p := qemu.New(qemu.Options{QMPPath: r.vm.QMPPath, ScratchDir: r.scratch, Checkpoint: cp})
@@ -73,6 +75,7 @@ func (r *rig) set(cp *qemu.Checkpoint, ok bool, fn func(set *coord.Set)) *coord.
 	if _, err := s.Delete(ctx, set.ID); err != nil {
 		r.t.Fatal(err)
 	}
+	r.vm.AssertAsBefore(r.t, before)
 	return set
 }
 
@@ -153,11 +156,15 @@ func TestCheckpointChain(t *testing.T) {
 			}
 		}
 	})
-	// The broken chain's bitmaps are gone; a new full backup starts a new one.
-	if got := bitmaps(vm); got != "" {
-		t.Errorf("bitmaps after a failed full backup = %q, want none", got)
+	// That backup was not stored: the broken chain's bitmaps stay (the next
+	// backup gives the same reasons); a stored full backup removes them.
+	if got, want := bitmaps(vm), fmt.Sprintf("fmt-vdb/%s-%s", prefix, s3.ID); got != want {
+		t.Errorf("bitmaps after a failed full backup = %q, want %q", got, want)
 	}
 	s5 := r.set(&qemu.Checkpoint{Prefix: prefix}, true, func(*coord.Set) {})
+	if got, want := bitmaps(vm), fmt.Sprintf("fmt-vda/%s-%s fmt-vdb/%s-%s", prefix, s5.ID, prefix, s5.ID); got != want {
+		t.Errorf("bitmaps after a stored full backup = %q, want %q", got, want)
+	}
 	other := r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo2"}, true, func(*coord.Set) {})
 	r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo2", Previous: prev(other), Full: true}, true, func(set *coord.Set) {
 		for _, sh := range set.Shadows {
@@ -200,5 +207,45 @@ func TestCheckpointOldQcow2(t *testing.T) {
 	}
 	if !found {
 		t.Fatal("no change-tracking bitmap on the qcow2 v2 disk")
+	}
+}
+
+// TestCheckpointFullInterrupted: a --full backup that is not stored leaves
+// the chain where the last stored backup left it (the next backup is
+// incremental and sees every change since that backup, those made during
+// the --full one included); a stored --full backup moves the chain on.
+func TestCheckpointFullInterrupted(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda"}}})
+	dir, _ := os.MkdirTemp("", "vscp")
+	defer os.RemoveAll(dir)
+	r := &rig{t: t, vm: vm, journal: &coord.Journal{Dir: dir + "/j"}, scratch: dir + "/s"}
+	prefix := "vmshadow-repo1"
+	prev := func(set *coord.Set) map[string]qemu.Previous {
+		return map[string]qemu.Previous{"vda": {Bitmap: set.Shadows[0].Checkpoint, Size: set.Shadows[0].Size}}
+	}
+	s1 := r.set(&qemu.Checkpoint{Prefix: prefix}, true, func(*coord.Set) {})
+	vm.Write("vda", 1, 1<<20, 64<<10)
+	r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1), Full: true}, false, func(set *coord.Set) {
+		sh := set.Shadows[0]
+		if sh.Bitmap != "" || !strings.Contains(sh.FullReason, "--full") {
+			t.Errorf("--full set: bitmap %q reason %q, want a full read for --full", sh.Bitmap, sh.FullReason)
+		}
+		vm.Write("vda", 2, 8<<20, 64<<10) // during the backup that is not stored
+	})
+	if got, want := bitmaps(vm), "fmt-vda/"+prefix+"-"+s1.ID; got != want {
+		t.Fatalf("bitmaps after an interrupted --full backup = %q, want %q", got, want)
+	}
+	s3 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1)}, true, func(set *coord.Set) {
+		sh := set.Shadows[0]
+		if sh.FullReason != "" || sh.Bitmap != prefix+"-"+s1.ID {
+			t.Fatalf("backup after an interrupted --full: bitmap %q reason %q, want incremental from %s", sh.Bitmap, sh.FullReason, s1.ID)
+		}
+		if got, want := strings.Join(dirtyExtents(t, sh), ","), "1048576+65536,8388608+65536"; got != want {
+			t.Errorf("dirty = %s, want %s", got, want)
+		}
+	})
+	s4 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s3), Full: true}, true, func(*coord.Set) {})
+	if got, want := bitmaps(vm), "fmt-vda/"+prefix+"-"+s4.ID; got != want {
+		t.Fatalf("bitmaps after a stored --full backup = %q, want %q", got, want)
 	}
 }

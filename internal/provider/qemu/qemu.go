@@ -2,9 +2,11 @@
 // (no libvirt). It owns the mapping of the shadow-copy model onto QEMU's
 // block layer:
 //
-//   - diff area: one sparse scratch file per disk, opened by vmshadow and
-//     handed to QEMU as a file descriptor (so QEMU needs no permission on
-//     the scratch directory);
+//   - diff area: one sparse scratch file per disk, created by vmshadow and
+//     handed to QEMU as a file descriptor when the VM runs (so QEMU needs no
+//     permission on the scratch directory), opened by QEMU by path when it
+//     is paused (QEMU before 9.1 closes passed descriptors only while the
+//     VM runs); released with its node, then emptied and deleted;
 //   - copy-on-write: a copy-before-write filter node above each disk, with
 //     on-cbw-error=break-snapshot, so a full or failing diff area breaks the
 //     shadow copy (its reads fail) instead of the guest's writes, and a
@@ -253,6 +255,7 @@ func (p *Provider) scan(ctx context.Context) error {
 type namedNode struct {
 	NodeName     string       `json:"node-name"`
 	Drv          string       `json:"drv"`
+	File         string       `json:"file"` // the image's file name`
 	DirtyBitmaps []bitmapInfo `json:"dirty-bitmaps"`
 }
 
@@ -301,6 +304,7 @@ type state struct {
 type diskState struct {
 	Disk
 	Scratch  string `json:"scratch"`
+	ByPath   bool   `json:"scratch_by_path,omitempty"` // QEMU opened Scratch by path (the VM was paused), not through a passed descriptor
 	Target   string `json:"target_node"`
 	CBW      string `json:"cbw_node"`
 	Snap     string `json:"snap_node"`

@@ -85,6 +85,12 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 	if err != nil {
 		return err
 	}
+	var status struct {
+		Running bool `json:"running"`
+	}
+	if err := p.exec(ctx, "query-status", nil, &status); err != nil {
+		return err
+	}
 	st := &state{QMP: p.opts.QMPPath, QEMUPID: c.PID(), ScratchDir: dir,
 		Socket: filepath.Join(dir, Prefix+set.ID+".sock")}
 	if len(st.Socket) > maxSocketPath {
@@ -93,7 +99,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 	for i, d := range p.disks {
 		tgt, cbw, snap := names(set.ID, i)
 		st.Disks = append(st.Disks, diskState{Disk: d, Target: tgt, CBW: cbw, Snap: snap, Export: snap,
-			Scratch: filepath.Join(dir, fmt.Sprintf("%s%s-%d.cow", Prefix, set.ID, i))})
+			Scratch: filepath.Join(dir, fmt.Sprintf("%s%s-%d.cow", Prefix, set.ID, i)), ByPath: !status.Running})
 	}
 	if p.opts.Checkpoint != nil {
 		if err := p.planCheckpoint(ctx, set, st); err != nil {
@@ -133,8 +139,13 @@ func checkScratch(dir string) error {
 	return os.Remove(f.Name())
 }
 
-// addTarget creates the sparse scratch file and opens it in QEMU through a
-// passed file descriptor.
+// addTarget creates the sparse scratch file and opens it in QEMU as the
+// target node. A running VM gets it as a passed file descriptor, so QEMU
+// needs no access to the scratch directory. A paused VM opens it by path:
+// QEMU before 9.1 closes a passed descriptor only while the VM runs
+// (monitor_fdset_cleanup checks runstate_is_running, even after remove-fd),
+// so a descriptor passed to a paused VM would keep the file, and every
+// block the guest rewrote while the set existed, until the VM runs again.
 func (p *Provider) addTarget(ctx context.Context, setID string, d diskState) error {
 	f, err := os.OpenFile(d.Scratch, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -143,6 +154,14 @@ func (p *Provider) addTarget(ctx context.Context, setID string, d diskState) err
 	defer f.Close()
 	if err := f.Truncate(d.Size); err != nil {
 		return err
+	}
+	if d.ByPath {
+		f.Close()
+		err := p.exec(ctx, "blockdev-add", map[string]any{"driver": "file", "node-name": d.Target, "filename": d.Scratch}, nil)
+		if err != nil {
+			return fmt.Errorf("QEMU opens the scratch file %s itself while the VM is paused (a descriptor passed to a paused VM stays open in QEMU until the VM runs again): %w (give QEMU's user access to --scratch-dir, or resume the VM)", d.Scratch, err)
+		}
+		return nil
 	}
 	c, err := p.QMP(ctx)
 	if err != nil {
@@ -284,7 +303,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		}
 		if cp := d.Checkpoint; cp != nil {
 			sh.Checkpoint = cp.New
-			if cp.Previous != "" {
+			if cp.Previous != "" && d.FullReason == "" {
 				sh.Bitmap = cp.Previous
 				export["bitmaps"] = []any{map[string]string{"node": d.Node, "name": cp.Previous}}
 			}
