@@ -235,7 +235,7 @@ func (d *Domain) Tainted() []string {
 func (d *Domain) GuestWrite(t testing.TB, target string, pattern byte, off, length int64) {
 	t.Helper()
 	dev := d.qdev(t, target)
-	cmd := fmt.Sprintf(`qemu-io -d %s "write -P 0x%02x %d %d"`, dev, pattern, off, length)
+	cmd := fmt.Sprintf(`qemu-io -d /machine/peripheral/%s/virtio-backend "write -P 0x%02x %d %d"`, dev, pattern, off, length)
 	out := Virsh(t, "qemu-monitor-command", d.Name, "--hmp", cmd)
 	if strings.TrimSpace(out) != "" && !strings.Contains(out, "wrote") {
 		t.Fatalf("guest write %s: %s", cmd, out)
