@@ -417,4 +417,3 @@ func (p *Provider) local() bool {
 	_, local, _ := ParseURI(p.opts.URI)
 	return local
 }
-

@@ -285,17 +285,18 @@ func TestFullThenIncremental(t *testing.T) {
 	}
 }
 
-// failingThaw is a writer whose thaw fails: with filesystem consistency
-// required, the set fails after virDomainBackupBegin.
-type failingThaw struct{}
+// fsWriter is a writer that freezes and thaws fine at filesystem level:
+// with application consistency required, the set fails after
+// virDomainBackupBegin created the job and the checkpoint.
+type fsWriter struct{}
 
-func (failingThaw) Name() string                                   { return "failing-thaw" }
-func (failingThaw) Level() coord.Level                             { return coord.Filesystem }
-func (failingThaw) Spec() coord.WriterSpec                         { return coord.WriterSpec{Kind: "test"} }
-func (failingThaw) Prepare(context.Context, coord.SetContext) error { return nil }
-func (failingThaw) Freeze(context.Context) error                   { return nil }
-func (failingThaw) Thaw(context.Context) error                     { return errors.New("injected thaw failure") }
-func (failingThaw) Close() error                                   { return nil }
+func (fsWriter) Name() string                                    { return "fs-writer" }
+func (fsWriter) Level() coord.Level                              { return coord.Filesystem }
+func (fsWriter) Spec() coord.WriterSpec                          { return coord.WriterSpec{Kind: "test"} }
+func (fsWriter) Prepare(context.Context, coord.SetContext) error { return nil }
+func (fsWriter) Freeze(context.Context) error                    { return nil }
+func (fsWriter) Thaw(context.Context) error                      { return nil }
+func (fsWriter) Close() error                                    { return nil }
 
 // TestFailedSetLosesNoChange: an incremental set that fails after the
 // backup job and its checkpoint were created leaves no job, no scratch and
@@ -322,14 +323,14 @@ func TestFailedSetLosesNoChange(t *testing.T) {
 
 	r.dom.GuestWrite(t, "vda", 0x71, 2*mib, 64<<10)
 	p2 := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo2", Incremental: base})
-	c2 := &coord.Coordinator{Provider: p2, Journal: r.journal, Writers: []coord.Writer{failingThaw{}}}
-	c2.Require = coord.Filesystem
+	c2 := &coord.Coordinator{Provider: p2, Journal: r.journal, Writers: []coord.Writer{fsWriter{}}}
+	c2.Require = coord.Application
 	s2, err := c2.Open(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s2.Create(ctx); err == nil || !strings.Contains(err.Error(), "injected thaw failure") {
-		t.Fatalf("set with a failing thaw: err = %v, want the injected failure", err)
+	if _, err := s2.Create(ctx); !errors.Is(err, errs.ErrConsistency) {
+		t.Fatalf("set short of the required consistency: err = %v, want ErrConsistency", err)
 	}
 	s2.Close()
 	r.noJob()
@@ -379,8 +380,8 @@ func TestRecoverLeftoverJob(t *testing.T) {
 	}
 
 	p2 := r.provider(nil)
-	s2 := r.open(ctx, p2)
-	_, err = s2.Create(ctx)
+	s2 := r.open(ctx, p2) // Identify
+	err = p2.Prepare(ctx, &coord.Set{ID: coord.NewSetID()}, func() error { return nil })
 	if !errors.Is(err, errs.ErrBusy) || !strings.Contains(err.Error(), "recover") {
 		t.Fatalf("set over a leftover job: err = %v, want ErrBusy telling to recover", err)
 	}
@@ -411,7 +412,10 @@ func TestRecoverLeftoverJob(t *testing.T) {
 func TestForeignBackupJob(t *testing.T) {
 	r := newRig(t)
 	ctx := ctxFor(t)
-	sock := filepath.Join(r.dom.Dir, "other.sock")
+	other := filepath.Join(r.dom.Dir, "other")
+	os.Mkdir(other, 0o777)
+	os.Chmod(other, 0o777) // QEMU (libvirt-qemu) creates the socket
+	sock := filepath.Join(other, "nbd.sock")
 	x := filepath.Join(r.dom.Dir, "backup.xml")
 	os.WriteFile(x, []byte(fmt.Sprintf(`<domainbackup mode='pull'><server transport='unix' socket='%s'/><disks><disk name='vda' type='file'><scratch file='%s'/></disk><disk name='vdb' backup='no'/></disks></domainbackup>`,
 		sock, filepath.Join(r.dom.Dir, "other.scratch"))), 0o644)
