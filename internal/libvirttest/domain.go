@@ -25,7 +25,9 @@ type Disk struct {
 	ReadOnly  bool
 	Shareable bool
 
-	Path string // image file, set by NewDomain
+	// Path is the image file: given, it is used as it is (in a directory
+	// QEMU can reach, such as a TempDir); else NewDomain creates it.
+	Path string
 }
 
 // Options describe a test domain.
@@ -78,6 +80,10 @@ func NewDomain(t testing.TB, opts Options) *Domain {
 		}
 		if disk.Size == 0 {
 			disk.Size = 64 << 20
+		}
+		if disk.Path != "" {
+			d.Disks = append(d.Disks, disk)
+			continue
 		}
 		disk.Path = filepath.Join(d.Dir, disk.Target+"."+disk.Format)
 		args := []string{"create", "-q", "-f", disk.Format}
