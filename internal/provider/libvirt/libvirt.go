@@ -206,10 +206,9 @@ func (p *Provider) connect(ctx context.Context) (*golibvirt.Libvirt, error) {
 		l.Disconnect()
 		return nil, fmt.Errorf("libvirt at %s: get version: %w", p.opts.URI, classify(err))
 	}
-	if ver < MinVersion {
+	if err := checkVersion(p.opts.URI, ver); err != nil {
 		l.Disconnect()
-		return nil, fmt.Errorf("libvirt at %s is version %s: vmshadow needs libvirt 7.2.0 or newer (pull-mode backups of QEMU domains, virDomainBackupBegin): %w",
-			p.opts.URI, versionString(ver), errs.ErrUnsupported)
+		return nil, err
 	}
 	p.l, p.version = l, ver
 	return l, nil
@@ -227,6 +226,15 @@ func connectError(s string, u *url.URL, local bool, err error) error {
 		return fmt.Errorf("connect to libvirt at %s: %v: %w", s, err, errs.ErrConnect)
 	}
 	return fmt.Errorf("connect to libvirt at %s: %w", s, classify(err))
+}
+
+// checkVersion refuses a libvirt too old for pull-mode backups.
+func checkVersion(uri string, ver uint64) error {
+	if ver < MinVersion {
+		return fmt.Errorf("libvirt at %s is version %s: vmshadow needs libvirt %s or newer (pull-mode backups of QEMU domains with virDomainBackupBegin): upgrade libvirt: %w",
+			uri, versionString(ver), versionString(MinVersion), errs.ErrUnsupported)
+	}
+	return nil
 }
 
 func versionString(v uint64) string {
