@@ -470,3 +470,60 @@ func TestErrors(t *testing.T) {
 	}
 	p.Close()
 }
+
+// TestScratchNotReachable: a scratch dir QEMU's user cannot enter (under a
+// 0700 directory, like root's home) makes virDomainBackupBegin fail with
+// permission denied; the set fails with a message saying what to fix, and
+// leaves no job and no checkpoint.
+func TestScratchNotReachable(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	private := filepath.Join(r.dom.Dir, "private")
+	if err := os.Mkdir(private, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: r.dom.Name, ScratchDir: filepath.Join(private, "scratch"),
+		Checkpoint: &libvirt.Checkpoint{Prefix: "vmshadow-repo5"}})
+	s := r.open(ctx, p)
+	_, err := s.Create(ctx)
+	if !errors.Is(err, errs.ErrConnect) || !strings.Contains(err.Error(), "may not create the NBD socket or scratch files") || !strings.Contains(err.Error(), "--scratch-dir") {
+		t.Fatalf("unreachable scratch dir: %v", err)
+	}
+	r.noJob()
+	if got := r.checkpoints(); len(got) > 0 {
+		t.Fatalf("checkpoints left: %v", got)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(private, "scratch")); len(ents) > 0 {
+		t.Fatalf("scratch dir not empty: %v", ents)
+	}
+}
+
+// TestReleaseUnrecordedCheckpoints: with Options.Recorded, Release(nil)
+// deletes the vmshadow checkpoints no repository records and leaves the
+// recorded ones and other tools' checkpoints alone.
+func TestReleaseUnrecordedCheckpoints(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	for _, n := range []string{"vmshadow-repo6-a", "other-tool-1", "vmshadow-repo6-b"} {
+		libvirttest.Virsh(t, "checkpoint-create-as", r.dom.Name, n, "--diskspec", "vda,checkpoint=bitmap", "--diskspec", "vdb,checkpoint=no")
+	}
+	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: r.dom.Name, ScratchDir: r.scratch,
+		Recorded: func(name string) bool { return name == "vmshadow-repo6-b" }})
+	r.open(ctx, p)
+	removed, err := p.Release(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(removed) != 1 || !strings.Contains(removed[0], "vmshadow-repo6-a") {
+		t.Fatalf("removed %v, want checkpoint vmshadow-repo6-a only", removed)
+	}
+	got := r.checkpoints()
+	slices.Sort(got)
+	if !slices.Equal(got, []string{"other-tool-1", "vmshadow-repo6-b"}) {
+		t.Fatalf("checkpoints left = %v", got)
+	}
+	// Without Recorded, no checkpoint is ever deleted.
+	if removed, err := r.provider(nil).Release(ctx, nil); err != nil || len(removed) > 0 {
+		t.Fatalf("Release(nil) without Recorded = %v, %v", removed, err)
+	}
+}
