@@ -38,6 +38,15 @@
 // freeze-commit-thaw sequence, its time limits and its journal (recover can
 // thaw a guest left frozen), and hooks run between them as for QEMU.
 //
+// Permissions: libvirtd (root on a system connection) creates and labels
+// the scratch files; QEMU, running as qemu.conf's user (Debian:
+// libvirt-qemu), creates the NBD socket. Prepare gives the set's directory
+// to that user (the DAC label of the live XML), but every directory above
+// it must let that user through (no 0700 parent such as /root), and where
+// AppArmor or SELinux confine QEMU the scratch directory must be allowed in
+// the domain's profile (e.g. a directory under /var/lib/libvirt/qemu). A
+// denial fails the set with errs.ErrConnect saying so, and leaves nothing.
+//
 // Needs libvirt 7.2 or newer (pull-mode backup enabled for QEMU; per-disk
 // backupmode, used when some disks cannot be incremental, since 7.6).
 package libvirt

@@ -3,7 +3,6 @@ package libvirt_test
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -184,8 +183,6 @@ func (r *rig) scratchEmpty() {
 		r.t.Errorf("scratch dir not empty after release: %v", names)
 	}
 }
-
-func digest(b []byte) string { s := sha256.Sum256(b); return fmt.Sprintf("%x", s[:8]) }
 
 // TestFullThenIncremental takes a full set of a two-disk domain with a
 // checkpoint, reads both shadows over NBD, and checks they hold the disks
@@ -525,5 +522,46 @@ func TestReleaseUnrecordedCheckpoints(t *testing.T) {
 	// Without Recorded, no checkpoint is ever deleted.
 	if removed, err := r.provider(nil).Release(ctx, nil); err != nil || len(removed) > 0 {
 		t.Fatalf("Release(nil) without Recorded = %v, %v", removed, err)
+	}
+}
+
+// TestRecoverKilledSet: a set whose process died with its journal record
+// intact (the lock is gone with the process) is undone by Recover: the job
+// is aborted, the uncompleted set's checkpoint deleted, the directory
+// removed, the record dropped.
+func TestRecoverKilledSet(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo7"})
+	s := r.open(ctx, p)
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close() // the process dies: the lock goes, the record and the job stay
+	if got := r.checkpoints(); !slices.Equal(got, []string{"vmshadow-repo7-" + set.ID}) {
+		t.Fatalf("checkpoints while the set exists = %v", got)
+	}
+
+	p2 := r.provider(nil)
+	s2 := r.open(ctx, p2)
+	if sets, err := s2.List(ctx); err != nil || len(sets) != 1 || sets[0].Phase != "exposed" {
+		t.Fatalf("List of the left set = %+v, %v; want it alive (exposed)", sets, err)
+	}
+	rep, err := s2.Recover(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(rep.Removed, "; ")
+	if rep.SetID != set.ID || !strings.Contains(joined, "backup job") || !strings.Contains(joined, "checkpoint vmshadow-repo7-"+set.ID) {
+		t.Fatalf("recover report %+v", rep)
+	}
+	r.noJob()
+	r.scratchEmpty()
+	if got := r.checkpoints(); len(got) > 0 {
+		t.Fatalf("checkpoints after recover: %v", got)
+	}
+	if cur, err := s2.Current(); err != nil || cur != nil {
+		t.Fatalf("journal after recover: %+v, %v", cur, err)
 	}
 }
