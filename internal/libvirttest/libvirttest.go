@@ -233,13 +233,24 @@ func stopPIDFile(pf string) error {
 		return nil
 	}
 	deadline := time.Now().Add(30 * time.Second)
-	for syscall.Kill(pid, 0) == nil {
+	for alive(pid) {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s (pid %d) did not exit after SIGTERM", pf, pid)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	return nil
+}
+
+// alive reports whether pid runs: it exists and is not a zombie (the
+// daemons' parent is whatever reaps orphans here, maybe late).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	_, rest, ok := strings.Cut(string(b), ") ")
+	return ok && !strings.HasPrefix(rest, "Z") && !strings.HasPrefix(rest, "X")
 }
 
 // Virsh runs virsh against the helper's daemon and returns its standard
@@ -290,3 +301,40 @@ func TempDir(t testing.TB) string {
 
 // LogPath is the QEMU log libvirt keeps for domain name.
 func LogPath(name string) string { return filepath.Join(LogDir, name+".log") }
+
+// RestartLibvirtd stops and starts libvirtd (domains keep running; libvirtd
+// reconnects to them), for tests of what survives a restart. It restarts
+// only a libvirtd the helpers started, waiting until no other test binary
+// uses it; otherwise the test is skipped (fails in CI).
+func RestartLibvirtd(t testing.TB) {
+	t.Helper()
+	Need(t)
+	mu.Lock()
+	defer mu.Unlock()
+	b, _ := os.ReadFile(markerPath)
+	if !strings.Contains(string(b), libvirtdPIDFile) {
+		msg := "libvirtd was not started by the test helpers: not restarting it"
+		if testutil.InCI() {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	fd := int(lockFile.Fd())
+	deadline := time.Now().Add(3 * time.Minute)
+	for syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("another test binary keeps using libvirtd: cannot restart it")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	defer syscall.Flock(fd, syscall.LOCK_SH)
+	if err := stopPIDFile(libvirtdPIDFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := run(daemonPath("libvirtd"), "-d"); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitListening(SocketPath); err != nil {
+		t.Fatal(err)
+	}
+}

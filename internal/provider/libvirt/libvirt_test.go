@@ -565,3 +565,45 @@ func TestRecoverKilledSet(t *testing.T) {
 		t.Fatalf("journal after recover: %+v, %v", cur, err)
 	}
 }
+
+// TestCheckpointSurvivesLibvirtdRestart: a completed set's checkpoint is
+// still there after libvirtd restarts, and the next incremental reports
+// exactly the changes since it.
+func TestCheckpointSurvivesLibvirtdRestart(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo8"})
+	s := r.open(ctx, p)
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.CompleteCheckpoint(set, func() error { return s.Save(set) }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Delete(ctx, set.ID); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	first := "vmshadow-repo8-" + set.ID
+
+	libvirttest.RestartLibvirtd(t)
+	if got := r.checkpoints(); !slices.Equal(got, []string{first}) {
+		t.Fatalf("checkpoints after the restart = %v, want [%s]", got, first)
+	}
+	r.dom.GuestWrite(t, "vda", 0x81, 20*mib, 64<<10)
+	p2 := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo8", Incremental: first})
+	s2 := r.open(ctx, p2)
+	set2, err := s2.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{fmt.Sprint(20*mib, "+", 64<<10)}
+	if got := dirty(t, ctx, shadow(t, set2, "vda")); !slices.Equal(got, want) {
+		t.Fatalf("dirty after the restart = %v, want %v", got, want)
+	}
+	if _, err := s2.Delete(ctx, set2.ID); err != nil {
+		t.Fatal(err)
+	}
+	r.noJob()
+}
