@@ -47,8 +47,10 @@
 // the domain's profile (e.g. a directory under /var/lib/libvirt/qemu). A
 // denial fails the set with errs.ErrConnect saying so, and leaves nothing.
 //
-// Needs libvirt 7.2 or newer (pull-mode backup enabled for QEMU; per-disk
-// backupmode, used when some disks cannot be incremental, since 7.6).
+// Needs libvirt 7.2 or newer (pull-mode backup enabled for QEMU). An
+// incremental set in which some disks cannot be incremental (raw, qcow2 v2,
+// added since the base) marks those disks backupmode='full', an attribute of
+// later libvirt releases (tested with 9.0, Debian 12's).
 package libvirt
 
 import (
