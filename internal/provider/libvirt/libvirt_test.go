@@ -607,3 +607,40 @@ func TestCheckpointSurvivesLibvirtdRestart(t *testing.T) {
 	}
 	r.noJob()
 }
+
+// TestDomainStoppedUnderSet: the domain stops while a set exists (its job
+// goes with QEMU): List reports the set stale. libvirt cannot delete a
+// checkpoint of a stopped domain, and dropping only its metadata would lose
+// the changes its bitmap holds: deleting the set fails saying what to do,
+// and succeeds once the domain runs again.
+func TestDomainStoppedUnderSet(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo9"})
+	s := r.open(ctx, p)
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	libvirttest.Virsh(t, "destroy", r.dom.Name)
+	sets, err := s.List(ctx)
+	if err != nil || len(sets) != 1 || sets[0].Phase != "stale" {
+		t.Fatalf("List after the domain stopped = %+v, %v; want the set stale", sets, err)
+	}
+	_, err = s.Delete(ctx, set.ID)
+	if err == nil || !strings.Contains(err.Error(), "start it, then run 'vmshadow recover") {
+		t.Fatalf("delete of a stale set on a stopped domain: %v, want an error saying to start it and recover", err)
+	}
+	r.scratchEmpty()
+	if got := r.checkpoints(); len(got) != 1 {
+		t.Fatalf("checkpoints while the domain is stopped: %v, want the set's", got)
+	}
+	libvirttest.Virsh(t, "start", r.dom.Name)
+	if _, err := s.Delete(ctx, set.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.checkpoints(); len(got) > 0 {
+		t.Fatalf("checkpoints after deleting the stale set: %v", got)
+	}
+	r.noJob()
+}

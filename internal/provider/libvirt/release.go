@@ -128,7 +128,15 @@ func (r *releaser) deleteCheckpoint(ctx context.Context, name, what string) {
 		err = do(ctx, func() error { return l.DomainCheckpointDelete(cp, 0) })
 	}
 	if err != nil && !isCode(err, golibvirt.ErrNoDomainCheckpoint) {
-		r.errs = append(r.errs, fmt.Errorf("delete %s: %w", what, classify(err)))
+		if strings.Contains(err.Error(), "inactive domain") {
+			// Dropping only the metadata would lose the changes its bitmap
+			// holds: the checkpoint stays until the domain runs again.
+			err = fmt.Errorf("%w: domain %s is not running and libvirt deletes checkpoints of running domains only: start it, then run 'vmshadow recover --libvirt %s --vm %s' (until then the checkpoint stays, and no change is lost)",
+				classify(err), dom.Name, r.p.opts.URI, dom.Name)
+		} else {
+			err = classify(err)
+		}
+		r.errs = append(r.errs, fmt.Errorf("delete %s: %w", what, err))
 		return
 	}
 	r.removed = append(r.removed, what)

@@ -383,6 +383,9 @@ func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
 		return false, err
 	}
 	job, err := p.backupJob(ctx)
+	if notRunning(err) {
+		return false, nil // the domain stopped: its job is gone
+	}
 	if err != nil {
 		return false, err
 	}
