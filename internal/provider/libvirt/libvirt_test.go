@@ -644,3 +644,32 @@ func TestDomainStoppedUnderSet(t *testing.T) {
 	}
 	r.noJob()
 }
+
+// TestCommitPastDeadline: when the freeze window ends while libvirt is
+// still beginning the backup job, Commit fails with the deadline only once
+// libvirt finished, so that Release finds and removes the job and the
+// checkpoint instead of racing their creation.
+func TestCommitPastDeadline(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo10"})
+	r.open(ctx, p) // Identify
+	set := &coord.Set{ID: coord.NewSetID()}
+	save := func() error { return nil }
+	if err := p.Prepare(ctx, set, save); err != nil {
+		t.Fatal(err)
+	}
+	window, cancel := context.WithTimeout(ctx, time.Millisecond)
+	defer cancel()
+	if err := p.Commit(window, set, save); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("commit past its deadline: %v", err)
+	}
+	if _, err := p.Release(ctx, set); err != nil {
+		t.Fatal(err)
+	}
+	r.noJob()
+	r.scratchEmpty()
+	if got := r.checkpoints(); len(got) > 0 {
+		t.Fatalf("checkpoints left: %v", got)
+	}
+}

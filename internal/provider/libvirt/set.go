@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/vmshadow/vmshadow/internal/coord"
@@ -324,11 +325,38 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 		return fmt.Errorf("commit: not connected to libvirt: %w", errs.ErrConnect)
 	}
 	bx := st.backupXML()
-	if err := do(ctx, func() error { return l.DomainBackupBegin(dom, bx, cpXML, 0) }); err != nil {
+	if err := settle(ctx, func() error { return l.DomainBackupBegin(dom, bx, cpXML, 0) }); err != nil {
 		return p.beginError(st, err)
 	}
 	crashpoint.Hit("libvirt-begun")
 	return nil
+}
+
+// settleTimeout bounds the wait for a call that creates something to
+// finish after its context ended.
+const settleTimeout = time.Minute
+
+// settle runs fn, a call that creates something. If ctx ends first (the
+// freeze window), it still waits, bounded, for fn to finish before
+// returning ctx's error: libvirt goes on with the call, and Release must
+// find what it created rather than race it.
+func settle(ctx context.Context, fn func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("%w (and the call failed: %v)", ctx.Err(), err)
+		}
+		return fmt.Errorf("%w (the call finished late)", ctx.Err())
+	case <-time.After(settleTimeout):
+		return fmt.Errorf("%w (and the call had not finished %s later)", ctx.Err(), settleTimeout)
+	}
 }
 
 // beginError explains why virDomainBackupBegin failed.
