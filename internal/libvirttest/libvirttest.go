@@ -43,8 +43,10 @@ const (
 	virtlogdSocket  = "/run/libvirt/virtlogd-sock"
 	libvirtdPIDFile = "/run/libvirtd.pid"
 	virtlogdPIDFile = "/run/virtlogd.pid"
-	// lockPath is held shared by every test binary using the daemon; the
-	// marker names the daemons the helpers started.
+	// lockPath is held shared by every test binary using the daemons (the
+	// last one takes it exclusively to stop them); lockPath+".start"
+	// serialises starting them; the marker names the daemons the helpers
+	// started.
 	lockPath   = "/run/vmshadow-libvirttest.lock"
 	markerPath = "/run/vmshadow-libvirttest.started"
 	// LogDir holds each domain's QEMU log (NAME.log).
@@ -132,12 +134,24 @@ func ensure() error {
 	if err != nil {
 		return err
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+	// Starters take turns on a second lock; the use lock is only ever
+	// shared here, so a binary that uses the daemons never waits for
+	// another one to finish (only for one that is stopping them).
+	start, err := os.OpenFile(lockPath+".start", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		f.Close()
+		return err
+	}
+	defer start.Close()
+	if err := syscall.Flock(int(start.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH); err != nil {
 		f.Close()
 		return err
 	}
 	lockFile = f
-	defer syscall.Flock(int(f.Fd()), syscall.LOCK_SH) // downgrade: others may use it now
 	var started []string
 	if !listening(virtlogdSocket) {
 		if err := run(daemonPath("virtlogd"), "-d"); err != nil {
