@@ -18,6 +18,9 @@ want python3 python3
 want /usr/bin/time time
 want mount mount
 case "${1:-test}" in
+test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients ;;
+esac
+case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox
        want virtnbdbackup virtnbdbackup; want /usr/sbin/libvirtd libvirt-daemon-system
        want virsh libvirt-clients; want qemu-io qemu-utils; want tar tar ;;

@@ -1,0 +1,435 @@
+package libvirt
+
+import (
+	"context"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"html"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/progress"
+)
+
+// minScratch is the least free space a diff area must have to be used at all.
+const minScratch = 64 << 20
+
+// maxSocketPath is the longest UNIX socket path the kernel accepts.
+const maxSocketPath = 107
+
+// state is the provider's journal record of a set.
+type state struct {
+	URI        string      `json:"uri"`
+	Domain     string      `json:"domain_uuid"`
+	DomainName string      `json:"domain"`
+	Dir        string      `json:"dir"`        // the set's directory: scratch files and socket
+	Socket     string      `json:"nbd_socket"` // libvirt's NBD server
+	Begun      bool        `json:"begun"`      // virDomainBackupBegin was (or is about to be) called
+	Disks      []diskState `json:"disks"`
+	// Checkpoint is created at the instant; Incremental is the base the
+	// changes are read against. Done: the backup reading the set succeeded,
+	// the checkpoint stays (and supersedes Incremental).
+	Checkpoint  string `json:"checkpoint,omitempty"`
+	Incremental string `json:"incremental,omitempty"`
+	Done        bool   `json:"done,omitempty"`
+}
+
+type diskState struct {
+	Disk
+	Scratch     string `json:"scratch"`
+	Incremental bool   `json:"incremental,omitempty"` // exported with the dirty bitmap since the base
+	FullReason  string `json:"full_reason,omitempty"`
+}
+
+// ExportBitmap is the name of the dirty bitmap exported with a disk's
+// shadow copy in an incremental set (libvirt's default, named explicitly):
+// its NBD metadata context is qemu:dirty-bitmap:backup-<target>.
+func ExportBitmap(target string) string { return "backup-" + target }
+
+// Prepare implements coord.Provider: it checks that the domain has no
+// backup or other job, plans change tracking, and makes the set's
+// directory. Nothing touches the guest.
+func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() error) error {
+	if _, err := p.connect(ctx); err != nil {
+		return err
+	}
+	if err := p.scan(ctx); err != nil { // fresh: a recover may have run since Identify
+		return err
+	}
+	if len(p.leftovers) > 0 {
+		return fmt.Errorf("domain %s carries an earlier vmshadow snapshot set (%s): run 'vmshadow recover --libvirt %s --vm %s': %w",
+			p.dom.Name, strings.Join(p.leftovers, ", "), p.opts.URI, p.dom.Name, errs.ErrBusy)
+	}
+	if err := p.checkNoJob(ctx); err != nil {
+		return err
+	}
+	if len(p.disks) == 0 {
+		what := "no disks"
+		if len(p.skipped) > 0 {
+			what = "no writable disk (skipped: " + strings.Join(p.skipped, ", ") + ")"
+		}
+		return fmt.Errorf("domain %s has %s: nothing to snapshot: %w", p.dom.Name, what, errs.ErrNotFound)
+	}
+	for _, s := range p.skipped {
+		p.warn("not captured: %s", s)
+	}
+	if !p.local() {
+		return fmt.Errorf("libvirt at %s is on another host: its NBD exports are on a UNIX socket there, which vmshadow cannot read from here yet; run vmshadow on the libvirt host: %w", p.opts.URI, errs.ErrUnsupported)
+	}
+	dir, err := filepath.Abs(p.opts.ScratchDir)
+	if err != nil {
+		return err
+	}
+	if err := checkScratch(dir, p.disks, set, p.warn); err != nil {
+		return err
+	}
+	st := &state{URI: p.opts.URI, Domain: uuidString(p.dom.UUID), DomainName: p.dom.Name,
+		Dir: filepath.Join(dir, Prefix+set.ID)}
+	st.Socket = filepath.Join(st.Dir, "nbd.sock")
+	if len(st.Socket) > maxSocketPath {
+		return fmt.Errorf("NBD socket path %s is longer than %d bytes: choose a shorter --scratch-dir: %w", st.Socket, maxSocketPath, errs.ErrUsage)
+	}
+	for _, d := range p.disks {
+		st.Disks = append(st.Disks, diskState{Disk: d, Scratch: filepath.Join(st.Dir, d.Target+".scratch")})
+	}
+	if cp := p.opts.Checkpoint; cp != nil {
+		if err := p.planCheckpoint(ctx, set, st, cp); err != nil {
+			return fmt.Errorf("change tracking: %w", err)
+		}
+	}
+	// Everything the set may create is named in the journal first.
+	if err := coord.StoreProviderState(set, st, save); err != nil {
+		return err
+	}
+	if err := os.Mkdir(st.Dir, 0o700); err != nil {
+		return fmt.Errorf("create the set's directory: %w", err)
+	}
+	// libvirt runs QEMU as an unprivileged user (qemu.conf's user, the live
+	// XML's DAC label) and QEMU creates the NBD socket itself: hand it the
+	// directory. libvirt creates and labels the scratch files.
+	if uid, gid, ok := p.live.qemuDAC(); ok && os.Geteuid() == 0 {
+		if err := os.Chown(st.Dir, uid, gid); err != nil {
+			return fmt.Errorf("give the set's directory %s to QEMU's user %d:%d: %w", st.Dir, uid, gid, err)
+		}
+	}
+	return nil
+}
+
+// checkScratch makes sure dir exists and has room for the diff area.
+func checkScratch(dir string, disks []Disk, set *coord.Set, warn func(string, ...any)) error {
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return fmt.Errorf("scratch dir %s: %w (choose a writable --scratch-dir): %w", dir, err, errs.ErrUsage)
+	}
+	var need int64
+	for _, d := range disks {
+		need += d.Size
+	}
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		return fmt.Errorf("scratch dir %s: %w", dir, err)
+	}
+	free := int64(fs.Bavail) * int64(fs.Bsize)
+	switch {
+	case free < minScratch || free < need/100:
+		return fmt.Errorf("scratch dir %s has %s free; the diff area of this set may need up to %s (the size of its disks): free space or choose another --scratch-dir: %w",
+			dir, progress.Bytes(free), progress.Bytes(need), errs.ErrNoSpace)
+	case free < need:
+		msg := fmt.Sprintf("scratch dir %s has %s free, less than the %s the diff area needs if the guest rewrites every block while the set exists; if it fills, libvirt fails the backup job",
+			dir, progress.Bytes(free), progress.Bytes(need))
+		set.Warnings = append(set.Warnings, msg)
+		warn("%s", msg)
+	}
+	return nil
+}
+
+// checkNoJob fails with errs.ErrBusy when the domain runs a job (another
+// tool's backup, a migration): libvirt runs one at a time.
+func (p *Provider) checkNoJob(ctx context.Context) error {
+	job, err := p.backupJob(ctx)
+	if err != nil {
+		return err
+	}
+	if job != nil {
+		return fmt.Errorf("domain %s already has %s (started by another tool, e.g. virtnbdbackup); libvirt runs one backup job at a time: wait for it or abort it with 'virsh domjobabort %s': %w",
+			p.dom.Name, job.describe(), p.dom.Name, errs.ErrBusy)
+	}
+	l, dom := p.l, p.dom
+	typ, params, err := call2(ctx, func() (int32, []golibvirt.TypedParam, error) { return l.DomainGetJobStats(dom, 0) })
+	if err != nil {
+		return fmt.Errorf("domain %s: get job: %w", dom.Name, classify(err))
+	}
+	if golibvirt.DomainJobType(typ) == golibvirt.DomainJobBounded || golibvirt.DomainJobType(typ) == golibvirt.DomainJobUnbounded {
+		op := "a job"
+		for _, tp := range params {
+			if tp.Field == golibvirt.DomainJobOperationStr {
+				if v, ok := tp.Value.I.(int32); ok {
+					op = "a " + jobOperation(v) + " job"
+				}
+			}
+		}
+		return fmt.Errorf("domain %s is running %s; libvirt runs one job at a time: wait for it to finish: %w", dom.Name, op, errs.ErrBusy)
+	}
+	return nil
+}
+
+func jobOperation(v int32) string {
+	names := []string{"unknown", "start", "save", "restore", "incoming migration", "outgoing migration",
+		"snapshot", "snapshot revert", "dump", "backup", "snapshot delete"}
+	if v >= 0 && int(v) < len(names) {
+		return names[v]
+	}
+	return fmt.Sprintf("type-%d", v)
+}
+
+// checkpointXML is the part of a checkpoint definition vmshadow reads.
+type checkpointXML struct {
+	Name   string `xml:"name"`
+	Parent struct {
+		Name string `xml:"name"`
+	} `xml:"parent"`
+	Disks []struct {
+		Name       string `xml:"name,attr"`
+		Checkpoint string `xml:"checkpoint,attr"`
+		Bitmap     string `xml:"bitmap,attr"`
+	} `xml:"disks>disk"`
+}
+
+// planCheckpoint decides, per disk, whether its changes since the base
+// checkpoint can be read, and names the set's checkpoint.
+func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state, cp *Checkpoint) error {
+	if cp.Prefix == "" || !strings.HasPrefix(cp.Prefix, Prefix) {
+		return fmt.Errorf("checkpoint prefix %q must start with %q: %w", cp.Prefix, Prefix, errs.ErrUsage)
+	}
+	st.Checkpoint = cp.Prefix + "-" + set.ID
+	var base *checkpointXML
+	baseReason := ""
+	switch {
+	case cp.Full:
+		baseReason = "full backup requested (--full)"
+	case cp.Incremental == "":
+		baseReason = "first backup of this domain into this repository"
+	default:
+		x, err := p.CheckpointXML(ctx, cp.Incremental)
+		if errors.Is(err, errs.ErrNotFound) {
+			baseReason = fmt.Sprintf("checkpoint %s is missing from libvirt (the domain was undefined and defined again, or moved host, and the checkpoint was not redefined)", cp.Incremental)
+		} else if err != nil {
+			return err
+		} else {
+			base = &checkpointXML{}
+			if err := xml.Unmarshal([]byte(x), base); err != nil {
+				return fmt.Errorf("parse checkpoint %s: %v: %w", cp.Incremental, err, errs.ErrCorrupt)
+			}
+		}
+	}
+	for i := range st.Disks {
+		d := &st.Disks[i]
+		switch {
+		case !d.Bitmaps:
+			d.FullReason = fmt.Sprintf("disk %s is %s without persistent dirty bitmaps (qcow2 v3 needed): read in full each time", d.Target, d.Format)
+		case base == nil:
+			d.FullReason = baseReason
+		default:
+			in := false
+			for _, bd := range base.Disks {
+				if bd.Name == d.Target && bd.Checkpoint == "bitmap" {
+					in = true
+				}
+			}
+			if in {
+				d.Incremental = true
+				st.Incremental = cp.Incremental
+			} else {
+				d.FullReason = fmt.Sprintf("disk %s was added since checkpoint %s", d.Target, cp.Incremental)
+			}
+		}
+	}
+	return nil
+}
+
+// backupXML builds the pull-mode backup definition of the set.
+func (st *state) backupXML() string {
+	var b strings.Builder
+	b.WriteString("<domainbackup mode='pull'>\n")
+	if st.Incremental != "" {
+		fmt.Fprintf(&b, "  <incremental>%s</incremental>\n", html.EscapeString(st.Incremental))
+	}
+	fmt.Fprintf(&b, "  <server transport='unix' socket='%s'/>\n  <disks>\n", html.EscapeString(st.Socket))
+	for _, d := range st.Disks {
+		mode := ""
+		if st.Incremental != "" {
+			if d.Incremental {
+				mode = fmt.Sprintf(" backupmode='incremental' incremental='%s' exportbitmap='%s'", html.EscapeString(st.Incremental), ExportBitmap(d.Target))
+			} else {
+				mode = " backupmode='full'"
+			}
+		}
+		fmt.Fprintf(&b, "    <disk name='%s' backup='yes' type='file' exportname='%s'%s>\n      <scratch file='%s'/>\n    </disk>\n",
+			d.Target, d.Target, mode, html.EscapeString(d.Scratch))
+	}
+	b.WriteString("  </disks>\n</domainbackup>\n")
+	return b.String()
+}
+
+// checkpointDef builds the definition of the checkpoint created at the
+// set's instant: a bitmap on every disk that can keep one.
+func (st *state) checkpointDef(all []string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "<domaincheckpoint>\n  <name>%s</name>\n  <description>vmshadow snapshot set</description>\n  <disks>\n", html.EscapeString(st.Checkpoint))
+	with := map[string]bool{}
+	for _, d := range st.Disks {
+		if d.Bitmaps {
+			with[d.Target] = true
+		}
+	}
+	for _, t := range all {
+		if with[t] {
+			fmt.Fprintf(&b, "    <disk name='%s' checkpoint='bitmap'/>\n", t)
+		} else {
+			fmt.Fprintf(&b, "    <disk name='%s' checkpoint='no'/>\n", t)
+		}
+	}
+	b.WriteString("  </disks>\n</domaincheckpoint>\n")
+	return b.String()
+}
+
+// Commit implements coord.Provider: one virDomainBackupBegin starts every
+// disk's pull-mode job and creates the checkpoint at one instant.
+func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) error {
+	st, err := coord.ProviderStateOf[state](set)
+	if err != nil || st == nil {
+		return fmt.Errorf("commit: no prepared state: %v", err)
+	}
+	st.Begun = true
+	if err := coord.StoreProviderState(set, st, save); err != nil {
+		return err
+	}
+	var cpXML golibvirt.OptString
+	if st.Checkpoint != "" {
+		var all []string
+		for _, d := range p.live.Devices.Disks {
+			all = append(all, d.Target.Dev)
+		}
+		cpXML = golibvirt.OptString{st.checkpointDef(all)}
+	}
+	l, dom := p.l, p.dom
+	if l == nil {
+		return fmt.Errorf("commit: not connected to libvirt: %w", errs.ErrConnect)
+	}
+	bx := st.backupXML()
+	if err := settle(ctx, func() error { return l.DomainBackupBegin(dom, bx, cpXML, 0) }); err != nil {
+		return p.beginError(st, err)
+	}
+	crashpoint.Hit("libvirt-begun")
+	return nil
+}
+
+// settleTimeout bounds the wait for a call that creates something to
+// finish after its context ended.
+const settleTimeout = time.Minute
+
+// settle runs fn, a call that creates something. If ctx ends first (the
+// freeze window), it still waits, bounded, for fn to finish before
+// returning ctx's error: libvirt goes on with the call, and Release must
+// find what it created rather than race it.
+func settle(ctx context.Context, fn func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("%w (and the call failed: %v)", ctx.Err(), err)
+		}
+		return fmt.Errorf("%w (the call finished late)", ctx.Err())
+	case <-time.After(settleTimeout):
+		return fmt.Errorf("%w (and the call had not finished %s later)", ctx.Err(), settleTimeout)
+	}
+}
+
+// beginError explains why virDomainBackupBegin failed.
+func (p *Provider) beginError(st *state, err error) error {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "ermission denied"):
+		return fmt.Errorf("begin backup job: %v: QEMU (running as libvirt's qemu user, confined by AppArmor or SELinux where enabled) may not create the NBD socket or scratch files in %s: choose a --scratch-dir QEMU may write (e.g. under /var/lib/libvirt/qemu), or allow it in the domain's security profile: %w",
+			err, st.Dir, errs.ErrConnect)
+	case strings.Contains(msg, "already exists") && strings.Contains(strings.ToLower(msg), "bitmap"):
+		return fmt.Errorf("begin backup job: %v: QEMU still holds a bitmap of a checkpoint libvirt no longer knows (the domain was undefined and defined again, or moved host): redefine the checkpoint from its saved XML, or remove the bitmap: %w",
+			err, errs.ErrBusy)
+	case isCode(err, golibvirt.ErrOperationInvalid) && strings.Contains(msg, "job"):
+		return fmt.Errorf("begin backup job: %v: %w", err, errs.ErrBusy)
+	}
+	return fmt.Errorf("begin backup job: %w", classify(err))
+}
+
+// Expose implements coord.Provider: libvirt's NBD server already serves
+// the shadow copies; Expose checks the job and fills set.Shadows.
+func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error) error {
+	st, err := coord.ProviderStateOf[state](set)
+	if err != nil || st == nil {
+		return fmt.Errorf("expose: no prepared state: %v", err)
+	}
+	job, err := p.backupJob(ctx)
+	if err != nil {
+		return err
+	}
+	if job == nil || job.Server.Socket != st.Socket {
+		return fmt.Errorf("domain %s: the backup job of set %s is gone (the domain stopped, or someone aborted it)", p.dom.Name, set.ID)
+	}
+	set.Shadows = nil
+	for i, d := range st.Disks {
+		sh := coord.Shadow{
+			ID: fmt.Sprintf("%s-%d", set.ID, i), Disk: d.Target, Node: d.Target, Size: d.Size,
+			NBD:        "nbd+unix:///" + url.PathEscape(d.Target) + "?socket=" + st.Socket,
+			Checkpoint: st.Checkpoint, FullReason: d.FullReason,
+		}
+		if d.Incremental {
+			sh.Bitmap = ExportBitmap(d.Target)
+		}
+		set.Shadows = append(set.Shadows, sh)
+	}
+	return coord.StoreProviderState(set, st, save)
+}
+
+// Alive implements coord.Provider: the set is alive while its backup job is.
+func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
+	st, err := coord.ProviderStateOf[state](set)
+	if err != nil || st == nil {
+		return false, err
+	}
+	job, err := p.backupJob(ctx)
+	if notRunning(err) {
+		return false, nil // the domain stopped: its job is gone
+	}
+	if err != nil {
+		return false, err
+	}
+	return job != nil && job.Server.Socket == st.Socket, nil
+}
+
+// CompleteCheckpoint records that the backup reading the set succeeded and
+// its manifest is durable: Release then keeps the set's checkpoint and
+// deletes the base it supersedes. Without this call Release deletes the
+// set's checkpoint (libvirt merges its bitmaps into the base's), so the
+// next backup reads every change since the last one stored.
+func (p *Provider) CompleteCheckpoint(set *coord.Set, save func() error) error {
+	st, err := coord.ProviderStateOf[state](set)
+	if err != nil || st == nil {
+		return fmt.Errorf("complete checkpoint: no state: %v", err)
+	}
+	st.Done = true
+	return coord.StoreProviderState(set, st, save)
+}
