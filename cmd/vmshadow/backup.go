@@ -15,7 +15,6 @@ import (
 	"github.com/vmshadow/vmshadow/internal/imagefile"
 	"github.com/vmshadow/vmshadow/internal/livebackup"
 	"github.com/vmshadow/vmshadow/internal/progress"
-	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
@@ -193,12 +192,6 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	}
 	defer unlock()
 	lo.Coordinator = c
-	switch p := c.Provider.(type) {
-	case *qemu.Provider:
-		lo.Provider = livebackup.QEMU{Provider: p}
-	case *xapiprov.Provider:
-		lo.Provider = livebackup.XAPI{Provider: p}
-	}
 	lb, err := livebackup.Start(ctx, r, lo)
 	if err != nil {
 		return err

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/livebackup"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/writer"
@@ -73,7 +74,15 @@ func (f *vmFlags) addSet(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.require, "require", "", "fail unless the set reaches this consistency: filesystem or application")
 }
 
-// coordinator builds the coordinator for the flags.
+// The providers coordinator builds back up live too: each is its own
+// change tracking (livebackup.Provider).
+var (
+	_ livebackup.Provider = (*qemu.Provider)(nil)
+	_ livebackup.Provider = (*xapiprov.Provider)(nil)
+)
+
+// coordinator builds the coordinator for the flags: the one place that
+// maps the flags to a provider.
 func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	switch {
 	case f.qmp != "" && f.x.url != "":

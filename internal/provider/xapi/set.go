@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"iter"
 	"net"
 	"strconv"
 	"strings"
@@ -13,6 +14,8 @@ import (
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/nbd"
+	"github.com/vmshadow/vmshadow/internal/nbdsource"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 	api "github.com/vmshadow/vmshadow/internal/xapi"
 )
 
@@ -273,4 +276,39 @@ func (p *Provider) ChangedBlocks(sh coord.Shadow) (*api.ChangedBlocks, error) {
 		return nil, fmt.Errorf("disk %s: no list of changed blocks for snapshot VDI %s", sh.Disk, sh.Node)
 	}
 	return cb, nil
+}
+
+// Open opens a shadow copy of the set over the pool's NBD (TLS pinned to
+// the certificate XAPI reported). With incremental, only the blocks XAPI
+// listed as changed since the previous checkpoint are read.
+func (p *Provider) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (tracking.Source, error) {
+	target, tlsConfig, err := p.NBD(sh)
+	if err != nil {
+		return nil, err
+	}
+	o := nbdsource.Options{Name: sh.Disk, Target: &target, TLS: tlsConfig, Conns: conns,
+		ServerErrorHint: "the pool's NBD server failed to read the snapshot VDI", AllocationOptional: true}
+	if incremental {
+		cb, err := p.ChangedBlocks(sh)
+		if err != nil {
+			return nil, err
+		}
+		o.Changed = changedExtents(cb)
+	}
+	return nbdsource.Open(ctx, o)
+}
+
+// changedExtents gives XAPI's changed blocks as extents flagged dirty.
+func changedExtents(cb *api.ChangedBlocks) iter.Seq2[nbd.Extent, error] {
+	return func(yield func(nbd.Extent, error) bool) {
+		for r := range cb.Runs() {
+			var flags uint32
+			if r.Changed {
+				flags = nbd.StateDirty
+			}
+			if !yield(nbd.Extent{Offset: r.Off, Length: r.Len, Flags: flags}, nil) {
+				return
+			}
+		}
+	}
 }

@@ -8,7 +8,7 @@
 //     (VM.snapshot_with_quiesce was removed in Citrix Hypervisor 8.1);
 //   - the shadow copies: the snapshot VM's VDIs, read over NBD through
 //     VDI.get_nbd_info, with TLS pinned to the certificate XAPI reports;
-//   - change tracking for backups (Tracking): CBT on each disk's VDI
+//   - change tracking for backups (Track): CBT on each disk's VDI
 //     (VDI.enable_cbt), VDI.list_changed_blocks between the previous
 //     backup's snapshot VDI and the new one, and VDI.data_destroy after a
 //     stored backup, which keeps the snapshot's CBT metadata as the base of
@@ -32,6 +32,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 	api "github.com/vmshadow/vmshadow/internal/xapi"
 )
 
@@ -56,7 +57,7 @@ type Options struct {
 	// Warn is told of problems that do not stop the set.
 	Warn func(string)
 	// Tracking, if set, rotates change tracking (backups).
-	Tracking *Tracking
+	Tracking *tracking.Request
 }
 
 // Provider implements coord.Provider for one VM of a pool.
