@@ -303,3 +303,11 @@ func (s *Server) EnableCBT(uuid string) {
 	s.chainSeq++
 	d.cbt, d.chain, d.dirty = true, s.chainSeq, map[int64]bool{}
 }
+
+// DataDestroyRefused is the number of VDI.data_destroy calls refused with
+// VDI_IN_USE because VBDs still referred to the VDI.
+func (s *Server) DataDestroyRefused() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.dataDestroyRefused
+}

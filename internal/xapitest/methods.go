@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -358,7 +359,7 @@ func (s *Server) vmDestroy(_ string, a []any) (any, *apiError) {
 	if v.power != "Halted" {
 		return nil, fail("VM_BAD_POWER_STATE", v.ref, "halted", strings.ToLower(v.power))
 	}
-	for _, r := range v.vbds {
+	for _, r := range slices.Clone(v.vbds) { // removeVBD edits v.vbds
 		s.removeVBD(r)
 	}
 	if p := s.vms[v.snapshotOf]; p != nil {
@@ -580,12 +581,40 @@ func (s *Server) vdiDataDestroy(_ string, a []any) (any, *apiError) {
 		return nil, fail("OPERATION_NOT_ALLOWED", "VDI is not a snapshot: "+d.ref)
 	case !d.cbt:
 		return nil, fail("VDI_NO_CBT_METADATA", d.ref)
-	case s.attached(d):
+	}
+	// As xapi_vdi.ml's _data_destroy: the VDI is marked cbt_metadata at
+	// once (no new VBD can use it), then wait_for_vbds_to_be_unplugged_and_
+	// destroyed waits up to 4 s for every VBD of the VDI to be gone,
+	// attached or not (a snapshot VM's VBDs count), and fails with
+	// VDI_IN_USE [vdi; "data_destroy"]; on failure the type is restored.
+	typ := d.typ
+	d.typ = "cbt_metadata"
+	deadline := time.Now().Add(s.opts.DataDestroyWait)
+	for s.hasVBDs(d) && time.Now().Before(deadline) {
+		s.mu.Unlock()
+		time.Sleep(20 * time.Millisecond)
+		s.mu.Lock()
+	}
+	if s.vdis[d.ref] != d {
+		return nil, fail("HANDLE_INVALID", "VDI", d.ref)
+	}
+	if s.hasVBDs(d) || s.attached(d) {
+		d.typ = typ
+		s.dataDestroyRefused++
 		return nil, fail("VDI_IN_USE", d.ref, "data_destroy")
 	}
 	s.dropData(d)
-	d.typ = "cbt_metadata"
 	return "", nil
+}
+
+// hasVBDs reports whether any VBD, attached or not, refers to the VDI.
+func (s *Server) hasVBDs(d *vdi) bool {
+	for _, b := range s.vbds {
+		if b.vdi == d.ref {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) vdiEnableCBT(_ string, a []any) (any, *apiError) {

@@ -57,6 +57,10 @@ type Options struct {
 	Slave string
 	// SnapshotDelay is how long an Async.VM.snapshot waits before it works.
 	SnapshotDelay time.Duration
+	// DataDestroyWait is how long VDI.data_destroy waits for the VDI's
+	// VBDs to go before it fails with VDI_IN_USE: 4 s by default, as
+	// data_destroy's timeout in ocaml/xapi/xapi_vdi.ml.
+	DataDestroyWait time.Duration
 }
 
 // Server is a fake pool. Its methods are safe for concurrent use.
@@ -88,6 +92,9 @@ type Server struct {
 	nbd      *nbdServer
 	chains   map[int][]cbtDelta // chain -> snapshots' deltas in order
 	chainSeq int
+	// dataDestroyRefused counts VDI.data_destroy calls refused because
+	// the VDI still had VBDs.
+	dataDestroyRefused int
 }
 
 type vm struct {
@@ -155,6 +162,9 @@ func New(t testing.TB, opts Options) *Server {
 	}
 	if opts.NBD == "" {
 		opts.NBD = "nbd"
+	}
+	if opts.DataDestroyWait == 0 {
+		opts.DataDestroyWait = 4 * time.Second
 	}
 	if opts.NBD != "none" {
 		testutil.NeedCommand(t, "qemu-storage-daemon")

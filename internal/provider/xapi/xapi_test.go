@@ -365,3 +365,62 @@ func TestFreezeWindowExceeded(t *testing.T) {
 		t.Errorf("%d tasks left", n)
 	}
 }
+
+// TestReleaseAfterStoredBackup: after a stored backup, release keeps each
+// snapshot VDI's CBT metadata as the checkpoint and frees its data. In xapi
+// VDI.data_destroy waits up to 4 s for every VBD of the VDI to go, attached
+// or not, then fails with VDI_IN_USE (ocaml/xapi/xapi_vdi.ml,
+// wait_for_vbds_to_be_unplugged_and_destroyed), and the snapshot VM holds
+// VBDs on its VDIs until VM.destroy (ocaml/xapi/xapi_vm_helpers.ml): the
+// snapshot VM must go first, or every disk waits 4 s and keeps its data.
+func TestReleaseAfterStoredBackup(t *testing.T) {
+	r := newRig(t, xapitest.Options{})
+	_, disks := r.s.AddVM("db", true, 4*MiB, 2*MiB)
+	for i, d := range disks {
+		r.s.Write(d, 0, randomData(uint64(i), MiB))
+	}
+	ctx := context.Background()
+	c, p := r.coordinator("db", nil)
+	s, err := c.Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	p.SetTracking(&xapiprov.Tracking{Prefix: "vmshadow-test", Previous: map[string]xapiprov.Previous{}})
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.CompleteTracking(set, func() error { return s.Save(set) }); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := s.Delete(ctx, set.ID); err != nil {
+		t.Fatalf("release after a stored backup: %v", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("release took %s: data_destroy waited for VBDs", d)
+	}
+	if n := r.s.DataDestroyRefused(); n != 0 {
+		t.Errorf("VDI.data_destroy was refused %d times (VDI_IN_USE): called while the snapshot VM held VBDs on the VDI", n)
+	}
+	for _, sh := range set.Shadows {
+		found := false
+		for _, v := range r.s.VDIs() {
+			if v.UUID == sh.Checkpoint {
+				found = true
+				if v.Data || v.Type != "cbt_metadata" {
+					t.Errorf("disk %s: checkpoint VDI %s still holds data (type %s)", sh.Disk, v.UUID, v.Type)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("disk %s: checkpoint VDI %s is gone", sh.Disk, sh.Checkpoint)
+		}
+	}
+	for _, v := range r.s.VMs() {
+		if strings.HasSuffix(v, "snapshot=true") {
+			t.Errorf("snapshot VM left: %s", v)
+		}
+	}
+}
