@@ -5,6 +5,8 @@ import (
 	"os"
 	"sort"
 	"strconv"
+	"strings"
+	"testing"
 )
 
 // What tests do to the pool "by hand", as an administrator or the guest
@@ -310,4 +312,75 @@ func (s *Server) DataDestroyRefused() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.dataDestroyRefused
+}
+
+// Expect says what a finished vmshadow command may leave on the pool
+// compared with before it ran (CheckAsBefore).
+type Expect struct {
+	// Sessions is how many sessions may stay logged in: those of killed
+	// processes, which the pool expires later.
+	Sessions int
+	// Checkpoints: a stored backup keeps one checkpoint per disk and
+	// repository (a snapshot VDI reduced to CBT metadata, no data, tagged
+	// vmshadow-chain), supersedes earlier ones, and turns CBT on.
+	Checkpoints bool
+}
+
+// CheckAsBefore fails the test unless the pool is as Dump described it in
+// before: the same VMs (power state included: a VM vmshadow paused is
+// running again), snapshots, VBDs, VDIs with or without data and their
+// other_config tags; no session but e.Sessions logged in; every task
+// destroyed. With e.Checkpoints, checkpoints may differ, but at most one
+// per disk and repository, of a disk that exists. Every test of a XAPI
+// snapshot, backup or recover checks the pool with it.
+func (s *Server) CheckAsBefore(t testing.TB, before string, e Expect) {
+	t.Helper()
+	after := s.Dump()
+	norm := func(dump string) string {
+		if !e.Checkpoints {
+			return dump
+		}
+		var out []string
+		for _, l := range strings.Split(dump, "\n") {
+			if strings.HasPrefix(l, "VDI ") && strings.Contains(l, " snapshot=true ") && strings.Contains(l, " type=cbt_metadata ") &&
+				strings.Contains(l, " data=false ") && strings.Contains(l, "vmshadow-chain=") {
+				continue
+			}
+			if strings.HasPrefix(l, "VDI ") && strings.Contains(l, " snapshot=false ") {
+				l = strings.Replace(strings.Replace(l, " cbt=false ", " cbt=* ", 1), " cbt=true ", " cbt=* ", 1)
+			}
+			out = append(out, l)
+		}
+		return strings.Join(out, "\n")
+	}
+	if b, a := norm(before), norm(after); a != b {
+		t.Errorf("the pool is not as it was:\n--- before\n%s\n--- after\n%s", b, a)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	chains := map[string]int{}
+	for _, d := range s.vdis {
+		if !d.snapshot || d.typ != "cbt_metadata" {
+			continue
+		}
+		if s.vdis[d.snapshotOf] == nil {
+			t.Errorf("checkpoint VDI %s of a disk that is gone left on the pool", d.uuid)
+		}
+		if k := d.snapshotOf + " " + d.other["vmshadow-chain"]; chains[k]+1 > 1 {
+			t.Errorf("more than one checkpoint of disk VDI %s for repository %s", d.snapshotOf, d.other["vmshadow-chain"])
+		} else {
+			chains[k]++
+		}
+	}
+	if len(s.sessions) != e.Sessions {
+		t.Errorf("%d sessions logged in, want %d (of killed processes)", len(s.sessions), e.Sessions)
+	}
+	if len(s.tasks) != 0 {
+		var labels []string
+		for _, tk := range s.tasks {
+			labels = append(labels, tk.label+" "+tk.status)
+		}
+		sort.Strings(labels)
+		t.Errorf("%d tasks not destroyed: %v", len(s.tasks), labels)
+	}
 }

@@ -340,7 +340,7 @@ func (s *Server) Dump() string {
 			if d := s.vdis[b.vdi]; d != nil {
 				u = d.uuid
 			}
-			lines = append(lines, fmt.Sprintf("VM %s VBD %s type=%s vdi=%s", v.uuid, b.userdevice, b.typ, u))
+			lines = append(lines, fmt.Sprintf("VM %s VBD %s type=%s vdi=%s attached=%v", v.uuid, b.userdevice, b.typ, u, b.attached))
 		}
 	}
 	for _, d := range s.vdis {
