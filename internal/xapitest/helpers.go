@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // What tests do to the pool "by hand", as an administrator or the guest
@@ -71,10 +72,21 @@ func (s *Server) vdiByUUIDLocked(uuid string) *vdi {
 }
 
 // Write writes data into the VDI at off, as the guest would, and records
-// the 64 KiB blocks it touches for changed block tracking.
+// the 64 KiB blocks it touches for changed block tracking. While the VM
+// that has the disk attached is paused, the write waits (a paused guest
+// does not run).
 func (s *Server) Write(uuid string, off int64, data []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for deadline := time.Now().Add(time.Minute); s.pausedVDI(uuid); {
+		if time.Now().After(deadline) {
+			s.t.Errorf("xapitest: the VM of VDI %s stayed paused for a minute", uuid)
+			return
+		}
+		s.mu.Unlock()
+		time.Sleep(5 * time.Millisecond)
+		s.mu.Lock()
+	}
 	d := s.vdiByUUIDLocked(uuid)
 	if d.path == "" || off < 0 || off+int64(len(data)) > d.size {
 		s.t.Fatalf("xapitest: write %d bytes at %d into VDI %s of %d bytes (data %v)", len(data), off, uuid, d.size, d.path != "")
@@ -383,4 +395,23 @@ func (s *Server) CheckAsBefore(t testing.TB, before string, e Expect) {
 		sort.Strings(labels)
 		t.Errorf("%d tasks not destroyed: %v", len(s.tasks), labels)
 	}
+}
+
+// pausedVDI reports whether the VDI is attached to a paused VM.
+func (s *Server) pausedVDI(uuid string) bool {
+	for _, b := range s.vbds {
+		if d := s.vdis[b.vdi]; d != nil && d.uuid == uuid && b.attached {
+			if v := s.vms[b.vm]; v != nil && v.power == "Paused" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Pauses is the number of times a VM was paused (VM.pause).
+func (s *Server) Pauses() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pauses
 }

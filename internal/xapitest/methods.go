@@ -40,6 +40,8 @@ func init() {
 		"VM.get_record":           {1, (*Server).vmRecord},
 		"VM.snapshot":             {2, (*Server).vmSnapshot},
 		"VM.destroy":              {1, (*Server).vmDestroy},
+		"VM.pause":                {1, (*Server).vmPause},
+		"VM.unpause":              {1, (*Server).vmUnpause},
 		"VM.clone":                {2, (*Server).vmClone},
 		"VM.set_is_a_template":    {2, (*Server).vmSetTemplate},
 		"VBD.get_record":          {1, (*Server).vbdRecord},
@@ -69,7 +71,7 @@ func init() {
 
 // asyncOK lists the calls that have an Async form (not getters, setters,
 // session or task calls).
-var asyncOK = map[string]bool{"VM.snapshot": true, "VM.destroy": true, "VM.clone": true, "VDI.destroy": true,
+var asyncOK = map[string]bool{"VM.snapshot": true, "VM.destroy": true, "VM.pause": true, "VM.unpause": true, "VM.clone": true, "VDI.destroy": true,
 	"VDI.data_destroy": true, "VDI.enable_cbt": true, "VDI.create": true, "VBD.create": true, "VDI.list_changed_blocks": true}
 
 func decodeParams(raw []json.RawMessage) ([]any, error) {
@@ -280,10 +282,20 @@ func (s *Server) vmSnapshot(_ string, a []any) (any, *apiError) {
 		return nil, fail("OPERATION_NOT_ALLOWED", "VM is a template or a snapshot: "+v.ref)
 	}
 	snap := &vm{ref: newRef(), uuid: newUUID(), name: name, power: "Halted", snapshot: true, snapshotOf: v.ref, other: map[string]string{}}
-	for _, r := range v.vbds {
+	disks := 0
+	for _, r := range slices.Clone(v.vbds) {
 		b := s.vbds[r]
 		nb := &vbd{ref: newRef(), uuid: newUUID(), vm: snap.ref, vdi: nullRef, userdevice: b.userdevice, typ: b.typ, mode: b.mode, empty: b.empty, bootable: b.bootable}
 		if b.typ == "Disk" && !b.empty {
+			// As xapi_vm_clone.ml's safe_clone_disks: one VDI.snapshot
+			// after another, with no atomicity across disks: the guest
+			// may write between them unless the VM is paused.
+			if disks > 0 && s.opts.BetweenDiskSnapshots != nil {
+				s.mu.Unlock()
+				s.opts.BetweenDiskSnapshots()
+				s.mu.Lock()
+			}
+			disks++
 			d := s.vdis[b.vdi]
 			sd, err := s.snapshotVDI(d)
 			if err != nil {
@@ -366,6 +378,34 @@ func (s *Server) vmDestroy(_ string, a []any) (any, *apiError) {
 		p.snapshots = remove(p.snapshots, v.ref)
 	}
 	delete(s.vms, v.ref)
+	return "", nil
+}
+
+// vmPause and vmUnpause follow xapi_vm_lifecycle.ml: pause only from
+// Running, unpause only from Paused, else VM_BAD_POWER_STATE [vm; expected;
+// actual]. VM.snapshot is allowed in every power state, Paused included.
+func (s *Server) vmPause(_ string, a []any) (any, *apiError) {
+	v, e := s.getVM(a[0])
+	if e != nil {
+		return nil, e
+	}
+	if v.power != "Running" {
+		return nil, fail("VM_BAD_POWER_STATE", v.ref, "running", strings.ToLower(v.power))
+	}
+	v.power = "Paused"
+	s.pauses++
+	return "", nil
+}
+
+func (s *Server) vmUnpause(_ string, a []any) (any, *apiError) {
+	v, e := s.getVM(a[0])
+	if e != nil {
+		return nil, e
+	}
+	if v.power != "Paused" {
+		return nil, fail("VM_BAD_POWER_STATE", v.ref, "paused", strings.ToLower(v.power))
+	}
+	v.power = "Running"
 	return "", nil
 }
 

@@ -61,6 +61,10 @@ type Options struct {
 	// VBDs to go before it fails with VDI_IN_USE: 4 s by default, as
 	// data_destroy's timeout in ocaml/xapi/xapi_vdi.ml.
 	DataDestroyWait time.Duration
+	// BetweenDiskSnapshots, if set, runs between the snapshots of two disks
+	// of a VM.snapshot (without the fake's lock), where xapi snapshots one
+	// VDI after another (xapi_vm_clone.ml, safe_clone_disks).
+	BetweenDiskSnapshots func()
 }
 
 // Server is a fake pool. Its methods are safe for concurrent use.
@@ -95,6 +99,7 @@ type Server struct {
 	// dataDestroyRefused counts VDI.data_destroy calls refused because
 	// the VDI still had VBDs.
 	dataDestroyRefused int
+	pauses             int // VM.pause calls that paused a VM
 }
 
 type vm struct {

@@ -79,6 +79,15 @@ func (r *releaser) state(ctx context.Context, st *state) {
 			r.try("task "+st.Task, c.Call(ctx, "task.destroy", nil, st.Task))
 		}
 	}
+	if st.Paused {
+		// A process killed while the VM was paused for the snapshot.
+		if ref, err := c.VMByUUID(ctx, st.VM); err == nil {
+			err := c.Call(ctx, "VM.unpause", nil, ref)
+			if !api.IsCode(err, "VM_BAD_POWER_STATE") {
+				r.try("pause of VM "+st.VM, err)
+			}
+		}
+	}
 	snap, err := r.findSnapshot(ctx, st)
 	if err != nil {
 		r.errs = append(r.errs, err)

@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
@@ -76,15 +78,38 @@ func (p *Provider) checkNBD(ctx context.Context) error {
 		p.c.Host(), errs.ErrUnsupported)
 }
 
-// Commit implements coord.Provider: Async.VM.snapshot captures every disk
-// of the VM at once. The task is journaled while it runs; when the freeze
-// window ends first, the task is asked to cancel and Commit returns, so
-// the writers thaw at once (Release waits for the task). Reading the
-// snapshot's details waits for Expose, after the thaw.
+// Commit implements coord.Provider: Async.VM.snapshot captures the VM's
+// disks. XAPI snapshots them one after another (xapi_vm_clone.ml,
+// safe_clone_disks; message_forwarding.ml: "We don't give any atomicity
+// guarantees"), so a running VM with several disks is paused around the
+// snapshot (VM.pause is allowed on a running VM, VM.snapshot in every
+// power state: xapi_vm_lifecycle.ml) and unpaused at once after it, so
+// that every disk is taken at one instant; set.Instant says which it was.
+// The pause is journaled before it is asked for, so Release unpauses a VM
+// a killed process left paused. The task is journaled while it runs; when
+// the freeze window ends first, the task is asked to cancel and Commit
+// returns, so the writers thaw (and the VM runs) at once (Release waits
+// for the task). Reading the snapshot's details waits for Expose.
 func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("commit: no prepared state: %v", err)
+	}
+	switch {
+	case len(st.Disks) == 1:
+		set.Instant = coord.InstantOneDisk
+	case p.vm.PowerState != "Running":
+		set.Instant = coord.InstantNotRunning
+	case p.opts.NoPause:
+		set.Instant = coord.InstantPerDisk
+	default:
+		if err := p.pause(ctx, set, st, save); err != nil {
+			return err
+		}
+	}
+	if set.Instant == coord.InstantPerDisk {
+		p.warn("the %d disks of VM %s were snapshotted one after another while it ran (XAPI's VM.snapshot is not atomic across disks): each disk is crash-consistent on its own, not with the others", len(st.Disks), p.vm.NameLabel)
+		set.Warnings = append(set.Warnings, fmt.Sprintf("disks snapshotted one after another while the VM ran (%s): not at one instant", coord.InstantPerDisk))
 	}
 	started := func(task string) error {
 		st.Task = task
@@ -95,11 +120,58 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 		return nil
 	}
 	snap, err := p.c.RunAsync(ctx, "VM.snapshot", started, p.vmRef, st.Snapshot)
+	if uerr := p.unpause(ctx, set, st, save); uerr != nil {
+		return errors.Join(err, uerr)
+	}
 	if err != nil {
 		return fmt.Errorf("VM.snapshot: %w", err)
 	}
 	crashpoint.Hit("xapi-snapshot-taken")
 	p.snapRef, st.Task = snap, ""
+	return coord.StoreProviderState(set, st, save)
+}
+
+// pause pauses the VM for the snapshot; if XAPI refuses (the VM stopped
+// running, or the account may not pause it), the disks are snapshotted one
+// after another and the set says so.
+func (p *Provider) pause(ctx context.Context, set *coord.Set, st *state, save func() error) error {
+	st.Paused = true
+	if err := coord.StoreProviderState(set, st, save); err != nil {
+		return err
+	}
+	crashpoint.Hit("xapi-pausing")
+	if err := p.c.Call(ctx, "VM.pause", nil, p.vmRef); err != nil {
+		if ctx.Err() != nil {
+			return err // Release unpauses if the pause happened after all
+		}
+		st.Paused = false
+		if err := coord.StoreProviderState(set, st, save); err != nil {
+			return err
+		}
+		p.warn("VM %s could not be paused for the snapshot (%v)", p.vm.NameLabel, err)
+		set.Instant = coord.InstantPerDisk
+		return nil
+	}
+	p.pausedAt = time.Now()
+	set.Instant = coord.InstantPaused
+	return nil
+}
+
+// unpause lets the VM run again after the snapshot, whatever became of it,
+// and records how long it was paused.
+func (p *Provider) unpause(ctx context.Context, set *coord.Set, st *state, save func() error) error {
+	if !st.Paused || p.pausedAt.IsZero() {
+		return nil
+	}
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	err := p.c.Call(uctx, "VM.unpause", nil, p.vmRef)
+	set.PauseMS = time.Since(p.pausedAt).Milliseconds()
+	p.pausedAt = time.Time{}
+	if err != nil && !api.IsCode(err, "VM_BAD_POWER_STATE") {
+		return fmt.Errorf("VM %s was paused for the snapshot and could not be unpaused (%v): unpause it (xe vm-unpause uuid=%s) or run 'vmshadow recover'", p.vm.NameLabel, err, p.vm.UUID)
+	}
+	st.Paused = false
 	return coord.StoreProviderState(set, st, save)
 }
 

@@ -405,3 +405,86 @@ func TestReleaseAfterStoredBackup(t *testing.T) {
 	}
 	r.s.CheckAsBefore(t, before, xapitest.Expect{Sessions: 1, Checkpoints: true})
 }
+
+// TestSnapshotOneInstant: XAPI snapshots a VM's disks one after another
+// (ocaml/xapi/xapi_vm_clone.ml, safe_clone_disks; message_forwarding.ml:
+// "We don't give any atomicity guarantees"); the fake lets the guest write
+// between two disks' snapshots, as a real pool does. A guest transaction
+// that writes to both disks must be in both shadow copies or in neither:
+// the provider pauses the VM around VM.snapshot (xapi_vm_lifecycle.ml
+// allows VM.pause when Running and VM.snapshot when Paused), and the set
+// says so. With NoPause the disks are torn, and the set says that too.
+func TestSnapshotOneInstant(t *testing.T) {
+	var s *xapitest.Server
+	var disks []string
+	marker := bytes.Repeat([]byte("TXN-42"), 512)
+	guestWrote := make(chan bool, 1)
+	opts := xapitest.Options{BetweenDiskSnapshots: func() {
+		// The guest commits a transaction spread over both disks; a paused
+		// guest does not run until it is unpaused.
+		done := make(chan struct{})
+		go func() {
+			s.Write(disks[0], 0, marker)
+			s.Write(disks[1], 0, marker)
+			close(done)
+		}()
+		select {
+		case <-done:
+			guestWrote <- true
+		case <-time.After(300 * time.Millisecond):
+			guestWrote <- false
+		}
+	}}
+	r := newRig(t, opts)
+	s = r.s
+	_, disks = r.s.AddVM("db", true, 2*MiB, 2*MiB)
+	ctx := context.Background()
+	for _, noPause := range []bool{false, true} {
+		before := r.s.Dump()
+		c, p := r.coordinator("db", func(o *xapiprov.Options) { o.NoPause = noPause })
+		sess, err := c.Open(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		set, err := sess.Create(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wrote := <-guestWrote
+		var has []bool
+		for _, sh := range set.Shadows {
+			got, err := readShadow(t, p, sh)
+			if err != nil {
+				t.Fatal(err)
+			}
+			has = append(has, bytes.Equal(got[:len(marker)], marker))
+		}
+		switch noPause {
+		case false:
+			if has[0] != has[1] {
+				t.Errorf("torn snapshot: the guest's transaction is in the shadow copies %v", has)
+			}
+			if wrote {
+				t.Errorf("the guest ran between the disks' snapshots")
+			}
+			if set.Instant != coord.InstantPaused || r.s.Pauses() != 1 {
+				t.Errorf("instant %q, %d pauses; want %q, 1", set.Instant, r.s.Pauses(), coord.InstantPaused)
+			}
+			t.Logf("VM paused %d ms for the snapshot of 2 disks (the fake pool's figure)", set.PauseMS)
+		case true:
+			if !wrote || has[0] || !has[1] {
+				t.Errorf("without a pause the fake should tear the disks: wrote %v, shadows %v", wrote, has)
+			}
+			if set.Instant != coord.InstantPerDisk || !strings.Contains(strings.Join(set.Warnings, " "), "one after another") {
+				t.Errorf("instant %q, warnings %v", set.Instant, set.Warnings)
+			}
+		}
+		if _, err := sess.Delete(ctx, set.ID); err != nil {
+			t.Fatal(err)
+		}
+		sess.Close()
+		r.s.CheckAsBefore(t, before, xapitest.Expect{})
+		r.s.Write(disks[0], 0, make([]byte, len(marker)))
+		r.s.Write(disks[1], 0, make([]byte, len(marker)))
+	}
+}
