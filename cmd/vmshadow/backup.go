@@ -31,10 +31,11 @@ type backupFlags struct {
 	disks []string // NAME=IMAGE
 	tags  []string
 
-	live   vmFlags // --qmp or --xapi and the snapshot-set flags: back up a running VM
-	full   bool
-	conns  int
-	repoVM string // with --xapi: the VM's name in the repository
+	live      vmFlags // --qmp or --xapi and the snapshot-set flags: back up a running VM
+	full      bool
+	conns     int
+	hostConns int    // with --xapi: NBD connections per host for the whole set
+	repoVM    string // with --xapi: the VM's name in the repository
 }
 
 func newBackupCmd(a *app) *cobra.Command {
@@ -76,6 +77,7 @@ stored again. The summary lists what was read and stored per disk.`,
 	f.live.addSet(cmd)
 	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp or --xapi: read every disk in full, not only what changed")
 	cmd.Flags().IntVar(&f.conns, "nbd-connections", 4, "with --qmp or --xapi: NBD connections per disk")
+	cmd.Flags().IntVar(&f.hostConns, "xapi-nbd-connections", livebackup.DefaultHostConns, "with --xapi: NBD connections per pool host for all disks together (XenServer's NBD server serves at most 16 per host, to all clients)")
 	f.repo.register(cmd)
 	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")
@@ -163,6 +165,9 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	if len(f.disks) > 0 {
 		return errorf(errs.ErrUsage, "--disk backs up image files; with --qmp the VM's disks are found by themselves")
 	}
+	if f.hostConns < 1 || f.hostConns > 16 {
+		return errorf(errs.ErrUsage, "--xapi-nbd-connections %d: give 1 to 16 (XenServer's NBD server serves at most 16 connections per host)", f.hostConns)
+	}
 	lo := livebackup.Options{VM: f.vm, Tags: f.tags, Full: f.full, Conns: f.conns}
 	if f.live.x.url != "" {
 		f.live.vm, lo.VM = f.vm, f.repoVM
@@ -189,7 +194,7 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	case *qemu.Provider:
 		lo.Provider = livebackup.QEMU{Provider: p}
 	case *xapiprov.Provider:
-		lo.Provider = livebackup.XAPI{Provider: p}
+		lo.Provider = livebackup.NewXAPI(p, f.hostConns, func(msg string) { a.out.Warn("%s", msg) })
 	}
 	lb, err := livebackup.Start(ctx, r, lo)
 	if err != nil {

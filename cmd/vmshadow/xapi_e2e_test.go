@@ -173,6 +173,11 @@ func TestXAPIBackupIncrementalRounds(t *testing.T) {
 		!strings.Contains(fmt.Sprint(sum["reason"]), "first backup") {
 		t.Fatalf("first backup: %v", sum)
 	}
+	// Two disks of a running VM: paused around VM.snapshot, one instant.
+	if sum["instant"] != "vm-paused" || sum["pause_ms"] == nil {
+		t.Errorf("first backup: instant %v, pause_ms %v; want vm-paused", sum["instant"], sum["pause_ms"])
+	}
+	t.Logf("VM paused %v ms for the snapshot of 2 disks (fake pool)", sum["pause_ms"])
 	disks := diskSummaries(t, sum)
 	if num(disks["xvda"]["bytes_read"]) != 32<<20 || num(disks["xvdb"]["bytes_read"]) != 4<<20 {
 		t.Errorf("first backup read %d + %d bytes, want 32 MiB + 4 MiB (allocated data only)", num(disks["xvda"]["bytes_read"]), num(disks["xvdb"]["bytes_read"]))
@@ -676,4 +681,46 @@ func TestXAPINBDDrops(t *testing.T) {
 		t.Fatalf("next backup: %v read %d, want %d", sum["mode"], num(d["bytes_read"]), int64(len(touched))*testChunk)
 	}
 	r.restoreCompare(sum["backup_id"].(string), want)
+}
+
+// TestXAPIManyDisks: xapi-nbd serves at most 16 connections per host, all
+// clients counted, and closes the others before the NBD greeting
+// (ocaml/nbd/lib/consts.ml connection_limit, ocaml/nbd/src/main.ml); the
+// fake pool's NBD server does the same. A VM with six disks is backed up
+// within the per-host budget (disks connect one after another), and when
+// other clients hold most of the connections, with fewer and a warning.
+func TestXAPIManyDisks(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 4<<20, 4<<20, 4<<20, 4<<20, 4<<20, 4<<20)
+	for i := range r.disks {
+		r.fill(i, int64(i%4)<<20, 1<<20)
+	}
+	want := r.expected()
+	sum := r.backup()
+	_, peak, refused := r.s.NBDConnections()
+	if peak > 8 || refused != 0 {
+		t.Errorf("backup of 6 disks: %d NBD connections at once, %d refused; want at most the 8 of the per-host budget", peak, refused)
+	}
+	t.Logf("6 disks: at most %d NBD connections at once", peak)
+	r.restoreCompare(sum["backup_id"].(string), want)
+
+	// Another client holds 14 of the host's 16 connections.
+	r.s.OtherNBDClients(14)
+	defer r.s.OtherNBDClients(-14)
+	for i := range r.disks {
+		r.fill(i, 0, 64<<10)
+	}
+	want = r.expected()
+	before := r.s.Dump()
+	res := r.run(r.pool("backup", "--repo", r.repo)...)
+	if res.code != 0 {
+		t.Fatalf("backup with 2 NBD connections free: exit %d %s", res.code, res.errorMessage())
+	}
+	r.clean(before)
+	if w := strings.Join(res.warnings(), "\n"); !strings.Contains(w, "read over 2 NBD connections instead of 4") {
+		t.Errorf("warnings %q, want one about fewer connections", w)
+	}
+	r.restoreCompare(res.summary(t)["backup_id"].(string), want)
+	if res := r.run(r.pool("backup", "--repo", r.repo, "--xapi-nbd-connections", "17")...); res.code != 2 || !strings.Contains(res.errorMessage(), "1 to 16") {
+		t.Errorf("--xapi-nbd-connections 17: exit %d %q", res.code, res.errorMessage())
+	}
 }

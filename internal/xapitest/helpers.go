@@ -415,3 +415,46 @@ func (s *Server) Pauses() int {
 	defer s.mu.Unlock()
 	return s.pauses
 }
+
+// NBDConnections reports the NBD server's client connections: open now,
+// the most open at once, and how many were refused for being beyond the
+// limit (all zero while no NBD server runs).
+func (s *Server) NBDConnections() (open, peak, refused int) {
+	s.mu.Lock()
+	n := s.nbd
+	s.mu.Unlock()
+	if n == nil {
+		return 0, 0, 0
+	}
+	n.cmu.Lock()
+	defer n.cmu.Unlock()
+	return n.open, n.peak, n.refused
+}
+
+// NBDAddress is the host:port of the NBD server, starting it if needed
+// (for tests that play another client of the host).
+func (s *Server) NBDAddress() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, err := s.nbdServer()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", n.port)
+}
+
+// OtherNBDClients makes n connections of other clients (another backup
+// tool) count against the NBD server's limit, as xapi-nbd counts every
+// client of the host; a negative n ends them.
+func (s *Server) OtherNBDClients(n int) {
+	s.mu.Lock()
+	nb, err := s.nbdServer()
+	s.mu.Unlock()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	nb.cmu.Lock()
+	defer nb.cmu.Unlock()
+	nb.open += n
+	nb.peak = max(nb.peak, nb.open)
+}

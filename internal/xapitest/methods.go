@@ -741,11 +741,15 @@ func (s *Server) vdiNBDInfo(session string, a []any) (any, *apiError) {
 	if err := n.export(ctx, name, d.path); err != nil {
 		return nil, fail("INTERNAL_ERROR", "NBD export: "+err.Error())
 	}
-	info := map[string]any{"address": "127.0.0.1", "port": n.port, "exportname": name, "cert": "", "subject": ""}
-	if s.opts.NBD == "nbd" {
-		info["cert"], info["subject"] = string(s.hostCert.CertPEM), "localhost"
+	// As xapi_vdi.ml's _get_nbd_info: one record per address of the host
+	// (IPv6 ones in CIDR form), each with the host's certificate and its
+	// subject, whether the network's purpose is nbd or insecure_nbd.
+	var out []any
+	for _, addr := range s.opts.NBDAddresses {
+		out = append(out, map[string]any{"address": addr, "port": n.port, "exportname": name,
+			"cert": string(s.hostCert.CertPEM), "subject": "localhost"})
 	}
-	return []any{info}, nil
+	return out, nil
 }
 
 func (s *Server) vdiAddOtherConfig(_ string, a []any) (any, *apiError) {

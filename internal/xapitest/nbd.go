@@ -3,10 +3,12 @@ package xapitest
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/qmp"
@@ -16,16 +18,73 @@ import (
 // over QMP, serving each VDI a session asked for (VDI.get_nbd_info) as a
 // read-only export named "/<vdi-uuid>?session_id=<session>", as XenServer's
 // NBD server names them, over TLS (nbd networks) or not (insecure_nbd).
+//
+// In front of it, as xapi-nbd's accept loop (ocaml/nbd/src/main.ml), the
+// port clients are given counts every client connection of the host and
+// closes, before the NBD greeting, any beyond the limit
+// (Consts.connection_limit = 16, ocaml/nbd/lib/consts.ml).
 type nbdServer struct {
 	cmd     *exec.Cmd
 	qmp     *qmp.Client
-	port    int
+	port    int // the limiting front, given to clients
+	backend string
 	seq     int
 	exports map[string]string // export name -> export id
 	nodes   map[string]string // export id -> node name
+
+	front    net.Listener
+	limit    int
+	cmu      sync.Mutex
+	conns    map[net.Conn]bool
+	open     int // client connections now
+	peak     int // most at once
+	refused  int // closed for being beyond the limit
+	stopOnce sync.Once
 }
 
-func startNBD(ctx context.Context, dir, tlsDir string) (*nbdServer, error) {
+// serveFront accepts client connections and relays them to the daemon.
+func (n *nbdServer) serveFront() {
+	for {
+		c, err := n.front.Accept()
+		if err != nil {
+			return
+		}
+		n.cmu.Lock()
+		n.open++ // inc_conn: counted before the check, as xapi-nbd
+		if n.open > n.limit {
+			n.open--
+			n.refused++
+			n.cmu.Unlock()
+			c.Close() // "Server busy: already at maximum 16 connections."
+			continue
+		}
+		n.peak = max(n.peak, n.open)
+		n.conns[c] = true
+		n.cmu.Unlock()
+		go n.relay(c)
+	}
+}
+
+func (n *nbdServer) relay(c net.Conn) {
+	defer func() {
+		c.Close()
+		n.cmu.Lock()
+		delete(n.conns, c)
+		n.open--
+		n.cmu.Unlock()
+	}()
+	b, err := net.Dial("tcp", n.backend)
+	if err != nil {
+		return
+	}
+	defer b.Close()
+	done := make(chan struct{}, 2)
+	go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
+	go func() { io.Copy(c, b); done <- struct{}{} }()
+	<-done
+}
+
+func startNBD(ctx context.Context, dir, tlsDir string, limit int) (*nbdServer, error) {
 	// The listening socket is made here and inherited as fd 3, so the port
 	// is known without a race.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -51,7 +110,14 @@ func startNBD(ctx context.Context, dir, tlsDir string) (*nbdServer, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start qemu-storage-daemon: %w", err)
 	}
-	n := &nbdServer{cmd: cmd, port: ln.Addr().(*net.TCPAddr).Port, exports: map[string]string{}, nodes: map[string]string{}}
+	n := &nbdServer{cmd: cmd, backend: ln.Addr().String(), exports: map[string]string{}, nodes: map[string]string{},
+		limit: limit, conns: map[net.Conn]bool{}}
+	if n.front, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		n.stop()
+		return nil, err
+	}
+	n.port = n.front.Addr().(*net.TCPAddr).Port
+	go n.serveFront()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		if n.qmp, err = qmp.Dial(ctx, sock); err == nil {
 			return n, nil
@@ -106,6 +172,16 @@ func (n *nbdServer) unexport(ctx context.Context, name string) error {
 }
 
 func (n *nbdServer) stop() {
+	n.stopOnce.Do(func() {
+		if n.front != nil {
+			n.front.Close()
+		}
+		n.cmu.Lock()
+		for c := range n.conns {
+			c.Close()
+		}
+		n.cmu.Unlock()
+	})
 	if n.qmp != nil {
 		n.qmp.Close()
 	}

@@ -65,6 +65,15 @@ type Options struct {
 	// of a VM.snapshot (without the fake's lock), where xapi snapshots one
 	// VDI after another (xapi_vm_clone.ml, safe_clone_disks).
 	BetweenDiskSnapshots func()
+	// NBDConnectionLimit is how many client connections the host's NBD
+	// server serves at once: 16 by default, as xapi-nbd
+	// (ocaml/nbd/lib/consts.ml, connection_limit).
+	NBDConnectionLimit int
+	// NBDAddresses are the addresses VDI.get_nbd_info reports, in order
+	// (default 127.0.0.1). As xapi gives a PIF's IPv6 addresses, give them
+	// in CIDR form ("fd00::5/64"); the NBD server listens on 127.0.0.1
+	// only, as xapi-nbd listens on IPv4 only (ocaml/nbd/src/main.ml).
+	NBDAddresses []string
 }
 
 // Server is a fake pool. Its methods are safe for concurrent use.
@@ -167,6 +176,12 @@ func New(t testing.TB, opts Options) *Server {
 	}
 	if opts.NBD == "" {
 		opts.NBD = "nbd"
+	}
+	if len(opts.NBDAddresses) == 0 {
+		opts.NBDAddresses = []string{"127.0.0.1"}
+	}
+	if opts.NBDConnectionLimit == 0 {
+		opts.NBDConnectionLimit = 16
 	}
 	if opts.DataDestroyWait == 0 {
 		opts.DataDestroyWait = 4 * time.Second
@@ -316,7 +331,7 @@ func (s *Server) nbdServer() (*nbdServer, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n, err := startNBD(ctx, s.dir, tlsDir)
+	n, err := startNBD(ctx, s.dir, tlsDir, s.opts.NBDConnectionLimit)
 	if err != nil {
 		return nil, err
 	}

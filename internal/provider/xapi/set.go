@@ -60,12 +60,14 @@ func (p *Provider) checkNBD(ctx context.Context) error {
 		for _, pu := range n.Purpose {
 			switch pu {
 			case "nbd":
+				p.nbdTLS = true
 				return nil
 			case "insecure_nbd":
 				insecure = true
 			}
 		}
 	}
+	p.nbdTLS = false
 	if insecure {
 		if p.opts.Insecure {
 			p.warn("the pool serves NBD without TLS (insecure_nbd): disk data and the session cross the network in clear")
@@ -247,11 +249,10 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 			return fmt.Errorf("disk %s: the pool offers no NBD connection to snapshot VDI %s: is a network with the nbd purpose connected to the host that holds its storage? %w",
 				d.Name, d.SnapshotVDI, errs.ErrUnsupported)
 		}
-		info := infos[0]
-		if info.Cert == "" && !p.opts.Insecure {
+		if !p.nbdTLS && !p.opts.Insecure {
 			return fmt.Errorf("disk %s: the pool serves NBD without TLS (insecure_nbd): allow it with --insecure: %w", d.Name, errs.ErrUnsupported)
 		}
-		p.nbd[d.SnapshotVDI] = info
+		p.nbd[d.SnapshotVDI] = infos
 		sh := coord.Shadow{ID: fmt.Sprintf("%s-%d", set.ID, i), Disk: d.Name, Node: d.SnapshotVDI, Size: d.Size}
 		if st.Prefix != "" {
 			if d.CBT {
@@ -315,26 +316,73 @@ func (p *Provider) Idle() {}
 // NBD returns how to read a shadow copy of the set exposed by this
 // process: the target (its export name holds the session) and the TLS
 // configuration, which trusts exactly the certificate XAPI reported for
-// the NBD server (nil for insecure_nbd).
+// the NBD server (nil for insecure_nbd). It is the first of NBDTargets.
 func (p *Provider) NBD(sh coord.Shadow) (nbd.Target, *tls.Config, error) {
-	info, ok := p.nbd[sh.Node]
-	if !ok {
-		return nbd.Target{}, nil, fmt.Errorf("disk %s: snapshot VDI %s was not exposed by this process", sh.Disk, sh.Node)
+	ts, err := p.NBDTargets(sh)
+	if err != nil {
+		return nbd.Target{}, nil, err
 	}
-	t := nbd.Target{Network: "tcp", Address: net.JoinHostPort(info.Address, strconv.FormatInt(int64(info.Port), 10)), Export: info.ExportName}
-	if info.Cert == "" {
-		return t, nil, nil
+	return ts[0].Target, ts[0].TLS, nil
+}
+
+// NBDTarget is one way to read a shadow copy.
+type NBDTarget struct {
+	Target nbd.Target
+	TLS    *tls.Config
+}
+
+// NBDTargets lists the ways to read a shadow copy, best first. XAPI gives
+// one entry per IP address of each host that has the VDI's SR attached, on
+// networks with the nbd or insecure_nbd purpose (xapi_vdi.ml,
+// _get_nbd_info): a PIF's IPv4 address, then its IPv6 ones in CIDR form
+// ("2001:db8::5/64"), whose prefix length is dropped here. xapi-nbd
+// listens on IPv4 only (ocaml/nbd/src/main.ml binds a PF_INET socket), so
+// IPv4 addresses come first. TLS follows the network's purpose, not the
+// certificate, which XAPI reports in both cases: nbd is NBD over TLS,
+// insecure_nbd plain NBD (xapi-nbd's xapi_says_use_tls).
+func (p *Provider) NBDTargets(sh coord.Shadow) ([]NBDTarget, error) {
+	infos, ok := p.nbd[sh.Node]
+	if !ok || len(infos) == 0 {
+		return nil, fmt.Errorf("disk %s: snapshot VDI %s was not exposed by this process", sh.Disk, sh.Node)
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM([]byte(info.Cert)) {
-		return nbd.Target{}, nil, fmt.Errorf("disk %s: the NBD server certificate XAPI reported is not PEM: %w", sh.Disk, errs.ErrConnect)
+	var v4, v6 []NBDTarget
+	var firstErr error
+	for _, info := range infos {
+		addr, _, _ := strings.Cut(info.Address, "/")
+		ip := net.ParseIP(addr)
+		t := nbd.Target{Network: "tcp", Address: net.JoinHostPort(addr, strconv.FormatInt(int64(info.Port), 10)), Export: info.ExportName}
+		if addr == "" || info.Port <= 0 || info.Port > 65535 {
+			if firstErr == nil {
+				firstErr = fmt.Errorf("disk %s: XAPI reported an unusable NBD address %q port %d: %w", sh.Disk, info.Address, info.Port, errs.ErrConnect)
+			}
+			continue
+		}
+		var cfg *tls.Config
+		if p.nbdTLS {
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM([]byte(info.Cert)) {
+				if firstErr == nil {
+					firstErr = fmt.Errorf("disk %s: the NBD server certificate XAPI reported for %s is not PEM: %w", sh.Disk, addr, errs.ErrConnect)
+				}
+				continue
+			}
+			t.TLS = true
+			t.TLSHostname = info.Subject
+			if t.TLSHostname == "" {
+				t.TLSHostname = addr
+			}
+			cfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		}
+		if ip != nil && ip.To4() == nil {
+			v6 = append(v6, NBDTarget{t, cfg})
+		} else {
+			v4 = append(v4, NBDTarget{t, cfg})
+		}
 	}
-	t.TLS = true
-	t.TLSHostname = info.Subject
-	if t.TLSHostname == "" {
-		t.TLSHostname = info.Address
+	if out := append(v4, v6...); len(out) > 0 {
+		return out, nil
 	}
-	return t, &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+	return nil, firstErr
 }
 
 // ChangedBlocks returns the changes of a shadow copy since its previous

@@ -82,13 +82,14 @@ type Provider struct {
 
 	// For the read, in this process only: never journaled (the export
 	// names hold the session).
-	nbd map[string]api.NBDInfo        // snapshot VDI UUID -> NBD info
-	cbt map[string]*api.ChangedBlocks // snapshot VDI UUID -> changes since the previous checkpoint
+	nbd    map[string][]api.NBDInfo      // snapshot VDI UUID -> NBD info
+	nbdTLS bool                          // the pool's NBD network has the nbd purpose (TLS), not insecure_nbd
+	cbt    map[string]*api.ChangedBlocks // snapshot VDI UUID -> changes since the previous checkpoint
 }
 
 // New returns a provider; it logs in on first use.
 func New(opts Options) *Provider {
-	return &Provider{opts: opts, nbd: map[string]api.NBDInfo{}, cbt: map[string]*api.ChangedBlocks{}}
+	return &Provider{opts: opts, nbd: map[string][]api.NBDInfo{}, cbt: map[string]*api.ChangedBlocks{}}
 }
 
 // Disk is one of the VM's disks.

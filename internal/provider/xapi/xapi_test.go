@@ -488,3 +488,37 @@ func TestSnapshotOneInstant(t *testing.T) {
 		r.s.Write(disks[1], 0, make([]byte, len(marker)))
 	}
 }
+
+// TestNBDAddresses: VDI.get_nbd_info gives one record per address of the
+// host, IPv6 ones in CIDR form as PIF.IPv6 holds them (xapi_vdi.ml,
+// _get_nbd_info; helpers.ml writes "addr/plen"), and xapi-nbd listens on
+// IPv4 only (ocaml/nbd/src/main.ml: a PF_INET socket). The provider drops
+// the prefix length and tries IPv4 addresses first.
+func TestNBDAddresses(t *testing.T) {
+	r := newRig(t, xapitest.Options{NBDAddresses: []string{"fd00::5/64", "127.0.0.1"}})
+	_, disks := r.s.AddVM("v6", true, MiB)
+	data := randomData(9, MiB)
+	r.s.Write(disks[0], 0, data)
+	ctx := context.Background()
+	c, p := r.coordinator("v6", nil)
+	s, err := c.Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, err := p.NBDTargets(set.Shadows[0])
+	if err != nil || len(ts) != 2 || !strings.HasPrefix(ts[0].Target.Address, "127.0.0.1:") || !strings.HasPrefix(ts[1].Target.Address, "[fd00::5]:") {
+		t.Fatalf("targets %+v %v: want 127.0.0.1 first, then [fd00::5] without its prefix length", ts, err)
+	}
+	got, err := readShadow(t, p, set.Shadows[0])
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read: %v", err)
+	}
+	if _, err := s.Delete(ctx, set.ID); err != nil {
+		t.Fatal(err)
+	}
+}
