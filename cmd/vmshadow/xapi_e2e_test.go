@@ -724,3 +724,30 @@ func TestXAPIManyDisks(t *testing.T) {
 		t.Errorf("--xapi-nbd-connections 17: exit %d %q", res.code, res.errorMessage())
 	}
 }
+
+// TestXAPIFullReadAllocation: xapi-nbd answers NBD_OPT_GO and structured
+// replies "unsupported" and so reports no allocation (xapi-project/nbd
+// lib/server.ml; the fake's NBD server negotiates the same way). A full
+// backup finds the allocated blocks in the block allocation table at the
+// head of GET /export_raw_vdi?format=vhd (ocaml/xapi/export_raw_vdi.ml,
+// vhd-tool) and reads only them.
+func TestXAPIFullReadAllocation(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 256<<20)
+	r.fill(0, 0, 8<<20)
+	r.fill(0, 100<<20, 8<<20)
+	want := r.expected()
+	sum := r.backup()
+	d := diskSummaries(t, sum)["xvda"]
+	if num(d["bytes_read"]) != 16<<20 {
+		t.Errorf("full backup of a 256 MiB disk holding 16 MiB read %d bytes", num(d["bytes_read"]))
+	}
+	t.Logf("full backup, 256 MiB disk, 16 MiB of data: read %d bytes in %.2f s", num(d["bytes_read"]), sum["duration_s"])
+	exported := false
+	for _, c := range r.s.Calls() {
+		exported = exported || c == "GET /export_raw_vdi"
+	}
+	if !exported {
+		t.Error("the allocation was not read from the VHD export")
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+}

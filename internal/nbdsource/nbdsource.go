@@ -45,6 +45,11 @@ type Options struct {
 	// structured replies, or no base:allocation context) as if every range
 	// held data, instead of failing. Not with Bitmap.
 	AllocationOptional bool
+	// Allocation, with AllocationOptional, gives the allocation another way
+	// when the server cannot report it: extents covering the disk in
+	// order, flagged nbd.StateHole|nbd.StateZero where the disk reads as
+	// zeros. Nil, or an error from it, reads every range.
+	Allocation func(ctx context.Context) (iter.Seq2[nbd.Extent, error], error)
 	// AcceptFewer reads with fewer connections than Conns when the server
 	// refuses the later ones (a connection limit shared with other
 	// clients); Warn is told how many were opened.
@@ -137,6 +142,13 @@ func (s *Source) Extents(ctx context.Context) iter.Seq2[backup.Extent, error] {
 	alloc := s.pool.Extents(ctx, nbd.ContextBaseAllocation, 0, size)
 	if s.noAlloc {
 		alloc = func(yield func(nbd.Extent, error) bool) { yield(nbd.Extent{Offset: 0, Length: size}, nil) }
+		if s.o.Allocation != nil {
+			if a, err := s.o.Allocation(ctx); err == nil {
+				alloc = a
+			} else if s.o.Warn != nil {
+				s.o.Warn(fmt.Sprintf("disk %s: the NBD server reports no allocation, nor could it be found otherwise (%v): every byte is read", s.o.Name, err))
+			}
+		}
 	}
 	if s.o.Bitmap == "" && s.o.Changed != nil {
 		return merge(alloc, s.o.Changed, size, s.o.Name)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"strconv"
 )
 
@@ -144,7 +145,7 @@ func (o *offsetWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// serveExport is GET /export_raw_vdi?session_id=&vdi=&format=raw.
+// serveExport is GET /export_raw_vdi?session_id=&vdi=&format=raw|vhd.
 func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.calls = append(s.calls, "GET /export_raw_vdi")
@@ -160,13 +161,46 @@ func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	path, size := d.path, d.size
+	dir := s.dir
 	s.mu.Unlock()
+	switch format := r.URL.Query().Get("format"); format {
+	case "", "raw":
+	case "vhd":
+		// As export_raw_vdi.ml with vhd-tool: the VDI as a dynamic VHD,
+		// footer, header and block allocation table first, only the
+		// allocated blocks after them. qemu-img's vpc driver writes that
+		// layout and leaves blocks of zeros unallocated.
+		tmp, err := os.CreateTemp(dir, "export-*.vhd")
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		tmp.Close()
+		defer os.Remove(tmp.Name())
+		out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on", path, tmp.Name()).CombinedOutput()
+		if err != nil {
+			http.Error(w, fmt.Sprintf("qemu-img: %v: %s", err, out), http.StatusInternalServerError)
+			return
+		}
+		path, size = tmp.Name(), -1
+	default:
+		http.Error(w, "Unknown format "+format, http.StatusNotFound)
+		return
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
 	defer f.Close()
+	if size < 0 {
+		fi, err := f.Stat()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		size = fi.Size()
+	}
 	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
 	w.Header().Set("Content-Type", "application/octet-stream")
 	io.Copy(w, io.NewSectionReader(f, 0, size))

@@ -10,8 +10,11 @@
 // also records the changed 64 KiB blocks for changed block tracking, so
 // VDI.list_changed_blocks answers from what the test really wrote. VDIs are
 // read over NBD from a real peer: a qemu-storage-daemon serving each
-// VDI.get_nbd_info request as an export named "/<vdi-uuid>?session_id=<ref>"
-// over TLS with a certificate made by the test's own CA.
+// VDI.get_nbd_info request as an export named "/<vdi-uuid>?session_id=<ref>",
+// behind a front that negotiates as xapi-nbd does (TLS with a certificate
+// made by the test's own CA, NBD_OPT_EXPORT_NAME only: no structured
+// replies, so no allocation) and closes connections beyond 16 per host.
+// GET /export_raw_vdi?format=vhd streams a dynamic VHD made by qemu-img.
 //
 // It models what vmshadow relies on, following xapi's code and docs
 // (ocaml/xapi/xapi_vdi.ml, xapi_vm_snapshot.ml, import_raw_vdi.ml): refs are
@@ -24,6 +27,7 @@ package xapitest
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -315,7 +319,7 @@ func (s *Server) nbdServer() (*nbdServer, error) {
 	if s.nbd != nil {
 		return s.nbd, nil
 	}
-	tlsDir := ""
+	var tlsConfig *tls.Config
 	if s.opts.NBD == "nbd" {
 		cert := s.hostCert
 		if s.opts.WrongNBDCert {
@@ -324,14 +328,11 @@ func (s *Server) nbdServer() (*nbdServer, error) {
 				return nil, err
 			}
 		}
-		tlsDir = filepath.Join(s.dir, "nbd-pki")
-		if err := s.pki.WriteQEMUDir(tlsDir, cert); err != nil {
-			return nil, err
-		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert.TLS}, MinVersion: tls.VersionTLS12}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n, err := startNBD(ctx, s.dir, tlsDir, s.opts.NBDConnectionLimit)
+	n, err := startNBD(ctx, s.dir, tlsConfig, s.opts.NBDConnectionLimit)
 	if err != nil {
 		return nil, err
 	}

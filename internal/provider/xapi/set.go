@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -394,3 +395,43 @@ func (p *Provider) ChangedBlocks(sh coord.Shadow) (*api.ChangedBlocks, error) {
 	}
 	return cb, nil
 }
+
+// VHDAllocation finds which blocks of a shadow copy hold data without
+// reading them: xapi-nbd reports no allocation (it answers structured
+// replies and NBD_OPT_GO with "unsupported", xapi-project/nbd
+// lib/server.ml), but GET /export_raw_vdi?format=vhd streams the VDI as a
+// dynamic VHD whose block allocation table comes first (xapi's
+// export_raw_vdi.ml runs vhd-tool): only that head is read.
+//
+// Only SRs that store VDIs as VHD files or VHD on LVM are asked (vhdSRTypes):
+// for others vhd-tool would have to read the whole disk to make the table.
+// The head must come within a minute.
+func (p *Provider) VHDAllocation(ctx context.Context, sh coord.Shadow) (*api.VHDAllocation, error) {
+	ref, err := p.c.VDIByUUID(ctx, sh.Node)
+	if err != nil {
+		return nil, fmt.Errorf("disk %s: snapshot VDI %s: %w", sh.Disk, sh.Node, err)
+	}
+	d, err := p.c.VDIRecord(ctx, ref)
+	if err != nil {
+		return nil, fmt.Errorf("disk %s: snapshot VDI %s: %w", sh.Disk, sh.Node, err)
+	}
+	sr, err := p.c.SRRecord(ctx, d.SR)
+	if err != nil {
+		return nil, fmt.Errorf("disk %s: SR of snapshot VDI %s: %w", sh.Disk, sh.Node, err)
+	}
+	if !slices.Contains(vhdSRTypes, sr.Type) {
+		return nil, fmt.Errorf("disk %s: SR %s of type %s does not store VDIs as VHD: %w", sh.Disk, sr.NameLabel, sr.Type, errs.ErrUnsupported)
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	a, err := p.c.ExportVHDAllocation(ctx, ref, sh.Size)
+	if err != nil {
+		return nil, fmt.Errorf("disk %s: allocation of snapshot VDI %s: %w", sh.Disk, sh.Node, err)
+	}
+	return a, nil
+}
+
+// vhdSRTypes are the SR types whose VDIs are VHD files (ext, nfs, smb) or
+// VHD on logical volumes (lvm, lvmoiscsi, lvmohba), as sm's drivers store
+// them.
+var vhdSRTypes = []string{"ext", "nfs", "smb", "cifs", "lvm", "lvmoiscsi", "lvmohba", "file"}
