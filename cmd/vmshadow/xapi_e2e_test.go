@@ -751,3 +751,28 @@ func TestXAPIFullReadAllocation(t *testing.T) {
 	}
 	r.restoreCompare(sum["backup_id"].(string), want)
 }
+
+// TestXAPIRoles: the least privileged role that can back up a VM is
+// vm-power-admin, which VM.snapshot needs (ocaml/idl/datamodel_vm.ml); the
+// fake checks each call's role as ocaml/xapi/rbac.ml does. With vm-admin
+// the backup fails with an error naming the role, and leaves the pool as
+// it was; with vm-power-admin it works, pause included.
+func TestXAPIRoles(t *testing.T) {
+	r := newXRig(t, xapitest.Options{Role: "vm-admin"}, 4<<20, 4<<20)
+	r.fill(0, 0, 1<<20)
+	before := r.s.Dump()
+	res := r.run(r.pool("backup", "--repo", r.repo)...)
+	if res.code != 7 || !strings.Contains(res.errorMessage(), "RBAC_PERMISSION_DENIED") || !strings.Contains(res.errorMessage(), "vm-power-admin") {
+		t.Fatalf("backup as vm-admin: exit %d %q", res.code, res.errorMessage())
+	}
+	r.s.CheckAsBefore(t, before, xapitest.Expect{Checkpoints: true})
+
+	r = newXRig(t, xapitest.Options{Role: "vm-power-admin"}, 4<<20, 4<<20)
+	r.fill(0, 0, 1<<20)
+	want := r.expected()
+	sum := r.backup()
+	if sum["instant"] != "vm-paused" {
+		t.Errorf("instant %v", sum["instant"])
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+}

@@ -57,7 +57,7 @@ func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "PUT only", http.StatusMethodNotAllowed)
 		return
 	}
-	if _, ok := s.sessions[sessionOf(r)]; !ok {
+	if _, ok := s.sessions[sessionOf(r)]; !ok || s.permitted("PUT /import_raw_vdi") != nil {
 		s.mu.Unlock()
 		http.Error(w, "forbidden", http.StatusForbidden)
 		return
@@ -149,7 +149,7 @@ func (o *offsetWriter) Write(p []byte) (int, error) {
 func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.calls = append(s.calls, "GET /export_raw_vdi")
-	if _, ok := s.sessions[sessionOf(r)]; !ok {
+	if _, ok := s.sessions[sessionOf(r)]; !ok || s.permitted("GET /export_raw_vdi") != nil {
 		s.mu.Unlock()
 		http.Error(w, "forbidden", http.StatusForbidden)
 		return

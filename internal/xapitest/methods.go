@@ -117,6 +117,9 @@ func (s *Server) call(name string, raw []json.RawMessage) (any, *apiError) {
 	if _, ok := s.sessions[session]; !ok {
 		return nil, fail("SESSION_INVALID", session)
 	}
+	if e := s.permitted(name); e != nil {
+		return nil, e
+	}
 	if !async {
 		return m.fn(s, session, a[1:])
 	}
@@ -170,6 +173,39 @@ func toInt(v any, name string) (int64, *apiError) {
 	return 0, fail("FIELD_TYPE_ERROR", name)
 }
 
+// roles are XAPI's roles, least privileged first (ocaml/idl/datamodel_roles.ml):
+// a role has every permission of the roles before it.
+var roles = []string{"read-only", "vm-operator", "vm-admin", "vm-power-admin", "pool-operator", "pool-admin"}
+
+// leastRole is the least privileged role allowed each call that needs more
+// than read-only, from the datamodel (ocaml/idl/datamodel_vm.ml,
+// datamodel.ml: allowed_roles, or the class's messages_default_allowed_roles,
+// _R_VM_ADMIN for VM, VBD and VDI). Getters and task calls need read-only.
+var leastRole = map[string]string{
+	"VM.snapshot": "vm-power-admin", "VM.pause": "vm-operator", "VM.unpause": "vm-operator",
+	"VM.destroy": "vm-admin", "VM.clone": "vm-admin", "VM.set_is_a_template": "vm-admin",
+	"VBD.create": "vm-admin", "VDI.create": "vm-admin", "VDI.destroy": "vm-admin", "VDI.data_destroy": "vm-admin",
+	"VDI.enable_cbt": "vm-admin", "VDI.disable_cbt": "vm-admin", "VDI.get_nbd_info": "vm-admin",
+	"VDI.add_to_other_config": "vm-admin", "VDI.list_changed_blocks": "vm-operator",
+	// HTTP handlers (datamodel.ml, http_actions)
+	"PUT /import_raw_vdi": "vm-admin", "GET /export_raw_vdi": "vm-admin",
+}
+
+// permitted checks the session's role as xapi's rbac.ml does, failing with
+// RBAC_PERMISSION_DENIED [permission; message].
+func (s *Server) permitted(method string) *apiError {
+	need, ok := leastRole[strings.TrimPrefix(method, "Async.")]
+	if !ok {
+		return nil
+	}
+	if slices.Index(roles, s.opts.Role) >= slices.Index(roles, need) {
+		return nil
+	}
+	allowed := strings.Join(roles[slices.Index(roles, need):], ", ")
+	return fail("RBAC_PERMISSION_DENIED", strings.ToLower(strings.TrimPrefix(method, "Async.")),
+		"No permission in user session. (Roles with this permission: "+allowed+")")
+}
+
 func (s *Server) login(a []any) (any, *apiError) {
 	user, _ := a[0].(string)
 	pw, _ := a[1].(string)
@@ -177,6 +213,11 @@ func (s *Server) login(a []any) (any, *apiError) {
 		return nil, fail("HOST_IS_SLAVE", s.opts.Slave)
 	}
 	if user != s.opts.User || pw != s.opts.Password {
+		// As xapi_session.ml's thread_delay_and_raise_error: a failed
+		// login is answered after a delay (5 s).
+		s.mu.Unlock()
+		time.Sleep(s.opts.LoginFailDelay)
+		s.mu.Lock()
 		return nil, fail("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
 	}
 	ref := newRef()

@@ -78,6 +78,12 @@ type Options struct {
 	// in CIDR form ("fd00::5/64"); the NBD server listens on 127.0.0.1
 	// only, as xapi-nbd listens on IPv4 only (ocaml/nbd/src/main.ml).
 	NBDAddresses []string
+	// Role is the RBAC role of the user (default pool-admin): calls it
+	// does not allow fail with RBAC_PERMISSION_DENIED (rbac.ml).
+	Role string
+	// LoginFailDelay is how long a failed login waits before its answer:
+	// 5 s by default, as xapi_session.ml. Negative: none.
+	LoginFailDelay time.Duration
 }
 
 // Server is a fake pool. Its methods are safe for concurrent use.
@@ -180,6 +186,12 @@ func New(t testing.TB, opts Options) *Server {
 	}
 	if opts.NBD == "" {
 		opts.NBD = "nbd"
+	}
+	if opts.Role == "" {
+		opts.Role = "pool-admin"
+	}
+	if opts.LoginFailDelay == 0 {
+		opts.LoginFailDelay = 5 * time.Second
 	}
 	if len(opts.NBDAddresses) == 0 {
 		opts.NBDAddresses = []string{"127.0.0.1"}
