@@ -776,3 +776,28 @@ func TestXAPIRoles(t *testing.T) {
 	}
 	r.restoreCompare(sum["backup_id"].(string), want)
 }
+
+// TestXAPISessionExpires: the pool ends vmshadow's session while a backup
+// reads its first disk (sessions expire; xapi-nbd checks the session of
+// each new connection, ocaml/nbd/src/main.ml with_session). The disks read
+// later connect with a new session, the backup is stored, and the release
+// works: the pool is left as it was.
+func TestXAPISessionExpires(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 4<<20, 4<<20, 4<<20)
+	for i := range r.disks {
+		r.fill(i, 0, 2<<20)
+	}
+	want := r.expected()
+	before := r.s.Dump()
+	resume := r.pausedBackup("backup-read")
+	r.s.ExpireSessions()
+	res := resume()
+	if res.code != 0 {
+		t.Fatalf("backup with its session expired: exit %d %s", res.code, res.errorMessage())
+	}
+	if !strings.Contains(strings.Join(res.warnings(), "\n"), "logging in again") {
+		t.Errorf("warnings %v", res.warnings())
+	}
+	r.clean(before)
+	r.restoreCompare(res.summary(t)["backup_id"].(string), want)
+}

@@ -86,7 +86,15 @@ func (x XAPI) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns
 	if x.budgets == nil {
 		return nil, fmt.Errorf("disk %s: livebackup.XAPI made without NewXAPI", sh.Disk)
 	}
-	return &lazySource{o: o, targets: targets, size: sh.Size, budget: x.budgets.of(targets[0].Target.Address)}, nil
+	l := &lazySource{o: o, targets: targets, size: sh.Size, budget: x.budgets.of(targets[0].Target.Address)}
+	l.refresh = func(ctx context.Context) ([]xapiprov.NBDTarget, error) {
+		// The session may have expired while earlier disks were read.
+		if err := x.Reconnect(ctx); err != nil {
+			return nil, err
+		}
+		return x.NBDTargets(sh)
+	}
+	return l, nil
 }
 
 // NewXAPI returns the adapter for a provider with a per-host budget of
@@ -125,6 +133,7 @@ type lazySource struct {
 	targets []xapiprov.NBDTarget
 	size    int64
 	budget  chan struct{} // a token per connection held
+	refresh func(context.Context) ([]xapiprov.NBDTarget, error)
 
 	mu   sync.Mutex
 	src  *nbdsource.Source
@@ -158,6 +167,15 @@ func (l *lazySource) open(ctx context.Context) (*nbdsource.Source, error) {
 		default:
 		}
 		break
+	}
+	if l.refresh != nil {
+		ts, err := l.refresh(ctx)
+		if err != nil {
+			l.release()
+			l.err = fmt.Errorf("disk %s: %w", l.o.Name, err)
+			return nil, l.err
+		}
+		l.targets = ts
 	}
 	o := l.o
 	o.Conns = l.held

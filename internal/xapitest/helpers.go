@@ -458,3 +458,15 @@ func (s *Server) OtherNBDClients(n int) {
 	nb.open += n
 	nb.peak = max(nb.peak, nb.open)
 }
+
+// ExpireSessions ends every session as the pool's session expiry does
+// (xapi destroys sessions idle too long, and the oldest of an
+// originator's sessions beyond its limit): calls with them fail with
+// SESSION_INVALID and the NBD server refuses their new connections; NBD
+// connections already open go on (xapi-nbd checks the session when a
+// client connects).
+func (s *Server) ExpireSessions() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.sessions)
+}

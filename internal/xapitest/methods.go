@@ -35,6 +35,7 @@ var methods map[string]method
 func init() {
 	methods = map[string]method{
 		"session.logout":          {0, (*Server).logout},
+		"session.get_uuid":        {1, (*Server).sessionUUID},
 		"VM.get_by_uuid":          {1, (*Server).vmByUUID},
 		"VM.get_by_name_label":    {1, (*Server).vmsByName},
 		"VM.get_record":           {1, (*Server).vmRecord},
@@ -235,6 +236,14 @@ func (s *Server) logout(session string, _ []any) (any, *apiError) {
 		}
 	}
 	return "", nil
+}
+
+func (s *Server) sessionUUID(_ string, a []any) (any, *apiError) {
+	ref, _ := a[0].(string)
+	if _, ok := s.sessions[ref]; !ok {
+		return nil, fail("HANDLE_INVALID", "session", ref)
+	}
+	return strings.TrimPrefix(ref, "OpaqueRef:"), nil
 }
 
 // --- VMs ---

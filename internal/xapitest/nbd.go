@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +37,8 @@ type nbdServer struct {
 
 	front    net.Listener
 	tls      *tls.Config // nil: plain NBD (insecure_nbd)
+	// validSession reports whether a session reference is logged in.
+	validSession func(string) bool
 	limit    int
 	cmu      sync.Mutex
 	conns    map[net.Conn]bool
@@ -82,6 +85,12 @@ func (n *nbdServer) relay(c net.Conn) {
 		return
 	}
 	c.SetDeadline(time.Time{})
+	// As xapi-nbd's with_session: the session in the export name must be
+	// alive when the client connects (Session.get_uuid), else the
+	// connection is closed.
+	if _, q, _ := strings.Cut(export, "?session_id="); n.validSession != nil && !n.validSession(q) {
+		return
+	}
 	b, err := net.Dial("tcp", n.backend)
 	if err != nil {
 		return

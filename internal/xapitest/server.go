@@ -348,6 +348,12 @@ func (s *Server) nbdServer() (*nbdServer, error) {
 	if err != nil {
 		return nil, err
 	}
+	n.validSession = func(ref string) bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		_, ok := s.sessions[ref]
+		return ok
+	}
 	s.nbd = n
 	return n, nil
 }

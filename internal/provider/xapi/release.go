@@ -27,7 +27,7 @@ func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error
 	if err != nil {
 		return nil, err
 	}
-	if _, err := p.Client(ctx); err != nil {
+	if err := p.Reconnect(ctx); err != nil {
 		return nil, err
 	}
 	r := &releaser{p: p}

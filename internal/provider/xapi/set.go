@@ -435,3 +435,38 @@ func (p *Provider) VHDAllocation(ctx context.Context, sh coord.Shadow) (*api.VHD
 // VHD on logical volumes (lvm, lvmoiscsi, lvmohba), as sm's drivers store
 // them.
 var vhdSRTypes = []string{"ext", "nfs", "smb", "cifs", "lvm", "lvmoiscsi", "lvmohba", "file"}
+
+// Reconnect logs in again when the pool has ended the session (it expires
+// idle sessions, and xapi-nbd refuses new connections of a dead session),
+// and fetches the NBD details of the exposed snapshot VDIs anew, their
+// export names holding the new session. It does nothing while the session
+// lives.
+func (p *Provider) Reconnect(ctx context.Context) error {
+	if p.c == nil {
+		_, err := p.Client(ctx)
+		return err
+	}
+	ok, err := p.c.SessionValid(ctx)
+	if ok || err != nil {
+		return err
+	}
+	p.warn("the pool ended vmshadow's XAPI session (expired): logging in again")
+	p.c.Logout(ctx) // closes the old client's connections; the session is gone already
+	p.c = nil
+	c, err := p.Client(ctx)
+	if err != nil {
+		return fmt.Errorf("log in again after the session expired: %w", err)
+	}
+	for uuid := range p.nbd {
+		ref, err := c.VDIByUUID(ctx, uuid)
+		if err != nil {
+			return fmt.Errorf("snapshot VDI %s: %w", uuid, err)
+		}
+		infos, err := c.NBDInfo(ctx, ref)
+		if err != nil {
+			return fmt.Errorf("NBD connection details of snapshot VDI %s: %w", uuid, err)
+		}
+		p.nbd[uuid] = infos
+	}
+	return nil
+}
