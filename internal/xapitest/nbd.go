@@ -35,17 +35,17 @@ type nbdServer struct {
 	exports map[string]string // export name -> export id
 	nodes   map[string]string // export id -> node name
 
-	front    net.Listener
-	tls      *tls.Config // nil: plain NBD (insecure_nbd)
+	front net.Listener
+	tls   *tls.Config // nil: plain NBD (insecure_nbd)
 	// validSession reports whether a session reference is logged in.
 	validSession func(string) bool
-	limit    int
-	cmu      sync.Mutex
-	conns    map[net.Conn]bool
-	open     int // client connections now
-	peak     int // most at once
-	refused  int // closed for being beyond the limit
-	stopOnce sync.Once
+	limit        int
+	cmu          sync.Mutex
+	conns        map[net.Conn]bool
+	open         int // client connections now
+	peak         int // most at once
+	refused      int // closed for being beyond the limit
+	stopOnce     sync.Once
 }
 
 // serveFront accepts client connections and relays them to the daemon.
