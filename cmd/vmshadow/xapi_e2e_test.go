@@ -801,3 +801,39 @@ func TestXAPISessionExpires(t *testing.T) {
 	r.clean(before)
 	r.restoreCompare(res.summary(t)["backup_id"].(string), want)
 }
+
+// TestXAPIPoolMember: a pool with a member host that has its own
+// certificate (each XenServer host has one) and a local SR. vmshadow
+// pointed at the member is told which host is the master (HOST_IS_SLAVE,
+// ocaml/xapi/xapi_session.ml); a restore into the member's local SR goes
+// to the member, as the master would redirect it there
+// (ocaml/xapi/import_raw_vdi.ml, importexport.ml return_302_redirect),
+// trusting exactly the certificate the master reports for the member
+// (host.get_server_certificate), not the --xapi-ca of the master.
+func TestXAPIPoolMember(t *testing.T) {
+	r := newXRig(t, xapitest.Options{Member: true}, 8<<20, 4<<20)
+	r.fill(0, 0, 8<<20)
+	r.fill(1, 1<<20, 1<<20)
+	want := r.expected()
+	sum := r.backup()
+	res := r.run("backup", "--repo", r.repo, "--xapi", r.s.MemberURL, "--insecure", "--vm", r.vm)
+	if res.code != 2 || !strings.Contains(res.errorMessage(), "pool member") || !strings.Contains(res.errorMessage(), "https://127.0.0.1") {
+		t.Errorf("backup through a member: exit %d %q", res.code, res.errorMessage())
+	}
+	res = r.run("restore", "--repo", r.repo, sum["backup_id"].(string), "--to-xapi", r.s.URL, "--xapi-ca", r.s.CAFile, "--sr", "Member storage", "--vm-name", "on-member")
+	if res.code != 0 {
+		t.Fatalf("restore into the member's local SR: exit %d %s", res.code, res.errorMessage())
+	}
+	vms := r.s.VMsNamed("on-member")
+	if len(vms) != 1 {
+		t.Fatalf("restored VMs %v", vms)
+	}
+	for i, u := range r.s.VMDisks(vms[0]) {
+		if !bytes.Equal(r.s.Read(u), want[fmt.Sprintf("xvd%c", 'a'+i)]) {
+			t.Errorf("disk %d restored on the member differs", i)
+		}
+	}
+	if r.s.Sessions() != 0 || r.s.PendingTasks() != 0 {
+		t.Errorf("%d sessions, %d tasks left", r.s.Sessions(), r.s.PendingTasks())
+	}
+}

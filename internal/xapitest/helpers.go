@@ -19,7 +19,7 @@ func (s *Server) AddSR(name, typ string, shared bool) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	r := &sr{ref: newRef(), uuid: newUUID(), name: name, typ: typ, shared: shared}
-	p := &pbd{ref: newRef(), uuid: newUUID(), sr: r.ref}
+	p := &pbd{ref: newRef(), uuid: newUUID(), sr: r.ref, host: s.host.ref}
 	r.pbd = p.ref
 	s.srs[r.ref], s.pbds[p.ref] = r, p
 	return r.uuid

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 )
 
 // sessionOf finds the request's session: the session_id query parameter or
@@ -49,7 +50,30 @@ func (s *Server) finishTask(ref, result string, errInfo ...string) {
 // [&chunked]: as xapi's import_raw_vdi.ml, it answers 200 (Connection:
 // close) before reading the data, refuses chunked transfer encoding, and
 // reports the outcome in the task.
-func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) {
+func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) { s.serveImportOn(w, r, s.host) }
+
+// redirected answers, as a host that cannot see the VDI's SR, with a 302
+// to the host that can (importexport.ml, return_302_redirect).
+func (s *Server) redirected(w http.ResponseWriter, r *http.Request, on *host, d *vdi) bool {
+	if d == nil {
+		return false
+	}
+	h := s.hostOfVDILocked(d)
+	if h == on {
+		return false
+	}
+	to := *r.URL
+	to.Scheme, to.Host = "https", h.address
+	if h == s.member {
+		to.Host = strings.TrimPrefix(s.MemberURL, "https://")
+	} else {
+		to.Host = strings.TrimPrefix(s.URL, "https://")
+	}
+	http.Redirect(w, r, to.String(), http.StatusFound)
+	return true
+}
+
+func (s *Server) serveImportOn(w http.ResponseWriter, r *http.Request, on *host) {
 	s.mu.Lock()
 	s.calls = append(s.calls, "PUT /import_raw_vdi")
 	if r.Method != http.MethodPut {
@@ -65,6 +89,10 @@ func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	taskRef := q.Get("task_id")
 	d := s.findVDILocked(q.Get("vdi"))
+	if s.redirected(w, r, on, d) {
+		s.mu.Unlock()
+		return
+	}
 	var errInfo []string
 	switch {
 	case d == nil || d.path == "":
@@ -146,7 +174,9 @@ func (o *offsetWriter) Write(p []byte) (int, error) {
 }
 
 // serveExport is GET /export_raw_vdi?session_id=&vdi=&format=raw|vhd.
-func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) {
+func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) { s.serveExportOn(w, r, s.host) }
+
+func (s *Server) serveExportOn(w http.ResponseWriter, r *http.Request, on *host) {
 	s.mu.Lock()
 	s.calls = append(s.calls, "GET /export_raw_vdi")
 	if _, ok := s.sessions[sessionOf(r)]; !ok || s.permitted("GET /export_raw_vdi") != nil {
@@ -158,6 +188,10 @@ func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) {
 	if d == nil || d.path == "" {
 		s.mu.Unlock()
 		http.Error(w, "no such VDI", http.StatusNotFound)
+		return
+	}
+	if s.redirected(w, r, on, d) {
+		s.mu.Unlock()
 		return
 	}
 	path, size := d.path, d.size

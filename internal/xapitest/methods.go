@@ -34,39 +34,40 @@ var methods map[string]method
 
 func init() {
 	methods = map[string]method{
-		"session.logout":          {0, (*Server).logout},
-		"session.get_uuid":        {1, (*Server).sessionUUID},
-		"VM.get_by_uuid":          {1, (*Server).vmByUUID},
-		"VM.get_by_name_label":    {1, (*Server).vmsByName},
-		"VM.get_record":           {1, (*Server).vmRecord},
-		"VM.snapshot":             {2, (*Server).vmSnapshot},
-		"VM.destroy":              {1, (*Server).vmDestroy},
-		"VM.pause":                {1, (*Server).vmPause},
-		"VM.unpause":              {1, (*Server).vmUnpause},
-		"VM.clone":                {2, (*Server).vmClone},
-		"VM.set_is_a_template":    {2, (*Server).vmSetTemplate},
-		"VBD.get_record":          {1, (*Server).vbdRecord},
-		"VBD.create":              {1, (*Server).vbdCreate},
-		"VDI.get_by_uuid":         {1, (*Server).vdiByUUID},
-		"VDI.get_record":          {1, (*Server).vdiRecord},
-		"VDI.create":              {1, (*Server).vdiCreate},
-		"VDI.destroy":             {1, (*Server).vdiDestroy},
-		"VDI.data_destroy":        {1, (*Server).vdiDataDestroy},
-		"VDI.enable_cbt":          {1, (*Server).vdiEnableCBT},
-		"VDI.disable_cbt":         {1, (*Server).vdiDisableCBT},
-		"VDI.list_changed_blocks": {2, (*Server).vdiListChangedBlocks},
-		"VDI.get_nbd_info":        {1, (*Server).vdiNBDInfo},
-		"VDI.add_to_other_config": {3, (*Server).vdiAddOtherConfig},
-		"SR.get_by_uuid":          {1, (*Server).srByUUID},
-		"SR.get_by_name_label":    {1, (*Server).srsByName},
-		"SR.get_record":           {1, (*Server).srRecord},
-		"PBD.get_record":          {1, (*Server).pbdRecord},
-		"host.get_record":         {1, (*Server).hostRecord},
-		"network.get_all_records": {0, (*Server).networkRecords},
-		"task.create":             {2, (*Server).taskCreate},
-		"task.get_record":         {1, (*Server).taskRecord},
-		"task.cancel":             {1, (*Server).taskCancel},
-		"task.destroy":            {1, (*Server).taskDestroy},
+		"session.logout":              {0, (*Server).logout},
+		"session.get_uuid":            {1, (*Server).sessionUUID},
+		"VM.get_by_uuid":              {1, (*Server).vmByUUID},
+		"VM.get_by_name_label":        {1, (*Server).vmsByName},
+		"VM.get_record":               {1, (*Server).vmRecord},
+		"VM.snapshot":                 {2, (*Server).vmSnapshot},
+		"VM.destroy":                  {1, (*Server).vmDestroy},
+		"VM.pause":                    {1, (*Server).vmPause},
+		"VM.unpause":                  {1, (*Server).vmUnpause},
+		"VM.clone":                    {2, (*Server).vmClone},
+		"VM.set_is_a_template":        {2, (*Server).vmSetTemplate},
+		"VBD.get_record":              {1, (*Server).vbdRecord},
+		"VBD.create":                  {1, (*Server).vbdCreate},
+		"VDI.get_by_uuid":             {1, (*Server).vdiByUUID},
+		"VDI.get_record":              {1, (*Server).vdiRecord},
+		"VDI.create":                  {1, (*Server).vdiCreate},
+		"VDI.destroy":                 {1, (*Server).vdiDestroy},
+		"VDI.data_destroy":            {1, (*Server).vdiDataDestroy},
+		"VDI.enable_cbt":              {1, (*Server).vdiEnableCBT},
+		"VDI.disable_cbt":             {1, (*Server).vdiDisableCBT},
+		"VDI.list_changed_blocks":     {2, (*Server).vdiListChangedBlocks},
+		"VDI.get_nbd_info":            {1, (*Server).vdiNBDInfo},
+		"VDI.add_to_other_config":     {3, (*Server).vdiAddOtherConfig},
+		"SR.get_by_uuid":              {1, (*Server).srByUUID},
+		"SR.get_by_name_label":        {1, (*Server).srsByName},
+		"SR.get_record":               {1, (*Server).srRecord},
+		"PBD.get_record":              {1, (*Server).pbdRecord},
+		"host.get_record":             {1, (*Server).hostRecord},
+		"host.get_server_certificate": {1, (*Server).hostCertificate},
+		"network.get_all_records":     {0, (*Server).networkRecords},
+		"task.create":                 {2, (*Server).taskCreate},
+		"task.get_record":             {1, (*Server).taskRecord},
+		"task.cancel":                 {1, (*Server).taskCancel},
+		"task.destroy":                {1, (*Server).taskDestroy},
 	}
 }
 
@@ -936,15 +937,35 @@ func (s *Server) pbdRecord(_ string, a []any) (any, *apiError) {
 	if p == nil {
 		return nil, fail("HANDLE_INVALID", "PBD", ref)
 	}
-	return map[string]any{"uuid": p.uuid, "host": s.host.ref, "SR": p.sr, "currently_attached": true, "device_config": map[string]string{}}, nil
+	return map[string]any{"uuid": p.uuid, "host": p.host, "SR": p.sr, "currently_attached": true, "device_config": map[string]string{}}, nil
 }
 
 func (s *Server) hostRecord(_ string, a []any) (any, *apiError) {
-	ref, _ := a[0].(string)
-	if ref != s.host.ref {
-		return nil, fail("HANDLE_INVALID", "host", ref)
+	h, e := s.getHost(a[0])
+	if e != nil {
+		return nil, e
 	}
-	return map[string]any{"uuid": s.host.uuid, "name_label": s.host.name, "address": s.host.address, "hostname": s.host.name, "enabled": true}, nil
+	return map[string]any{"uuid": h.uuid, "name_label": h.name, "address": h.address, "hostname": h.name, "enabled": true}, nil
+}
+
+func (s *Server) getHost(v any) (*host, *apiError) {
+	ref, _ := v.(string)
+	for _, h := range []*host{s.host, s.member} {
+		if h != nil && h.ref == ref {
+			return h, nil
+		}
+	}
+	return nil, fail("HANDLE_INVALID", "host", ref)
+}
+
+// hostCertificate is host.get_server_certificate: the PEM of the host's
+// TLS certificate.
+func (s *Server) hostCertificate(_ string, a []any) (any, *apiError) {
+	h, e := s.getHost(a[0])
+	if e != nil {
+		return nil, e
+	}
+	return string(h.cert.CertPEM), nil
 }
 
 func (s *Server) networkRecords(_ string, _ []any) (any, *apiError) {

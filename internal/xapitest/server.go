@@ -84,6 +84,12 @@ type Options struct {
 	// LoginFailDelay is how long a failed login waits before its answer:
 	// 5 s by default, as xapi_session.ml. Negative: none.
 	LoginFailDelay time.Duration
+	// Member adds a pool member at 127.0.0.2 (same port as the master,
+	// its own self-signed certificate, as each XenServer host has) with a
+	// local SR "Member storage": its JSON-RPC answers logins with
+	// HOST_IS_SLAVE, and the master redirects uploads and exports of VDIs
+	// on that SR to it (import_raw_vdi.ml, export_raw_vdi.ml).
+	Member bool
 }
 
 // Server is a fake pool. Its methods are safe for concurrent use.
@@ -100,21 +106,24 @@ type Server struct {
 	hostCert *Cert
 	srv      *httptest.Server
 
-	mu       sync.Mutex
-	vms      map[string]*vm
-	vbds     map[string]*vbd
-	vdis     map[string]*vdi
-	srs      map[string]*sr
-	pbds     map[string]*pbd
-	host     *host
-	nets     map[string]*network
-	sessions map[string]string // ref -> user
-	tasks    map[string]*task
-	calls    []string
-	drop     map[string]int
-	nbd      *nbdServer
-	chains   map[int][]cbtDelta // chain -> snapshots' deltas in order
-	chainSeq int
+	mu        sync.Mutex
+	vms       map[string]*vm
+	vbds      map[string]*vbd
+	vdis      map[string]*vdi
+	srs       map[string]*sr
+	pbds      map[string]*pbd
+	host      *host
+	member    *host
+	memberSrv *httptest.Server
+	MemberURL string // https://127.0.0.2:PORT, with Options.Member
+	nets      map[string]*network
+	sessions  map[string]string // ref -> user
+	tasks     map[string]*task
+	calls     []string
+	drop      map[string]int
+	nbd       *nbdServer
+	chains    map[int][]cbtDelta // chain -> snapshots' deltas in order
+	chainSeq  int
 	// dataDestroyRefused counts VDI.data_destroy calls refused because
 	// the VDI still had VBDs.
 	dataDestroyRefused int
@@ -151,9 +160,12 @@ type sr struct {
 	pbd                  string
 }
 
-type pbd struct{ ref, uuid, sr string }
+type pbd struct{ ref, uuid, sr, host string }
 
-type host struct{ ref, uuid, name, address string }
+type host struct {
+	ref, uuid, name, address string
+	cert                     *Cert // its TLS certificate (host.get_server_certificate)
+}
 
 type network struct {
 	ref, uuid, name string
@@ -224,7 +236,7 @@ func New(t testing.TB, opts Options) *Server {
 	if err := os.WriteFile(s.CAFile, s.pki.CAPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s.host = &host{ref: newRef(), uuid: newUUID(), name: "xapitest-host", address: "127.0.0.1"}
+	s.host = &host{ref: newRef(), uuid: newUUID(), name: "xapitest-host", address: "127.0.0.1", cert: s.hostCert}
 	s.AddSR("Local storage", "ext", false)
 	purpose := []string{}
 	if opts.NBD != "none" {
@@ -245,7 +257,63 @@ func New(t testing.TB, opts Options) *Server {
 	s.srv.StartTLS()
 	s.URL = s.srv.URL
 	t.Cleanup(s.close)
+	if opts.Member {
+		s.startMember()
+	}
 	return s
+}
+
+// startMember starts the pool member of Options.Member.
+func (s *Server) startMember() {
+	pki, err := NewPKI("xapitest-member self-signed")
+	var cert *Cert
+	if err == nil {
+		cert, err = pki.Issue("xapitest-member", net.ParseIP("127.0.0.2"))
+	}
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(s.srv.Listener.Addr().String())
+	ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.2", port))
+	if err != nil {
+		s.t.Fatalf("xapitest: member host on 127.0.0.2:%s: %v", port, err)
+	}
+	s.mu.Lock()
+	s.member = &host{ref: newRef(), uuid: newUUID(), name: "xapitest-member", address: "127.0.0.2", cert: cert}
+	s.mu.Unlock()
+	s.AddSR("Member storage", "ext", false)
+	s.mu.Lock()
+	for _, r := range s.srs {
+		if r.name == "Member storage" {
+			s.pbds[r.pbd].host = s.member.ref
+		}
+	}
+	s.mu.Unlock()
+	mux := http.NewServeMux()
+	mux.HandleFunc("/jsonrpc", func(w http.ResponseWriter, r *http.Request) {
+		// A member answers logins with the master's address (the fake
+		// forwards nothing else).
+		w.Header().Set("Content-Type", "application/json")
+		var req rpcRequest
+		json.NewDecoder(r.Body).Decode(&req)
+		json.NewEncoder(w).Encode(map[string]any{"jsonrpc": "2.0", "id": req.ID,
+			"error": map[string]any{"code": 1, "message": "HOST_IS_SLAVE", "data": []string{s.host.address}}})
+	})
+	mux.HandleFunc("/import_raw_vdi", func(w http.ResponseWriter, r *http.Request) { s.serveImportOn(w, r, s.member) })
+	mux.HandleFunc("/export_raw_vdi", func(w http.ResponseWriter, r *http.Request) { s.serveExportOn(w, r, s.member) })
+	s.memberSrv = &httptest.Server{Listener: ln, Config: &http.Server{Handler: mux}}
+	s.memberSrv.TLS = &tls.Config{Certificates: []tls.Certificate{cert.TLS}, MinVersion: tls.VersionTLS12}
+	s.memberSrv.StartTLS()
+	s.MemberURL = "https://" + ln.Addr().String()
+	s.t.Cleanup(s.memberSrv.Close)
+}
+
+// hostOfVDILocked is the host whose PBD attaches the VDI's SR.
+func (s *Server) hostOfVDILocked(d *vdi) *host {
+	if r := s.srs[d.sr]; r != nil && s.member != nil && s.pbds[r.pbd].host == s.member.ref {
+		return s.member
+	}
+	return s.host
 }
 
 func (s *Server) close() {
