@@ -17,11 +17,17 @@
 // GET /export_raw_vdi?format=vhd streams a dynamic VHD made by qemu-img.
 //
 // It models what vmshadow relies on, following xapi's code and docs
-// (ocaml/xapi/xapi_vdi.ml, xapi_vm_snapshot.ml, import_raw_vdi.ml): refs are
+// (ocaml/xapi/xapi_vdi.ml, xapi_vm_snapshot.ml, xapi_vm_clone.ml,
+// xapi_vm_lifecycle.ml, import_raw_vdi.ml, rbac.ml, ocaml/nbd): refs are
 // opaque and differ from UUIDs; unknown refs are HANDLE_INVALID, unknown
-// UUIDs UUID_INVALID; data_destroy needs a CBT-enabled snapshot and turns
-// it into a cbt_metadata VDI; enable_cbt is subject to the licence; VDIs in
-// use cannot be destroyed; logout ends the session's NBD exports.
+// UUIDs UUID_INVALID; data_destroy needs a CBT-enabled snapshot, waits for
+// every VBD of the VDI to go and turns it into a cbt_metadata VDI;
+// enable_cbt is subject to the licence; attached VDIs cannot be destroyed;
+// VM.snapshot takes the disks one after another; VM.pause/unpause; each
+// call needs a role; failed logins wait 5 s; sessions can expire; logout
+// ends the session's NBD exports; optionally a member host with its own
+// certificate and local SR. CheckAsBefore is the one check that a test
+// left the pool as it was.
 package xapitest
 
 import (
