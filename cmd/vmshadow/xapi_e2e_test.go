@@ -319,7 +319,7 @@ func TestXAPIBackupKilled(t *testing.T) {
 	r.fill(1, 0, 8<<20)
 	r.backup()
 	touched := map[int64]bool{}
-	for _, point := range []string{"prepared", "xapi-snapshot-started", "xapi-snapshot-taken", "committed", "xapi-exposed", "backup-read"} {
+	for _, point := range []string{"prepared", "xapi-pausing", "xapi-snapshot-started", "xapi-snapshot-taken", "committed", "xapi-exposed", "backup-read"} {
 		t.Run(point, func(t *testing.T) {
 			r.scatter(0, 2, touched)
 			before := r.s.Dump()
