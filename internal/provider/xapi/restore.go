@@ -71,7 +71,7 @@ func Restore(ctx context.Context, pool api.Config, r *repo.Repo, m *repo.Manifes
 	if err != nil {
 		return nil, err
 	}
-	host, err := uploadHost(ctx, c, rec)
+	host, hostCert, err := uploadHost(ctx, c, rec)
 	if err != nil {
 		return nil, err
 	}
@@ -125,7 +125,7 @@ func Restore(ctx context.Context, pool api.Config, r *repo.Repo, m *repo.Manifes
 		if err != nil {
 			return nil, err
 		}
-		st, sent, err := upload(ctx, c, host, vdi, r, x, sparse, opts.Meter)
+		st, sent, err := upload(ctx, c, host, hostCert, vdi, r, x, sparse, opts.Meter)
 		if err != nil {
 			return nil, fmt.Errorf("restore disk %s into VDI %s: %w", d.Name, vr.UUID, err)
 		}
@@ -200,12 +200,14 @@ func findSR(ctx context.Context, c *api.Client, want string) (string, api.SR, er
 }
 
 // uploadHost is "" (the pool master) for a shared SR, else the address of
-// the host that has the SR attached: the master would redirect an upload
-// into a local SR of another host there, which a streamed upload cannot
-// follow.
-func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, error) {
+// the host that has the SR attached, and that host's certificate as the
+// master reports it (host.get_server_certificate): the master would
+// redirect an upload into a local SR of another host there
+// (import_raw_vdi.ml via importexport.ml's return_302_redirect), which a
+// streamed upload cannot follow, and each host has its own certificate.
+func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, string, error) {
 	if sr.Shared {
-		return "", nil
+		return "", "", nil
 	}
 	for _, ref := range sr.PBDs {
 		var pbd struct {
@@ -213,7 +215,7 @@ func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, error) {
 			Attached bool   `json:"currently_attached"`
 		}
 		if err := c.Call(ctx, "PBD.get_record", &pbd, ref); err != nil {
-			return "", err
+			return "", "", err
 		}
 		if !pbd.Attached {
 			continue
@@ -222,15 +224,19 @@ func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, error) {
 			Address string `json:"address"`
 		}
 		if err := c.Call(ctx, "host.get_record", &h, pbd.Host); err != nil {
-			return "", err
+			return "", "", err
+		}
+		var cert string
+		if err := c.Call(ctx, "host.get_server_certificate", &cert, pbd.Host); err != nil {
+			return "", "", fmt.Errorf("certificate of host %s: %w", h.Address, err)
 		}
 		// Members listen on the same port as the master.
 		if _, port, err := net.SplitHostPort(c.Host()); err == nil {
-			return net.JoinHostPort(h.Address, port), nil
+			return net.JoinHostPort(h.Address, port), cert, nil
 		}
-		return h.Address, nil
+		return h.Address, cert, nil
 	}
-	return "", fmt.Errorf("storage repository %s is not attached to any host: %w", sr.NameLabel, errs.ErrUnsupported)
+	return "", "", fmt.Errorf("storage repository %s is not attached to any host: %w", sr.NameLabel, errs.ErrUnsupported)
 }
 
 // checkVMName refuses a name a VM already has and finds the template.
@@ -284,7 +290,7 @@ func userdevices(disks []repo.ManifestDisk) []string {
 // upload streams the disk of index x into the VDI: restore.Disk reads
 // and verifies the chunks in order, and the writer turns its writes into
 // the import's body.
-func upload(ctx context.Context, c *api.Client, host, vdi string, r *repo.Repo, x *repo.Index, sparse bool, meter *progress.Meter) (restore.Stats, int64, error) {
+func upload(ctx context.Context, c *api.Client, host, hostCert, vdi string, r *repo.Repo, x *repo.Index, sparse bool, meter *progress.Meter) (restore.Stats, int64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	pr, pw := io.Pipe()
@@ -304,7 +310,7 @@ func upload(ctx context.Context, c *api.Client, host, vdi string, r *repo.Repo, 
 	}
 	w.length = length
 	go func() {
-		err := c.ImportRaw(ctx, host, vdi, length, sparse, pr)
+		err := c.ImportRaw(ctx, host, hostCert, vdi, length, sparse, pr)
 		pr.CloseWithError(errUploadEnded{err})
 		w.done <- err
 	}()
