@@ -79,6 +79,7 @@ stored again. The summary lists what was read and stored per disk.`,
 	f.live.addSet(cmd)
 	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp or --xapi: read every disk in full, not only what changed")
 	intFlag(cmd.Flags(), &f.conns, "nbd-connections", 4, 1, maxNBDConnections, "with --qmp or --xapi: NBD connections per disk")
+	intFlag(cmd.Flags(), &f.live.hostConns, "xapi-nbd-connections", xapiprov.DefaultHostConns, 1, 16, "with --xapi: NBD connections per pool host for all disks together (XenServer's NBD server serves at most 16 per host, to all clients)")
 	f.repo.register(cmd)
 	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")
@@ -135,6 +136,8 @@ type backupSummary struct {
 	Consistency  string        `json:"consistency,omitempty"`
 	SetID        string        `json:"set_id,omitempty"`
 	FreezeMS     *int64        `json:"freeze_ms,omitempty"`
+	Instant      string        `json:"instant,omitempty"`  // how the disks were captured together (XAPI)
+	PauseMS      int64         `json:"pause_ms,omitempty"` // how long the VM was paused for it
 	Disks        []diskSummary `json:"disks"`
 	BytesRead    int64         `json:"bytes_read"`
 	BytesNew     int64         `json:"bytes_new"`
@@ -285,11 +288,19 @@ func printBackupSummary(a *app, res *backup.Result, total int64, live *livebacku
 	}
 	if live != nil {
 		s.FreezeMS = &live.Set.FreezeMS
+		s.Instant, s.PauseMS = live.Set.Instant, live.Set.PauseMS
 	}
 	a.out.Summary(s, func(w io.Writer) {
 		fmt.Fprintf(w, "backup %s of %s done in %s (%s/s), %s", s.ShortID, s.VM, progress.Duration(s.DurationS), progress.Bytes(int64(s.Rate)), s.Mode)
 		if s.Consistency != "" {
-			fmt.Fprintf(w, ", %s-consistent (set %s, frozen %d ms)", s.Consistency, s.SetID, *s.FreezeMS)
+			fmt.Fprintf(w, ", %s-consistent (set %s, frozen %d ms", s.Consistency, s.SetID, *s.FreezeMS)
+			switch s.Instant {
+			case coord.InstantPaused:
+				fmt.Fprintf(w, ", all disks at one instant: VM paused %d ms", s.PauseMS)
+			case coord.InstantPerDisk:
+				fmt.Fprint(w, ", disks one after another")
+			}
+			fmt.Fprint(w, ")")
 		}
 		fmt.Fprintln(w)
 		for _, d := range s.Disks {

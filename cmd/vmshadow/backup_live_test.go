@@ -49,7 +49,13 @@ func (r *liveRig) run(args ...string) result {
 // its set took, and returns its summary.
 func (r *liveRig) backup(extra ...string) map[string]any {
 	r.t.Helper()
-	before := r.baseline()
+	return r.backupFrom(r.baseline(), extra...)
+}
+
+// backupFrom is backup checked against a baseline taken earlier: before a
+// killed backup whose leftovers this one recovers.
+func (r *liveRig) backupFrom(before qemutest.Baseline, extra ...string) map[string]any {
+	r.t.Helper()
 	res := r.run(append([]string{"backup", "--repo", r.repo, "--qmp", r.vm.QMPPath}, extra...)...)
 	if res.code != 0 {
 		r.t.Fatalf("backup: exit %d: %s", res.code, res.errorMessage())

@@ -19,19 +19,20 @@ import (
 // values just outside each flag's range and a non-number). A numeric flag
 // missing here fails TestFlagRanges: add its bad values when adding it.
 var badFlagValues = map[string][]string{
-	"nbd-connections": {"-1", "0", "100000"},
-	"freeze-timeout":  {"-5s", "0s", "0", "500ms", "24h"},
-	"writer-timeout":  {"0s", "-1s", "2h"},
-	"s3-connections":  {"-1", "0", "100000"},
-	"chunk-size":      {"0", "-1", "1000", "100000", "1073741824"},
-	"cache":           {"-1", "9223372036854775807", "99999999999999999999"},
-	"grace":           {"-1s", "-1h", "-24h", "87601h"},
-	"keep-last":       {"-5", "-2"},
-	"keep-hourly":     {"-5", "-2"},
-	"keep-daily":      {"-5", "-2"},
-	"keep-weekly":     {"-5", "-2"},
-	"keep-monthly":    {"-5", "-2"},
-	"keep-yearly":     {"-5", "-2"},
+	"nbd-connections":      {"-1", "0", "100000"},
+	"xapi-nbd-connections": {"0", "-1", "17"},
+	"freeze-timeout":       {"-5s", "0s", "0", "500ms", "24h"},
+	"writer-timeout":       {"0s", "-1s", "2h"},
+	"s3-connections":       {"-1", "0", "100000"},
+	"chunk-size":           {"0", "-1", "1000", "100000", "1073741824"},
+	"cache":                {"-1", "9223372036854775807", "99999999999999999999"},
+	"grace":                {"-1s", "-1h", "-24h", "87601h"},
+	"keep-last":            {"-5", "-2"},
+	"keep-hourly":          {"-5", "-2"},
+	"keep-daily":           {"-5", "-2"},
+	"keep-weekly":          {"-5", "-2"},
+	"keep-monthly":         {"-5", "-2"},
+	"keep-yearly":          {"-5", "-2"},
 }
 
 // numericType matches the pflag types of numbers and durations: int,

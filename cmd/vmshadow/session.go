@@ -32,6 +32,8 @@ type vmFlags struct {
 	scratchDir    string
 	require       string
 	stateDir      string
+	noPause       bool // --xapi-no-pause
+	hostConns     int  // --xapi-nbd-connections (backup)
 }
 
 // defaultStateDir is where journals live: VMSHADOW_STATE_DIR, else
@@ -72,6 +74,7 @@ func (f *vmFlags) addSet(cmd *cobra.Command) {
 	durationFlag(cmd.Flags(), &f.writerTimeout, "writer-timeout", coord.DefaultWriterTimeout, time.Second, time.Hour, "longest time for each writer call")
 	cmd.Flags().StringVar(&f.scratchDir, "scratch-dir", "", "directory of the diff area (scratch files) and NBD socket (default STATE_DIR/scratch)")
 	cmd.Flags().StringVar(&f.require, "require", "", "fail unless the set reaches this consistency: filesystem or application")
+	cmd.Flags().BoolVar(&f.noPause, "xapi-no-pause", false, "with --xapi: do not pause a running VM with several disks around VM.snapshot (XAPI then snapshots its disks one after another, not at one instant)")
 }
 
 // The providers coordinator builds back up live too: each is its own
@@ -121,7 +124,7 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		if err != nil {
 			return nil, err
 		}
-		c.Provider = xapiprov.New(xapiprov.Options{Pool: cfg, VM: f.vm, Insecure: f.x.insecure, Warn: opts.Warn})
+		c.Provider = xapiprov.New(xapiprov.Options{Pool: cfg, VM: f.vm, Insecure: f.x.insecure, NoPause: f.noPause, HostConns: f.hostConns, Warn: opts.Warn})
 	} else {
 		c.Provider = qemu.New(qemu.Options{QMPPath: f.qmp, ScratchDir: scratch, Warn: opts.Warn})
 	}

@@ -86,41 +86,22 @@ func (r *xrig) run(args ...string) result {
 
 func (r *xrig) backup(extra ...string) map[string]any {
 	r.t.Helper()
+	before := r.s.Dump()
 	res := r.run(r.pool(append([]string{"backup", "--repo", r.repo}, extra...)...)...)
 	if res.code != 0 {
 		r.t.Fatalf("backup: exit %d: %s", res.code, res.errorMessage())
 	}
-	r.clean()
+	r.clean(before)
 	return res.summary(r.t)
 }
 
-// clean checks that the pool holds nothing of vmshadow's but one
-// checkpoint (CBT metadata, no data) per disk and repository, and that no
-// session or task is left.
-func (r *xrig) clean() {
+// clean checks that the pool is as in before (a Dump), but for the
+// repository's checkpoints (CBT metadata, no data: one per disk and
+// repository), with no session but those of killed processes and no task
+// left: xapitest's one check of what a set gives back.
+func (r *xrig) clean(before string) {
 	r.t.Helper()
-	for _, v := range r.s.VMs() {
-		if strings.HasSuffix(v, "snapshot=true") {
-			r.t.Errorf("snapshot left on the pool: %s", v)
-		}
-	}
-	chains := map[string]int{}
-	for _, d := range r.s.VDIs() {
-		if d.Snapshot && (d.Data || d.Type != "cbt_metadata") {
-			r.t.Errorf("snapshot VDI with data left: %+v", d)
-		}
-		if d.Type == "cbt_metadata" {
-			if d.SnapshotOf == "" {
-				r.t.Errorf("checkpoint %s of a disk that is gone left on the pool", d.UUID)
-			}
-			if chains[d.SnapshotOf+" "+d.OtherConfig["vmshadow-chain"]]++; chains[d.SnapshotOf+" "+d.OtherConfig["vmshadow-chain"]] > 1 {
-				r.t.Errorf("more than one checkpoint of disk VDI %s for one repository", d.SnapshotOf)
-			}
-		}
-	}
-	if r.s.Sessions() != r.killed || r.s.PendingTasks() != 0 {
-		r.t.Errorf("%d sessions (%d killed processes) and %d tasks left on the pool", r.s.Sessions(), r.killed, r.s.PendingTasks())
-	}
+	r.s.CheckAsBefore(r.t, before, xapitest.Expect{Sessions: r.killed, Checkpoints: true})
 }
 
 // expected is every disk's content now.
@@ -192,6 +173,11 @@ func TestXAPIBackupIncrementalRounds(t *testing.T) {
 		!strings.Contains(fmt.Sprint(sum["reason"]), "first backup") {
 		t.Fatalf("first backup: %v", sum)
 	}
+	// Two disks of a running VM: paused around VM.snapshot, one instant.
+	if sum["instant"] != "vm-paused" || sum["pause_ms"] == nil {
+		t.Errorf("first backup: instant %v, pause_ms %v; want vm-paused", sum["instant"], sum["pause_ms"])
+	}
+	t.Logf("VM paused %v ms for the snapshot of 2 disks (fake pool)", sum["pause_ms"])
 	disks := diskSummaries(t, sum)
 	if num(disks["xvda"]["bytes_read"]) != 32<<20 || num(disks["xvdb"]["bytes_read"]) != 4<<20 {
 		t.Errorf("first backup read %d + %d bytes, want 32 MiB + 4 MiB (allocated data only)", num(disks["xvda"]["bytes_read"]), num(disks["xvdb"]["bytes_read"]))
@@ -333,7 +319,7 @@ func TestXAPIBackupKilled(t *testing.T) {
 	r.fill(1, 0, 8<<20)
 	r.backup()
 	touched := map[int64]bool{}
-	for _, point := range []string{"prepared", "xapi-snapshot-started", "xapi-snapshot-taken", "committed", "xapi-exposed", "backup-read"} {
+	for _, point := range []string{"prepared", "xapi-pausing", "xapi-snapshot-started", "xapi-snapshot-taken", "committed", "xapi-exposed", "backup-read"} {
 		t.Run(point, func(t *testing.T) {
 			r.scatter(0, 2, touched)
 			before := r.s.Dump()
@@ -346,9 +332,7 @@ func TestXAPIBackupKilled(t *testing.T) {
 			if res.code != 0 {
 				t.Fatalf("recover: exit %d: %s", res.code, res.errorMessage())
 			}
-			if after := r.s.Dump(); after != before {
-				t.Fatalf("pool after recover:\n%s\nwant\n%s", after, before)
-			}
+			r.s.CheckAsBefore(t, before, xapitest.Expect{Sessions: r.killed})
 		})
 	}
 	// The chain stayed where the last stored backup left it: the next
@@ -363,6 +347,7 @@ func TestXAPIBackupKilled(t *testing.T) {
 
 	// Killed again: the next backup recovers the set by itself.
 	r.scatter(1, 1, map[int64]bool{})
+	before := r.s.Dump()
 	res := vmshadow(t, append(r.env, "VMSHADOW_CRASH_AT=backup-read"), r.pool("backup", "--repo", r.repo)...)
 	if res.code != 137 {
 		t.Fatalf("not killed: %d", res.code)
@@ -372,7 +357,7 @@ func TestXAPIBackupKilled(t *testing.T) {
 	if res.code != 0 || !strings.Contains(strings.Join(res.warnings(), "\n"), "recovering snapshot set") {
 		t.Fatalf("backup after a kill: exit %d %s %v", res.code, res.errorMessage(), res.warnings())
 	}
-	r.clean()
+	r.clean(before)
 }
 
 // TestXAPISnapshotCommands: snapshot create / list / delete with a hook
@@ -412,14 +397,12 @@ func TestXAPISnapshotCommands(t *testing.T) {
 	if res := r.run(r.pool("snapshot", "delete", setID)...); res.code != 0 {
 		t.Fatalf("delete: %s", res.errorMessage())
 	}
-	if after := r.s.Dump(); after != before {
-		t.Fatalf("pool after delete:\n%s\nwant\n%s", after, before)
-	}
+	r.s.CheckAsBefore(t, before, xapitest.Expect{})
 	res = r.run(r.pool("recover")...)
 	if res.code != 0 || len(res.summary(t)["removed"].([]any)) != 0 {
 		t.Fatalf("recover on a clean VM: %v", res.msgs)
 	}
-	r.clean()
+	r.s.CheckAsBefore(t, before, xapitest.Expect{})
 }
 
 // TestXAPIErrors: bad input and unusable pools give clear errors with the
@@ -482,19 +465,14 @@ func TestXAPIErrors(t *testing.T) {
 		if res.code != 9 || !strings.Contains(res.errorMessage(), "not licensed") || !strings.Contains(res.errorMessage(), "--full") {
 			t.Fatalf("exit %d %q", res.code, res.errorMessage())
 		}
-		if after := r.s.Dump(); after != before {
-			t.Fatalf("pool changed:\n%s\nwant\n%s", after, before)
-		}
+		r.s.CheckAsBefore(t, before, xapitest.Expect{})
 		// --full works without CBT, and leaves no checkpoint.
 		want := r.expected()
 		res = r.run(r.pool("backup", "--repo", r.repo, "--full")...)
 		if res.code != 0 || !strings.Contains(strings.Join(res.warnings(), " "), "not licensed") {
 			t.Fatalf("--full without CBT: exit %d %s %v", res.code, res.errorMessage(), res.warnings())
 		}
-		r.clean()
-		if after := r.s.Dump(); after != before {
-			t.Fatalf("pool changed:\n%s\nwant\n%s", after, before)
-		}
+		r.s.CheckAsBefore(t, before, xapitest.Expect{})
 		r.restoreCompare(res.summary(t)["backup_id"].(string), want)
 	})
 	t.Run("host drops the connection", func(t *testing.T) {
@@ -504,12 +482,7 @@ func TestXAPIErrors(t *testing.T) {
 			t.Fatalf("exit %d %q", res.code, res.errorMessage())
 		}
 	})
-	if after := r.s.Dump(); after != before {
-		t.Fatalf("pool changed:\n%s\nwant\n%s", after, before)
-	}
-	if r.s.Sessions() != 0 {
-		t.Errorf("%d sessions left", r.s.Sessions())
-	}
+	r.s.CheckAsBefore(t, before, xapitest.Expect{})
 }
 
 // TestXAPIWrongNBDCertificate: an NBD server whose certificate is not the
@@ -517,11 +490,12 @@ func TestXAPIErrors(t *testing.T) {
 func TestXAPIWrongNBDCertificate(t *testing.T) {
 	r := newXRig(t, xapitest.Options{WrongNBDCert: true}, 4<<20)
 	r.fill(0, 0, 1<<20)
+	before := r.s.Dump()
 	res := r.run(r.pool("backup", "--repo", r.repo)...)
 	if res.code == 0 || !strings.Contains(res.errorMessage(), "certificate") {
 		t.Fatalf("exit %d %q", res.code, res.errorMessage())
 	}
-	r.clean()
+	r.clean(before)
 }
 
 // TestXAPIRestoreBothWays: a XenServer disk restored to a QEMU image (raw
@@ -628,6 +602,7 @@ func TestXAPICheckpointLost(t *testing.T) {
 	r.backup()
 	r.scatter(0, 1, map[int64]bool{})
 	r.scatter(1, 1, map[int64]bool{})
+	before := r.s.Dump()
 	resume := r.pausedBackup("backup-read")
 	lost := ""
 	for _, v := range r.s.VDIs() {
@@ -643,7 +618,7 @@ func TestXAPICheckpointLost(t *testing.T) {
 	if res.code != 0 || !strings.Contains(strings.Join(res.warnings(), "\n"), "lost its changed block tracking metadata") {
 		t.Fatalf("backup: exit %d %s %v", res.code, res.errorMessage(), res.warnings())
 	}
-	r.clean()
+	r.clean(before)
 	want := r.expected()
 	sum := r.backup()
 	disks := diskSummaries(t, sum)
@@ -692,17 +667,173 @@ func TestXAPINBDDrops(t *testing.T) {
 	r.backup()
 	touched := map[int64]bool{}
 	r.scatter(0, 3, touched)
+	before := r.s.Dump()
 	resume := r.pausedBackup("backup-read")
 	r.s.StopNBD()
 	res := resume()
 	if res.code != 10 || !strings.Contains(res.errorMessage(), "shadow copy of disk xvda") {
 		t.Fatalf("backup with the NBD server gone: exit %d %q", res.code, res.errorMessage())
 	}
-	r.clean()
+	r.clean(before)
 	want := r.expected()
 	sum := r.backup()
 	if d := diskSummaries(t, sum)["xvda"]; sum["mode"] != "incremental" || num(d["bytes_read"]) != int64(len(touched))*testChunk {
 		t.Fatalf("next backup: %v read %d, want %d", sum["mode"], num(d["bytes_read"]), int64(len(touched))*testChunk)
 	}
 	r.restoreCompare(sum["backup_id"].(string), want)
+}
+
+// TestXAPIManyDisks: xapi-nbd serves at most 16 connections per host, all
+// clients counted, and closes the others before the NBD greeting
+// (ocaml/nbd/lib/consts.ml connection_limit, ocaml/nbd/src/main.ml); the
+// fake pool's NBD server does the same. A VM with six disks is backed up
+// within the per-host budget (disks connect one after another), and when
+// other clients hold most of the connections, with fewer and a warning.
+func TestXAPIManyDisks(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 4<<20, 4<<20, 4<<20, 4<<20, 4<<20, 4<<20)
+	for i := range r.disks {
+		r.fill(i, int64(i%4)<<20, 1<<20)
+	}
+	want := r.expected()
+	sum := r.backup()
+	_, peak, refused := r.s.NBDConnections()
+	if peak > 8 || refused != 0 {
+		t.Errorf("backup of 6 disks: %d NBD connections at once, %d refused; want at most the 8 of the per-host budget", peak, refused)
+	}
+	t.Logf("6 disks: at most %d NBD connections at once", peak)
+	r.restoreCompare(sum["backup_id"].(string), want)
+
+	// Another client holds 14 of the host's 16 connections.
+	r.s.OtherNBDClients(14)
+	defer r.s.OtherNBDClients(-14)
+	for i := range r.disks {
+		r.fill(i, 0, 64<<10)
+	}
+	want = r.expected()
+	before := r.s.Dump()
+	res := r.run(r.pool("backup", "--repo", r.repo)...)
+	if res.code != 0 {
+		t.Fatalf("backup with 2 NBD connections free: exit %d %s", res.code, res.errorMessage())
+	}
+	r.clean(before)
+	if w := strings.Join(res.warnings(), "\n"); !strings.Contains(w, "read over 2 NBD connections instead of 4") {
+		t.Errorf("warnings %q, want one about fewer connections", w)
+	}
+	r.restoreCompare(res.summary(t)["backup_id"].(string), want)
+	if res := r.run(r.pool("backup", "--repo", r.repo, "--xapi-nbd-connections", "17")...); res.code != 2 || !strings.Contains(res.errorMessage(), "1..16") {
+		t.Errorf("--xapi-nbd-connections 17: exit %d %q", res.code, res.errorMessage())
+	}
+}
+
+// TestXAPIFullReadAllocation: xapi-nbd answers NBD_OPT_GO and structured
+// replies "unsupported" and so reports no allocation (xapi-project/nbd
+// lib/server.ml; the fake's NBD server negotiates the same way). A full
+// backup finds the allocated blocks in the block allocation table at the
+// head of GET /export_raw_vdi?format=vhd (ocaml/xapi/export_raw_vdi.ml,
+// vhd-tool) and reads only them.
+func TestXAPIFullReadAllocation(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 256<<20)
+	r.fill(0, 0, 8<<20)
+	r.fill(0, 100<<20, 8<<20)
+	want := r.expected()
+	sum := r.backup()
+	d := diskSummaries(t, sum)["xvda"]
+	if num(d["bytes_read"]) != 16<<20 {
+		t.Errorf("full backup of a 256 MiB disk holding 16 MiB read %d bytes", num(d["bytes_read"]))
+	}
+	t.Logf("full backup, 256 MiB disk, 16 MiB of data: read %d bytes in %.2f s", num(d["bytes_read"]), sum["duration_s"])
+	exported := false
+	for _, c := range r.s.Calls() {
+		exported = exported || c == "GET /export_raw_vdi"
+	}
+	if !exported {
+		t.Error("the allocation was not read from the VHD export")
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+}
+
+// TestXAPIRoles: the least privileged role that can back up a VM is
+// vm-power-admin, which VM.snapshot needs (ocaml/idl/datamodel_vm.ml); the
+// fake checks each call's role as ocaml/xapi/rbac.ml does. With vm-admin
+// the backup fails with an error naming the role, and leaves the pool as
+// it was; with vm-power-admin it works, pause included.
+func TestXAPIRoles(t *testing.T) {
+	r := newXRig(t, xapitest.Options{Role: "vm-admin"}, 4<<20, 4<<20)
+	r.fill(0, 0, 1<<20)
+	before := r.s.Dump()
+	res := r.run(r.pool("backup", "--repo", r.repo)...)
+	if res.code != 7 || !strings.Contains(res.errorMessage(), "RBAC_PERMISSION_DENIED") || !strings.Contains(res.errorMessage(), "vm-power-admin") {
+		t.Fatalf("backup as vm-admin: exit %d %q", res.code, res.errorMessage())
+	}
+	r.s.CheckAsBefore(t, before, xapitest.Expect{Checkpoints: true})
+
+	r = newXRig(t, xapitest.Options{Role: "vm-power-admin"}, 4<<20, 4<<20)
+	r.fill(0, 0, 1<<20)
+	want := r.expected()
+	sum := r.backup()
+	if sum["instant"] != "vm-paused" {
+		t.Errorf("instant %v", sum["instant"])
+	}
+	r.restoreCompare(sum["backup_id"].(string), want)
+}
+
+// TestXAPISessionExpires: the pool ends vmshadow's session while a backup
+// reads its first disk (sessions expire; xapi-nbd checks the session of
+// each new connection, ocaml/nbd/src/main.ml with_session). The disks read
+// later connect with a new session, the backup is stored, and the release
+// works: the pool is left as it was.
+func TestXAPISessionExpires(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 4<<20, 4<<20, 4<<20)
+	for i := range r.disks {
+		r.fill(i, 0, 2<<20)
+	}
+	want := r.expected()
+	before := r.s.Dump()
+	resume := r.pausedBackup("backup-read")
+	r.s.ExpireSessions()
+	res := resume()
+	if res.code != 0 {
+		t.Fatalf("backup with its session expired: exit %d %s", res.code, res.errorMessage())
+	}
+	if !strings.Contains(strings.Join(res.warnings(), "\n"), "logging in again") {
+		t.Errorf("warnings %v", res.warnings())
+	}
+	r.clean(before)
+	r.restoreCompare(res.summary(t)["backup_id"].(string), want)
+}
+
+// TestXAPIPoolMember: a pool with a member host that has its own
+// certificate (each XenServer host has one) and a local SR. vmshadow
+// pointed at the member is told which host is the master (HOST_IS_SLAVE,
+// ocaml/xapi/xapi_session.ml); a restore into the member's local SR goes
+// to the member, as the master would redirect it there
+// (ocaml/xapi/import_raw_vdi.ml, importexport.ml return_302_redirect),
+// trusting exactly the certificate the master reports for the member
+// (host.get_server_certificate), not the --xapi-ca of the master.
+func TestXAPIPoolMember(t *testing.T) {
+	r := newXRig(t, xapitest.Options{Member: true}, 8<<20, 4<<20)
+	r.fill(0, 0, 8<<20)
+	r.fill(1, 1<<20, 1<<20)
+	want := r.expected()
+	sum := r.backup()
+	res := r.run("backup", "--repo", r.repo, "--xapi", r.s.MemberURL, "--insecure", "--vm", r.vm)
+	if res.code != 2 || !strings.Contains(res.errorMessage(), "pool member") || !strings.Contains(res.errorMessage(), "https://127.0.0.1") {
+		t.Errorf("backup through a member: exit %d %q", res.code, res.errorMessage())
+	}
+	res = r.run("restore", "--repo", r.repo, sum["backup_id"].(string), "--to-xapi", r.s.URL, "--xapi-ca", r.s.CAFile, "--sr", "Member storage", "--vm-name", "on-member")
+	if res.code != 0 {
+		t.Fatalf("restore into the member's local SR: exit %d %s", res.code, res.errorMessage())
+	}
+	vms := r.s.VMsNamed("on-member")
+	if len(vms) != 1 {
+		t.Fatalf("restored VMs %v", vms)
+	}
+	for i, u := range r.s.VMDisks(vms[0]) {
+		if !bytes.Equal(r.s.Read(u), want[fmt.Sprintf("xvd%c", 'a'+i)]) {
+			t.Errorf("disk %d restored on the member differs", i)
+		}
+	}
+	if r.s.Sessions() != 0 || r.s.PendingTasks() != 0 {
+		t.Errorf("%d sessions, %d tasks left", r.s.Sessions(), r.s.PendingTasks())
+	}
 }

@@ -177,6 +177,9 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 	indexes := make([]*repo.Index, len(job.Disks))
 	for i, d := range job.Disks {
 		x, st, err := p.disk(ctx, d)
+		if r, ok := d.Source.(DoneSource); ok {
+			r.Done()
+		}
 		if err != nil {
 			return p, nil, fmt.Errorf("back up disk %s of %s: %w", d.Source.Name(), job.VM, err)
 		}

@@ -71,3 +71,11 @@ type Source interface {
 type Finisher interface {
 	Finish(ctx context.Context) error
 }
+
+// DoneSource is a Source told when the backup has finished with it (read
+// in full, or failed), so that it can give back what it holds (the
+// connections of a server that limits them) before the next disk is read.
+type DoneSource interface {
+	Source
+	Done()
+}

@@ -40,16 +40,22 @@ type WriterState struct {
 // each step that creates something, so that Recover can undo a set left
 // behind by a process that was killed.
 type Set struct {
-	Version     int           `json:"version"`
-	ID          string        `json:"set_id"`
-	VM          string        `json:"vm"`
-	Provider    string        `json:"provider"`
-	Consistency Level         `json:"consistency"`
-	Created     time.Time     `json:"created"`
-	FreezeMS    int64         `json:"freeze_ms"`
-	Shadows     []Shadow      `json:"shadows"`
-	Writers     []WriterState `json:"writers"`
-	Warnings    []string      `json:"warnings,omitempty"`
+	Version     int       `json:"version"`
+	ID          string    `json:"set_id"`
+	VM          string    `json:"vm"`
+	Provider    string    `json:"provider"`
+	Consistency Level     `json:"consistency"`
+	Created     time.Time `json:"created"`
+	FreezeMS    int64     `json:"freeze_ms"`
+	// Instant says how the disks were captured together, when a provider
+	// cannot take them all in one atomic step (InstantPaused, ...); empty
+	// when the provider's commit is atomic across disks. PauseMS is how
+	// long the VM was paused for it.
+	Instant  string        `json:"instant,omitempty"`
+	PauseMS  int64         `json:"pause_ms,omitempty"`
+	Shadows  []Shadow      `json:"shadows"`
+	Writers  []WriterState `json:"writers"`
+	Warnings []string      `json:"warnings,omitempty"`
 	// Phase: preparing, freezing, committed, thawed, exposed, releasing.
 	Phase string `json:"phase"`
 	// PID of the vmshadow process that created the set.
@@ -68,11 +74,29 @@ type Info struct {
 	Consistency Level         `json:"consistency"`
 	Created     string        `json:"created"`
 	FreezeMS    int64         `json:"freeze_ms"`
+	Instant     string        `json:"instant,omitempty"`
+	PauseMS     int64         `json:"pause_ms,omitempty"`
 	Shadows     []Shadow      `json:"shadows"`
 	Writers     []WriterState `json:"writers"`
 	Warnings    []string      `json:"warnings,omitempty"`
 	Phase       string        `json:"phase"`
 }
+
+// How a provider whose commit is not atomic across disks captured them
+// (Set.Instant).
+const (
+	// InstantPaused: the VM was paused from before the first disk's
+	// snapshot to after the last: all disks at one instant.
+	InstantPaused = "vm-paused"
+	// InstantOneDisk: the VM has one disk: one instant.
+	InstantOneDisk = "one-disk"
+	// InstantNotRunning: the VM was not running: nothing changed between
+	// the disks' snapshots.
+	InstantNotRunning = "not-running"
+	// InstantPerDisk: the disks were captured one after another while the
+	// VM ran: each disk is crash-consistent on its own, not with the others.
+	InstantPerDisk = "per-disk"
+)
 
 // Info returns the public view of the set.
 func (s *Set) Info() Info {
@@ -85,7 +109,7 @@ func (s *Set) Info() Info {
 		writers = []WriterState{}
 	}
 	return Info{ID: s.ID, VM: s.VM, Consistency: s.Consistency, Created: s.Created.Format(time.RFC3339),
-		FreezeMS: s.FreezeMS, Shadows: shadows, Writers: writers, Warnings: s.Warnings, Phase: s.Phase}
+		FreezeMS: s.FreezeMS, Instant: s.Instant, PauseMS: s.PauseMS, Shadows: shadows, Writers: writers, Warnings: s.Warnings, Phase: s.Phase}
 }
 
 // NewSetID returns a fresh set id: 10 lower-case base32 characters, short

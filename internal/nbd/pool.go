@@ -147,3 +147,37 @@ func (p *Pool) Close() error {
 	}
 	return errors.Join(errList...)
 }
+
+// DialPoolAvailable opens the first connection as DialPool does (its
+// failure is the error), then up to n-1 more, stopping at the first that
+// fails, as against a server that closes connections beyond its limit
+// (XenServer's xapi-nbd serves 16 per host, all clients counted). It
+// returns the pool with the connections it got, and why it got fewer
+// than n (nil when it got them all).
+func DialPoolAvailable(ctx context.Context, t Target, n int, opts *Options) (p *Pool, short error, err error) {
+	first, err := Dial(ctx, t, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	p = &Pool{conns: []*Client{first}}
+	if !first.Flags().Has(FlagCanMultiConn) && !first.Flags().Has(FlagReadOnly) {
+		n = 1
+	}
+	for len(p.conns) < n {
+		c, err := Dial(ctx, t, opts)
+		if err != nil {
+			if ctx.Err() != nil {
+				p.Close()
+				return nil, nil, err
+			}
+			return p, fmt.Errorf("opening connection %d of %d: %w", len(p.conns)+1, n, err), nil
+		}
+		if c.Size() != first.Size() || c.Flags() != first.Flags() {
+			c.Close()
+			p.Close()
+			return nil, nil, &ProtocolError{Peer: first.peer, Msg: fmt.Sprintf("connection %d sees size %d, flags %v; the first saw size %d, flags %v", len(p.conns)+1, c.Size(), c.Flags(), first.Size(), first.Flags())}
+		}
+		p.conns = append(p.conns, c)
+	}
+	return p, nil, nil
+}

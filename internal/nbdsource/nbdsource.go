@@ -45,6 +45,16 @@ type Options struct {
 	// structured replies, or no base:allocation context) as if every range
 	// held data, instead of failing. Not with Bitmap.
 	AllocationOptional bool
+	// Allocation, with AllocationOptional, gives the allocation another way
+	// when the server cannot report it: extents covering the disk in
+	// order, flagged nbd.StateHole|nbd.StateZero where the disk reads as
+	// zeros. Nil, or an error from it, reads every range.
+	Allocation func(ctx context.Context) (iter.Seq2[nbd.Extent, error], error)
+	// AcceptFewer reads with fewer connections than Conns when the server
+	// refuses the later ones (a connection limit shared with other
+	// clients); Warn is told how many were opened.
+	AcceptFewer bool
+	Warn        func(string)
 }
 
 // Source is a shadow copy as a backup.Source.
@@ -72,10 +82,20 @@ func Open(ctx context.Context, o Options) (*Source, error) {
 	if o.Bitmap != "" {
 		contexts = append(contexts, nbd.ContextDirtyBitmap(o.Bitmap))
 	}
-	pool, err := nbd.DialPool(ctx, t, o.Conns, &nbd.Options{TLSConfig: o.TLS, MetaContexts: contexts})
+	dial := func(opts *nbd.Options) (*nbd.Pool, error) {
+		if !o.AcceptFewer {
+			return nbd.DialPool(ctx, t, o.Conns, opts)
+		}
+		pool, short, err := nbd.DialPoolAvailable(ctx, t, o.Conns, opts)
+		if short != nil && o.Warn != nil {
+			o.Warn(fmt.Sprintf("disk %s: read over %d NBD connections instead of %d: the server refused more (%v)", o.Name, pool.Conns(), o.Conns, short))
+		}
+		return pool, err
+	}
+	pool, err := dial(&nbd.Options{TLSConfig: o.TLS, MetaContexts: contexts})
 	noAlloc := false
 	if err != nil && o.AllocationOptional && o.Bitmap == "" && (errors.Is(err, errs.ErrUnsupported) || errors.Is(err, errs.ErrNotFound)) {
-		pool, err = nbd.DialPool(ctx, t, o.Conns, &nbd.Options{TLSConfig: o.TLS})
+		pool, err = dial(&nbd.Options{TLSConfig: o.TLS})
 		noAlloc = true
 	}
 	if err != nil {
@@ -83,6 +103,9 @@ func Open(ctx context.Context, o Options) (*Source, error) {
 	}
 	return &Source{o: o, pool: pool, noAlloc: noAlloc}, nil
 }
+
+// Conns is the number of connections the source reads over.
+func (s *Source) Conns() int { return s.pool.Conns() }
 
 // Allocation reports whether the server tells which ranges hold data;
 // without it every range is read.
@@ -119,6 +142,13 @@ func (s *Source) Extents(ctx context.Context) iter.Seq2[backup.Extent, error] {
 	alloc := s.pool.Extents(ctx, nbd.ContextBaseAllocation, 0, size)
 	if s.noAlloc {
 		alloc = func(yield func(nbd.Extent, error) bool) { yield(nbd.Extent{Offset: 0, Length: size}, nil) }
+		if s.o.Allocation != nil {
+			if a, err := s.o.Allocation(ctx); err == nil {
+				alloc = a
+			} else if s.o.Warn != nil {
+				s.o.Warn(fmt.Sprintf("disk %s: the NBD server reports no allocation, nor could it be found otherwise (%v): every byte is read", s.o.Name, err))
+			}
+		}
 	}
 	if s.o.Bitmap == "" && s.o.Changed != nil {
 		return merge(alloc, s.o.Changed, size, s.o.Name)

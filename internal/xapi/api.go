@@ -112,3 +112,15 @@ func (c *Client) VBDCreate(ctx context.Context, vm, vdi, userdevice string, boot
 	var ref string
 	return ref, c.Call(ctx, "VBD.create", &ref, rec)
 }
+
+// SessionValid reports whether the session is still alive on the pool
+// (session.get_uuid of itself): the pool destroys sessions left idle for a
+// day and the oldest of an originator's sessions beyond its limit, and
+// xapi-nbd checks the session of each new NBD connection.
+func (c *Client) SessionValid(ctx context.Context) (bool, error) {
+	err := c.Call(ctx, "session.get_uuid", nil, c.session)
+	if IsCode(err, "SESSION_INVALID", "HANDLE_INVALID") {
+		return false, nil
+	}
+	return err == nil, err
+}

@@ -213,7 +213,7 @@ func TestImportRaw(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := bytes.Repeat([]byte("0123456789abcdef"), 1<<16)
-	if err := c.ImportRaw(ctx, "", ref, int64(len(img)), false, bytes.NewReader(img)); err != nil {
+	if err := c.ImportRaw(ctx, "", "", ref, int64(len(img)), false, bytes.NewReader(img)); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(s.Read(disks[0]), img) {
@@ -231,7 +231,7 @@ func TestImportRaw(t *testing.T) {
 	frame(4096, []byte("XXXX"))
 	frame(1<<20-2, []byte("YY"))
 	frame(0, nil)
-	if err := c.ImportRaw(ctx, "", ref, int64(body.Len()), true, &body); err != nil {
+	if err := c.ImportRaw(ctx, "", "", ref, int64(body.Len()), true, &body); err != nil {
 		t.Fatal(err)
 	}
 	want := append([]byte(nil), img...)
@@ -241,7 +241,7 @@ func TestImportRaw(t *testing.T) {
 		t.Fatal("chunked import differs")
 	}
 	// Too short a body: the task fails, the error says so.
-	err = c.ImportRaw(ctx, "", ref, 100, true, bytes.NewReader(bytes.Repeat([]byte{1}, 100)))
+	err = c.ImportRaw(ctx, "", "", ref, 100, true, bytes.NewReader(bytes.Repeat([]byte{1}, 100)))
 	if err == nil || !strings.Contains(err.Error(), "import") {
 		t.Fatalf("bad chunked stream: %v", err)
 	}

@@ -44,12 +44,14 @@ var hints = map[string]string{
 	"VDI_IN_USE":                    "the disk is busy",
 	"OTHER_OPERATION_IN_PROGRESS":   "another operation on the object is running: try again later",
 	"SR_FULL":                       "the storage repository is full",
+	"RBAC_PERMISSION_DENIED":        "the account's role does not allow this call: a backup or snapshot set needs the vm-power-admin role, a restore vm-admin",
+	"SESSION_AUTHORIZATION_FAILED":  "the user may not log in to this pool: give the subject a role (xe subject-role-add)",
 }
 
 // classOf maps API error codes to vmshadow's error classes.
 func classOf(code string) error {
 	switch code {
-	case "SESSION_AUTHENTICATION_FAILED", "SESSION_INVALID", "RBAC_PERMISSION_DENIED", "USER_IS_NOT_LOCAL_SUPERUSER":
+	case "SESSION_AUTHENTICATION_FAILED", "SESSION_AUTHORIZATION_FAILED", "SESSION_INVALID", "RBAC_PERMISSION_DENIED", "USER_IS_NOT_LOCAL_SUPERUSER":
 		return errs.ErrAuth
 	case "HANDLE_INVALID", "UUID_INVALID", "VDI_MISSING", "VM_MISSING_PV_DRIVERS_NOT_FOUND":
 		return errs.ErrNotFound

@@ -1,7 +1,11 @@
 package xapi
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -19,9 +23,19 @@ import (
 // a zero frame), in which ranges not sent keep the VDI's content. host is
 // "" for the pool master, or the pool member that has the VDI's SR attached
 // when the SR is local to it: the master would answer with a redirect,
-// which a streamed upload cannot follow. XAPI does not accept chunked
-// transfer encoding, hence the exact length.
-func (c *Client) ImportRaw(ctx context.Context, host, vdi string, length int64, chunked bool, body io.Reader) error {
+// which a streamed upload cannot follow. hostCert is then the member's
+// certificate (PEM) as the master reports it (host.get_server_certificate),
+// which the upload trusts exactly: each host has its own. XAPI does not
+// accept chunked transfer encoding, hence the exact length.
+func (c *Client) ImportRaw(ctx context.Context, host, hostCert, vdi string, length int64, chunked bool, body io.Reader) error {
+	hc := c.http
+	if host != "" && hostCert != "" {
+		var err error
+		if hc, err = c.pinnedClient(hostCert); err != nil {
+			return fmt.Errorf("XAPI %s: certificate of host %s: %w", c.base.Host, host, err)
+		}
+		defer hc.CloseIdleConnections()
+	}
 	var task string
 	if err := c.Call(ctx, "task.create", &task, "vmshadow import", "restore of a disk into VDI "+vdi); err != nil {
 		return err
@@ -47,7 +61,7 @@ func (c *Client) ImportRaw(ctx context.Context, host, vdi string, length int64, 
 	}
 	req.Header.Set("Content-Type", "application/octet-stream")
 	req.Header.Set("User-Agent", Originator)
-	resp, err := c.http.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		c.CancelTask(context.WithoutCancel(ctx), task)
 		c.destroyTask(ctx, task)
@@ -96,4 +110,23 @@ func (c *Client) taskError(ctx context.Context, method, task string) string {
 		return fmt.Sprintf(" (task: %s %q)", r.ErrorInfo[0], c.redact(fmt.Sprint(r.ErrorInfo[1:])))
 	}
 	return ""
+}
+
+// pinnedClient is an HTTP client that trusts exactly the certificate pem
+// (a pool member's, as the verified master reports it), whatever name or
+// address it carries.
+func (c *Client) pinnedClient(certPEM string) (*http.Client, error) {
+	block, _ := pem.Decode([]byte(certPEM))
+	if block == nil {
+		return nil, fmt.Errorf("not PEM: %w", errs.ErrConnect)
+	}
+	tr := c.http.Transport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: true, // verified below, by pinning
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			if len(raw) == 0 || !bytes.Equal(raw[0], block.Bytes) {
+				return fmt.Errorf("the host presented another certificate than the one the pool master reports for it: %w", errs.ErrConnect)
+			}
+			return nil
+		}}
+	return &http.Client{Transport: tr, CheckRedirect: c.http.CheckRedirect}, nil
 }

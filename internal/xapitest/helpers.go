@@ -5,6 +5,9 @@ import (
 	"os"
 	"sort"
 	"strconv"
+	"strings"
+	"testing"
+	"time"
 )
 
 // What tests do to the pool "by hand", as an administrator or the guest
@@ -16,7 +19,7 @@ func (s *Server) AddSR(name, typ string, shared bool) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	r := &sr{ref: newRef(), uuid: newUUID(), name: name, typ: typ, shared: shared}
-	p := &pbd{ref: newRef(), uuid: newUUID(), sr: r.ref}
+	p := &pbd{ref: newRef(), uuid: newUUID(), sr: r.ref, host: s.host.ref}
 	r.pbd = p.ref
 	s.srs[r.ref], s.pbds[p.ref] = r, p
 	return r.uuid
@@ -69,10 +72,21 @@ func (s *Server) vdiByUUIDLocked(uuid string) *vdi {
 }
 
 // Write writes data into the VDI at off, as the guest would, and records
-// the 64 KiB blocks it touches for changed block tracking.
+// the 64 KiB blocks it touches for changed block tracking. While the VM
+// that has the disk attached is paused, the write waits (a paused guest
+// does not run).
 func (s *Server) Write(uuid string, off int64, data []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for deadline := time.Now().Add(time.Minute); s.pausedVDI(uuid); {
+		if time.Now().After(deadline) {
+			s.t.Errorf("xapitest: the VM of VDI %s stayed paused for a minute", uuid)
+			return
+		}
+		s.mu.Unlock()
+		time.Sleep(5 * time.Millisecond)
+		s.mu.Lock()
+	}
 	d := s.vdiByUUIDLocked(uuid)
 	if d.path == "" || off < 0 || off+int64(len(data)) > d.size {
 		s.t.Fatalf("xapitest: write %d bytes at %d into VDI %s of %d bytes (data %v)", len(data), off, uuid, d.size, d.path != "")
@@ -302,4 +316,157 @@ func (s *Server) EnableCBT(uuid string) {
 	d := s.vdiByUUIDLocked(uuid)
 	s.chainSeq++
 	d.cbt, d.chain, d.dirty = true, s.chainSeq, map[int64]bool{}
+}
+
+// DataDestroyRefused is the number of VDI.data_destroy calls refused with
+// VDI_IN_USE because VBDs still referred to the VDI.
+func (s *Server) DataDestroyRefused() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.dataDestroyRefused
+}
+
+// Expect says what a finished vmshadow command may leave on the pool
+// compared with before it ran (CheckAsBefore).
+type Expect struct {
+	// Sessions is how many sessions may stay logged in: those of killed
+	// processes, which the pool expires later.
+	Sessions int
+	// Checkpoints: a stored backup keeps one checkpoint per disk and
+	// repository (a snapshot VDI reduced to CBT metadata, no data, tagged
+	// vmshadow-chain), supersedes earlier ones, and turns CBT on.
+	Checkpoints bool
+}
+
+// CheckAsBefore fails the test unless the pool is as Dump described it in
+// before: the same VMs (power state included: a VM vmshadow paused is
+// running again), snapshots, VBDs, VDIs with or without data and their
+// other_config tags; no session but e.Sessions logged in; every task
+// destroyed. With e.Checkpoints, checkpoints may differ, but at most one
+// per disk and repository, of a disk that exists. Every test of a XAPI
+// snapshot, backup or recover checks the pool with it.
+func (s *Server) CheckAsBefore(t testing.TB, before string, e Expect) {
+	t.Helper()
+	after := s.Dump()
+	norm := func(dump string) string {
+		if !e.Checkpoints {
+			return dump
+		}
+		var out []string
+		for _, l := range strings.Split(dump, "\n") {
+			if strings.HasPrefix(l, "VDI ") && strings.Contains(l, " snapshot=true ") && strings.Contains(l, " type=cbt_metadata ") &&
+				strings.Contains(l, " data=false ") && strings.Contains(l, "vmshadow-chain=") {
+				continue
+			}
+			if strings.HasPrefix(l, "VDI ") && strings.Contains(l, " snapshot=false ") {
+				l = strings.Replace(strings.Replace(l, " cbt=false ", " cbt=* ", 1), " cbt=true ", " cbt=* ", 1)
+			}
+			out = append(out, l)
+		}
+		return strings.Join(out, "\n")
+	}
+	if b, a := norm(before), norm(after); a != b {
+		t.Errorf("the pool is not as it was:\n--- before\n%s\n--- after\n%s", b, a)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	chains := map[string]int{}
+	for _, d := range s.vdis {
+		if !d.snapshot || d.typ != "cbt_metadata" {
+			continue
+		}
+		if s.vdis[d.snapshotOf] == nil {
+			t.Errorf("checkpoint VDI %s of a disk that is gone left on the pool", d.uuid)
+		}
+		if k := d.snapshotOf + " " + d.other["vmshadow-chain"]; chains[k]+1 > 1 {
+			t.Errorf("more than one checkpoint of disk VDI %s for repository %s", d.snapshotOf, d.other["vmshadow-chain"])
+		} else {
+			chains[k]++
+		}
+	}
+	if len(s.sessions) != e.Sessions {
+		t.Errorf("%d sessions logged in, want %d (of killed processes)", len(s.sessions), e.Sessions)
+	}
+	if len(s.tasks) != 0 {
+		var labels []string
+		for _, tk := range s.tasks {
+			labels = append(labels, tk.label+" "+tk.status)
+		}
+		sort.Strings(labels)
+		t.Errorf("%d tasks not destroyed: %v", len(s.tasks), labels)
+	}
+}
+
+// pausedVDI reports whether the VDI is attached to a paused VM.
+func (s *Server) pausedVDI(uuid string) bool {
+	for _, b := range s.vbds {
+		if d := s.vdis[b.vdi]; d != nil && d.uuid == uuid && b.attached {
+			if v := s.vms[b.vm]; v != nil && v.power == "Paused" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Pauses is the number of times a VM was paused (VM.pause).
+func (s *Server) Pauses() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pauses
+}
+
+// NBDConnections reports the NBD server's client connections: open now,
+// the most open at once, and how many were refused for being beyond the
+// limit (all zero while no NBD server runs).
+func (s *Server) NBDConnections() (open, peak, refused int) {
+	s.mu.Lock()
+	n := s.nbd
+	s.mu.Unlock()
+	if n == nil {
+		return 0, 0, 0
+	}
+	n.cmu.Lock()
+	defer n.cmu.Unlock()
+	return n.open, n.peak, n.refused
+}
+
+// NBDAddress is the host:port of the NBD server, starting it if needed
+// (for tests that play another client of the host).
+func (s *Server) NBDAddress() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, err := s.nbdServer()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", n.port)
+}
+
+// OtherNBDClients makes n connections of other clients (another backup
+// tool) count against the NBD server's limit, as xapi-nbd counts every
+// client of the host; a negative n ends them.
+func (s *Server) OtherNBDClients(n int) {
+	s.mu.Lock()
+	nb, err := s.nbdServer()
+	s.mu.Unlock()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	nb.cmu.Lock()
+	defer nb.cmu.Unlock()
+	nb.open += n
+	nb.peak = max(nb.peak, nb.open)
+}
+
+// ExpireSessions ends every session as the pool's session expiry does
+// (xapi destroys sessions idle too long, and the oldest of an
+// originator's sessions beyond its limit): calls with them fail with
+// SESSION_INVALID and the NBD server refuses their new connections; NBD
+// connections already open go on (xapi-nbd checks the session when a
+// client connects).
+func (s *Server) ExpireSessions() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.sessions)
 }

@@ -6,7 +6,9 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"strconv"
+	"strings"
 )
 
 // sessionOf finds the request's session: the session_id query parameter or
@@ -48,7 +50,30 @@ func (s *Server) finishTask(ref, result string, errInfo ...string) {
 // [&chunked]: as xapi's import_raw_vdi.ml, it answers 200 (Connection:
 // close) before reading the data, refuses chunked transfer encoding, and
 // reports the outcome in the task.
-func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) {
+func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) { s.serveImportOn(w, r, s.host) }
+
+// redirected answers, as a host that cannot see the VDI's SR, with a 302
+// to the host that can (importexport.ml, return_302_redirect).
+func (s *Server) redirected(w http.ResponseWriter, r *http.Request, on *host, d *vdi) bool {
+	if d == nil {
+		return false
+	}
+	h := s.hostOfVDILocked(d)
+	if h == on {
+		return false
+	}
+	to := *r.URL
+	to.Scheme, to.Host = "https", h.address
+	if h == s.member {
+		to.Host = strings.TrimPrefix(s.MemberURL, "https://")
+	} else {
+		to.Host = strings.TrimPrefix(s.URL, "https://")
+	}
+	http.Redirect(w, r, to.String(), http.StatusFound)
+	return true
+}
+
+func (s *Server) serveImportOn(w http.ResponseWriter, r *http.Request, on *host) {
 	s.mu.Lock()
 	s.calls = append(s.calls, "PUT /import_raw_vdi")
 	if r.Method != http.MethodPut {
@@ -56,7 +81,7 @@ func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "PUT only", http.StatusMethodNotAllowed)
 		return
 	}
-	if _, ok := s.sessions[sessionOf(r)]; !ok {
+	if _, ok := s.sessions[sessionOf(r)]; !ok || s.permitted("PUT /import_raw_vdi") != nil {
 		s.mu.Unlock()
 		http.Error(w, "forbidden", http.StatusForbidden)
 		return
@@ -64,6 +89,10 @@ func (s *Server) serveImport(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	taskRef := q.Get("task_id")
 	d := s.findVDILocked(q.Get("vdi"))
+	if s.redirected(w, r, on, d) {
+		s.mu.Unlock()
+		return
+	}
 	var errInfo []string
 	switch {
 	case d == nil || d.path == "":
@@ -144,11 +173,13 @@ func (o *offsetWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// serveExport is GET /export_raw_vdi?session_id=&vdi=&format=raw.
-func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) {
+// serveExport is GET /export_raw_vdi?session_id=&vdi=&format=raw|vhd.
+func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) { s.serveExportOn(w, r, s.host) }
+
+func (s *Server) serveExportOn(w http.ResponseWriter, r *http.Request, on *host) {
 	s.mu.Lock()
 	s.calls = append(s.calls, "GET /export_raw_vdi")
-	if _, ok := s.sessions[sessionOf(r)]; !ok {
+	if _, ok := s.sessions[sessionOf(r)]; !ok || s.permitted("GET /export_raw_vdi") != nil {
 		s.mu.Unlock()
 		http.Error(w, "forbidden", http.StatusForbidden)
 		return
@@ -159,14 +190,51 @@ func (s *Server) serveExport(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no such VDI", http.StatusNotFound)
 		return
 	}
+	if s.redirected(w, r, on, d) {
+		s.mu.Unlock()
+		return
+	}
 	path, size := d.path, d.size
+	dir := s.dir
 	s.mu.Unlock()
+	switch format := r.URL.Query().Get("format"); format {
+	case "", "raw":
+	case "vhd":
+		// As export_raw_vdi.ml with vhd-tool: the VDI as a dynamic VHD,
+		// footer, header and block allocation table first, only the
+		// allocated blocks after them. qemu-img's vpc driver writes that
+		// layout and leaves blocks of zeros unallocated.
+		tmp, err := os.CreateTemp(dir, "export-*.vhd")
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		tmp.Close()
+		defer os.Remove(tmp.Name())
+		out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on", path, tmp.Name()).CombinedOutput()
+		if err != nil {
+			http.Error(w, fmt.Sprintf("qemu-img: %v: %s", err, out), http.StatusInternalServerError)
+			return
+		}
+		path, size = tmp.Name(), -1
+	default:
+		http.Error(w, "Unknown format "+format, http.StatusNotFound)
+		return
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
 	defer f.Close()
+	if size < 0 {
+		fi, err := f.Stat()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		size = fi.Size()
+	}
 	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
 	w.Header().Set("Content-Type", "application/octet-stream")
 	io.Copy(w, io.NewSectionReader(f, 0, size))

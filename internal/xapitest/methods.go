@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -33,42 +34,46 @@ var methods map[string]method
 
 func init() {
 	methods = map[string]method{
-		"session.logout":          {0, (*Server).logout},
-		"VM.get_by_uuid":          {1, (*Server).vmByUUID},
-		"VM.get_by_name_label":    {1, (*Server).vmsByName},
-		"VM.get_record":           {1, (*Server).vmRecord},
-		"VM.snapshot":             {2, (*Server).vmSnapshot},
-		"VM.destroy":              {1, (*Server).vmDestroy},
-		"VM.clone":                {2, (*Server).vmClone},
-		"VM.set_is_a_template":    {2, (*Server).vmSetTemplate},
-		"VBD.get_record":          {1, (*Server).vbdRecord},
-		"VBD.create":              {1, (*Server).vbdCreate},
-		"VDI.get_by_uuid":         {1, (*Server).vdiByUUID},
-		"VDI.get_record":          {1, (*Server).vdiRecord},
-		"VDI.create":              {1, (*Server).vdiCreate},
-		"VDI.destroy":             {1, (*Server).vdiDestroy},
-		"VDI.data_destroy":        {1, (*Server).vdiDataDestroy},
-		"VDI.enable_cbt":          {1, (*Server).vdiEnableCBT},
-		"VDI.disable_cbt":         {1, (*Server).vdiDisableCBT},
-		"VDI.list_changed_blocks": {2, (*Server).vdiListChangedBlocks},
-		"VDI.get_nbd_info":        {1, (*Server).vdiNBDInfo},
-		"VDI.add_to_other_config": {3, (*Server).vdiAddOtherConfig},
-		"SR.get_by_uuid":          {1, (*Server).srByUUID},
-		"SR.get_by_name_label":    {1, (*Server).srsByName},
-		"SR.get_record":           {1, (*Server).srRecord},
-		"PBD.get_record":          {1, (*Server).pbdRecord},
-		"host.get_record":         {1, (*Server).hostRecord},
-		"network.get_all_records": {0, (*Server).networkRecords},
-		"task.create":             {2, (*Server).taskCreate},
-		"task.get_record":         {1, (*Server).taskRecord},
-		"task.cancel":             {1, (*Server).taskCancel},
-		"task.destroy":            {1, (*Server).taskDestroy},
+		"session.logout":              {0, (*Server).logout},
+		"session.get_uuid":            {1, (*Server).sessionUUID},
+		"VM.get_by_uuid":              {1, (*Server).vmByUUID},
+		"VM.get_by_name_label":        {1, (*Server).vmsByName},
+		"VM.get_record":               {1, (*Server).vmRecord},
+		"VM.snapshot":                 {2, (*Server).vmSnapshot},
+		"VM.destroy":                  {1, (*Server).vmDestroy},
+		"VM.pause":                    {1, (*Server).vmPause},
+		"VM.unpause":                  {1, (*Server).vmUnpause},
+		"VM.clone":                    {2, (*Server).vmClone},
+		"VM.set_is_a_template":        {2, (*Server).vmSetTemplate},
+		"VBD.get_record":              {1, (*Server).vbdRecord},
+		"VBD.create":                  {1, (*Server).vbdCreate},
+		"VDI.get_by_uuid":             {1, (*Server).vdiByUUID},
+		"VDI.get_record":              {1, (*Server).vdiRecord},
+		"VDI.create":                  {1, (*Server).vdiCreate},
+		"VDI.destroy":                 {1, (*Server).vdiDestroy},
+		"VDI.data_destroy":            {1, (*Server).vdiDataDestroy},
+		"VDI.enable_cbt":              {1, (*Server).vdiEnableCBT},
+		"VDI.disable_cbt":             {1, (*Server).vdiDisableCBT},
+		"VDI.list_changed_blocks":     {2, (*Server).vdiListChangedBlocks},
+		"VDI.get_nbd_info":            {1, (*Server).vdiNBDInfo},
+		"VDI.add_to_other_config":     {3, (*Server).vdiAddOtherConfig},
+		"SR.get_by_uuid":              {1, (*Server).srByUUID},
+		"SR.get_by_name_label":        {1, (*Server).srsByName},
+		"SR.get_record":               {1, (*Server).srRecord},
+		"PBD.get_record":              {1, (*Server).pbdRecord},
+		"host.get_record":             {1, (*Server).hostRecord},
+		"host.get_server_certificate": {1, (*Server).hostCertificate},
+		"network.get_all_records":     {0, (*Server).networkRecords},
+		"task.create":                 {2, (*Server).taskCreate},
+		"task.get_record":             {1, (*Server).taskRecord},
+		"task.cancel":                 {1, (*Server).taskCancel},
+		"task.destroy":                {1, (*Server).taskDestroy},
 	}
 }
 
 // asyncOK lists the calls that have an Async form (not getters, setters,
 // session or task calls).
-var asyncOK = map[string]bool{"VM.snapshot": true, "VM.destroy": true, "VM.clone": true, "VDI.destroy": true,
+var asyncOK = map[string]bool{"VM.snapshot": true, "VM.destroy": true, "VM.pause": true, "VM.unpause": true, "VM.clone": true, "VDI.destroy": true,
 	"VDI.data_destroy": true, "VDI.enable_cbt": true, "VDI.create": true, "VBD.create": true, "VDI.list_changed_blocks": true}
 
 func decodeParams(raw []json.RawMessage) ([]any, error) {
@@ -113,6 +118,9 @@ func (s *Server) call(name string, raw []json.RawMessage) (any, *apiError) {
 	defer s.mu.Unlock()
 	if _, ok := s.sessions[session]; !ok {
 		return nil, fail("SESSION_INVALID", session)
+	}
+	if e := s.permitted(name); e != nil {
+		return nil, e
 	}
 	if !async {
 		return m.fn(s, session, a[1:])
@@ -167,6 +175,39 @@ func toInt(v any, name string) (int64, *apiError) {
 	return 0, fail("FIELD_TYPE_ERROR", name)
 }
 
+// roles are XAPI's roles, least privileged first (ocaml/idl/datamodel_roles.ml):
+// a role has every permission of the roles before it.
+var roles = []string{"read-only", "vm-operator", "vm-admin", "vm-power-admin", "pool-operator", "pool-admin"}
+
+// leastRole is the least privileged role allowed each call that needs more
+// than read-only, from the datamodel (ocaml/idl/datamodel_vm.ml,
+// datamodel.ml: allowed_roles, or the class's messages_default_allowed_roles,
+// _R_VM_ADMIN for VM, VBD and VDI). Getters and task calls need read-only.
+var leastRole = map[string]string{
+	"VM.snapshot": "vm-power-admin", "VM.pause": "vm-operator", "VM.unpause": "vm-operator",
+	"VM.destroy": "vm-admin", "VM.clone": "vm-admin", "VM.set_is_a_template": "vm-admin",
+	"VBD.create": "vm-admin", "VDI.create": "vm-admin", "VDI.destroy": "vm-admin", "VDI.data_destroy": "vm-admin",
+	"VDI.enable_cbt": "vm-admin", "VDI.disable_cbt": "vm-admin", "VDI.get_nbd_info": "vm-admin",
+	"VDI.add_to_other_config": "vm-admin", "VDI.list_changed_blocks": "vm-operator",
+	// HTTP handlers (datamodel.ml, http_actions)
+	"PUT /import_raw_vdi": "vm-admin", "GET /export_raw_vdi": "vm-admin",
+}
+
+// permitted checks the session's role as xapi's rbac.ml does, failing with
+// RBAC_PERMISSION_DENIED [permission; message].
+func (s *Server) permitted(method string) *apiError {
+	need, ok := leastRole[strings.TrimPrefix(method, "Async.")]
+	if !ok {
+		return nil
+	}
+	if slices.Index(roles, s.opts.Role) >= slices.Index(roles, need) {
+		return nil
+	}
+	allowed := strings.Join(roles[slices.Index(roles, need):], ", ")
+	return fail("RBAC_PERMISSION_DENIED", strings.ToLower(strings.TrimPrefix(method, "Async.")),
+		"No permission in user session. (Roles with this permission: "+allowed+")")
+}
+
 func (s *Server) login(a []any) (any, *apiError) {
 	user, _ := a[0].(string)
 	pw, _ := a[1].(string)
@@ -174,6 +215,11 @@ func (s *Server) login(a []any) (any, *apiError) {
 		return nil, fail("HOST_IS_SLAVE", s.opts.Slave)
 	}
 	if user != s.opts.User || pw != s.opts.Password {
+		// As xapi_session.ml's thread_delay_and_raise_error: a failed
+		// login is answered after a delay (5 s).
+		s.mu.Unlock()
+		time.Sleep(s.opts.LoginFailDelay)
+		s.mu.Lock()
 		return nil, fail("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
 	}
 	ref := newRef()
@@ -191,6 +237,14 @@ func (s *Server) logout(session string, _ []any) (any, *apiError) {
 		}
 	}
 	return "", nil
+}
+
+func (s *Server) sessionUUID(_ string, a []any) (any, *apiError) {
+	ref, _ := a[0].(string)
+	if _, ok := s.sessions[ref]; !ok {
+		return nil, fail("HANDLE_INVALID", "session", ref)
+	}
+	return strings.TrimPrefix(ref, "OpaqueRef:"), nil
 }
 
 // --- VMs ---
@@ -279,10 +333,20 @@ func (s *Server) vmSnapshot(_ string, a []any) (any, *apiError) {
 		return nil, fail("OPERATION_NOT_ALLOWED", "VM is a template or a snapshot: "+v.ref)
 	}
 	snap := &vm{ref: newRef(), uuid: newUUID(), name: name, power: "Halted", snapshot: true, snapshotOf: v.ref, other: map[string]string{}}
-	for _, r := range v.vbds {
+	disks := 0
+	for _, r := range slices.Clone(v.vbds) {
 		b := s.vbds[r]
 		nb := &vbd{ref: newRef(), uuid: newUUID(), vm: snap.ref, vdi: nullRef, userdevice: b.userdevice, typ: b.typ, mode: b.mode, empty: b.empty, bootable: b.bootable}
 		if b.typ == "Disk" && !b.empty {
+			// As xapi_vm_clone.ml's safe_clone_disks: one VDI.snapshot
+			// after another, with no atomicity across disks: the guest
+			// may write between them unless the VM is paused.
+			if disks > 0 && s.opts.BetweenDiskSnapshots != nil {
+				s.mu.Unlock()
+				s.opts.BetweenDiskSnapshots()
+				s.mu.Lock()
+			}
+			disks++
 			d := s.vdis[b.vdi]
 			sd, err := s.snapshotVDI(d)
 			if err != nil {
@@ -358,13 +422,41 @@ func (s *Server) vmDestroy(_ string, a []any) (any, *apiError) {
 	if v.power != "Halted" {
 		return nil, fail("VM_BAD_POWER_STATE", v.ref, "halted", strings.ToLower(v.power))
 	}
-	for _, r := range v.vbds {
+	for _, r := range slices.Clone(v.vbds) { // removeVBD edits v.vbds
 		s.removeVBD(r)
 	}
 	if p := s.vms[v.snapshotOf]; p != nil {
 		p.snapshots = remove(p.snapshots, v.ref)
 	}
 	delete(s.vms, v.ref)
+	return "", nil
+}
+
+// vmPause and vmUnpause follow xapi_vm_lifecycle.ml: pause only from
+// Running, unpause only from Paused, else VM_BAD_POWER_STATE [vm; expected;
+// actual]. VM.snapshot is allowed in every power state, Paused included.
+func (s *Server) vmPause(_ string, a []any) (any, *apiError) {
+	v, e := s.getVM(a[0])
+	if e != nil {
+		return nil, e
+	}
+	if v.power != "Running" {
+		return nil, fail("VM_BAD_POWER_STATE", v.ref, "running", strings.ToLower(v.power))
+	}
+	v.power = "Paused"
+	s.pauses++
+	return "", nil
+}
+
+func (s *Server) vmUnpause(_ string, a []any) (any, *apiError) {
+	v, e := s.getVM(a[0])
+	if e != nil {
+		return nil, e
+	}
+	if v.power != "Paused" {
+		return nil, fail("VM_BAD_POWER_STATE", v.ref, "paused", strings.ToLower(v.power))
+	}
+	v.power = "Running"
 	return "", nil
 }
 
@@ -580,12 +672,40 @@ func (s *Server) vdiDataDestroy(_ string, a []any) (any, *apiError) {
 		return nil, fail("OPERATION_NOT_ALLOWED", "VDI is not a snapshot: "+d.ref)
 	case !d.cbt:
 		return nil, fail("VDI_NO_CBT_METADATA", d.ref)
-	case s.attached(d):
+	}
+	// As xapi_vdi.ml's _data_destroy: the VDI is marked cbt_metadata at
+	// once (no new VBD can use it), then wait_for_vbds_to_be_unplugged_and_
+	// destroyed waits up to 4 s for every VBD of the VDI to be gone,
+	// attached or not (a snapshot VM's VBDs count), and fails with
+	// VDI_IN_USE [vdi; "data_destroy"]; on failure the type is restored.
+	typ := d.typ
+	d.typ = "cbt_metadata"
+	deadline := time.Now().Add(s.opts.DataDestroyWait)
+	for s.hasVBDs(d) && time.Now().Before(deadline) {
+		s.mu.Unlock()
+		time.Sleep(20 * time.Millisecond)
+		s.mu.Lock()
+	}
+	if s.vdis[d.ref] != d {
+		return nil, fail("HANDLE_INVALID", "VDI", d.ref)
+	}
+	if s.hasVBDs(d) || s.attached(d) {
+		d.typ = typ
+		s.dataDestroyRefused++
 		return nil, fail("VDI_IN_USE", d.ref, "data_destroy")
 	}
 	s.dropData(d)
-	d.typ = "cbt_metadata"
 	return "", nil
+}
+
+// hasVBDs reports whether any VBD, attached or not, refers to the VDI.
+func (s *Server) hasVBDs(d *vdi) bool {
+	for _, b := range s.vbds {
+		if b.vdi == d.ref {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) vdiEnableCBT(_ string, a []any) (any, *apiError) {
@@ -672,11 +792,15 @@ func (s *Server) vdiNBDInfo(session string, a []any) (any, *apiError) {
 	if err := n.export(ctx, name, d.path); err != nil {
 		return nil, fail("INTERNAL_ERROR", "NBD export: "+err.Error())
 	}
-	info := map[string]any{"address": "127.0.0.1", "port": n.port, "exportname": name, "cert": "", "subject": ""}
-	if s.opts.NBD == "nbd" {
-		info["cert"], info["subject"] = string(s.hostCert.CertPEM), "localhost"
+	// As xapi_vdi.ml's _get_nbd_info: one record per address of the host
+	// (IPv6 ones in CIDR form), each with the host's certificate and its
+	// subject, whether the network's purpose is nbd or insecure_nbd.
+	var out []any
+	for _, addr := range s.opts.NBDAddresses {
+		out = append(out, map[string]any{"address": addr, "port": n.port, "exportname": name,
+			"cert": string(s.hostCert.CertPEM), "subject": "localhost"})
 	}
-	return []any{info}, nil
+	return out, nil
 }
 
 func (s *Server) vdiAddOtherConfig(_ string, a []any) (any, *apiError) {
@@ -813,15 +937,35 @@ func (s *Server) pbdRecord(_ string, a []any) (any, *apiError) {
 	if p == nil {
 		return nil, fail("HANDLE_INVALID", "PBD", ref)
 	}
-	return map[string]any{"uuid": p.uuid, "host": s.host.ref, "SR": p.sr, "currently_attached": true, "device_config": map[string]string{}}, nil
+	return map[string]any{"uuid": p.uuid, "host": p.host, "SR": p.sr, "currently_attached": true, "device_config": map[string]string{}}, nil
 }
 
 func (s *Server) hostRecord(_ string, a []any) (any, *apiError) {
-	ref, _ := a[0].(string)
-	if ref != s.host.ref {
-		return nil, fail("HANDLE_INVALID", "host", ref)
+	h, e := s.getHost(a[0])
+	if e != nil {
+		return nil, e
 	}
-	return map[string]any{"uuid": s.host.uuid, "name_label": s.host.name, "address": s.host.address, "hostname": s.host.name, "enabled": true}, nil
+	return map[string]any{"uuid": h.uuid, "name_label": h.name, "address": h.address, "hostname": h.name, "enabled": true}, nil
+}
+
+func (s *Server) getHost(v any) (*host, *apiError) {
+	ref, _ := v.(string)
+	for _, h := range []*host{s.host, s.member} {
+		if h != nil && h.ref == ref {
+			return h, nil
+		}
+	}
+	return nil, fail("HANDLE_INVALID", "host", ref)
+}
+
+// hostCertificate is host.get_server_certificate: the PEM of the host's
+// TLS certificate.
+func (s *Server) hostCertificate(_ string, a []any) (any, *apiError) {
+	h, e := s.getHost(a[0])
+	if e != nil {
+		return nil, e
+	}
+	return string(h.cert.CertPEM), nil
 }
 
 func (s *Server) networkRecords(_ string, _ []any) (any, *apiError) {

@@ -10,20 +10,30 @@
 // also records the changed 64 KiB blocks for changed block tracking, so
 // VDI.list_changed_blocks answers from what the test really wrote. VDIs are
 // read over NBD from a real peer: a qemu-storage-daemon serving each
-// VDI.get_nbd_info request as an export named "/<vdi-uuid>?session_id=<ref>"
-// over TLS with a certificate made by the test's own CA.
+// VDI.get_nbd_info request as an export named "/<vdi-uuid>?session_id=<ref>",
+// behind a front that negotiates as xapi-nbd does (TLS with a certificate
+// made by the test's own CA, NBD_OPT_EXPORT_NAME only: no structured
+// replies, so no allocation) and closes connections beyond 16 per host.
+// GET /export_raw_vdi?format=vhd streams a dynamic VHD made by qemu-img.
 //
 // It models what vmshadow relies on, following xapi's code and docs
-// (ocaml/xapi/xapi_vdi.ml, xapi_vm_snapshot.ml, import_raw_vdi.ml): refs are
+// (ocaml/xapi/xapi_vdi.ml, xapi_vm_snapshot.ml, xapi_vm_clone.ml,
+// xapi_vm_lifecycle.ml, import_raw_vdi.ml, rbac.ml, ocaml/nbd): refs are
 // opaque and differ from UUIDs; unknown refs are HANDLE_INVALID, unknown
-// UUIDs UUID_INVALID; data_destroy needs a CBT-enabled snapshot and turns
-// it into a cbt_metadata VDI; enable_cbt is subject to the licence; VDIs in
-// use cannot be destroyed; logout ends the session's NBD exports.
+// UUIDs UUID_INVALID; data_destroy needs a CBT-enabled snapshot, waits for
+// every VBD of the VDI to go and turns it into a cbt_metadata VDI;
+// enable_cbt is subject to the licence; attached VDIs cannot be destroyed;
+// VM.snapshot takes the disks one after another; VM.pause/unpause; each
+// call needs a role; failed logins wait 5 s; sessions can expire; logout
+// ends the session's NBD exports; optionally a member host with its own
+// certificate and local SR. CheckAsBefore is the one check that a test
+// left the pool as it was.
 package xapitest
 
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -57,6 +67,35 @@ type Options struct {
 	Slave string
 	// SnapshotDelay is how long an Async.VM.snapshot waits before it works.
 	SnapshotDelay time.Duration
+	// DataDestroyWait is how long VDI.data_destroy waits for the VDI's
+	// VBDs to go before it fails with VDI_IN_USE: 4 s by default, as
+	// data_destroy's timeout in ocaml/xapi/xapi_vdi.ml.
+	DataDestroyWait time.Duration
+	// BetweenDiskSnapshots, if set, runs between the snapshots of two disks
+	// of a VM.snapshot (without the fake's lock), where xapi snapshots one
+	// VDI after another (xapi_vm_clone.ml, safe_clone_disks).
+	BetweenDiskSnapshots func()
+	// NBDConnectionLimit is how many client connections the host's NBD
+	// server serves at once: 16 by default, as xapi-nbd
+	// (ocaml/nbd/lib/consts.ml, connection_limit).
+	NBDConnectionLimit int
+	// NBDAddresses are the addresses VDI.get_nbd_info reports, in order
+	// (default 127.0.0.1). As xapi gives a PIF's IPv6 addresses, give them
+	// in CIDR form ("fd00::5/64"); the NBD server listens on 127.0.0.1
+	// only, as xapi-nbd listens on IPv4 only (ocaml/nbd/src/main.ml).
+	NBDAddresses []string
+	// Role is the RBAC role of the user (default pool-admin): calls it
+	// does not allow fail with RBAC_PERMISSION_DENIED (rbac.ml).
+	Role string
+	// LoginFailDelay is how long a failed login waits before its answer:
+	// 5 s by default, as xapi_session.ml. Negative: none.
+	LoginFailDelay time.Duration
+	// Member adds a pool member at 127.0.0.2 (same port as the master,
+	// its own self-signed certificate, as each XenServer host has) with a
+	// local SR "Member storage": its JSON-RPC answers logins with
+	// HOST_IS_SLAVE, and the master redirects uploads and exports of VDIs
+	// on that SR to it (import_raw_vdi.ml, export_raw_vdi.ml).
+	Member bool
 }
 
 // Server is a fake pool. Its methods are safe for concurrent use.
@@ -73,21 +112,28 @@ type Server struct {
 	hostCert *Cert
 	srv      *httptest.Server
 
-	mu       sync.Mutex
-	vms      map[string]*vm
-	vbds     map[string]*vbd
-	vdis     map[string]*vdi
-	srs      map[string]*sr
-	pbds     map[string]*pbd
-	host     *host
-	nets     map[string]*network
-	sessions map[string]string // ref -> user
-	tasks    map[string]*task
-	calls    []string
-	drop     map[string]int
-	nbd      *nbdServer
-	chains   map[int][]cbtDelta // chain -> snapshots' deltas in order
-	chainSeq int
+	mu        sync.Mutex
+	vms       map[string]*vm
+	vbds      map[string]*vbd
+	vdis      map[string]*vdi
+	srs       map[string]*sr
+	pbds      map[string]*pbd
+	host      *host
+	member    *host
+	memberSrv *httptest.Server
+	MemberURL string // https://127.0.0.2:PORT, with Options.Member
+	nets      map[string]*network
+	sessions  map[string]string // ref -> user
+	tasks     map[string]*task
+	calls     []string
+	drop      map[string]int
+	nbd       *nbdServer
+	chains    map[int][]cbtDelta // chain -> snapshots' deltas in order
+	chainSeq  int
+	// dataDestroyRefused counts VDI.data_destroy calls refused because
+	// the VDI still had VBDs.
+	dataDestroyRefused int
+	pauses             int // VM.pause calls that paused a VM
 }
 
 type vm struct {
@@ -120,9 +166,12 @@ type sr struct {
 	pbd                  string
 }
 
-type pbd struct{ ref, uuid, sr string }
+type pbd struct{ ref, uuid, sr, host string }
 
-type host struct{ ref, uuid, name, address string }
+type host struct {
+	ref, uuid, name, address string
+	cert                     *Cert // its TLS certificate (host.get_server_certificate)
+}
 
 type network struct {
 	ref, uuid, name string
@@ -156,6 +205,21 @@ func New(t testing.TB, opts Options) *Server {
 	if opts.NBD == "" {
 		opts.NBD = "nbd"
 	}
+	if opts.Role == "" {
+		opts.Role = "pool-admin"
+	}
+	if opts.LoginFailDelay == 0 {
+		opts.LoginFailDelay = 5 * time.Second
+	}
+	if len(opts.NBDAddresses) == 0 {
+		opts.NBDAddresses = []string{"127.0.0.1"}
+	}
+	if opts.NBDConnectionLimit == 0 {
+		opts.NBDConnectionLimit = 16
+	}
+	if opts.DataDestroyWait == 0 {
+		opts.DataDestroyWait = 4 * time.Second
+	}
 	if opts.NBD != "none" {
 		testutil.NeedCommand(t, "qemu-storage-daemon")
 	}
@@ -178,7 +242,7 @@ func New(t testing.TB, opts Options) *Server {
 	if err := os.WriteFile(s.CAFile, s.pki.CAPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s.host = &host{ref: newRef(), uuid: newUUID(), name: "xapitest-host", address: "127.0.0.1"}
+	s.host = &host{ref: newRef(), uuid: newUUID(), name: "xapitest-host", address: "127.0.0.1", cert: s.hostCert}
 	s.AddSR("Local storage", "ext", false)
 	purpose := []string{}
 	if opts.NBD != "none" {
@@ -199,7 +263,63 @@ func New(t testing.TB, opts Options) *Server {
 	s.srv.StartTLS()
 	s.URL = s.srv.URL
 	t.Cleanup(s.close)
+	if opts.Member {
+		s.startMember()
+	}
 	return s
+}
+
+// startMember starts the pool member of Options.Member.
+func (s *Server) startMember() {
+	pki, err := NewPKI("xapitest-member self-signed")
+	var cert *Cert
+	if err == nil {
+		cert, err = pki.Issue("xapitest-member", net.ParseIP("127.0.0.2"))
+	}
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(s.srv.Listener.Addr().String())
+	ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.2", port))
+	if err != nil {
+		s.t.Fatalf("xapitest: member host on 127.0.0.2:%s: %v", port, err)
+	}
+	s.mu.Lock()
+	s.member = &host{ref: newRef(), uuid: newUUID(), name: "xapitest-member", address: "127.0.0.2", cert: cert}
+	s.mu.Unlock()
+	s.AddSR("Member storage", "ext", false)
+	s.mu.Lock()
+	for _, r := range s.srs {
+		if r.name == "Member storage" {
+			s.pbds[r.pbd].host = s.member.ref
+		}
+	}
+	s.mu.Unlock()
+	mux := http.NewServeMux()
+	mux.HandleFunc("/jsonrpc", func(w http.ResponseWriter, r *http.Request) {
+		// A member answers logins with the master's address (the fake
+		// forwards nothing else).
+		w.Header().Set("Content-Type", "application/json")
+		var req rpcRequest
+		json.NewDecoder(r.Body).Decode(&req)
+		json.NewEncoder(w).Encode(map[string]any{"jsonrpc": "2.0", "id": req.ID,
+			"error": map[string]any{"code": 1, "message": "HOST_IS_SLAVE", "data": []string{s.host.address}}})
+	})
+	mux.HandleFunc("/import_raw_vdi", func(w http.ResponseWriter, r *http.Request) { s.serveImportOn(w, r, s.member) })
+	mux.HandleFunc("/export_raw_vdi", func(w http.ResponseWriter, r *http.Request) { s.serveExportOn(w, r, s.member) })
+	s.memberSrv = &httptest.Server{Listener: ln, Config: &http.Server{Handler: mux}}
+	s.memberSrv.TLS = &tls.Config{Certificates: []tls.Certificate{cert.TLS}, MinVersion: tls.VersionTLS12}
+	s.memberSrv.StartTLS()
+	s.MemberURL = "https://" + ln.Addr().String()
+	s.t.Cleanup(s.memberSrv.Close)
+}
+
+// hostOfVDILocked is the host whose PBD attaches the VDI's SR.
+func (s *Server) hostOfVDILocked(d *vdi) *host {
+	if r := s.srs[d.sr]; r != nil && s.member != nil && s.pbds[r.pbd].host == s.member.ref {
+		return s.member
+	}
+	return s.host
 }
 
 func (s *Server) close() {
@@ -285,7 +405,7 @@ func (s *Server) nbdServer() (*nbdServer, error) {
 	if s.nbd != nil {
 		return s.nbd, nil
 	}
-	tlsDir := ""
+	var tlsConfig *tls.Config
 	if s.opts.NBD == "nbd" {
 		cert := s.hostCert
 		if s.opts.WrongNBDCert {
@@ -294,16 +414,19 @@ func (s *Server) nbdServer() (*nbdServer, error) {
 				return nil, err
 			}
 		}
-		tlsDir = filepath.Join(s.dir, "nbd-pki")
-		if err := s.pki.WriteQEMUDir(tlsDir, cert); err != nil {
-			return nil, err
-		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert.TLS}, MinVersion: tls.VersionTLS12}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n, err := startNBD(ctx, s.dir, tlsDir)
+	n, err := startNBD(ctx, s.dir, tlsConfig, s.opts.NBDConnectionLimit)
 	if err != nil {
 		return nil, err
+	}
+	n.validSession = func(ref string) bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		_, ok := s.sessions[ref]
+		return ok
 	}
 	s.nbd = n
 	return n, nil
@@ -330,7 +453,7 @@ func (s *Server) Dump() string {
 			if d := s.vdis[b.vdi]; d != nil {
 				u = d.uuid
 			}
-			lines = append(lines, fmt.Sprintf("VM %s VBD %s type=%s vdi=%s", v.uuid, b.userdevice, b.typ, u))
+			lines = append(lines, fmt.Sprintf("VM %s VBD %s type=%s vdi=%s attached=%v", v.uuid, b.userdevice, b.typ, u, b.attached))
 		}
 	}
 	for _, d := range s.vdis {

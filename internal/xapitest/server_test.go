@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // rawCall posts a JSON-RPC request and returns the decoded response.
@@ -77,5 +78,58 @@ func TestExportRawVDI(t *testing.T) {
 	}
 	if code, _ := get("OpaqueRef:nobody"); code != http.StatusForbidden {
 		t.Fatalf("export without a session: %d", code)
+	}
+}
+
+// TestDataDestroyWaitsForVBDs: as ocaml/xapi/xapi_vdi.ml (_data_destroy,
+// wait_for_vbds_to_be_unplugged_and_destroyed), VDI.data_destroy of a
+// snapshot VDI that a snapshot VM still refers to (a VBD that is not
+// attached) waits for the VBD to go, then fails with VDI_IN_USE
+// [vdi; "data_destroy"] and leaves the VDI as it was; once the snapshot VM
+// is destroyed it succeeds.
+func TestDataDestroyWaitsForVBDs(t *testing.T) {
+	s := New(t, Options{NBD: "none", DataDestroyWait: 300 * time.Millisecond})
+	vmUUID, disks := s.AddVM("vm", true, 1<<20)
+	s.EnableCBT(disks[0])
+	c := client(s)
+	call := func(method string, params ...string) map[string]any {
+		t.Helper()
+		b, _ := json.Marshal(map[string]any{"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
+		return rawCall(t, c, s, string(b))
+	}
+	session := call("session.login_with_password", "root", "xapi-secret")["result"].(string)
+	vm := call("VM.get_by_uuid", session, vmUUID)["result"].(string)
+	snap := call("VM.snapshot", session, vm, "snap")["result"].(string)
+	var snapVDI string
+	for _, d := range s.VDIs() {
+		if d.Snapshot {
+			snapVDI = d.UUID
+		}
+	}
+	ref := call("VDI.get_by_uuid", session, snapVDI)["result"].(string)
+	start := time.Now()
+	m := call("VDI.data_destroy", session, ref)
+	e, _ := m["error"].(map[string]any)
+	if e == nil || e["message"] != "VDI_IN_USE" || e["data"].([]any)[1] != "data_destroy" {
+		t.Fatalf("data_destroy with the snapshot VM's VBD: %v", m)
+	}
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Errorf("refused after %s, without waiting for the VBDs", d)
+	}
+	for _, d := range s.VDIs() {
+		if d.UUID == snapVDI && (!d.Data || d.Type != "user") {
+			t.Errorf("refused data_destroy changed the VDI: %+v", d)
+		}
+	}
+	if m := call("VM.destroy", session, snap); m["error"] != nil {
+		t.Fatal(m)
+	}
+	if m := call("VDI.data_destroy", session, ref); m["error"] != nil {
+		t.Fatalf("data_destroy without VBDs: %v", m)
+	}
+	for _, d := range s.VDIs() {
+		if d.UUID == snapVDI && (d.Data || d.Type != "cbt_metadata") {
+			t.Errorf("after data_destroy: %+v", d)
+		}
 	}
 }

@@ -13,10 +13,10 @@ import (
 )
 
 // Release implements coord.Provider. It waits for (or cancels) a snapshot
-// still being taken, destroys the set's snapshot VDIs (after a stored
-// backup only their data, keeping the CBT metadata as the new checkpoints,
-// and then the previous checkpoints), then the snapshot VM. Objects already
-// gone are skipped.
+// still being taken, unpauses the VM if the set paused it, destroys the
+// set's snapshot VDIs, then the snapshot VM, and after a stored backup
+// only then the data of the snapshot VDIs kept as the new checkpoints (CBT
+// metadata) and the previous checkpoints. Objects already gone are skipped.
 //
 // When it recovers (a nil set, or a set left by another process), it also
 // removes any other vmshadow snapshot of the VM. A process releasing its
@@ -27,7 +27,7 @@ func (p *Provider) Release(ctx context.Context, set *coord.Set) ([]string, error
 	if err != nil {
 		return nil, err
 	}
-	if _, err := p.Client(ctx); err != nil {
+	if err := p.Reconnect(ctx); err != nil {
 		return nil, err
 	}
 	r := &releaser{p: p}
@@ -79,6 +79,15 @@ func (r *releaser) state(ctx context.Context, st *state) {
 			r.try("task "+st.Task, c.Call(ctx, "task.destroy", nil, st.Task))
 		}
 	}
+	if st.Paused {
+		// A process killed while the VM was paused for the snapshot.
+		if ref, err := c.VMByUUID(ctx, st.VM); err == nil {
+			err := c.Call(ctx, "VM.unpause", nil, ref)
+			if !api.IsCode(err, "VM_BAD_POWER_STATE") {
+				r.try("pause of VM "+st.VM, err)
+			}
+		}
+	}
 	snap, err := r.findSnapshot(ctx, st)
 	if err != nil {
 		r.errs = append(r.errs, err)
@@ -110,12 +119,29 @@ func (r *releaser) state(ctx context.Context, st *state) {
 		names = append(names, n)
 	}
 	sort.Strings(names)
+	keep := func(n string) bool { return st.Done && st.Prefix != "" && disks[n].CBT }
+	// Snapshot VDIs destroyed outright go first: VDI.destroy refuses only
+	// attached VBDs, and a process killed after it leaves nothing behind.
 	for _, n := range names {
-		u := vdis[n]
-		if st.Done && st.Prefix != "" && disks[n].CBT {
+		if !keep(n) {
+			r.try("snapshot VDI "+vdis[n], r.p.destroyVDI(ctx, vdis[n]))
+		}
+	}
+	// Then the snapshot VM, which keeps its VDIs (xapi_vm_helpers.ml
+	// destroy removes only its VBDs): VDI.data_destroy waits up to 4 s for
+	// every VBD of the VDI to go, attached or not, and fails with
+	// VDI_IN_USE (xapi_vdi.ml, wait_for_vbds_to_be_unplugged_and_destroyed),
+	// so the snapshot's own VBDs must be gone first. The VDIs whose data
+	// goes next are all in the journal (Done comes after Expose recorded
+	// them), so a process killed here leaves them to the next release.
+	if snap != "" {
+		_, err := c.RunAsync(ctx, "VM.destroy", nil, snap)
+		r.try("snapshot "+st.Snapshot, err)
+	}
+	for _, n := range names {
+		if keep(n) {
+			u := vdis[n]
 			r.try("data of snapshot VDI "+u+" (its changed block tracking metadata kept as checkpoint)", r.dataDestroy(ctx, u))
-		} else {
-			r.try("snapshot VDI "+u, r.p.destroyVDI(ctx, u))
 		}
 	}
 	if st.Done {
@@ -124,10 +150,6 @@ func (r *releaser) state(ctx context.Context, st *state) {
 				r.try("checkpoint VDI "+d.Previous+" (superseded)", r.p.destroyVDI(ctx, d.Previous))
 			}
 		}
-	}
-	if snap != "" {
-		_, err := c.RunAsync(ctx, "VM.destroy", nil, snap)
-		r.try("snapshot "+st.Snapshot, err)
 	}
 }
 

@@ -2,9 +2,11 @@
 // driven through the pool's management API (XAPI, internal/xapi). It owns
 // the mapping of the shadow-copy model onto XAPI:
 //
-//   - the instant: VM.snapshot (Async, a task) of every disk of the VM at
-//     once into a snapshot VM named vmshadow-<set id>: crash-consistent;
-//     hooks (writers) frozen around it make it application-consistent
+//   - the instant: VM.snapshot (Async, a task) into a snapshot VM named
+//     vmshadow-<set id>. XAPI snapshots the disks one after another, so a
+//     running VM with several disks is paused (VM.pause) for the duration
+//     and unpaused at once: crash-consistent across disks; hooks (writers)
+//     frozen around it make it application-consistent
 //     (VM.snapshot_with_quiesce was removed in Citrix Hypervisor 8.1);
 //   - the shadow copies: the snapshot VM's VDIs, read over NBD through
 //     VDI.get_nbd_info, with TLS pinned to the certificate XAPI reports;
@@ -13,8 +15,11 @@
 //     backup's snapshot VDI and the new one, and VDI.data_destroy after a
 //     stored backup, which keeps the snapshot's CBT metadata as the base of
 //     the next comparison;
-//   - release: snapshot VDIs destroyed (or their data only, after a stored
-//     backup), then the snapshot VM record; nothing else is left.
+//   - release: the VM unpaused if a killed process left it paused, snapshot
+//     VDIs destroyed, the snapshot VM record destroyed, and after a stored
+//     backup then the data of the snapshot VDIs kept as checkpoints
+//     (VDI.data_destroy refuses a VDI any VBD still refers to); nothing
+//     else is left.
 //
 // Everything is recorded in the set's journal before it is created, by
 // name (vmshadow-<set id>) and later by UUID, so Release finds it from a
@@ -29,6 +34,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -58,6 +64,13 @@ type Options struct {
 	Warn func(string)
 	// Tracking, if set, rotates change tracking (backups).
 	Tracking *tracking.Request
+	// NoPause: a running VM with several disks is not paused around
+	// VM.snapshot; its disks are then taken one after another.
+	NoPause bool
+	// HostConns is the budget of NBD connections per pool host for all
+	// disks of a set read together (default DefaultHostConns); each disk
+	// uses at most the connections its read asks for.
+	HostConns int
 }
 
 // Provider implements coord.Provider for one VM of a pool.
@@ -68,18 +81,22 @@ type Provider struct {
 	vmRef     string
 	vm        api.VM
 	snapRef   string // the set's snapshot, from Commit to Expose
+	pausedAt  time.Time
 	disks     []Disk
 	leftovers []string
 
 	// For the read, in this process only: never journaled (the export
 	// names hold the session).
-	nbd map[string]api.NBDInfo        // snapshot VDI UUID -> NBD info
-	cbt map[string]*api.ChangedBlocks // snapshot VDI UUID -> changes since the previous checkpoint
+	nbd    map[string][]api.NBDInfo      // snapshot VDI UUID -> NBD info
+	nbdTLS bool                          // the pool's NBD network has the nbd purpose (TLS), not insecure_nbd
+	cbt    map[string]*api.ChangedBlocks // snapshot VDI UUID -> changes since the previous checkpoint
+	// budgets are the NBD connections per host the set's reads share.
+	budgets *budgets
 }
 
 // New returns a provider; it logs in on first use.
 func New(opts Options) *Provider {
-	return &Provider{opts: opts, nbd: map[string]api.NBDInfo{}, cbt: map[string]*api.ChangedBlocks{}}
+	return &Provider{opts: opts, nbd: map[string][]api.NBDInfo{}, cbt: map[string]*api.ChangedBlocks{}}
 }
 
 // Disk is one of the VM's disks.
@@ -346,6 +363,7 @@ type state struct {
 	Snapshot     string      `json:"snapshot_name"`           // vmshadow-<set id>
 	SnapshotUUID string      `json:"snapshot_uuid,omitempty"` // once VM.snapshot returned
 	Task         string      `json:"task,omitempty"`          // Async.VM.snapshot in flight
+	Paused       bool        `json:"paused,omitempty"`        // VM.pause asked for, VM.unpause not yet done
 	Disks        []diskState `json:"disks"`
 	// Tracking: Prefix names the repository's checkpoints; Done says the
 	// backup is stored, so Release keeps the new checkpoints' CBT metadata

@@ -69,6 +69,7 @@ type Target struct {
 	sr       string // ref
 	rec      api.SR
 	host     string // where uploads go ("" the master)
+	hostCert string // its certificate, for a member host
 	sparse   bool
 	template string // ref, with VMName
 
@@ -99,14 +100,14 @@ func New(ctx context.Context, pool api.Config, m *repo.Manifest, opts Options) (
 	if err != nil {
 		return nil, err
 	}
-	host, err := uploadHost(ctx, c, rec)
+	host, hostCert, err := uploadHost(ctx, c, rec)
 	if err != nil {
 		return nil, err
 	}
 	if opts.Template == "" {
 		opts.Template = "Other install media"
 	}
-	t = &Target{c: c, m: m, opts: opts, sr: sr, rec: rec, host: host, sparse: slices.Contains(zeroedSRTypes, rec.Type)}
+	t = &Target{c: c, m: m, opts: opts, sr: sr, rec: rec, host: host, hostCert: hostCert, sparse: slices.Contains(zeroedSRTypes, rec.Type)}
 	if opts.VMName != "" {
 		if t.template, err = checkVMName(ctx, c, opts.VMName, opts.Template); err != nil {
 			return nil, err
@@ -129,7 +130,7 @@ func (t *Target) Create(ctx context.Context, d repo.ManifestDisk, x *repo.Index)
 	if err != nil {
 		return nil, "", err
 	}
-	w := upload(ctx, t.c, t.host, vdi, x, t.sparse)
+	w := upload(ctx, t.c, t.host, t.hostCert, vdi, x, t.sparse)
 	t.disks = append(t.disks, d)
 	t.uploads = append(t.uploads, w)
 	t.vdis = append(t.vdis, vr.UUID)
@@ -234,12 +235,14 @@ func findSR(ctx context.Context, c *api.Client, want string) (string, api.SR, er
 }
 
 // uploadHost is "" (the pool master) for a shared SR, else the address of
-// the host that has the SR attached: the master would redirect an upload
-// into a local SR of another host there, which a streamed upload cannot
-// follow.
-func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, error) {
+// the host that has the SR attached, and that host's certificate as the
+// master reports it (host.get_server_certificate): the master would
+// redirect an upload into a local SR of another host there
+// (import_raw_vdi.ml via importexport.ml's return_302_redirect), which a
+// streamed upload cannot follow, and each host has its own certificate.
+func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, string, error) {
 	if sr.Shared {
-		return "", nil
+		return "", "", nil
 	}
 	for _, ref := range sr.PBDs {
 		var pbd struct {
@@ -247,7 +250,7 @@ func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, error) {
 			Attached bool   `json:"currently_attached"`
 		}
 		if err := c.Call(ctx, "PBD.get_record", &pbd, ref); err != nil {
-			return "", err
+			return "", "", err
 		}
 		if !pbd.Attached {
 			continue
@@ -256,15 +259,19 @@ func uploadHost(ctx context.Context, c *api.Client, sr api.SR) (string, error) {
 			Address string `json:"address"`
 		}
 		if err := c.Call(ctx, "host.get_record", &h, pbd.Host); err != nil {
-			return "", err
+			return "", "", err
+		}
+		var cert string
+		if err := c.Call(ctx, "host.get_server_certificate", &cert, pbd.Host); err != nil {
+			return "", "", fmt.Errorf("certificate of host %s: %w", h.Address, err)
 		}
 		// Members listen on the same port as the master.
 		if _, port, err := net.SplitHostPort(c.Host()); err == nil {
-			return net.JoinHostPort(h.Address, port), nil
+			return net.JoinHostPort(h.Address, port), cert, nil
 		}
-		return h.Address, nil
+		return h.Address, cert, nil
 	}
-	return "", fmt.Errorf("storage repository %s is not attached to any host: %w", sr.NameLabel, errs.ErrUnsupported)
+	return "", "", fmt.Errorf("storage repository %s is not attached to any host: %w", sr.NameLabel, errs.ErrUnsupported)
 }
 
 // checkVMName refuses a name a VM already has and finds the template.
@@ -321,7 +328,7 @@ func userdevices(disks []repo.ManifestDisk) []string {
 // upload starts streaming a disk of index x into the VDI and returns the
 // writer restore.Run writes the disk into (in order, every chunk
 // verified): it turns the writes into the import's body.
-func upload(ctx context.Context, c *api.Client, host, vdi string, x *repo.Index, sparse bool) *uploader {
+func upload(ctx context.Context, c *api.Client, host, hostCert, vdi string, x *repo.Index, sparse bool) *uploader {
 	ctx, cancel := context.WithCancel(ctx)
 	pr, pw := io.Pipe()
 	w := &uploader{pw: pw, size: x.Size(), chunked: sparse, done: make(chan error, 1), cancel: cancel}
@@ -340,7 +347,7 @@ func upload(ctx context.Context, c *api.Client, host, vdi string, x *repo.Index,
 	}
 	w.length = length
 	go func() {
-		err := c.ImportRaw(ctx, host, vdi, length, sparse, pr)
+		err := c.ImportRaw(ctx, host, hostCert, vdi, length, sparse, pr)
 		pr.CloseWithError(errUploadEnded{err})
 		w.done <- err
 	}()
