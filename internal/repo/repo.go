@@ -341,7 +341,7 @@ func (r *Repo) ReadChunk(ctx context.Context, id ID, dst []byte) ([]byte, error)
 
 // OpenChunk decodes and verifies a sealed chunk (as stored under id).
 func (r *Repo) OpenChunk(id ID, blob, dst []byte) ([]byte, error) {
-	p, err := r.codec.open(dst, magicChunk, id.String(), blob, MaxChunkSize)
+	p, err := r.codec.open(dst, magicChunk, id.String(), blob, r.cfg.ChunkSize)
 	if err != nil {
 		return nil, fmt.Errorf("chunk %s: %w", id, err)
 	}
@@ -418,6 +418,9 @@ func (r *Repo) SaveManifest(ctx context.Context, m *Manifest) (ID, error) {
 	if err != nil {
 		return ID{}, err
 	}
+	if len(plain) > maxManifestPlain {
+		return ID{}, fmt.Errorf("manifest of %d bytes exceeds the limit of %d bytes (too many disks): %w", len(plain), maxManifestPlain, errs.ErrUsage)
+	}
 	id := r.codec.hash(plain)
 	h := backend.Handle{Kind: backend.KindBackups, Name: id.String()}
 	if err := r.be.Put(ctx, h, r.codec.seal(nil, magicManifest, h.Name, plain, true)); err != nil {
@@ -439,7 +442,7 @@ func (r *Repo) LoadManifest(ctx context.Context, id ID) (*Manifest, error) {
 		}
 		return nil, fmt.Errorf("read manifest of backup %s: %w", id.Short(), err)
 	}
-	p, err := r.codec.open(nil, magicManifest, h.Name, blob, maxMetaPlain)
+	p, err := r.codec.open(nil, magicManifest, h.Name, blob, maxManifestPlain)
 	if err != nil {
 		return nil, fmt.Errorf("manifest of backup %s: %w", id.Short(), err)
 	}
