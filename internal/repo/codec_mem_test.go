@@ -46,6 +46,11 @@ func TestOpenDamagedBlobMemoryBounded(t *testing.T) {
 	noFCS = append(noFCS, 10<<3|1, 0, 0)
 	noFCS = append(noFCS, "0123456789"...)
 
+	// The same frame stating a content size of 1 GiB, as the header does.
+	withFCS := []byte("vsIX\x01\x01\x00\x00\x00\x00\x00\x40\x28\xb5\x2f\xfd\x80\x00\x00\x00\x00\x40")
+	withFCS = append(withFCS, 10<<3|1, 0, 0)
+	withFCS = append(withFCS, "0123456789"...)
+
 	// A chunk claiming more than the repository's chunk size.
 	chunk := plain.SealChunk(nil, plain.HashChunk(bytes.Repeat([]byte{7}, 1000)), bytes.Repeat([]byte{7}, 1000))
 	binary.LittleEndian.PutUint32(chunk[8:12], MaxChunkSize)
@@ -59,6 +64,7 @@ func TestOpenDamagedBlobMemoryBounded(t *testing.T) {
 		{"fuzz crasher", magicIndex, crasher, maxMetaPlain},
 		{"index claiming 1 GiB", magicIndex, lying, maxMetaPlain},
 		{"frame without content size, claiming 1 GiB", magicIndex, noFCS, maxMetaPlain},
+		{"frame and header claiming 1 GiB", magicIndex, withFCS, maxMetaPlain},
 		{"manifest claiming 671 MB", magicManifest, append([]byte("vsMF"), crasher[4:]...), maxManifestPlain},
 		{"chunk claiming 64 MiB", magicChunk, chunk, int(plain.ChunkSize())},
 	} {
