@@ -49,7 +49,8 @@ asked for and checking each against its hash. A VM can boot from it at once:
 or a user can mount it (qemu-nbd --connect, nbd-client). Read-only by default.
 With --writable, writes go to a temporary overlay file in the state directory
 and are visible to later reads; the repository is never changed, and the
-overlay is discarded when serve stops. To keep a writable instant restore,
+overlay is discarded when serve stops (a later serve --writable removes those
+of killed serves). To keep a writable instant restore,
 copy or mirror the export while it is served (qemu-img convert, QEMU
 blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 		Args: cobra.ExactArgs(1),
@@ -97,6 +98,10 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 					dir := filepath.Join(stateDir, "serve")
 					if err := os.MkdirAll(dir, 0o700); err != nil {
 						return err
+					}
+					// Overlays of killed serves (a running one's is locked).
+					if _, err := instant.RemoveStaleOverlays(dir); err != nil {
+						a.out.Warn("%v", err)
 					}
 					path := filepath.Join(dir, fmt.Sprintf("%s-%s-%d.overlay", id.Short(), d.Name, os.Getpid()))
 					ov, err := instant.NewOverlay(export.(*instant.Disk), path)
