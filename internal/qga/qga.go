@@ -119,10 +119,11 @@ func (c *Client) sync(ctx context.Context) error {
 		return c.dead
 	}
 	if !c.cancelled.IsZero() {
-		gctx, cancel := context.WithDeadline(ctx, c.cancelled.Add(CancelGrace))
+		limit := c.cancelled.Add(CancelGrace)
+		gctx, cancel := context.WithDeadline(ctx, limit)
 		defer cancel()
 		err := c.syncLoop(gctx)
-		if err != nil && gctx.Err() != nil && ctx.Err() == nil {
+		if err != nil && !time.Now().Before(limit) && ctx.Err() == nil {
 			c.dead = fmt.Errorf("guest agent %s did not answer within %s after vmshadow abandoned a command: the agent is hung: %w", c.path, CancelGrace, errs.ErrConnect)
 			c.conn.Close()
 			return c.dead
@@ -163,7 +164,7 @@ func (c *Client) syncLoop(ctx context.Context) error {
 		if !(errors.As(err, &ne) && ne.Timeout()) {
 			return fmt.Errorf("guest agent %s: sync: %w: %w", c.path, err, errs.ErrConnect)
 		}
-		if ctx.Err() != nil {
+		if d, ok := ctx.Deadline(); ctx.Err() != nil || ok && !time.Now().Before(d) {
 			return c.noAnswer(ctx, start)
 		}
 	}
@@ -172,11 +173,15 @@ func (c *Client) syncLoop(ctx context.Context) error {
 // noAnswer is the error of a sync that ctx ended; it wraps ctx's error too,
 // so a writer's time limit is told from a refusal.
 func (c *Client) noAnswer(ctx context.Context, start time.Time) error {
-	if errors.Is(ctx.Err(), context.Canceled) {
+	cause := ctx.Err()
+	if errors.Is(cause, context.Canceled) {
 		c.cancelled = time.Now()
 	}
+	if cause == nil { // the deadline was reached a moment before ctx noticed
+		cause = context.DeadlineExceeded
+	}
 	return fmt.Errorf("guest agent %s did not answer within %s: qemu-ga is not running in the guest, the guest is not up yet, or another client holds the socket: %w (%w)",
-		c.path, time.Since(start).Round(time.Millisecond), errs.ErrConnect, ctx.Err())
+		c.path, time.Since(start).Round(time.Millisecond), errs.ErrConnect, cause)
 }
 
 // awaitSync skips input up to the 0xFF sentinel, then reads replies until the
