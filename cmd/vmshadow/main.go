@@ -34,7 +34,11 @@ type app struct {
 var commands []func(*app) *cobra.Command
 
 func main() {
+	// The first SIGINT or SIGTERM cancels the command, which then cleans
+	// up (each wait on a peer bounded) and exits 130; a second one ends
+	// the process at once, leaving what remains to 'vmshadow recover'.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	context.AfterFunc(ctx, stop)
 	stopProfile := startProfile()
 	code := run(ctx, os.Args[1:])
 	stopProfile()

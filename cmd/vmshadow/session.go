@@ -10,8 +10,11 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/nbd"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
+	"github.com/vmshadow/vmshadow/internal/qga"
+	"github.com/vmshadow/vmshadow/internal/qmp"
 	"github.com/vmshadow/vmshadow/internal/writer"
 )
 
@@ -31,6 +34,33 @@ type vmFlags struct {
 	scratchDir    string
 	require       string
 	stateDir      string
+	peerTimeout   time.Duration
+}
+
+// defaultPeerTimeout bounds each wait on a peer (a QMP command, a guest
+// agent call outside writer calls, an NBD handshake, an NBD server sending
+// nothing while reads wait).
+const defaultPeerTimeout = 60 * time.Second
+
+// addPeer adds --peer-timeout.
+func (f *vmFlags) addPeer(cmd *cobra.Command) {
+	cmd.Flags().DurationVar(&f.peerTimeout, "peer-timeout", defaultPeerTimeout, "longest wait for QEMU (each QMP command), the guest agent, or an NBD server to answer (1s to 1h)")
+}
+
+// applyPeerTimeout checks --peer-timeout and sets it as the limit of every
+// peer client.
+func (f *vmFlags) applyPeerTimeout() error {
+	if f.peerTimeout == 0 {
+		f.peerTimeout = defaultPeerTimeout
+	}
+	if f.peerTimeout < time.Second || f.peerTimeout > time.Hour {
+		return errorf(errs.ErrUsage, "--peer-timeout %s is out of range: give 1s to 1h", f.peerTimeout)
+	}
+	qmp.CommandTimeout = f.peerTimeout
+	qga.CommandTimeout = f.peerTimeout
+	nbd.DefaultHandshakeTimeout = f.peerTimeout
+	nbd.DefaultIdleTimeout = f.peerTimeout
+	return nil
 }
 
 // defaultStateDir is where journals live: VMSHADOW_STATE_DIR, else
@@ -55,6 +85,7 @@ func (f *vmFlags) addVM(cmd *cobra.Command) {
 	f.x.register(cmd, "xapi", "the XenServer / XCP-ng pool master, https://HOST (with --vm)")
 	cmd.Flags().StringVar(&f.vm, "vm", "", "with --xapi: the VM's name-label or UUID")
 	cmd.Flags().StringVar(&f.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
+	f.addPeer(cmd)
 }
 
 // addWriters adds the writer flags (--qga, --hook).
@@ -80,6 +111,9 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		return nil, errorf(errs.ErrUsage, "give --qmp SOCKET (a QEMU VM) or --xapi URL (a XenServer / XCP-ng VM), not both")
 	case f.qmp == "" && f.x.url == "":
 		return nil, errorf(errs.ErrUsage, "--qmp is required (or --xapi URL --vm NAME|UUID for a XenServer / XCP-ng VM)")
+	}
+	if err := f.applyPeerTimeout(); err != nil {
+		return nil, err
 	}
 	opts := coord.Options{FreezeTimeout: f.freezeTimeout, WriterTimeout: f.writerTimeout,
 		Status: func(phase string) { a.out.Status(map[string]string{"phase": phase}, "") },

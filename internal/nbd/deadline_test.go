@@ -150,7 +150,7 @@ func TestPoolAtConnectionLimit(t *testing.T) {
 	t.Cleanup(func() { l.Close(); s.Close() })
 	start := time.Now()
 	_, err = DialPool(context.Background(), Target{Network: "unix", Address: sock, Export: "e"}, 8, &Options{HandshakeTimeout: 500 * time.Millisecond})
-	if !errors.Is(err, errs.ErrConnect) || !strings.Contains(err.Error(), "opening connection 4 of 8") || !strings.Contains(err.Error(), "accepts no more connections") {
+	if !errors.Is(err, errs.ErrConnect) || !strings.Contains(err.Error(), "opening connection 4 of 8") || !strings.Contains(err.Error(), "at its connection limit") {
 		t.Fatalf("err = %v", err)
 	}
 	if d := time.Since(start); d > 3*time.Second {

@@ -69,7 +69,7 @@ func handshakeTimedOut(ctx, hctx context.Context, peer string, limit time.Durati
 	if err == nil || limit <= 0 || ctx.Err() != nil || !errors.Is(hctx.Err(), context.DeadlineExceeded) {
 		return err
 	}
-	return connError(peer, fmt.Sprintf("no answer to the handshake within %s: the server is hung, or accepts no more connections (QEMU's NBD server takes 100 at a time)", limit), context.DeadlineExceeded)
+	return connError(peer, fmt.Sprintf("no answer to the handshake within %s: the server is hung, or at its connection limit (QEMU's NBD server serves 100 at a time: use fewer connections)", limit), context.DeadlineExceeded)
 }
 
 // Dial connects to the target and performs the handshake. ctx bounds the
