@@ -78,7 +78,7 @@ func run(ctx context.Context, args []string) int {
 	if errors.As(err, &ue) || isCobraUsage(err) {
 		err = errorf(errs.ErrUsage, "%v (see 'vmshadow --help')", err)
 	}
-	if ctx.Err() != nil && !errors.Is(err, context.Canceled) {
+	if ctx.Err() != nil {
 		err = errorf(errs.ErrInterrupted, "%v (interrupted)", err)
 	}
 	a.out.JSON = a.jsonOut || wantsJSON(args)
