@@ -154,8 +154,9 @@ func TestCancelledCommandStalls(t *testing.T) {
 	}
 }
 
-// TestCancelledCommandAnsweredLate: a slow but live QEMU that answers an
-// abandoned command within CancelGrace keeps its connection.
+// TestCancelledCommandAnsweredLate: a slow but live QEMU that answers a
+// cancelled command within CancelGrace keeps its connection; a command
+// whose caller's deadline passed leaves the connection alone.
 func TestCancelledCommandAnsweredLate(t *testing.T) {
 	defer func(g time.Duration) { CancelGrace = g }(CancelGrace)
 	CancelGrace = 2 * time.Second
@@ -183,9 +184,9 @@ func TestCancelledCommandAnsweredLate(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	if err := c.Execute(ctx, "stop", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	if err := c.Execute(ctx, "stop", nil, nil); !errors.Is(err, context.Canceled) {
 		t.Fatalf("abandoned: %v", err)
 	}
 	if err := c.Execute(context.Background(), "cont", nil, nil); err != nil {
@@ -194,5 +195,14 @@ func TestCancelledCommandAnsweredLate(t *testing.T) {
 	time.Sleep(CancelGrace + 200*time.Millisecond)
 	if err := c.Execute(context.Background(), "query-status", nil, nil); err != nil {
 		t.Fatalf("after the grace: %v", err)
+	}
+	dctx, dcancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer dcancel()
+	if err := c.Execute(dctx, "stop", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("past its deadline: %v", err)
+	}
+	time.Sleep(CancelGrace + 200*time.Millisecond)
+	if err := c.Execute(context.Background(), "query-status", nil, nil); err != nil {
+		t.Fatalf("after a command past its deadline: %v", err)
 	}
 }

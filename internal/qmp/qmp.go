@@ -16,9 +16,9 @@
 // client then declares the peer stalled, closes the connection, and every
 // command still waiting or sent later fails at once with an error wrapping
 // ErrStalled and errs.ErrConnect. A command abandoned because its context
-// ended (a signal, a caller's deadline) leaves its reply due; if that reply
-// does not come within CancelGrace the peer is declared stalled the same
-// way, so that cleanup after an interruption does not queue behind it.
+// was cancelled (a signal) leaves its reply due; if that reply does not come
+// within CancelGrace the peer is declared stalled the same way, so that
+// cleanup after an interruption does not queue behind a hung monitor.
 package qmp
 
 import (
@@ -421,8 +421,13 @@ func (c *Client) execute(ctx context.Context, command string, args any, f *os.Fi
 		}
 		return r.ret, nil
 	case <-ctx.Done():
-		// The reply stays due: if it does not come soon, nothing queued
-		// behind it will either.
+		if !errors.Is(ctx.Err(), context.Canceled) {
+			// The caller's deadline: the reply stays due, and a command
+			// queued behind it waits at most its own CommandTimeout.
+			return nil, fmt.Errorf("qmp %s: %w", command, ctx.Err())
+		}
+		// Cancelled (a signal): cleanup follows at once, and queues
+		// behind this reply. If it does not come soon, QEMU is hung.
 		time.AfterFunc(CancelGrace, func() {
 			c.mu.Lock()
 			due := c.pending[id] == ch
