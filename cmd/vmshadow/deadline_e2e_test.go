@@ -100,6 +100,7 @@ func TestPeerStallsEndWithinBounds(t *testing.T) {
 	commandStall := stallingPeer(t, qmpUntil("query-name", ""))
 	garbage := stallingPeer(t, qmpUntil("", "\x00\x01 not JSON"))
 	agentStall := stallingPeer(t, func(conn net.Conn) { conn.Read(make([]byte, 4096)) })
+	hangFreeze := qgatest.Start(t, qgatest.HangFreeze, "")
 	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 16 << 20}}})
 	vm.Write("vda", 7, 0, 8<<20)
 	before := vm.Graph()
@@ -110,22 +111,26 @@ func TestPeerStallsEndWithinBounds(t *testing.T) {
 		code  int
 		want  []string // in the error message, case-insensitive
 		bound time.Duration
-		vm    bool // the real VM must be left as it was
+		vm    bool     // the real VM must be left as it was
+		after []string // a command that must then succeed
 	}{
 		{"backup: QMP greets and stalls", []string{"backup", "--repo", repo, "--qmp", greetStall, "--peer-timeout", "2s"},
-			10, []string{greetStall, "did not answer qmp_capabilities", "--peer-timeout"}, 20 * time.Second, false},
+			10, []string{greetStall, "did not answer qmp_capabilities", "--peer-timeout"}, 20 * time.Second, false, nil},
 		{"snapshot list: QMP stalls on a command", []string{"snapshot", "list", "--qmp", commandStall, "--peer-timeout", "2s"},
-			10, []string{commandStall, "did not answer query-name"}, 20 * time.Second, false},
+			10, []string{commandStall, "did not answer query-name"}, 20 * time.Second, false, nil},
 		{"snapshot create: QMP accepts and stalls", []string{"snapshot", "create", "--qmp", acceptStall},
-			10, []string{acceptStall, "no qmp greeting"}, 20 * time.Second, false},
+			10, []string{acceptStall, "no qmp greeting"}, 20 * time.Second, false, nil},
 		{"recover: QMP greets and stalls", []string{"recover", "--qmp", greetStall, "--peer-timeout", "2s"},
-			10, []string{greetStall, "did not answer"}, 20 * time.Second, false},
+			10, []string{greetStall, "did not answer"}, 20 * time.Second, false, nil},
 		{"backup: QMP answers garbage", []string{"backup", "--repo", repo, "--qmp", garbage},
-			10, []string{garbage, "bad message"}, 20 * time.Second, false},
+			10, []string{garbage, "bad message"}, 20 * time.Second, false, nil},
 		{"snapshot create: agent stalls, filesystem required", []string{"snapshot", "create", "--qmp", vm.QMPPath, "--qga", agentStall, "--writer-timeout", "2s", "--require", "filesystem"},
-			5, []string{agentStall, "guest-agent", "limit 2s"}, 30 * time.Second, true},
+			4, []string{agentStall, "guest-agent", "did not answer"}, 30 * time.Second, true, nil},
+		{"snapshot create: agent stalls in the freeze, filesystem required", []string{"snapshot", "create", "--qmp", vm.QMPPath, "--qga", hangFreeze.Path, "--writer-timeout", "2s", "--require", "filesystem"},
+			5, []string{"guest-agent", "guest-fsfreeze-freeze", "recover"}, 30 * time.Second, true,
+			[]string{"recover", "--qmp", vm.QMPPath, "--qga", hangFreeze.Path}},
 		{"backup: NBD server at its connection limit", []string{"backup", "--repo", repo, "--qmp", vm.QMPPath, "--nbd-connections", "101", "--peer-timeout", "3s"},
-			10, []string{"opening connection 101 of 101", "at its connection limit"}, 60 * time.Second, true},
+			10, []string{"opening connection 101 of 101", "at its connection limit"}, 60 * time.Second, true, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -146,6 +151,11 @@ func TestPeerStallsEndWithinBounds(t *testing.T) {
 			}
 			if tt.vm {
 				vm.SameGraph(before)
+			}
+			if tt.after != nil {
+				if r := vmshadow(t, env, tt.after...); r.code != 0 {
+					t.Fatalf("%v: exit %d: %s", tt.after, r.code, r.errorMessage())
+				}
 			}
 		})
 	}

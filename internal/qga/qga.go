@@ -170,18 +170,14 @@ func (c *Client) syncLoop(ctx context.Context) error {
 	}
 }
 
-// noAnswer is the error of a sync that ctx ended; it wraps ctx's error too,
-// so a writer's time limit is told from a refusal.
+// noAnswer is the error of a sync that ctx ended: the agent is not there
+// (errs.ErrConnect), whatever limit ended the wait.
 func (c *Client) noAnswer(ctx context.Context, start time.Time) error {
-	cause := ctx.Err()
-	if errors.Is(cause, context.Canceled) {
+	if errors.Is(ctx.Err(), context.Canceled) {
 		c.cancelled = time.Now()
 	}
-	if cause == nil { // the deadline was reached a moment before ctx noticed
-		cause = context.DeadlineExceeded
-	}
-	return fmt.Errorf("guest agent %s did not answer within %s: qemu-ga is not running in the guest, the guest is not up yet, or another client holds the socket: %w (%w)",
-		c.path, time.Since(start).Round(time.Millisecond), errs.ErrConnect, cause)
+	return fmt.Errorf("guest agent %s did not answer within %s: qemu-ga is not running in the guest, the guest is not up yet, or another client holds the socket: %w",
+		c.path, time.Since(start).Round(time.Millisecond), errs.ErrConnect)
 }
 
 // awaitSync skips input up to the 0xFF sentinel, then reads replies until the
