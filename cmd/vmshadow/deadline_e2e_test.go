@@ -220,10 +220,11 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 // TestSignalWhileBlockedOnPeer: SIGINT or SIGTERM ends vmshadow promptly
-// with exit code 130 whatever peer it is blocked on, and it cleans up: with
-// a real VM and a guest agent that hangs in the freeze, the VM is left as
-// it was (no vmshadow nodes, exports or jobs), and after 'recover' thaws
-// the agent the next backup works.
+// with exit code 130 whatever peer it is blocked on (a stalled QMP monitor,
+// a guest agent hanging in the freeze, QEMU's NBD server not answering a
+// handshake), and it cleans up: the real VM is left as it was (no vmshadow
+// nodes, exports or jobs), and (after 'recover' thaws a hung agent) the
+// next backup works.
 func TestSignalWhileBlockedOnPeer(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
 		t.Run(fmt.Sprintf("%v/stalled QMP", sig), func(t *testing.T) {
@@ -258,6 +259,7 @@ func TestSignalWhileBlockedOnPeer(t *testing.T) {
 			if r.code != 130 {
 				t.Fatalf("exit %d, want 130: %s", r.code, r.errorMessage())
 			}
+			t.Logf("ended %s after the signal", took)
 			if took > 30*time.Second {
 				t.Errorf("ended %s after the signal", took)
 			}
@@ -270,6 +272,33 @@ func TestSignalWhileBlockedOnPeer(t *testing.T) {
 			}
 			if ag.Frozen() {
 				t.Fatal("recover did not thaw the agent")
+			}
+			vm.SameGraph(before)
+			want := rig.expected()
+			sum := rig.backup()
+			rig.restoreCompare(sum["backup_id"].(string), want)
+		})
+		t.Run(fmt.Sprintf("%v/NBD server at its connection limit", sig), func(t *testing.T) {
+			vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 16 << 20}}})
+			rig := newLiveRig(t, vm, false)
+			vm.Write("vda", 5, 0, 8<<20)
+			before := vm.Graph()
+			// The 101st connection waits for a handshake QEMU never starts
+			// (the limit is --peer-timeout, 60s by default).
+			cmd, wait := startVmshadow(t, rig.env, "backup", "--repo", rig.repo, "--qmp", vm.QMPPath, "--nbd-connections", "101")
+			fds := fmt.Sprintf("/proc/%d/fd", cmd.Process.Pid)
+			waitFor(t, "100 NBD connections", func() bool { e, _ := os.ReadDir(fds); return len(e) > 100 })
+			time.Sleep(time.Second)
+			cmd.Process.Signal(sig)
+			signalled := time.Now()
+			r := wait()
+			took := time.Since(signalled)
+			t.Logf("ended %s after the signal", took)
+			if r.code != 130 || !strings.Contains(r.errorMessage(), "interrupted") {
+				t.Fatalf("exit %d, want 130 (interrupted): %s", r.code, r.errorMessage())
+			}
+			if took > 15*time.Second {
+				t.Errorf("ended %s after the signal", took)
 			}
 			vm.SameGraph(before)
 			want := rig.expected()
