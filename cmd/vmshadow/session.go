@@ -50,9 +50,6 @@ func (f *vmFlags) addPeer(cmd *cobra.Command) {
 // applyPeerTimeout checks --peer-timeout and sets it as the limit of every
 // peer client.
 func (f *vmFlags) applyPeerTimeout() error {
-	if f.peerTimeout == 0 {
-		f.peerTimeout = defaultPeerTimeout
-	}
 	if f.peerTimeout < time.Second || f.peerTimeout > time.Hour {
 		return errorf(errs.ErrUsage, "--peer-timeout %s is out of range: give 1s to 1h", f.peerTimeout)
 	}
