@@ -360,3 +360,46 @@ func TestSIGTERMDuringLiveBackupRead(t *testing.T) {
 	}
 	r.restoreCompare(sum["backup_id"].(string), want)
 }
+
+// TestNBDReadStallsEndWithinBound: QEMU's NBD server that stops sending
+// while a backup's read waits (the disk behind a throttle filter letting
+// 4 KiB/s through, so a 4 MiB read takes 1000 s) fails the backup within
+// --peer-timeout with exit code 10. QEMU holds the export until the read
+// ends, so the release gives up within its own limit (60s) and the error
+// says to run 'vmshadow recover'; the repository is untouched.
+func TestNBDReadStallsEndWithinBound(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "vda.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", img, "16M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v %s", err, out)
+	}
+	if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", "write -P 9 0 16M", img).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v %s", err, out)
+	}
+	vm := qemutest.Start(t, qemutest.Options{Running: true, Extra: []string{
+		"-object", "throttle-group,id=tg0,x-bps-read=4096",
+		"-blockdev", "driver=file,filename=" + img + ",node-name=file-vda",
+		"-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda",
+		"-blockdev", "driver=throttle,throttle-group=tg0,file=fmt-vda,node-name=thr-vda",
+		"-device", "virtio-blk-pci,drive=thr-vda,id=vda,share-rw=on",
+	}})
+	r := newLiveRig(t, vm, false)
+	start := time.Now()
+	res := vmshadowWithin(t, r.env, 3*time.Minute, "backup", "--repo", r.repo, "--qmp", vm.QMPPath, "--peer-timeout", "3s", "--nbd-connections", "1")
+	took := time.Since(start)
+	t.Logf("failed after %s: %s", took, res.errorMessage())
+	if res.code != 10 || !strings.Contains(res.errorMessage(), "sent nothing for 3s") {
+		t.Fatalf("exit %d %q, want 10 naming the silent NBD server", res.code, res.errorMessage())
+	}
+	// QEMU cannot drop the export while the throttled read is in flight:
+	// the release gives up after its own limit (60s) and says to recover.
+	if took > 2*time.Minute {
+		t.Errorf("took %s", took)
+	}
+	if !strings.Contains(res.errorMessage(), "vmshadow recover") {
+		t.Errorf("error %q does not say to run recover", res.errorMessage())
+	}
+	if v := r.run("verify", "--repo", r.repo); v.code != 0 {
+		t.Fatalf("verify: %s", v.errorMessage())
+	}
+}
