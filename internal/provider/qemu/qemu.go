@@ -90,11 +90,15 @@ func (p *Provider) Kind() string { return "qemu" }
 // Disks returns the disks found by Identify.
 func (p *Provider) Disks() []Disk { return p.disks }
 
-// QMP returns the connection, opening it if needed.
+// QMP returns the connection, opening it if needed. Once QEMU was found
+// not answering (qmp.ErrStalled) it returns that error, without redialling.
 func (p *Provider) QMP(ctx context.Context) (*qmp.Client, error) {
 	if p.c != nil {
 		select {
 		case <-p.c.Done():
+			if err := p.c.Err(); errors.Is(err, qmp.ErrStalled) {
+				return nil, err // a hung monitor: waiting on it again would only hang again
+			}
 			p.c = nil
 		default:
 			return p.c, nil
