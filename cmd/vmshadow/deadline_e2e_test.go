@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -188,32 +187,6 @@ func vmshadowWithin(t *testing.T, env []string, limit time.Duration, args ...str
 		<-done
 		t.Fatalf("vmshadow %v still running after %s", args, limit)
 		return result{}
-	}
-}
-
-// startVmshadow starts the binary with --json; wait collects its result.
-func startVmshadow(t *testing.T, env []string, args ...string) (*exec.Cmd, func() result) {
-	t.Helper()
-	cmd := exec.Command(bin, append([]string{"--json"}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
-	var out, errOut bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	return cmd, func() result {
-		err := cmd.Wait()
-		r := result{stderr: errOut.String(), code: cmd.ProcessState.ExitCode()}
-		if err != nil && r.code == -1 {
-			r.code = 128 + int(cmd.ProcessState.Sys().(syscall.WaitStatus).Signal())
-		}
-		for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
-			var m map[string]any
-			if line != "" && json.Unmarshal([]byte(line), &m) == nil {
-				r.msgs = append(r.msgs, m)
-			}
-		}
-		return r
 	}
 }
 

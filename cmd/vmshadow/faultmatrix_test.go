@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -10,7 +8,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -24,31 +21,13 @@ import (
 // reports whether the process died of the kill.
 func runKilled(t *testing.T, env []string, delay time.Duration, args ...string) (result, bool) {
 	t.Helper()
-	cmd := exec.Command(bin, append([]string{"--json"}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
-	var out, errOut bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, wait := startVmshadow(t, env, args...)
 	if delay > 0 {
 		timer := time.AfterFunc(delay, func() { cmd.Process.Kill() })
 		defer timer.Stop()
 	}
-	cmd.Wait()
-	ws := cmd.ProcessState.Sys().(syscall.WaitStatus)
-	killed := ws.Signaled() && ws.Signal() == syscall.SIGKILL
-	r := result{code: cmd.ProcessState.ExitCode(), stderr: errOut.String()}
-	if killed {
-		r.code = 137
-	}
-	for _, line := range strings.Split(out.String(), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(line), &m) == nil { // a killed process may leave half a line
-			r.msgs = append(r.msgs, m)
-		}
-	}
-	return r, killed
+	r := wait()
+	return r, r.code == 128+int(syscall.SIGKILL)
 }
 
 // faultCase is one command of the fault matrix.
