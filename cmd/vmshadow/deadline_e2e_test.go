@@ -15,40 +15,8 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/qga/qgatest"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 )
-
-// stallingPeer serves a UNIX socket with serve, one goroutine per
-// connection, until the test ends: a QMP monitor or guest agent that
-// misbehaves in one way.
-func stallingPeer(t *testing.T, serve func(net.Conn)) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "stall")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	path := filepath.Join(dir, "peer.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { close(done); ln.Close() })
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				serve(conn)
-				<-done // keep the connection open, silent, until the test ends
-			}()
-		}
-	}()
-	return path
-}
 
 const qmpGreeting = `{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 8}, "package": ""}, "capabilities": []}}`
 
@@ -94,11 +62,11 @@ func TestPeerStallsEndWithinBounds(t *testing.T) {
 	if r := vmshadow(t, env, "repo", "init", "--repo", repo, "--encryption", "none"); r.code != 0 {
 		t.Fatalf("repo init: %s", r.errorMessage())
 	}
-	acceptStall := stallingPeer(t, func(net.Conn) {})
-	greetStall := stallingPeer(t, qmpUntil("qmp_capabilities", ""))
-	commandStall := stallingPeer(t, qmpUntil("query-name", ""))
-	garbage := stallingPeer(t, qmpUntil("", "\x00\x01 not JSON"))
-	agentStall := stallingPeer(t, func(conn net.Conn) { conn.Read(make([]byte, 4096)) })
+	acceptStall := testutil.ServeUnix(t, func(net.Conn) {})
+	greetStall := testutil.ServeUnix(t, qmpUntil("qmp_capabilities", ""))
+	commandStall := testutil.ServeUnix(t, qmpUntil("query-name", ""))
+	garbage := testutil.ServeUnix(t, qmpUntil("", "\x00\x01 not JSON"))
+	agentStall := testutil.ServeUnix(t, func(conn net.Conn) { conn.Read(make([]byte, 4096)) })
 	hangFreeze := qgatest.Start(t, qgatest.HangFreeze, "")
 	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 16 << 20}, {ID: "vdb", Size: 16 << 20}}})
 	vm.Write("vda", 7, 0, 8<<20)
@@ -211,7 +179,7 @@ func TestSignalWhileBlockedOnPeer(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
 		t.Run(fmt.Sprintf("%v/stalled QMP", sig), func(t *testing.T) {
 			_, env := stateEnv(t)
-			peer := stallingPeer(t, qmpUntil("query-name", ""))
+			peer := testutil.ServeUnix(t, qmpUntil("query-name", ""))
 			cmd, wait := startVmshadow(t, env, "snapshot", "list", "--qmp", peer)
 			time.Sleep(2 * time.Second) // blocked in query-name (the limit is 60s)
 			cmd.Process.Signal(sig)

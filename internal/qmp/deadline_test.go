@@ -6,37 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 )
-
-// stallPeer serves every connection on a UNIX socket with serve.
-func stallPeer(t *testing.T, serve func(conn net.Conn)) string {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "qmp.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				serve(conn)
-			}()
-		}
-	}()
-	return path
-}
 
 // answerUntil greets, then answers the commands before the one named stall
 // with an empty return, and from that one on reads and never answers.
@@ -97,7 +73,7 @@ func TestPeerWaitsHaveDeadlines(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			path := stallPeer(t, tt.serve)
+			path := testutil.ServeUnix(t, tt.serve)
 			start := time.Now()
 			c, err := Dial(context.Background(), path)
 			if err == nil {
@@ -133,7 +109,7 @@ func TestPeerWaitsHaveDeadlines(t *testing.T) {
 func TestCancelledCommandStalls(t *testing.T) {
 	defer func(c, g time.Duration) { CommandTimeout, CancelGrace = c, g }(CommandTimeout, CancelGrace)
 	CommandTimeout, CancelGrace = time.Hour, 300*time.Millisecond
-	path := stallPeer(t, answerUntil("stop", emptyReturn))
+	path := testutil.ServeUnix(t, answerUntil("stop", emptyReturn))
 	c, err := Dial(context.Background(), path)
 	if err != nil {
 		t.Fatal(err)
@@ -160,7 +136,7 @@ func TestCancelledCommandStalls(t *testing.T) {
 func TestCancelledCommandAnsweredLate(t *testing.T) {
 	defer func(g time.Duration) { CancelGrace = g }(CancelGrace)
 	CancelGrace = 2 * time.Second
-	path := stallPeer(t, func(conn net.Conn) {
+	path := testutil.ServeUnix(t, func(conn net.Conn) {
 		conn.Write([]byte(greeting + "\n"))
 		br := bufio.NewReader(conn)
 		for {

@@ -17,6 +17,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/qga"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 )
 
 // killPidFile kills the process whose pid the hook wrote to path, at cleanup.
@@ -92,49 +93,33 @@ func TestHookWaitsHaveDeadlines(t *testing.T) {
 // commands before stallOn, then reads and answers nothing more.
 func stalledAgent(t *testing.T, stallOn string) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "qga.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
+	return testutil.ServeUnix(t, func(conn net.Conn) {
+		br := bufio.NewReader(conn)
+		stalled := stallOn == ""
 		for {
-			conn, err := ln.Accept()
+			line, err := br.ReadBytes('\n')
 			if err != nil {
 				return
 			}
-			go func() {
-				defer conn.Close()
-				br := bufio.NewReader(conn)
-				stalled := stallOn == ""
-				for {
-					line, err := br.ReadBytes('\n')
-					if err != nil {
-						return
-					}
-					var req struct {
-						Execute   string
-						Arguments struct{ ID int64 }
-					}
-					json.Unmarshal(qga.TrimSentinel(line), &req)
-					stalled = stalled || req.Execute == stallOn
-					switch {
-					case stalled:
-					case req.Execute == "guest-sync-delimited":
-						conn.Write([]byte("\xff{\"return\": " + strconv.FormatInt(req.Arguments.ID, 10) + "}\n"))
-					case req.Execute == "guest-info":
-						conn.Write([]byte(`{"return": {"version": "9", "supported_commands": [{"name": "guest-fsfreeze-freeze", "enabled": true}, {"name": "guest-fsfreeze-thaw", "enabled": true}]}}` + "\n"))
-					case req.Execute == "guest-fsfreeze-status":
-						conn.Write([]byte(`{"return": "thawed"}` + "\n"))
-					default:
-						conn.Write([]byte(`{"return": 1}` + "\n"))
-					}
-				}
-			}()
+			var req struct {
+				Execute   string
+				Arguments struct{ ID int64 }
+			}
+			json.Unmarshal(qga.TrimSentinel(line), &req)
+			stalled = stalled || req.Execute == stallOn
+			switch {
+			case stalled:
+			case req.Execute == "guest-sync-delimited":
+				conn.Write([]byte("\xff{\"return\": " + strconv.FormatInt(req.Arguments.ID, 10) + "}\n"))
+			case req.Execute == "guest-info":
+				conn.Write([]byte(`{"return": {"version": "9", "supported_commands": [{"name": "guest-fsfreeze-freeze", "enabled": true}, {"name": "guest-fsfreeze-thaw", "enabled": true}]}}` + "\n"))
+			case req.Execute == "guest-fsfreeze-status":
+				conn.Write([]byte(`{"return": "thawed"}` + "\n"))
+			default:
+				conn.Write([]byte(`{"return": 1}` + "\n"))
+			}
 		}
-	}()
-	return path
+	})
 }
 
 // TestAgentWaitsHaveDeadlines: the guest agent writer, given a writer time
