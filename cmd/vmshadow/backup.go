@@ -76,6 +76,7 @@ stored again. The summary lists what was read and stored per disk.`,
 	f.live.x.register(cmd, "xapi", "back up a VM of this XenServer / XCP-ng pool master, https://HOST (with --vm NAME|UUID)")
 	cmd.Flags().StringVar(&f.repoVM, "repo-vm", "", "with --xapi: name of the VM in the repository (default: its name-label, other characters than letters, digits, '.', '_' and '-' made '_')")
 	cmd.Flags().StringVar(&f.live.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
+	f.live.addPeer(cmd)
 	f.live.addSet(cmd)
 	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp or --xapi: read every disk in full, not only what changed")
 	intFlag(cmd.Flags(), &f.conns, "nbd-connections", 4, 1, maxNBDConnections, "with --qmp or --xapi: NBD connections per disk")

@@ -1,15 +1,13 @@
 package main
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -23,31 +21,13 @@ import (
 // reports whether the process died of the kill.
 func runKilled(t *testing.T, env []string, delay time.Duration, args ...string) (result, bool) {
 	t.Helper()
-	cmd := exec.Command(bin, append([]string{"--json"}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
-	var out, errOut bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, wait := startVmshadow(t, env, args...)
 	if delay > 0 {
 		timer := time.AfterFunc(delay, func() { cmd.Process.Kill() })
 		defer timer.Stop()
 	}
-	cmd.Wait()
-	ws := cmd.ProcessState.Sys().(syscall.WaitStatus)
-	killed := ws.Signaled() && ws.Signal() == syscall.SIGKILL
-	r := result{code: cmd.ProcessState.ExitCode(), stderr: errOut.String()}
-	if killed {
-		r.code = 137
-	}
-	for _, line := range strings.Split(out.String(), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(line), &m) == nil { // a killed process may leave half a line
-			r.msgs = append(r.msgs, m)
-		}
-	}
-	return r, killed
+	r := wait()
+	return r, r.code == 128+int(syscall.SIGKILL)
 }
 
 // faultCase is one command of the fault matrix.
@@ -243,9 +223,9 @@ func TestFaultMatrix(t *testing.T) {
 	serveRig := &liveRig{t: t, env: f.env, repo: f.repo}
 	// serveCheck serves the backup, compares the export with the image and
 	// stops serve, which must end cleanly.
-	serveCheck := func(t *testing.T) {
+	serveCheck := func(t *testing.T, extra ...string) {
 		serveRig.t = t
-		uris, stop := serveRig.serveBackup(f.last, "--listen", "unix:"+sock)
+		uris, stop := serveRig.serveBackup(append([]string{f.last, "--listen", "unix:" + sock}, extra...)...)
 		if out, err := exec.Command("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", uris["sda"], f.img).CombinedOutput(); err != nil {
 			t.Fatalf("served backup differs from the image: %v %s", err, out)
 		}
@@ -254,6 +234,7 @@ func TestFaultMatrix(t *testing.T) {
 		}
 	}
 	pwNext := func() string { return fmt.Sprintf("password %d", f.pwN+1) }
+	deadOverlays := -1 // overlays killed serves left (the serve --writable case; -1: not run)
 
 	cases := []faultCase{
 		{
@@ -289,6 +270,45 @@ func TestFaultMatrix(t *testing.T) {
 				// lock can be taken, and a later serve works.
 				f.ok("gc --dry-run after a killed serve", f.vs("gc", "--repo", f.repo, "--dry-run"))
 				serveCheck(t)
+			},
+		},
+		{
+			name: "serve --writable", random: 3,
+			span: func(t *testing.T) time.Duration {
+				start := time.Now()
+				serveCheck(t, "--writable")
+				deadOverlays = 0
+				return time.Since(start) + 500*time.Millisecond
+			},
+			prepare: func(t *testing.T) {},
+			run: plain(func() []string {
+				return []string{"serve", "--repo", f.repo, f.last, "--listen", "unix:" + sock, "--writable"}
+			}),
+			check: func(t *testing.T, killed bool, res result) {
+				if !killed {
+					t.Fatalf("serve ended by itself: exit %d %s", res.code, res.errorMessage())
+				}
+				dead := overlays(t, state)
+				t.Logf("the killed serve left %q", dead)
+				deadOverlays += len(dead)
+				// A new writable serve removes the dead one's overlay ...
+				serveRig.t = t
+				_, stopLive := serveRig.serveBackup(f.last, "--listen", "unix:"+filepath.Join(state, "live.sock"), "--writable")
+				live := overlays(t, state)
+				if len(live) != 1 || slices.Contains(dead, live[0]) {
+					t.Fatalf("with one serve --writable running after a killed one, the overlays are %q (the killed one left %q)", live, dead)
+				}
+				// ... and another one leaves the running one's alone.
+				serveCheck(t, "--writable")
+				if now := overlays(t, state); !slices.Equal(now, live) {
+					t.Fatalf("after a second serve --writable the overlays are %q, want the running serve's %q", now, live)
+				}
+				if res := stopLive(); res.code != 0 {
+					t.Fatalf("serve stopped with exit %d", res.code)
+				}
+				if now := overlays(t, state); len(now) != 0 {
+					t.Fatalf("overlays %q left after every serve stopped", now)
+				}
 			},
 		},
 		{
@@ -368,6 +388,19 @@ func TestFaultMatrix(t *testing.T) {
 					// is run again.
 					t.Fatalf("killed with both key files written: old password opens %v, new %v", oldOK, newOK)
 				}
+				if oldOK && newOK {
+					// The user changes the password again, from the new
+					// one: afterwards only the newest opens the repository
+					// (the old key file does not stay behind).
+					newest := fmt.Sprintf("password %d", f.pwN+2)
+					f.ok("repo passwd from the new password", vmshadow(t, append(f.env, "VMSHADOW_PASSWORD="+next, "VMSHADOW_NEW_PASSWORD="+newest), "repo", "passwd", "--repo", f.encRepo))
+					if o, n, nn := f.opens(t, old), f.opens(t, next), f.opens(t, newest); o || n || !nn {
+						t.Fatalf("after repo passwd from the new password: the old password opens %v, the new %v, the newest %v", o, n, nn)
+					}
+					f.pw = newest
+					f.pwN += 2
+					return
+				}
 				if oldOK {
 					// The user runs the command again: afterwards only the
 					// new password opens the repository.
@@ -385,8 +418,21 @@ func TestFaultMatrix(t *testing.T) {
 		c := &cases[i]
 		t.Run(c.name, func(t *testing.T) { f.t = t; runFaultCase(t, f, c, timed) })
 	}
+	if deadOverlays == 0 && !t.Failed() {
+		t.Error("no killed serve --writable left an overlay: the clean-up was not tested")
+	}
 	f.t = t
 	t.Run("backup --qmp", func(t *testing.T) { liveFaultCase(t, f) })
+}
+
+// overlays lists the overlay files of serve --writable in state.
+func overlays(t *testing.T, state string) []string {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(state, "serve", "*.overlay"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
 
 // runFaultCase measures a command's span, then runs it killed at random

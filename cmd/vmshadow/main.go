@@ -34,7 +34,11 @@ type app struct {
 var commands []func(*app) *cobra.Command
 
 func main() {
+	// The first SIGINT or SIGTERM cancels the command, which then cleans
+	// up (each wait on a peer bounded) and exits 130; a second one ends
+	// the process at once, leaving what remains to 'vmshadow recover'.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	context.AfterFunc(ctx, stop)
 	stopProfile := startProfile()
 	code := run(ctx, os.Args[1:])
 	stopProfile()
@@ -74,7 +78,7 @@ func run(ctx context.Context, args []string) int {
 	if errors.As(err, &ue) || isCobraUsage(err) {
 		err = errorf(errs.ErrUsage, "%v (see 'vmshadow --help')", err)
 	}
-	if ctx.Err() != nil && !errors.Is(err, context.Canceled) {
+	if ctx.Err() != nil {
 		err = errorf(errs.ErrInterrupted, "%v (interrupted)", err)
 	}
 	a.out.JSON = a.jsonOut || wantsJSON(args)

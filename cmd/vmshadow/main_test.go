@@ -3,11 +3,13 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -72,33 +74,49 @@ func (r result) warnings() []string {
 // vmshadow runs the binary with --json and the given environment additions.
 func vmshadow(t testing.TB, env []string, args ...string) result {
 	t.Helper()
+	_, wait := startVmshadow(t, env, args...)
+	return wait()
+}
+
+// startVmshadow starts the binary with --json; wait collects its result:
+// the exit code (128+N for a process ended by signal N) and the JSON
+// lines. Every line must be a JSON object with a message_type, except
+// the last one of a process ended by a signal (it may die mid-line).
+func startVmshadow(t testing.TB, env []string, args ...string) (*exec.Cmd, func() result) {
+	t.Helper()
 	cmd := exec.Command(bin, append([]string{"--json"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	var out, errOut bytes.Buffer
-	cmd.Stdout = &out
-	cmd.Stderr = &errOut
-	err := cmd.Run()
-	r := result{stderr: errOut.String()}
-	if ee, ok := err.(*exec.ExitError); ok {
-		r.code = ee.ExitCode()
-		if r.code == -1 {
-			r.code = 137 // killed
-		}
-	} else if err != nil {
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	if err := cmd.Start(); err != nil {
 		t.Fatalf("run vmshadow: %v", err)
 	}
-	for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
-		if line == "" {
-			continue
+	return cmd, func() result {
+		t.Helper()
+		cmd.Wait()
+		r := result{stderr: errOut.String(), code: cmd.ProcessState.ExitCode()}
+		ws := cmd.ProcessState.Sys().(syscall.WaitStatus)
+		if ws.Signaled() {
+			r.code = 128 + int(ws.Signal())
 		}
-		var m map[string]any
-		if err := json.Unmarshal([]byte(line), &m); err != nil {
-			t.Fatalf("vmshadow printed a line that is not JSON: %q", line)
+		lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+		for i, line := range lines {
+			if line == "" {
+				continue
+			}
+			var m map[string]any
+			err := json.Unmarshal([]byte(line), &m)
+			if err == nil && m["message_type"] == nil {
+				err = errors.New("no message_type")
+			}
+			switch {
+			case err == nil:
+				r.msgs = append(r.msgs, m)
+			case ws.Signaled() && i == len(lines)-1:
+			default:
+				t.Fatalf("vmshadow printed a line that is not a JSON message (%v): %q", err, line)
+			}
 		}
-		if _, ok := m["message_type"]; !ok {
-			t.Fatalf("JSON line without message_type: %q", line)
-		}
-		r.msgs = append(r.msgs, m)
+		return r
 	}
-	return r
 }

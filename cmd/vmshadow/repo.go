@@ -291,7 +291,8 @@ func newRepoPasswdCmd(a *app) *cobra.Command {
 		Long: `Change the repository password. The current password comes from
 $VMSHADOW_PASSWORD, --password-file or the terminal; the new one from
 $VMSHADOW_NEW_PASSWORD, --new-password-file or the terminal (asked twice).
-A new key file is written, then the old one is removed.`,
+A new key file is written and synced, then every other key file is removed
+(a repository has one password: afterwards only the new one opens it).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()

@@ -47,7 +47,8 @@ asked for and checking each against its hash. A VM can boot from it at once:
 or a user can mount it (qemu-nbd --connect, nbd-client). Read-only by default.
 With --writable, writes go to a temporary overlay file in the state directory
 and are visible to later reads; the repository is never changed, and the
-overlay is discarded when serve stops. To keep a writable instant restore,
+overlay is discarded when serve stops (a later serve --writable removes those
+of killed serves). To keep a writable instant restore,
 copy or mirror the export while it is served (qemu-img convert, QEMU
 blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 		Args: cobra.ExactArgs(1),
@@ -76,7 +77,7 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 				return err
 			}
 			srv, err := instant.NewServer(ctx, r, id, m, instant.ServeOptions{Disks: sel, CacheBytes: int64(cacheMiB) << 20,
-				Writable: writable, OverlayDir: filepath.Join(stateDir, "serve")})
+				Writable: writable, OverlayDir: filepath.Join(stateDir, "serve"), Warn: func(msg string) { a.out.Warn("%s", msg) }})
 			if err != nil {
 				return err
 			}

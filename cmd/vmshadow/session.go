@@ -11,8 +11,11 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/livebackup"
+	"github.com/vmshadow/vmshadow/internal/nbd"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
+	"github.com/vmshadow/vmshadow/internal/qga"
+	"github.com/vmshadow/vmshadow/internal/qmp"
 	"github.com/vmshadow/vmshadow/internal/writer"
 )
 
@@ -34,6 +37,29 @@ type vmFlags struct {
 	stateDir      string
 	noPause       bool // --xapi-no-pause
 	hostConns     int  // --xapi-nbd-connections (backup)
+	peerTimeout   time.Duration
+}
+
+// defaultPeerTimeout bounds each wait on a peer (a QMP command, a guest
+// agent call outside writer calls, an NBD handshake, an NBD server sending
+// nothing while reads wait).
+const defaultPeerTimeout = 60 * time.Second
+
+// addPeer adds --peer-timeout.
+func (f *vmFlags) addPeer(cmd *cobra.Command) {
+	durationFlag(cmd.Flags(), &f.peerTimeout, "peer-timeout", defaultPeerTimeout, time.Second, time.Hour, "longest wait for QEMU (each QMP command), the guest agent, or an NBD server to answer")
+}
+
+// applyPeerTimeout sets --peer-timeout (range-checked as it was parsed) as
+// the limit of every peer client.
+func (f *vmFlags) applyPeerTimeout() {
+	if f.peerTimeout == 0 { // a command without --peer-timeout
+		f.peerTimeout = defaultPeerTimeout
+	}
+	qmp.CommandTimeout = f.peerTimeout
+	qga.CommandTimeout = f.peerTimeout
+	nbd.DefaultHandshakeTimeout = f.peerTimeout
+	nbd.DefaultIdleTimeout = f.peerTimeout
 }
 
 // defaultStateDir is where journals live: VMSHADOW_STATE_DIR, else
@@ -58,6 +84,7 @@ func (f *vmFlags) addVM(cmd *cobra.Command) {
 	f.x.register(cmd, "xapi", "the XenServer / XCP-ng pool master, https://HOST (with --vm)")
 	cmd.Flags().StringVar(&f.vm, "vm", "", "with --xapi: the VM's name-label or UUID")
 	cmd.Flags().StringVar(&f.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
+	f.addPeer(cmd)
 }
 
 // addWriters adds the writer flags (--qga, --hook).
@@ -93,6 +120,7 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	case f.qmp == "" && f.x.url == "":
 		return nil, errorf(errs.ErrUsage, "--qmp is required (or --xapi URL --vm NAME|UUID for a XenServer / XCP-ng VM)")
 	}
+	f.applyPeerTimeout()
 	opts := coord.Options{FreezeTimeout: f.freezeTimeout, WriterTimeout: f.writerTimeout,
 		Status: func(phase string) { a.out.Status(map[string]string{"phase": phase}, "") },
 		Warn:   func(msg string) { a.out.Warn("%s", msg) },

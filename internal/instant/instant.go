@@ -94,9 +94,10 @@ const Block = 64 << 10
 
 // NewOverlay creates an overlay over base in a new file at path (which must
 // not exist). Remove the file after Close: its data is meaningless without
-// the in-memory block map.
+// the in-memory block map. The file is locked (flock) while it is open, so
+// RemoveStaleOverlays leaves it alone.
 func NewOverlay(base Base, path string) (*Overlay, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := createLocked(path)
 	if err != nil {
 		return nil, fmt.Errorf("create overlay: %w", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -75,5 +76,56 @@ func TestOverlayMatchesModel(t *testing.T) {
 		for _, e := range ext {
 			pos = e.Offset + e.Length
 		}
+	}
+}
+
+// RemoveStaleOverlays removes the overlays nobody holds (left by a killed
+// serve) and keeps a live one, which stays usable.
+func TestRemoveStaleOverlays(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	base := make(memBase, 4*Block)
+	live := filepath.Join(dir, "live-sda-1"+OverlaySuffix)
+	o, err := NewOverlay(base, live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	// What a serve killed with kill -9 leaves: its lock died with it.
+	stale := filepath.Join(dir, "dead-sda-2"+OverlaySuffix)
+	if err := os.WriteFile(stale, []byte("data"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(dir, "notes.txt")
+	if err := os.WriteFile(other, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	removed, err := RemoveStaleOverlays(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(removed) != 1 || removed[0] != stale {
+		t.Errorf("removed %q, want only %s", removed, stale)
+	}
+	for p, want := range map[string]bool{live: true, stale: false, other: true} {
+		if _, err := os.Stat(p); (err == nil) != want {
+			t.Errorf("%s exists: %v, want %v", filepath.Base(p), err == nil, want)
+		}
+	}
+	p := bytes.Repeat([]byte{9}, Block)
+	if _, err := o.WriteAt(ctx, p, Block); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, Block)
+	if _, err := o.ReadAt(ctx, got, Block); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("live overlay after the clean-up: %v", err)
+	}
+	// Once closed (its serve ended without removing it), it is stale too.
+	o.Close()
+	if removed, err := RemoveStaleOverlays(dir); err != nil || len(removed) != 1 || removed[0] != live {
+		t.Errorf("after close: removed %q, %v; want %s", removed, err, live)
+	}
+	if removed, err := RemoveStaleOverlays(filepath.Join(dir, "missing")); err != nil || len(removed) != 0 {
+		t.Errorf("missing dir: %q, %v", removed, err)
 	}
 }

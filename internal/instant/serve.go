@@ -19,9 +19,12 @@ type ServeOptions struct {
 	// CacheBytes bounds the decoded chunks cached per disk.
 	CacheBytes int64
 	// Writable accepts writes into an overlay file per disk in
-	// OverlayDir (created if needed), removed by Close.
+	// OverlayDir (created if needed), removed by Close. Overlays there
+	// that killed serves left are removed first (RemoveStaleOverlays).
 	Writable   bool
 	OverlayDir string
+	// Warn is told of problems that do not stop the server; may be nil.
+	Warn func(string)
 }
 
 // Server is an NBD server of a backup's disks, read on demand from the
@@ -54,7 +57,11 @@ func NewServer(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, 
 			if err := os.MkdirAll(o.OverlayDir, 0o700); err != nil {
 				return nil, err
 			}
-			path := filepath.Join(o.OverlayDir, fmt.Sprintf("%s-%s-%d.overlay", id.Short(), d.Name, os.Getpid()))
+			// Overlays of killed serves (a running one's is locked).
+			if _, err := RemoveStaleOverlays(o.OverlayDir); err != nil && o.Warn != nil {
+				o.Warn(err.Error())
+			}
+			path := filepath.Join(o.OverlayDir, fmt.Sprintf("%s-%s-%d%s", id.Short(), d.Name, os.Getpid(), OverlaySuffix))
 			ov, err := NewOverlay(export.(*Disk), path)
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: %w", d.Name, err)

@@ -20,8 +20,9 @@ import (
 )
 
 // TestServerServesBackup: the server built from a backup serves each disk
-// as it was, writes go to an overlay that Close removes, and a manifest
-// unlike its index is refused before anything is served.
+// as it was, writes go to an overlay that Close removes (and overlays of
+// killed serves go first), and a manifest unlike its index is refused
+// before anything is served.
 func TestServerServesBackup(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -57,6 +58,11 @@ func TestServerServesBackup(t *testing.T) {
 		t.Fatal(err)
 	}
 	ovDir := filepath.Join(dir, "overlays")
+	// What a killed serve left: removed before the new overlays are made.
+	os.MkdirAll(ovDir, 0o700)
+	if err := os.WriteFile(filepath.Join(ovDir, "dead-sda-1"+instant.OverlaySuffix), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	srv, err := instant.NewServer(ctx, r, res.ID, m, instant.ServeOptions{Disks: m.Disks, CacheBytes: 1 << 20, Writable: true, OverlayDir: ovDir})
 	if err != nil {
 		t.Fatal(err)

@@ -54,6 +54,9 @@ type Client struct {
 
 	busy       atomic.Int64 // bytes of reads and writes in flight, for Pool
 	readerDone chan struct{}
+
+	idle     time.Duration // Options.IdleTimeout; 0: none
+	lastRecv atomic.Int64  // unix nanoseconds of the last byte received, or of the first request after a quiet spell
 }
 
 // request is one request in flight.
@@ -302,6 +305,9 @@ func (c *Client) start(ctx context.Context, req *request, flags uint16, payload 
 	}
 	c.cookie++
 	cookie := c.cookie
+	if len(c.inflight) == 0 {
+		c.lastRecv.Store(time.Now().UnixNano()) // the idle limit counts from now
+	}
 	c.inflight[cookie] = req
 	c.mu.Unlock()
 
@@ -362,6 +368,39 @@ func (c *Client) abandon(req *request) {
 	}
 	req.abandoned = true
 	req.mu.Unlock()
+}
+
+// watchIdle fails the connection when requests are in flight and the server
+// sent nothing for c.idle: a stalled server fails the reads waiting on it
+// (and later ones) instead of holding them forever.
+func (c *Client) watchIdle() {
+	t := time.NewTicker(max(c.idle/8, 10*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-c.readerDone:
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		n := len(c.inflight)
+		c.mu.Unlock()
+		if n > 0 && time.Since(time.Unix(0, c.lastRecv.Load())) >= c.idle {
+			c.fail(connError(c.peer, fmt.Sprintf("the server sent nothing for %s while %d requests waited: it is hung or overloaded (raise the peer timeout if it is only slow)", c.idle, n), context.DeadlineExceeded))
+			return
+		}
+	}
+}
+
+// progressReader notes the time of every byte received, for watchIdle.
+type progressReader struct{ c *Client }
+
+func (p progressReader) Read(b []byte) (int, error) {
+	n, err := p.c.conn.Read(b)
+	if n > 0 && p.c.idle > 0 {
+		p.c.lastRecv.Store(time.Now().UnixNano())
+	}
+	return n, err
 }
 
 // fail ends the connection with err (the first error wins).

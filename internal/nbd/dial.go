@@ -3,8 +3,10 @@ package nbd
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
@@ -25,19 +27,67 @@ type Options struct {
 	// request). Zero means 32 MiB. The server's maximum block size is always
 	// respected; longer calls are split.
 	MaxRequest int
+	// HandshakeTimeout bounds connecting and the handshake when ctx allows
+	// longer (a server at its connection limit leaves a new connection in
+	// its listen queue, unanswered). Zero means DefaultHandshakeTimeout;
+	// negative, no limit beyond ctx.
+	HandshakeTimeout time.Duration
+	// IdleTimeout fails the connection (errs.ErrConnect) when requests are
+	// in flight and the server sends nothing for this long, whatever the
+	// callers' contexts allow. Zero means DefaultIdleTimeout; negative,
+	// no limit.
+	IdleTimeout time.Duration
+}
+
+// Defaults of Options.HandshakeTimeout and Options.IdleTimeout: generous
+// (a 4 MiB read from a loaded host takes well under a second), but finite.
+var (
+	DefaultHandshakeTimeout = 60 * time.Second
+	DefaultIdleTimeout      = 60 * time.Second
+)
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
+}
+
+// handshakeContext bounds ctx by the handshake timeout.
+func handshakeContext(ctx context.Context, opts *Options) (context.Context, time.Duration, context.CancelFunc) {
+	limit := orDefault(opts.HandshakeTimeout, DefaultHandshakeTimeout)
+	if limit <= 0 {
+		return ctx, 0, func() {}
+	}
+	hctx, cancel := context.WithTimeout(ctx, limit)
+	return hctx, limit, cancel
+}
+
+// handshakeTimedOut is the error of a handshake that its own limit, not
+// the caller's context, ended.
+func handshakeTimedOut(ctx, hctx context.Context, peer string, limit time.Duration, err error) error {
+	if err == nil || limit <= 0 || ctx.Err() != nil || !errors.Is(hctx.Err(), context.DeadlineExceeded) {
+		return err
+	}
+	return connError(peer, fmt.Sprintf("no answer to the handshake within %s: the server is hung, or at its connection limit (QEMU's NBD server serves 100 at a time: use fewer connections)", limit), context.DeadlineExceeded)
 }
 
 // Dial connects to the target and performs the handshake. ctx bounds the
 // connection and the handshake only.
 func Dial(ctx context.Context, t Target, opts *Options) (*Client, error) {
-	conn, err := dialTarget(ctx, t)
-	if err != nil {
-		return nil, err
+	if opts == nil {
+		opts = &Options{}
 	}
-	c, err := NewClient(ctx, conn, t, opts)
+	hctx, limit, cancel := handshakeContext(ctx, opts)
+	defer cancel()
+	conn, err := dialTarget(hctx, t)
+	if err != nil {
+		return nil, handshakeTimedOut(ctx, hctx, t.String(), limit, err)
+	}
+	c, err := NewClient(hctx, conn, t, opts)
 	if err != nil {
 		conn.Close()
-		return nil, err
+		return nil, handshakeTimedOut(ctx, hctx, t.String(), limit, err)
 	}
 	return c, nil
 }
@@ -73,12 +123,16 @@ func NewClient(ctx context.Context, conn net.Conn, t Target, opts *Options) (*Cl
 	if err != nil {
 		return nil, err
 	}
+	octx := ctx
+	ctx, limit, cancel := handshakeContext(ctx, opts)
+	defer cancel()
 	stop := watchContext(ctx, conn)
 	n := &negotiator{conn: conn, peer: peer, export: t.Export}
 	c, err := negotiate(ctx, n, t.Export, tlsConfig, opts)
 	if err = handshakeResult(ctx, peer, err, stop()); err != nil {
-		return nil, err
+		return nil, handshakeTimedOut(octx, ctx, peer, limit, err)
 	}
+	c.idle = orDefault(opts.IdleTimeout, DefaultIdleTimeout)
 	c.conn, c.peer, c.export = n.conn, peer, t.Export
 	c.sendSem = make(chan struct{}, 1)
 	c.inflight = map[uint64]*request{}
@@ -91,6 +145,9 @@ func NewClient(ctx context.Context, conn net.Conn, t Target, opts *Options) (*Cl
 	}
 	c.maxIO = max(alignDown(min(maxIO, int64(c.blockSizes.Max), c.maxLen), minBlock), minBlock)
 	go c.readLoop()
+	if c.idle > 0 {
+		go c.watchIdle()
+	}
 	return c, nil
 }
 
@@ -191,7 +248,7 @@ func ListMetaContexts(ctx context.Context, t Target, opts *Options, queries ...s
 
 // inHandshake connects, greets (and starts TLS), runs fn during option
 // haggling and ends with NBD_OPT_ABORT.
-func inHandshake(ctx context.Context, t Target, opts *Options, fn func(*negotiator) error) error {
+func inHandshake(ctx context.Context, t Target, opts *Options, fn func(*negotiator) error) (err error) {
 	if opts == nil {
 		opts = &Options{}
 	}
@@ -199,6 +256,10 @@ func inHandshake(ctx context.Context, t Target, opts *Options, fn func(*negotiat
 	if err != nil {
 		return err
 	}
+	octx := ctx
+	ctx, limit, cancel := handshakeContext(ctx, opts)
+	defer cancel()
+	defer func() { err = handshakeTimedOut(octx, ctx, t.String(), limit, err) }()
 	conn, err := dialTarget(ctx, t)
 	if err != nil {
 		return err

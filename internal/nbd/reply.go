@@ -17,7 +17,7 @@ import (
 // readLoop reads replies and completes their requests until the connection
 // ends, then fails whatever is still in flight.
 func (c *Client) readLoop() {
-	r := &replyReader{c: c, br: bufio.NewReaderSize(c.conn, 64<<10)}
+	r := &replyReader{c: c, br: bufio.NewReaderSize(progressReader{c}, 64<<10)}
 	err := r.run()
 	var pe *ProtocolError
 	switch {

@@ -12,6 +12,13 @@
 // QEMU only reads the socket once qemu-ga has opened the port in the guest,
 // and the agent may be starting up: Dial resends the sync request every
 // SyncInterval until its context ends, rather than in a tight loop.
+//
+// Every wait has a deadline: the context's, and at most CommandTimeout when
+// the context has none. A command abandoned because its context was
+// cancelled (a signal) leaves the agent busy with it; the next command's
+// resync then gets at most CancelGrace, after which the agent is declared
+// hung and every later command fails at once, so that cleanup after an
+// interruption does not wait out the writer time limit on a dead agent.
 package qga
 
 import (
@@ -34,6 +41,13 @@ import (
 // SyncInterval is how long Dial waits for a sync reply before resending.
 var SyncInterval = 2 * time.Second
 
+// CommandTimeout bounds Dial and each command when their context has no
+// deadline. Zero or negative: no limit beyond the context.
+var CommandTimeout = 60 * time.Second
+
+// CancelGrace bounds the resync after a command was cancelled.
+var CancelGrace = 10 * time.Second
+
 // maxReply bounds one reply line (guest-file-read of a large file, guest-get-*).
 const maxReply = 16 << 20
 
@@ -53,9 +67,19 @@ type Client struct {
 	conn net.Conn
 	br   *bufio.Reader
 
-	mu       sync.Mutex
-	insync   bool
-	staleIDs map[int64]bool // sync ids sent whose replies may still arrive
+	mu        sync.Mutex
+	insync    bool
+	staleIDs  map[int64]bool // sync ids sent whose replies may still arrive
+	cancelled time.Time      // when a command was last abandoned by cancellation
+	dead      error          // set when the agent was declared hung
+}
+
+// bounded returns ctx with CommandTimeout as its deadline if it has none.
+func bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok || CommandTimeout <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, CommandTimeout)
 }
 
 // Dial connects to the agent socket and synchronises with the agent, retrying
@@ -74,6 +98,8 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 		return nil, fmt.Errorf("connect to guest agent socket %s: %w: %w", path, err, errs.ErrConnect)
 	}
 	c := &Client{path: path, conn: conn, br: bufio.NewReaderSize(conn, 64<<10), staleIDs: map[int64]bool{}}
+	ctx, cancel := bounded(ctx)
+	defer cancel()
 	c.mu.Lock()
 	err = c.sync(ctx)
 	c.mu.Unlock()
@@ -89,6 +115,28 @@ func (c *Client) Close() error { return c.conn.Close() }
 
 // sync runs guest-sync-delimited until a reply with our id arrives. c.mu held.
 func (c *Client) sync(ctx context.Context) error {
+	if c.dead != nil {
+		return c.dead
+	}
+	if !c.cancelled.IsZero() {
+		limit := c.cancelled.Add(CancelGrace)
+		gctx, cancel := context.WithDeadline(ctx, limit)
+		defer cancel()
+		err := c.syncLoop(gctx)
+		if err != nil && !time.Now().Before(limit) && ctx.Err() == nil {
+			c.dead = fmt.Errorf("guest agent %s did not answer within %s after vmshadow abandoned a command: the agent is hung: %w", c.path, CancelGrace, errs.ErrConnect)
+			c.conn.Close()
+			return c.dead
+		}
+		if err == nil {
+			c.cancelled = time.Time{}
+		}
+		return err
+	}
+	return c.syncLoop(ctx)
+}
+
+func (c *Client) syncLoop(ctx context.Context) error {
 	start := time.Now()
 	for {
 		id := rand.Int64N(1<<52) + 1
@@ -98,7 +146,7 @@ func (c *Client) sync(ctx context.Context) error {
 		if err := c.write(ctx, append([]byte{0xFF}, append(req, '\n')...)); err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				return c.noAnswer(start) // the time ran out before the request was even taken
+				return c.noAnswer(ctx, start) // the time ran out before the request was even taken
 			}
 			return fmt.Errorf("guest agent %s: send sync: %w: %w", c.path, err, errs.ErrConnect)
 		}
@@ -116,13 +164,18 @@ func (c *Client) sync(ctx context.Context) error {
 		if !(errors.As(err, &ne) && ne.Timeout()) {
 			return fmt.Errorf("guest agent %s: sync: %w: %w", c.path, err, errs.ErrConnect)
 		}
-		if ctx.Err() != nil {
-			return c.noAnswer(start)
+		if d, ok := ctx.Deadline(); ctx.Err() != nil || ok && !time.Now().Before(d) {
+			return c.noAnswer(ctx, start)
 		}
 	}
 }
 
-func (c *Client) noAnswer(start time.Time) error {
+// noAnswer is the error of a sync that ctx ended: the agent is not there
+// (errs.ErrConnect), whatever limit ended the wait.
+func (c *Client) noAnswer(ctx context.Context, start time.Time) error {
+	if errors.Is(ctx.Err(), context.Canceled) {
+		c.cancelled = time.Now()
+	}
 	return fmt.Errorf("guest agent %s did not answer within %s: qemu-ga is not running in the guest, the guest is not up yet, or another client holds the socket: %w",
 		c.path, time.Since(start).Round(time.Millisecond), errs.ErrConnect)
 }
@@ -158,19 +211,21 @@ func (c *Client) awaitSync(ctx context.Context, id int64, deadline time.Time) er
 	}
 }
 
+// readLine reads one whole line. Unlike bufio.Reader.ReadLine it never
+// returns a line cut short by an error (a deadline in the middle of a reply).
 func (c *Client) readLine() ([]byte, error) {
 	var buf []byte
 	for {
-		chunk, isPrefix, err := c.br.ReadLine()
-		if err != nil {
-			return nil, err
-		}
+		chunk, err := c.br.ReadSlice('\n')
 		buf = append(buf, chunk...)
 		if len(buf) > maxReply {
 			return nil, fmt.Errorf("reply longer than %d bytes", maxReply)
 		}
-		if !isPrefix {
-			return buf, nil
+		if err == nil {
+			return bytes.TrimSuffix(buf[:len(buf)-1], []byte("\r")), nil
+		}
+		if err != bufio.ErrBufferFull {
+			return nil, err
 		}
 	}
 }
@@ -188,8 +243,13 @@ func (c *Client) write(ctx context.Context, b []byte) error {
 // the "return" value is decoded into result unless it is nil. When ctx ends
 // first, the client resynchronises before its next command.
 func (c *Client) Execute(ctx context.Context, command string, args, result any) error {
+	ctx, cancel := bounded(ctx)
+	defer cancel()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.dead != nil {
+		return c.dead
+	}
 	if !c.insync {
 		if err := c.sync(ctx); err != nil {
 			return err
@@ -234,11 +294,14 @@ func (c *Client) readReply(ctx context.Context, command string) (json.RawMessage
 		line, err := c.readLine()
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("guest agent %s: %w", command, ctx.Err())
+				if errors.Is(ctx.Err(), context.Canceled) {
+					c.cancelled = time.Now()
+				}
+				return nil, fmt.Errorf("guest agent %s on %s: no reply: %w", command, c.path, ctx.Err())
 			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				return nil, fmt.Errorf("guest agent %s: no reply: %w", command, context.DeadlineExceeded)
+				return nil, fmt.Errorf("guest agent %s on %s: no reply: %w", command, c.path, context.DeadlineExceeded)
 			}
 			return nil, fmt.Errorf("guest agent %s: read reply: %w", command, err)
 		}

@@ -9,6 +9,16 @@
 // connection is accepted by the kernel but gets no greeting until the first
 // disconnects. Dial therefore bounds the wait for the greeting and reports a
 // busy or non-QMP socket clearly instead of hanging.
+//
+// Every command's wait is bounded too: by its context, and at most by
+// CommandTimeout. QEMU answers commands in order, so a command that gets no
+// reply in time means the monitor is hung (or the peer is not QEMU): the
+// client then declares the peer stalled, closes the connection, and every
+// command still waiting or sent later fails at once with an error wrapping
+// ErrStalled and errs.ErrConnect. A command abandoned because its context
+// was cancelled (a signal) leaves its reply due; if that reply does not come
+// within CancelGrace the peer is declared stalled the same way, so that
+// cleanup after an interruption does not queue behind a hung monitor.
 package qmp
 
 import (
@@ -72,9 +82,15 @@ type Event struct {
 // ErrClosed is returned for commands on a closed or broken connection.
 var ErrClosed = errors.New("qmp connection closed")
 
+// ErrStalled is wrapped by the errors of a connection whose peer did not
+// answer a command in time (see the package documentation).
+var ErrStalled = errors.New("qmp peer stalled")
+
 // Client is a QMP connection. It is safe for concurrent use.
 type Client struct {
 	conn    net.Conn
+	path    string
+	timeout time.Duration // CommandTimeout when dialled
 	version Version
 	pid     int // QEMU's process id from SO_PEERCRED, 0 if unknown
 
@@ -85,6 +101,7 @@ type Client struct {
 	pending map[string]chan reply
 	subs    map[*Subscription]struct{}
 	err     error // set once the reader stops
+	stalled error // set when the peer is declared stalled
 	done    chan struct{}
 }
 
@@ -118,6 +135,17 @@ type wire struct {
 // GreetingTimeout bounds the wait for QEMU's greeting.
 var GreetingTimeout = 5 * time.Second
 
+// CommandTimeout bounds the wait for the reply to each command (when the
+// command's context allows longer), for clients dialled after it is set.
+// Generous: QEMU under TCG on a loaded host can take seconds for a
+// transaction or a blockdev-del. Zero or negative: no limit beyond the
+// context.
+var CommandTimeout = 60 * time.Second
+
+// CancelGrace is how long the reply to a command abandoned by its caller
+// (context ended) may take before the peer is declared stalled.
+var CancelGrace = 5 * time.Second
+
 // Dial connects to the QMP socket at path, reads the greeting and enters
 // command mode. Errors wrap errs.ErrConnect.
 func Dial(ctx context.Context, path string) (*Client, error) {
@@ -144,6 +172,8 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 func newClient(ctx context.Context, conn net.Conn, path string) (*Client, error) {
 	c := &Client{
 		conn:    conn,
+		path:    path,
+		timeout: CommandTimeout,
 		pending: map[string]chan reply{},
 		subs:    map[*Subscription]struct{}{},
 		done:    make(chan struct{}),
@@ -273,7 +303,9 @@ func (c *Client) readLoop(br *bufio.Reader) {
 		}
 	}
 	c.mu.Lock()
-	if errors.Is(err, net.ErrClosed) || err == nil {
+	if c.stalled != nil {
+		c.err = c.stalled
+	} else if errors.Is(err, net.ErrClosed) || err == nil {
 		c.err = ErrClosed
 	} else {
 		c.err = fmt.Errorf("%w: %v", ErrClosed, err)
@@ -369,6 +401,12 @@ func (c *Client) execute(ctx context.Context, command string, args any, f *os.Fi
 		c.forget(id)
 		return nil, fmt.Errorf("qmp %s: send: %w", command, err)
 	}
+	var limit <-chan time.Time
+	if c.timeout > 0 {
+		t := time.NewTimer(c.timeout)
+		defer t.Stop()
+		limit = t.C
+	}
 	select {
 	case r, ok := <-ch:
 		if !ok {
@@ -383,9 +421,47 @@ func (c *Client) execute(ctx context.Context, command string, args any, f *os.Fi
 		}
 		return r.ret, nil
 	case <-ctx.Done():
-		c.forget(id)
+		if !errors.Is(ctx.Err(), context.Canceled) {
+			// The caller's deadline: the reply stays due, and a command
+			// queued behind it waits at most its own CommandTimeout.
+			return nil, fmt.Errorf("qmp %s: %w", command, ctx.Err())
+		}
+		// Cancelled (a signal): cleanup follows at once, and queues
+		// behind this reply. If it does not come soon, QEMU is hung.
+		time.AfterFunc(CancelGrace, func() {
+			c.mu.Lock()
+			due := c.pending[id] == ch
+			c.mu.Unlock()
+			if due {
+				c.stall(fmt.Errorf("QEMU did not answer %s on %s within %s after vmshadow stopped waiting for it: the monitor is hung: %w: %w", command, c.path, CancelGrace, ErrStalled, errs.ErrConnect))
+			}
+		})
 		return nil, fmt.Errorf("qmp %s: %w", command, ctx.Err())
+	case <-limit:
+		err := fmt.Errorf("QEMU did not answer %s on %s within %s: the VM's monitor is hung, or the socket is not QEMU's (check the VM; raise --peer-timeout if QEMU is only slow): %w: %w", command, c.path, c.timeout, ErrStalled, errs.ErrConnect)
+		c.stall(err)
+		<-c.done
+		return nil, err
 	}
+}
+
+// stall declares the peer stalled: the connection is closed and every
+// command waiting or sent later fails with err.
+func (c *Client) stall(err error) {
+	c.mu.Lock()
+	if c.stalled == nil && c.err == nil {
+		c.stalled = err
+	}
+	c.mu.Unlock()
+	c.conn.Close()
+}
+
+// Err is the error that ended the connection (wrapping ErrStalled when the
+// peer was declared stalled), or nil while it is usable.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
 }
 
 func (c *Client) forget(id string) {

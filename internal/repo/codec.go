@@ -39,7 +39,15 @@ const (
 	compZstd     = 1
 	encNone      = 0
 	encAESGCM    = 1
-	maxMetaPlain = 1 << 30 // indexes and manifests: 1 GiB (an index of a 128 TiB disk)
+	maxMetaPlain = 1 << 30 // indexes: 1 GiB (an index of a 128 TiB disk)
+	// maxManifestPlain bounds a manifest: JSON of a few hundred bytes per
+	// disk.
+	maxManifestPlain = 16 << 20
+	// openPrealloc is the most open reserves for a compressed blob's
+	// plaintext before decompressing: beyond it the output grows as
+	// decompression produces it, so a damaged header claiming a large
+	// plaintext costs nothing (see open).
+	openPrealloc = 1 << 20
 )
 
 // Blob magics.
@@ -260,8 +268,25 @@ func (c *codec) open(dst []byte, magic [4]byte, name string, blob []byte, maxPla
 		}
 		return append(dst[:0], payload...), nil
 	}
+	// Memory stays bounded by what the blob really holds, not by what its
+	// header claims: the frame's own content size must agree with the
+	// header, and only up to openPrealloc (or a chunk, at most the
+	// repository's chunk size) is reserved up front; the decoder grows the
+	// output as it decodes (by no more than the rest of the input can
+	// produce) and stops at maxPlain.
+	var fh zstd.Header
+	if err := fh.Decode(payload); err != nil {
+		return nil, fmt.Errorf("decompress: frame header: %v: %w", err, errs.ErrCorrupt)
+	}
+	if fh.HasFCS && fh.FrameContentSize != uint64(plainLen) {
+		return nil, fmt.Errorf("compressed frame holds %d bytes, header says %d: %w", fh.FrameContentSize, plainLen, errs.ErrCorrupt)
+	}
 	if cap(dst) < plainLen {
-		dst = make([]byte, 0, plainLen)
+		reserve := openPrealloc
+		if magic == magicChunk {
+			reserve = maxPlain
+		}
+		dst = make([]byte, 0, min(plainLen, reserve))
 	}
 	d := c.chunkD
 	if maxPlain > MaxChunkSize {

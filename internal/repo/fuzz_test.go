@@ -72,10 +72,7 @@ func FuzzOpenBlob(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte, which uint8) {
 		for _, r := range []*Repo{enc, plain} {
 			magic := [][4]byte{magicChunk, magicIndex, magicManifest, magicLock}[which%4]
-			max := MaxChunkSize
-			if which%4 != 0 {
-				max = maxMetaPlain
-			}
+			max := []int{int(r.ChunkSize()), maxMetaPlain, maxManifestPlain, 1 << 20}[which%4]
 			p, err := r.codec.open(nil, magic, "x", append([]byte(nil), b...), max)
 			classified(t, "blob", err)
 			if err == nil {

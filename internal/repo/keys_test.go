@@ -113,3 +113,46 @@ func TestLegacyKeyFile(t *testing.T) {
 		t.Fatalf("damaged key file without checksum: %v", err)
 	}
 }
+
+// TestChangePasswordAfterInterrupted: a repo passwd interrupted between
+// writing the new key file and removing the old leaves two key files, and
+// both passwords open the repository. Whichever of them the next passwd
+// starts from, afterwards only its new password opens the repository: the
+// repository has one password, so passwd removes every other key file.
+func TestChangePasswordAfterInterrupted(t *testing.T) {
+	for _, from := range []string{"old", "new"} {
+		t.Run("from the "+from+" password", func(t *testing.T) {
+			ctx := context.Background()
+			r, be := newTestRepo(t, EncryptionAESGCM) // password "secret"
+			// What the interrupted passwd from "secret" to "second" left.
+			if _, err := r.putKey(ctx, &masterKeys{RepoID: r.cfg.ID, Encrypt: r.codec.encKey, MAC: r.codec.macKey}, []byte("second"), *testKDF); err != nil {
+				t.Fatal(err)
+			}
+			start := map[string]string{"old": "secret", "new": "second"}[from]
+			r2, err := Open(ctx, be, pw(start))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r2.Close()
+			name, err := r2.ChangePassword(ctx, []byte("third"), testKDF)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range []string{"secret", "second"} {
+				if _, err := Open(ctx, be, pw(p)); !errors.Is(err, errs.ErrAuth) {
+					t.Errorf("password %q after passwd to \"third\": %v, want ErrAuth", p, err)
+				}
+			}
+			r3, err := Open(ctx, be, pw("third"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r3.Close()
+			var names []string
+			be.List(ctx, backend.KindKeys, "", func(fi backend.Info) error { names = append(names, fi.Name); return nil })
+			if len(names) != 1 || names[0] != name {
+				t.Errorf("key files %q after passwd, want only the new %s", names, name)
+			}
+		})
+	}
+}

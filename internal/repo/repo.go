@@ -230,7 +230,9 @@ func (r *Repo) Backend() backend.Backend { return r.be }
 func (r *Repo) ChunkSize() int64 { return int64(r.cfg.ChunkSize) }
 
 // ChangePassword wraps the master keys under a new password in a new key
-// file, then deletes the key file the repository was opened with. Hold an
+// file, makes it durable, then deletes every other key file: the one the
+// repository was opened with, and any an interrupted ChangePassword left
+// (a repository has one password; each key file is one password). Hold an
 // exclusive lock. It returns the new key file's name.
 func (r *Repo) ChangePassword(ctx context.Context, newPassword []byte, kdf *KDFParams) (string, error) {
 	if !r.cfg.Encrypted() {
@@ -253,8 +255,20 @@ func (r *Repo) ChangePassword(ctx context.Context, newPassword []byte, kdf *KDFP
 		return "", fmt.Errorf("sync new key file: %w", err)
 	}
 	crashpoint.Hit("passwd-key-written")
-	if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindKeys, Name: r.keyName}); err != nil {
-		return name, fmt.Errorf("new key file %s written, but removing the old key file %s failed (the old password still works until it is removed): %w", name, r.keyName, err)
+	var old []string
+	err = r.be.List(ctx, backend.KindKeys, "", func(fi backend.Info) error {
+		if fi.Name != name {
+			old = append(old, fi.Name)
+		}
+		return nil
+	})
+	if err != nil {
+		return name, fmt.Errorf("new key file %s written, but listing the old key files failed (old passwords still work until they are removed; run repo passwd again): %w", name, err)
+	}
+	for _, n := range old {
+		if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindKeys, Name: n}); err != nil && !backend.IsNotExist(err) {
+			return name, fmt.Errorf("new key file %s written, but removing the old key file %s failed (its password still works until it is removed; run repo passwd again): %w", name, n, err)
+		}
 	}
 	r.keyName = name
 	return name, nil
@@ -341,7 +355,7 @@ func (r *Repo) ReadChunk(ctx context.Context, id ID, dst []byte) ([]byte, error)
 
 // OpenChunk decodes and verifies a sealed chunk (as stored under id).
 func (r *Repo) OpenChunk(id ID, blob, dst []byte) ([]byte, error) {
-	p, err := r.codec.open(dst, magicChunk, id.String(), blob, MaxChunkSize)
+	p, err := r.codec.open(dst, magicChunk, id.String(), blob, r.cfg.ChunkSize)
 	if err != nil {
 		return nil, fmt.Errorf("chunk %s: %w", id, err)
 	}
@@ -418,6 +432,9 @@ func (r *Repo) SaveManifest(ctx context.Context, m *Manifest) (ID, error) {
 	if err != nil {
 		return ID{}, err
 	}
+	if len(plain) > maxManifestPlain {
+		return ID{}, fmt.Errorf("manifest of %d bytes exceeds the limit of %d bytes (too many disks): %w", len(plain), maxManifestPlain, errs.ErrUsage)
+	}
 	id := r.codec.hash(plain)
 	h := backend.Handle{Kind: backend.KindBackups, Name: id.String()}
 	if err := r.be.Put(ctx, h, r.codec.seal(nil, magicManifest, h.Name, plain, true)); err != nil {
@@ -439,7 +456,7 @@ func (r *Repo) LoadManifest(ctx context.Context, id ID) (*Manifest, error) {
 		}
 		return nil, fmt.Errorf("read manifest of backup %s: %w", id.Short(), err)
 	}
-	p, err := r.codec.open(nil, magicManifest, h.Name, blob, maxMetaPlain)
+	p, err := r.codec.open(nil, magicManifest, h.Name, blob, maxManifestPlain)
 	if err != nil {
 		return nil, fmt.Errorf("manifest of backup %s: %w", id.Short(), err)
 	}

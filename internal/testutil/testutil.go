@@ -4,8 +4,10 @@
 package testutil
 
 import (
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 )
 
@@ -34,4 +36,40 @@ func SkipShort(t testing.TB) {
 	if testing.Short() {
 		t.Skip("needs external programs; skipped with -short")
 	}
+}
+
+// ServeUnix listens on a UNIX socket in a new short-named temporary
+// directory (socket paths are limited to 108 bytes) and runs serve for
+// every connection it accepts, each in its own goroutine: a peer (QMP,
+// guest agent, NBD) that misbehaves in the way serve does. A connection
+// stays open, silent, after serve returns, until the test ends; then the
+// listener and the directory go. It returns the socket's path.
+func ServeUnix(t testing.TB, serve func(net.Conn)) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "vmshadow-peer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "peer.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		os.RemoveAll(dir)
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() { close(done); ln.Close(); os.RemoveAll(dir) })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				serve(conn)
+				<-done
+			}()
+		}
+	}()
+	return path
 }

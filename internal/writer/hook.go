@@ -7,11 +7,13 @@ package writer
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -89,6 +91,10 @@ func (h *Hook) run(ctx context.Context, phase string) error {
 	cmd.Stdout = &out
 	cmd.Stderr = &out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// A process the hook left behind (a daemon it started, in a session
+	// of its own) may hold the hook's output open: Wait gives up on the
+	// output this long after the hook exited.
+	cmd.WaitDelay = hookOutputDelay
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("run %s %s: %w", h.path, phase, err)
 	}
@@ -96,7 +102,7 @@ func (h *Hook) run(ctx context.Context, phase string) error {
 	go func() { done <- cmd.Wait() }()
 	select {
 	case err := <-done:
-		if err != nil {
+		if err != nil && !errors.Is(err, exec.ErrWaitDelay) { // ErrWaitDelay: exit status 0, output left open
 			return fmt.Errorf("%s %s: %v%s", h.path, phase, err, out.describe())
 		}
 		return nil
@@ -104,16 +110,25 @@ func (h *Hook) run(ctx context.Context, phase string) error {
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		select {
 		case <-done:
-		case <-time.After(5 * time.Second):
+		case <-time.After(hookOutputDelay + 5*time.Second): // a process that SIGKILL does not end (uninterruptible I/O)
 		}
 		return fmt.Errorf("%s %s did not finish in time, killed: %w%s", h.path, phase, ctx.Err(), out.describe())
 	}
 }
 
-// tailBuffer keeps the last maxHookOutput bytes written to it.
-type tailBuffer struct{ b []byte }
+// hookOutputDelay is how long a hook's output may stay open after it exited.
+const hookOutputDelay = 2 * time.Second
+
+// tailBuffer keeps the last maxHookOutput bytes written to it. It is safe
+// for concurrent use: a process left behind may still write to it.
+type tailBuffer struct {
+	mu sync.Mutex
+	b  []byte
+}
 
 func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	t.b = append(t.b, p...)
 	if len(t.b) > maxHookOutput {
 		t.b = t.b[len(t.b)-maxHookOutput:]
@@ -123,7 +138,9 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 
 // describe returns the last lines of output, for an error message.
 func (t *tailBuffer) describe() string {
+	t.mu.Lock()
 	s := strings.TrimSpace(string(bytes.ToValidUTF8(t.b, []byte("?"))))
+	t.mu.Unlock()
 	if s == "" {
 		return ""
 	}

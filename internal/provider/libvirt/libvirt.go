@@ -347,7 +347,7 @@ func (p *Provider) Identify(ctx context.Context) (coord.VMInfo, error) {
 	}
 	uuid := uuidString(dom.UUID)
 	sum := sha256.Sum256([]byte(p.opts.URI + "\x00" + uuid))
-	p.vm = coord.VMInfo{Name: dom.Name, Key: "libvirt-" + sanitize(dom.Name) + "-" + hex.EncodeToString(sum[:6])}
+	p.vm = coord.VMInfo{Name: dom.Name, Key: "libvirt-" + coord.SafeName(dom.Name, 40) + "-" + hex.EncodeToString(sum[:6])}
 	if err := p.scan(ctx); err != nil {
 		return coord.VMInfo{}, err
 	}
@@ -414,21 +414,6 @@ func parseUUID(s string) (golibvirt.UUID, bool) {
 func uuidString(u golibvirt.UUID) string {
 	h := hex.EncodeToString(u[:])
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
-}
-
-func sanitize(s string) string {
-	var b strings.Builder
-	for _, r := range s {
-		if r < 128 && (r == '-' || r == '_' || r == '.' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
-			b.WriteRune(r)
-		} else {
-			b.WriteByte('_')
-		}
-		if b.Len() >= 40 {
-			break
-		}
-	}
-	return b.String()
 }
 
 // local reports whether the libvirt host is this machine.

@@ -92,11 +92,15 @@ func (p *Provider) Kind() string { return "qemu" }
 // Disks returns the disks found by Identify.
 func (p *Provider) Disks() []Disk { return p.disks }
 
-// QMP returns the connection, opening it if needed.
+// QMP returns the connection, opening it if needed. Once QEMU was found
+// not answering (qmp.ErrStalled) it returns that error, without redialling.
 func (p *Provider) QMP(ctx context.Context) (*qmp.Client, error) {
 	if p.c != nil {
 		select {
 		case <-p.c.Done():
+			if err := p.c.Err(); errors.Is(err, qmp.ErrStalled) {
+				return nil, err // a hung monitor: waiting on it again would only hang again
+			}
 			p.c = nil
 		default:
 			return p.c, nil
@@ -176,26 +180,11 @@ func (p *Provider) Identify(ctx context.Context) (coord.VMInfo, error) {
 		name.Name = strings.TrimSuffix(filepath.Base(abs), filepath.Ext(abs))
 	}
 	sum := sha256.Sum256([]byte(abs))
-	p.vm = coord.VMInfo{Name: name.Name, Key: "qemu-" + sanitize(name.Name) + "-" + hex.EncodeToString(sum[:6])}
+	p.vm = coord.VMInfo{Name: name.Name, Key: "qemu-" + coord.SafeName(name.Name, 40) + "-" + hex.EncodeToString(sum[:6])}
 	if err := p.scan(ctx); err != nil {
 		return coord.VMInfo{}, err
 	}
 	return p.vm, nil
-}
-
-func sanitize(s string) string {
-	var b strings.Builder
-	for _, r := range s {
-		if r < 128 && (r == '-' || r == '_' || r == '.' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
-			b.WriteRune(r)
-		} else {
-			b.WriteByte('_')
-		}
-		if b.Len() >= 40 {
-			break
-		}
-	}
-	return b.String()
 }
 
 // scan reads the VM's disks and notes objects left by vmshadow.

@@ -9,22 +9,17 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
-	"github.com/vmshadow/vmshadow/internal/progress"
 )
 
 // cbwTimeout bounds how long a guest write may wait for its old data to be
 // copied to the diff area; past it the shadow copy breaks and the guest
 // goes on.
 const cbwTimeout = 30
-
-// minScratch is the least free space a diff area must have to be used at all.
-const minScratch = 64 << 20
 
 // maxSocketPath is the longest UNIX socket path the kernel accepts.
 const maxSocketPath = 107
@@ -66,18 +61,11 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 	for _, d := range p.disks {
 		need += d.Size
 	}
-	var fs syscall.Statfs_t
-	if err := syscall.Statfs(dir, &fs); err != nil {
-		return fmt.Errorf("scratch dir %s: %w", dir, err)
+	msg, err := coord.CheckScratch(dir, need, "the shadow copies break (their reads fail) and the guest goes on")
+	if err != nil {
+		return err
 	}
-	free := int64(fs.Bavail) * int64(fs.Bsize)
-	switch {
-	case free < minScratch || free < need/100:
-		return fmt.Errorf("scratch dir %s has %s free; the diff area of this set may need up to %s (the size of its disks): free space or choose another --scratch-dir: %w",
-			dir, progress.Bytes(free), progress.Bytes(need), errs.ErrNoSpace)
-	case free < need:
-		msg := fmt.Sprintf("scratch dir %s has %s free, less than the %s the diff area needs if the guest rewrites every block while the set exists; if it fills, the shadow copies break (their reads fail) and the guest goes on",
-			dir, progress.Bytes(free), progress.Bytes(need))
+	if msg != "" {
 		set.Warnings = append(set.Warnings, msg)
 		p.warn("%s", msg)
 	}

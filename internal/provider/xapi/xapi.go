@@ -146,32 +146,17 @@ func DiskName(userdevice string) string {
 	n, err := strconv.Atoi(userdevice)
 	switch {
 	case err != nil:
-		return "disk-" + sanitize(userdevice)
+		return "disk-" + coord.SafeName(userdevice, 64)
 	case n >= 0 && n < 26:
 		return "xvd" + string(rune('a'+n))
 	}
 	return "disk" + userdevice
 }
 
-func sanitize(s string) string {
-	var b strings.Builder
-	for _, r := range s {
-		if r < 128 && (r == '-' || r == '_' || r == '.' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
-			b.WriteRune(r)
-		} else {
-			b.WriteByte('_')
-		}
-		if b.Len() >= 64 {
-			break
-		}
-	}
-	return b.String()
-}
-
 // RepoName is a VM name-label made a valid repository name: characters
 // other than letters, digits, '.', '_' and '-' become '_'.
 func RepoName(label string) string {
-	s := sanitize(label)
+	s := coord.SafeName(label, 64)
 	s = strings.TrimLeft(s, ".-")
 	if s == "" {
 		s = "vm"
