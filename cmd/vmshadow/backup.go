@@ -15,7 +15,6 @@ import (
 	"github.com/vmshadow/vmshadow/internal/imagefile"
 	"github.com/vmshadow/vmshadow/internal/livebackup"
 	"github.com/vmshadow/vmshadow/internal/progress"
-	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
@@ -31,11 +30,10 @@ type backupFlags struct {
 	disks []string // NAME=IMAGE
 	tags  []string
 
-	live      vmFlags // --qmp or --xapi and the snapshot-set flags: back up a running VM
-	full      bool
-	conns     int
-	hostConns int    // with --xapi: NBD connections per host for the whole set
-	repoVM    string // with --xapi: the VM's name in the repository
+	live   vmFlags // --qmp or --xapi and the snapshot-set flags: back up a running VM
+	full   bool
+	conns  int
+	repoVM string // with --xapi: the VM's name in the repository
 }
 
 // maxNBDConnections bounds --nbd-connections: more connections per disk
@@ -82,7 +80,7 @@ stored again. The summary lists what was read and stored per disk.`,
 	f.live.addSet(cmd)
 	cmd.Flags().BoolVar(&f.full, "full", false, "with --qmp or --xapi: read every disk in full, not only what changed")
 	intFlag(cmd.Flags(), &f.conns, "nbd-connections", 4, 1, maxNBDConnections, "with --qmp or --xapi: NBD connections per disk")
-	intFlag(cmd.Flags(), &f.hostConns, "xapi-nbd-connections", livebackup.DefaultHostConns, 1, 16, "with --xapi: NBD connections per pool host for all disks together (XenServer's NBD server serves at most 16 per host, to all clients)")
+	intFlag(cmd.Flags(), &f.live.hostConns, "xapi-nbd-connections", xapiprov.DefaultHostConns, 1, 16, "with --xapi: NBD connections per pool host for all disks together (XenServer's NBD server serves at most 16 per host, to all clients)")
 	f.repo.register(cmd)
 	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")
@@ -198,12 +196,6 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	}
 	defer unlock()
 	lo.Coordinator = c
-	switch p := c.Provider.(type) {
-	case *qemu.Provider:
-		lo.Provider = livebackup.QEMU{Provider: p}
-	case *xapiprov.Provider:
-		lo.Provider = livebackup.NewXAPI(p, f.hostConns, func(msg string) { a.out.Warn("%s", msg) })
-	}
 	lb, err := livebackup.Start(ctx, r, lo)
 	if err != nil {
 		return err

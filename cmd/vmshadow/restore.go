@@ -16,9 +16,9 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
-	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
+	"github.com/vmshadow/vmshadow/internal/restore/xenpool"
 	"github.com/vmshadow/vmshadow/internal/xapi"
 )
 
@@ -85,36 +85,28 @@ template --vm-template. A failed restore destroys what it created.`,
 			if err != nil {
 				return err
 			}
-			if x.url != "" {
-				return restoreToXAPI(ctx, a, r, id, m, disks, pool, xapiprov.RestoreOptions{SR: sr, VMName: vmName, Template: template}, start)
-			}
-			n, first := len(disks), ""
-			if n == 0 {
-				n = len(m.Disks)
-			}
-			if len(disks) > 0 {
-				first = disks[0]
-			} else if len(m.Disks) > 0 {
-				first = m.Disks[0].Name
-			}
-			dest, inDir := restoreDest(to, n, first, restore.Formats[format].Ext)
-			targets, err := restore.Plan(m, disks, dest, format)
+			sel, err := restore.Select(m, disks)
 			if err != nil {
 				return err
 			}
-			if len(targets) > 0 {
-				if err := restoreDir(to, filepath.Dir(targets[0].Path), inDir); err != nil {
+			if x.url != "" {
+				return restoreToXAPI(ctx, a, r, id, m, sel, pool, xenpool.Options{SR: sr, VMName: vmName, Template: template}, start)
+			}
+			first := ""
+			if len(sel) > 0 {
+				first = sel[0].Name
+			}
+			dest, inDir := restoreDest(to, len(sel), first, restore.Formats[format].Ext)
+			files, err := restore.Plan(sel, dest, format)
+			if err != nil {
+				return err
+			}
+			if len(files.Disks) > 0 {
+				if err := restoreDir(to, filepath.Dir(files.Disks[0].Path), inDir); err != nil {
 					return err
 				}
 			}
-			var total int64
-			for _, t := range targets {
-				total += t.Disk.Size
-			}
-			meter := progress.NewMeter(total)
-			stop := showProgress(ctx, a, "restore", meter)
-			res, err := restore.Run(ctx, r, targets, format, restore.Options{Meter: meter})
-			stop()
+			res, err := runRestore(ctx, a, r, sel, files)
 			if err != nil {
 				return err
 			}
@@ -148,46 +140,40 @@ template --vm-template. A failed restore destroys what it created.`,
 	return cmd
 }
 
-// restoreToXAPI restores the backup's disks into new VDIs of a pool.
-func restoreToXAPI(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *repo.Manifest, names []string, pool xapi.Config, o xapiprov.RestoreOptions, start time.Time) error {
-	var sel []repo.ManifestDisk
-	seen := map[string]bool{}
-	for _, n := range names {
-		d := m.Disk(n)
-		switch {
-		case seen[n]:
-			return errorf(errs.ErrUsage, "disk %q given twice", n)
-		case d == nil:
-			return fmt.Errorf("backup has no disk %q: %w", n, errs.ErrNotFound)
-		}
-		seen[n] = true
-		sel = append(sel, *d)
-	}
-	if len(names) == 0 {
-		sel = m.Disks
-	}
+// runRestore restores the selected disks into t with progress.
+func runRestore(ctx context.Context, a *app, r *repo.Repo, sel []repo.ManifestDisk, t restore.Target) ([]restore.DiskResult, error) {
 	var total int64
 	for _, d := range sel {
 		total += d.Size
 	}
 	meter := progress.NewMeter(total)
 	stop := showProgress(ctx, a, "restore", meter)
-	o.Meter = meter
-	res, err := xapiprov.Restore(ctx, pool, r, m, sel, o)
+	res, err := restore.Run(ctx, r, sel, t, restore.Options{Meter: meter})
 	stop()
+	return res, err
+}
+
+// restoreToXAPI restores the selected disks into new VDIs of a pool.
+func restoreToXAPI(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *repo.Manifest, sel []repo.ManifestDisk, pool xapi.Config, o xenpool.Options, start time.Time) error {
+	t, err := xenpool.New(ctx, pool, m, o)
 	if err != nil {
 		return err
 	}
+	out, err := runRestore(ctx, a, r, sel, t)
+	if err != nil {
+		return err
+	}
+	res := t.Result(out)
 	s := struct {
-		BackupID     string                  `json:"backup_id"`
-		VM           string                  `json:"vm"`
-		Format       string                  `json:"format"`
-		Pool         string                  `json:"pool"`
-		SR           string                  `json:"sr"`
-		NewVM        string                  `json:"vm_uuid,omitempty"`
-		Disks        []xapiprov.RestoredDisk `json:"disks"`
-		BytesWritten int64                   `json:"bytes_written"`
-		DurationS    float64                 `json:"duration_s"`
+		BackupID     string                 `json:"backup_id"`
+		VM           string                 `json:"vm"`
+		Format       string                 `json:"format"`
+		Pool         string                 `json:"pool"`
+		SR           string                 `json:"sr"`
+		NewVM        string                 `json:"vm_uuid,omitempty"`
+		Disks        []xenpool.RestoredDisk `json:"disks"`
+		BytesWritten int64                  `json:"bytes_written"`
+		DurationS    float64                `json:"duration_s"`
 	}{BackupID: id.String(), VM: m.VM, Format: "xapi", Pool: pool.URL, SR: res.SR, NewVM: res.VM, Disks: res.Disks, DurationS: time.Since(start).Seconds()}
 	for _, d := range res.Disks {
 		s.BytesWritten += d.BytesWritten

@@ -8,7 +8,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,9 +16,8 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/instant"
-	"github.com/vmshadow/vmshadow/internal/nbd"
 	"github.com/vmshadow/vmshadow/internal/progress"
-	"github.com/vmshadow/vmshadow/internal/repo"
+	"github.com/vmshadow/vmshadow/internal/restore"
 )
 
 func init() { commands = append(commands, newServeCmd) }
@@ -74,48 +72,18 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 			if err != nil {
 				return err
 			}
-			for _, d := range disks {
-				if m.Disk(d) == nil {
-					return errorf(errs.ErrNotFound, "backup %s has no disk %q", id.Short(), d)
-				}
+			sel, err := restore.Select(m, disks)
+			if err != nil {
+				return err
 			}
-			srv := nbd.NewServer(nil)
+			srv, err := instant.NewServer(ctx, r, id, m, instant.ServeOptions{Disks: sel, CacheBytes: int64(cacheMiB) << 20,
+				Writable: writable, OverlayDir: filepath.Join(stateDir, "serve"), Warn: func(msg string) { a.out.Warn("%s", msg) }})
+			if err != nil {
+				return err
+			}
+			defer srv.Close()
 			var served []servedExport
-			for _, d := range m.Disks {
-				if len(disks) > 0 && !slices.Contains(disks, d.Name) {
-					continue
-				}
-				xid, err := repo.ParseID(d.Index)
-				if err != nil {
-					return fmt.Errorf("disk %s: %w", d.Name, err)
-				}
-				x, err := r.LoadIndex(ctx, xid)
-				if err != nil {
-					return fmt.Errorf("disk %s: %w", d.Name, err)
-				}
-				var export nbd.Export = instant.NewDisk(r, x, int64(cacheMiB)<<20)
-				if writable {
-					dir := filepath.Join(stateDir, "serve")
-					if err := os.MkdirAll(dir, 0o700); err != nil {
-						return err
-					}
-					// Overlays of killed serves (a running one's is locked).
-					if _, err := instant.RemoveStaleOverlays(dir); err != nil {
-						a.out.Warn("%v", err)
-					}
-					path := filepath.Join(dir, fmt.Sprintf("%s-%s-%d.overlay", id.Short(), d.Name, os.Getpid()))
-					ov, err := instant.NewOverlay(export.(*instant.Disk), path)
-					if err != nil {
-						return fmt.Errorf("disk %s: %w", d.Name, err)
-					}
-					defer os.Remove(path)
-					defer ov.Close()
-					export = ov
-				}
-				if err := srv.AddExport(d.Name, export, nbd.ExportOptions{ReadOnly: !writable,
-					Description: fmt.Sprintf("vmshadow backup %s of %s, disk %s", id.Short(), m.VM, d.Name)}); err != nil {
-					return err
-				}
+			for _, d := range sel {
 				served = append(served, servedExport{Disk: d.Name, Size: d.Size, NBD: exportURI(network, addr, d.Name), Writable: writable})
 			}
 			if network == "unix" {

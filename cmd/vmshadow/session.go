@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/livebackup"
 	"github.com/vmshadow/vmshadow/internal/nbd"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
@@ -35,6 +36,7 @@ type vmFlags struct {
 	require       string
 	stateDir      string
 	noPause       bool // --xapi-no-pause
+	hostConns     int  // --xapi-nbd-connections (backup)
 	peerTimeout   time.Duration
 }
 
@@ -102,7 +104,15 @@ func (f *vmFlags) addSet(cmd *cobra.Command) {
 	cmd.Flags().BoolVar(&f.noPause, "xapi-no-pause", false, "with --xapi: do not pause a running VM with several disks around VM.snapshot (XAPI then snapshots its disks one after another, not at one instant)")
 }
 
-// coordinator builds the coordinator for the flags.
+// The providers coordinator builds back up live too: each is its own
+// change tracking (livebackup.Provider).
+var (
+	_ livebackup.Provider = (*qemu.Provider)(nil)
+	_ livebackup.Provider = (*xapiprov.Provider)(nil)
+)
+
+// coordinator builds the coordinator for the flags: the one place that
+// maps the flags to a provider.
 func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	switch {
 	case f.qmp != "" && f.x.url != "":
@@ -142,7 +152,7 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		if err != nil {
 			return nil, err
 		}
-		c.Provider = xapiprov.New(xapiprov.Options{Pool: cfg, VM: f.vm, Insecure: f.x.insecure, NoPause: f.noPause, Warn: opts.Warn})
+		c.Provider = xapiprov.New(xapiprov.Options{Pool: cfg, VM: f.vm, Insecure: f.x.insecure, NoPause: f.noPause, HostConns: f.hostConns, Warn: opts.Warn})
 	} else {
 		c.Provider = qemu.New(qemu.Options{QMPPath: f.qmp, ScratchDir: scratch, Warn: opts.Warn})
 	}

@@ -150,11 +150,15 @@ func tryRestore(r *repo.Repo, id repo.ID, to string) error {
 	if err != nil {
 		return err
 	}
-	ts, err := restore.Plan(m, []string{"sda"}, to, "raw")
+	sel, err := restore.Select(m, []string{"sda"})
 	if err != nil {
 		return err
 	}
-	_, err = restore.Run(ctx, r, ts, "raw", restore.Options{})
+	ts, err := restore.Plan(sel, to, "raw")
+	if err != nil {
+		return err
+	}
+	_, err = restore.Run(ctx, r, sel, ts, restore.Options{})
 	return err
 }
 

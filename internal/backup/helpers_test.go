@@ -151,11 +151,15 @@ func restoreDisk(t testing.TB, r *repo.Repo, id repo.ID, disk, to string) restor
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts, err := restore.Plan(m, []string{disk}, to, "raw")
+	sel, err := restore.Select(m, []string{disk})
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := restore.Run(context.Background(), r, ts, "raw", restore.Options{})
+	ts, err := restore.Plan(sel, to, "raw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := restore.Run(context.Background(), r, sel, ts, restore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

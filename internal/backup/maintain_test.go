@@ -122,8 +122,8 @@ func TestVerifyFindsDamage(t *testing.T) {
 			if tc.kind == "chunk" {
 				m, _ := r.LoadManifest(ctx, b1.ID)
 				out := filepath.Join(t.TempDir(), "r")
-				ts, _ := restore.Plan(m, nil, out, "raw")
-				_, err := restore.Run(ctx, r, ts, "raw", restore.Options{})
+				ts, _ := restore.Plan(m.Disks, out, "raw")
+				_, err := restore.Run(ctx, r, m.Disks, ts, restore.Options{})
 				if !errors.Is(err, errs.ErrCorrupt) && !errors.Is(err, errs.ErrNotFound) {
 					t.Errorf("restore of damaged backup: %v", err)
 				}
@@ -217,8 +217,8 @@ func TestFaults(t *testing.T) {
 		fb.Add(fault.Rule{Op: fault.OpGet, Kind: backend.KindChunks, Nth: 3, Mode: fault.Corrupt})
 		m, _ := r.LoadManifest(ctx, res.ID)
 		out := filepath.Join(t.TempDir(), "out")
-		ts, _ := restore.Plan(m, nil, out, "raw")
-		if _, err := restore.Run(ctx, r, ts, "raw", restore.Options{}); !errors.Is(err, errs.ErrCorrupt) {
+		ts, _ := restore.Plan(m.Disks, out, "raw")
+		if _, err := restore.Run(ctx, r, m.Disks, ts, restore.Options{}); !errors.Is(err, errs.ErrCorrupt) {
 			t.Fatalf("restore with a corrupted read: %v", err)
 		}
 		if _, err := os.Stat(out); err == nil {

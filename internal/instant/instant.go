@@ -1,7 +1,8 @@
 // Package instant serves a backed-up disk as an NBD export read on demand
 // from the repository (instant restore: a VM boots from it at once, or a
 // user mounts it), optionally writable through a local overlay that keeps
-// every write and never changes the repository.
+// every write and never changes the repository. NewServer assembles the
+// NBD server of a backup's disks, which `vmshadow serve` listens with.
 package instant
 
 import (

@@ -7,11 +7,11 @@
 // leaves the change tracking where the last stored backup left it, so no
 // change is ever lost.
 //
-// It is hypervisor-neutral: a Provider (the coordinator's provider plus
-// change tracking and a way to read each shadow copy) adapts each
-// hypervisor; QEMU (dirty bitmaps, qemu.go) and XAPI (changed block
-// tracking, xapi.go) are the two. Both feed the same backup pipeline and
-// the same repository format.
+// It is hypervisor-neutral and imports no provider: the coordinator's
+// provider implements Provider (change tracking and a way to read each
+// shadow copy) itself; QEMU (dirty bitmaps) and XAPI (changed block
+// tracking) do. All feed the same backup pipeline and the same repository
+// format; the chain-break reasons common to all are in internal/tracking.
 //
 // The VM is locked for the whole backup, and the set is ephemeral: if the
 // process dies, the next backup (or recover) finds and undoes it.
@@ -27,47 +27,41 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 // Provider is what a live backup needs from a hypervisor's provider
-// besides the snapshot set itself.
+// besides the snapshot set itself (coord.Provider): change tracking and a
+// way to read each shadow copy. The coordinator's provider implements it.
 type Provider interface {
 	// Kind is the provider's name, recorded as the backups' source ("qemu",
 	// "xapi"); a chain continues only from a backup of the same kind.
 	Kind() string
-	// Track asks the next set to rotate change tracking for the repository
-	// whose checkpoints are named with prefix. prev is the repository's
-	// last backup of the VM (nil: none): its disks' Checkpoint and Size say
-	// where each disk's chain stands. full reads every disk in full (the
-	// chain still rotates). The set's shadows then carry Checkpoint (this
-	// backup's checkpoint), and Bitmap (the previous checkpoint the changes
-	// are relative to) or FullReason.
-	Track(prefix string, prev *repo.Manifest, full bool)
+	// Track asks the next set (before Create) to rotate change tracking as
+	// r says. The set's shadows then carry Checkpoint (this backup's
+	// checkpoint, recorded in its manifest), and Bitmap (the previous
+	// checkpoint the changes are relative to) or FullReason: r.Reason's
+	// reason, or one of the provider's own.
+	Track(r tracking.Request)
 	// Idle is called once the set exists, before its shadow copies are read:
 	// the provider may drop connections the read does not need.
 	Idle()
 	// Open opens a shadow copy of the set as a backup source. With
 	// incremental, ranges that did not change since sh.Bitmap are
 	// Unchanged; otherwise every allocated range is read.
-	Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (Source, error)
+	Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (tracking.Source, error)
 	// Complete records that the backup is stored (its manifest durable):
 	// releasing the set then moves the chain on to this backup's
-	// checkpoints. Without it, release keeps the chain where it was.
+	// checkpoints. Without it, release merges the set's changes back, so
+	// the chain stays where the last stored backup left it.
 	Complete(set *coord.Set, save func() error) error
-}
-
-// Source is an open shadow copy.
-type Source interface {
-	backup.Source
-	Close() error
 }
 
 // Options of a live backup.
 type Options struct {
-	// Coordinator has the writers, journal and limits; its Provider is
-	// the coordinator's face of Provider.
+	// Coordinator has the provider, writers, journal and limits; its
+	// Provider must implement Provider.
 	Coordinator *coord.Coordinator
-	Provider    Provider
 	// VM names the VM in the repository; default: Name of the VM the
 	// provider identified, or the VM's own name.
 	VM    string
@@ -92,8 +86,9 @@ type Backup struct {
 	Disks []DiskPlan
 
 	o       Options
+	p       Provider
 	session *coord.Session
-	sources []Source
+	sources []tracking.Source
 }
 
 // BitmapPrefix names the repository's change tracking: its bitmaps in
@@ -111,13 +106,17 @@ func BitmapPrefix(r *repo.Repo) string {
 // backup.Run(ctx, r, b.Job, ...) and then must call Finish.
 func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	c := o.Coordinator
+	p, ok := c.Provider.(Provider)
+	if !ok {
+		return nil, fmt.Errorf("%s VMs cannot be backed up: the provider has no change tracking: %w", c.Provider.Kind(), errs.ErrUnsupported)
+	}
 	c.Ephemeral = true
 	s, err := c.Open(ctx)
 	if err != nil {
 		return nil, err
 	}
-	b := &Backup{o: o, session: s}
-	ok := false
+	b := &Backup{o: o, p: p, session: s}
+	ok = false
 	defer func() {
 		if ok {
 			return
@@ -139,7 +138,7 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	if err := repo.ValidName("vm", vm); err != nil {
 		return nil, fmt.Errorf("%w (name the VM in the repository with --vm)", err)
 	}
-	kind := o.Provider.Kind()
+	kind := p.Kind()
 	prev, err := r.LatestBackup(ctx, vm, func(b *repo.Backup) bool { return b.Source == kind })
 	switch {
 	case errors.Is(err, errs.ErrNotFound):
@@ -147,17 +146,13 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	case err != nil:
 		return nil, fmt.Errorf("find the previous backup of %s: %w", vm, err)
 	}
-	var prevManifest *repo.Manifest
-	if prev != nil {
-		prevManifest = prev.Manifest
-	}
-	o.Provider.Track(BitmapPrefix(r), prevManifest, o.Full)
+	p.Track(request(BitmapPrefix(r), prev, o.Full))
 	set, err := s.Create(ctx)
 	if err != nil {
 		return nil, err
 	}
 	b.Set = set
-	o.Provider.Idle()
+	p.Idle()
 	b.Job = backup.Job{VM: vm, Tags: o.Tags, Time: set.Created, Source: kind, Consistency: set.Consistency.String(), SetID: set.ID}
 	var reasons []string
 	incremental := 0
@@ -190,7 +185,7 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 			base = nil
 			reasons = append(reasons, sh.Disk+": "+plan.Reason)
 		}
-		src, err := o.Provider.Open(ctx, sh, plan.Mode == "incremental", o.Conns)
+		src, err := p.Open(ctx, sh, plan.Mode == "incremental", o.Conns)
 		if err != nil {
 			return nil, err
 		}
@@ -220,7 +215,7 @@ func (b *Backup) Finish(ctx context.Context, stored bool) error {
 	}
 	b.sources = nil
 	if stored {
-		if err := b.o.Provider.Complete(b.Set, func() error { return b.session.Save(b.Set) }); err != nil {
+		if err := b.p.Complete(b.Set, func() error { return b.session.Save(b.Set) }); err != nil {
 			return fmt.Errorf("record the backup's checkpoint: %w", err)
 		}
 	}
@@ -228,6 +223,21 @@ func (b *Backup) Finish(ctx context.Context, stored bool) error {
 		return fmt.Errorf("release snapshot set %s: %w", b.Set.ID, err)
 	}
 	return nil
+}
+
+// request is the change-tracking request of a backup whose previous
+// backup of the chain is prev (nil: none): each disk's checkpoint and size
+// from prev's manifest.
+func request(prefix string, prev *repo.Backup, full bool) tracking.Request {
+	t := tracking.Request{Prefix: prefix, Full: full, Previous: map[string]tracking.Previous{}}
+	if prev != nil {
+		for _, d := range prev.Manifest.Disks {
+			if d.Checkpoint != "" {
+				t.Previous[d.Name] = tracking.Previous{Checkpoint: d.Checkpoint, Size: d.Size}
+			}
+		}
+	}
+	return t
 }
 
 func (b *Backup) close() {

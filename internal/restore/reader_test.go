@@ -134,27 +134,34 @@ func TestDiskReaderDetectsDamage(t *testing.T) {
 
 func TestPlanNaming(t *testing.T) {
 	m := &repo.Manifest{Disks: []repo.ManifestDisk{{Name: "sda"}, {Name: "sdb"}}}
-	ts, err := restore.Plan(m, nil, "/out", "raw")
-	if err != nil || len(ts) != 2 || ts[0].Path != "/out/sda.raw" || ts[1].Path != "/out/sdb.raw" {
+	plan := func(names []string, to, format string) (*restore.Files, error) {
+		sel, err := restore.Select(m, names)
+		if err != nil {
+			return nil, err
+		}
+		return restore.Plan(sel, to, format)
+	}
+	ts, err := plan(nil, "/out", "raw")
+	if err != nil || len(ts.Disks) != 2 || ts.Disks[0].Path != "/out/sda.raw" || ts.Disks[1].Path != "/out/sdb.raw" {
 		t.Fatalf("several disks: %v %+v", err, ts)
 	}
-	ts, err = restore.Plan(m, []string{"sdb"}, "/out/b.img", "raw")
-	if err != nil || len(ts) != 1 || ts[0].Path != "/out/b.img" {
+	ts, err = plan([]string{"sdb"}, "/out/b.img", "raw")
+	if err != nil || len(ts.Disks) != 1 || ts.Disks[0].Path != "/out/b.img" {
 		t.Fatalf("one disk: %v %+v", err, ts)
 	}
-	if _, err := restore.Plan(m, []string{"sdc"}, "/x", "raw"); !errors.Is(err, errs.ErrNotFound) {
+	if _, err := plan([]string{"sdc"}, "/x", "raw"); !errors.Is(err, errs.ErrNotFound) {
 		t.Errorf("unknown disk: %v", err)
 	}
-	if _, err := restore.Plan(m, []string{"sda", "sda"}, "/x", "raw"); !errors.Is(err, errs.ErrUsage) {
+	if _, err := plan([]string{"sda", "sda"}, "/x", "raw"); !errors.Is(err, errs.ErrUsage) {
 		t.Errorf("disk twice: %v", err)
 	}
-	if _, err := restore.Plan(m, nil, "/x", "vmdk"); !errors.Is(err, errs.ErrUsage) {
+	if _, err := plan(nil, "/x", "vmdk"); !errors.Is(err, errs.ErrUsage) {
 		t.Errorf("unknown format: %v", err)
 	}
-	if _, err := restore.Plan(m, nil, t.TempDir(), "raw"); err != nil {
+	if _, err := plan(nil, t.TempDir(), "raw"); err != nil {
 		t.Errorf("existing directory for several disks: %v", err)
 	}
-	if _, err := restore.Plan(m, []string{"sda"}, t.TempDir(), "raw"); !errors.Is(err, errs.ErrUsage) {
+	if _, err := plan([]string{"sda"}, t.TempDir(), "raw"); !errors.Is(err, errs.ErrUsage) {
 		t.Errorf("directory as single-disk target: %v", err)
 	}
 }

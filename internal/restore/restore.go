@@ -1,7 +1,10 @@
 // Package restore owns getting disks back out of a backup: random access to
 // a backup disk (DiskReader, also the basis of instant restore over NBD) and
-// full restores to raw files or block devices, or to any ImageWriter (the
-// qcow2 writer plugs in through Formats).
+// full restores: which disks (Select), their indexes checked against the
+// manifest (LoadIndex), each written and verified into a Target and the
+// target cleaned up after a failure (Run). Targets are raw files or block
+// devices and qcow2 images (Files; the qcow2 writer plugs in through
+// Formats), or new VDIs of a XenServer pool (internal/restore/xenpool).
 package restore
 
 import (

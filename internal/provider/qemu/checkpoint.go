@@ -6,28 +6,15 @@ import (
 	"strings"
 
 	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/nbdsource"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
-// Checkpoint asks a set to rotate change tracking for incremental backups.
-// Each repository keeps its own chain of persistent dirty bitmaps, named
-// Prefix-<set id>: the bitmap started at a backup's instant records every
-// change since, and the next backup reads only what it marks. Bitmaps of
-// other repositories (other prefixes) are never touched.
-type Checkpoint struct {
-	// Prefix names the repository's bitmaps, e.g. "vmshadow-<repo id>".
-	Prefix string
-	// Previous is, per disk name, the checkpoint of the last successful
-	// backup into the repository. A disk without one is read in full.
-	Previous map[string]Previous
-	// Full reads every disk in full (the chain still rotates).
-	Full bool
-}
-
-// Previous is one disk's checkpoint from the last successful backup.
-type Previous struct {
-	Bitmap string // bitmap name started at that backup's instant
-	Size   int64  // the disk's size then
-}
+// Change tracking (tracking.Request) is a chain of persistent dirty
+// bitmaps per repository, named Prefix-<set id>: the bitmap started at a
+// backup's instant records every change since, and the next backup reads
+// only what it marks. Bitmaps of other repositories (other prefixes) are
+// never touched.
 
 // checkpointState is the journal record of a rotation, per disk.
 type checkpointState struct {
@@ -49,7 +36,7 @@ type checkpointState struct {
 // goes on through a --full backup too, so that if the backup is not
 // stored the chain still continues from the last backup that was.
 func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state) error {
-	cp := p.opts.Checkpoint
+	cp := p.opts.Tracking
 	nodes, err := p.namedNodes(ctx)
 	if err != nil {
 		return err
@@ -62,11 +49,11 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 		d := &st.Disks[i]
 		d.Checkpoint = &checkpointState{New: cp.Prefix + "-" + set.ID}
 		prev, had := cp.Previous[d.Name]
-		reason := ""
+		reason := cp.Reason(d.Name, d.Size)
 		var found *bitmapInfo
 		other := ""
 		for _, b := range byNode[d.Node].DirtyBitmaps {
-			if b.Name == prev.Bitmap {
+			if b.Name == prev.Checkpoint {
 				b := b
 				found = &b
 			} else if strings.HasPrefix(b.Name, cp.Prefix+"-") {
@@ -74,28 +61,19 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 			}
 		}
 		switch {
-		case cp.Full:
-			reason = "full backup requested (--full)"
-		case !had || prev.Bitmap == "":
-			if len(cp.Previous) == 0 {
-				reason = "first backup of this VM into this repository"
-			} else {
-				reason = "disk added since the last backup"
-			}
-		case prev.Size != d.Size:
-			reason = fmt.Sprintf("disk resized from %d to %d bytes since the last backup", prev.Size, d.Size)
+		case reason != "":
 		case found == nil && other != "":
-			reason = fmt.Sprintf("the disk tracks changes since checkpoint %s, whose backup is no longer in the repository (pruned or deleted); the latest backup there has checkpoint %s", other, prev.Bitmap)
+			reason = tracking.Pruned("checkpoint", other, prev.Checkpoint)
 		case found == nil:
-			reason = fmt.Sprintf("change-tracking bitmap %s is missing (QEMU was restarted and the disk could not keep it: a raw disk, or QEMU was killed before saving it; or it was removed)", prev.Bitmap)
+			reason = fmt.Sprintf("change-tracking bitmap %s is missing (QEMU was restarted and the disk could not keep it: a raw disk, or QEMU was killed before saving it; or it was removed)", prev.Checkpoint)
 		case found.Inconsistent:
-			reason = fmt.Sprintf("change-tracking bitmap %s is inconsistent (QEMU stopped without saving it)", prev.Bitmap)
+			reason = fmt.Sprintf("change-tracking bitmap %s is inconsistent (QEMU stopped without saving it)", prev.Checkpoint)
 		case !found.Recording:
-			reason = fmt.Sprintf("change-tracking bitmap %s was not recording", prev.Bitmap)
+			reason = fmt.Sprintf("change-tracking bitmap %s was not recording", prev.Checkpoint)
 		}
 		d.FullReason = reason
 		if found != nil && had && prev.Size == d.Size && !found.Inconsistent && found.Recording {
-			d.Checkpoint.Previous = prev.Bitmap // read from only when reason is ""
+			d.Checkpoint.Previous = prev.Checkpoint // read from only when reason is ""
 		}
 		// The repository's other bitmaps on the disk are of no further
 		// use (and slow the guest's writes down): they go once this
@@ -127,12 +105,12 @@ func rotateActions(st *state) []map[string]any {
 	return acts
 }
 
-// CompleteCheckpoint records that the backup reading the set succeeded and
+// Complete records that the backup reading the set succeeded and
 // its manifest is durable. When the set is released, the previous bitmaps
 // are then removed (they are busy while exported) and the new ones kept;
 // without this call, Release merges the new bitmaps back into the previous
 // ones. Call it before deleting the set.
-func (p *Provider) CompleteCheckpoint(set *coord.Set, save func() error) error {
+func (p *Provider) Complete(set *coord.Set, save func() error) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete checkpoint: no state: %v", err)
@@ -203,4 +181,21 @@ func (r *releaser) checkpoints(ctx context.Context, st *state) {
 
 func bitmapAction(op, node, name string) map[string]any {
 	return map[string]any{"type": "block-dirty-bitmap-" + op, "data": map[string]any{"node": node, "name": name}}
+}
+
+// Idle is called once the set exists, before its shadow copies are read:
+// the QMP socket is not held during the read; it is reopened for the
+// release.
+func (p *Provider) Idle() { p.Close() }
+
+// Open opens a shadow copy of the set over QEMU's NBD server. With
+// incremental, ranges the exported bitmap sh.Bitmap does not mark are
+// unchanged; otherwise every allocated range is read.
+func (p *Provider) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (tracking.Source, error) {
+	bitmap := ""
+	if incremental {
+		bitmap = sh.Bitmap
+	}
+	return nbdsource.Open(ctx, nbdsource.Options{Name: sh.Disk, URI: sh.NBD, Bitmap: bitmap, Conns: conns,
+		ServerErrorHint: "the shadow copy is broken if its diff area filled up or failed: give the set more scratch space with --scratch-dir"})
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	"github.com/vmshadow/vmshadow/internal/qemutest"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 // dirtyExtents reads an exported dirty bitmap with qemu-img map and returns
@@ -51,12 +52,12 @@ type rig struct {
 // set takes a set with the given checkpoint request, runs fn on it, then
 // completes the checkpoint if ok and deletes the set, which must give back
 // everything it took (the chain's bitmaps may move on).
-func (r *rig) set(cp *qemu.Checkpoint, ok bool, fn func(set *coord.Set)) *coord.Set {
+func (r *rig) set(cp *tracking.Request, ok bool, fn func(set *coord.Set)) *coord.Set {
 	r.t.Helper()
 	before := r.vm.Baseline(r.scratch).WithChains()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	p := qemu.New(qemu.Options{QMPPath: r.vm.QMPPath, ScratchDir: r.scratch, Checkpoint: cp})
+	p := qemu.New(qemu.Options{QMPPath: r.vm.QMPPath, ScratchDir: r.scratch, Tracking: cp})
 	s, err := (&coord.Coordinator{Provider: p, Journal: r.journal}).Open(ctx)
 	if err != nil {
 		r.t.Fatal(err)
@@ -68,7 +69,7 @@ func (r *rig) set(cp *qemu.Checkpoint, ok bool, fn func(set *coord.Set)) *coord.
 	}
 	fn(set)
 	if ok {
-		if err := p.CompleteCheckpoint(set, func() error { return r.journal.Save(s.VM().Key, set) }); err != nil {
+		if err := p.Complete(set, func() error { return r.journal.Save(s.VM().Key, set) }); err != nil {
 			r.t.Fatal(err)
 		}
 	}
@@ -89,16 +90,16 @@ func TestCheckpointChain(t *testing.T) {
 	defer os.RemoveAll(dir)
 	r := &rig{t: t, vm: vm, journal: &coord.Journal{Dir: dir + "/j"}, scratch: dir + "/s"}
 	prefix := "vmshadow-repo1"
-	prev := func(set *coord.Set) map[string]qemu.Previous {
-		m := map[string]qemu.Previous{}
+	prev := func(set *coord.Set) map[string]tracking.Previous {
+		m := map[string]tracking.Previous{}
 		for _, sh := range set.Shadows {
-			m[sh.Disk] = qemu.Previous{Bitmap: sh.Checkpoint, Size: sh.Size}
+			m[sh.Disk] = tracking.Previous{Checkpoint: sh.Checkpoint, Size: sh.Size}
 		}
 		return m
 	}
 
 	// First backup: full, a new bitmap per disk.
-	s1 := r.set(&qemu.Checkpoint{Prefix: prefix}, true, func(set *coord.Set) {
+	s1 := r.set(&tracking.Request{Prefix: prefix}, true, func(set *coord.Set) {
 		for _, sh := range set.Shadows {
 			if sh.Bitmap != "" || !strings.Contains(sh.FullReason, "first backup") || sh.Checkpoint != prefix+"-"+set.ID {
 				t.Errorf("first set: %+v", sh)
@@ -113,7 +114,7 @@ func TestCheckpointChain(t *testing.T) {
 	// changes, and afterwards they are tracked again.
 	vm.Write("vda", 1, 1<<20, 64<<10)
 	vm.Write("vdb", 2, 4<<20, 128<<10)
-	s2 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1)}, false, func(set *coord.Set) {
+	s2 := r.set(&tracking.Request{Prefix: prefix, Previous: prev(s1)}, false, func(set *coord.Set) {
 		vm.Write("vda", 3, 8<<20, 64<<10) // after the instant: not in this backup
 		for _, sh := range set.Shadows {
 			if sh.FullReason != "" || sh.Bitmap != prefix+"-"+s1.ID {
@@ -131,7 +132,7 @@ func TestCheckpointChain(t *testing.T) {
 
 	// Third backup from the first checkpoint: sees changes from before and
 	// during the failed one, and succeeds.
-	s3 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1)}, true, func(set *coord.Set) {
+	s3 := r.set(&tracking.Request{Prefix: prefix, Previous: prev(s1)}, true, func(set *coord.Set) {
 		for _, sh := range set.Shadows {
 			want := map[string]string{"vda": "1048576+65536,8388608+65536", "vdb": "4194304+131072"}[sh.Disk]
 			if got := strings.Join(dirtyExtents(t, sh), ","); got != want {
@@ -146,9 +147,9 @@ func TestCheckpointChain(t *testing.T) {
 	// Chain breaks: a resized disk, a bitmap that is gone, --full, a second
 	// repository on the same VM (its own chain, ours untouched).
 	p3 := prev(s3)
-	p3["vdb"] = qemu.Previous{Bitmap: p3["vdb"].Bitmap, Size: 1}
-	vm.Exec("block-dirty-bitmap-remove", map[string]string{"node": "fmt-vda", "name": p3["vda"].Bitmap}, nil)
-	r.set(&qemu.Checkpoint{Prefix: prefix, Previous: p3}, false, func(set *coord.Set) {
+	p3["vdb"] = tracking.Previous{Checkpoint: p3["vdb"].Checkpoint, Size: 1}
+	vm.Exec("block-dirty-bitmap-remove", map[string]string{"node": "fmt-vda", "name": p3["vda"].Checkpoint}, nil)
+	r.set(&tracking.Request{Prefix: prefix, Previous: p3}, false, func(set *coord.Set) {
 		for _, sh := range set.Shadows {
 			want := map[string]string{"vda": "is missing", "vdb": "resized"}[sh.Disk]
 			if !strings.Contains(sh.FullReason, want) || sh.Bitmap != "" {
@@ -161,12 +162,12 @@ func TestCheckpointChain(t *testing.T) {
 	if got, want := bitmaps(vm), fmt.Sprintf("fmt-vdb/%s-%s", prefix, s3.ID); got != want {
 		t.Errorf("bitmaps after a failed full backup = %q, want %q", got, want)
 	}
-	s5 := r.set(&qemu.Checkpoint{Prefix: prefix}, true, func(*coord.Set) {})
+	s5 := r.set(&tracking.Request{Prefix: prefix}, true, func(*coord.Set) {})
 	if got, want := bitmaps(vm), fmt.Sprintf("fmt-vda/%s-%s fmt-vdb/%s-%s", prefix, s5.ID, prefix, s5.ID); got != want {
 		t.Errorf("bitmaps after a stored full backup = %q, want %q", got, want)
 	}
-	other := r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo2"}, true, func(*coord.Set) {})
-	r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo2", Previous: prev(other), Full: true}, true, func(set *coord.Set) {
+	other := r.set(&tracking.Request{Prefix: "vmshadow-repo2"}, true, func(*coord.Set) {})
+	r.set(&tracking.Request{Prefix: "vmshadow-repo2", Previous: prev(other), Full: true}, true, func(set *coord.Set) {
 		for _, sh := range set.Shadows {
 			if !strings.Contains(sh.FullReason, "--full") {
 				t.Errorf("%s: reason %q", sh.Disk, sh.FullReason)
@@ -185,7 +186,7 @@ func TestCheckpointOldQcow2(t *testing.T) {
 	dir, _ := os.MkdirTemp("", "vscp")
 	defer os.RemoveAll(dir)
 	r := &rig{t: t, vm: vm, journal: &coord.Journal{Dir: dir + "/j"}, scratch: dir + "/s"}
-	set := r.set(&qemu.Checkpoint{Prefix: "vmshadow-old"}, true, func(*coord.Set) {})
+	set := r.set(&tracking.Request{Prefix: "vmshadow-old"}, true, func(*coord.Set) {})
 	var nodes []struct {
 		NodeName     string `json:"node-name"`
 		DirtyBitmaps []struct {
@@ -220,12 +221,12 @@ func TestCheckpointFullInterrupted(t *testing.T) {
 	defer os.RemoveAll(dir)
 	r := &rig{t: t, vm: vm, journal: &coord.Journal{Dir: dir + "/j"}, scratch: dir + "/s"}
 	prefix := "vmshadow-repo1"
-	prev := func(set *coord.Set) map[string]qemu.Previous {
-		return map[string]qemu.Previous{"vda": {Bitmap: set.Shadows[0].Checkpoint, Size: set.Shadows[0].Size}}
+	prev := func(set *coord.Set) map[string]tracking.Previous {
+		return map[string]tracking.Previous{"vda": {Checkpoint: set.Shadows[0].Checkpoint, Size: set.Shadows[0].Size}}
 	}
-	s1 := r.set(&qemu.Checkpoint{Prefix: prefix}, true, func(*coord.Set) {})
+	s1 := r.set(&tracking.Request{Prefix: prefix}, true, func(*coord.Set) {})
 	vm.Write("vda", 1, 1<<20, 64<<10)
-	r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1), Full: true}, false, func(set *coord.Set) {
+	r.set(&tracking.Request{Prefix: prefix, Previous: prev(s1), Full: true}, false, func(set *coord.Set) {
 		sh := set.Shadows[0]
 		if sh.Bitmap != "" || !strings.Contains(sh.FullReason, "--full") {
 			t.Errorf("--full set: bitmap %q reason %q, want a full read for --full", sh.Bitmap, sh.FullReason)
@@ -235,7 +236,7 @@ func TestCheckpointFullInterrupted(t *testing.T) {
 	if got, want := bitmaps(vm), "fmt-vda/"+prefix+"-"+s1.ID; got != want {
 		t.Fatalf("bitmaps after an interrupted --full backup = %q, want %q", got, want)
 	}
-	s3 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s1)}, true, func(set *coord.Set) {
+	s3 := r.set(&tracking.Request{Prefix: prefix, Previous: prev(s1)}, true, func(set *coord.Set) {
 		sh := set.Shadows[0]
 		if sh.FullReason != "" || sh.Bitmap != prefix+"-"+s1.ID {
 			t.Fatalf("backup after an interrupted --full: bitmap %q reason %q, want incremental from %s", sh.Bitmap, sh.FullReason, s1.ID)
@@ -244,7 +245,7 @@ func TestCheckpointFullInterrupted(t *testing.T) {
 			t.Errorf("dirty = %s, want %s", got, want)
 		}
 	})
-	s4 := r.set(&qemu.Checkpoint{Prefix: prefix, Previous: prev(s3), Full: true}, true, func(*coord.Set) {})
+	s4 := r.set(&tracking.Request{Prefix: prefix, Previous: prev(s3), Full: true}, true, func(*coord.Set) {})
 	if got, want := bitmaps(vm), "fmt-vda/"+prefix+"-"+s4.ID; got != want {
 		t.Fatalf("bitmaps after a stored --full backup = %q, want %q", got, want)
 	}

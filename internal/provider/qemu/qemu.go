@@ -35,6 +35,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/qmp"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 // Prefix starts the name of every object vmshadow creates in QEMU.
@@ -48,9 +49,9 @@ type Options struct {
 	ScratchDir string
 	// Warn is told of problems that do not stop the set.
 	Warn func(string)
-	// Checkpoint, if set, rotates change tracking at the set's instant
-	// and exports the previous bitmap with each shadow copy (backups).
-	Checkpoint *Checkpoint
+	// Tracking, if set, rotates change tracking at the set's instant and
+	// exports the previous bitmap with each shadow copy (backups).
+	Tracking *tracking.Request
 }
 
 // Provider implements coord.Provider for one QEMU VM.
@@ -80,9 +81,10 @@ type Disk struct {
 	Persistent bool `json:"persistent_bitmaps"`
 }
 
-// SetCheckpoint sets the change-tracking request of the next set (before
-// Create; the backup learns the VM's name from Identify first).
-func (p *Provider) SetCheckpoint(cp *Checkpoint) { p.opts.Checkpoint = cp }
+// Track sets the change-tracking request of the next set (before Create;
+// the backup learns the VM's name from Identify first). Checkpoints are
+// persistent dirty bitmaps (checkpoint.go).
+func (p *Provider) Track(r tracking.Request) { p.opts.Tracking = &r }
 
 // Kind implements coord.Provider.
 func (p *Provider) Kind() string { return "qemu" }

@@ -13,6 +13,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	"github.com/vmshadow/vmshadow/internal/qemutest"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 // TestSetGivesBackEverything: sets of a running and of a paused VM (backups
@@ -35,18 +36,18 @@ func TestSetGivesBackEverything(t *testing.T) {
 			rewrite := func(*coord.Set) { vm.Write("vda", 2, 0, 24<<20) }
 
 			// Three backups, each with the guest rewriting 24 MiB meanwhile.
-			var prev map[string]qemu.Previous
+			var prev map[string]tracking.Previous
 			for i := 0; i < 3; i++ {
-				set := r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo1", Previous: prev}, true, rewrite)
-				prev = map[string]qemu.Previous{}
+				set := r.set(&tracking.Request{Prefix: "vmshadow-repo1", Previous: prev}, true, rewrite)
+				prev = map[string]tracking.Previous{}
 				for _, sh := range set.Shadows {
-					prev[sh.Disk] = qemu.Previous{Bitmap: sh.Checkpoint, Size: sh.Size}
+					prev[sh.Disk] = tracking.Previous{Checkpoint: sh.Checkpoint, Size: sh.Size}
 				}
 				vm.AssertAsBefore(t, before.WithChains())
 			}
 			before = vm.Baseline(r.scratch).WithChains()
 			// A failed backup, and a snapshot set without change tracking.
-			r.set(&qemu.Checkpoint{Prefix: "vmshadow-repo1", Previous: prev}, false, rewrite)
+			r.set(&tracking.Request{Prefix: "vmshadow-repo1", Previous: prev}, false, rewrite)
 			vm.AssertAsBefore(t, before)
 			r.set(nil, false, rewrite)
 			vm.AssertAsBefore(t, before)

@@ -89,7 +89,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 		st.Disks = append(st.Disks, diskState{Disk: d, Target: tgt, CBW: cbw, Snap: snap, Export: snap,
 			Scratch: filepath.Join(dir, fmt.Sprintf("%s%s-%d.cow", Prefix, set.ID, i)), ByPath: !status.Running})
 	}
-	if p.opts.Checkpoint != nil {
+	if p.opts.Tracking != nil {
 		if err := p.planCheckpoint(ctx, set, st); err != nil {
 			return fmt.Errorf("change tracking: %w", err)
 		}

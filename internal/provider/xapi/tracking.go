@@ -7,34 +7,20 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 	api "github.com/vmshadow/vmshadow/internal/xapi"
 )
 
-// Tracking asks a set to rotate change tracking for a repository. Each
-// repository keeps its own chain of checkpoints: per disk, the snapshot VDI
-// of its last stored backup, reduced to CBT metadata by VDI.data_destroy and
-// tagged vmshadow-chain=<Prefix>. The next backup lists the blocks changed
-// between that checkpoint and its own snapshot, and its snapshot becomes
-// the new checkpoint once the backup is stored.
-type Tracking struct {
-	// Prefix names the repository's checkpoints, e.g. "vmshadow-<repo id>".
-	Prefix string
-	// Previous is, per disk name, the checkpoint of the repository's last
-	// backup of the VM. A disk without one is read in full.
-	Previous map[string]Previous
-	// Full reads every disk in full (the chain still rotates).
-	Full bool
-}
+// Change tracking (tracking.Request) is a chain of checkpoints per
+// repository: per disk, the snapshot VDI of its last stored backup, reduced
+// to CBT metadata by VDI.data_destroy and tagged vmshadow-chain=<Prefix>.
+// The next backup lists the blocks changed between that checkpoint and its
+// own snapshot, and its snapshot becomes the new checkpoint once the backup
+// is stored.
 
-// Previous is one disk's checkpoint from the last backup.
-type Previous struct {
-	Checkpoint string // snapshot VDI UUID
-	Size       int64  // the disk's size then
-}
-
-// SetTracking sets the change-tracking request of the next set (before
-// Create; the backup learns the VM's name from Identify first).
-func (p *Provider) SetTracking(t *Tracking) { p.opts.Tracking = t }
+// Track sets the change-tracking request of the next set (before Create;
+// the backup learns the VM's name from Identify first).
+func (p *Provider) Track(r tracking.Request) { p.opts.Tracking = &r }
 
 // planTracking decides, per disk, whether the previous checkpoint can be
 // trusted, turns CBT on where it is off, and removes the repository's
@@ -52,25 +38,17 @@ func (p *Provider) planTracking(ctx context.Context, st *state) error {
 		if err != nil {
 			return fmt.Errorf("disk %s: %w", d.Name, err)
 		}
-		prev, had := t.Previous[d.Name]
-		reason, other := "", ""
+		prev := t.Previous[d.Name]
+		other := ""
 		chain := p.chainVDIs(ctx, live)
 		for _, u := range chain {
 			if u != prev.Checkpoint {
 				other = u
 			}
 		}
+		reason := t.Reason(d.Name, d.Size)
 		switch {
-		case t.Full:
-			reason = "full backup requested (--full)"
-		case !had || prev.Checkpoint == "":
-			if len(t.Previous) == 0 {
-				reason = "first backup of this VM into this repository"
-			} else {
-				reason = "disk added since the last backup"
-			}
-		case prev.Size != d.Size:
-			reason = fmt.Sprintf("disk resized from %d to %d bytes since the last backup", prev.Size, d.Size)
+		case reason != "":
 		case !live.CBTEnabled:
 			reason = fmt.Sprintf("changed block tracking is off on VDI %s (disabled, or the disk was moved by storage migration); it is turned on again for the next backup", d.VDI)
 		default:
@@ -144,7 +122,7 @@ func (p *Provider) checkPrevious(ctx context.Context, live, checkpoint, other st
 	ref, err := p.c.VDIByUUID(ctx, checkpoint)
 	switch {
 	case api.IsGone(err) && other != "":
-		return fmt.Sprintf("the disk tracks changes since checkpoint VDI %s, whose backup is no longer in the repository (pruned or deleted); the latest backup there has checkpoint %s", other, checkpoint)
+		return tracking.Pruned("checkpoint VDI", other, checkpoint)
 	case api.IsGone(err):
 		return fmt.Sprintf("the last backup's checkpoint VDI %s is gone from the pool (deleted, or the disk was moved by storage migration)", checkpoint)
 	case err != nil:
@@ -162,12 +140,12 @@ func (p *Provider) checkPrevious(ctx context.Context, live, checkpoint, other st
 	return ""
 }
 
-// CompleteTracking records that the backup reading the set succeeded and
+// Complete records that the backup reading the set succeeded and
 // its manifest is durable: when the set is released, its snapshot VDIs keep
 // their CBT metadata as the new checkpoints and the previous checkpoints
 // go. Without this call Release destroys the new snapshot VDIs and the
 // previous checkpoints stay. Call it before deleting the set.
-func (p *Provider) CompleteTracking(set *coord.Set, save func() error) error {
+func (p *Provider) Complete(set *coord.Set, save func() error) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete change tracking: no state: %v", err)

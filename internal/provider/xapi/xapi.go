@@ -10,7 +10,7 @@
 //     (VM.snapshot_with_quiesce was removed in Citrix Hypervisor 8.1);
 //   - the shadow copies: the snapshot VM's VDIs, read over NBD through
 //     VDI.get_nbd_info, with TLS pinned to the certificate XAPI reports;
-//   - change tracking for backups (Tracking): CBT on each disk's VDI
+//   - change tracking for backups (Track): CBT on each disk's VDI
 //     (VDI.enable_cbt), VDI.list_changed_blocks between the previous
 //     backup's snapshot VDI and the new one, and VDI.data_destroy after a
 //     stored backup, which keeps the snapshot's CBT metadata as the base of
@@ -38,6 +38,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 	api "github.com/vmshadow/vmshadow/internal/xapi"
 )
 
@@ -62,10 +63,14 @@ type Options struct {
 	// Warn is told of problems that do not stop the set.
 	Warn func(string)
 	// Tracking, if set, rotates change tracking (backups).
-	Tracking *Tracking
+	Tracking *tracking.Request
 	// NoPause: a running VM with several disks is not paused around
 	// VM.snapshot; its disks are then taken one after another.
 	NoPause bool
+	// HostConns is the budget of NBD connections per pool host for all
+	// disks of a set read together (default DefaultHostConns); each disk
+	// uses at most the connections its read asks for.
+	HostConns int
 }
 
 // Provider implements coord.Provider for one VM of a pool.
@@ -85,6 +90,8 @@ type Provider struct {
 	nbd    map[string][]api.NBDInfo      // snapshot VDI UUID -> NBD info
 	nbdTLS bool                          // the pool's NBD network has the nbd purpose (TLS), not insecure_nbd
 	cbt    map[string]*api.ChangedBlocks // snapshot VDI UUID -> changes since the previous checkpoint
+	// budgets are the NBD connections per host the set's reads share.
+	budgets *budgets
 }
 
 // New returns a provider; it logs in on first use.

@@ -17,6 +17,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/nbd"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/testutil"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 	"github.com/vmshadow/vmshadow/internal/xapi"
 	"github.com/vmshadow/vmshadow/internal/xapitest"
 )
@@ -371,12 +372,12 @@ func TestReleaseAfterStoredBackup(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	p.SetTracking(&xapiprov.Tracking{Prefix: "vmshadow-test", Previous: map[string]xapiprov.Previous{}})
+	p.Track(tracking.Request{Prefix: "vmshadow-test", Previous: map[string]tracking.Previous{}})
 	set, err := s.Create(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.CompleteTracking(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()

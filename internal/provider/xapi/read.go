@@ -1,4 +1,4 @@
-package livebackup
+package xapi
 
 import (
 	"context"
@@ -12,64 +12,40 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/nbd"
 	"github.com/vmshadow/vmshadow/internal/nbdsource"
-	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
-	"github.com/vmshadow/vmshadow/internal/repo"
-	"github.com/vmshadow/vmshadow/internal/xapi"
+	"github.com/vmshadow/vmshadow/internal/tracking"
+	api "github.com/vmshadow/vmshadow/internal/xapi"
 )
 
-// XAPI adapts the XenServer / XCP-ng provider: change tracking by CBT,
-// checkpoints are snapshot VDI UUIDs, each shadow copy is read over the
-// pool's NBD (TLS pinned to the certificate XAPI reports) with the changed
-// blocks XAPI listed.
-//
-// xapi-nbd closes every connection beyond 16 per host, counting all its
-// clients (ocaml/nbd/lib/consts.ml, connection_limit, enforced in
-// ocaml/nbd/src/main.ml). So a shadow copy connects only when the backup
-// starts reading it and disconnects once it is read, all disks of the set
-// share a budget of HostConns connections per host, and a disk the server
-// refuses more connections to is read with fewer.
-type XAPI struct {
-	*xapiprov.Provider
-	// HostConns is the budget of NBD connections per host for the whole
-	// set (default DefaultHostConns); each disk uses at most conns of it.
-	HostConns int
-	// Warn is told when a disk is read with fewer connections.
-	Warn func(string)
-
-	budgets *budgets
-}
+// Reading the shadow copies (Open): xapi-nbd closes every connection
+// beyond 16 per host, counting all its clients (ocaml/nbd/lib/consts.ml,
+// connection_limit, enforced in ocaml/nbd/src/main.ml). So a shadow copy
+// connects only when the backup starts reading it and disconnects once it
+// is read, all disks of the set share a budget of Options.HostConns
+// connections per host, and a disk the server refuses more connections to
+// is read with fewer.
 
 // DefaultHostConns is the default budget of NBD connections per host: half
 // of xapi-nbd's limit of 16, which other clients share.
 const DefaultHostConns = 8
 
-// Track implements Provider.
-func (x XAPI) Track(prefix string, prev *repo.Manifest, full bool) {
-	t := &xapiprov.Tracking{Prefix: prefix, Full: full, Previous: map[string]xapiprov.Previous{}}
-	if prev != nil {
-		for _, d := range prev.Disks {
-			if d.Checkpoint != "" {
-				t.Previous[d.Name] = xapiprov.Previous{Checkpoint: d.Checkpoint, Size: d.Size}
-			}
-		}
-	}
-	x.SetTracking(t)
-}
-
-// Open implements Provider. The source connects on first use.
-func (x XAPI) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (Source, error) {
-	targets, err := x.NBDTargets(sh)
+// Open opens a shadow copy of the set over the pool's NBD (TLS pinned to
+// the certificate XAPI reports), reading with incremental only the blocks
+// XAPI listed as changed since the previous checkpoint, and otherwise the
+// blocks the VHD allocation table says hold data. The source connects on
+// first use.
+func (p *Provider) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (tracking.Source, error) {
+	targets, err := p.NBDTargets(sh)
 	if err != nil {
 		return nil, err
 	}
-	o := nbdsource.Options{Name: sh.Disk, Conns: conns, AcceptFewer: true, Warn: x.Warn,
+	o := nbdsource.Options{Name: sh.Disk, Conns: conns, AcceptFewer: true, Warn: p.opts.Warn,
 		ServerErrorHint: "the pool's NBD server failed to read the snapshot VDI", AllocationOptional: true}
 	if !incremental {
 		// xapi-nbd reports no allocation: a full read would read every
 		// byte; the VHD block allocation table says which blocks hold data
 		// for the price of its head.
 		o.Allocation = func(ctx context.Context) (iter.Seq2[nbd.Extent, error], error) {
-			a, err := x.VHDAllocation(ctx, sh)
+			a, err := p.VHDAllocation(ctx, sh)
 			if err != nil {
 				return nil, err
 			}
@@ -77,33 +53,28 @@ func (x XAPI) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns
 		}
 	}
 	if incremental {
-		cb, err := x.ChangedBlocks(sh)
+		cb, err := p.ChangedBlocks(sh)
 		if err != nil {
 			return nil, err
 		}
 		o.Changed = changedExtents(cb)
 	}
-	if x.budgets == nil {
-		return nil, fmt.Errorf("disk %s: livebackup.XAPI made without NewXAPI", sh.Disk)
+	if p.budgets == nil {
+		n := p.opts.HostConns
+		if n <= 0 {
+			n = DefaultHostConns
+		}
+		p.budgets = &budgets{n: n, by: map[string]chan struct{}{}}
 	}
-	l := &lazySource{o: o, targets: targets, size: sh.Size, budget: x.budgets.of(targets[0].Target.Address)}
-	l.refresh = func(ctx context.Context) ([]xapiprov.NBDTarget, error) {
+	l := &lazySource{o: o, targets: targets, size: sh.Size, budget: p.budgets.of(targets[0].Target.Address)}
+	l.refresh = func(ctx context.Context) ([]NBDTarget, error) {
 		// The session may have expired while earlier disks were read.
-		if err := x.Reconnect(ctx); err != nil {
+		if err := p.Reconnect(ctx); err != nil {
 			return nil, err
 		}
-		return x.NBDTargets(sh)
+		return p.NBDTargets(sh)
 	}
 	return l, nil
-}
-
-// NewXAPI returns the adapter for a provider with a per-host budget of
-// NBD connections (<= 0: DefaultHostConns).
-func NewXAPI(p *xapiprov.Provider, hostConns int, warn func(string)) XAPI {
-	if hostConns <= 0 {
-		hostConns = DefaultHostConns
-	}
-	return XAPI{Provider: p, HostConns: hostConns, Warn: warn, budgets: &budgets{n: hostConns, by: map[string]chan struct{}{}}}
 }
 
 // budgets are the connection budgets per host address.
@@ -130,10 +101,10 @@ func (b *budgets) of(addr string) chan struct{} {
 // within its host's budget, and gives its connections back when Done.
 type lazySource struct {
 	o       nbdsource.Options
-	targets []xapiprov.NBDTarget
+	targets []NBDTarget
 	size    int64
 	budget  chan struct{} // a token per connection held
-	refresh func(context.Context) ([]xapiprov.NBDTarget, error)
+	refresh func(context.Context) ([]NBDTarget, error)
 
 	mu   sync.Mutex
 	src  *nbdsource.Source
@@ -259,7 +230,7 @@ func (l *lazySource) Done() {
 	l.release()
 }
 
-// Close implements Source.
+// Close implements tracking.Source.
 func (l *lazySource) Close() error {
 	l.Done()
 	return nil
@@ -267,7 +238,7 @@ func (l *lazySource) Close() error {
 
 // allocatedExtents gives a VHD's block allocation as extents: holes that
 // read as zeros where no block is allocated.
-func allocatedExtents(a *xapi.VHDAllocation) iter.Seq2[nbd.Extent, error] {
+func allocatedExtents(a *api.VHDAllocation) iter.Seq2[nbd.Extent, error] {
 	return func(yield func(nbd.Extent, error) bool) {
 		for r := range a.Runs() {
 			var flags uint32
@@ -282,7 +253,7 @@ func allocatedExtents(a *xapi.VHDAllocation) iter.Seq2[nbd.Extent, error] {
 }
 
 // changedExtents gives XAPI's changed blocks as extents flagged dirty.
-func changedExtents(cb *xapi.ChangedBlocks) iter.Seq2[nbd.Extent, error] {
+func changedExtents(cb *api.ChangedBlocks) iter.Seq2[nbd.Extent, error] {
 	return func(yield func(nbd.Extent, error) bool) {
 		for r := range cb.Runs() {
 			var flags uint32
@@ -295,6 +266,3 @@ func changedExtents(cb *xapi.ChangedBlocks) iter.Seq2[nbd.Extent, error] {
 		}
 	}
 }
-
-// Complete implements Provider.
-func (x XAPI) Complete(set *coord.Set, save func() error) error { return x.CompleteTracking(set, save) }

@@ -1,4 +1,10 @@
-package xapi
+// Package xenpool is the restore target of a XenServer / XCP-ng pool: each
+// disk of a backup becomes a new VDI on a storage repository, uploaded
+// through XAPI (import_raw_vdi: only the stored chunks on SRs whose new
+// VDIs read as zeros), optionally attached to a new halted VM; a failed
+// restore destroys every VDI and VM it created. Package restore selects
+// the disks, loads and verifies their chunks and drives the Target.
+package xenpool
 
 import (
 	"context"
@@ -13,14 +19,13 @@ import (
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
-	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
 	api "github.com/vmshadow/vmshadow/internal/xapi"
 )
 
-// RestoreOptions say where a backup's disks go on a pool.
-type RestoreOptions struct {
+// Options say where a backup's disks go on a pool.
+type Options struct {
 	// SR is the storage repository (name-label or UUID) of the new VDIs.
 	SR string
 	// VMName, if set, creates a halted VM with the restored disks, cloned
@@ -28,7 +33,6 @@ type RestoreOptions struct {
 	// template's CPU and memory; no network interface).
 	VMName   string
 	Template string
-	Meter    *progress.Meter
 }
 
 // RestoredDisk is the outcome of one disk's restore.
@@ -44,8 +48,8 @@ type RestoredDisk struct {
 	restore.Stats
 }
 
-// RestoreResult is what Restore made.
-type RestoreResult struct {
+// Result is what a restore into the pool made.
+type Result struct {
 	SR    string         `json:"sr"` // UUID
 	VM    string         `json:"vm_uuid,omitempty"`
 	Disks []RestoredDisk `json:"disks"`
@@ -57,16 +61,41 @@ type RestoreResult struct {
 // VDI may hold old data, and the whole disk is sent.
 var zeroedSRTypes = []string{"ext", "nfs", "smb", "file", "xfs", "zfs", "btrfs", "cephfs", "glusterfs", "moosefs", "gfs2"}
 
-// Restore creates one VDI per disk on an SR of the pool, uploads each
-// disk's backup into it (every chunk checked against its hash), and with
-// opts.VMName creates a VM with them. On failure, every VDI and VM it
-// created is destroyed.
-func Restore(ctx context.Context, pool api.Config, r *repo.Repo, m *repo.Manifest, disks []repo.ManifestDisk, opts RestoreOptions) (res *RestoreResult, err error) {
+// Target implements restore.Target for an SR of a pool.
+type Target struct {
+	c        *api.Client
+	m        *repo.Manifest
+	opts     Options
+	sr       string // ref
+	rec      api.SR
+	host     string // where uploads go ("" the master)
+	hostCert string // its certificate, for a member host
+	sparse   bool
+	template string // ref, with VMName
+
+	created []string // VDI refs, one per disk
+	disks   []repo.ManifestDisk
+	uploads []*uploader
+	vdis    []string // UUIDs
+	vmRef   string
+	vm      string // UUID
+}
+
+// New logs in to the pool, finds the SR (and with opts.VMName the
+// template, refusing a name a VM has) before anything is created. The
+// backup's manifest m names the new VDIs. Restore into it with
+// restore.Run, which ends it (Finish or Abort); if Run is not called,
+// call Abort.
+func New(ctx context.Context, pool api.Config, m *repo.Manifest, opts Options) (t *Target, err error) {
 	c, err := api.Login(ctx, pool)
 	if err != nil {
 		return nil, err
 	}
-	defer c.Logout(ctx)
+	defer func() {
+		if err != nil {
+			c.Logout(context.WithoutCancel(ctx))
+		}
+	}()
 	sr, rec, err := findSR(ctx, c, opts.SR)
 	if err != nil {
 		return nil, err
@@ -78,83 +107,89 @@ func Restore(ctx context.Context, pool api.Config, r *repo.Repo, m *repo.Manifes
 	if opts.Template == "" {
 		opts.Template = "Other install media"
 	}
-	var template string
+	t = &Target{c: c, m: m, opts: opts, sr: sr, rec: rec, host: host, hostCert: hostCert, sparse: slices.Contains(zeroedSRTypes, rec.Type)}
 	if opts.VMName != "" {
-		if template, err = checkVMName(ctx, c, opts.VMName, opts.Template); err != nil {
+		if t.template, err = checkVMName(ctx, c, opts.VMName, opts.Template); err != nil {
 			return nil, err
 		}
 	}
-	res = &RestoreResult{SR: rec.UUID}
-	var created []string // VDI refs
-	var vmRef string
-	defer func() {
-		if err == nil {
-			return
-		}
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-		defer cancel()
-		if vmRef != "" {
-			c.Call(cctx, "VM.destroy", nil, vmRef)
-		}
-		for _, v := range created {
-			c.RunAsync(cctx, "VDI.destroy", nil, v)
-		}
-	}()
-	sparse := slices.Contains(zeroedSRTypes, rec.Type)
-	for _, d := range disks {
-		start := time.Now()
-		xid, err := repo.ParseID(d.Index)
-		if err != nil {
-			return nil, err
-		}
-		x, err := r.LoadIndex(ctx, xid)
-		if err != nil {
-			return nil, fmt.Errorf("disk %s: %w", d.Name, err)
-		}
-		if x.Size() != d.Size {
-			return nil, fmt.Errorf("disk %s: index says %d bytes, manifest %d: %w", d.Name, x.Size(), d.Size, errs.ErrCorrupt)
-		}
-		name := fmt.Sprintf("%s %s", m.VM, d.Name)
-		desc := fmt.Sprintf("restored by vmshadow from backup of %s taken %s", m.VM, m.Time.Format(time.RFC3339))
-		vdi, err := c.VDICreate(ctx, sr, name, desc, d.Size, nil)
-		if err != nil {
-			return nil, fmt.Errorf("disk %s: create VDI on SR %s: %w", d.Name, rec.NameLabel, err)
-		}
-		created = append(created, vdi)
-		vr, err := c.VDIRecord(ctx, vdi)
-		if err != nil {
-			return nil, err
-		}
-		st, sent, err := upload(ctx, c, host, hostCert, vdi, r, x, sparse, opts.Meter)
-		if err != nil {
-			return nil, fmt.Errorf("restore disk %s into VDI %s: %w", d.Name, vr.UUID, err)
-		}
-		res.Disks = append(res.Disks, RestoredDisk{Name: d.Name, VDI: vr.UUID, Size: d.Size, Sparse: sparse, BytesSent: sent,
-			Verified: true, Seconds: time.Since(start).Seconds(), Stats: st})
-	}
-	if opts.VMName == "" {
-		return res, nil
-	}
-	vmRef, err = c.RunAsync(ctx, "VM.clone", nil, template, opts.VMName)
+	return t, nil
+}
+
+// Create implements restore.Target: a new VDI of the disk's size on the
+// SR, and the upload into it.
+func (t *Target) Create(ctx context.Context, d repo.ManifestDisk, x *repo.Index) (restore.ImageWriter, string, error) {
+	name := fmt.Sprintf("%s %s", t.m.VM, d.Name)
+	desc := fmt.Sprintf("restored by vmshadow from backup of %s taken %s", t.m.VM, t.m.Time.Format(time.RFC3339))
+	vdi, err := t.c.VDICreate(ctx, t.sr, name, desc, d.Size, nil)
 	if err != nil {
-		return nil, fmt.Errorf("create VM %s from template %s: %w", opts.VMName, opts.Template, err)
+		return nil, "", fmt.Errorf("create VDI on SR %s: %w", t.rec.NameLabel, err)
 	}
-	if err := c.Call(ctx, "VM.set_is_a_template", nil, vmRef, false); err != nil {
-		return nil, fmt.Errorf("create VM %s: %w", opts.VMName, err)
-	}
-	devices := userdevices(disks)
-	for i, d := range disks {
-		if _, err := c.VBDCreate(ctx, vmRef, created[i], devices[i], i == 0); err != nil {
-			return nil, fmt.Errorf("attach disk %s to VM %s: %w", d.Name, opts.VMName, err)
-		}
-		res.Disks[i].Userdevice = devices[i]
-	}
-	vr, err := c.VMRecord(ctx, vmRef)
+	t.created = append(t.created, vdi)
+	vr, err := t.c.VDIRecord(ctx, vdi)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	res.VM = vr.UUID
-	return res, nil
+	w := upload(ctx, t.c, t.host, t.hostCert, vdi, x, t.sparse)
+	t.disks = append(t.disks, d)
+	t.uploads = append(t.uploads, w)
+	t.vdis = append(t.vdis, vr.UUID)
+	return w, "VDI " + vr.UUID, nil
+}
+
+// Finish implements restore.Target: with Options.VMName, a halted VM with
+// the disks.
+func (t *Target) Finish(ctx context.Context) error {
+	if t.opts.VMName == "" {
+		t.c.Logout(ctx)
+		return nil
+	}
+	var err error
+	t.vmRef, err = t.c.RunAsync(ctx, "VM.clone", nil, t.template, t.opts.VMName)
+	if err != nil {
+		return fmt.Errorf("create VM %s from template %s: %w", t.opts.VMName, t.opts.Template, err)
+	}
+	if err := t.c.Call(ctx, "VM.set_is_a_template", nil, t.vmRef, false); err != nil {
+		return fmt.Errorf("create VM %s: %w", t.opts.VMName, err)
+	}
+	for i, d := range t.disks {
+		if _, err := t.c.VBDCreate(ctx, t.vmRef, t.created[i], userdevice(t.disks, i), i == 0); err != nil {
+			return fmt.Errorf("attach disk %s to VM %s: %w", d.Name, t.opts.VMName, err)
+		}
+	}
+	vr, err := t.c.VMRecord(ctx, t.vmRef)
+	if err != nil {
+		return err
+	}
+	t.vm = vr.UUID
+	t.c.Logout(ctx)
+	return nil
+}
+
+// Abort implements restore.Target: every VDI and VM the restore created is
+// destroyed.
+func (t *Target) Abort(ctx context.Context) {
+	if t.vmRef != "" {
+		t.c.Call(ctx, "VM.destroy", nil, t.vmRef)
+	}
+	for _, v := range t.created {
+		t.c.RunAsync(ctx, "VDI.destroy", nil, v)
+	}
+	t.c.Logout(ctx)
+}
+
+// Result says what the restore made, from restore.Run's results.
+func (t *Target) Result(res []restore.DiskResult) *Result {
+	out := &Result{SR: t.rec.UUID, VM: t.vm}
+	for i, d := range res {
+		rd := RestoredDisk{Name: d.Name, VDI: t.vdis[i], Size: d.Size, Sparse: t.sparse, BytesSent: t.uploads[i].sent,
+			Verified: d.Verified, Seconds: d.Seconds, Stats: d.Stats}
+		if t.vm != "" {
+			rd.Userdevice = userdevice(t.disks, i)
+		}
+		out.Disks = append(out.Disks, rd)
+	}
+	return out
 }
 
 // findSR finds an SR by UUID or name-label.
@@ -262,6 +297,9 @@ func checkVMName(ctx context.Context, c *api.Client, name, template string) (str
 	return "", fmt.Errorf("no template named %q on pool %s to create the VM from: %w", template, c.Host(), errs.ErrNotFound)
 }
 
+// userdevice is the position of disk i: see userdevices.
+func userdevice(disks []repo.ManifestDisk, i int) string { return userdevices(disks)[i] }
+
 // userdevices places the disks: xvdX names keep their position, others
 // take the free positions in order.
 func userdevices(disks []repo.ManifestDisk) []string {
@@ -287,14 +325,13 @@ func userdevices(disks []repo.ManifestDisk) []string {
 	return out
 }
 
-// upload streams the disk of index x into the VDI: restore.Disk reads
-// and verifies the chunks in order, and the writer turns its writes into
-// the import's body.
-func upload(ctx context.Context, c *api.Client, host, hostCert, vdi string, r *repo.Repo, x *repo.Index, sparse bool, meter *progress.Meter) (restore.Stats, int64, error) {
+// upload starts streaming a disk of index x into the VDI and returns the
+// writer restore.Run writes the disk into (in order, every chunk
+// verified): it turns the writes into the import's body.
+func upload(ctx context.Context, c *api.Client, host, hostCert, vdi string, x *repo.Index, sparse bool) *uploader {
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	pr, pw := io.Pipe()
-	w := &uploader{pw: pw, size: x.Size(), chunked: sparse, done: make(chan error, 1)}
+	w := &uploader{pw: pw, size: x.Size(), chunked: sparse, done: make(chan error, 1), cancel: cancel}
 	length := x.Size()
 	if sparse {
 		for i := range x.Len() {
@@ -314,22 +351,26 @@ func upload(ctx context.Context, c *api.Client, host, hostCert, vdi string, r *r
 		pr.CloseWithError(errUploadEnded{err})
 		w.done <- err
 	}()
-	st, err := restore.Disk(ctx, r, x, w, restore.Options{Meter: meter})
-	if err != nil {
-		pw.CloseWithError(err)
-		cancel()
-		uerr := <-w.done
-		var ue errUploadEnded
-		if errors.As(err, &ue) && uerr != nil {
-			return st, w.sent, uerr // the upload failed first
-		}
-		return st, w.sent, err
+	return w
+}
+
+// Abort implements restore.Aborter: the upload is cancelled.
+func (u *uploader) Abort() {
+	if u.closed {
+		return
 	}
-	return st, w.sent, w.Close()
+	u.closed = true
+	u.pw.CloseWithError(errors.New("restore failed"))
+	u.cancel()
+	<-u.done
 }
 
 // errUploadEnded is what writes get once the upload is over.
 type errUploadEnded struct{ err error }
+
+// Unwrap is the upload's error: a write that failed because the upload
+// ended fails for the upload's reason.
+func (e errUploadEnded) Unwrap() error { return e.err }
 
 func (e errUploadEnded) Error() string {
 	if e.err == nil {
@@ -348,6 +389,7 @@ type frame struct{ off, n int64 }
 // zero frame at the end, exactly as long as announced.
 type uploader struct {
 	pw      *io.PipeWriter
+	cancel  context.CancelFunc
 	size    int64
 	chunked bool
 	frames  []frame
@@ -476,6 +518,7 @@ func (u *uploader) Close() error {
 		return nil
 	}
 	u.closed = true
+	defer u.cancel()
 	var err error
 	if !u.chunked {
 		err = u.zero(u.size - u.pos)
