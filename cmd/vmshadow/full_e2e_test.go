@@ -62,7 +62,7 @@ func TestCLIFullRepository(t *testing.T) {
 
 	// Another process holds the repository (a shared lock, as a restore
 	// would): the failed backup cannot know whether that one reuses its
-	// chunks, so they stay; the next backup fails too, until gc --grace 0s.
+	// chunks, so they stay until gc --grace 0s.
 	be, _ := local.Open(r)
 	rp, err := repo.Open(context.Background(), be, nil)
 	if err != nil {
