@@ -25,6 +25,7 @@ import (
 	"iter"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
@@ -47,6 +48,8 @@ type Plan struct {
 	// as the original), keyed by their ID in the source, with the ID of
 	// the target's backup.
 	Present map[repo.ID]repo.ID
+	// Skipped are those backups, oldest first.
+	Skipped []repo.Backup
 	// Damaged are the source's backups whose manifest cannot be read
 	// (only when no backups were named): they cannot be copied.
 	Damaged map[repo.ID]error
@@ -111,6 +114,7 @@ func Select(ctx context.Context, src, dst *repo.Repo, sel Selection) (*Plan, err
 	for i := range cands {
 		if tid, ok := ident[cands[i].Identity()]; ok {
 			p.Present[cands[i].ID] = tid
+			p.Skipped = append(p.Skipped, cands[i])
 			continue
 		}
 		p.Copy = append(p.Copy, cands[i])
@@ -223,5 +227,10 @@ func (s *diskSource) Extents(ctx context.Context) iter.Seq2[backup.Extent, error
 	}
 }
 
-// Done drops the cache of decoded chunks once the disk is copied.
-func (s *diskSource) Done() { s.rd = nil }
+// Done drops the cache of decoded chunks once the disk is read (its
+// chunks are stored, no index or manifest yet: a kill here is a kill
+// mid-copy, the crashpoint "copy-disk-done").
+func (s *diskSource) Done() {
+	s.rd = nil
+	crashpoint.Hit("copy-disk-done")
+}
