@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
@@ -178,5 +180,53 @@ func damageChunk(t *testing.T, dir string) {
 	})
 	if n == 0 {
 		t.Fatal("no chunk to damage")
+	}
+}
+
+// TestCopyThenLiveBackupStartsOwnChain: after live backups of a running
+// QEMU VM are copied to another repository, the first live backup of the
+// VM into that repository is a full one ("first backup"), not an
+// incremental continuing the source repository's chain; the next one is
+// incremental in the target's own chain, and the source's chain goes on.
+func TestCopyThenLiveBackupStartsOwnChain(t *testing.T) {
+	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 32 << 20}}})
+	r := newLiveRig(t, vm, true)
+	vm.Write("vda", 0x5a, 0, 32<<20)
+	r.backup()
+	r.scatter("vda", 2, map[int64]bool{})
+	if sum := r.backup(); sum["mode"] != "incremental" {
+		t.Fatalf("second backup into the source: mode %v (%v)", sum["mode"], sum["reason"])
+	}
+	target := filepath.Join(t.TempDir(), "target")
+	targetEnv := append(append([]string{}, r.env...), "VMSHADOW_PASSWORD=target password")
+	if res := vmshadow(t, targetEnv, "repo", "init", "--repo", target); res.code != 0 {
+		t.Fatalf("init target: %s", res.errorMessage())
+	}
+	res := vmshadow(t, append(append([]string{}, r.env...), "VMSHADOW_TO_PASSWORD=target password"), "copy", "--from", r.repo, "--to", target)
+	if res.code != 0 || num(res.summary(t)["backups_copied"]) != 2 {
+		t.Fatalf("copy: exit %d %s", res.code, res.errorMessage())
+	}
+	liveInto := func(env []string, repo string) map[string]any {
+		t.Helper()
+		before := r.baseline()
+		res := vmshadow(t, env, "backup", "--repo", repo, "--qmp", vm.QMPPath)
+		if res.code != 0 {
+			t.Fatalf("backup into %s: exit %d: %s", repo, res.code, res.errorMessage())
+		}
+		vm.AssertAsBefore(t, before)
+		return res.summary(t)
+	}
+	r.scatter("vda", 2, map[int64]bool{})
+	sum := liveInto(targetEnv, target)
+	if sum["mode"] != "full" || !strings.Contains(fmt.Sprint(sum["reason"]), "first backup") {
+		t.Fatalf("first live backup into the target after a copy: mode %v, reason %q; want full, first backup", sum["mode"], sum["reason"])
+	}
+	r.scatter("vda", 2, map[int64]bool{})
+	if sum := liveInto(targetEnv, target); sum["mode"] != "incremental" {
+		t.Fatalf("second live backup into the target: mode %v (%v)", sum["mode"], sum["reason"])
+	}
+	r.scatter("vda", 2, map[int64]bool{})
+	if sum := liveInto(r.env, r.repo); sum["mode"] != "incremental" {
+		t.Fatalf("live backup into the source after the copy: mode %v (%v)", sum["mode"], sum["reason"])
 	}
 }
