@@ -12,6 +12,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repocopy"
 )
 
@@ -86,6 +87,11 @@ into the target is a full one.`,
 			}
 			if err := to.check(); err != nil {
 				return err
+			}
+			if sel.VM != "" {
+				if err := repo.ValidName("VM", sel.VM); err != nil {
+					return err
+				}
 			}
 			sel.Backups = args
 			src, err := from.open(ctx)
