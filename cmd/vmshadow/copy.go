@@ -157,13 +157,15 @@ into the target is a full one.`,
 						c.ChunksPresent, c.ChunksZero, progress.Bytes(c.BytesRead), progress.Duration(c.DurationS))
 				}
 				switch {
+				case s.BackupsCopied == 0 && s.BackupsSkipped == 0 && sel.VM != "":
+					fmt.Fprintf(w, "no backups of VM %s to copy from %s\n", sel.VM, s.From)
 				case s.BackupsCopied == 0 && s.BackupsSkipped == 0:
 					fmt.Fprintf(w, "no backups to copy from %s\n", s.From)
 				case s.BackupsCopied == 0:
-					fmt.Fprintf(w, "nothing to copy: %s already holds the %d selected backups\n", s.To, s.BackupsSkipped)
+					fmt.Fprintf(w, "nothing to copy: %s already holds the %s selected\n", s.To, plural(s.BackupsSkipped, "backup"))
 				default:
-					fmt.Fprintf(w, "%d backups copied to %s, %d already there; %d chunks sent (%s) in %s\n",
-						s.BackupsCopied, s.To, s.BackupsSkipped, s.ChunksSent, progress.Bytes(s.BytesSent), progress.Duration(s.DurationS))
+					fmt.Fprintf(w, "%s copied to %s, %d already there; %d chunks sent (%s) in %s\n",
+						plural(s.BackupsCopied, "backup"), s.To, s.BackupsSkipped, s.ChunksSent, progress.Bytes(s.BytesSent), progress.Duration(s.DurationS))
 				}
 			})
 			if len(damaged) > 0 {
@@ -176,4 +178,12 @@ into the target is a full one.`,
 	to.registerEnd(cmd, "to", "to-", "VMSHADOW_TO_PASSWORD", "target")
 	cmd.Flags().StringVar(&sel.VM, "vm", "", "copy only backups of this VM")
 	return cmd
+}
+
+// plural is "1 backup", "2 backups".
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
 }
