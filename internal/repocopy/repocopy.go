@@ -157,11 +157,15 @@ func Copy(ctx context.Context, src, dst *repo.Repo, b repo.Backup, o backup.Opti
 	origin := b.Identity()
 	job := backup.Job{VM: b.VM, Tags: b.Tags, Time: b.Time, Source: b.Source, Mode: b.Mode, Reason: b.Reason,
 		Consistency: b.Consistency, SetID: b.SetID, Host: b.Host, Origin: origin}
-	// Decoded source chunks cached per disk: enough for every reader to
-	// have the chunk it reads and the next when the target's chunks are
-	// smaller than the source's (each source chunk is then fetched once).
-	o.Readers = max(o.Readers, 4)
-	cache := int64(2*o.Readers) * max(src.ChunkSize(), dst.ChunkSize())
+	// Decoded source chunks cached per disk. When the target's chunks are
+	// smaller than the source's, the readers read several target chunks
+	// of one source chunk at once: a chunk per reader keeps each source
+	// chunk fetched once. Otherwise every source chunk is read by one
+	// read, and the cache holds the one chunk it must.
+	cache := src.ChunkSize()
+	if src.ChunkSize() > dst.ChunkSize() {
+		cache *= int64(max(o.Readers, 4) + 1)
+	}
 	for _, d := range b.Disks {
 		xid, err := repo.ParseID(d.Index)
 		if err != nil {

@@ -56,7 +56,7 @@ func writeImage(t *testing.T, path string, seed uint64) []byte {
 	return b
 }
 
-func backupImage(t *testing.T, r *repo.Repo, vm, path string, when time.Time) repo.ID {
+func backupImage(t testing.TB, r *repo.Repo, vm, path string, when time.Time) repo.ID {
 	t.Helper()
 	img, err := imagefile.Open("sda", path)
 	if err != nil {
