@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/repo"
@@ -191,9 +192,14 @@ func damageChunk(t *testing.T, dir string) {
 func TestCopyThenLiveBackupStartsOwnChain(t *testing.T) {
 	vm := qemutest.Start(t, qemutest.Options{Running: true, Disks: []qemutest.Disk{{ID: "vda", Size: 32 << 20}}})
 	r := newLiveRig(t, vm, true)
+	// A set's time has whole seconds, and the chain continues from the
+	// newest backup: two backups of the VM in one second would leave which
+	// one is newer to chance, so each backup waits for the next second.
+	nextSecond := func() { time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second + 10*time.Millisecond))) }
 	vm.Write("vda", 0x5a, 0, 32<<20)
 	r.backup()
 	r.scatter("vda", 2, map[int64]bool{})
+	nextSecond()
 	if sum := r.backup(); sum["mode"] != "incremental" {
 		t.Fatalf("second backup into the source: mode %v (%v)", sum["mode"], sum["reason"])
 	}
@@ -208,6 +214,7 @@ func TestCopyThenLiveBackupStartsOwnChain(t *testing.T) {
 	}
 	liveInto := func(env []string, repo string) map[string]any {
 		t.Helper()
+		nextSecond()
 		before := r.baseline()
 		res := vmshadow(t, env, "backup", "--repo", repo, "--qmp", vm.QMPPath)
 		if res.code != 0 {
@@ -227,6 +234,36 @@ func TestCopyThenLiveBackupStartsOwnChain(t *testing.T) {
 	}
 	r.scatter("vda", 2, map[int64]bool{})
 	if sum := liveInto(r.env, r.repo); sum["mode"] != "incremental" {
-		t.Fatalf("live backup into the source after the copy: mode %v (%v)", sum["mode"], sum["reason"])
+		t.Fatalf("live backup into the source after the copy: mode %v (%v); source backups: %s; target backups: %s",
+			sum["mode"], sum["reason"], checkpoints(t, r.repo, "test-password"), checkpoints(t, target, "target password"))
 	}
+}
+
+// checkpoints lists a repository's backups with their time, origin and
+// disk checkpoints, for failure messages.
+func checkpoints(t *testing.T, dir, pw string) string {
+	t.Helper()
+	be, err := local.Open(dir)
+	if err != nil {
+		return err.Error()
+	}
+	defer be.Close()
+	r, err := repo.Open(context.Background(), be, func() ([]byte, error) { return []byte(pw), nil })
+	if err != nil {
+		return err.Error()
+	}
+	defer r.Close()
+	bs, _, err := r.ListBackups(context.Background())
+	if err != nil {
+		return err.Error()
+	}
+	var out []string
+	for _, b := range bs {
+		s := b.ID.Short() + "@" + b.Time.Format(time.RFC3339Nano) + " origin=" + b.Origin
+		for _, d := range b.Disks {
+			s += " " + d.Name + ":" + d.Checkpoint
+		}
+		out = append(out, s)
+	}
+	return strings.Join(out, "; ")
 }
