@@ -195,7 +195,9 @@ func TestCopyThenLiveBackupStartsOwnChain(t *testing.T) {
 	// A set's time has whole seconds, and the chain continues from the
 	// newest backup: two backups of the VM in one second would leave which
 	// one is newer to chance, so each backup waits for the next second.
-	nextSecond := func() { time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second + 10*time.Millisecond))) }
+	nextSecond := func() {
+		time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second + 10*time.Millisecond)))
+	}
 	vm.Write("vda", 0x5a, 0, 32<<20)
 	r.backup()
 	r.scatter("vda", 2, map[int64]bool{})
