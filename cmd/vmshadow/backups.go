@@ -26,6 +26,7 @@ type backupEntry struct {
 	Disks     []diskEntry `json:"disks"`
 	BytesNew  int64       `json:"bytes_new"`
 	DurationS float64     `json:"duration_s"`
+	Origin    string      `json:"origin,omitempty"` // a copy's original (vmshadow copy)
 }
 
 type diskEntry struct {
@@ -65,7 +66,7 @@ func newBackupsCmd(a *app) *cobra.Command {
 					continue
 				}
 				e := backupEntry{ID: b.ID.String(), ShortID: b.ID.Short(), VM: b.VM, Time: b.Time, Host: b.Host, Tags: b.Tags,
-					Source: b.Source, Mode: b.Mode, BytesNew: b.Stats.BytesNew, DurationS: b.DurationS}
+					Source: b.Source, Mode: b.Mode, BytesNew: b.Stats.BytesNew, DurationS: b.DurationS, Origin: b.Origin}
 				if e.Tags == nil {
 					e.Tags = []string{}
 				}

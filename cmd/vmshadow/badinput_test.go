@@ -99,6 +99,12 @@ func TestBadInputs(t *testing.T) {
 		{"xapi URL with a query", pw, []string{"backup", "--repo", repo, "--xapi", "https://pool/?session_id=Sekr1tTok", "--vm", "x"}, 2, []string{"https://pool/?..."}},
 		{"xapi URL with a bad scheme", pw, []string{"snapshot", "list", "--xapi", "ftp://pool/?Sekr1tTok", "--vm", "x"}, 2, []string{"ftp://pool/?...", "not https"}},
 		{"restore to-xapi URL with a secret", pw, []string{"restore", "--repo", repo, id, "--to-xapi", "https://pool?session_id=Sekr1tTok", "--sr", "sr"}, 2, []string{"https://pool?..."}},
+		{"copy to a file", pw, []string{"copy", "--from", repo, "--to", file}, 2, []string{"--to " + file, "not a directory"}},
+		{"copy from below a file", pw, []string{"copy", "--from", file + "/repo", "--to", repo}, 2, []string{"--from " + file + "/repo", "file, not a directory"}},
+		{"copy to an s3 URL with a signed query", pw, []string{"copy", "--from", repo, "--to", "s3:http://127.0.0.1:7391/bkt?X-Amz-Credential=Sekr1tTok"}, 2, []string{"s3:http://127.0.0.1:7391/bkt?...", "no query string"}},
+		{"copy target password file missing", pw, []string{"copy", "--from", repo, "--to", repo, "--to-password-file", missing}, 2, []string{"password file " + missing}},
+		{"copy into the same repository", append([]string{"VMSHADOW_TO_PASSWORD=pw"}, pw...), []string{"copy", "--from", repo, "--to", repo}, 2, []string{"same repository"}},
+		{"copy of a VM name that cannot be", pw, []string{"copy", "--from", repo, "--to", repo, "--vm", "../x"}, 2, []string{"invalid VM name"}},
 		{"xapi password file missing", pw, []string{"backup", "--repo", repo, "--xapi", "https://pool", "--vm", "x", "--xapi-password-file", missing}, 2, []string{"password file " + missing}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

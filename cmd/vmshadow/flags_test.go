@@ -25,6 +25,7 @@ var badFlagValues = map[string][]string{
 	"freeze-timeout":       {"-5s", "0s", "0", "500ms", "24h"},
 	"writer-timeout":       {"0s", "-1s", "2h"},
 	"s3-connections":       {"-1", "0", "100000"},
+	"to-s3-connections":    {"-1", "0", "100000"},
 	"chunk-size":           {"0", "-1", "1000", "100000", "1073741824"},
 	"cache":                {"-1", "9223372036854775807", "99999999999999999999"},
 	"grace":                {"-1s", "-1h", "-24h", "87601h"},

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -32,6 +33,9 @@ type repoFlags struct {
 	s3CA          string
 	s3Addressing  string
 	s3Connections int
+	// name and passwordEnv are set for the ends of a copy (--from, --to);
+	// empty: --repo and $VMSHADOW_PASSWORD.
+	name, passwordEnv, prompt string
 }
 
 func (f *repoFlags) register(cmd *cobra.Command) {
@@ -43,6 +47,22 @@ func (f *repoFlags) register(cmd *cobra.Command) {
 	cmd.MarkFlagRequired("repo")
 }
 
+// registerEnd registers the flags of one end of a copy: the location as
+// --NAME, the others with prefix (--PREFIXpassword-file, --PREFIXs3-ca...),
+// the password from $passwordEnv.
+func (f *repoFlags) registerEnd(cmd *cobra.Command, name, prefix, passwordEnv, what string) {
+	f.name, f.passwordEnv, f.prompt = name, passwordEnv, strings.ToUpper(what[:1])+what[1:]+" repository password"
+	cmd.Flags().StringVar(&f.dir, name, "", what+" repository: a directory, or S3 storage as s3:https://host/bucket/prefix (required)")
+	cmd.Flags().StringVar(&f.passwordFile, prefix+"password-file", "", "read the "+what+" repository's password from this file (else $"+passwordEnv+", else a terminal prompt)")
+	cmd.Flags().StringVar(&f.s3CA, prefix+"s3-ca", "", "S3 "+what+": PEM file of extra CA certificates to trust for https (else $VMSHADOW_S3_CA)")
+	cmd.Flags().StringVar(&f.s3Addressing, prefix+"s3-addressing", "", "S3 "+what+": bucket addressing, auto, path or virtual-host (else $VMSHADOW_S3_ADDRESSING, else auto)")
+	intFlag(cmd.Flags(), &f.s3Connections, prefix+"s3-connections", 16, 1, 256, "S3 "+what+": requests in flight at most")
+	cmd.MarkFlagRequired(name)
+}
+
+// flagName is the flag that names the repository: repo, from or to.
+func (f *repoFlags) flagName() string { return cmp.Or(f.name, "repo") }
+
 // location is --repo as it may be shown: an s3: URL without user info,
 // query or fragment.
 func (f *repoFlags) location() string {
@@ -53,14 +73,14 @@ func (f *repoFlags) location() string {
 }
 
 func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
-	return passwordSource("VMSHADOW_PASSWORD", f.passwordFile, "Repository password", confirm)
+	return passwordSource(cmp.Or(f.passwordEnv, "VMSHADOW_PASSWORD"), f.passwordFile, cmp.Or(f.prompt, "Repository password"), confirm)
 }
 
 // backend opens (or, for repo init, creates) the storage --repo names: a
 // local directory, or S3-compatible object storage for an s3: URL.
 func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, error) {
 	if !s3.IsURL(f.dir) {
-		if err := checkRepoDir(f.dir); err != nil {
+		if err := checkRepoDir(f.flagName(), f.dir); err != nil {
 			return nil, err
 		}
 		if create {
@@ -97,20 +117,20 @@ func (f *repoFlags) check() error {
 		_, err := s3.ParseURL(f.dir)
 		return err
 	}
-	return checkRepoDir(f.dir)
+	return checkRepoDir(f.flagName(), f.dir)
 }
 
-// checkRepoDir refuses a --repo path that cannot be a repository directory:
-// empty, a file, or below a file.
-func checkRepoDir(dir string) error {
+// checkRepoDir refuses a --repo (or --flag) path that cannot be a
+// repository directory: empty, a file, or below a file.
+func checkRepoDir(flag, dir string) error {
 	st, err := os.Stat(dir)
 	switch {
 	case dir == "":
-		return errorf(errs.ErrUsage, "--repo is empty: give a repository directory or an s3: URL")
+		return errorf(errs.ErrUsage, "--%s is empty: give a repository directory or an s3: URL", flag)
 	case err == nil && !st.IsDir():
-		return errorf(errs.ErrUsage, "--repo %s is not a directory: give a repository directory or an s3: URL", dir)
+		return errorf(errs.ErrUsage, "--%s %s is not a directory: give a repository directory or an s3: URL", flag, dir)
 	case errors.Is(err, syscall.ENOTDIR):
-		return errorf(errs.ErrUsage, "--repo %s: a part of the path is a file, not a directory", dir)
+		return errorf(errs.ErrUsage, "--%s %s: a part of the path is a file, not a directory", flag, dir)
 	}
 	return nil
 }

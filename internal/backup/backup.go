@@ -40,7 +40,12 @@ type Job struct {
 	// Source, Mode, Reason, Consistency, SetID go into the manifest as
 	// they are; Source defaults to "image" and Mode to "full".
 	Source, Mode, Reason, Consistency, SetID string
-	Disks                                    []Disk
+	// Host is the host recorded in the manifest; default: this host.
+	Host string
+	// Origin marks a copy of a backup of another repository (see
+	// repo.Manifest.Origin); empty for a backup made here.
+	Origin string
+	Disks  []Disk
 }
 
 // Options tune the pipeline. Zero values pick defaults.
@@ -162,8 +167,11 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 	}
 	p.quarantined = q
 	res := &Result{}
-	m := &repo.Manifest{VM: job.VM, Time: job.Time, Host: hostname(), Tags: job.Tags, Source: job.Source, Mode: job.Mode,
-		Reason: job.Reason, Consistency: job.Consistency, SetID: job.SetID}
+	m := &repo.Manifest{VM: job.VM, Time: job.Time, Host: job.Host, Tags: job.Tags, Source: job.Source, Mode: job.Mode,
+		Reason: job.Reason, Consistency: job.Consistency, SetID: job.SetID, Origin: job.Origin}
+	if m.Host == "" {
+		m.Host = hostname()
+	}
 	if m.Time.IsZero() {
 		m.Time = start
 	}

@@ -37,6 +37,13 @@ type Manifest struct {
 	DurationS   float64        `json:"duration_s"`
 	Disks       []ManifestDisk `json:"disks"`
 	Stats       Stats          `json:"stats"`
+	// Origin is set on a backup copied from another repository (vmshadow
+	// copy): the ID of the original backup in the repository it was first
+	// stored in (a copy of a copy keeps the first origin). A backup and
+	// its copies share one identity, Identity(), which copy compares to
+	// skip what the target already holds. A copy carries no checkpoints
+	// and never continues a live backup's chain (LatestBackup skips it).
+	Origin string `json:"origin,omitempty"`
 	// Nonce makes two otherwise identical manifests distinct backups.
 	Nonce string `json:"nonce"`
 }
@@ -96,6 +103,11 @@ func (m *Manifest) Check() error {
 	}
 	if err := ValidName("VM", m.VM); err != nil {
 		return fmt.Errorf("manifest: %v: %w", err, errs.ErrCorrupt)
+	}
+	if m.Origin != "" {
+		if _, err := ParseID(m.Origin); err != nil {
+			return fmt.Errorf("manifest has invalid origin %q: %w", m.Origin, errs.ErrCorrupt)
+		}
 	}
 	if len(m.Disks) == 0 {
 		return fmt.Errorf("manifest lists no disks: %w", errs.ErrCorrupt)

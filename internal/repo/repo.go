@@ -476,6 +476,15 @@ type Backup struct {
 	*Manifest
 }
 
+// Identity is what a backup and its copies in other repositories share:
+// its origin when it is a copy, else its own ID.
+func (b *Backup) Identity() string {
+	if b.Origin != "" {
+		return b.Origin
+	}
+	return b.ID.String()
+}
+
 // ListBackups loads every manifest, sorted by time (oldest first). Manifests
 // that cannot be read are returned in bad, keyed by backup ID.
 func (r *Repo) ListBackups(ctx context.Context) (backups []Backup, bad map[ID]error, err error) {
@@ -542,9 +551,11 @@ func (r *Repo) FindBackup(ctx context.Context, prefix string) (ID, error) {
 	return ID{}, fmt.Errorf("backup id prefix %q is ambiguous (matches %s): give more digits: %w", prefix, strings.Join(s, ", "), errs.ErrUsage)
 }
 
-// LatestBackup returns the newest backup of vm for which match (if not nil)
-// returns true, or errs.ErrNotFound. A live incremental backup uses it to
-// find the previous backup of its chain.
+// LatestBackup returns the newest backup of vm made in this repository
+// (copies from another repository, which have an Origin, are skipped: their
+// change tracking belongs to the other repository's chain) for which match
+// (if not nil) returns true, or errs.ErrNotFound. A live incremental backup
+// uses it to find the previous backup of its chain.
 func (r *Repo) LatestBackup(ctx context.Context, vm string, match func(*Backup) bool) (*Backup, error) {
 	backups, _, err := r.ListBackups(ctx)
 	if err != nil {
@@ -552,7 +563,7 @@ func (r *Repo) LatestBackup(ctx context.Context, vm string, match func(*Backup) 
 	}
 	for i := len(backups) - 1; i >= 0; i-- {
 		b := &backups[i]
-		if b.VM == vm && (match == nil || match(b)) {
+		if b.VM == vm && b.Origin == "" && (match == nil || match(b)) {
 			return b, nil
 		}
 	}

@@ -406,3 +406,50 @@ func TestInitFailures(t *testing.T) {
 		t.Errorf("init over a repository: %v", err)
 	}
 }
+
+// TestLatestBackupSkipsCopies: a backup copied from another repository
+// (Origin set) is never the previous backup of a live chain, even when it
+// is the newest; a manifest with a malformed origin is corrupt.
+func TestLatestBackupSkipsCopies(t *testing.T) {
+	ctx := context.Background()
+	r, _ := newTestRepo(t, EncryptionAESGCM)
+	x, err := NewIndex(MinChunkSize, MinChunkSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	xid, err := r.SaveIndex(ctx, x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	save := func(when time.Time, origin string) ID {
+		t.Helper()
+		m := &Manifest{VM: "vm1", Time: when, Source: "qemu", Mode: "full", Origin: origin,
+			Disks: []ManifestDisk{{Name: "sda", Size: MinChunkSize, ChunkSize: MinChunkSize, Index: xid.String()}}}
+		id, err := r.SaveManifest(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	if _, err := r.LatestBackup(ctx, "vm1", nil); !errors.Is(err, errs.ErrNotFound) {
+		t.Fatalf("empty repository: %v, want ErrNotFound", err)
+	}
+	own := save(t0, "")
+	save(t0.Add(time.Hour), strings.Repeat("ab", 32)) // a newer copy
+	b, err := r.LatestBackup(ctx, "vm1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.ID != own {
+		t.Fatalf("LatestBackup = %s (origin %q), want the repository's own backup %s", b.ID.Short(), b.Origin, own.Short())
+	}
+	if b.Identity() != own.String() {
+		t.Fatalf("identity of an original = %s, want its ID", b.Identity())
+	}
+	m := &Manifest{Version: 1, VM: "vm1", Origin: "nothex",
+		Disks: []ManifestDisk{{Name: "sda", Size: 1, ChunkSize: MinChunkSize, Index: xid.String()}}}
+	if err := m.Check(); !errors.Is(err, errs.ErrCorrupt) {
+		t.Fatalf("malformed origin: %v, want ErrCorrupt", err)
+	}
+}
