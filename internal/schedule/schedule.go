@@ -89,11 +89,11 @@ type Schedule struct {
 	every time.Duration // @every; the fields are unused then
 
 	second, minute, hour uint64 // bit sets
-	dom                        uint64
-	month                      uint64
-	dow                        uint64 // bits 0-6, Sunday = 0
-	domStar, dowStar           bool
-	hourStar                   bool
+	dom                  uint64
+	month                uint64
+	dow                  uint64 // bits 0-6, Sunday = 0
+	domStar, dowStar     bool
+	hourStar             bool
 }
 
 // String returns the expression as given to [Parse].
