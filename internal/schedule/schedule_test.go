@@ -271,3 +271,21 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func BenchmarkNext(b *testing.B) {
+	ber, _ := time.LoadLocation("Europe/Berlin")
+	for _, spec := range []string{"30 2 * * *", "*/10 * * * * *", "0 0 29 2 *", "@every 10s"} {
+		s, err := Parse(spec, ber)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(spec, func(b *testing.B) {
+			t := time.Date(2026, 12, 2, 17, 0, 0, 0, time.UTC)
+			for b.Loop() {
+				if s.Next(t).IsZero() {
+					b.Fatal("no next")
+				}
+			}
+		})
+	}
+}

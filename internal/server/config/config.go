@@ -22,6 +22,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -217,6 +218,10 @@ func Parse(name string, data []byte) (*Config, error) {
 	p := &parser{file: name}
 	cfg := p.parse(data)
 	if len(p.errs) > 0 {
+		sort.SliceStable(p.errs, func(i, j int) bool {
+			a, b := p.errs[i], p.errs[j]
+			return a.Line < b.Line || a.Line == b.Line && a.Column < b.Column
+		})
 		return nil, p.errs
 	}
 	return cfg, nil
@@ -280,13 +285,7 @@ func keyList(fields map[string]func(key, val *yaml.Node)) string {
 	return strings.Join(keys, ", ")
 }
 
-func sortStrings(s []string) {
-	for i := 1; i < len(s); i++ {
-		for j := i; j > 0 && s[j] < s[j-1]; j-- {
-			s[j], s[j-1] = s[j-1], s[j]
-		}
-	}
-}
+func sortStrings(s []string) { sort.Strings(s) }
 
 func join(path, key string) string {
 	if path == "" {

@@ -68,8 +68,8 @@ func TestBadConfigs(t *testing.T) {
     url: https://xen
     password: hunter2
 `, []string{
-			`server.yaml:17:5: connections.pool.password: a password is never written in the configuration file: put it in a file readable only by the server and name it with password_file, or name an environment variable with password_env`,
 			`server.yaml:15:5: connections.pool: no pool password: give password_file (a file readable only by the server) or password_env (the name of an environment variable)`,
+			`server.yaml:17:5: connections.pool.password: a password is never written in the configuration file: put it in a file readable only by the server and name it with password_file, or name an environment variable with password_env`,
 		}},
 		{"password in a repository", `listen: [{address: "unix:/a"}]
 repositories:
@@ -77,8 +77,8 @@ repositories:
     location: /srv/r
     password: secret
 `, []string{
-			`server.yaml:5:5: repositories.r.password: a password is never written in the configuration file: put it in a file readable only by the server and name it with password_file, or name an environment variable with password_env`,
 			`server.yaml:4:5: repositories.r: no repository password: give password_file (a file readable only by the server) or password_env (the name of an environment variable)`,
+			`server.yaml:5:5: repositories.r.password: a password is never written in the configuration file: put it in a file readable only by the server and name it with password_file, or name an environment variable with password_env`,
 		}},
 		{"all mistakes at once, in order", head + qmp + `jobs:
   - name: a
@@ -93,9 +93,9 @@ repositories:
     repository: local
     retention: {keep_daily: 7}
 `, []string{
-			`server.yaml:20:5: jobs[0].schedul: unknown key "schedul"; valid keys here: catch_up, concurrency, enabled, from, full_every_days, grace, name, random_delay, repository, retention, reverify_after_days, schedule, time_limit, timezone, to, type, vms, writers`,
 			`server.yaml:17:17: jobs[0].repository: repository "nosuch" is not defined under repositories (defined: local, s3repo)`,
 			`server.yaml:19:21: jobs[0].vms[0].connection: connection "ghost" is not defined under connections (defined: lab)`,
+			`server.yaml:20:5: jobs[0].schedul: unknown key "schedul"; valid keys here: catch_up, concurrency, enabled, from, full_every_days, grace, name, random_delay, repository, retention, reverify_after_days, schedule, time_limit, timezone, to, type, vms, writers`,
 			`server.yaml:21:28: jobs[0].concurrency.per_job: 0 out of range 1-64`,
 			`server.yaml:22:5: jobs[1].name: job "a" is defined twice; job names must be unique`,
 		}},
@@ -119,8 +119,8 @@ repositories:
 			`server.yaml:5:14: listen[3].address: "tcp:127.0.0.1:70000": port "70000" out of range 1-65535`,
 		}},
 		{"no listen", "state_dir: var/lib\n", []string{
-			`server.yaml:1:12: state_dir: "var/lib" is not an absolute path; write it from /`,
 			`server.yaml:1:1: listen: missing: give at least one address (unix:/run/vmshadow/api.sock, or tcp:HOST:PORT with tls_cert and tls_key)`,
+			`server.yaml:1:12: state_dir: "var/lib" is not an absolute path; write it from /`,
 		}},
 		{"bad timezone", "listen: [{address: unix:/a}]\ntimezone: Mars/Base\n", []string{
 			`server.yaml:2:11: timezone: unknown time zone "Mars/Base": give an IANA name such as Europe/Berlin, or UTC`,
@@ -141,9 +141,9 @@ repositories:
     location: /x
 `, []string{
 			`server.yaml:4:15: repositories.rel.location: "backups/repo": a directory must be an absolute path; an S3 location starts with s3:`,
-			`server.yaml:8:19: repositories.creds.password_env: "my password" is not an environment variable name (letters, digits and _; not the password itself)`,
-			`server.yaml:7:15: repositories.creds.location: credentials in the S3 repository URL are not accepted (they would be visible to every user of this host): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE`,
 			`server.yaml:7:5: repositories.creds: no repository password: give password_file (a file readable only by the server) or password_env (the name of an environment variable)`,
+			`server.yaml:7:15: repositories.creds.location: credentials in the S3 repository URL are not accepted (they would be visible to every user of this host): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE`,
+			`server.yaml:8:19: repositories.creds.password_env: "my password" is not an environment variable name (letters, digits and _; not the password itself)`,
 			`server.yaml:10:5: repositories.both: both password_file and password_env: keep one`,
 			`server.yaml:13:3: repositories: name "bad name!": use letters, digits, ., _ and - (at most 64, starting with a letter or digit)`,
 		}},
@@ -199,21 +199,49 @@ connections:
   - type: restore
     name: "has space"
 `, []string{
-			`server.yaml:19:19: jobs[0].random_delay: "forever" is not a duration (examples: 90s, 15m, 4h, 7d)`,
-			`server.yaml:20:17: jobs[0].time_limit: 30s out of range 1m0s-7d`,
-			`server.yaml:19:19: jobs[0].random_delay: applies to scheduled jobs only: add a schedule or remove it`,
-			`server.yaml:24:26: jobs[0].reverify_after_days: not a setting of a backup job`,
 			`server.yaml:18:10: jobs[0].vms: empty: list at least one connection`,
-			`server.yaml:22:41: jobs[0].writers.hooks[0]: "hook.sh" is not an absolute path; write it from /`,
-			`server.yaml:22:24: jobs[0].writers.require: "perfect": want filesystem or application`,
-			`server.yaml:23:29: jobs[0].retention.keep_daily: -2 out of range -1-100000`,
+			`server.yaml:19:19: jobs[0].random_delay: "forever" is not a duration (examples: 90s, 15m, 4h, 7d)`,
+			`server.yaml:19:19: jobs[0].random_delay: applies to scheduled jobs only: add a schedule or remove it`,
+			`server.yaml:20:17: jobs[0].time_limit: 30s out of range 1m0s-7d`,
 			`server.yaml:21:22: jobs[0].full_every_days: want a whole number from 1 to 3650, got "sometimes"`,
-			`server.yaml:29:15: jobs[1].schedule: "@every 500ms": @every: 500ms is not a whole number of seconds of at least 1s`,
+			`server.yaml:22:24: jobs[0].writers.require: "perfect": want filesystem or application`,
+			`server.yaml:22:41: jobs[0].writers.hooks[0]: "hook.sh" is not an absolute path; write it from /`,
+			`server.yaml:23:29: jobs[0].retention.keep_daily: -2 out of range -1-100000`,
+			`server.yaml:24:26: jobs[0].reverify_after_days: not a setting of a backup job`,
 			`server.yaml:28:9: jobs[1].to: the same repository as from: a copy needs two repositories`,
-			`server.yaml:32:15: jobs[2].catch_up: applies to scheduled jobs only: add a schedule or remove it`,
+			`server.yaml:29:15: jobs[1].schedule: "@every 500ms": @every: 500ms is not a whole number of seconds of at least 1s`,
 			`server.yaml:30:5: jobs[2].repository: missing: name a repository defined under repositories`,
-			`server.yaml:34:11: jobs[3].name: "has space": use letters, digits, ., _ and - (at most 64, starting with a letter or digit)`,
+			`server.yaml:32:15: jobs[2].catch_up: applies to scheduled jobs only: add a schedule or remove it`,
 			`server.yaml:33:11: jobs[3].type: "restore": want backup, verify, prune, gc or copy`,
+			`server.yaml:34:11: jobs[3].name: "has space": use letters, digits, ., _ and - (at most 64, starting with a letter or digit)`,
+		}},
+		{"s3_ca on a directory, user info in an xapi url", `listen: [{address: unix:/a}]
+repositories:
+  r:
+    location: /srv/r
+    password_file: /p
+    s3_ca: /ca.pem
+connections:
+  x:
+    type: xapi
+    url: https://root@xen
+    password_file: /p
+`, []string{
+			`server.yaml:4:5: repositories.r.s3_ca: s3_ca applies to S3 locations only`,
+			`server.yaml:10:10: connections.x.url: user info in the URL is not accepted: use user and password_file`,
+		}},
+		{"job timezone and globs", head + qmp + `jobs:
+  - name: c
+    type: copy
+    from: local
+    to: s3repo
+    vms: ["web[", ok]
+    timezone: Nowhere/City
+    schedule: "CRON_TZ=Bad/Zone 0 1 * * *"
+`, []string{
+			`server.yaml:19:11: jobs[0].vms[0]: "web[" is not a valid glob (syntax error in pattern)`,
+			`server.yaml:20:15: jobs[0].timezone: unknown time zone "Nowhere/City": give an IANA name such as Europe/Berlin, or UTC`,
+			`server.yaml:21:15: jobs[0].schedule: "CRON_TZ=Bad/Zone 0 1 * * *": unknown time zone "Bad/Zone": give an IANA name such as Europe/Berlin or UTC`,
 		}},
 		{"prune without rules", head + qmp + `jobs:
   - name: p
