@@ -200,7 +200,6 @@ connections:
     name: "has space"
 `, []string{
 			`server.yaml:18:10: jobs[0].vms: empty: list at least one connection`,
-			`server.yaml:19:19: jobs[0].random_delay: "forever" is not a duration (examples: 90s, 15m, 4h, 7d)`,
 			`server.yaml:19:19: jobs[0].random_delay: applies to scheduled jobs only: add a schedule or remove it`,
 			`server.yaml:20:17: jobs[0].time_limit: 30s out of range 1m0s-7d`,
 			`server.yaml:21:22: jobs[0].full_every_days: want a whole number from 1 to 3650, got "sometimes"`,
@@ -242,6 +241,19 @@ connections:
 			`server.yaml:19:11: jobs[0].vms[0]: "web[" is not a valid glob (syntax error in pattern)`,
 			`server.yaml:20:15: jobs[0].timezone: unknown time zone "Nowhere/City": give an IANA name such as Europe/Berlin, or UTC`,
 			`server.yaml:21:15: jobs[0].schedule: "CRON_TZ=Bad/Zone 0 1 * * *": unknown time zone "Bad/Zone": give an IANA name such as Europe/Berlin or UTC`,
+		}},
+		{"durations", head + qmp + `jobs:
+  - name: g
+    type: gc
+    repository: local
+    schedule: "@daily"
+    random_delay: forever
+    grace: -1h
+    time_limit: 8d
+`, []string{
+			`server.yaml:19:19: jobs[0].random_delay: "forever" is not a duration (examples: 90s, 15m, 4h, 7d)`,
+			`server.yaml:20:12: jobs[0].grace: "-1h" is not a duration (examples: 90s, 15m, 4h, 7d)`,
+			`server.yaml:21:17: jobs[0].time_limit: 8d out of range 1m0s-7d`,
 		}},
 		{"prune without rules", head + qmp + `jobs:
   - name: p

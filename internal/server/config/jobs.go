@@ -66,6 +66,14 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 			j.Schedule = sc
 		}
 	}
+	if keys["schedule"] == nil {
+		for _, k := range []string{"random_delay", "catch_up"} {
+			if v := keys[k]; v != nil {
+				p.errAt(v, path+"."+k, "applies to scheduled jobs only: add a schedule or remove it")
+				delete(keys, k)
+			}
+		}
+	}
 	if v := keys["random_delay"]; v != nil {
 		j.RandomDelay, _ = p.duration(v, path+".random_delay", 0, maxRandomDelay)
 	}
@@ -77,13 +85,6 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 	}
 	if v := keys["time_limit"]; v != nil {
 		j.TimeLimit, _ = p.duration(v, path+".time_limit", time.Minute, maxTimeLimit)
-	}
-	if j.Schedule == nil {
-		for _, k := range []string{"random_delay", "catch_up"} {
-			if v := keys[k]; v != nil && keys["schedule"] == nil {
-				p.errAt(v, path+"."+k, "applies to scheduled jobs only: add a schedule or remove it")
-			}
-		}
 	}
 
 	// Which keys each type takes, besides the common ones.
