@@ -232,7 +232,7 @@ func (s *Session) Create(ctx context.Context) (*Set, error) {
 		return nil, fmt.Errorf("snapshot set %s (created %s by pid %d) exists for VM %s: delete it with 'vmshadow snapshot delete %s', or run 'vmshadow recover' if vmshadow was killed: %w",
 			cur.ID, cur.Created.Format(time.RFC3339), cur.PID, s.vm.Name, cur.ID, errs.ErrBusy)
 	}
-	set := &Set{ID: NewSetID(), VM: s.vm.Name, Provider: c.Provider.Kind(), Created: time.Now().UTC().Truncate(time.Second),
+	set := &Set{ID: NewSetID(), VM: s.vm.Name, Provider: c.Provider.Kind(), Created: time.Now().UTC().Truncate(time.Millisecond),
 		Phase: "preparing", PID: os.Getpid(), Ephemeral: c.Ephemeral}
 	for _, w := range c.Writers {
 		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: "pending"})
