@@ -24,7 +24,7 @@
 //     bitmaps into the parent checkpoint's), so no change is ever lost.
 //
 // Change tracking: checkpoints are named <prefix>-<set id>, with the
-// prefix vmshadow-<repository id> chosen by the caller (Checkpoint), so
+// prefix vmshadow-<repository id> chosen by the caller (Track), so
 // each repository has its own chain. Checkpoint metadata lives in libvirtd's
 // state directory; it is lost when the domain is undefined and defined again
 // or moves host, while QEMU keeps the bitmaps. CheckpointXML and
@@ -67,6 +67,7 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 // Prefix starts the name of everything vmshadow creates through libvirt.
@@ -77,19 +78,6 @@ const DefaultURI = "qemu:///system"
 
 // MinVersion is the oldest libvirt whose QEMU driver does pull-mode backups.
 const MinVersion = 7_002_000
-
-// Checkpoint asks a set to create a checkpoint at its instant, and to read
-// only the changes since an earlier one.
-type Checkpoint struct {
-	// Prefix names the repository's checkpoints, "vmshadow-<repo id>";
-	// the set's checkpoint is Prefix-<set id>.
-	Prefix string
-	// Incremental is the checkpoint of the last successful backup into the
-	// repository; empty reads every disk in full.
-	Incremental string
-	// Full reads every disk in full even with Incremental.
-	Full bool
-}
 
 // Options configure the provider.
 type Options struct {
@@ -106,8 +94,10 @@ type Options struct {
 	ScratchDir string
 	// Warn is told of problems that do not stop the set.
 	Warn func(string)
-	// Checkpoint, if set, creates a checkpoint at the set's instant.
-	Checkpoint *Checkpoint
+	// Tracking, if set, creates a checkpoint at the set's instant and reads
+	// only the changes since the previous one where the chain holds (see
+	// Track).
+	Tracking *tracking.Request
 	// Recorded, if set, tells Release(nil) which vmshadow checkpoints a
 	// repository still needs; the others are deleted. Without it
 	// checkpoints are never deleted by Release(nil).
@@ -136,8 +126,10 @@ func New(opts Options) *Provider {
 	return &Provider{opts: opts}
 }
 
-// SetCheckpoint sets the change-tracking request of the next set.
-func (p *Provider) SetCheckpoint(cp *Checkpoint) { p.opts.Checkpoint = cp }
+// Track implements livebackup.Provider: the next set creates the
+// checkpoint r.Prefix-<set id> at its instant and exports, for each disk
+// whose chain holds, the changes since its previous checkpoint.
+func (p *Provider) Track(r tracking.Request) { p.opts.Tracking = &r }
 
 // Kind implements coord.Provider.
 func (p *Provider) Kind() string { return "libvirt" }

@@ -76,6 +76,11 @@ func (r *releaser) state(ctx context.Context, st *state) {
 			if st.Incremental != "" && st.Incremental != st.Checkpoint {
 				r.deleteCheckpoint(ctx, st.Incremental, "checkpoint "+st.Incremental+" (superseded by "+st.Checkpoint+")")
 			}
+			for _, n := range st.Stale {
+				if n != st.Checkpoint && n != st.Incremental {
+					r.deleteCheckpoint(ctx, n, "checkpoint "+n+" (of a broken chain)")
+				}
+			}
 		} else if st.Begun {
 			r.deleteCheckpoint(ctx, st.Checkpoint, "checkpoint "+st.Checkpoint+" (its changes merged into its parent)")
 		}
