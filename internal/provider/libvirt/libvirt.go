@@ -67,6 +67,7 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/redact"
 	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
@@ -143,6 +144,9 @@ func (p *Provider) Domain() golibvirt.Domain { return p.dom }
 // Version is libvirt's version as major*1,000,000+minor*1,000+release.
 func (p *Provider) Version() uint64 { return p.version }
 
+// shownURI is the connection URI as errors show it (internal/redact).
+func (p *Provider) shownURI() string { return redact.URL(p.opts.URI, "socket") }
+
 func (p *Provider) warn(format string, args ...any) {
 	if p.opts.Warn != nil {
 		p.opts.Warn(fmt.Sprintf(format, args...))
@@ -152,8 +156,13 @@ func (p *Provider) warn(format string, args ...any) {
 // ParseURI checks a libvirt connection URI: the QEMU driver over a
 // transport go-libvirt dials. It reports whether the libvirt host is this
 // machine (a UNIX-socket transport).
-func ParseURI(s string) (u *url.URL, local bool, err error) {
-	u, err = url.Parse(s)
+func ParseURI(uri string) (u *url.URL, local bool, err error) {
+	s := redact.URL(uri, "socket") // as shown in errors
+	u, err = url.Parse(uri)
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err // without the URI
+	}
 	if err != nil {
 		return nil, false, fmt.Errorf("libvirt URI %q: %v: %w", s, err, errs.ErrUsage)
 	}
@@ -202,14 +211,14 @@ func (p *Provider) connect(ctx context.Context) (*golibvirt.Libvirt, error) {
 	}
 	l, err := call(ctx, func() (*golibvirt.Libvirt, error) { return golibvirt.ConnectToURI(u) })
 	if err != nil {
-		return nil, connectError(p.opts.URI, u, local, err)
+		return nil, connectError(p.shownURI(), u, local, err)
 	}
 	ver, err := call(ctx, l.ConnectGetLibVersion)
 	if err != nil {
 		l.Disconnect()
-		return nil, fmt.Errorf("libvirt at %s: get version: %w", p.opts.URI, classify(err))
+		return nil, fmt.Errorf("libvirt at %s: get version: %w", p.shownURI(), classify(err))
 	}
-	if err := checkVersion(p.opts.URI, ver); err != nil {
+	if err := checkVersion(p.shownURI(), ver); err != nil {
 		l.Disconnect()
 		return nil, err
 	}

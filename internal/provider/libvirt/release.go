@@ -137,7 +137,7 @@ func (r *releaser) deleteCheckpoint(ctx context.Context, name, what string) {
 			// Dropping only the metadata would lose the changes its bitmap
 			// holds: the checkpoint stays until the domain runs again.
 			err = fmt.Errorf("%w: domain %s is not running and libvirt deletes checkpoints of running domains only: start it, then run 'vmshadow recover --libvirt %s --vm %s' (until then the checkpoint stays, and no change is lost)",
-				classify(err), dom.Name, r.p.opts.URI, dom.Name)
+				classify(err), dom.Name, r.p.shownURI(), dom.Name)
 		} else {
 			err = classify(err)
 		}

@@ -68,7 +68,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 	}
 	if len(p.leftovers) > 0 {
 		return fmt.Errorf("domain %s carries an earlier vmshadow snapshot set (%s): run 'vmshadow recover --libvirt %s --vm %s': %w",
-			p.dom.Name, strings.Join(p.leftovers, ", "), p.opts.URI, p.dom.Name, errs.ErrBusy)
+			p.dom.Name, strings.Join(p.leftovers, ", "), p.shownURI(), p.dom.Name, errs.ErrBusy)
 	}
 	if err := p.checkNoJob(ctx); err != nil {
 		return err
@@ -84,7 +84,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 		p.warn("not captured: %s", s)
 	}
 	if !p.local() {
-		return fmt.Errorf("libvirt at %s is on another host: its NBD exports are on a UNIX socket there, which vmshadow cannot read from here yet; run vmshadow on the libvirt host: %w", p.opts.URI, errs.ErrUnsupported)
+		return fmt.Errorf("libvirt at %s is on another host: its NBD exports are on a UNIX socket there, which vmshadow cannot read from here yet; run vmshadow on the libvirt host: %w", p.shownURI(), errs.ErrUnsupported)
 	}
 	dir, err := filepath.Abs(p.opts.ScratchDir)
 	if err != nil {
