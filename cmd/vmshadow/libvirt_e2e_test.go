@@ -282,7 +282,7 @@ func TestLibvirtErrors(t *testing.T) {
 		{"qga", []string{"backup", "--repo", repoDir, "--libvirt", libvirttest.URI, "--vm", "x", "--qga", "/tmp/qga.sock"}, errs.ErrUsage.ExitCode(), "--guest-agent"},
 		{"guest-hook", []string{"snapshot", "create", "--libvirt", libvirttest.URI, "--vm", "x", "--guest-hook", "/bin/true"}, errs.ErrUsage.ExitCode(), "guest-exec"},
 		{"guest-agent without libvirt", []string{"snapshot", "create", "--qmp", "/tmp/none.sock", "--guest-agent"}, errs.ErrUsage.ExitCode(), "--guest-agent"},
-		{"two providers", []string{"recover", "--qmp", "/tmp/none.sock", "--libvirt", libvirttest.URI, "--vm", "x"}, errs.ErrUsage.ExitCode(), "not several"},
+		{"two providers", []string{"recover", "--qmp", "/tmp/none.sock", "--libvirt", libvirttest.URI, "--vm", "x"}, errs.ErrUsage.ExitCode(), "not both"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			res := vmshadow(t, env, c.args...)

@@ -148,7 +148,7 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	}
 	switch {
 	case n > 1:
-		return nil, errorf(errs.ErrUsage, "give one of --qmp SOCKET (a QEMU VM), --xapi URL (a XenServer / XCP-ng VM) or --libvirt URI (a libvirt domain), not several")
+		return nil, errorf(errs.ErrUsage, "give one of --qmp SOCKET (a QEMU VM), --xapi URL (a XenServer / XCP-ng VM) or --libvirt URI (a libvirt domain), not %s", map[bool]string{true: "both", false: "all three"}[n == 2])
 	case n == 0:
 		return nil, errorf(errs.ErrUsage, "--qmp is required (or --xapi URL --vm NAME|UUID for a XenServer / XCP-ng VM, or --libvirt qemu:///system --vm NAME|UUID for a libvirt domain)")
 	case f.guestAgent && f.libvirt == "":

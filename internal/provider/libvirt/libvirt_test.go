@@ -696,3 +696,52 @@ func TestCommitPastDeadline(t *testing.T) {
 		t.Fatalf("checkpoints left: %v", got)
 	}
 }
+
+// TestPrunedChain: when the repository's latest backup has a checkpoint
+// libvirt does not know, but another checkpoint of the repository's chain
+// is there (its backup pruned), every disk is read in full saying so, and
+// once the backup is stored the stale checkpoint goes: one checkpoint per
+// repository stays. Other repositories' checkpoints are not touched.
+func TestPrunedChain(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	done := func(cp *checkpoint) string {
+		p := r.provider(cp)
+		s := r.open(ctx, p)
+		defer s.Close()
+		set, err := s.Create(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Delete(ctx, set.ID); err != nil {
+			t.Fatal(err)
+		}
+		return cp.Prefix + "-" + set.ID
+	}
+	other := done(&checkpoint{Prefix: "vmshadow-repo11b"})
+	stale := done(&checkpoint{Prefix: "vmshadow-repo11"})
+
+	p := r.provider(&checkpoint{Prefix: "vmshadow-repo11", Incremental: "vmshadow-repo11-gone"})
+	s := r.open(ctx, p)
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sh := shadow(t, set, "vda"); sh.Bitmap != "" || !strings.Contains(sh.FullReason, "pruned") || !strings.Contains(sh.FullReason, stale) {
+		t.Fatalf("vda with the latest backup's checkpoint gone: bitmap %q, full reason %q", sh.Bitmap, sh.FullReason)
+	}
+	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Delete(ctx, set.ID); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{other, "vmshadow-repo11-" + set.ID}
+	if got := r.checkpoints(); !slices.Equal(got, want) {
+		t.Fatalf("checkpoints = %v, want %v (the stale one deleted)", got, want)
+	}
+	r.noJob()
+}
