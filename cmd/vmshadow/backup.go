@@ -43,7 +43,7 @@ const maxNBDConnections = 64
 func newBackupCmd(a *app) *cobra.Command {
 	var f backupFlags
 	cmd := &cobra.Command{
-		Use:   "backup --repo DIR (--qmp SOCKET [--qga SOCKET] [--hook PATH]... | --xapi URL --vm NAME|UUID [--hook PATH]... | --vm NAME --disk NAME=IMAGE.raw...)",
+		Use:   "backup --repo DIR (--qmp SOCKET [--qga SOCKET] [--hook PATH]... | --xapi URL --vm NAME|UUID [--hook PATH]... | --libvirt URI --vm NAME|UUID [--guest-agent] [--hook PATH]... | --vm NAME --disk NAME=IMAGE.raw...)",
 		Short: "Back up a running VM, or disk images, into a repository",
 		Long: `With --qmp, back up a running QEMU VM: take a snapshot set (freezing the
 writers given with --qga and --hook), read its shadow copies over NBD, and
@@ -55,13 +55,17 @@ With --xapi and --vm, back up a VM of a XenServer / XCP-ng pool the same way:
 VM.snapshot with the --hook writers frozen around it, the snapshot's disks read
 over the pool's NBD (TLS), and changed block tracking (CBT) for incrementals.
 
+With --libvirt URI (usually qemu:///system) and --vm, back up a libvirt
+domain through libvirt's backup API (pull mode, one checkpoint per repository
+for incrementals); --guest-agent freezes its file systems through libvirt.
+
 With --disk, back up the raw disk images of a VM (shut down, or any image).
 
 Unallocated ranges are not read; chunks already in the repository are not
 stored again. The summary lists what was read and stored per disk.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if f.live.qmp != "" || f.live.x.url != "" {
+			if f.live.qmp != "" || f.live.x.url != "" || f.live.libvirt != "" {
 				return liveBackup(cmd.Context(), a, &f)
 			}
 			job, cleanup, err := imageJob(&f)
@@ -74,7 +78,8 @@ stored again. The summary lists what was read and stored per disk.`,
 	}
 	cmd.Flags().StringVar(&f.live.qmp, "qmp", "", "back up the running VM behind this QMP socket")
 	f.live.x.register(cmd, "xapi", "back up a VM of this XenServer / XCP-ng pool master, https://HOST (with --vm NAME|UUID)")
-	cmd.Flags().StringVar(&f.repoVM, "repo-vm", "", "with --xapi: name of the VM in the repository (default: its name-label, other characters than letters, digits, '.', '_' and '-' made '_')")
+	f.live.addLibvirt(cmd)
+	cmd.Flags().StringVar(&f.repoVM, "repo-vm", "", "with --xapi or --libvirt: name of the VM in the repository (default: its name-label or domain name, other characters than letters, digits, '.', '_' and '-' made '_')")
 	cmd.Flags().StringVar(&f.live.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
 	f.live.addPeer(cmd)
 	f.live.addSet(cmd)
@@ -82,7 +87,7 @@ stored again. The summary lists what was read and stored per disk.`,
 	intFlag(cmd.Flags(), &f.conns, "nbd-connections", 4, 1, maxNBDConnections, "with --qmp or --xapi: NBD connections per disk")
 	intFlag(cmd.Flags(), &f.live.hostConns, "xapi-nbd-connections", xapiprov.DefaultHostConns, 1, 16, "with --xapi: NBD connections per pool host for all disks together (XenServer's NBD server serves at most 16 per host, to all clients)")
 	f.repo.register(cmd)
-	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool")
+	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool; with --libvirt, the domain's name or UUID")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")
 	cmd.Flags().StringArrayVar(&f.tags, "tag", nil, "tag to attach to the backup; repeat for several")
 	return cmd
@@ -169,7 +174,7 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 		return errorf(errs.ErrUsage, "--disk backs up image files; with --qmp the VM's disks are found by themselves")
 	}
 	lo := livebackup.Options{VM: f.vm, Tags: f.tags, Full: f.full, Conns: f.conns}
-	if f.live.x.url != "" {
+	if f.live.x.url != "" || f.live.libvirt != "" {
 		f.live.vm, lo.VM = f.vm, f.repoVM
 		if f.repoVM != "" {
 			if err := repo.ValidName("VM", f.repoVM); err != nil {
@@ -178,7 +183,7 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 		}
 		lo.Name = func(vm coord.VMInfo) string { return xapiprov.RepoName(vm.Name) }
 	} else if f.repoVM != "" {
-		return errorf(errs.ErrUsage, "--repo-vm is for --xapi; with --qmp, --vm names the VM in the repository")
+		return errorf(errs.ErrUsage, "--repo-vm is for --xapi and --libvirt; with --qmp, --vm names the VM in the repository")
 	}
 	c, err := f.live.coordinator(a)
 	if err != nil {

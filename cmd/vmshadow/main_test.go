@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/vmshadow/vmshadow/internal/libvirttest"
 )
 
 // bin is the vmshadow binary the end-to-end tests run, built by TestMain.
@@ -28,7 +30,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "build vmshadow: %v\n%s", err, out)
 		os.Exit(1)
 	}
-	code := m.Run()
+	code := libvirttest.Main(m) // stops a libvirtd the libvirt tests started
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

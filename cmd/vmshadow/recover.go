@@ -13,7 +13,7 @@ func init() { commands = append(commands, newRecoverCmd) }
 func newRecoverCmd(a *app) *cobra.Command {
 	var f vmFlags
 	cmd := &cobra.Command{
-		Use:   "recover (--qmp SOCKET [--qga SOCKET] | --xapi URL --vm NAME|UUID)",
+		Use:   "recover (--qmp SOCKET [--qga SOCKET] | --xapi URL --vm NAME|UUID | --libvirt URI --vm NAME|UUID [--guest-agent])",
 		Short: "Undo a snapshot set left behind by a vmshadow that was killed",
 		Long: `recover thaws writers whose freeze was attempted, resumes the VM if vmshadow
 paused it, removes the set's exports, filters, nodes and scratch files, and any

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/livebackup"
 	"github.com/vmshadow/vmshadow/internal/nbd"
+	libvirtprov "github.com/vmshadow/vmshadow/internal/provider/libvirt"
 	"github.com/vmshadow/vmshadow/internal/provider/qemu"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/qga"
@@ -21,13 +23,15 @@ import (
 
 // vmFlags are the flags that name a VM and the writers of its snapshot sets,
 // shared by the snapshot, recover and backup commands. A VM is a QEMU VM
-// behind a QMP socket (--qmp), or a XenServer / XCP-ng VM of a pool (--xapi
-// and --vm).
+// behind a QMP socket (--qmp), a XenServer / XCP-ng VM of a pool (--xapi
+// and --vm), or a libvirt domain (--libvirt and --vm).
 type vmFlags struct {
 	qmp           string
 	x             xapiFlags
-	vm            string // with --xapi: the VM's name-label or UUID
+	libvirt       string // --libvirt: libvirt's connection URI
+	vm            string // with --xapi: the VM's name-label or UUID; with --libvirt: the domain's name or UUID
 	qga           string
+	guestAgent    bool // --guest-agent: freeze through libvirt (--libvirt)
 	hooks         []string
 	guestHooks    []string
 	freezeTimeout time.Duration
@@ -82,13 +86,20 @@ func defaultStateDir() string {
 func (f *vmFlags) addVM(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.qmp, "qmp", "", "the QEMU VM's QMP UNIX socket (or --xapi and --vm)")
 	f.x.register(cmd, "xapi", "the XenServer / XCP-ng pool master, https://HOST (with --vm)")
-	cmd.Flags().StringVar(&f.vm, "vm", "", "with --xapi: the VM's name-label or UUID")
+	f.addLibvirt(cmd)
+	cmd.Flags().StringVar(&f.vm, "vm", "", "with --xapi: the VM's name-label or UUID; with --libvirt: the domain's name or UUID")
 	cmd.Flags().StringVar(&f.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
 	f.addPeer(cmd)
 }
 
-// addWriters adds the writer flags (--qga, --hook).
+// addLibvirt adds --libvirt.
+func (f *vmFlags) addLibvirt(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.libvirt, "libvirt", "", "libvirt's connection URI, usually qemu:///system: a libvirt domain (with --vm NAME|UUID)")
+}
+
+// addWriters adds the writer flags (--qga, --hook, --guest-agent).
 func (f *vmFlags) addWriters(cmd *cobra.Command) {
+	cmd.Flags().BoolVar(&f.guestAgent, "guest-agent", false, "with --libvirt: freeze the guest's file systems through libvirt's guest agent channel (virDomainFSFreeze)")
 	cmd.Flags().StringVar(&f.qga, "qga", "", "the guest agent's UNIX socket: freeze the guest's file systems")
 	cmd.Flags().StringArrayVar(&f.hooks, "hook", nil, "executable on this host called with freeze/thaw around the instant (repeatable, run in order, thawed in reverse)")
 	cmd.Flags().StringArrayVar(&f.guestHooks, "guest-hook", nil, "program inside the guest run through the agent (--qga) with freeze/thaw, before the file systems freeze (repeatable)")
@@ -109,16 +120,39 @@ func (f *vmFlags) addSet(cmd *cobra.Command) {
 var (
 	_ livebackup.Provider = (*qemu.Provider)(nil)
 	_ livebackup.Provider = (*xapiprov.Provider)(nil)
+	_ livebackup.Provider = (*libvirtprov.Provider)(nil)
 )
+
+// writerKinds rebuild, from a journal, the writers of a provider package
+// (coord.WriterSpec.Kind to its FromSpec); other kinds are writer.FromSpec's.
+var writerKinds = map[string]func(coord.WriterSpec) (coord.Writer, error){
+	libvirtprov.WriterKind: libvirtprov.FromSpec,
+}
+
+// rebuildWriter is the coordinator's Rebuild: a journal's writer from its spec.
+func rebuildWriter(s coord.WriterSpec) (coord.Writer, error) {
+	if fn, ok := writerKinds[s.Kind]; ok {
+		return fn(s)
+	}
+	return writer.FromSpec(s)
+}
 
 // coordinator builds the coordinator for the flags: the one place that
 // maps the flags to a provider.
 func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
+	n := 0
+	for _, v := range []string{f.qmp, f.x.url, f.libvirt} {
+		if v != "" {
+			n++
+		}
+	}
 	switch {
-	case f.qmp != "" && f.x.url != "":
-		return nil, errorf(errs.ErrUsage, "give --qmp SOCKET (a QEMU VM) or --xapi URL (a XenServer / XCP-ng VM), not both")
-	case f.qmp == "" && f.x.url == "":
-		return nil, errorf(errs.ErrUsage, "--qmp is required (or --xapi URL --vm NAME|UUID for a XenServer / XCP-ng VM)")
+	case n > 1:
+		return nil, errorf(errs.ErrUsage, "give one of --qmp SOCKET (a QEMU VM), --xapi URL (a XenServer / XCP-ng VM) or --libvirt URI (a libvirt domain), not %s", map[bool]string{true: "both", false: "all three"}[n == 2])
+	case n == 0:
+		return nil, errorf(errs.ErrUsage, "--qmp is required (or --xapi URL --vm NAME|UUID for a XenServer / XCP-ng VM, or --libvirt qemu:///system --vm NAME|UUID for a libvirt domain)")
+	case f.guestAgent && f.libvirt == "":
+		return nil, errorf(errs.ErrUsage, "--guest-agent freezes through libvirt: it goes with --libvirt (with --qmp use --qga SOCKET)")
 	}
 	f.applyPeerTimeout()
 	opts := coord.Options{FreezeTimeout: f.freezeTimeout, WriterTimeout: f.writerTimeout,
@@ -138,10 +172,25 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	}
 	c := &coord.Coordinator{
 		Journal: &coord.Journal{Dir: filepath.Join(f.stateDir, "journal")},
-		Rebuild: writer.FromSpec,
+		Rebuild: rebuildWriter,
 		Options: opts,
 	}
-	if f.x.url != "" {
+	switch {
+	case f.libvirt != "":
+		if f.qga != "" {
+			return nil, errorf(errs.ErrUsage, "--qga is refused with --libvirt: libvirt owns the domain's guest agent channel; use --guest-agent to freeze through libvirt")
+		}
+		if len(f.guestHooks) > 0 {
+			return nil, errorf(errs.ErrUsage, "--guest-hook is refused with --libvirt: libvirt offers no guest-exec that leaves the domain untainted; use --hook, or a fsfreeze hook script in the guest with --guest-agent")
+		}
+		if f.vm == "" {
+			return nil, errorf(errs.ErrUsage, "--vm NAME|UUID (the domain) is required with --libvirt")
+		}
+		if _, _, err := libvirtprov.ParseURI(f.libvirt); err != nil {
+			return nil, fmt.Errorf("--libvirt: %w", err)
+		}
+		c.Provider = libvirtprov.New(libvirtprov.Options{URI: f.libvirt, Domain: f.vm, ScratchDir: scratch, Warn: opts.Warn})
+	case f.x.url != "":
 		if f.qga != "" || len(f.guestHooks) > 0 {
 			return nil, errorf(errs.ErrUsage, "--qga and --guest-hook talk to the QEMU guest agent, which XenServer VMs do not run: use --hook")
 		}
@@ -153,7 +202,7 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 			return nil, err
 		}
 		c.Provider = xapiprov.New(xapiprov.Options{Pool: cfg, VM: f.vm, Insecure: f.x.insecure, NoPause: f.noPause, HostConns: f.hostConns, Warn: opts.Warn})
-	} else {
+	default:
 		c.Provider = qemu.New(qemu.Options{QMPPath: f.qmp, ScratchDir: scratch, Warn: opts.Warn})
 	}
 	for _, h := range f.hooks {
@@ -173,6 +222,9 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 			c.Writers = append(c.Writers, writer.NewGuestHook(ag, g))
 		}
 		c.Writers = append(c.Writers, ag) // file systems freeze last, thaw first
+	}
+	if f.guestAgent {
+		c.Writers = append(c.Writers, libvirtprov.NewFSFreeze(f.libvirt, f.vm, nil)) // file systems freeze last
 	}
 	return c, nil
 }

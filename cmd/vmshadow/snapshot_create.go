@@ -9,7 +9,7 @@ import (
 func newSnapshotCreateCmd(a *app) *cobra.Command {
 	var f vmFlags
 	cmd := &cobra.Command{
-		Use:   "create (--qmp SOCKET [--qga SOCKET] | --xapi URL --vm NAME|UUID) [--hook PATH]...",
+		Use:   "create (--qmp SOCKET [--qga SOCKET] | --xapi URL --vm NAME|UUID | --libvirt URI --vm NAME|UUID [--guest-agent]) [--hook PATH]...",
 		Short: "Take a snapshot set of every disk of a running VM",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -10,7 +10,7 @@ import (
 func newSnapshotDeleteCmd(a *app) *cobra.Command {
 	var f vmFlags
 	cmd := &cobra.Command{
-		Use:   "delete (--qmp SOCKET | --xapi URL --vm NAME|UUID) SET_ID",
+		Use:   "delete (--qmp SOCKET | --xapi URL --vm NAME|UUID | --libvirt URI --vm NAME|UUID) SET_ID",
 		Short: "Release a snapshot set: remove its exports, filters and scratch files (QEMU), or its snapshot (XAPI)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

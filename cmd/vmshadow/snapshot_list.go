@@ -12,7 +12,7 @@ import (
 func newSnapshotListCmd(a *app) *cobra.Command {
 	var f vmFlags
 	cmd := &cobra.Command{
-		Use:   "list (--qmp SOCKET | --xapi URL --vm NAME|UUID)",
+		Use:   "list (--qmp SOCKET | --xapi URL --vm NAME|UUID | --libvirt URI --vm NAME|UUID)",
 		Short: "List the VM's snapshot sets",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -27,6 +27,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -152,6 +153,12 @@ func ensure() error {
 		return err
 	}
 	lockFile = f
+	return startMissing()
+}
+
+// startMissing starts virtlogd and libvirtd where they do not listen and
+// records them in the marker as started by the helpers.
+func startMissing() error {
 	var started []string
 	if !listening(virtlogdSocket) {
 		if err := run(daemonPath("virtlogd"), "-d"); err != nil {
@@ -174,7 +181,11 @@ func ensure() error {
 	if len(started) > 0 {
 		old, _ := os.ReadFile(markerPath)
 		lines := strings.Fields(string(old))
-		lines = append(lines, started...)
+		for _, pf := range started {
+			if !slices.Contains(lines, pf) {
+				lines = append(lines, pf)
+			}
+		}
 		if err := os.WriteFile(markerPath, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
 			return err
 		}
@@ -345,10 +356,10 @@ func RestartLibvirtd(t testing.TB) {
 	if err := stopPIDFile(libvirtdPIDFile); err != nil {
 		t.Fatal(err)
 	}
-	if err := run(daemonPath("libvirtd"), "-d"); err != nil {
-		t.Fatal(err)
-	}
-	if err := waitListening(SocketPath); err != nil {
+	// flock cannot turn a shared lock into an exclusive one atomically: while
+	// this binary waited, another one may have found itself the last user
+	// and stopped both daemons. Start whatever does not run.
+	if err := startMissing(); err != nil {
 		t.Fatal(err)
 	}
 }

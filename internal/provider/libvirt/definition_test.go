@@ -22,13 +22,13 @@ import (
 func TestRedefineCheckpoint(t *testing.T) {
 	r := newRig(t)
 	ctx := ctxFor(t)
-	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo3"})
+	p := r.provider(&checkpoint{Prefix: "vmshadow-repo3"})
 	s := r.open(ctx, p)
 	set, err := s.Create(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.CompleteCheckpoint(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -47,7 +47,7 @@ func TestRedefineCheckpoint(t *testing.T) {
 	libvirttest.Virsh(t, "checkpoint-delete", r.dom.Name, first, "--metadata")
 	r.dom.GuestWrite(t, "vda", 0x77, 12*mib, 192<<10)
 
-	p2 := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo3", Incremental: first})
+	p2 := r.provider(&checkpoint{Prefix: "vmshadow-repo3", Incremental: first})
 	s2 := r.open(ctx, p2)
 	if _, err := p2.CheckpointXML(ctx, first); !errors.Is(err, errs.ErrNotFound) {
 		t.Fatalf("checkpoint XML of a lost checkpoint: %v, want ErrNotFound", err)
@@ -98,8 +98,8 @@ func TestDomainXMLAndOldQcow2(t *testing.T) {
 	dom.Start(t)
 	ctx := ctxFor(t)
 	dir := libvirttest.TempDir(t)
-	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: dom.Name, ScratchDir: filepath.Join(dir, "scratch"),
-		Checkpoint: &libvirt.Checkpoint{Prefix: "vmshadow-repo4"}})
+	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: dom.Name, ScratchDir: filepath.Join(dir, "scratch")})
+	p.Track((&checkpoint{Prefix: "vmshadow-repo4"}).request(nil))
 	s, err := (&coord.Coordinator{Provider: p, Journal: &coord.Journal{Dir: filepath.Join(dir, "journal")}}).Open(ctx)
 	if err != nil {
 		t.Fatal(err)

@@ -24,7 +24,7 @@
 //     bitmaps into the parent checkpoint's), so no change is ever lost.
 //
 // Change tracking: checkpoints are named <prefix>-<set id>, with the
-// prefix vmshadow-<repository id> chosen by the caller (Checkpoint), so
+// prefix vmshadow-<repository id> chosen by the caller (Track), so
 // each repository has its own chain. Checkpoint metadata lives in libvirtd's
 // state directory; it is lost when the domain is undefined and defined again
 // or moves host, while QEMU keeps the bitmaps. CheckpointXML and
@@ -67,6 +67,8 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/redact"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 // Prefix starts the name of everything vmshadow creates through libvirt.
@@ -77,19 +79,6 @@ const DefaultURI = "qemu:///system"
 
 // MinVersion is the oldest libvirt whose QEMU driver does pull-mode backups.
 const MinVersion = 7_002_000
-
-// Checkpoint asks a set to create a checkpoint at its instant, and to read
-// only the changes since an earlier one.
-type Checkpoint struct {
-	// Prefix names the repository's checkpoints, "vmshadow-<repo id>";
-	// the set's checkpoint is Prefix-<set id>.
-	Prefix string
-	// Incremental is the checkpoint of the last successful backup into the
-	// repository; empty reads every disk in full.
-	Incremental string
-	// Full reads every disk in full even with Incremental.
-	Full bool
-}
 
 // Options configure the provider.
 type Options struct {
@@ -106,8 +95,10 @@ type Options struct {
 	ScratchDir string
 	// Warn is told of problems that do not stop the set.
 	Warn func(string)
-	// Checkpoint, if set, creates a checkpoint at the set's instant.
-	Checkpoint *Checkpoint
+	// Tracking, if set, creates a checkpoint at the set's instant and reads
+	// only the changes since the previous one where the chain holds (see
+	// Track).
+	Tracking *tracking.Request
 	// Recorded, if set, tells Release(nil) which vmshadow checkpoints a
 	// repository still needs; the others are deleted. Without it
 	// checkpoints are never deleted by Release(nil).
@@ -136,8 +127,10 @@ func New(opts Options) *Provider {
 	return &Provider{opts: opts}
 }
 
-// SetCheckpoint sets the change-tracking request of the next set.
-func (p *Provider) SetCheckpoint(cp *Checkpoint) { p.opts.Checkpoint = cp }
+// Track implements livebackup.Provider: the next set creates the
+// checkpoint r.Prefix-<set id> at its instant and exports, for each disk
+// whose chain holds, the changes since its previous checkpoint.
+func (p *Provider) Track(r tracking.Request) { p.opts.Tracking = &r }
 
 // Kind implements coord.Provider.
 func (p *Provider) Kind() string { return "libvirt" }
@@ -151,6 +144,9 @@ func (p *Provider) Domain() golibvirt.Domain { return p.dom }
 // Version is libvirt's version as major*1,000,000+minor*1,000+release.
 func (p *Provider) Version() uint64 { return p.version }
 
+// shownURI is the connection URI as errors show it (internal/redact).
+func (p *Provider) shownURI() string { return redact.URL(p.opts.URI, "socket") }
+
 func (p *Provider) warn(format string, args ...any) {
 	if p.opts.Warn != nil {
 		p.opts.Warn(fmt.Sprintf(format, args...))
@@ -160,8 +156,13 @@ func (p *Provider) warn(format string, args ...any) {
 // ParseURI checks a libvirt connection URI: the QEMU driver over a
 // transport go-libvirt dials. It reports whether the libvirt host is this
 // machine (a UNIX-socket transport).
-func ParseURI(s string) (u *url.URL, local bool, err error) {
-	u, err = url.Parse(s)
+func ParseURI(uri string) (u *url.URL, local bool, err error) {
+	s := redact.URL(uri, "socket") // as shown in errors
+	u, err = url.Parse(uri)
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err // without the URI
+	}
 	if err != nil {
 		return nil, false, fmt.Errorf("libvirt URI %q: %v: %w", s, err, errs.ErrUsage)
 	}
@@ -210,14 +211,14 @@ func (p *Provider) connect(ctx context.Context) (*golibvirt.Libvirt, error) {
 	}
 	l, err := call(ctx, func() (*golibvirt.Libvirt, error) { return golibvirt.ConnectToURI(u) })
 	if err != nil {
-		return nil, connectError(p.opts.URI, u, local, err)
+		return nil, connectError(p.shownURI(), u, local, err)
 	}
 	ver, err := call(ctx, l.ConnectGetLibVersion)
 	if err != nil {
 		l.Disconnect()
-		return nil, fmt.Errorf("libvirt at %s: get version: %w", p.opts.URI, classify(err))
+		return nil, fmt.Errorf("libvirt at %s: get version: %w", p.shownURI(), classify(err))
 	}
-	if err := checkVersion(p.opts.URI, ver); err != nil {
+	if err := checkVersion(p.shownURI(), ver); err != nil {
 		l.Disconnect()
 		return nil, err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/libvirttest"
 	"github.com/vmshadow/vmshadow/internal/nbd"
 	"github.com/vmshadow/vmshadow/internal/provider/libvirt"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 func TestMain(m *testing.M) { os.Exit(libvirttest.Main(m)) }
@@ -48,8 +49,30 @@ func newRig(t *testing.T) *rig {
 	return &rig{t: t, dom: dom, journal: &coord.Journal{Dir: filepath.Join(dir, "journal")}, scratch: filepath.Join(dir, "scratch")}
 }
 
-func (r *rig) provider(cp *libvirt.Checkpoint) *libvirt.Provider {
-	return libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: r.dom.Name, ScratchDir: r.scratch, Checkpoint: cp})
+// checkpoint is a set's change-tracking request on the rig's domain:
+// Prefix's chain, and Incremental the previous checkpoint of every disk
+// ("" for none: the first backup).
+type checkpoint struct{ Prefix, Incremental string }
+
+// request is cp as a tracking.Request, for disks of the given sizes.
+func (cp *checkpoint) request(sizes map[string]int64) tracking.Request {
+	req := tracking.Request{Prefix: cp.Prefix, Previous: map[string]tracking.Previous{}}
+	if cp.Incremental != "" {
+		for d, size := range sizes {
+			req.Previous[d] = tracking.Previous{Checkpoint: cp.Incremental, Size: size}
+		}
+	}
+	return req
+}
+
+var rigSizes = map[string]int64{"vda": 64 * mib, "vdb": 32 * mib}
+
+func (r *rig) provider(cp *checkpoint) *libvirt.Provider {
+	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: r.dom.Name, ScratchDir: r.scratch})
+	if cp != nil {
+		p.Track(cp.request(rigSizes))
+	}
+	return p
 }
 
 func ctxFor(t *testing.T) context.Context {
@@ -194,7 +217,7 @@ func TestFullThenIncremental(t *testing.T) {
 	ctx := ctxFor(t)
 	want := map[string][]byte{"vda": r.image("vda"), "vdb": r.image("vdb")}
 
-	cp := &libvirt.Checkpoint{Prefix: "vmshadow-repo1"}
+	cp := &checkpoint{Prefix: "vmshadow-repo1"}
 	p := r.provider(cp)
 	s := r.open(ctx, p)
 	set, err := s.Create(ctx)
@@ -224,7 +247,7 @@ func TestFullThenIncremental(t *testing.T) {
 	for _, sh := range set.Shadows {
 		sameContent(t, "shadow "+sh.Disk+" after guest writes", readShadow(t, ctx, sh), want[sh.Disk])
 	}
-	if err := p.CompleteCheckpoint(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -245,7 +268,7 @@ func TestFullThenIncremental(t *testing.T) {
 	r.dom.GuestWrite(t, "vdb", 0x66, 20*mib, 64<<10)
 	want = map[string][]byte{"vda": r.image("vda"), "vdb": r.image("vdb")}
 
-	cp2 := &libvirt.Checkpoint{Prefix: "vmshadow-repo1", Incremental: first}
+	cp2 := &checkpoint{Prefix: "vmshadow-repo1", Incremental: first}
 	p2 := r.provider(cp2)
 	s2 := r.open(ctx, p2)
 	set2, err := s2.Create(ctx)
@@ -268,7 +291,7 @@ func TestFullThenIncremental(t *testing.T) {
 	for _, sh := range set2.Shadows {
 		sameContent(t, "incremental shadow "+sh.Disk, readShadow(t, ctx, sh), want[sh.Disk])
 	}
-	if err := p2.CompleteCheckpoint(set2, func() error { return s2.Save(set2) }); err != nil {
+	if err := p2.Complete(set2, func() error { return s2.Save(set2) }); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s2.Delete(ctx, set2.ID); err != nil {
@@ -302,14 +325,14 @@ func (fsWriter) Close() error                                    { return nil }
 func TestFailedSetLosesNoChange(t *testing.T) {
 	r := newRig(t)
 	ctx := ctxFor(t)
-	cp := &libvirt.Checkpoint{Prefix: "vmshadow-repo2"}
+	cp := &checkpoint{Prefix: "vmshadow-repo2"}
 	p := r.provider(cp)
 	s := r.open(ctx, p)
 	set, err := s.Create(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.CompleteCheckpoint(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -319,7 +342,7 @@ func TestFailedSetLosesNoChange(t *testing.T) {
 	base := "vmshadow-repo2-" + set.ID
 
 	r.dom.GuestWrite(t, "vda", 0x71, 2*mib, 64<<10)
-	p2 := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo2", Incremental: base})
+	p2 := r.provider(&checkpoint{Prefix: "vmshadow-repo2", Incremental: base})
 	c2 := &coord.Coordinator{Provider: p2, Journal: r.journal, Writers: []coord.Writer{fsWriter{}}}
 	c2.Require = coord.Application
 	s2, err := c2.Open(ctx)
@@ -339,7 +362,7 @@ func TestFailedSetLosesNoChange(t *testing.T) {
 	// Written after the failed set's instant: the next incremental must
 	// report both ranges.
 	r.dom.GuestWrite(t, "vda", 0x72, 30*mib, 64<<10)
-	p3 := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo2", Incremental: base})
+	p3 := r.provider(&checkpoint{Prefix: "vmshadow-repo2", Incremental: base})
 	s3 := r.open(ctx, p3)
 	set3, err := s3.Create(ctx)
 	if err != nil {
@@ -479,8 +502,8 @@ func TestScratchNotReachable(t *testing.T) {
 	if err := os.Mkdir(private, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: r.dom.Name, ScratchDir: filepath.Join(private, "scratch"),
-		Checkpoint: &libvirt.Checkpoint{Prefix: "vmshadow-repo5"}})
+	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: r.dom.Name, ScratchDir: filepath.Join(private, "scratch")})
+	p.Track((&checkpoint{Prefix: "vmshadow-repo5"}).request(nil))
 	s := r.open(ctx, p)
 	_, err := s.Create(ctx)
 	if !errors.Is(err, errs.ErrConnect) || !strings.Contains(err.Error(), "may not create the NBD socket or scratch files") || !strings.Contains(err.Error(), "--scratch-dir") {
@@ -532,7 +555,7 @@ func TestReleaseUnrecordedCheckpoints(t *testing.T) {
 func TestRecoverKilledSet(t *testing.T) {
 	r := newRig(t)
 	ctx := ctxFor(t)
-	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo7"})
+	p := r.provider(&checkpoint{Prefix: "vmshadow-repo7"})
 	s := r.open(ctx, p)
 	set, err := s.Create(ctx)
 	if err != nil {
@@ -572,13 +595,13 @@ func TestRecoverKilledSet(t *testing.T) {
 func TestCheckpointSurvivesLibvirtdRestart(t *testing.T) {
 	r := newRig(t)
 	ctx := ctxFor(t)
-	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo8"})
+	p := r.provider(&checkpoint{Prefix: "vmshadow-repo8"})
 	s := r.open(ctx, p)
 	set, err := s.Create(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.CompleteCheckpoint(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -592,7 +615,7 @@ func TestCheckpointSurvivesLibvirtdRestart(t *testing.T) {
 		t.Fatalf("checkpoints after the restart = %v, want [%s]", got, first)
 	}
 	r.dom.GuestWrite(t, "vda", 0x81, 20*mib, 64<<10)
-	p2 := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo8", Incremental: first})
+	p2 := r.provider(&checkpoint{Prefix: "vmshadow-repo8", Incremental: first})
 	s2 := r.open(ctx, p2)
 	set2, err := s2.Create(ctx)
 	if err != nil {
@@ -616,7 +639,7 @@ func TestCheckpointSurvivesLibvirtdRestart(t *testing.T) {
 func TestDomainStoppedUnderSet(t *testing.T) {
 	r := newRig(t)
 	ctx := ctxFor(t)
-	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo9"})
+	p := r.provider(&checkpoint{Prefix: "vmshadow-repo9"})
 	s := r.open(ctx, p)
 	set, err := s.Create(ctx)
 	if err != nil {
@@ -652,7 +675,7 @@ func TestDomainStoppedUnderSet(t *testing.T) {
 func TestCommitPastDeadline(t *testing.T) {
 	r := newRig(t)
 	ctx := ctxFor(t)
-	p := r.provider(&libvirt.Checkpoint{Prefix: "vmshadow-repo10"})
+	p := r.provider(&checkpoint{Prefix: "vmshadow-repo10"})
 	r.open(ctx, p) // Identify
 	set := &coord.Set{ID: coord.NewSetID()}
 	save := func() error { return nil }
@@ -672,4 +695,53 @@ func TestCommitPastDeadline(t *testing.T) {
 	if got := r.checkpoints(); len(got) > 0 {
 		t.Fatalf("checkpoints left: %v", got)
 	}
+}
+
+// TestPrunedChain: when the repository's latest backup has a checkpoint
+// libvirt does not know, but another checkpoint of the repository's chain
+// is there (its backup pruned), every disk is read in full saying so, and
+// once the backup is stored the stale checkpoint goes: one checkpoint per
+// repository stays. Other repositories' checkpoints are not touched.
+func TestPrunedChain(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	done := func(cp *checkpoint) string {
+		p := r.provider(cp)
+		s := r.open(ctx, p)
+		defer s.Close()
+		set, err := s.Create(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Delete(ctx, set.ID); err != nil {
+			t.Fatal(err)
+		}
+		return cp.Prefix + "-" + set.ID
+	}
+	other := done(&checkpoint{Prefix: "vmshadow-repo11b"})
+	stale := done(&checkpoint{Prefix: "vmshadow-repo11"})
+
+	p := r.provider(&checkpoint{Prefix: "vmshadow-repo11", Incremental: "vmshadow-repo11-gone"})
+	s := r.open(ctx, p)
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sh := shadow(t, set, "vda"); sh.Bitmap != "" || !strings.Contains(sh.FullReason, "pruned") || !strings.Contains(sh.FullReason, stale) {
+		t.Fatalf("vda with the latest backup's checkpoint gone: bitmap %q, full reason %q", sh.Bitmap, sh.FullReason)
+	}
+	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Delete(ctx, set.ID); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{other, "vmshadow-repo11-" + set.ID}
+	if got := r.checkpoints(); !slices.Equal(got, want) {
+		t.Fatalf("checkpoints = %v, want %v (the stale one deleted)", got, want)
+	}
+	r.noJob()
 }

@@ -76,6 +76,11 @@ func (r *releaser) state(ctx context.Context, st *state) {
 			if st.Incremental != "" && st.Incremental != st.Checkpoint {
 				r.deleteCheckpoint(ctx, st.Incremental, "checkpoint "+st.Incremental+" (superseded by "+st.Checkpoint+")")
 			}
+			for _, n := range st.Stale {
+				if n != st.Checkpoint && n != st.Incremental {
+					r.deleteCheckpoint(ctx, n, "checkpoint "+n+" (of a broken chain)")
+				}
+			}
 		} else if st.Begun {
 			r.deleteCheckpoint(ctx, st.Checkpoint, "checkpoint "+st.Checkpoint+" (its changes merged into its parent)")
 		}
@@ -132,7 +137,7 @@ func (r *releaser) deleteCheckpoint(ctx context.Context, name, what string) {
 			// Dropping only the metadata would lose the changes its bitmap
 			// holds: the checkpoint stays until the domain runs again.
 			err = fmt.Errorf("%w: domain %s is not running and libvirt deletes checkpoints of running domains only: start it, then run 'vmshadow recover --libvirt %s --vm %s' (until then the checkpoint stays, and no change is lost)",
-				classify(err), dom.Name, r.p.opts.URI, dom.Name)
+				classify(err), dom.Name, r.p.shownURI(), dom.Name)
 		} else {
 			err = classify(err)
 		}

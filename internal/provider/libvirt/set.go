@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -16,6 +17,8 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/nbdsource"
+	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
 // maxSocketPath is the longest UNIX socket path the kernel accepts.
@@ -36,6 +39,9 @@ type state struct {
 	Checkpoint  string `json:"checkpoint,omitempty"`
 	Incremental string `json:"incremental,omitempty"`
 	Done        bool   `json:"done,omitempty"`
+	// Stale are the repository's other checkpoints (of a broken chain):
+	// deleted once the backup is stored (Done), kept until then.
+	Stale []string `json:"stale,omitempty"`
 }
 
 type diskState struct {
@@ -62,7 +68,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 	}
 	if len(p.leftovers) > 0 {
 		return fmt.Errorf("domain %s carries an earlier vmshadow snapshot set (%s): run 'vmshadow recover --libvirt %s --vm %s': %w",
-			p.dom.Name, strings.Join(p.leftovers, ", "), p.opts.URI, p.dom.Name, errs.ErrBusy)
+			p.dom.Name, strings.Join(p.leftovers, ", "), p.shownURI(), p.dom.Name, errs.ErrBusy)
 	}
 	if err := p.checkNoJob(ctx); err != nil {
 		return err
@@ -78,7 +84,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 		p.warn("not captured: %s", s)
 	}
 	if !p.local() {
-		return fmt.Errorf("libvirt at %s is on another host: its NBD exports are on a UNIX socket there, which vmshadow cannot read from here yet; run vmshadow on the libvirt host: %w", p.opts.URI, errs.ErrUnsupported)
+		return fmt.Errorf("libvirt at %s is on another host: its NBD exports are on a UNIX socket there, which vmshadow cannot read from here yet; run vmshadow on the libvirt host: %w", p.shownURI(), errs.ErrUnsupported)
 	}
 	dir, err := filepath.Abs(p.opts.ScratchDir)
 	if err != nil {
@@ -96,8 +102,8 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 	for _, d := range p.disks {
 		st.Disks = append(st.Disks, diskState{Disk: d, Scratch: filepath.Join(st.Dir, d.Target+".scratch")})
 	}
-	if cp := p.opts.Checkpoint; cp != nil {
-		if err := p.planCheckpoint(ctx, set, st, cp); err != nil {
+	if r := p.opts.Tracking; r != nil {
+		if err := p.planCheckpoint(ctx, set, st, r); err != nil {
 			return fmt.Errorf("change tracking: %w", err)
 		}
 	}
@@ -191,53 +197,88 @@ type checkpointXML struct {
 	} `xml:"disks>disk"`
 }
 
-// planCheckpoint decides, per disk, whether its changes since the base
-// checkpoint can be read, and names the set's checkpoint.
-func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state, cp *Checkpoint) error {
-	if cp.Prefix == "" || !strings.HasPrefix(cp.Prefix, Prefix) {
-		return fmt.Errorf("checkpoint prefix %q must start with %q: %w", cp.Prefix, Prefix, errs.ErrUsage)
+// planCheckpoint decides, per disk, whether its changes since its previous
+// checkpoint can be read (a disk without persistent bitmaps never is; then
+// the common reasons of r; then the checkpoint missing, pruned or not
+// covering the disk),
+// names the set's checkpoint, and notes the repository's other checkpoints
+// (of a broken chain), deleted once the backup is stored.
+func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state, r *tracking.Request) error {
+	if r.Prefix == "" || !strings.HasPrefix(r.Prefix, Prefix) {
+		return fmt.Errorf("checkpoint prefix %q must start with %q: %w", r.Prefix, Prefix, errs.ErrUsage)
 	}
-	st.Checkpoint = cp.Prefix + "-" + set.ID
-	var base *checkpointXML
-	baseReason := ""
-	switch {
-	case cp.Full:
-		baseReason = "full backup requested (--full)"
-	case cp.Incremental == "":
-		baseReason = "first backup of this domain into this repository"
-	default:
-		x, err := p.CheckpointXML(ctx, cp.Incremental)
-		if errors.Is(err, errs.ErrNotFound) {
-			baseReason = fmt.Sprintf("checkpoint %s is missing from libvirt (the domain was undefined and defined again, or moved host, and the checkpoint was not redefined)", cp.Incremental)
-		} else if err != nil {
+	st.Checkpoint = r.Prefix + "-" + set.ID
+	names, err := p.Checkpoints(ctx)
+	if err != nil {
+		return err
+	}
+	ours := map[string]bool{}
+	for _, n := range names {
+		if strings.HasPrefix(n, r.Prefix+"-") {
+			ours[n] = true
+		}
+	}
+	// One backup job has one base: the previous checkpoint of the first
+	// disk that has one (all disks share their set's checkpoint).
+	base := ""
+	for _, d := range st.Disks {
+		if prev := r.Previous[d.Target].Checkpoint; prev != "" && r.Reason(d.Target, d.Size) == "" && d.Bitmaps {
+			base = prev
+			break
+		}
+	}
+	var baseXML *checkpointXML
+	if base != "" && ours[base] {
+		x, err := p.CheckpointXML(ctx, base)
+		switch {
+		case errors.Is(err, errs.ErrNotFound):
+			delete(ours, base)
+		case err != nil:
 			return err
-		} else {
-			base = &checkpointXML{}
-			if err := xml.Unmarshal([]byte(x), base); err != nil {
-				return fmt.Errorf("parse checkpoint %s: %v: %w", cp.Incremental, err, errs.ErrCorrupt)
+		default:
+			baseXML = &checkpointXML{}
+			if err := xml.Unmarshal([]byte(x), baseXML); err != nil {
+				return fmt.Errorf("parse checkpoint %s: %v: %w", base, err, errs.ErrCorrupt)
 			}
 		}
 	}
+	other := ""
+	for n := range ours {
+		if n != base {
+			st.Stale = append(st.Stale, n)
+			other = n
+		}
+	}
+	sort.Strings(st.Stale)
 	for i := range st.Disks {
 		d := &st.Disks[i]
+		prev := r.Previous[d.Target].Checkpoint
+		reason := r.Reason(d.Target, d.Size)
 		switch {
 		case !d.Bitmaps:
-			d.FullReason = fmt.Sprintf("disk %s is %s without persistent dirty bitmaps (qcow2 v3 needed): read in full each time", d.Target, d.Format)
-		case base == nil:
-			d.FullReason = baseReason
+			reason = fmt.Sprintf("disk %s is %s without persistent dirty bitmaps (qcow2 v3 needed): read in full each time", d.Target, d.Format)
+		case reason != "":
+		case prev != base:
+			reason = fmt.Sprintf("disk %s tracks changes since checkpoint %s, the other disks since %s: one backup job reads from one checkpoint", d.Target, prev, base)
+		case baseXML == nil && other != "":
+			reason = tracking.Pruned("checkpoint", other, prev)
+		case baseXML == nil:
+			reason = fmt.Sprintf("checkpoint %s is missing from libvirt (the domain was undefined and defined again, or moved host, and the checkpoint was not redefined; or it was deleted)", prev)
 		default:
 			in := false
-			for _, bd := range base.Disks {
+			for _, bd := range baseXML.Disks {
 				if bd.Name == d.Target && bd.Checkpoint == "bitmap" {
 					in = true
 				}
 			}
-			if in {
-				d.Incremental = true
-				st.Incremental = cp.Incremental
-			} else {
-				d.FullReason = fmt.Sprintf("disk %s was added since checkpoint %s", d.Target, cp.Incremental)
+			if !in {
+				reason = fmt.Sprintf("disk %s has no bitmap in checkpoint %s", d.Target, base)
 			}
+		}
+		d.FullReason = reason
+		if reason == "" {
+			d.Incremental = true
+			st.Incremental = base
 		}
 	}
 	return nil
@@ -408,16 +449,34 @@ func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
 	return job != nil && job.Server.Socket == st.Socket, nil
 }
 
-// CompleteCheckpoint records that the backup reading the set succeeded and
-// its manifest is durable: Release then keeps the set's checkpoint and
-// deletes the base it supersedes. Without this call Release deletes the
+// Complete implements livebackup.Provider: it records that the backup
+// reading the set succeeded and its manifest is durable. Release then keeps
+// the set's checkpoint and deletes the base it supersedes (and the
+// repository's stale checkpoints). Without this call Release deletes the
 // set's checkpoint (libvirt merges its bitmaps into the base's), so the
 // next backup reads every change since the last one stored.
-func (p *Provider) CompleteCheckpoint(set *coord.Set, save func() error) error {
+func (p *Provider) Complete(set *coord.Set, save func() error) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete checkpoint: no state: %v", err)
 	}
 	st.Done = true
 	return coord.StoreProviderState(set, st, save)
+}
+
+// Idle implements livebackup.Provider: the libvirt connection is not held
+// while the shadow copies are read; Release reconnects.
+func (p *Provider) Idle() { p.Close() }
+
+// Open implements livebackup.Provider: it opens a shadow copy over
+// libvirt's NBD server (sh.NBD, nbd+unix). With incremental, ranges the
+// exported bitmap (qemu:dirty-bitmap:backup-<target>) does not mark are
+// unchanged; otherwise every allocated range is read.
+func (p *Provider) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (tracking.Source, error) {
+	bitmap := ""
+	if incremental {
+		bitmap = sh.Bitmap
+	}
+	return nbdsource.Open(ctx, nbdsource.Options{Name: sh.Disk, URI: sh.NBD, Bitmap: bitmap, Conns: conns,
+		ServerErrorHint: "the shadow copy is broken if its scratch file filled up or failed: give the set more scratch space with --scratch-dir"})
 }
