@@ -16,6 +16,7 @@ import (
 	"iter"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
+	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/nbd"
@@ -62,6 +63,19 @@ type Source struct {
 	o       Options
 	pool    *nbd.Pool
 	noAlloc bool // the server reports no allocation: everything is data
+}
+
+// OpenShadow opens a shadow copy exposed at sh.NBD by a hypervisor's own
+// NBD server with a dirty-bitmap export (QEMU, libvirt). With incremental,
+// ranges the exported bitmap sh.Bitmap does not mark are unchanged;
+// otherwise every allocated range is read. hint says, in a read error the
+// server reports, what may have broken the shadow copy.
+func OpenShadow(ctx context.Context, sh coord.Shadow, incremental bool, conns int, hint string) (*Source, error) {
+	bitmap := ""
+	if incremental {
+		bitmap = sh.Bitmap
+	}
+	return Open(ctx, Options{Name: sh.Disk, URI: sh.NBD, Bitmap: bitmap, Conns: conns, ServerErrorHint: hint})
 }
 
 // Open connects to the shadow copy.

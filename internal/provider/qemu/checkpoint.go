@@ -192,10 +192,6 @@ func (p *Provider) Idle() { p.Close() }
 // incremental, ranges the exported bitmap sh.Bitmap does not mark are
 // unchanged; otherwise every allocated range is read.
 func (p *Provider) Open(ctx context.Context, sh coord.Shadow, incremental bool, conns int) (tracking.Source, error) {
-	bitmap := ""
-	if incremental {
-		bitmap = sh.Bitmap
-	}
-	return nbdsource.Open(ctx, nbdsource.Options{Name: sh.Disk, URI: sh.NBD, Bitmap: bitmap, Conns: conns,
-		ServerErrorHint: "the shadow copy is broken if its diff area filled up or failed: give the set more scratch space with --scratch-dir"})
+	return nbdsource.OpenShadow(ctx, sh, incremental, conns,
+		"the shadow copy is broken if its diff area filled up or failed: give the set more scratch space with --scratch-dir")
 }
