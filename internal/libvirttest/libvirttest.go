@@ -336,14 +336,11 @@ func RestartLibvirtd(t testing.TB) {
 	Need(t)
 	mu.Lock()
 	defer mu.Unlock()
-	b, _ := os.ReadFile(markerPath)
-	if !strings.Contains(string(b), libvirtdPIDFile) {
-		msg := "libvirtd was not started by the test helpers: not restarting it"
-		if testutil.InCI() {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
+	// Wait until no other test binary uses the daemons. flock cannot turn
+	// the shared lock into an exclusive one atomically: while this binary
+	// waits, another one may find itself the last user and stop both
+	// daemons. So the state is read only once the lock is exclusive, after
+	// starting whatever does not run.
 	fd := int(lockFile.Fd())
 	deadline := time.Now().Add(3 * time.Minute)
 	for syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB) != nil {
@@ -353,12 +350,20 @@ func RestartLibvirtd(t testing.TB) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	defer syscall.Flock(fd, syscall.LOCK_SH)
+	if err := startMissing(); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(markerPath)
+	if !strings.Contains(string(b), libvirtdPIDFile) {
+		msg := "libvirtd was not started by the test helpers: not restarting it"
+		if testutil.InCI() {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
 	if err := stopPIDFile(libvirtdPIDFile); err != nil {
 		t.Fatal(err)
 	}
-	// flock cannot turn a shared lock into an exclusive one atomically: while
-	// this binary waited, another one may have found itself the last user
-	// and stopped both daemons. Start whatever does not run.
 	if err := startMissing(); err != nil {
 		t.Fatal(err)
 	}
