@@ -17,6 +17,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/progress"
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/repo"
+	"github.com/vmshadow/vmshadow/internal/vmbackup"
 )
 
 func init() { commands = append(commands, newBackupCmd) }
@@ -73,7 +74,7 @@ stored again. The summary lists what was read and stored per disk.`,
 				return err
 			}
 			defer cleanup()
-			return runBackup(cmd.Context(), a, &f, job, nil)
+			return runBackup(cmd.Context(), a, &f, job)
 		},
 	}
 	cmd.Flags().StringVar(&f.live.qmp, "qmp", "", "back up the running VM behind this QMP socket")
@@ -193,47 +194,35 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	if err != nil {
 		return err
 	}
-	pctx := ctx
 	r, err := f.repo.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer func() { r.Close(); r.Backend().Close() }()
-	ctx, unlock, err := lock(ctx, a, r, false, "backup")
-	if err != nil {
-		return err
-	}
-	defer unlock()
 	lo.Coordinator = c
-	lb, err := livebackup.Start(ctx, r, lo)
+	res, err := vmbackup.Run(ctx, r, vmbackup.Options{Live: lo, Warn: a.out.Warn,
+		Plan: func(d livebackup.DiskPlan) {
+			a.out.Status(struct {
+				Phase string `json:"phase"`
+				livebackup.DiskPlan
+			}{"plan", d}, fmt.Sprintf("%s: %s read%s", d.Name, d.Mode, map[bool]string{true: " (" + d.Reason + ")", false: ""}[d.Reason != ""]))
+		},
+		Progress: func(m *progress.Meter) func() { return showProgress(ctx, a, "backup", m) },
+	})
 	if err != nil {
 		return err
 	}
-	for _, d := range lb.Disks {
-		a.out.Status(struct {
-			Phase string `json:"phase"`
-			livebackup.DiskPlan
-		}{"plan", d}, fmt.Sprintf("%s: %s read%s", d.Name, d.Mode, map[bool]string{true: " (" + d.Reason + ")", false: ""}[d.Reason != ""]))
+	var total int64
+	for _, d := range res.Disks {
+		total += d.Size
 	}
-	printSummary, err := runJobQuiet(ctx, a, r, lb.Job, lb)
-	if ferr := lb.Finish(ctx, err == nil); ferr != nil {
-		if err == nil {
-			a.out.Warn("the backup is stored, but %v; the next backup or 'vmshadow recover' releases it", ferr)
-		} else {
-			err = fmt.Errorf("%w; %v", err, ferr)
-		}
-	}
-	if err != nil {
-		unlock()
-		return reclaimFailed(pctx, a, r, err)
-	}
-	printSummary()
+	printBackupSummary(a, res.Result, total, res.Live)
 	return nil
 }
 
-// runBackup opens the repository, runs the job under a shared lock with
-// progress, and prints the summary.
-func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job, live *livebackup.Backup) error {
+// runBackup opens the repository, backs the image files of job up under
+// a shared lock with progress, and prints the summary.
+func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job) error {
 	r, err := f.repo.open(ctx)
 	if err != nil {
 		return err
@@ -243,37 +232,20 @@ func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job, live
 	if err != nil {
 		return err
 	}
-	err = runJob(lctx, a, r, job, live)
-	unlock()
-	return reclaimFailed(ctx, a, r, err)
-}
-
-// runJob runs the job with progress and prints the summary; live adds
-// what a running VM's backup knows (per-disk plans, set warnings).
-func runJob(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live *livebackup.Backup) error {
-	printSummary, err := runJobQuiet(ctx, a, r, job, live)
-	if err != nil {
-		return err
-	}
-	printSummary()
-	return nil
-}
-
-// runJobQuiet runs the job with progress and returns the function that
-// prints its summary, to be called once nothing else will be printed.
-func runJobQuiet(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live *livebackup.Backup) (func(), error) {
 	var total int64
 	for _, d := range job.Disks {
 		total += d.Source.Size()
 	}
 	meter := progress.NewMeter(total)
-	stop := showProgress(ctx, a, "backup", meter)
-	res, err := backup.Run(ctx, r, job, backup.Options{Meter: meter})
+	stop := showProgress(lctx, a, "backup", meter)
+	res, err := backup.Run(lctx, r, job, backup.Options{Meter: meter})
 	stop()
+	unlock()
 	if err != nil {
-		return nil, err
+		return reclaimFailed(ctx, a, r, err)
 	}
-	return func() { printBackupSummary(a, res, total, live) }, nil
+	printBackupSummary(a, res, total, nil)
+	return nil
 }
 
 func printBackupSummary(a *app, res *backup.Result, total int64, live *livebackup.Backup) {

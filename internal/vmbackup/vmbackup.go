@@ -1,0 +1,101 @@
+// Package vmbackup owns one backup of a running VM as a unit of work, the
+// same for the CLI (vmshadow backup --qmp|--xapi|--libvirt) and the
+// server's backup jobs: under a shared repository lock, the live backup
+// (livebackup.Start: the VM locked, its snapshot set taken; the backup
+// pipeline; Finish: change tracking moved on or merged back, the set
+// released), and, after a failure, the chunks it stored removed under
+// the exclusive lock (backup.Reclaim). The repository stays open and
+// unlocked between calls, so a server pays the key derivation once.
+package vmbackup
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/vmshadow/vmshadow/internal/backup"
+	"github.com/vmshadow/vmshadow/internal/livebackup"
+	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/repo"
+)
+
+// Options of one VM backup.
+type Options struct {
+	// Live says which VM (its Coordinator) and how (tags, --full, NBD
+	// connections).
+	Live livebackup.Options
+	// Plan, if set, is told how each disk will be read, before reading.
+	Plan func(livebackup.DiskPlan)
+	// Progress, if set, gets the meter of the read (its total the disks'
+	// size) and returns the function that stops reporting it.
+	Progress func(m *progress.Meter) (stop func())
+	// Warn gets what the caller should tell the operator: a set that
+	// could not be released after the backup was stored, the chunks of a
+	// failed backup removed or left.
+	Warn func(format string, args ...any)
+}
+
+// Result is a stored backup and what the live backup knew of it: each
+// disk's plan, the set's consistency, freeze time and instant.
+type Result struct {
+	*backup.Result
+	Live *livebackup.Backup
+}
+
+// Run backs up the VM of o.Live.Coordinator into r. On error no backup
+// exists, the VM's change tracking is where the last stored backup left
+// it, and the chunks the failed backup stored are removed when nothing
+// else holds the repository.
+func Run(ctx context.Context, r *repo.Repo, o Options) (*Result, error) {
+	warn := o.Warn
+	if warn == nil {
+		warn = func(string, ...any) {}
+	}
+	l, lctx, err := r.Lock(ctx, false, "backup")
+	if err != nil {
+		return nil, err
+	}
+	unlock := func() {
+		if err := l.Unlock(); err != nil {
+			warn("could not remove the repository lock (it becomes stale by itself): %v", err)
+		}
+	}
+	res, err := run(lctx, r, o, warn)
+	unlock()
+	if err != nil {
+		return nil, backup.Reclaim(ctx, r, err, warn)
+	}
+	return res, nil
+}
+
+func run(ctx context.Context, r *repo.Repo, o Options, warn func(string, ...any)) (*Result, error) {
+	lb, err := livebackup.Start(ctx, r, o.Live)
+	if err != nil {
+		return nil, err
+	}
+	if o.Plan != nil {
+		for _, d := range lb.Disks {
+			o.Plan(d)
+		}
+	}
+	var total int64
+	for _, d := range lb.Job.Disks {
+		total += d.Source.Size()
+	}
+	meter := progress.NewMeter(total)
+	stop := func() {}
+	if o.Progress != nil {
+		stop = o.Progress(meter)
+	}
+	res, err := backup.Run(ctx, r, lb.Job, backup.Options{Meter: meter})
+	stop()
+	if ferr := lb.Finish(ctx, err == nil); ferr != nil {
+		if err != nil {
+			return nil, fmt.Errorf("%w; %v", err, ferr)
+		}
+		warn("the backup is stored, but %v; the next backup or 'vmshadow recover' releases it", ferr)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &Result{Result: res, Live: lb}, nil
+}
