@@ -47,9 +47,12 @@ func TestRun(t *testing.T) {
 		var plans []livebackup.DiskPlan
 		var total int64
 		res, err := vmbackup.Run(ctx, r, vmbackup.Options{Live: livebackup.Options{Coordinator: c, VM: "vm1"},
-			Plan:     func(d livebackup.DiskPlan) { plans = append(plans, d) },
-			Progress: func(m *progress.Meter) func() { total = progress.NewSampler(m).Sample(time.Now()).BytesTotal; return func() {} },
-			Warn:     func(f string, a ...any) { warnings = append(warnings, fmt.Sprintf(f, a...)) }})
+			Plan: func(d livebackup.DiskPlan) { plans = append(plans, d) },
+			Progress: func(m *progress.Meter) func() {
+				total = progress.NewSampler(m).Sample(time.Now()).BytesTotal
+				return func() {}
+			},
+			Warn: func(f string, a ...any) { warnings = append(warnings, fmt.Sprintf(f, a...)) }})
 		return res, plans, total, err
 	}
 	chunks := func() int {
