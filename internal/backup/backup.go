@@ -46,6 +46,12 @@ type Job struct {
 	// repo.Manifest.Origin); empty for a backup made here.
 	Origin string
 	Disks  []Disk
+	// Files describe the VM (repo.Manifest.Files; each at most
+	// repo.MaxFileSize bytes): stored like disks, after them, in full,
+	// counted in their own statistics only. Definition is
+	// repo.Manifest.Definition.
+	Files      []Source
+	Definition string
 }
 
 // Options tune the pipeline. Zero values pick defaults.
@@ -159,6 +165,20 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 				n, d.Base.ChunkSize(), r.ChunkSize(), errs.ErrUsage)
 		}
 	}
+	seen = map[string]bool{}
+	for _, f := range job.Files {
+		n := f.Name()
+		if err := repo.ValidName("file", n); err != nil {
+			return nil, nil, err
+		}
+		if seen[n] {
+			return nil, nil, fmt.Errorf("file %q given twice: %w", n, errs.ErrUsage)
+		}
+		seen[n] = true
+		if f.Size() > repo.MaxFileSize {
+			return nil, nil, fmt.Errorf("file %s of %s: %d bytes, more than the %d a backup stores beside its disks: %w", n, job.VM, f.Size(), repo.MaxFileSize, errs.ErrUsage)
+		}
+	}
 	o.defaults()
 	p := newPipeline(r, o)
 	q, err := r.Quarantined(ctx)
@@ -168,7 +188,7 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 	p.quarantined = q
 	res := &Result{}
 	m := &repo.Manifest{VM: job.VM, Time: job.Time, Host: job.Host, Tags: job.Tags, Source: job.Source, Mode: job.Mode,
-		Reason: job.Reason, Consistency: job.Consistency, SetID: job.SetID, Origin: job.Origin}
+		Reason: job.Reason, Consistency: job.Consistency, SetID: job.SetID, Origin: job.Origin, Definition: job.Definition}
 	if m.Host == "" {
 		m.Host = hostname()
 	}
@@ -195,6 +215,16 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 		res.Disks = append(res.Disks, DiskResult{Name: d.Source.Name(), Size: d.Source.Size(), Stats: st})
 		res.Stats.Add(st)
 	}
+	files := make([]repo.ManifestDisk, len(job.Files))
+	fileIndexes := make([]*repo.Index, len(job.Files))
+	for i, f := range job.Files {
+		x, st, err := p.disk(ctx, Disk{Source: f})
+		if err != nil {
+			return p, nil, fmt.Errorf("back up file %s of %s: %w", f.Name(), job.VM, err)
+		}
+		fileIndexes[i] = x
+		files[i] = repo.ManifestDisk{Name: f.Name(), Size: x.Size(), ChunkSize: x.ChunkSize(), Stats: st}
+	}
 	// Every chunk is stored (each Put is durable): now the indexes, then
 	// the manifest.
 	for i, x := range indexes {
@@ -206,6 +236,16 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 		d := job.Disks[i]
 		m.Disks = append(m.Disks, repo.ManifestDisk{Name: d.Source.Name(), Size: x.Size(), ChunkSize: x.ChunkSize(),
 			Index: id.String(), Checkpoint: d.Checkpoint, Stats: res.Disks[i].Stats})
+	}
+	for i, x := range fileIndexes {
+		id, err := r.SaveIndex(ctx, x)
+		if err != nil {
+			return p, nil, err
+		}
+		files[i].Index = id.String()
+	}
+	if len(files) > 0 {
+		m.Files = files
 	}
 	m.Stats = res.Stats
 	m.DurationS = time.Since(start).Seconds()

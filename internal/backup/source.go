@@ -13,6 +13,7 @@ package backup
 
 import (
 	"context"
+	"fmt"
 	"iter"
 )
 
@@ -78,4 +79,27 @@ type Finisher interface {
 type DoneSource interface {
 	Source
 	Done()
+}
+
+// Bytes is a Source of data held in memory (a file describing the VM, see
+// Job.Files); every byte is Data.
+func Bytes(name string, data []byte) Source { return &bytesSource{name, data} }
+
+type bytesSource struct {
+	name string
+	data []byte
+}
+
+func (s *bytesSource) Name() string { return s.name }
+func (s *bytesSource) Size() int64  { return int64(len(s.data)) }
+
+func (s *bytesSource) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
+	if off < 0 || off+int64(len(p)) > int64(len(s.data)) {
+		return 0, fmt.Errorf("%s: read of %d bytes at %d beyond its %d bytes", s.name, len(p), off, len(s.data))
+	}
+	return copy(p, s.data[off:]), nil
+}
+
+func (s *bytesSource) Extents(context.Context) iter.Seq2[Extent, error] {
+	return func(func(Extent, error) bool) {}
 }

@@ -108,7 +108,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 				Missing: errors.Is(err, errs.ErrNotFound), Affected: []Affected{{Backup: id.String()}}})
 			continue
 		}
-		for _, d := range m.Disks {
+		for _, d := range m.Indexed() {
 			xid, _ := ParseID(d.Index) // checked by DecodeManifest
 			indexRefs[xid] = append(indexRefs[xid], ref{id, m, d.Name})
 		}
@@ -338,7 +338,7 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	res.Backups = len(backups)
 	indexes := map[ID]struct{}{}
 	for _, b := range backups {
-		for _, d := range b.Disks {
+		for _, d := range b.Indexed() {
 			xid, _ := ParseID(d.Index)
 			indexes[xid] = struct{}{}
 		}
@@ -529,7 +529,7 @@ func (r *Repo) DropChunks(ctx context.Context, ids iter.Seq[ID], since time.Time
 		if err != nil {
 			return 0, fmt.Errorf("nothing deleted: %w", err)
 		}
-		for _, d := range m.Disks {
+		for _, d := range m.Indexed() {
 			xid, _ := ParseID(d.Index)
 			x, err := r.LoadIndex(ctx, xid)
 			if err != nil {

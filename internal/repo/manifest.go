@@ -3,15 +3,42 @@ package repo
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
-// ManifestVersion is the manifest schema this vmshadow writes and the newest
-// it reads.
-const ManifestVersion = 1
+// ManifestVersion is the newest manifest schema this vmshadow reads.
+// SaveManifest writes the oldest version that can express a manifest:
+// 1, or 2 when it has Files (a vmshadow that reads only version 1 would
+// not know their chunks are in use, so it must refuse such a manifest, and
+// gc with it).
+const ManifestVersion = 2
+
+// Files describing a VM, stored with its backups (Manifest.Files).
+const (
+	// FileDomainXML is a libvirt domain's persistent definition.
+	FileDomainXML = "domain.xml"
+	// FileNVRAM is the VM's UEFI variable store.
+	FileNVRAM = "nvram"
+	// FileCheckpointXML is the definition of the libvirt checkpoint the
+	// backup created, kept to redefine it when libvirt loses it.
+	FileCheckpointXML = "checkpoint.xml"
+	// FileTPMPrefix starts the names of the files of the VM's emulated
+	// TPM state ("tpm-" + the file's name in swtpm's state directory).
+	FileTPMPrefix = "tpm-"
+)
+
+// DefinitionLibvirt is Manifest.Definition of a backup that stores a
+// libvirt domain's definition (FileDomainXML, and FileNVRAM and TPM state
+// files where the domain has them).
+const DefinitionLibvirt = "libvirt"
+
+// MaxFileSize bounds a file stored in Manifest.Files: they are read into
+// memory whole.
+const MaxFileSize = 64 << 20
 
 // Manifest describes one backup: a backup exists once its manifest is
 // stored, and it is written last, after every chunk and index it names.
@@ -44,6 +71,15 @@ type Manifest struct {
 	// skip what the target already holds. A copy carries no checkpoints
 	// and never continues a live backup's chain (LatestBackup skips it).
 	Origin string `json:"origin,omitempty"`
+	// Files are what describes the VM besides its disks (its definition,
+	// firmware variables, TPM state, the checkpoint the backup created):
+	// small files, stored like disks (chunks and an index each), so that
+	// verify, gc and copy treat them as they treat disks. Restores of
+	// disks do not see them.
+	Files []ManifestDisk `json:"files,omitempty"`
+	// Definition says which kind of VM definition Files hold, "libvirt"
+	// (DefinitionLibvirt); empty when the backup has none.
+	Definition string `json:"definition,omitempty"`
 	// Nonce makes two otherwise identical manifests distinct backups.
 	Nonce string `json:"nonce"`
 }
@@ -112,23 +148,51 @@ func (m *Manifest) Check() error {
 	if len(m.Disks) == 0 {
 		return fmt.Errorf("manifest lists no disks: %w", errs.ErrCorrupt)
 	}
-	seen := map[string]bool{}
-	for _, d := range m.Disks {
-		if err := ValidName("disk", d.Name); err != nil {
-			return fmt.Errorf("manifest: %v: %w", err, errs.ErrCorrupt)
+	if len(m.Files) > 0 && m.Version < 2 {
+		return fmt.Errorf("manifest version %d cannot list files: %w", m.Version, errs.ErrCorrupt)
+	}
+	for _, list := range []struct {
+		what  string
+		disks []ManifestDisk
+		max   int64
+	}{{"disk", m.Disks, -1}, {"file", m.Files, MaxFileSize}} {
+		seen := map[string]bool{}
+		for _, d := range list.disks {
+			if err := ValidName(list.what, d.Name); err != nil {
+				return fmt.Errorf("manifest: %v: %w", err, errs.ErrCorrupt)
+			}
+			if seen[d.Name] {
+				return fmt.Errorf("manifest lists %s %q twice: %w", list.what, d.Name, errs.ErrCorrupt)
+			}
+			seen[d.Name] = true
+			if d.Size < 0 || list.max >= 0 && d.Size > list.max || d.ChunkSize < MinChunkSize || d.ChunkSize > MaxChunkSize {
+				return fmt.Errorf("manifest %s %q has invalid size %d or chunk size %d: %w", list.what, d.Name, d.Size, d.ChunkSize, errs.ErrCorrupt)
+			}
+			if _, err := ParseID(d.Index); err != nil {
+				return fmt.Errorf("manifest %s %q has invalid index id: %w", list.what, d.Name, errs.ErrCorrupt)
+			}
 		}
-		if seen[d.Name] {
-			return fmt.Errorf("manifest lists disk %q twice: %w", d.Name, errs.ErrCorrupt)
-		}
-		seen[d.Name] = true
-		if d.Size < 0 || d.ChunkSize < MinChunkSize || d.ChunkSize > MaxChunkSize {
-			return fmt.Errorf("manifest disk %q has invalid size %d or chunk size %d: %w", d.Name, d.Size, d.ChunkSize, errs.ErrCorrupt)
-		}
-		if _, err := ParseID(d.Index); err != nil {
-			return fmt.Errorf("manifest disk %q has invalid index id: %w", d.Name, errs.ErrCorrupt)
+	}
+	if m.Definition == DefinitionLibvirt && m.File(FileDomainXML) == nil {
+		return fmt.Errorf("manifest says it has a libvirt definition but lists no %s: %w", FileDomainXML, errs.ErrCorrupt)
+	}
+	return nil
+}
+
+// File returns the named file of Files, or nil.
+func (m *Manifest) File(name string) *ManifestDisk {
+	for i := range m.Files {
+		if m.Files[i].Name == name {
+			return &m.Files[i]
 		}
 	}
 	return nil
+}
+
+// Indexed returns every entry of the backup that has an index, its disks
+// then its files: what verify checks, gc keeps and copy copies.
+func (m *Manifest) Indexed() []ManifestDisk {
+	return append(slices.Clip(m.Disks), m.Files...)
 }
 
 // DecodeManifest parses and checks manifest plaintext.

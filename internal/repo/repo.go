@@ -419,7 +419,10 @@ func (r *Repo) SaveManifest(ctx context.Context, m *Manifest) (ID, error) {
 	if err := r.be.Sync(ctx); err != nil {
 		return ID{}, fmt.Errorf("make indexes durable before the manifest: %w", err)
 	}
-	m.Version = ManifestVersion
+	m.Version = 1
+	if len(m.Files) > 0 {
+		m.Version = 2
+	}
 	if m.Nonce == "" {
 		var n [16]byte
 		rand.Read(n[:])

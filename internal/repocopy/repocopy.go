@@ -156,7 +156,7 @@ func Size(b repo.Backup) int64 {
 func Copy(ctx context.Context, src, dst *repo.Repo, b repo.Backup, o backup.Options) (*backup.Result, error) {
 	origin := b.Identity()
 	job := backup.Job{VM: b.VM, Tags: b.Tags, Time: b.Time, Source: b.Source, Mode: b.Mode, Reason: b.Reason,
-		Consistency: b.Consistency, SetID: b.SetID, Host: b.Host, Origin: origin}
+		Consistency: b.Consistency, SetID: b.SetID, Host: b.Host, Origin: origin, Definition: b.Definition}
 	// Decoded source chunks cached per disk. When the target's chunks are
 	// smaller than the source's, the readers read several target chunks
 	// of one source chunk at once: a chunk per reader keeps each source
@@ -166,7 +166,7 @@ func Copy(ctx context.Context, src, dst *repo.Repo, b repo.Backup, o backup.Opti
 	if src.ChunkSize() > dst.ChunkSize() {
 		cache *= int64(max(o.Readers, 4) + 1)
 	}
-	for _, d := range b.Disks {
+	for i, d := range b.Indexed() {
 		xid, err := repo.ParseID(d.Index)
 		if err != nil {
 			return nil, fmt.Errorf("backup %s disk %s: %w", b.ID.Short(), d.Name, errs.ErrCorrupt)
@@ -178,8 +178,13 @@ func Copy(ctx context.Context, src, dst *repo.Repo, b repo.Backup, o backup.Opti
 		if x.Size() != d.Size {
 			return nil, fmt.Errorf("source backup %s disk %s: the manifest says %d bytes, its index %d: %w", b.ID.Short(), d.Name, d.Size, x.Size(), errs.ErrCorrupt)
 		}
+		ds := &diskSource{name: d.Name, x: x, rd: restore.NewDiskReader(src, x, cache)}
+		if i >= len(b.Disks) {
+			job.Files = append(job.Files, ds)
+			continue
+		}
 		// No checkpoint: it names the source repository's change tracking.
-		job.Disks = append(job.Disks, backup.Disk{Source: &diskSource{name: d.Name, x: x, rd: restore.NewDiskReader(src, x, cache)}})
+		job.Disks = append(job.Disks, backup.Disk{Source: ds})
 	}
 	res, err := backup.Run(ctx, dst, job, o)
 	if err != nil {

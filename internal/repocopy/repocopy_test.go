@@ -310,3 +310,37 @@ func TestCopyDamagedSourceChunk(t *testing.T) {
 	}
 	verifyClean(t, dst)
 }
+
+// TestCopyKeepsFiles: a backup's VM definition files travel with it.
+func TestCopyKeepsFiles(t *testing.T) {
+	ctx := context.Background()
+	src, _ := newRepo(t, repo.InitOptions{Encryption: repo.EncryptionNone, ChunkSize: 64 * kib})
+	dst, _ := newRepo(t, repo.InitOptions{Encryption: repo.EncryptionNone, ChunkSize: 256 * kib})
+	disk := writeImage(t, filepath.Join(t.TempDir(), "img"), 7)
+	nvram := disk[:200*kib]
+	domain := []byte("<domain><name>vm1</name></domain>")
+	res, err := backup.Run(ctx, src, backup.Job{VM: "vm1", Definition: repo.DefinitionLibvirt,
+		Disks: []backup.Disk{{Source: backup.Bytes("vda", disk)}},
+		Files: []backup.Source{backup.Bytes(repo.FileDomainXML, domain), backup.Bytes(repo.FileNVRAM, nvram)}}, backup.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := copyAll(t, src, dst, repocopy.Selection{})
+	if len(out) != 1 {
+		t.Fatalf("copied %d backups, want 1", len(out))
+	}
+	m := out[0].Manifest
+	if m.Origin != res.ID.String() || m.Definition != repo.DefinitionLibvirt || len(m.Files) != 2 {
+		t.Fatalf("copy: origin %s, definition %q, files %+v", m.Origin, m.Definition, m.Files)
+	}
+	for name, want := range map[string][]byte{repo.FileDomainXML: domain, repo.FileNVRAM: nvram} {
+		got, err := restore.ReadFile(ctx, dst, m, name, 0)
+		if err != nil || !bytes.Equal(got, want) {
+			t.Errorf("copied %s: %d bytes, %v; want the %d of the source", name, len(got), err, len(want))
+		}
+	}
+	if !bytes.Equal(readDisk(t, dst, out[0].ID, "vda"), disk) {
+		t.Error("copied disk differs")
+	}
+	verifyClean(t, dst)
+}
