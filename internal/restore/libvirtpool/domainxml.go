@@ -402,7 +402,7 @@ func rewrite(root *node, name string, disks []newDisk, nvram string) (warnings [
 		}
 		for _, tpm := range devs.children("tpm") {
 			if b := tpm.child("backend"); b != nil && b.get("type") == "emulator" {
-				warnings = append(warnings, "the new domain gets a new, empty TPM: the emulated TPM's state is not in the backup (keys sealed to it, e.g. BitLocker or LUKS, need their recovery key)")
+				warnings = append(warnings, "the new domain's emulated TPM starts empty: a restore does not put back TPM state (keys sealed to it, e.g. BitLocker or LUKS, need their recovery key)")
 			}
 		}
 	}

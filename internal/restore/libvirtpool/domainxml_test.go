@@ -76,8 +76,8 @@ const storedXML = `<?xml version="1.0"?>
 
 // parsedDomain is what the tests read back from a rewritten definition.
 type parsedDomain struct {
-	Type  string `xml:"type,attr"`
-	Name  string `xml:"name"`
+	Type  string    `xml:"type,attr"`
+	Name  string    `xml:"name"`
 	UUID  *struct{} `xml:"uuid"`
 	GenID *struct {
 		Text string `xml:",chardata"`
@@ -183,7 +183,7 @@ func TestRewriteStoredDefinition(t *testing.T) {
 			t.Errorf("rewritten definition still holds %s:\n%s", gone, out)
 		}
 	}
-	want := []string{"disk vdc of the definition is left out", "cdrom sda of the definition is kept empty", "new, empty TPM"}
+	want := []string{"disk vdc of the definition is left out", "cdrom sda of the definition is kept empty", "emulated TPM starts empty"}
 	if len(warnings) != len(want) {
 		t.Fatalf("warnings %q, want %d", warnings, len(want))
 	}

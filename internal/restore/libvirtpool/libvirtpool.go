@@ -30,8 +30,9 @@
 // writable disks), CD-ROM and floppy drives are kept empty, each with a
 // warning. UEFI variables (Options.NVRAM) go into a new file next to the
 // old <nvram> path, named NAME_VARS.fd; without them the domain starts with
-// fresh variables from its template. An emulated TPM starts empty (its state
-// is not in a backup), with a warning. A backup without a definition (QEMU,
+// fresh variables from its template. An emulated TPM starts empty, with a
+// warning: TPM state a backup stores is not put back (swtpm's state
+// directory is keyed by the new UUID and owned by swtpm's user). A backup without a definition (QEMU,
 // XenServer) gets a minimal one: type kvm when the host offers it, else
 // qemu; BIOS boot; virtio disks vda, vdb, ... in backup order; a virtio NIC
 // on the network 'default' when it exists and is active (else none); a
@@ -613,4 +614,36 @@ func uuidString(u golibvirt.UUID) string {
 		b.WriteByte(hex[c&15])
 	}
 	return b.String()
+}
+
+// Stored sets o.Definition and o.NVRAM from what backup m stores (the
+// libvirt domain XML and UEFI variables, read and checked through r); a
+// backup without a libvirt definition leaves them nil (a minimal one is
+// built). Stored TPM state is not put back: the new domain's emulated TPM
+// starts empty (rewrite warns).
+func (o *Options) Stored(ctx context.Context, r *repo.Repo, m *repo.Manifest) error {
+	warn := func(format string, args ...any) {
+		if o.Warn != nil {
+			o.Warn(fmt.Sprintf(format, args...))
+		}
+	}
+	switch m.Definition {
+	case "":
+		return nil
+	case repo.DefinitionLibvirt:
+	default:
+		warn("the backup stores a %s definition, not a libvirt one: the new domain gets a minimal definition", m.Definition)
+		return nil
+	}
+	def, err := restore.ReadFile(ctx, r, m, repo.FileDomainXML, maxDefinitionBytes)
+	if err != nil {
+		return fmt.Errorf("read the stored domain definition: %w", err)
+	}
+	o.Definition = def
+	if m.File(repo.FileNVRAM) != nil {
+		if o.NVRAM, err = restore.ReadFile(ctx, r, m, repo.FileNVRAM, 0); err != nil {
+			return fmt.Errorf("read the stored UEFI variables: %w", err)
+		}
+	}
+	return nil
 }
