@@ -195,14 +195,16 @@ func New(ctx context.Context, m *repo.Manifest, sel []repo.ManifestDisk, o Optio
 		t.warn("the backup holds UEFI variables but no domain definition: they are not restored (the minimal definition boots BIOS)")
 	}
 
-	if t.l, err = lv.Connect(ctx, o.URI); err != nil {
+	l, err := lv.Connect(ctx, o.URI)
+	if err != nil {
 		return nil, err
 	}
 	defer func() {
 		if err != nil {
-			t.l.Disconnect()
+			l.Disconnect()
 		}
 	}()
+	t.l = l
 	if err := t.findPool(ctx); err != nil {
 		return nil, err
 	}
