@@ -369,6 +369,9 @@ func TestRestoreStoredDefinitionBoots(t *testing.T) {
 	// The stored definition's serial console is the source domain's file;
 	// that domain never ran.
 	src.WaitConsole(t, guestvm.ReadyMarker, 5*time.Minute)
+	if con := src.Console(); !strings.Contains(con, "mounted /dev/vda on /data") {
+		t.Fatalf("the guest did not mount its restored disk:\n%s", con)
+	}
 }
 
 // TestFailedRestoreRemovesWhatItCreated: a damaged chunk in the second
