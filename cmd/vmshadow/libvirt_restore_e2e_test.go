@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/xml"
@@ -10,8 +11,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/guestvm"
 	"github.com/vmshadow/vmshadow/internal/libvirttest"
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 )
@@ -167,5 +170,100 @@ func TestLibvirtRestoreFromQEMU(t *testing.T) {
 	libvirttest.Virsh(t, "pool-refresh", pool)
 	if out := libvirttest.Virsh(t, "vol-list", pool); strings.Count(out, "\n"+" "+name) != 2 || strings.Count(out, ".qcow2 ") != 2 {
 		t.Errorf("refused restores changed the pool:\n%s", out)
+	}
+}
+
+// TestLibvirtRestoreGuest: the real test guest, backed up as a libvirt
+// domain (its definition stored with the backup), restores into a dir pool
+// as a new domain with a new name, UUID and MAC address whose disk holds
+// the backup; with --start the new domain boots the guest from the
+// restored volume.
+func TestLibvirtRestoreGuest(t *testing.T) {
+	pool, pdir := lvRestorePool(t)
+	ctx := context.Background()
+	dir := libvirttest.TempDir(t)
+	data := filepath.Join(dir, "data.qcow2")
+	if err := guestvm.MakeDataDisk(ctx, data, 64<<20, "qcow2"); err != nil {
+		t.Fatal(err)
+	}
+	opts := libvirttest.GuestOptions(t, libvirttest.Disk{Target: "vda", Format: "qcow2", Path: data})
+	const mac = "52:54:00:5e:ed:02"
+	opts.Devices = "    <interface type='user'>\n      <mac address='" + mac + "'/>\n      <model type='virtio'/>\n    </interface>\n"
+	opts.Name = lvRestoreName("src")
+	src := libvirttest.NewDomain(t, opts)
+	src.Start(t)
+	src.WaitConsole(t, guestvm.ReadyMarker, 5*time.Minute)
+
+	state, env := stateEnv(t)
+	env = append(env, "VMSHADOW_PASSWORD=test-password")
+	repoDir := filepath.Join(state, "repo")
+	if res := vmshadow(t, env, "repo", "init", "--repo", repoDir, "--encryption", "none"); res.code != 0 {
+		t.Fatalf("repo init: %s", res.errorMessage())
+	}
+	res := vmshadow(t, env, "backup", "--repo", repoDir, "--libvirt", libvirttest.URI, "--vm", src.Name, "--scratch-dir", libvirttest.TempDir(t))
+	if res.code != 0 {
+		t.Fatalf("backup: exit %d: %s", res.code, res.errorMessage())
+	}
+	id := res.summary(t)["backup_id"].(string)
+	// The guest's CPU time goes to the restored domain from here on; the
+	// source's console file is the one the stored definition names.
+	libvirttest.Virsh(t, "destroy", src.Name)
+	os.Remove(filepath.Join(src.Dir, "console.log"))
+
+	raw := filepath.Join(t.TempDir(), "vda.raw")
+	if res := vmshadow(t, env, "restore", "--repo", repoDir, id, "--to", raw); res.code != 0 {
+		t.Fatalf("restore --to: %s", res.errorMessage())
+	}
+	want, err := os.ReadFile(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Without --start: the volume holds the backup, the definition is the
+	// source's with a new identity.
+	defined := lvRestoreName("dom")
+	lvRestoreCleanup(t, defined)
+	res = vmshadow(t, env, "restore", "--repo", repoDir, id, "--to-libvirt", libvirttest.URI, "--pool", pool, "--vm-name", defined)
+	if res.code != 0 {
+		t.Fatalf("restore --to-libvirt: exit %d: %s", res.code, res.errorMessage())
+	}
+	if sum := res.summary(t); sum["definition"] != "stored" || sum["started"] != false {
+		t.Fatalf("summary %v", sum)
+	}
+	vol := filepath.Join(pdir, defined+"-vda.qcow2")
+	if !bytes.Equal(rawOf(t, vol, "qcow2"), want) {
+		t.Fatal("the restored volume differs from the backup")
+	}
+	d := lvDump(t, defined)
+	if d.UUID == "" || d.UUID == src.UUID || len(d.MACs) != 1 || d.MACs[0].Address == "" || d.MACs[0].Address == mac {
+		t.Fatalf("restored domain: uuid %s (source %s), MACs %+v (source %s): want new ones", d.UUID, src.UUID, d.MACs, mac)
+	}
+	if len(d.Disks) != 1 || d.Disks[0].Target.Dev != "vda" || d.Disks[0].Source.File != vol {
+		t.Fatalf("restored domain's disks %+v, want vda on %s", d.Disks, vol)
+	}
+	if s := libvirttest.Virsh(t, "domstate", defined); !strings.Contains(s, "shut off") {
+		t.Fatalf("domain restored without --start is %s", s)
+	}
+	// A stored definition brings its own memory and vCPUs.
+	if res := vmshadow(t, env, "restore", "--repo", repoDir, id, "--to-libvirt", libvirttest.URI, "--pool", pool, "--vm-name", lvRestoreName("dom"), "--memory", "512"); res.code != errs.ErrUsage.ExitCode() || !strings.Contains(res.errorMessage(), "stores the domain's definition") {
+		t.Fatalf("--memory with a stored definition: exit %d: %s", res.code, res.errorMessage())
+	}
+
+	// With --start: the new domain boots the guest from its restored disk.
+	started := lvRestoreName("dom")
+	lvRestoreCleanup(t, started)
+	res = vmshadow(t, env, "restore", "--repo", repoDir, id, "--to-libvirt", libvirttest.URI, "--pool", pool, "--vm-name", started, "--start")
+	if res.code != 0 {
+		t.Fatalf("restore --start: exit %d: %s", res.code, res.errorMessage())
+	}
+	if sum := res.summary(t); sum["started"] != true || sum["domain_uuid"] == d.UUID {
+		t.Fatalf("summary %v", sum)
+	}
+	if s := libvirttest.Virsh(t, "domstate", started); !strings.Contains(s, "running") {
+		t.Fatalf("domain restored with --start is %s", s)
+	}
+	src.WaitConsole(t, guestvm.ReadyMarker, 5*time.Minute)
+	if con := src.Console(); !strings.Contains(con, "mounted /dev/vda on /data") {
+		t.Fatalf("the restored guest did not mount its restored disk:\n%s", con)
 	}
 }
