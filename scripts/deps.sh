@@ -18,7 +18,9 @@ want python3 python3
 want /usr/bin/time time
 want mount mount
 case "${1:-test}" in
-test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients ;;
+test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
+      want swtpm swtpm; want swtpm_setup swtpm-tools
+      [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf" ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

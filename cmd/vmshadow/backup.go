@@ -152,6 +152,10 @@ type backupSummary struct {
 	ChunksZero   int64         `json:"chunks_zero"`
 	DurationS    float64       `json:"duration_s"`
 	Rate         float64       `json:"rate_bytes_per_s"` // disk bytes processed per second
+	// Definition is the kind of VM definition stored ("libvirt"), Files
+	// what describes the VM besides its disks (domain.xml, nvram, ...).
+	Definition string      `json:"definition,omitempty"`
+	Files      []diskEntry `json:"files,omitempty"`
 }
 
 type diskSummary struct {
@@ -277,7 +281,8 @@ func printBackupSummary(a *app, res *backup.Result, total int64, live *livebacku
 	s := backupSummary{BackupID: res.ID.String(), ShortID: res.ID.Short(), VM: m.VM, Time: m.Time, Tags: m.Tags,
 		Source: m.Source, Mode: m.Mode, Reason: m.Reason, Consistency: m.Consistency, SetID: m.SetID,
 		BytesRead: res.Stats.BytesRead, BytesNew: res.Stats.BytesNew, ChunksNew: res.Stats.ChunksNew,
-		ChunksReused: res.Stats.ChunksReused, ChunksZero: res.Stats.ChunksZero, DurationS: res.Duration.Seconds()}
+		ChunksReused: res.Stats.ChunksReused, ChunksZero: res.Stats.ChunksZero, DurationS: res.Duration.Seconds(),
+		Definition: m.Definition, Files: fileEntries(m)}
 	if s.Tags == nil {
 		s.Tags = []string{}
 	}
@@ -315,6 +320,13 @@ func printBackupSummary(a *app, res *backup.Result, total int64, live *livebacku
 			if d.Reason != "" {
 				fmt.Fprintf(w, "  %-12s full read: %s\n", "", d.Reason)
 			}
+		}
+		if s.Definition != "" {
+			var names []string
+			for _, f := range s.Files {
+				names = append(names, f.Name)
+			}
+			fmt.Fprintf(w, "  with its %s definition: %s\n", s.Definition, strings.Join(names, ", "))
 		}
 	})
 }

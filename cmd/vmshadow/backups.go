@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmshadow/vmshadow/internal/progress"
+	"github.com/vmshadow/vmshadow/internal/repo"
 )
 
 func init() { commands = append(commands, newBackupsCmd) }
@@ -27,6 +28,19 @@ type backupEntry struct {
 	BytesNew  int64       `json:"bytes_new"`
 	DurationS float64     `json:"duration_s"`
 	Origin    string      `json:"origin,omitempty"` // a copy's original (vmshadow copy)
+	// Definition says the backup stores the VM's definition ("libvirt"),
+	// Files are what it stores besides the disks.
+	Definition string      `json:"definition,omitempty"`
+	Files      []diskEntry `json:"files,omitempty"`
+}
+
+// fileEntries lists a backup's files (repo.Manifest.Files).
+func fileEntries(m *repo.Manifest) []diskEntry {
+	var out []diskEntry
+	for _, f := range m.Files {
+		out = append(out, diskEntry{f.Name, f.Size})
+	}
+	return out
 }
 
 type diskEntry struct {
@@ -66,7 +80,8 @@ func newBackupsCmd(a *app) *cobra.Command {
 					continue
 				}
 				e := backupEntry{ID: b.ID.String(), ShortID: b.ID.Short(), VM: b.VM, Time: b.Time, Host: b.Host, Tags: b.Tags,
-					Source: b.Source, Mode: b.Mode, BytesNew: b.Stats.BytesNew, DurationS: b.DurationS, Origin: b.Origin}
+					Source: b.Source, Mode: b.Mode, BytesNew: b.Stats.BytesNew, DurationS: b.DurationS, Origin: b.Origin,
+					Definition: b.Definition, Files: fileEntries(b.Manifest)}
 				if e.Tags == nil {
 					e.Tags = []string{}
 				}

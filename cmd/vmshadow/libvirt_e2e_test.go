@@ -115,6 +115,11 @@ func (r *lvRig) restoreCompare(id string, want map[string][]byte) {
 	if res := r.run("restore", "--repo", r.repo, id, "--to", dir); res.code != 0 {
 		r.t.Fatalf("restore %s: %s", id, res.errorMessage())
 	}
+	// The domain's definition comes with its disks.
+	def, err := os.ReadFile(filepath.Join(dir, r.dom.Name+".xml"))
+	if err != nil || !strings.Contains(string(def), "<name>"+r.dom.Name+"</name>") {
+		r.t.Errorf("restore %s: %s.xml: %v\n%s", id, r.dom.Name, err, def)
+	}
 	for disk, w := range want {
 		got, err := os.ReadFile(filepath.Join(dir, disk+".raw"))
 		if err != nil {
@@ -184,6 +189,13 @@ func TestLibvirtBackup(t *testing.T) {
 		}
 	}
 	first := fmt.Sprint(sum["backup_id"])
+	var files []string
+	for _, f := range sum["files"].([]any) {
+		files = append(files, fmt.Sprint(f.(map[string]any)["name"]))
+	}
+	if sum["definition"] != "libvirt" || !slices.Equal(files, []string{"domain.xml", "checkpoint.xml"}) {
+		t.Errorf("backup summary: definition %v, files %v; want libvirt, [domain.xml checkpoint.xml]", sum["definition"], files)
+	}
 	r.noJob()
 	cps := r.checkpoints()
 	if len(cps) != 1 || !strings.HasPrefix(cps[0], "vmshadow-") {
@@ -254,6 +266,26 @@ func TestLibvirtBackup(t *testing.T) {
 	readsOnly(t, sum, map[string]int64{"vda": 512 << 10, "vdb": 0})
 	r.restoreCompare(fmt.Sprint(sum["backup_id"]), want)
 	r.noJob()
+
+	// libvirt loses the checkpoint's metadata (the disks keep its
+	// bitmaps): the next backup redefines it from the last backup's copy
+	// and stays incremental.
+	cps = r.checkpoints()
+	libvirttest.Virsh(t, "checkpoint-delete", r.dom.Name, cps[0], "--metadata")
+	r.guestWrite(want, "vda", 0x79, 10*mibLV, 64<<10)
+	res = r.run(r.domain("backup", "--repo", r.repo)...)
+	if res.code != 0 || !strings.Contains(strings.Join(res.warnings(), "\n"), "redefined from the last backup's copy") {
+		t.Fatalf("backup after the checkpoint was lost: exit %d (%s), warnings %q", res.code, res.errorMessage(), res.warnings())
+	}
+	sum = res.summary(t)
+	readsOnly(t, sum, map[string]int64{"vda": 256 << 10, "vdb": 0})
+	r.restoreCompare(fmt.Sprint(sum["backup_id"]), want)
+	res = r.run("backups", "--repo", r.repo, "--json")
+	for _, b := range res.summary(t)["backups"].([]any) {
+		if d := b.(map[string]any)["definition"]; d != "libvirt" {
+			t.Errorf("backups --json: %v has definition %v, want libvirt", b.(map[string]any)["short_id"], d)
+		}
+	}
 }
 
 // TestLibvirtErrors: each bad invocation fails with its exit code and a

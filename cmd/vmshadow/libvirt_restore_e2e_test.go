@@ -129,7 +129,7 @@ func TestLibvirtRestoreFromQEMU(t *testing.T) {
 		t.Fatalf("restore --to-libvirt: exit %d: %s", res.code, res.errorMessage())
 	}
 	sum := res.summary(t)
-	if sum["format"] != "libvirt" || sum["domain"] != name || sum["definition"] != "minimal" || sum["started"] != false || sum["pool"] != pool {
+	if sum["format"] != "libvirt" || sum["domain"] != name || sum["domain_definition"] != "minimal" || sum["started"] != false || sum["pool"] != pool {
 		t.Errorf("summary %v", sum)
 	}
 	d := lvDump(t, name)
@@ -227,7 +227,7 @@ func TestLibvirtRestoreGuest(t *testing.T) {
 	if res.code != 0 {
 		t.Fatalf("restore --to-libvirt: exit %d: %s", res.code, res.errorMessage())
 	}
-	if sum := res.summary(t); sum["definition"] != "stored" || sum["started"] != false {
+	if sum := res.summary(t); sum["domain_definition"] != "stored" || sum["started"] != false {
 		t.Fatalf("summary %v", sum)
 	}
 	vol := filepath.Join(pdir, defined+"-vda.qcow2")

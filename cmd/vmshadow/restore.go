@@ -43,7 +43,11 @@ func newRestoreCmd(a *app) *cobra.Command {
 DIR/NAME.raw (or NAME.qcow2), whatever the number of disks; the directory is
 created if needed. Otherwise, with one disk (the backup has one, or --disk
 names one) --to is the output file or block device, in a directory that
-exists; with several disks --to is a directory as above.
+exists; with several disks --to is a directory as above. Into a directory,
+a backup that stores the VM's definition (libvirt domains) also gives
+DIR/VM.xml (the domain XML as backed up: its disks name the original
+images) and, where the domain has them, DIR/VM.nvram (UEFI variables) and
+DIR/VM.tpm-FILE (TPM state).
 
 Raw files are sparse where the disk was zero. Every chunk is checked
 against its hash while restoring; a failed restore removes the file it
@@ -147,20 +151,30 @@ it. A failed restore deletes the volumes and the definition it created.`,
 			if err != nil {
 				return err
 			}
+			var def []restore.DefinitionFile
+			if inDir && len(files.Disks) > 0 {
+				if def, err = restore.WriteDefinition(ctx, r, m, filepath.Dir(files.Disks[0].Path)); err != nil {
+					return fmt.Errorf("the disks are restored, the VM's definition is not: %w", err)
+				}
+			}
 			s := struct {
-				BackupID     string               `json:"backup_id"`
-				VM           string               `json:"vm"`
-				Format       string               `json:"format"`
-				Disks        []restore.DiskResult `json:"disks"`
-				BytesWritten int64                `json:"bytes_written"`
-				DurationS    float64              `json:"duration_s"`
-			}{BackupID: id.String(), VM: m.VM, Format: format, Disks: res, DurationS: time.Since(t0).Seconds()}
+				BackupID     string                   `json:"backup_id"`
+				VM           string                   `json:"vm"`
+				Format       string                   `json:"format"`
+				Disks        []restore.DiskResult     `json:"disks"`
+				Definition   []restore.DefinitionFile `json:"definition,omitempty"`
+				BytesWritten int64                    `json:"bytes_written"`
+				DurationS    float64                  `json:"duration_s"`
+			}{BackupID: id.String(), VM: m.VM, Format: format, Disks: res, Definition: def, DurationS: time.Since(t0).Seconds()}
 			for _, d := range res {
 				s.BytesWritten += d.BytesWritten
 			}
 			a.out.Summary(s, func(w io.Writer) {
 				for _, d := range res {
 					fmt.Fprintf(w, "restored disk %s (%s) of backup %s to %s, verified\n", d.Name, progress.Bytes(d.Size), id.Short(), d.Path)
+				}
+				for _, f := range def {
+					fmt.Fprintf(w, "wrote %s of the VM's definition to %s\n", f.Name, f.Path)
 				}
 			})
 			return nil
@@ -208,7 +222,7 @@ func restoreToLibvirt(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *
 		Pool         string               `json:"pool"`
 		Domain       string               `json:"domain"`
 		UUID         string               `json:"domain_uuid"`
-		Definition   string               `json:"definition"`
+		Definition   string               `json:"domain_definition"`
 		Started      bool                 `json:"started"`
 		Volumes      []libvirtpool.Volume `json:"volumes"`
 		Disks        []restore.DiskResult `json:"disks"`

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vmshadow/vmshadow/internal/testutil"
 )
 
 // Disk is one disk of a test domain.
@@ -48,7 +50,16 @@ type Options struct {
 	Agent bool
 	// Devices is extra XML inside <devices>.
 	Devices string
+	// UEFI boots OVMF (Debian's ovmf) with a UEFI variable store libvirt
+	// creates from its template; TPM adds an emulated TPM 2.0 (swtpm).
+	UEFI, TPM bool
 }
+
+// OVMF's firmware and variable store template (Debian's ovmf).
+const (
+	OVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	OVMFVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+)
 
 // Domain is a running test domain.
 type Domain struct {
@@ -65,6 +76,18 @@ type Domain struct {
 func NewDomain(t testing.TB, opts Options) *Domain {
 	t.Helper()
 	Need(t)
+	if opts.UEFI {
+		if _, err := os.Stat(OVMFCode); err != nil {
+			if testutil.InCI() {
+				t.Fatalf("OVMF is required (CI=true): %v: run 'make deps'", err)
+			}
+			t.Skipf("OVMF not installed (%v): run 'make deps'", err)
+		}
+	}
+	if opts.TPM {
+		testutil.NeedCommand(t, "swtpm")
+		testutil.NeedCommand(t, "swtpm_setup")
+	}
 	if opts.Name == "" {
 		var b [4]byte
 		rand.Read(b[:])
@@ -148,7 +171,14 @@ func (d *Domain) XML() string {
 		}
 		fmt.Fprintf(&b, "    <cmdline>%s</cmdline>\n", html.EscapeString(o.Cmdline))
 	}
-	b.WriteString("  </os>\n  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n  <on_crash>destroy</on_crash>\n")
+	if o.UEFI {
+		fmt.Fprintf(&b, "    <loader readonly='yes' type='pflash'>%s</loader>\n    <nvram template='%s'/>\n", OVMFCode, OVMFVars)
+	}
+	b.WriteString("  </os>\n")
+	if o.UEFI {
+		b.WriteString("  <features>\n    <acpi/>\n  </features>\n")
+	}
+	b.WriteString("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n  <on_crash>destroy</on_crash>\n")
 	b.WriteString("  <devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n")
 	for _, disk := range d.Disks {
 		dev := disk.Device
@@ -173,6 +203,9 @@ func (d *Domain) XML() string {
 		b.WriteString("    <channel type='unix'>\n      <target type='virtio' name='org.qemu.guest_agent.0'/>\n    </channel>\n")
 	}
 	fmt.Fprintf(&b, "    <serial type='file'>\n      <source path='%s'/>\n      <target port='0'/>\n    </serial>\n", html.EscapeString(filepath.Join(d.Dir, "console.log")))
+	if o.TPM {
+		b.WriteString("    <tpm model='tpm-tis'>\n      <backend type='emulator' version='2.0'/>\n    </tpm>\n")
+	}
 	b.WriteString(o.Devices)
 	b.WriteString("    <controller type='usb' model='none'/>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n")
 	return b.String()

@@ -27,6 +27,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
+	"github.com/vmshadow/vmshadow/internal/restore"
 	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
@@ -55,6 +56,17 @@ type Provider interface {
 	// checkpoints. Without it, release merges the set's changes back, so
 	// the chain stays where the last stored backup left it.
 	Complete(set *coord.Set, save func() error) error
+}
+
+// Describer is implemented by providers that store files describing the
+// VM with each backup (its definition, firmware variables, TPM state, the
+// checkpoint the set created): Describe is called once the set exists,
+// before its shadow copies are read, and returns the kind of definition
+// (repo.Manifest.Definition, "" for none) and the files (each at most
+// repo.MaxFileSize bytes). An error fails the backup. The files of the
+// previous backup come back to the provider through tracking.Request.Saved.
+type Describer interface {
+	Describe(ctx context.Context, set *coord.Set) (definition string, files []backup.Source, err error)
 }
 
 // Options of a live backup.
@@ -146,14 +158,25 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	case err != nil:
 		return nil, fmt.Errorf("find the previous backup of %s: %w", vm, err)
 	}
-	p.Track(request(BitmapPrefix(r), prev, o.Full))
+	req := request(BitmapPrefix(r), prev, o.Full)
+	if prev != nil {
+		req.Saved = func(ctx context.Context, name string) ([]byte, error) {
+			return restore.ReadFile(ctx, r, prev.Manifest, name, 0)
+		}
+	}
+	p.Track(req)
 	set, err := s.Create(ctx)
 	if err != nil {
 		return nil, err
 	}
 	b.Set = set
-	p.Idle()
 	b.Job = backup.Job{VM: vm, Tags: o.Tags, Time: set.Created, Source: kind, Consistency: set.Consistency.String(), SetID: set.ID}
+	if d, ok := p.(Describer); ok {
+		if b.Job.Definition, b.Job.Files, err = d.Describe(ctx, set); err != nil {
+			return nil, fmt.Errorf("describe %s: %w", vm, err)
+		}
+	}
+	p.Idle()
 	var reasons []string
 	incremental := 0
 	for _, sh := range set.Shadows {

@@ -12,6 +12,7 @@
 package tracking
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
@@ -30,6 +31,11 @@ type Request struct {
 	Previous map[string]Previous
 	// Full reads every disk in full (the chain still rotates).
 	Full bool
+	// Saved, if set, reads a file the provider stored with that last
+	// backup (see livebackup.Describer), e.g. a checkpoint's definition
+	// to put back where the hypervisor lost it; errs.ErrNotFound when the
+	// backup has no such file.
+	Saved func(ctx context.Context, name string) ([]byte, error)
 }
 
 // Previous is one disk's checkpoint from the repository's last backup.

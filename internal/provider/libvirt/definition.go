@@ -3,9 +3,16 @@ package libvirt
 import (
 	"context"
 	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/vmshadow/vmshadow/internal/backup"
+	"github.com/vmshadow/vmshadow/internal/coord"
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/repo"
 )
 
 // DomainXML returns the domain's definition for storage with a backup:
@@ -74,4 +81,103 @@ func (p *Provider) RedefineCheckpoint(ctx context.Context, xml string) error {
 		return fmt.Errorf("domain %s: redefine checkpoint: %w", dom.Name, classify(err))
 	}
 	return nil
+}
+
+// swtpmStateDir is where libvirt keeps an emulated TPM's state (swtpm),
+// per domain UUID; the state is in tpm2/ (TPM 2.0) or tpm1.2/.
+const swtpmStateDir = "/var/lib/libvirt/swtpm"
+
+// Describe implements livebackup.Describer: every backup of a domain
+// stores its persistent definition (repo.FileDomainXML, without secrets:
+// see DomainXML) and the definition of the checkpoint the set created
+// (repo.FileCheckpointXML, for RedefineCheckpoint); and, over a local
+// connection, the files libvirt keeps beside the definition: the UEFI
+// variable store (<os><nvram>, repo.FileNVRAM) and an emulated TPM's state
+// (repo.FileTPMPrefix + its file name). They are read from the host's
+// file system while the domain runs, as QEMU and swtpm left them at that
+// moment. Over a remote connection libvirt offers no way to read them:
+// they are left out with a warning.
+func (p *Provider) Describe(ctx context.Context, set *coord.Set) (string, []backup.Source, error) {
+	st, err := coord.ProviderStateOf[state](set)
+	if err != nil || st == nil {
+		return "", nil, fmt.Errorf("describe: no state: %v", err)
+	}
+	x, err := p.DomainXML(ctx, true)
+	if err != nil {
+		return "", nil, err
+	}
+	files := []backup.Source{backup.Bytes(repo.FileDomainXML, []byte(x))}
+	if st.Checkpoint != "" {
+		cx, err := p.CheckpointXML(ctx, st.Checkpoint)
+		if err != nil {
+			return "", nil, err
+		}
+		files = append(files, backup.Bytes(repo.FileCheckpointXML, []byte(cx)))
+	}
+	def, err := parseDomainXML(x)
+	if err != nil {
+		return "", nil, err
+	}
+	var host []string // what only the host's file system has
+	if def.OS.NVRAM != "" {
+		host = append(host, "UEFI variables "+def.OS.NVRAM)
+	}
+	for _, t := range def.Devices.TPMs {
+		if t.Backend.Type == "emulator" {
+			host = append(host, "TPM state")
+		}
+	}
+	if len(host) > 0 && !p.local() {
+		p.warn("domain %s: %s not stored: libvirt cannot read them over a remote connection (back them up on the host)", p.dom.Name, strings.Join(host, ", "))
+		return repo.DefinitionLibvirt, files, nil
+	}
+	if def.OS.NVRAM != "" {
+		b, err := readSmall(def.OS.NVRAM)
+		if err != nil {
+			return "", nil, fmt.Errorf("domain %s: UEFI variables: %w", p.dom.Name, err)
+		}
+		files = append(files, backup.Bytes(repo.FileNVRAM, b))
+	}
+	for _, t := range def.Devices.TPMs {
+		if t.Backend.Type != "emulator" {
+			continue
+		}
+		sub := "tpm1.2"
+		if t.Backend.Version == "" || t.Backend.Version == "2.0" {
+			sub = "tpm2"
+		}
+		dir := filepath.Join(swtpmStateDir, def.UUID, sub)
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			return "", nil, fmt.Errorf("domain %s: TPM state: %w", p.dom.Name, err)
+		}
+		for _, e := range entries {
+			if !e.Type().IsRegular() || repo.ValidName("file", repo.FileTPMPrefix+e.Name()) != nil {
+				continue // swtpm's lock file and temporaries are not state
+			}
+			b, err := readSmall(filepath.Join(dir, e.Name()))
+			if err != nil {
+				return "", nil, fmt.Errorf("domain %s: TPM state: %w", p.dom.Name, err)
+			}
+			files = append(files, backup.Bytes(repo.FileTPMPrefix+e.Name(), b))
+		}
+	}
+	return repo.DefinitionLibvirt, files, nil
+}
+
+// readSmall reads a file of at most repo.MaxFileSize bytes.
+func readSmall(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, repo.MaxFileSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	if len(b) > repo.MaxFileSize {
+		return nil, fmt.Errorf("%s is larger than %d bytes: %w", path, repo.MaxFileSize, errs.ErrUnsupported)
+	}
+	return b, nil
 }

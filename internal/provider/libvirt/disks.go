@@ -28,8 +28,11 @@ type Disk struct {
 
 // domainXML is the part of a domain definition vmshadow reads.
 type domainXML struct {
-	Name     string `xml:"name"`
-	UUID     string `xml:"uuid"`
+	Name string `xml:"name"`
+	UUID string `xml:"uuid"`
+	OS   struct {
+		NVRAM string `xml:"nvram"` // the UEFI variable store's path on the host
+	} `xml:"os"`
 	Seclabel []struct {
 		Type  string `xml:"type,attr"`
 		Model string `xml:"model,attr"`
@@ -45,6 +48,12 @@ type domainXML struct {
 				State string `xml:"state,attr"`
 			} `xml:"target"`
 		} `xml:"channel"`
+		TPMs []struct {
+			Backend struct {
+				Type    string `xml:"type,attr"`
+				Version string `xml:"version,attr"`
+			} `xml:"backend"`
+		} `xml:"tpm"`
 	} `xml:"devices"`
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/libvirttest"
 	"github.com/vmshadow/vmshadow/internal/nbd"
 	"github.com/vmshadow/vmshadow/internal/provider/libvirt"
+	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
@@ -744,4 +746,168 @@ func TestPrunedChain(t *testing.T) {
 		t.Fatalf("checkpoints = %v, want %v (the stale one deleted)", got, want)
 	}
 	r.noJob()
+}
+
+// TestDescribeAndRedefine: a set's description holds the domain's
+// persistent XML and its checkpoint's definition; when libvirt loses the
+// checkpoint's metadata (deleted with --metadata, or the domain undefined
+// and defined again) while the disks keep the bitmaps, the next set redefines
+// it from that copy and is incremental, reading only what changed. A copy
+// that cannot serve gives a full read saying why.
+func TestDescribeAndRedefine(t *testing.T) {
+	r := newRig(t)
+	ctx := ctxFor(t)
+	const prefix = "vmshadow-repo10"
+	// set runs one completed set continuing from prev (whose definition
+	// saved holds, nil: none kept) and returns its checkpoint, the files
+	// describing it, and the plan of vda.
+	set := func(prev string, saved []byte, write int64) (string, map[string][]byte, coord.Shadow) {
+		t.Helper()
+		p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: r.dom.Name, ScratchDir: r.scratch})
+		req := (&checkpoint{Prefix: prefix, Incremental: prev}).request(rigSizes)
+		if saved != nil {
+			req.Saved = func(_ context.Context, name string) ([]byte, error) {
+				if name != repo.FileCheckpointXML {
+					return nil, fmt.Errorf("saved %s: %w", name, errs.ErrNotFound)
+				}
+				return saved, nil
+			}
+		}
+		p.Track(req)
+		s := r.open(ctx, p)
+		defer s.Close()
+		set, err := s.Create(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		def, files, err := p.Describe(ctx, set)
+		if err != nil || def != repo.DefinitionLibvirt {
+			t.Fatalf("Describe = %q, %v", def, err)
+		}
+		got := map[string][]byte{}
+		for _, f := range files {
+			b := make([]byte, f.Size())
+			if _, err := f.ReadAt(ctx, b, 0); err != nil {
+				t.Fatal(err)
+			}
+			got[f.Name()] = b
+		}
+		sh := shadow(t, set, "vda")
+		if write > 0 && sh.Bitmap != "" {
+			want := []string{fmt.Sprint(write, "+", 64<<10)}
+			if d := dirty(t, ctx, sh); !slices.Equal(d, want) {
+				t.Fatalf("dirty after the redefinition = %v, want %v", d, want)
+			}
+		}
+		if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Delete(ctx, set.ID); err != nil {
+			t.Fatal(err)
+		}
+		return prefix + "-" + set.ID, got, sh
+	}
+
+	cp1, files, _ := set("", nil, 0)
+	if !strings.Contains(string(files[repo.FileDomainXML]), "<name>"+r.dom.Name+"</name>") {
+		t.Fatalf("domain.xml does not name the domain:\n%s", files[repo.FileDomainXML])
+	}
+	if !strings.Contains(string(files[repo.FileCheckpointXML]), "<name>"+cp1+"</name>") {
+		t.Fatalf("checkpoint.xml does not define %s:\n%s", cp1, files[repo.FileCheckpointXML])
+	}
+	if _, ok := files[repo.FileNVRAM]; ok {
+		t.Fatal("a domain without UEFI got an nvram file")
+	}
+
+	// The metadata deleted, the bitmaps kept.
+	libvirttest.Virsh(t, "checkpoint-delete", r.dom.Name, cp1, "--metadata")
+	r.dom.GuestWrite(t, "vda", 0x91, 20*mib, 64<<10)
+	cp2, files, sh := set(cp1, files[repo.FileCheckpointXML], 20*mib)
+	if sh.Bitmap == "" {
+		t.Fatalf("set after the metadata was lost: full read (%s), want incremental after the redefinition", sh.FullReason)
+	}
+
+	// The domain stopped, undefined (dropping the checkpoints' metadata),
+	// defined again and started, as when it moves host: the bitmaps are
+	// in its qcow2 image.
+	inactive := filepath.Join(r.dom.Dir, "inactive.xml")
+	if err := os.WriteFile(inactive, []byte(libvirttest.Virsh(t, "dumpxml", "--inactive", r.dom.Name)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	libvirttest.Virsh(t, "destroy", r.dom.Name)
+	libvirttest.Virsh(t, "undefine", r.dom.Name, "--checkpoints-metadata")
+	libvirttest.Virsh(t, "define", inactive)
+	libvirttest.Virsh(t, "start", r.dom.Name)
+	if got := r.checkpoints(); len(got) != 0 {
+		t.Fatalf("checkpoints after undefine and define: %v, want none", got)
+	}
+	r.dom.GuestWrite(t, "vda", 0x92, 30*mib, 64<<10)
+	cp3, files, sh := set(cp2, files[repo.FileCheckpointXML], 30*mib)
+	if sh.Bitmap == "" {
+		t.Fatalf("set after undefine and define: full read (%s), want incremental after the redefinition", sh.FullReason)
+	}
+
+	// A copy of another checkpoint cannot serve: a full read that says so.
+	libvirttest.Virsh(t, "checkpoint-delete", r.dom.Name, cp3, "--metadata")
+	_, _, sh = set(cp3, files[repo.FileDomainXML], 0)
+	if sh.Bitmap != "" || !strings.Contains(sh.FullReason, "could not be redefined") {
+		t.Fatalf("set with an unusable copy: bitmap %q, reason %q; want a full read saying it could not be redefined", sh.Bitmap, sh.FullReason)
+	}
+}
+
+// TestDescribeFirmware: a UEFI domain with an emulated TPM: its
+// description holds the UEFI variable store and the TPM's state, as the
+// host has them.
+func TestDescribeFirmware(t *testing.T) {
+	libvirttest.Need(t)
+	dom := libvirttest.NewDomain(t, libvirttest.Options{Paused: true, UEFI: true, TPM: true,
+		Disks: []libvirttest.Disk{{Target: "vda", Format: "qcow2", Size: 8 * mib}}})
+	dom.Start(t)
+	ctx := ctxFor(t)
+	journal := &coord.Journal{Dir: filepath.Join(t.TempDir(), "journal")}
+	p := libvirt.New(libvirt.Options{URI: libvirttest.URI, Domain: dom.Name, ScratchDir: libvirttest.TempDir(t)})
+	p.Track(tracking.Request{Prefix: "vmshadow-repo11"})
+	s, err := (&coord.Coordinator{Provider: p, Journal: journal}).Open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	set, err := s.Create(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Delete(ctx, set.ID)
+	_, files, err := p.Describe(ctx, set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][]byte{}
+	for _, f := range files {
+		b := make([]byte, f.Size())
+		if _, err := f.ReadAt(ctx, b, 0); err != nil {
+			t.Fatal(err)
+		}
+		got[f.Name()] = b
+	}
+	x := string(got[repo.FileDomainXML])
+	i, j := strings.Index(x, "<nvram"), strings.Index(x, "</nvram>")
+	if i < 0 || j < i {
+		t.Fatalf("domain.xml has no <nvram>:\n%s", x)
+	}
+	path := x[strings.Index(x[i:], ">")+i+1 : j]
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(want) == 0 || !bytes.Equal(got[repo.FileNVRAM], want) {
+		t.Errorf("nvram: %d bytes stored, the host's %s has %d (equal: %v)", len(got[repo.FileNVRAM]), path, len(want), bytes.Equal(got[repo.FileNVRAM], want))
+	}
+	tpm := filepath.Join("/var/lib/libvirt/swtpm", dom.UUID, "tpm2", "tpm2-00.permall")
+	want, err = os.ReadFile(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := got[repo.FileTPMPrefix+"tpm2-00.permall"]; len(want) == 0 || !bytes.Equal(b, want) {
+		t.Errorf("TPM state: stored %d bytes, the host's %s has %d; files %v", len(b), tpm, len(want), slices.Collect(maps.Keys(got)))
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/nbdsource"
+	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/tracking"
 )
 
@@ -227,6 +229,17 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 			break
 		}
 	}
+	lost := "" // why a checkpoint libvirt lost could not be put back
+	if base != "" && !ours[base] && r.Saved != nil {
+		if err := p.redefine(ctx, base, r.Saved); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			lost = err.Error()
+		} else {
+			ours[base] = true
+		}
+	}
 	var baseXML *checkpointXML
 	if base != "" && ours[base] {
 		x, err := p.CheckpointXML(ctx, base)
@@ -262,6 +275,8 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 			reason = fmt.Sprintf("disk %s tracks changes since checkpoint %s, the other disks since %s: one backup job reads from one checkpoint", d.Target, prev, base)
 		case baseXML == nil && other != "":
 			reason = tracking.Pruned("checkpoint", other, prev)
+		case baseXML == nil && lost != "":
+			reason = fmt.Sprintf("checkpoint %s is missing from libvirt (the domain was undefined and defined again, or moved host) and could not be redefined from the last backup's copy: %s", prev, lost)
 		case baseXML == nil:
 			reason = fmt.Sprintf("checkpoint %s is missing from libvirt (the domain was undefined and defined again, or moved host, and the checkpoint was not redefined; or it was deleted)", prev)
 		default:
@@ -282,6 +297,58 @@ func (p *Provider) planCheckpoint(ctx context.Context, set *coord.Set, st *state
 		}
 	}
 	return nil
+}
+
+// redefine puts back checkpoint name, which libvirt lost, from the
+// definition the repository's last backup stored (saved). It fails when
+// that backup stored none, stored another checkpoint's, or the disks no
+// longer hold the checkpoint's bitmaps (REDEFINE_VALIDATE).
+func (p *Provider) redefine(ctx context.Context, name string, saved func(context.Context, string) ([]byte, error)) error {
+	b, err := saved(ctx, repo.FileCheckpointXML)
+	if err != nil {
+		return fmt.Errorf("the backup's copy cannot be read: %w", err)
+	}
+	var cp struct {
+		Name   string `xml:"name"`
+		Parent struct {
+			Name string `xml:"name"`
+		} `xml:"parent"`
+	}
+	if err := xml.Unmarshal(b, &cp); err != nil {
+		return fmt.Errorf("the backup's copy is not checkpoint XML: %v", err)
+	}
+	if cp.Name != name {
+		return fmt.Errorf("the backup stored the definition of checkpoint %q, not %q", cp.Name, name)
+	}
+	def := string(b)
+	if cp.Parent.Name != "" {
+		// The copy was taken when the checkpoint was created; its parent
+		// (the previous backup's) was deleted since, or lost with it.
+		// libvirt refuses a missing parent: the checkpoint becomes a root.
+		names, err := p.Checkpoints(ctx)
+		if err != nil {
+			return err
+		}
+		if !slices.Contains(names, cp.Parent.Name) {
+			def = dropParent(def)
+		}
+	}
+	if err := p.RedefineCheckpoint(ctx, def); err != nil {
+		return err
+	}
+	p.warn("domain %s: checkpoint %s was missing from libvirt: redefined from the last backup's copy", p.dom.Name, name)
+	return nil
+}
+
+// dropParent removes the <parent> element of a checkpoint definition (the
+// first one, before the embedded <domain>, which has none).
+func dropParent(def string) string {
+	i := strings.Index(def, "<parent>")
+	j := strings.Index(def, "</parent>")
+	if d := strings.Index(def, "<domain "); i < 0 || j < i || d >= 0 && j > d {
+		return def
+	}
+	return def[:i] + def[j+len("</parent>"):]
 }
 
 // backupXML builds the pull-mode backup definition of the set.

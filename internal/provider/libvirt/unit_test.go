@@ -180,3 +180,19 @@ func TestConnectError(t *testing.T) {
 		t.Errorf("no checkpoint: %v", err)
 	}
 }
+
+func TestDropParent(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{"<domaincheckpoint>\n  <name>b</name>\n  <parent>\n    <name>a</name>\n  </parent>\n  <disks/>\n  <domain type='qemu'><name>d</name></domain>\n</domaincheckpoint>",
+			"<domaincheckpoint>\n  <name>b</name>\n  \n  <disks/>\n  <domain type='qemu'><name>d</name></domain>\n</domaincheckpoint>"},
+		{"<domaincheckpoint><name>b</name><disks/></domaincheckpoint>", "<domaincheckpoint><name>b</name><disks/></domaincheckpoint>"},
+		// A <parent> only inside the embedded domain is not the checkpoint's.
+		{"<domaincheckpoint><name>b</name><domain type='qemu'><parent>x</parent></domain></domaincheckpoint>",
+			"<domaincheckpoint><name>b</name><domain type='qemu'><parent>x</parent></domain></domaincheckpoint>"},
+		{"<domaincheckpoint></parent><parent></domaincheckpoint>", "<domaincheckpoint></parent><parent></domaincheckpoint>"},
+	} {
+		if got := dropParent(c.in); got != c.want {
+			t.Errorf("dropParent(%q) = %q, want %q", c.in, got, c.want)
+		}
+	}
+}
