@@ -447,7 +447,9 @@ type qcow2Volume struct {
 
 func createQcow2(path string, size int64) (*qcow2Volume, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
+	if errors.Is(err, fs.ErrPermission) {
+		return nil, fmt.Errorf("open volume %s: %w: vmshadow writes volumes through their files: run it as root (or as the owner of the pool's files): %w", path, err, errs.ErrUsage)
+	} else if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", path, err)
 	}
 	w, err := qcow2.Create(f, size, qcow2.Options{})

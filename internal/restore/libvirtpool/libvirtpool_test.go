@@ -559,3 +559,43 @@ func TestRefusedBeforeCreating(t *testing.T) {
 		t.Fatalf("pool volumes %v: something was created", got)
 	}
 }
+
+// TestStartFailureKeepsRestore: a domain that does not start (its kernel is
+// gone) is reported with what to do, and the restore stays: the domain
+// defined, its volume in the pool.
+func TestStartFailureKeepsRestore(t *testing.T) {
+	pool, pdir := newPool(t)
+	ctx := ctxFor(t)
+	dir := t.TempDir()
+	a := filepath.Join(dir, "vda.raw")
+	writeImage(t, a, 1*mib, 6)
+	def := `<domain type='qemu'><name>k</name><memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type><kernel>/nonexistent/vmshadow-lvrestore/vmlinuz</kernel></os>
+  <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/old/vda.raw'/><target dev='vda' bus='virtio'/></disk></devices></domain>`
+	s := backupDisks(t, "k", [][2]string{{"vda", a}}, map[string][]byte{repo.FileDomainXML: []byte(def)})
+	name := uniqueName("dom")
+	removeDomain(t, name)
+	o := libvirtpool.Options{URI: libvirttest.URI, Pool: pool, VMName: name}
+	if err := o.Stored(ctx, s.r, s.m); err != nil {
+		t.Fatal(err)
+	}
+	tg, err := libvirtpool.New(ctx, s.m, s.m.Disks, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	if _, err := restore.Run(ctx, s.r, s.m.Disks, tg, restore.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	err = tg.Start(ctx)
+	if err == nil || !strings.Contains(err.Error(), "the restore is complete, but domain "+name+" does not start") || !strings.Contains(err.Error(), "virsh start "+name) {
+		t.Fatalf("start of a domain without its kernel: %v", err)
+	}
+	if tg.Result().Started || !domainExists(name) {
+		t.Fatalf("after the failed start: started %v, domain defined %v", tg.Result().Started, domainExists(name))
+	}
+	if got := volumes(t, pool); !slices.Equal(got, []string{name + "-vda.qcow2"}) {
+		t.Fatalf("pool volumes %v", got)
+	}
+	sameImage(t, a, filepath.Join(pdir, name+"-vda.qcow2"), "qcow2")
+}
