@@ -21,6 +21,8 @@ import (
 var badFlagValues = map[string][]string{
 	"nbd-connections":      {"-1", "0", "100000"},
 	"xapi-nbd-connections": {"0", "-1", "17"},
+	"memory":               {"0", "-1", "15", "1G"},
+	"vcpus":                {"0", "-1", "4097"},
 	"peer-timeout":         {"0s", "500ms", "2h", "-1s"},
 	"freeze-timeout":       {"-5s", "0s", "0", "500ms", "24h"},
 	"writer-timeout":       {"0s", "-1s", "2h"},

@@ -18,6 +18,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
+	"github.com/vmshadow/vmshadow/internal/restore/libvirtpool"
 	"github.com/vmshadow/vmshadow/internal/restore/xenpool"
 	"github.com/vmshadow/vmshadow/internal/xapi"
 )
@@ -30,9 +31,12 @@ func newRestoreCmd(a *app) *cobra.Command {
 	var to, format string
 	var x xapiFlags
 	var sr, vmName, template string
+	var lvURI, pool string
+	var start bool
+	var memoryMB, vcpus int
 	cmd := &cobra.Command{
-		Use:   "restore --repo DIR BACKUP_ID [--disk NAME]... (--to PATH [--format raw|qcow2] | --to-xapi URL --sr NAME|UUID [--vm-name NEW])",
-		Short: "Restore the disks of a backup to image files, block devices, or a XenServer / XCP-ng pool",
+		Use:   "restore --repo DIR BACKUP_ID [--disk NAME]... (--to PATH [--format raw|qcow2] | --to-xapi URL --sr NAME|UUID [--vm-name NEW] | --to-libvirt URI --pool POOL [--vm-name NEW] [--start])",
+		Short: "Restore the disks of a backup to image files, block devices, a XenServer / XCP-ng pool or a libvirt storage pool",
 		Long: `Restore disks of a backup. BACKUP_ID may be any unambiguous prefix.
 
 --to DIR/ (ending in /) or an existing directory: each disk goes to
@@ -52,27 +56,49 @@ created. Existing files are never overwritten.
 With --to-xapi, each disk becomes a new VDI on the storage repository --sr of
 the pool, uploaded through XAPI (import_raw_vdi), whatever hypervisor the backup
 came from; with --vm-name a halted VM with those disks is created from the
-template --vm-template. A failed restore destroys what it created.`,
+template --vm-template. A failed restore destroys what it created.
+
+With --to-libvirt (a local URI: vmshadow runs on the libvirt host), each disk
+becomes a new volume of the storage pool --pool (qcow2 in dir, fs and netfs
+pools, raw in logical, disk, iscsi ... pools) and a new domain is defined on
+them: named --vm-name (default: the backup's VM name + "-restored"), with a
+new UUID and new MAC addresses, from the definition the backup stores, or a
+minimal one (--memory, --vcpus) for backups that store none. --start starts
+it. A failed restore deletes the volumes and the definition it created.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			start := time.Now()
+			t0 := time.Now()
+			targets := 0
+			for _, s := range []string{to, x.url, lvURI} {
+				if s != "" {
+					targets++
+				}
+			}
 			switch {
-			case to != "" && x.url != "":
-				return errorf(errs.ErrUsage, "give --to PATH or --to-xapi URL, not both")
-			case to == "" && x.url == "":
-				return errorf(errs.ErrUsage, "no restore target: give --to PATH (or --to-xapi URL --sr NAME|UUID)")
-			case x.url == "" && (sr != "" || vmName != ""):
-				return errorf(errs.ErrUsage, "--sr and --vm-name go with --to-xapi")
+			case targets > 1:
+				return errorf(errs.ErrUsage, "give only one of --to PATH, --to-xapi URL and --to-libvirt URI")
+			case targets == 0:
+				return errorf(errs.ErrUsage, "no restore target: give --to PATH (or --to-xapi URL --sr NAME|UUID, or --to-libvirt URI --pool POOL)")
+			case x.url == "" && sr != "":
+				return errorf(errs.ErrUsage, "--sr goes with --to-xapi")
+			case x.url == "" && lvURI == "" && vmName != "":
+				return errorf(errs.ErrUsage, "--vm-name goes with --to-xapi or --to-libvirt")
+			case lvURI == "" && (pool != "" || start || cmd.Flags().Changed("memory") || cmd.Flags().Changed("vcpus")):
+				return errorf(errs.ErrUsage, "--pool, --start, --memory and --vcpus go with --to-libvirt")
+			case lvURI != "" && pool == "":
+				return errorf(errs.ErrUsage, "--to-libvirt needs --pool POOL, the storage pool of the new volumes (see 'virsh pool-list')")
+			case lvURI != "" && cmd.Flags().Changed("format"):
+				return errorf(errs.ErrUsage, "--format is for --to; the pool's type decides (qcow2 in dir, fs and netfs pools, raw in others)")
 			case x.url != "" && sr == "":
 				return errorf(errs.ErrUsage, "--to-xapi needs --sr NAME|UUID, the storage repository of the new disks")
 			case x.url != "" && cmd.Flags().Changed("format"):
 				return errorf(errs.ErrUsage, "--format is for --to; a pool gets raw VDIs")
 			}
-			var pool xapi.Config
+			var xpool xapi.Config
 			if x.url != "" {
 				var err error
-				if pool, err = x.config(a); err != nil {
+				if xpool, err = x.config(a); err != nil {
 					return err
 				}
 			}
@@ -94,7 +120,18 @@ template --vm-template. A failed restore destroys what it created.`,
 				return err
 			}
 			if x.url != "" {
-				return restoreToXAPI(ctx, a, r, id, m, sel, pool, xenpool.Options{SR: sr, VMName: vmName, Template: template}, start)
+				return restoreToXAPI(ctx, a, r, id, m, sel, xpool, xenpool.Options{SR: sr, VMName: vmName, Template: template}, t0)
+			}
+			if lvURI != "" {
+				o := libvirtpool.Options{URI: lvURI, Pool: pool, VMName: vmName, MemoryMB: memoryMB, VCPUs: vcpus,
+					Warn: func(s string) { a.out.Warn("%s", s) }}
+				if err := o.Stored(ctx, r, m); err != nil {
+					return err
+				}
+				if o.Definition != nil && (cmd.Flags().Changed("memory") || cmd.Flags().Changed("vcpus")) {
+					return errorf(errs.ErrUsage, "the backup stores the domain's definition, whose memory and vCPUs the new domain gets: --memory and --vcpus are for backups without one")
+				}
+				return restoreToLibvirt(ctx, a, r, id, m, sel, o, start, t0)
 			}
 			first := ""
 			if len(sel) > 0 {
@@ -128,7 +165,7 @@ template --vm-template. A failed restore destroys what it created.`,
 				Definition   []restore.DefinitionFile `json:"definition,omitempty"`
 				BytesWritten int64                    `json:"bytes_written"`
 				DurationS    float64                  `json:"duration_s"`
-			}{BackupID: id.String(), VM: m.VM, Format: format, Disks: res, Definition: def, DurationS: time.Since(start).Seconds()}
+			}{BackupID: id.String(), VM: m.VM, Format: format, Disks: res, Definition: def, DurationS: time.Since(t0).Seconds()}
 			for _, d := range res {
 				s.BytesWritten += d.BytesWritten
 			}
@@ -149,9 +186,64 @@ template --vm-template. A failed restore destroys what it created.`,
 	cmd.Flags().StringVar(&format, "format", "raw", "output format: raw or qcow2")
 	x.register(cmd, "to-xapi", "restore into this XenServer / XCP-ng pool master, https://HOST (with --sr)")
 	cmd.Flags().StringVar(&sr, "sr", "", "with --to-xapi: the storage repository (name-label or UUID) of the new VDIs")
-	cmd.Flags().StringVar(&vmName, "vm-name", "", "with --to-xapi: create a halted VM of this name with the restored disks")
+	cmd.Flags().StringVar(&vmName, "vm-name", "", "with --to-xapi: create a halted VM of this name with the restored disks; with --to-libvirt: the new domain's name (default: the backup's VM name + \"-restored\")")
 	cmd.Flags().StringVar(&template, "vm-template", "Other install media", "with --vm-name: the template the VM is created from (its CPU, memory and boot settings)")
+	cmd.Flags().StringVar(&lvURI, "to-libvirt", "", "restore into new volumes and a new domain of the libvirt at this local URI, e.g. qemu:///system (with --pool)")
+	cmd.Flags().StringVar(&pool, "pool", "", "with --to-libvirt: the storage pool of the new volumes")
+	cmd.Flags().BoolVar(&start, "start", false, "with --to-libvirt: start the new domain")
+	intFlag(cmd.Flags(), &memoryMB, "memory", libvirtpool.DefaultMemoryMB, 16, 16<<20, "with --to-libvirt, for a backup that stores no domain definition: the new domain's memory in MiB")
+	intFlag(cmd.Flags(), &vcpus, "vcpus", libvirtpool.DefaultVCPUs, 1, 4096, "with --to-libvirt, for a backup that stores no domain definition: the new domain's vCPUs")
 	return cmd
+}
+
+// restoreToLibvirt restores the selected disks into new volumes of a
+// libvirt storage pool and defines (and with start, starts) a domain on
+// them.
+func restoreToLibvirt(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *repo.Manifest, sel []repo.ManifestDisk, o libvirtpool.Options, start bool, t0 time.Time) error {
+	t, err := libvirtpool.New(ctx, m, sel, o)
+	if err != nil {
+		return err
+	}
+	defer t.Close()
+	out, err := runRestore(ctx, a, r, sel, t)
+	if err != nil {
+		return err
+	}
+	if start {
+		if err := t.Start(ctx); err != nil {
+			return err
+		}
+	}
+	res := t.Result()
+	s := struct {
+		BackupID     string               `json:"backup_id"`
+		VM           string               `json:"vm"`
+		Format       string               `json:"format"`
+		Pool         string               `json:"pool"`
+		Domain       string               `json:"domain"`
+		UUID         string               `json:"domain_uuid"`
+		Definition   string               `json:"domain_definition"`
+		Started      bool                 `json:"started"`
+		Volumes      []libvirtpool.Volume `json:"volumes"`
+		Disks        []restore.DiskResult `json:"disks"`
+		BytesWritten int64                `json:"bytes_written"`
+		DurationS    float64              `json:"duration_s"`
+	}{BackupID: id.String(), VM: m.VM, Format: "libvirt", Pool: res.Pool, Domain: res.Domain, UUID: res.UUID, Definition: res.Definition,
+		Started: res.Started, Volumes: res.Volumes, Disks: out, DurationS: time.Since(t0).Seconds()}
+	for _, d := range out {
+		s.BytesWritten += d.BytesWritten
+	}
+	a.out.Summary(s, func(w io.Writer) {
+		for _, v := range res.Volumes {
+			fmt.Fprintf(w, "restored disk %s of backup %s to volume %s of pool %s (%s), verified\n", v.Disk, id.Short(), v.Volume, res.Pool, v.Format)
+		}
+		state := "defined"
+		if res.Started {
+			state = "started"
+		}
+		fmt.Fprintf(w, "domain %s (%s) %s from the %s definition\n", res.Domain, res.UUID, state, res.Definition)
+	})
+	return nil
 }
 
 // runRestore restores the selected disks into t with progress.
@@ -168,7 +260,7 @@ func runRestore(ctx context.Context, a *app, r *repo.Repo, sel []repo.ManifestDi
 }
 
 // restoreToXAPI restores the selected disks into new VDIs of a pool.
-func restoreToXAPI(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *repo.Manifest, sel []repo.ManifestDisk, pool xapi.Config, o xenpool.Options, start time.Time) error {
+func restoreToXAPI(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *repo.Manifest, sel []repo.ManifestDisk, pool xapi.Config, o xenpool.Options, t0 time.Time) error {
 	t, err := xenpool.New(ctx, pool, m, o)
 	if err != nil {
 		return err
@@ -188,7 +280,7 @@ func restoreToXAPI(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *rep
 		Disks        []xenpool.RestoredDisk `json:"disks"`
 		BytesWritten int64                  `json:"bytes_written"`
 		DurationS    float64                `json:"duration_s"`
-	}{BackupID: id.String(), VM: m.VM, Format: "xapi", Pool: pool.URL, SR: res.SR, NewVM: res.VM, Disks: res.Disks, DurationS: time.Since(start).Seconds()}
+	}{BackupID: id.String(), VM: m.VM, Format: "xapi", Pool: pool.URL, SR: res.SR, NewVM: res.VM, Disks: res.Disks, DurationS: time.Since(t0).Seconds()}
 	for _, d := range res.Disks {
 		s.BytesWritten += d.BytesWritten
 	}

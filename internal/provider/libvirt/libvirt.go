@@ -205,25 +205,43 @@ func (p *Provider) connect(ctx context.Context) (*golibvirt.Libvirt, error) {
 			return p.l, nil
 		}
 	}
-	u, local, err := ParseURI(p.opts.URI)
+	l, ver, err := dial(ctx, p.opts.URI)
 	if err != nil {
-		return nil, err
-	}
-	l, err := call(ctx, func() (*golibvirt.Libvirt, error) { return golibvirt.ConnectToURI(u) })
-	if err != nil {
-		return nil, connectError(p.shownURI(), u, local, err)
-	}
-	ver, err := call(ctx, l.ConnectGetLibVersion)
-	if err != nil {
-		l.Disconnect()
-		return nil, fmt.Errorf("libvirt at %s: get version: %w", p.shownURI(), classify(err))
-	}
-	if err := checkVersion(p.shownURI(), ver); err != nil {
-		l.Disconnect()
 		return nil, err
 	}
 	p.l, p.version = l, ver
 	return l, nil
+}
+
+// Connect opens a connection to the libvirt at uri (see ParseURI), with
+// the errors, version check and ctx handling of the provider's own, for
+// the other packages that drive libvirt (the restore target
+// internal/restore/libvirtpool). The caller disconnects it.
+func Connect(ctx context.Context, uri string) (*golibvirt.Libvirt, error) {
+	l, _, err := dial(ctx, uri)
+	return l, err
+}
+
+func dial(ctx context.Context, uri string) (*golibvirt.Libvirt, uint64, error) {
+	u, local, err := ParseURI(uri)
+	if err != nil {
+		return nil, 0, err
+	}
+	shown := redact.URL(uri, "socket")
+	l, err := call(ctx, func() (*golibvirt.Libvirt, error) { return golibvirt.ConnectToURI(u) })
+	if err != nil {
+		return nil, 0, connectError(shown, u, local, err)
+	}
+	ver, err := call(ctx, l.ConnectGetLibVersion)
+	if err != nil {
+		l.Disconnect()
+		return nil, 0, fmt.Errorf("libvirt at %s: get version: %w", shown, classify(err))
+	}
+	if err := checkVersion(shown, ver); err != nil {
+		l.Disconnect()
+		return nil, 0, err
+	}
+	return l, ver, nil
 }
 
 func connectError(s string, u *url.URL, local bool, err error) error {
@@ -273,6 +291,18 @@ func call[T any](ctx context.Context, fn func() (T, error)) (T, error) {
 		return zero, ctx.Err()
 	}
 }
+
+// Call runs a go-libvirt call fn, whose calls take no context, and
+// returns its result, or ctx's error if ctx ends first (fn then finishes
+// in the background).
+func Call[T any](ctx context.Context, fn func() (T, error)) (T, error) { return call(ctx, fn) }
+
+// Do is Call for calls that return only an error.
+func Do(ctx context.Context, fn func() error) error { return do(ctx, fn) }
+
+// Classify wraps a libvirt error with the internal/errs class that fits
+// (not found, unsupported, access denied, connection lost).
+func Classify(err error) error { return classify(err) }
 
 func do(ctx context.Context, fn func() error) error {
 	_, err := call(ctx, func() (struct{}, error) { return struct{}{}, fn() })
