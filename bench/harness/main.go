@@ -418,7 +418,13 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		s.Read = after - before
 		return s, err
 	}
-	logs := func(name string) string { return filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".log") }
+	// The tools' logs stay in WORK/logs/roundN until the next run.
+	logDir := filepath.Join(b.work, "logs", fmt.Sprintf("round%d", r))
+	os.RemoveAll(logDir)
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return err
+	}
+	logs := func(name string) string { return filepath.Join(logDir, strings.ReplaceAll(name, " ", "-")+".log") }
 
 	// backup is a vmshadow backup step: of the QMP VM or of the libvirt
 	// domain, into repo, which must be of the given mode.
@@ -713,7 +719,7 @@ func (b *bench) virtnbdrestore(ctx context.Context, vnb, dir string, logs func(s
 	os.RemoveAll(out)
 	defer os.RemoveAll(out)
 	s, _, err := measuredReaped(ctx, logs(vnbRestore), nil, "virtnbdrestore", "-U", libvirtURI, "-i", vnb, "-o", out, "-n",
-		"-f", filepath.Join(b.lv.scratch, "restore.sock"), "-L", filepath.Join(dir, "virtnbdrestore.log"))
+		"-f", filepath.Join(b.lv.scratch, "restore.sock"), "-L", logs("virtnbdrestore-own"))
 	if err != nil {
 		return err
 	}
