@@ -351,7 +351,7 @@ func plot(ctx context.Context, png string, rows []string, disk string) error {
 	if err := os.WriteFile(data, []byte(strings.Join(rows, "\n")+"\n"), 0o644); err != nil {
 		return err
 	}
-	script := fmt.Sprintf(`set terminal pngcairo size 1100,600 font "sans,10"
+	script := fmt.Sprintf(`set terminal pngcairo size 1400,650 font "sans,10"
 set output %q
 set title "Throughput per step (%s disk; median, bars: range over the rounds)"
 set ylabel "MiB/s of disk (log scale)"
