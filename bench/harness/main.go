@@ -128,6 +128,7 @@ type measurements struct {
 	Took                  time.Duration // the whole run, set when it ends
 	Version               string        // of the vmshadow measured, and its git describe
 	Micro                 []microResult
+	MicroFailed           []string // microbenchmarks that failed
 	Floor                 cpuFloor
 }
 
@@ -255,8 +256,14 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	b.LoadAfter = loadavg()
+	b.Version = fmt.Sprintf("%s (%s)", version(b.vmshadow, "--version"), version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty"))
+	// Saved now and again at the end: what the rounds measured is not lost
+	// if what follows fails.
+	if err := b.save(); err != nil {
+		return err
+	}
 	if !c.noMicro {
-		if b.Micro, err = microbench(ctx); err != nil {
+		if b.Micro, b.MicroFailed, err = microbench(ctx); err != nil {
 			return fmt.Errorf("microbenchmarks: %w", err)
 		}
 		logf("CPU floor of the full backup of the test image")
@@ -265,15 +272,19 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	b.Took = time.Since(b.Start).Round(time.Second)
-	b.Version = fmt.Sprintf("%s (%s)", version(b.vmshadow, "--version"), version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty"))
+	if err := b.save(); err != nil {
+		return err
+	}
+	return b.report(ctx)
+}
+
+// save writes the measurements to WORK/measurements.json.
+func (b *bench) save() error {
 	raw, err := json.MarshalIndent(b.measurements, "", " ")
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(b.work, "measurements.json"), raw, 0o644); err != nil {
-		return err
-	}
-	return b.report(ctx)
+	return os.WriteFile(filepath.Join(b.work, "measurements.json"), raw, 0o644)
 }
 
 // reportFrom writes the report from saved measurements.
