@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -48,6 +49,9 @@ const (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == reapFlag {
+		os.Exit(reap(os.Args[2:]))
+	}
 	var c config
 	var skip string
 	flag.StringVar(&c.vmshadow, "vmshadow", "bin/vmshadow", "the vmshadow binary to measure")
@@ -60,7 +64,7 @@ func main() {
 	flag.BoolVar(&c.noMicro, "no-micro", false, "do not run the Go microbenchmarks")
 	flag.StringVar(&c.floorOnly, "cpu-floor", "", "only measure the CPU floor of a full backup of this test image")
 	flag.StringVar(&c.from, "from", "", "only write the report, from the measurements a run saved (WORK/measurements.json)")
-	flag.StringVar(&skip, "skip", "", "comma-separated tools to leave out: restic,borg,virtnbdbackup")
+	flag.StringVar(&skip, "skip", "", "comma-separated parts to leave out: restic, borg, virtnbdbackup, libvirt (the libvirt domain: vmshadow --libvirt and virtnbdbackup), qmp (the QMP VM: vmshadow --qmp and the read floor)")
 	flag.Parse()
 	c.skip = map[string]bool{}
 	for _, s := range strings.Split(skip, ",") {
@@ -110,7 +114,9 @@ type measurements struct {
 	Allocated    int64           // of the test image
 	Skip         map[string]bool // tools left out
 	HaveLV       bool            // virtnbdbackup ran
-	LVNote       string          // why it did not
+	HaveLibvirt  bool            // the libvirt domain ran (vmshadow --libvirt)
+	LVNote       string          // why they did not
+	LV           []lvRound       // per round: the checkpoints and restores on the libvirt domain
 	Samples      map[string][]sample
 	Extra        map[string][]int64 // vmshadow's own bytes_read per step; changed chunk bytes per round
 	Changed      struct {
@@ -122,6 +128,7 @@ type measurements struct {
 	Took                  time.Duration // the whole run, set when it ends
 	Version               string        // of the vmshadow measured, and its git describe
 	Micro                 []microResult
+	MicroFailed           []string // microbenchmarks that failed
 	Floor                 cpuFloor
 }
 
@@ -184,19 +191,25 @@ func run(ctx context.Context, c config) error {
 	}
 	os.Chmod(lvDisk, 0o666)
 	var err error
-	vmDir := filepath.Join(run, "vm")
-	os.MkdirAll(vmDir, 0o755)
-	if b.vm, err = startVM(ctx, "bench", vmDir, vmDisk); err != nil {
-		return err
+	if !c.skip["qmp"] {
+		vmDir := filepath.Join(run, "vm")
+		os.MkdirAll(vmDir, 0o755)
+		if b.vm, err = startVM(ctx, "bench", vmDir, vmDisk); err != nil {
+			return err
+		}
+		defer b.vm.stop()
 	}
-	defer b.vm.stop()
-	if !c.skip["virtnbdbackup"] {
+	if !c.skip["libvirt"] {
 		lvDir := filepath.Join(run, "libvirt")
 		os.MkdirAll(lvDir, 0o755)
-		b.lv, err = startLibvirt(ctx, "vmshadow-bench", lvDir, lvDisk)
+		tools := []string{"nbdcopy", "qemu-nbd"}
+		if !c.skip["virtnbdbackup"] {
+			tools = append(tools, "virtnbdbackup", "virtnbdrestore")
+		}
+		b.lv, err = startLibvirt(ctx, "vmshadow-bench", lvDir, lvDisk, tools)
 		if errors.Is(err, errSkip) {
 			b.LVNote = err.Error()
-			logf("virtnbdbackup left out: %v", err)
+			logf("the libvirt domain (vmshadow --libvirt, virtnbdbackup) left out: %v", err)
 			b.lv = nil
 		} else if err != nil {
 			return err
@@ -206,6 +219,9 @@ func run(ctx context.Context, c config) error {
 	} else {
 		b.LVNote = "left out with -skip"
 	}
+	if c.skip["virtnbdbackup"] && b.LVNote == "" {
+		b.LVNote = "left out with -skip"
+	}
 	for _, t := range []string{"restic", "borg"} {
 		if _, err := exec.LookPath(t); err != nil && !c.skip[t] {
 			logf("%s is not installed: left out (scripts/deps.sh bench installs it)", t)
@@ -213,11 +229,14 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	b.Skip = c.skip
-	b.HaveLV = b.lv != nil
+	b.HaveLibvirt = b.lv != nil
+	b.HaveLV = b.lv != nil && !c.skip["virtnbdbackup"]
 
 	// Warm up the VM's NBD server and the page cache paths once, untimed.
-	if err := b.warmUp(ctx); err != nil {
-		return fmt.Errorf("warm-up read: %w", err)
+	if b.vm != nil {
+		if err := b.warmUp(ctx); err != nil {
+			return fmt.Errorf("warm-up read: %w", err)
+		}
 	}
 	b.LoadBefore = loadavg()
 	for r := 1; r <= c.rounds; r++ {
@@ -225,15 +244,26 @@ func run(ctx context.Context, c config) error {
 			return fmt.Errorf("round %d: %w", r, err)
 		}
 	}
-	b.vm.stop()
+	if b.vm != nil {
+		b.vm.stop()
+	}
+	if b.lv != nil {
+		b.lv.stop()
+	}
 	if c.bigGiB > 0 {
 		if err := b.big(ctx, filepath.Join(run, "big")); err != nil {
 			return fmt.Errorf("%d GiB sparse disk: %w", c.bigGiB, err)
 		}
 	}
 	b.LoadAfter = loadavg()
+	b.Version = fmt.Sprintf("%s (%s)", version(b.vmshadow, "--version"), version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty"))
+	// Saved now and again at the end: what the rounds measured is not lost
+	// if what follows fails.
+	if err := b.save(); err != nil {
+		return err
+	}
 	if !c.noMicro {
-		if b.Micro, err = microbench(ctx); err != nil {
+		if b.Micro, b.MicroFailed, err = microbench(ctx); err != nil {
 			return fmt.Errorf("microbenchmarks: %w", err)
 		}
 		logf("CPU floor of the full backup of the test image")
@@ -242,15 +272,19 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	b.Took = time.Since(b.Start).Round(time.Second)
-	b.Version = fmt.Sprintf("%s (%s)", version(b.vmshadow, "--version"), version("git", "-C", filepath.Dir(b.vmshadow), "describe", "--always", "--dirty"))
+	if err := b.save(); err != nil {
+		return err
+	}
+	return b.report(ctx)
+}
+
+// save writes the measurements to WORK/measurements.json.
+func (b *bench) save() error {
 	raw, err := json.MarshalIndent(b.measurements, "", " ")
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(b.work, "measurements.json"), raw, 0o644); err != nil {
-		return err
-	}
-	return b.report(ctx)
+	return os.WriteFile(filepath.Join(b.work, "measurements.json"), raw, 0o644)
 }
 
 // reportFrom writes the report from saved measurements.
@@ -301,8 +335,41 @@ const (
 	inc1M  = "vmshadow incremental, 1 MiB chunks"
 )
 
+// Names of the steps on the libvirt domain: vmshadow (--libvirt) and
+// virtnbdbackup back up the same domain with the same writes.
+const (
+	lvFull       = "vmshadow libvirt full"
+	lvInc        = "vmshadow libvirt incremental"
+	lvRestore    = "vmshadow libvirt restore"
+	vnbFull      = "virtnbdbackup full"
+	vnbInc       = "virtnbdbackup incremental"
+	vnbRestore   = "virtnbdrestore"
+	granule      = 64 << 10 // the dirty bitmaps' granularity (qcow2's cluster size)
+	lvCheckpoint = "vmshadow-"
+	vnbPrefix    = "virtnbdbackup."
+)
+
+// lvRound is what one round saw of the two tools' checkpoints on the
+// libvirt domain and of their restores.
+type lvRound struct {
+	// Changed is the change rounded to the bitmaps' 64 KiB granules.
+	Changed int64
+	// Base is the size libvirt gives each tool's checkpoint (what a backup
+	// from it would read) after the change, before the incrementals.
+	Base map[string]int64
+	// Moved names a base whose size changed through the other tool's
+	// incremental (or the hiding of vmshadow's checkpoints around
+	// virtnbdbackup's steps); empty when none did.
+	Moved []string
+	// After is the size of each tool's newest checkpoint at the end of the
+	// round: 0 when nothing was written since its incremental's instant.
+	After map[string]int64
+	// SHA-256 of the domain's disk after the change, and of each restore.
+	Domain, Vmshadow, Virtnbd string
+}
+
 // round runs every tool once: full backups, the change, incremental
-// backups, then vmshadow's restore and verify.
+// backups, then the restores and vmshadow's verify.
 func (b *bench) round(ctx context.Context, r int, dir string) error {
 	logf("round %d of %d", r, b.Rounds)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -313,18 +380,30 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 	rrepo := filepath.Join(dir, "restic-repo")
 	brepo := filepath.Join(dir, "borg-repo")
 	vnb := filepath.Join(dir, "virtnbdbackup")
+	lrepo := filepath.Join(dir, "vmshadow-libvirt-repo")
 	// A second repository with 1 MiB chunks (repo init --chunk-size),
 	// backing up the same VM with its own change-tracking chain: the
 	// trade-off of the chunk size, measured next to the default.
 	vrepo1 := filepath.Join(dir, "vmshadow-repo-1m")
-	if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", vrepo); err != nil {
-		return err
+	if b.vm != nil {
+		if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", vrepo); err != nil {
+			return err
+		}
+		if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", vrepo1, "--chunk-size", fmt.Sprint(1<<20)); err != nil {
+			return err
+		}
+		if err := b.vm.removeBitmaps(ctx); err != nil {
+			return err
+		}
 	}
-	if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", vrepo1, "--chunk-size", fmt.Sprint(1<<20)); err != nil {
-		return err
-	}
-	if err := b.vm.removeBitmaps(ctx); err != nil {
-		return err
+	if b.lv != nil {
+		if _, err := quiet(ctx, b.env, b.vmshadow, "repo", "init", "--repo", lrepo); err != nil {
+			return err
+		}
+		// Both tools' checkpoints of the earlier round go, bitmaps and all.
+		if err := b.lv.clearCheckpoints(ctx); err != nil {
+			return err
+		}
 	}
 	if !b.Skip["restic"] {
 		if _, err := quiet(ctx, b.env, "restic", "init", "--repository-version", "2", "--repo", rrepo); err != nil {
@@ -336,7 +415,7 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 			return err
 		}
 	}
-	size := map[string]int64{vrepo: dirSize(vrepo), vrepo1: dirSize(vrepo1), "r": dirSize(rrepo), "b": dirSize(brepo)}
+	size := map[string]int64{vrepo: dirSize(vrepo), vrepo1: dirSize(vrepo1), lrepo: dirSize(lrepo), "r": dirSize(rrepo), "b": dirSize(brepo)}
 	grew := func(k, dir string) int64 {
 		n := dirSize(dir)
 		d := n - size[k]
@@ -350,16 +429,24 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		s.Read = after - before
 		return s, err
 	}
-	logs := func(name string) string { return filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".log") }
+	// The tools' logs stay in WORK/logs/roundN until the next run.
+	logDir := filepath.Join(b.work, "logs", fmt.Sprintf("round%d", r))
+	os.RemoveAll(logDir)
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return err
+	}
+	logs := func(name string) string { return filepath.Join(logDir, strings.ReplaceAll(name, " ", "-")+".log") }
 
-	vmBackup := func(name, mode, vrepo string) step {
+	// backup is a vmshadow backup step: of the QMP VM or of the libvirt
+	// domain, into repo, which must be of the given mode.
+	backup := func(name, mode, repo string, pid func() int, args []string) step {
 		return step{name, func(ctx context.Context) error {
 			var sum struct {
 				BytesRead int64  `json:"bytes_read"`
 				Mode      string `json:"mode"`
 			}
-			s, err := qemuRead(b.vm.pid(), func() (sample, error) {
-				s, out, err := measured(ctx, logs(name), b.env, b.vmshadow, "backup", "--repo", vrepo, "--qmp", b.vm.QMPPath, "--json")
+			s, err := qemuRead(pid(), func() (sample, error) {
+				s, out, err := measured(ctx, logs(name), b.env, args...)
 				if err == nil {
 					err = lastJSON(out, &sum)
 				}
@@ -371,11 +458,17 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 			if sum.Mode != mode {
 				return fmt.Errorf("%s: the backup was %s", name, sum.Mode)
 			}
-			s.Stored = grew(vrepo, vrepo)
+			s.Stored = grew(repo, repo)
 			b.Extra[name] = append(b.Extra[name], sum.BytesRead)
 			b.add(name, s)
 			return nil
 		}}
+	}
+	vmBackup := func(name, mode, repo string) step {
+		return backup(name, mode, repo, b.vm.pid, []string{b.vmshadow, "backup", "--repo", repo, "--qmp", b.vm.QMPPath, "--json"})
+	}
+	lvBackup := func(name, mode string) step {
+		return backup(name, mode, lrepo, b.lv.pid, b.lv.vmshadowArgs(b.vmshadow, lrepo))
 	}
 	floor := step{"qemu-img convert (read floor)", func(ctx context.Context) error {
 		uri, del, err := b.shadow(ctx)
@@ -422,7 +515,19 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		}}
 	}
 	virtnbd := func(name, level string) step {
-		return step{name, func(ctx context.Context) error {
+		return step{name, func(ctx context.Context) (err error) {
+			// virtnbdbackup refuses a domain with another tool's
+			// checkpoint: vmshadow's are out of libvirt's metadata (their
+			// bitmaps stay and record) while it runs, untimed.
+			unhide, err := b.lv.hide(ctx, lvCheckpoint)
+			if err != nil {
+				return err
+			}
+			defer func() {
+				if uerr := unhide(); uerr != nil {
+					err = errors.Join(err, uerr)
+				}
+			}()
 			before := dirSize(vnb)
 			s, err := qemuRead(b.lv.pid(), func() (sample, error) {
 				s, _, err := measured(ctx, logs(name), nil, b.lv.backupArgs(level, vnb)...)
@@ -436,8 +541,11 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 			return nil
 		}}
 	}
-	full := []step{vmBackup("vmshadow full", "full", vrepo), floor, vmBackup(full1M, "full", vrepo1)}
-	inc := []step{vmBackup("vmshadow incremental", "incremental", vrepo), vmBackup(inc1M, "incremental", vrepo1)}
+	var full, inc []step
+	if b.vm != nil {
+		full = append(full, vmBackup("vmshadow full", "full", vrepo), floor, vmBackup(full1M, "full", vrepo1))
+		inc = append(inc, vmBackup("vmshadow incremental", "incremental", vrepo), vmBackup(inc1M, "incremental", vrepo1))
+	}
 	if !b.Skip["restic"] {
 		full = append(full, restic("restic full"))
 		inc = append(inc, restic("restic incremental"))
@@ -446,9 +554,25 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		full = append(full, borg("borg full", "full"))
 		inc = append(inc, borg("borg incremental", "inc"))
 	}
+	// On the libvirt domain: each tool's incremental must read what its own
+	// checkpoint marks, whatever the other tool did to its checkpoints in
+	// between; checked after each incremental (untimed).
+	var lr lvRound
+	keeps := func(s step) step {
+		return step{s.name, func(ctx context.Context) error {
+			if err := s.fn(ctx); err != nil {
+				return err
+			}
+			return b.lvKept(ctx, &lr, s.name)
+		}}
+	}
 	if b.lv != nil {
-		full = append(full, virtnbd("virtnbdbackup full", "full"))
-		inc = append(inc, virtnbd("virtnbdbackup incremental", "inc"))
+		full = append(full, lvBackup(lvFull, "full"))
+		inc = append(inc, keeps(lvBackup(lvInc, "incremental")))
+		if b.HaveLV {
+			full = append(full, virtnbd(vnbFull, "full"))
+			inc = append(inc, keeps(virtnbd(vnbInc, "inc")))
+		}
 	}
 	for _, s := range rotate(full, r) {
 		if err := s.fn(ctx); err != nil {
@@ -464,19 +588,25 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		return err
 	}
 	os.Chmod(dir, 0o755)
-	cs, touched, err := changes(chdir, b.Size, changeWrite, count, r, chunkSize, 1<<20)
+	cs, touched, err := changes(chdir, b.Size, changeWrite, count, r, chunkSize, 1<<20, granule)
 	if err != nil {
 		return err
 	}
 	b.Changed.Bytes, b.Changed.ChunkBytes, b.Changed.Writes = int64(count)*changeWrite, touched[0], count
-	if err := b.vm.write(ctx, cs); err != nil {
-		return err
+	if b.vm != nil {
+		if err := b.vm.write(ctx, cs); err != nil {
+			return err
+		}
 	}
 	if err := applyRaw(b.raw, cs); err != nil {
 		return err
 	}
 	if b.lv != nil {
 		if err := b.lv.write(ctx, cs); err != nil {
+			return err
+		}
+		lr.Changed = touched[2]
+		if err := b.lvBases(ctx, &lr); err != nil {
 			return err
 		}
 	}
@@ -488,14 +618,42 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		}
 	}
 
-	// Restore the incremental backup to a file on disk, as an operator
-	// would, and compare it with the raw copy.
-	target := filepath.Join(b.work, "vmshadow-bench-restore.raw")
-	os.Remove(target)
-	defer os.Remove(target)
-	out, err := quiet(ctx, b.env, b.vmshadow, "backups", "--repo", vrepo, "--json")
+	var restores []step
+	if b.vm != nil {
+		restores = append(restores, step{"vmshadow restore", func(ctx context.Context) error { return b.restoreQMP(ctx, vrepo, logs) }})
+	}
+	if b.lv != nil {
+		restores = append(restores, step{lvRestore, func(ctx context.Context) error { return b.restoreLibvirt(ctx, lrepo, logs, &lr) }})
+		if b.HaveLV {
+			restores = append(restores, step{vnbRestore, func(ctx context.Context) error { return b.virtnbdrestore(ctx, vnb, dir, logs, &lr) }})
+		}
+	}
+	for _, s := range rotate(restores, r) {
+		if err := s.fn(ctx); err != nil {
+			return err
+		}
+	}
+	if b.lv != nil {
+		if err := b.lvAfter(ctx, &lr); err != nil {
+			return err
+		}
+		b.LV = append(b.LV, lr)
+	}
+	if b.vm != nil {
+		s, _, err := measured(ctx, logs("verify"), b.env, b.vmshadow, "verify", "--repo", vrepo)
+		if err != nil {
+			return err
+		}
+		b.add("vmshadow verify", s)
+	}
+	return nil
+}
+
+// latestIncremental is the ID of the newest incremental backup in repo.
+func (b *bench) latestIncremental(ctx context.Context, repo string) (string, error) {
+	out, err := quiet(ctx, b.env, b.vmshadow, "backups", "--repo", repo, "--json")
 	if err != nil {
-		return err
+		return "", err
 	}
 	var list struct {
 		Backups []struct {
@@ -504,7 +662,7 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		} `json:"backups"`
 	}
 	if err := lastJSON(out, &list); err != nil {
-		return fmt.Errorf("backups --json: %w", err)
+		return "", fmt.Errorf("backups --json: %w", err)
 	}
 	id := ""
 	for _, bk := range list.Backups {
@@ -513,9 +671,22 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 		}
 	}
 	if id == "" {
-		return fmt.Errorf("no incremental backup listed: %s", out)
+		return "", fmt.Errorf("no incremental backup listed: %s", out)
 	}
-	s, _, err := measured(ctx, logs("restore"), b.env, b.vmshadow, "restore", "--repo", vrepo, id, "--to", target)
+	return id, nil
+}
+
+// restoreQMP restores the QMP VM's incremental backup to a file on disk,
+// as an operator would, and compares it with the raw copy.
+func (b *bench) restoreQMP(ctx context.Context, repo string, logs func(string) string) error {
+	target := filepath.Join(b.work, "vmshadow-bench-restore.raw")
+	os.Remove(target)
+	defer os.Remove(target)
+	id, err := b.latestIncremental(ctx, repo)
+	if err != nil {
+		return err
+	}
+	s, _, err := measured(ctx, logs("restore"), b.env, b.vmshadow, "restore", "--repo", repo, id, "--to", target)
 	if err != nil {
 		return err
 	}
@@ -523,13 +694,138 @@ func (b *bench) round(ctx context.Context, r int, dir string) error {
 	if _, err := quiet(ctx, nil, "cmp", b.raw, target); err != nil {
 		return fmt.Errorf("the restored incremental backup differs from the disk: %w", err)
 	}
+	return nil
+}
+
+// restoreLibvirt restores the libvirt domain's incremental backup to a
+// qcow2 file (virtnbdrestore writes qcow2) and checks it against the
+// domain's disk.
+func (b *bench) restoreLibvirt(ctx context.Context, repo string, logs func(string) string, lr *lvRound) error {
+	target := filepath.Join(b.work, "vmshadow-bench-restore-libvirt.qcow2")
 	os.Remove(target)
-	s, _, err = measured(ctx, logs("verify"), b.env, b.vmshadow, "verify", "--repo", vrepo)
+	defer os.Remove(target)
+	id, err := b.latestIncremental(ctx, repo)
 	if err != nil {
 		return err
 	}
-	b.add("vmshadow verify", s)
+	s, _, err := measured(ctx, logs(lvRestore), b.env, b.vmshadow, "restore", "--repo", repo, id, "--to", target, "--format", "qcow2")
+	if err != nil {
+		return err
+	}
+	s.Stored = allocated(target)
+	b.add(lvRestore, s)
+	if lr.Vmshadow, err = imageSum(ctx, target, "qcow2"); err != nil {
+		return err
+	}
+	if lr.Vmshadow != lr.Domain {
+		return fmt.Errorf("vmshadow's restore of the libvirt domain's incremental backup differs from the domain's disk (SHA-256 %s, the disk %s)", lr.Vmshadow, lr.Domain)
+	}
 	return nil
+}
+
+// virtnbdrestore restores virtnbdbackup's full and incremental backup into
+// a directory and checks the image against the domain's disk.
+func (b *bench) virtnbdrestore(ctx context.Context, vnb, dir string, logs func(string) string, lr *lvRound) error {
+	out := filepath.Join(b.work, "virtnbdrestore-out")
+	os.RemoveAll(out)
+	defer os.RemoveAll(out)
+	s, _, err := measuredReaped(ctx, logs(vnbRestore), nil, "virtnbdrestore", "-U", libvirtURI, "-i", vnb, "-o", out, "-n",
+		"-f", filepath.Join(b.lv.scratch, "restore.sock"), "-L", logs("virtnbdrestore-own"))
+	if err != nil {
+		return err
+	}
+	imgs, _ := filepath.Glob(filepath.Join(out, "*.qcow2"))
+	if len(imgs) != 1 {
+		ls, _ := os.ReadDir(out)
+		var names []string
+		for _, e := range ls {
+			names = append(names, e.Name())
+		}
+		return fmt.Errorf("virtnbdrestore wrote %d qcow2 images to %s, want 1: %s", len(imgs), out, strings.Join(names, " "))
+	}
+	s.Stored = allocated(imgs[0])
+	b.add(vnbRestore, s)
+	if lr.Virtnbd, err = imageSum(ctx, imgs[0], "qcow2"); err != nil {
+		return err
+	}
+	if lr.Virtnbd != lr.Domain {
+		return fmt.Errorf("virtnbdrestore's image differs from the domain's disk (SHA-256 %s, the disk %s)", lr.Virtnbd, lr.Domain)
+	}
+	return nil
+}
+
+// lvBases notes, after the change and before the incrementals, the size of
+// each tool's checkpoint (what its incremental will read) and the
+// checksum of the domain's disk.
+func (b *bench) lvBases(ctx context.Context, lr *lvRound) error {
+	lr.Base = map[string]int64{}
+	for _, p := range b.lvPrefixes() {
+		name, err := b.lv.latest(ctx, p)
+		if err != nil {
+			return err
+		}
+		if name == "" {
+			return fmt.Errorf("no checkpoint %s* on the libvirt domain after the full backups", p)
+		}
+		n, err := b.lv.checkpointSize(ctx, name)
+		if err != nil {
+			return err
+		}
+		lr.Base[name] = n
+	}
+	logf("  checkpoints after the change: %v (the change in 64 KiB granules: %s)", lr.Base, mib(lr.Changed))
+	var err error
+	lr.Domain, err = b.lv.sum(ctx)
+	return err
+}
+
+// lvKept checks, after an incremental on the libvirt domain, that the
+// base checkpoints still there kept their size.
+func (b *bench) lvKept(ctx context.Context, lr *lvRound, after string) error {
+	have, err := b.lv.checkpoints(ctx)
+	if err != nil {
+		return err
+	}
+	for name, n := range lr.Base {
+		if !slices.Contains(have, name) {
+			continue // the tool's own base, superseded
+		}
+		m, err := b.lv.checkpointSize(ctx, name)
+		if err != nil {
+			return err
+		}
+		if m != n {
+			msg := fmt.Sprintf("%s: %s -> %s after %s", name, mib(n), mib(m), after)
+			logf("  checkpoint size changed: %s", msg)
+			lr.Moved = append(lr.Moved, msg)
+		}
+	}
+	return nil
+}
+
+// lvAfter notes the size of each tool's newest checkpoint at the end of
+// the round.
+func (b *bench) lvAfter(ctx context.Context, lr *lvRound) error {
+	lr.After = map[string]int64{}
+	for _, p := range b.lvPrefixes() {
+		name, err := b.lv.latest(ctx, p)
+		if err != nil {
+			return err
+		}
+		n, err := b.lv.checkpointSize(ctx, name)
+		if err != nil {
+			return err
+		}
+		lr.After[name] = n
+	}
+	return nil
+}
+
+func (b *bench) lvPrefixes() []string {
+	if b.HaveLV {
+		return []string{lvCheckpoint, vnbPrefix}
+	}
+	return []string{lvCheckpoint}
 }
 
 // warmUp reads a shadow copy of the VM's disk once with qemu-img convert,

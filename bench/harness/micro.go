@@ -27,8 +27,10 @@ type microResult struct {
 // microbench runs the Go microbenchmarks of the hot path (chunk hash,
 // compression, encryption, sealing, the pipeline, the NBD read loop) and
 // returns their results.
-func microbench(ctx context.Context) ([]microResult, error) {
-	var out []microResult
+// microbench runs the Go microbenchmarks of the hot path. A package whose
+// benchmarks fail keeps the results of those that ran; the failures are
+// returned as failed (package: the failing benchmarks and their messages).
+func microbench(ctx context.Context) (out []microResult, failed []string, err error) {
 	for _, args := range [][]string{
 		{"-bench", ".", "-benchtime", "20x", "./internal/repo/"},
 		{"-bench", "Pipeline", "-benchtime", "5x", "./internal/backup/"},
@@ -36,10 +38,23 @@ func microbench(ctx context.Context) ([]microResult, error) {
 	} {
 		logf("go test %s", strings.Join(args, " "))
 		b, err := quiet(ctx, nil, append([]string{"go", "test", "-run", "^$", "-count", "1"}, args...)...)
-		if err != nil {
-			return out, err
+		if ctx.Err() != nil {
+			return out, failed, ctx.Err()
 		}
 		pkg := strings.TrimSuffix(strings.TrimPrefix(args[len(args)-1], "./internal/"), "/")
+		if err != nil {
+			var why []string
+			for _, l := range strings.Split(string(b), "\n") {
+				if t := strings.TrimSpace(l); strings.HasPrefix(t, "--- FAIL") || strings.HasPrefix(t, "bench_test.go") || strings.Contains(t, "_test.go:") {
+					why = append(why, t)
+				}
+			}
+			if len(why) == 0 {
+				why = []string{err.Error()}
+			}
+			logf("microbenchmarks of %s failed (the others are kept): %s", pkg, strings.Join(why, " "))
+			failed = append(failed, "internal/"+pkg+": "+strings.Join(why, " "))
+		}
 		sc := bufio.NewScanner(bytes.NewReader(b))
 		for sc.Scan() {
 			f := strings.Fields(sc.Text())
@@ -65,7 +80,7 @@ func microbench(ctx context.Context) ([]microResult, error) {
 			out = append(out, r)
 		}
 	}
-	return out, nil
+	return out, failed, nil
 }
 
 func (b *bench) microTable() string {
@@ -77,6 +92,9 @@ func (b *bench) microTable() string {
 			ratio = fmt.Sprintf("%.3f", r.Ratio)
 		}
 		fmt.Fprintf(&w, "| %s | %.0f | %s |\n", r.Name, r.MBs, ratio)
+	}
+	for _, f := range b.MicroFailed {
+		fmt.Fprintf(&w, "\nFailed, so missing above: %s\n", f)
 	}
 	return w.String()
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"os/exec"
@@ -50,10 +51,13 @@ func spread(v []float64, unit string, prec int) string {
 
 // order of the rows of the results table.
 var order = []string{
-	"vmshadow full", full1M, "qemu-img convert (read floor)", "restic full", "borg full", "virtnbdbackup full",
-	"vmshadow incremental", inc1M, "restic incremental", "borg incremental", "virtnbdbackup incremental",
+	"vmshadow full", full1M, "qemu-img convert (read floor)", "restic full", "borg full",
+	"vmshadow incremental", inc1M, "restic incremental", "borg incremental",
 	"vmshadow restore", "vmshadow verify",
 }
+
+// lvOrder are the rows of the libvirt domain's table.
+var lvOrder = []string{lvFull, vnbFull, lvInc, vnbInc, lvRestore, vnbRestore}
 
 func version(args ...string) string {
 	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
@@ -102,12 +106,19 @@ type target struct {
 	figures string
 	ratio   float64
 	want    float64
-	atMost  bool // ratio must be <= want
+	atMost  bool  // ratio must be <= want
+	verdict *bool // if set, the result (not a ratio)
 	cpu     float64
 	unit    string
 }
 
 func (t target) pass() string {
+	if t.verdict != nil {
+		if *t.verdict {
+			return "**pass**"
+		}
+		return "**FAIL**"
+	}
 	if math.IsNaN(t.ratio) {
 		return "not measured"
 	}
@@ -157,18 +168,21 @@ func (b *bench) report(ctx context.Context) error {
 
 	pf("## Results\n\n")
 	pf("Medians, with the range over the rounds in brackets. Throughput is the disk's virtual size (%s) over wall time, for every tool. CPU is user + system time of the tool and its children (not of QEMU serving NBD): steadier than wall time on a shared machine. Peak RSS is the largest of the rounds (wait4's ru_maxrss, as GNU time reports it).\n\n", gib(b.Size))
-	pf("| step | wall s | throughput MiB/s | CPU s | peak RSS MiB | read from source MiB | stored MiB |\n|---|---|---|---|---|---|---|\n")
+	header := func() {
+		pf("| step | wall s | throughput MiB/s | CPU s | peak RSS MiB | read from source MiB | stored MiB |\n|---|---|---|---|---|---|---|\n")
+	}
+	header()
 	names := append([]string{}, order...)
 	for n := range b.Samples {
-		if !slices.Contains(names, n) {
+		if !slices.Contains(names, n) && !slices.Contains(lvOrder, n) {
 			names = append(names, n)
 		}
 	}
 	var chart []string
-	for _, n := range names {
+	row := func(n string) {
 		ss := b.Samples[n]
 		if len(ss) == 0 {
-			continue
+			return
 		}
 		size := diskMiB
 		if strings.Contains(n, "sparse") {
@@ -186,6 +200,9 @@ func (b *bench) report(ctx context.Context) error {
 		if !strings.Contains(n, "verify") && !strings.Contains(n, "sparse") {
 			chart = append(chart, fmt.Sprintf("%q %.1f %.1f %.1f", n, median(tp), slices.Min(tp), slices.Max(tp)))
 		}
+	}
+	for _, n := range names {
+		row(n)
 	}
 	pf("\nRead from source: for the NBD readers (vmshadow backups, qemu-img convert, virtnbdbackup) the bytes QEMU read from its image file during the step (`rchar` of QEMU's /proc/PID/io); restic and borg read the whole raw file, holes included (the file size is shown); for restore and verify, the bytes vmshadow read (its `rchar`: the repository; restore writes a sparse raw file on the same disk, as an operator would, where the read floor discards what it reads: `qemu-img convert -n` to the `null-co` driver). ")
 	pf("vmshadow's own count of bytes read over NBD (its summary's `bytes_read`): full %s, incremental %s.\n\n", mib(int64(median(i64s(b.Extra["vmshadow full"])))), mib(int64(median(i64s(b.Extra["vmshadow incremental"])))))
@@ -280,6 +297,9 @@ func (b *bench) report(ctx context.Context) error {
 	if !b.HaveLV {
 		pf("\nvirtnbdbackup was not measured: %s.\n", b.LVNote)
 	}
+	if b.HaveLibvirt {
+		b.libvirtSection(pf, header, row, ratio, table)
+	}
 	pf("\n![throughput per tool](%s)\n", filepath.Base(b.chart))
 	if len(b.Micro) > 0 {
 		pf("\n## Microbenchmarks of the hot path\n\n")
@@ -331,7 +351,7 @@ func plot(ctx context.Context, png string, rows []string, disk string) error {
 	if err := os.WriteFile(data, []byte(strings.Join(rows, "\n")+"\n"), 0o644); err != nil {
 		return err
 	}
-	script := fmt.Sprintf(`set terminal pngcairo size 1100,600 font "sans,10"
+	script := fmt.Sprintf(`set terminal pngcairo size 1400,650 font "sans,10"
 set output %q
 set title "Throughput per step (%s disk; median, bars: range over the rounds)"
 set ylabel "MiB/s of disk (log scale)"
@@ -354,4 +374,96 @@ plot %q using 2:3:4:xtic(1) linecolor rgb "#3b75af", '' using 0:2:(sprintf("%%.0
 	}
 	_, err = quiet(ctx, nil, "gnuplot", sf)
 	return err
+}
+
+// libvirtSection writes the table of the libvirt domain's steps and how
+// vmshadow and virtnbdbackup compare on it.
+func (b *bench) libvirtSection(pf func(string, ...any), header func(), row func(string), ratio func(float64, float64) float64, table func([]target)) {
+	med := func(name string, f func(sample) float64) float64 { return median(field(b.Samples[name], f)) }
+	pf("\n## vmshadow and virtnbdbackup on one libvirt domain\n\n")
+	pf("One transient libvirt domain (`type='qemu'`, the test disk as qcow2 v3 with `cache='none'`), the same writes, the same rounds: ")
+	pf("both full backups (`vmshadow backup --libvirt %s --vm DOMAIN`, `virtnbdbackup -l full`) in the rotating order, the change above through the domain's device, both incrementals (`-l inc`), ", libvirtURI)
+	pf("then both restores of the incremental backups: vmshadow `restore --format qcow2` to a file, and `virtnbdrestore` of the full and the incremental into a directory (qcow2, written through the qemu-nbd it forks; the harness reaps that daemon, so its CPU time counts in virtnbdrestore's). ")
+	pf("Read from source for the restores: what the tool read (its repository or backup files); for the backups, what QEMU read from the image. ")
+	pf("virtnbdbackup refuses a domain carrying another tool's checkpoint, so vmshadow's checkpoint leaves libvirt's metadata during virtnbdbackup's steps (`checkpoint-delete --metadata`: the bitmap stays in QEMU and records) and is redefined after (`checkpoint-create --redefine --redefine-validate`), untimed; see the notes.\n\n")
+	header()
+	for _, n := range lvOrder {
+		row(n)
+	}
+	cpOK, same, cpFig := lvChecks(b.LV, b.HaveLV)
+	sumOK := len(b.LV) > 0 && same == len(b.LV)
+	var ts []target
+	add := func(what, other, mine string) {
+		ow, mw := med(other, wall), med(mine, wall)
+		ts = append(ts, target{what: what, figures: fmt.Sprintf("%s %.2f s, vmshadow %.2f s", other, ow, mw),
+			ratio: ratio(ow, mw), want: 2, cpu: ratio(med(other, cpu), med(mine, cpu)), unit: "x"})
+	}
+	if b.HaveLV {
+		add("full backup >= 2x faster than virtnbdbackup's", vnbFull, lvFull)
+		add("incremental >= 2x faster than virtnbdbackup's", vnbInc, lvInc)
+		add("restore >= 2x faster than virtnbdrestore (the same bar; no target in the issues)", vnbRestore, lvRestore)
+	}
+	incRead, chunkBytes := median(i64s(b.Extra[lvInc])), median(i64s(b.Extra["changed chunk bytes"]))
+	ts = append(ts, target{what: "incremental reads <= 1.1x the changed bytes rounded to 4 MiB chunks", figures: fmt.Sprintf("read %s, changed chunks %s", mib(int64(incRead)), mib(int64(chunkBytes))),
+		ratio: ratio(incRead, chunkBytes), want: 1.1, atMost: true, cpu: math.NaN(), unit: "x"})
+	ts = append(ts, target{what: "each tool's checkpoint marks exactly the change (64 KiB granules) before the incrementals, keeps it through the other tool's steps, and marks nothing after the round (libvirt's size estimate, MiB)",
+		figures: strings.Join(cpFig, "; "), ratio: math.NaN(), cpu: math.NaN(), verdict: &cpOK})
+	ts = append(ts, target{what: "restored images identical to the domain's disk after the change (SHA-256, the disk read through a libvirt pull-mode export of its own)",
+		figures: fmt.Sprintf("%d of %d rounds", same, len(b.LV)), ratio: math.NaN(), cpu: math.NaN(), verdict: &sumOK})
+	pf("\n")
+	table(ts)
+}
+
+// lvChecks judges the rounds on the libvirt domain: cpOK when in every
+// round each tool's checkpoint marked exactly the change before the
+// incrementals, kept its size through the other tool's steps, and the new
+// checkpoints marked nothing at the end; same counts the rounds whose
+// restores (virtnbdrestore's only if it ran) had the domain's checksum;
+// figures describes each round.
+func lvChecks(rounds []lvRound, haveVNB bool) (cpOK bool, same int, figures []string) {
+	mibs := func(n int64) string { return fmt.Sprintf("%.1f", float64(n)/(1<<20)) }
+	cpOK = len(rounds) > 0
+	for i, lr := range rounds {
+		var names []string
+		for name := range lr.Base {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		slices.Reverse(names) // vmshadow-... before virtnbdbackup.N
+		f := fmt.Sprintf("round %d: change %s", i+1, mibs(lr.Changed))
+		if want := 1 + boolInt(haveVNB); len(names) != want || len(lr.After) != want {
+			cpOK = false
+		}
+		for _, name := range names {
+			n := lr.Base[name]
+			tool, _, _ := strings.Cut(name, "-")
+			tool, _, _ = strings.Cut(tool, ".")
+			f += fmt.Sprintf(", %s %s", tool, mibs(n))
+			if n != lr.Changed {
+				cpOK = false
+			}
+		}
+		if len(lr.Moved) > 0 {
+			cpOK = false
+			f += " (moved: " + strings.Join(lr.Moved, "; ") + ")"
+		}
+		for _, name := range slices.Sorted(maps.Keys(lr.After)) {
+			if n := lr.After[name]; n != 0 {
+				cpOK = false
+				f += fmt.Sprintf(" (%s marks %s after the round)", name, mibs(n))
+			}
+		}
+		figures = append(figures, f)
+		if lr.Domain != "" && lr.Vmshadow == lr.Domain && (!haveVNB || lr.Virtnbd == lr.Domain) {
+			same++
+		}
+	}
+	return cpOK, same, figures
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

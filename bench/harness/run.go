@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // sample is one timed run of one step.
@@ -120,4 +122,54 @@ func lastJSON(out []byte, v any) error {
 		return fmt.Errorf("no output")
 	}
 	return json.Unmarshal(lines[len(lines)-1], v)
+}
+
+// reapFlag, as the harness's first argument, makes it the reaper wrapper
+// of measuredReaped: `harness -reap CMD ARGS...`.
+const reapFlag = "-reap"
+
+// measuredReaped is measured for a tool that leaves daemonized helpers
+// doing part of its work (virtnbdrestore forks qemu-nbd, which writes the
+// image): the tool runs under this harness binary as a child subreaper, so
+// the orphaned helpers are reaped by it and their CPU time counts in the
+// step's (wait4 counts only waited-for descendants), and the step ends
+// when the last of them has exited.
+func measuredReaped(ctx context.Context, logPath string, env []string, args ...string) (sample, []byte, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return sample{}, nil, err
+	}
+	return measured(ctx, logPath, env, append([]string{self, reapFlag}, args...)...)
+}
+
+// reap runs args as a child subreaper and waits for every descendant; it
+// returns the exit code of args.
+func reap(args []string) int {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		fmt.Fprintf(os.Stderr, "reaper: %v\n", err)
+		return 125
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(os.Stderr, "reaper: %v\n", err)
+		return 127
+	}
+	code := 0
+	for {
+		var ws syscall.WaitStatus
+		pid, err := syscall.Wait4(-1, &ws, 0, nil)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil { // ECHILD: no descendant left
+			return code
+		}
+		if pid == cmd.Process.Pid {
+			code = ws.ExitStatus()
+			if ws.Signaled() {
+				code = 128 + int(ws.Signal())
+			}
+		}
+	}
 }
