@@ -25,6 +25,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
@@ -238,9 +239,11 @@ func (b *Backup) Finish(ctx context.Context, stored bool) error {
 	}
 	b.sources = nil
 	if stored {
+		crashpoint.Hit("backup-stored") // the manifest is durable, the journal does not say so yet
 		if err := b.p.Complete(b.Set, func() error { return b.session.Save(b.Set) }); err != nil {
 			return fmt.Errorf("record the backup's checkpoint: %w", err)
 		}
+		crashpoint.Hit("backup-completed")
 	}
 	if _, err := b.session.Delete(ctx, b.Set.ID); err != nil {
 		return fmt.Errorf("release snapshot set %s: %w", b.Set.ID, err)
