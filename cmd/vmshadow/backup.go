@@ -268,7 +268,11 @@ func runJobQuiet(ctx context.Context, a *app, r *repo.Repo, job backup.Job, live
 	}
 	meter := progress.NewMeter(total)
 	stop := showProgress(ctx, a, "backup", meter)
-	res, err := backup.Run(ctx, r, job, backup.Options{Meter: meter})
+	o := backup.Options{Meter: meter}
+	if live != nil {
+		o.Storing = live.Storing
+	}
+	res, err := backup.Run(ctx, r, job, o)
 	stop()
 	if err != nil {
 		return nil, err

@@ -347,10 +347,12 @@ func TestLibvirtProof(t *testing.T) {
 		{"committed", true, false, true},
 		{"thawed", true, false, false},
 		{"backup-read", true, false, false},
+		{"backup-stored", true, true, false},
 		{"backup-completed", true, true, false},
 		{"frozen", false, false, true},
 		{"libvirt-begun", false, false, true},
 		{"backup-read", false, false, false},
+		{"backup-stored", false, true, false},
 	} {
 		name := row.point + map[bool]string{true: " then recover", false: " then backup"}[row.recover]
 		t.Run(name, func(t *testing.T) {

@@ -18,7 +18,8 @@ import (
 // pull-mode job ends only so; libvirt then removes the scratch files),
 // deletes the set's checkpoint unless the backup completed (libvirt merges
 // its bitmaps into the base checkpoint's, so no change is lost) or deletes
-// the base it superseded if it did, and removes the set's directory. With a
+// the base it superseded if it did (keeping both when the backup may have
+// been stored: see Storing), and removes the set's directory. With a
 // nil set it aborts a backup job serving a vmshadow directory and, when
 // Options.Recorded is set, deletes vmshadow checkpoints no repository
 // records. What is already gone is no error.
@@ -81,9 +82,11 @@ func (r *releaser) state(ctx context.Context, st *state) {
 					r.deleteCheckpoint(ctx, n, "checkpoint "+n+" (of a broken chain)")
 				}
 			}
-		} else if st.Begun {
+		} else if st.Begun && !st.Storing {
 			r.deleteCheckpoint(ctx, st.Checkpoint, "checkpoint "+st.Checkpoint+" (its changes merged into its parent)")
 		}
+		// Storing without Done: the manifest may be stored; both the
+		// set's checkpoint and its base stay (see Storing).
 	}
 	r.removeDir(st.Dir)
 }
@@ -184,7 +187,7 @@ func (r *releaser) leftovers(ctx context.Context, st *state) {
 		return
 	}
 	for _, n := range names {
-		if !strings.HasPrefix(n, Prefix) || p.opts.Recorded(n) || st != nil && n == st.Checkpoint && st.Done {
+		if !strings.HasPrefix(n, Prefix) || p.opts.Recorded(n) || st != nil && n == st.Checkpoint && (st.Done || st.Storing) {
 			continue
 		}
 		r.deleteCheckpoint(ctx, n, "checkpoint "+n+" (no backup records it)")
