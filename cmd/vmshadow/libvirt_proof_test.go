@@ -217,12 +217,15 @@ func (p *lvProof) thawed(after string) {
 
 // asBefore checks libvirt and vmshadow's state between backups: no job,
 // the last stored backup's checkpoint and no other vmshadow checkpoint
-// (but those of earlier stored backups in also), the guest thawed, no set
-// in the journal, the scratch directory empty.
-func (p *lvProof) asBefore(after string, also ...string) {
+// (want, when given, lists them all, parents first), the guest thawed, no
+// set in the journal, the scratch directory empty.
+func (p *lvProof) asBefore(after string, want ...string) {
 	p.t.Helper()
 	p.noJob()
-	if got, want := p.checkpoints(), append(also, p.lastCP); !slices.Equal(got, want) {
+	if want == nil {
+		want = []string{p.lastCP}
+	}
+	if got := p.checkpoints(); !slices.Equal(got, want) {
 		p.t.Errorf("after %s the domain's checkpoints are %v, want %v (the last stored backup is %s)", after, got, want, p.lastID)
 	}
 	p.thawed(after)
@@ -347,11 +350,14 @@ func TestLibvirtProof(t *testing.T) {
 		{"committed", true, false, true},
 		{"thawed", true, false, false},
 		{"backup-read", true, false, false},
+		{"backup-manifest", true, false, false},
 		{"backup-stored", true, true, false},
 		{"backup-completed", true, true, false},
+		{"libvirt-aborted", true, true, false},
 		{"frozen", false, false, true},
 		{"libvirt-begun", false, false, true},
 		{"backup-read", false, false, false},
+		{"backup-manifest", false, false, false},
 		{"backup-stored", false, true, false},
 	} {
 		name := row.point + map[bool]string{true: " then recover", false: " then backup"}[row.recover]
@@ -368,25 +374,36 @@ func TestLibvirtProof(t *testing.T) {
 			if _, err := libvirttest.VirshErr("domfsinfo", p.dom.Name); row.frozen != (err != nil) {
 				t.Fatalf("killed at %s: the guest frozen %v, want %v", row.point, err != nil, row.frozen)
 			}
-			var also []string
+			var want []string // the checkpoints recover leaves; nil: the last stored backup's
+			prevCP := p.lastCP
 			if last := p.latest(); row.stored != (last.ID.String() != p.lastID) {
 				t.Fatalf("killed at %s: the latest backup is %s (before: %s)", row.point, last.ID, p.lastID)
 			} else if row.stored {
-				if row.point == "backup-stored" {
-					// Killed between the manifest and the journal saying
-					// so: recover keeps the base too (it cannot know
-					// which of the two the repository names).
-					also = []string{p.lastCP}
-				}
 				p.stored(last.ID.String(), last.Disks[0].Checkpoint)
 				p.restoreCheck(last.ID.String(), atKill)
+			}
+			switch row.point {
+			case "backup-stored":
+				// Killed between the manifest and the journal saying so:
+				// recover cannot know which of the set's checkpoint and its
+				// base the repository names, and keeps both.
+				want = []string{prevCP, p.lastCP}
+			case "backup-manifest":
+				// Killed while the manifest was being written (not stored):
+				// the same, the set's checkpoint stays too, until the next
+				// backup (which reads from the base through it).
+				if cps := p.checkpoints(); len(cps) == 2 && cps[0] == p.lastCP && strings.HasPrefix(cps[1], "vmshadow-") {
+					want = cps
+				} else {
+					t.Fatalf("killed writing the manifest: checkpoints %v, want %s and the killed set's", cps, p.lastCP)
+				}
 			}
 			if row.recover {
 				res := p.run(p.domain("recover", "--guest-agent")...)
 				if res.code != 0 {
 					t.Fatalf("recover: exit %d: %s", res.code, res.errorMessage())
 				}
-				p.asBefore("recover", also...)
+				p.asBefore("recover", want...)
 				p.write()
 				p.backup("incremental")
 			} else {

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/repo"
@@ -259,6 +260,7 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 			return p, nil, err
 		}
 	}
+	crashpoint.Hit("backup-manifest")
 	id, err := r.SaveManifest(ctx, m)
 	if err != nil {
 		return p, nil, err

@@ -11,6 +11,7 @@ import (
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
@@ -70,6 +71,7 @@ func (r *releaser) state(ctx context.Context, st *state) {
 			r.errs = append(r.errs, err)
 		case job != nil && job.Server.Socket == st.Socket:
 			r.abort(ctx)
+			crashpoint.Hit("libvirt-aborted")
 		}
 	}
 	if st.Checkpoint != "" {
