@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/progress"
 	"github.com/vmshadow/vmshadow/internal/repo"
@@ -62,6 +63,11 @@ type Options struct {
 	// Meter, if set, counts bytes done (processed) and bytes read; its total
 	// should be the sum of the disk sizes.
 	Meter *progress.Meter
+	// Storing, if set, is called once every chunk and index is stored,
+	// right before the manifest is written: from then on the backup may
+	// exist even if the process dies (a live backup notes it in its
+	// journal). An error fails the backup before its manifest.
+	Storing func() error
 }
 
 // DiskResult is what happened to one disk.
@@ -249,6 +255,12 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 	}
 	m.Stats = res.Stats
 	m.DurationS = time.Since(start).Seconds()
+	if o.Storing != nil {
+		if err := o.Storing(); err != nil {
+			return p, nil, err
+		}
+	}
+	crashpoint.Hit("backup-manifest")
 	id, err := r.SaveManifest(ctx, m)
 	if err != nil {
 		return p, nil, err

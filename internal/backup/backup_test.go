@@ -275,3 +275,39 @@ func TestBadJobs(t *testing.T) {
 		t.Errorf("qcow2 image: %v", err)
 	}
 }
+
+// TestStoringBeforeManifest: Options.Storing runs once, after every index
+// and before the manifest (no backup exists yet when it runs); its error
+// fails the backup with no manifest written.
+func TestStoringBeforeManifest(t *testing.T) {
+	r, _ := newRepo(t, repo.EncryptionNone)
+	src := filepath.Join(t.TempDir(), "d.img")
+	makeImage(t, src, 3*cs+7, 1)
+	backups := func() int {
+		t.Helper()
+		b, _, err := r.ListBackups(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(b)
+	}
+	calls := 0
+	res := backupImages(t, r, "vm1", map[string]string{"d": src}, backup.Options{Storing: func() error {
+		calls++
+		if n := backups(); n != 0 {
+			t.Errorf("Storing called with %d backups already stored", n)
+		}
+		return nil
+	}})
+	if calls != 1 || backups() != 1 || res.ID.IsZero() {
+		t.Fatalf("Storing called %d times, %d backups, id %v; want 1, 1, an id", calls, backups(), res.ID)
+	}
+	boom := errors.New("journal full")
+	_, err := tryBackup(r, "vm1", map[string]string{"d": src}, backup.Options{Storing: func() error { return boom }})
+	if !errors.Is(err, boom) {
+		t.Fatalf("backup with a failing Storing: %v, want %v", err, boom)
+	}
+	if n := backups(); n != 1 {
+		t.Fatalf("%d backups after a backup whose Storing failed, want 1", n)
+	}
+}

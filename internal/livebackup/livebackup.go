@@ -25,6 +25,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
@@ -67,6 +68,18 @@ type Provider interface {
 // previous backup come back to the provider through tracking.Request.Saved.
 type Describer interface {
 	Describe(ctx context.Context, set *coord.Set) (definition string, files []backup.Source, err error)
+}
+
+// Storer is implemented by providers whose release must know that the
+// backup reading the set may have been stored although Complete was not
+// recorded: the process died between writing the manifest and Complete.
+// Release then keeps both the set's checkpoint and the base it would
+// supersede, so whichever of the two the repository's latest backup names
+// continues the chain (libvirt).
+type Storer interface {
+	// Storing records in the set's journal whether the backup's manifest
+	// is being written (storing) or was not written after all.
+	Storing(set *coord.Set, storing bool, save func() error) error
 }
 
 // Options of a live backup.
@@ -225,6 +238,17 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	return b, nil
 }
 
+// Storing is backup.Options.Storing for b's job: the provider's journal
+// record notes that the manifest may be stored from now on.
+func (b *Backup) Storing() error {
+	if st, ok := b.p.(Storer); ok {
+		if err := st.Storing(b.Set, true, func() error { return b.session.Save(b.Set) }); err != nil {
+			return fmt.Errorf("note the backup's manifest in the journal: %w", err)
+		}
+	}
+	return nil
+}
+
 // Finish ends the backup. With a stored backup (stored == true) the change
 // tracking moves on to this backup's checkpoint; otherwise it is merged
 // back. Either way the set is released and the VM unlocked. A failure here
@@ -238,8 +262,16 @@ func (b *Backup) Finish(ctx context.Context, stored bool) error {
 	}
 	b.sources = nil
 	if stored {
+		crashpoint.Hit("backup-stored") // the manifest is durable, the journal does not say so yet
 		if err := b.p.Complete(b.Set, func() error { return b.session.Save(b.Set) }); err != nil {
 			return fmt.Errorf("record the backup's checkpoint: %w", err)
+		}
+		crashpoint.Hit("backup-completed")
+	} else if st, ok := b.p.(Storer); ok {
+		// Not stored after all (the manifest write failed): release
+		// merges the set's changes back as for any failed backup.
+		if err := st.Storing(b.Set, false, func() error { return b.session.Save(b.Set) }); err != nil {
+			return fmt.Errorf("note in the journal that the backup was not stored: %w", err)
 		}
 	}
 	if _, err := b.session.Delete(ctx, b.Set.ID); err != nil {

@@ -86,7 +86,7 @@ func run(ctx context.Context, r *repo.Repo, o Options, warn func(string, ...any)
 	if o.Progress != nil {
 		stop = o.Progress(meter)
 	}
-	res, err := backup.Run(ctx, r, lb.Job, backup.Options{Meter: meter})
+	res, err := backup.Run(ctx, r, lb.Job, backup.Options{Meter: meter, Storing: lb.Storing})
 	stop()
 	if ferr := lb.Finish(ctx, err == nil); ferr != nil {
 		if err != nil {

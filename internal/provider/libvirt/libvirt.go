@@ -20,8 +20,10 @@
 //     base checkpoint;
 //   - release: a pull-mode job ends only with virDomainAbortJob; libvirt
 //     then deletes the scratch files, vmshadow the directory. A set that did
-//     not complete deletes the checkpoint it created (libvirt merges its
-//     bitmaps into the parent checkpoint's), so no change is ever lost.
+//     not complete deletes the checkpoint it created; the base checkpoint's
+//     bitmap has recorded every write since the base all along (libvirt
+//     6.0 on keeps one active bitmap per checkpoint and merges nothing on
+//     deletion), so no change is ever lost.
 //
 // Change tracking: checkpoints are named <prefix>-<set id>, with the
 // prefix vmshadow-<repository id> chosen by the caller (Track), so

@@ -11,14 +11,17 @@ import (
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/vmshadow/vmshadow/internal/coord"
+	"github.com/vmshadow/vmshadow/internal/crashpoint"
 	"github.com/vmshadow/vmshadow/internal/errs"
 )
 
 // Release implements coord.Provider. It aborts the set's backup job (a
 // pull-mode job ends only so; libvirt then removes the scratch files),
-// deletes the set's checkpoint unless the backup completed (libvirt merges
-// its bitmaps into the base checkpoint's, so no change is lost) or deletes
-// the base it superseded if it did, and removes the set's directory. With a
+// deletes the set's checkpoint unless the backup completed (the base
+// checkpoint's bitmap still holds every change since the base, so none is
+// lost) or deletes
+// the base it superseded if it did (keeping both when the backup may have
+// been stored: see Storing), and removes the set's directory. With a
 // nil set it aborts a backup job serving a vmshadow directory and, when
 // Options.Recorded is set, deletes vmshadow checkpoints no repository
 // records. What is already gone is no error.
@@ -69,6 +72,7 @@ func (r *releaser) state(ctx context.Context, st *state) {
 			r.errs = append(r.errs, err)
 		case job != nil && job.Server.Socket == st.Socket:
 			r.abort(ctx)
+			crashpoint.Hit("libvirt-aborted")
 		}
 	}
 	if st.Checkpoint != "" {
@@ -81,9 +85,11 @@ func (r *releaser) state(ctx context.Context, st *state) {
 					r.deleteCheckpoint(ctx, n, "checkpoint "+n+" (of a broken chain)")
 				}
 			}
-		} else if st.Begun {
-			r.deleteCheckpoint(ctx, st.Checkpoint, "checkpoint "+st.Checkpoint+" (its changes merged into its parent)")
+		} else if st.Begun && !st.Storing {
+			r.deleteCheckpoint(ctx, st.Checkpoint, "checkpoint "+st.Checkpoint+" (its parent still records every change since it)")
 		}
+		// Storing without Done: the manifest may be stored; both the
+		// set's checkpoint and its base stay (see Storing).
 	}
 	r.removeDir(st.Dir)
 }
@@ -184,7 +190,7 @@ func (r *releaser) leftovers(ctx context.Context, st *state) {
 		return
 	}
 	for _, n := range names {
-		if !strings.HasPrefix(n, Prefix) || p.opts.Recorded(n) || st != nil && n == st.Checkpoint && st.Done {
+		if !strings.HasPrefix(n, Prefix) || p.opts.Recorded(n) || st != nil && n == st.Checkpoint && (st.Done || st.Storing) {
 			continue
 		}
 		r.deleteCheckpoint(ctx, n, "checkpoint "+n+" (no backup records it)")

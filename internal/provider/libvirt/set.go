@@ -41,6 +41,10 @@ type state struct {
 	Checkpoint  string `json:"checkpoint,omitempty"`
 	Incremental string `json:"incremental,omitempty"`
 	Done        bool   `json:"done,omitempty"`
+	// Storing: the backup's manifest is being written; without Done the
+	// repository may or may not name Checkpoint, so Release keeps it and
+	// Incremental (see Storing).
+	Storing bool `json:"storing,omitempty"`
 	// Stale are the repository's other checkpoints (of a broken chain):
 	// deleted once the backup is stored (Done), kept until then.
 	Stale []string `json:"stale,omitempty"`
@@ -520,14 +524,34 @@ func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
 // reading the set succeeded and its manifest is durable. Release then keeps
 // the set's checkpoint and deletes the base it supersedes (and the
 // repository's stale checkpoints). Without this call Release deletes the
-// set's checkpoint (libvirt merges its bitmaps into the base's), so the
-// next backup reads every change since the last one stored.
+// set's checkpoint (the base's bitmap still holds every change since the
+// base), so the next backup reads every change since the last one stored.
 func (p *Provider) Complete(set *coord.Set, save func() error) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete checkpoint: no state: %v", err)
 	}
 	st.Done = true
+	return coord.StoreProviderState(set, st, save)
+}
+
+// Storing implements livebackup.Storer: it notes that the backup reading
+// the set is writing its manifest (storing), or did not after all. A set
+// released with Storing but not Done (the process died between the
+// manifest and Complete, or while writing the manifest) keeps its
+// checkpoint and the base it would supersede: the next backup continues
+// from whichever the repository's latest backup names (an incremental from
+// the base reads the set's changes too, libvirt merging every later
+// checkpoint's bitmap into it) and deletes the other once stored.
+func (p *Provider) Storing(set *coord.Set, storing bool, save func() error) error {
+	st, err := coord.ProviderStateOf[state](set)
+	if err != nil || st == nil {
+		return fmt.Errorf("note the manifest: no state: %v", err)
+	}
+	if st.Storing == storing {
+		return nil
+	}
+	st.Storing = storing
 	return coord.StoreProviderState(set, st, save)
 }
 
