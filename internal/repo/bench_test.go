@@ -58,8 +58,14 @@ func benchData(tb testing.TB, kind string) []byte {
 
 var kinds = []string{"usr", "mixed", "random"}
 
+// benchRepo is a repository with the default chunk size, which the
+// benchmarks' data fills (newTestRepo's is the smallest).
 func benchRepo(b *testing.B) *Repo {
-	r, _ := newTestRepo(b, EncryptionAESGCM)
+	r, err := Init(context.Background(), mem.New(), InitOptions{Encryption: EncryptionAESGCM, Password: []byte("secret"), KDF: testKDF})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(r.Close)
 	return r
 }
 
