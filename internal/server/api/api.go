@@ -386,6 +386,9 @@ func (c *call) fail(err error) {
 	body := ErrorBody{Error: ErrorDetail{Code: code, Message: err.Error()}}
 	if cls := errs.ClassName(err); cls != "error" {
 		body.Error.Class = cls
+		// The class is its own field: "...: not found" need not end
+		// the message too.
+		body.Error.Message = strings.TrimSuffix(body.Error.Message, ": "+cls)
 	}
 	c.json(status, body)
 }
@@ -453,6 +456,8 @@ func decodeStrict(b []byte, v any) error {
 		switch {
 		case errors.As(err, &se):
 			return fmt.Errorf("request body is not valid JSON (at byte %d): %v: %w", se.Offset, err, errs.ErrUsage)
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return fmt.Errorf("request body is not valid JSON: it ends early: %w", errs.ErrUsage)
 		case errors.As(err, &te):
 			return fmt.Errorf("request body: field %q must be %s, not %s: %w", te.Field, te.Type, te.Value, errs.ErrUsage)
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
