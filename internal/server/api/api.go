@@ -145,12 +145,16 @@ func (h *handler) table() []route {
 // ServeHTTP answers a path or method the API does not have with a JSON
 // error (404, or 405 with Allow), and dispatches the rest.
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// On every response, the mux's own redirects included.
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	if _, pattern := h.mux.Handler(r); pattern == "" {
 		rec := &recorder{header: http.Header{}}
 		h.mux.ServeHTTP(rec, r)
+		c := h.newCall(w, r)
+		defer c.logDone()
 		switch rec.status {
 		case http.StatusNotFound, http.StatusMethodNotAllowed:
-			c := h.newCall(w, r)
 			if allow := rec.header.Get("Allow"); allow != "" {
 				w.Header().Set("Allow", allow)
 			}
@@ -162,15 +166,14 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 					msg: fmt.Sprintf("%s does not take %s (allowed: %s)", r.URL.Path, r.Method, rec.header.Get("Allow"))}
 			}
 			c.fail(err)
-			c.logDone()
 			return
 		}
 		// A redirect to the canonical path, say: pass it on.
 		for k, v := range rec.header {
-			w.Header()[k] = v
+			c.w.Header()[k] = v
 		}
-		w.WriteHeader(rec.status)
-		w.Write(rec.body)
+		c.w.WriteHeader(rec.status)
+		c.w.Write(rec.body)
 		return
 	}
 	h.mux.ServeHTTP(w, r)
@@ -242,10 +245,7 @@ func (h *handler) newCall(w http.ResponseWriter, r *http.Request) *call {
 		rand.Read(b[:])
 		id = hex.EncodeToString(b[:])
 	}
-	hd := w.Header()
-	hd.Set("X-Request-ID", id)
-	hd.Set("Cache-Control", "no-store")
-	hd.Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("X-Request-ID", id)
 	return &call{h: h, w: &statusWriter{ResponseWriter: w}, r: r, ctx: r.Context(), id: id, start: h.opts.Now()}
 }
 

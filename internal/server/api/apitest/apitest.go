@@ -135,10 +135,12 @@ func check(doc *openapi3.T, method, path string, status int, header http.Header,
 	if op == nil {
 		return fmt.Errorf("%s %s not in the OpenAPI document", method, tmpl)
 	}
-	req, err := http.NewRequest(method, "http://vmshadow"+path, nil)
+	req, err := http.NewRequest(method, "http://vmshadow/", nil)
 	if err != nil {
 		return err
 	}
+	req.URL.RawPath, _, _ = strings.Cut(path, "?")
+	req.URL.Path, _ = url.PathUnescape(req.URL.RawPath)
 	sse := strings.HasPrefix(header.Get("Content-Type"), "text/event-stream")
 	in := &openapi3filter.ResponseValidationInput{
 		RequestValidationInput: &openapi3filter.RequestValidationInput{
