@@ -262,6 +262,13 @@ func (c *call) logDone() {
 	if c.errText != "" {
 		line += ": " + c.errText
 	}
+	// Paths and messages hold client input: no line breaks into the log.
+	line = strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return '?'
+		}
+		return r
+	}, line)
 	c.h.opts.Logf("%s", line)
 }
 
@@ -376,9 +383,11 @@ func (c *call) fail(err error) {
 	}
 	status, code := classify(err)
 	if status == http.StatusUnauthorized {
+		// invalid_token only when the token was wrong (not for the
+		// service's own ErrAuth, a repository's password say).
 		v := `Bearer realm="vmshadow"`
 		var he *httpError
-		if !errors.As(err, &he) || he.invalid {
+		if errors.As(err, &he) && he.invalid {
 			v += `, error="invalid_token"`
 		}
 		c.w.Header().Set("WWW-Authenticate", v)

@@ -176,6 +176,8 @@ func TestEndpoints(t *testing.T) {
 		}},
 		{"GET", "/api/v1/vms/old%20vm", viewerTok, "", 200, []string{"VMs"}, nil},
 		{"GET", "/api/v1/vms/nosuch", viewerTok, "", 404, []string{"VMs"}, nil},
+		// XenServer names may hold a slash: escaped, it is one segment.
+		{"GET", "/api/v1/vms/a%2Fb/backups", viewerTok, "", 200, []string{"Backups(,a/b,100,0001-01-01T00:00:00Z)"}, nil},
 		{"GET", "/api/v1/vms/web1/backups?limit=3&repository=local&before=2026-12-02T00:00:00Z", viewerTok, "", 200,
 			[]string{"Backups(local,web1,3,2026-12-02T00:00:00Z)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 				m := decode(t, w)
@@ -412,6 +414,9 @@ func TestErrorMapping(t *testing.T) {
 			if cls, _ := m["class"].(string); cls != tc.class {
 				t.Errorf("class %q, want %q", cls, tc.class)
 			}
+			if wa := w.Header().Get("WWW-Authenticate"); tc.status == 401 && wa != `Bearer realm="vmshadow"` {
+				t.Errorf("WWW-Authenticate %q: the token was fine", wa)
+			}
 			if w.Header().Get("Content-Type") != "application/json" {
 				t.Errorf("Content-Type %q", w.Header().Get("Content-Type"))
 			}
@@ -509,9 +514,13 @@ func TestRequestLog(t *testing.T) {
 		t.Errorf("X-Request-ID %q, want the client's", w.Header().Get("X-Request-ID"))
 	}
 	do(h, "GET", "/api/v1/vms", "vmsh_wrong_secret", "", "X-Request-ID", "bad id with spaces")
+	do(h, "GET", "/api/v1/vms/a%0Aapi:%20forged", adminTok, "")
 	f.fail["RunJob"] = fmt.Errorf("boom: %w", errs.ErrBusy)
 	do(h, "POST", "/api/v1/jobs/x/run", operatorTok, "")
 	got := log.String()
+	if n := strings.Count(got, "\n"); n != 3 {
+		t.Errorf("%d log lines, want 4 (a path must not break a line):\n%s", n+1, got)
+	}
 	for _, want := range []string{
 		"api: GET /api/v1/vms 200", "token=a request=req-42",
 		"api: GET /api/v1/vms 401", "token=-",
