@@ -115,14 +115,15 @@ func (h *handler) runEvents(c *call) error {
 	}
 }
 
-// logID is the line ID of a log event's data.
+// logID is the line ID of a log event's data (none when the line has no
+// ID: 0).
 func logID(d any) (int64, bool) {
 	switch l := d.(type) {
 	case state.LogLine:
-		return l.ID, true
+		return l.ID, l.ID > 0
 	case *state.LogLine:
 		if l != nil {
-			return l.ID, true
+			return l.ID, l.ID > 0
 		}
 	}
 	return 0, false

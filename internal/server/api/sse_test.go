@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/getkin/kin-openapi/openapi3"
+
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/server/api"
 	"github.com/vmshadow/vmshadow/internal/server/api/apitest"
@@ -107,6 +109,13 @@ func TestEvents(t *testing.T) {
 	if want := "event: log\nid: 5\n" + `data: {"id":5,"time":"2026-12-01T01:30:00Z","level":"info","vm":"web1","message":"frozen\nin 12 ms"}`; got != want {
 		t.Errorf("frame %q, want %q", got, want)
 	}
+	// Lines without an ID (0): each sent, without an id: line.
+	for i := 0; i < 2; i++ {
+		f.events <- api.Event{Type: "log", Data: state.LogLine{Time: t0, Level: "warning", Message: "no id"}}
+		if got, want := next(t, ch), "event: log\n"+`data: {"id":0,"time":"2026-12-01T01:30:00Z","level":"warning","message":"no id"}`; got != want {
+			t.Errorf("frame %q, want %q", got, want)
+		}
+	}
 	f.events <- api.Event{Type: "vm", Data: state.VMResult{Run: 8, VM: "web1", Status: state.Succeeded, Started: t0, Ended: t0, BytesRead: 1, BytesNew: 1}}
 	f.events <- api.Event{Type: "end", Data: state.Run{ID: 8, Job: "nightly", Kind: "backup", Trigger: "manual", Status: state.Succeeded, Started: t0, Ended: t0}}
 	// The stream ends after "end" without the channel being closed.
@@ -129,11 +138,22 @@ collect:
 	if strings.Join(rest, ",") != "event: vm,event: end" {
 		t.Errorf("frames after the log: %q, want the vm and end events, then the end of the stream", rest)
 	}
-	apitest.ValidateResponse(t, doc(t), "GET", "/api/v1/runs/8/events", resp, []byte(body.String()))
 	evs, err := apitest.ParseEvents([]byte(body.String()))
-	if err != nil || len(evs) != 4 {
-		t.Errorf("parsed %d events (%v), want 4", len(evs), err)
+	if err != nil || len(evs) != 6 {
+		t.Errorf("parsed %d events (%v), want 6", len(evs), err)
 	}
+	// The stream without the ID-less lines is valid against the document
+	// (which requires log events to carry their ID, for resuming).
+	withIDs := strings.ReplaceAll(body.String(), "event: log\n"+`data: {"id":0,"time":"2026-12-01T01:30:00Z","level":"warning","message":"no id"}`+"\n\n", "")
+	apitest.ValidateResponse(t, doc(t), "GET", "/api/v1/runs/8/events", resp, []byte(withIDs))
+	if err := apitest.CheckEvent(doc(t), watchOp(t), evs[2]); err == nil || !strings.Contains(err.Error(), "without an id") {
+		t.Errorf("a log event without its line ID passes the document check: %v", err)
+	}
+}
+
+func watchOp(t *testing.T) *openapi3.Operation {
+	_, item, _, _ := apitest.Find(doc(t), "/api/v1/runs/1/events")
+	return item.Get
 }
 
 // TestEventsHeartbeat: an idle stream gets a comment every heartbeat.
