@@ -36,7 +36,7 @@ import (
 const FileName = "server.db"
 
 // schemaVersion is the newest schema this vmshadow writes.
-const schemaVersion = 1
+var schemaVersion = len(migrations)
 
 // migrations[i] moves the schema from version i to i+1.
 var migrations = []string{
@@ -83,6 +83,18 @@ var migrations = []string{
 		created INTEGER NOT NULL,
 		last_used INTEGER,
 		revoked INTEGER
+	);`,
+	// 1 -> 2: jobs' state across restarts; backups' last verification.
+	`CREATE TABLE job_state (
+		name TEXT PRIMARY KEY,
+		enabled INTEGER,
+		last_slot INTEGER
+	);
+	CREATE TABLE verified (
+		repository TEXT NOT NULL,
+		backup TEXT NOT NULL,
+		time INTEGER NOT NULL,
+		PRIMARY KEY (repository, backup)
 	);`,
 }
 
