@@ -220,7 +220,7 @@ func (s *Server) Watch(ctx context.Context, id int64) (<-chan api.Event, error) 
 			return nil, err
 		}
 		ch := make(chan api.Event, 1)
-		ch <- api.Event{Type: "end", Data: info}
+		ch <- api.Event{Type: "end", Data: *info}
 		close(ch)
 		return ch, nil
 	}
