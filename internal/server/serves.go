@@ -133,4 +133,3 @@ func (s *Server) Serves(ctx context.Context) ([]api.Serve, error) {
 	sort.Slice(out, func(i, k int) bool { return out[i].Started.Before(out[k].Started) })
 	return out, nil
 }
-

@@ -10,9 +10,9 @@ import (
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/redact"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/s3"
-	"github.com/vmshadow/vmshadow/internal/redact"
 	"github.com/vmshadow/vmshadow/internal/restore"
 	"github.com/vmshadow/vmshadow/internal/schedule"
 	"github.com/vmshadow/vmshadow/internal/server/api"
