@@ -317,10 +317,7 @@ func (s *Server) runGC(ctx context.Context, run *run) error {
 	}
 	defer unlock()
 	grace := run.job.Grace
-	if grace == 0 {
-		grace = repo.DefaultGrace
-	}
-	res, err := r.GC(lctx, repo.GCOptions{Grace: grace})
+	res, err := r.GC(lctx, repo.GCOptions{Grace: grace, Immediate: grace == 0})
 	if err != nil {
 		return err
 	}
@@ -470,7 +467,7 @@ func (s *Server) runCopy(ctx context.Context, run *run) error {
 func (s *Server) recoverVMs(ctx context.Context, r state.Run, names []string) {
 	cfg := s.Config()
 	var j *config.Job
-	for _, cj := range cfg.Jobs {
+	for _, cj := range s.jobList() {
 		if cj.Name == r.Job {
 			j = cj
 		}

@@ -32,7 +32,7 @@ func (s *Server) scheduler() {
 		var due []*config.Job
 		dueSlot := map[string]time.Time{}
 		s.mu.Lock()
-		for _, j := range s.cfg.Jobs {
+		for _, j := range s.jobs {
 			st := s.stateOf(j.Name)
 			if j.Schedule == nil || !st.enabledFor(j) {
 				st.next = time.Time{}
@@ -89,7 +89,7 @@ func (s *Server) catchUp(now time.Time) {
 	s.mu.Lock()
 	var jobs []*config.Job
 	var firsts []time.Time
-	for _, j := range s.cfg.Jobs {
+	for _, j := range s.jobs {
 		st := s.stateOf(j.Name)
 		if j.Schedule == nil || !j.CatchUp || !st.enabledFor(j) {
 			continue

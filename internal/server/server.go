@@ -14,6 +14,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -46,6 +48,9 @@ type Server struct {
 
 	mu       sync.Mutex
 	cfg      *config.Config
+	jobs     []*config.Job     // the configuration's, then the API's
+	apiSpecs map[string][]byte // jobs defined through the API, as given
+	apiBad   map[string]error  // API jobs the configuration in force rejects
 	repos    map[string]*repoHandle // by repository name
 	jobState map[string]*jobState   // by job name
 	runs     map[int64]*run         // running, by ID
@@ -88,6 +93,11 @@ func New(ctx context.Context, o Options) (*Server, error) {
 	for name, st := range states {
 		s.jobState[name] = &jobState{enabled: st.Enabled, lastSlot: st.LastSlot}
 	}
+	if s.apiSpecs, err = db.APIJobs(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	s.rebuildJobs()
 	return s, nil
 }
 
@@ -129,6 +139,7 @@ func (s *Server) Reload() error {
 	s.mu.Lock()
 	old := s.cfg
 	s.cfg = cfg
+	s.rebuildJobs()
 	for name, h := range s.repos {
 		nr := cfg.Repositories[name]
 		if nr == nil || *nr != *h.cfg {
@@ -141,7 +152,7 @@ func (s *Server) Reload() error {
 		s.log.Warn("state_dir changed: the new directory is used after a restart", "in_use", old.StateDir, "configured", cfg.StateDir)
 	}
 	s.replan()
-	s.log.Info("configuration reloaded", "path", s.opts.ConfigPath, "jobs", len(cfg.Jobs))
+	s.log.Info("configuration reloaded", "path", s.opts.ConfigPath, "jobs", len(cfg.Jobs), "api_jobs", len(s.apiSpecs))
 	return nil
 }
 
@@ -177,12 +188,51 @@ func (s *Server) job(name string) (*config.Job, *jobState, error) {
 }
 
 func (s *Server) jobLocked(name string) (*config.Job, *jobState, error) {
-	for _, j := range s.cfg.Jobs {
+	for _, j := range s.jobs {
 		if j.Name == name {
 			return j, s.stateOf(name), nil
 		}
 	}
-	return nil, nil, fmt.Errorf("no job %q in the configuration: %w", name, errs.ErrNotFound)
+	if err := s.apiBad[name]; err != nil {
+		return nil, nil, fmt.Errorf("job %q, defined through the API, does not fit the configuration in force (%v): update or delete it: %w", name, err, errs.ErrUsage)
+	}
+	return nil, nil, fmt.Errorf("no job %q: %w", name, errs.ErrNotFound)
+}
+
+// rebuildJobs lists the jobs in force: the configuration's, then those
+// defined through the API that fit it (checked again after each reload:
+// one naming a repository the file no longer has is set aside, logged,
+// until the file has it again or the job is changed); s.mu held.
+func (s *Server) rebuildJobs() {
+	s.jobs = slices.Clone(s.cfg.Jobs)
+	s.apiBad = map[string]error{}
+	names := slices.Sorted(maps.Keys(s.apiSpecs))
+	for _, name := range names {
+		if slices.ContainsFunc(s.cfg.Jobs, func(j *config.Job) bool { return j.Name == name }) {
+			s.apiBad[name] = fmt.Errorf("the configuration file defines a job of the same name")
+		} else if j, err := config.ParseJob(s.cfg, "job "+name, s.apiSpecs[name]); err != nil {
+			s.apiBad[name] = err
+		} else {
+			s.jobs = append(s.jobs, j)
+			continue
+		}
+		s.log.Error("job defined through the API set aside", "job", name, "err", s.apiBad[name])
+	}
+}
+
+// jobList returns the jobs in force.
+func (s *Server) jobList() []*config.Job {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.jobs
+}
+
+// fromAPI tells whether job name was defined through the API.
+func (s *Server) fromAPI(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.apiSpecs[name]
+	return ok
 }
 
 // stateOf returns (creating) the state of job name; s.mu held.

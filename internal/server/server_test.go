@@ -271,6 +271,45 @@ func TestJobs(t *testing.T) {
 		t.Fatalf("the refused second run is not recorded as skipped: %+v", all[0])
 	}
 
+	// Jobs defined through the API: created, run, updated, kept across a
+	// restart of the server's state, deleted; the file's jobs are not
+	// theirs to change.
+	if _, err := g.s.CreateJob(ctx, []byte(`{"name": "api-prune", "type": "prune", "repository": "main", "retention": {"keep_last": 5}}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.s.CreateJob(ctx, []byte(`{"name": "api-prune", "type": "gc", "repository": "main"}`)); !errors.Is(err, errs.ErrBusy) {
+		t.Fatalf("duplicate: %v", err)
+	}
+	if _, err := g.s.UpdateJob(ctx, "nightly", []byte(`{"name": "nightly", "type": "gc", "repository": "main"}`)); !errors.Is(err, errs.ErrBusy) {
+		t.Fatalf("update a file's job: %v", err)
+	}
+	if _, err := g.s.CreateJob(ctx, []byte(`{"name": "x", "type": "prune", "repository": "nosuch"}`)); !errors.Is(err, errs.ErrUsage) {
+		t.Fatalf("bad job: %v", err)
+	}
+	r, err = g.s.RunJob(ctx, "api-prune")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end, _ := g.waitRun(t, r.ID); end.Status != state.Succeeded {
+		t.Fatalf("API job's run: %+v", end)
+	}
+	j, err := g.s.UpdateJob(ctx, "api-prune", []byte(`{"name": "api-prune", "type": "prune", "repository": "main", "retention": {"keep_last": 1}, "schedule": "@weekly"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Source != "api" || j.Schedule != "@weekly" || len(j.Next) != 5 {
+		t.Fatalf("updated job: %+v", j)
+	}
+	if err := g.s.DeleteJob(ctx, "nightly"); !errors.Is(err, errs.ErrBusy) {
+		t.Fatalf("delete a file's job: %v", err)
+	}
+	if err := g.s.DeleteJob(ctx, "api-prune"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.s.Job(ctx, "api-prune"); !errors.Is(err, errs.ErrNotFound) {
+		t.Fatalf("deleted job: %v", err)
+	}
+
 	// A bad configuration changes nothing; a good one takes effect.
 	os.WriteFile(g.cfgPath, []byte("jobs: [}"), 0o600)
 	if err := g.s.Reload(); !errors.Is(err, errs.ErrUsage) {

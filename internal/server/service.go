@@ -1,8 +1,10 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -45,7 +47,8 @@ func (s *Server) VMs(ctx context.Context) ([]api.VM, error) {
 	}
 	lctx, cancel := context.WithTimeout(ctx, listTimeout)
 	defer cancel()
-	for _, j := range cfg.Jobs {
+	jobs := s.jobList()
+	for _, j := range jobs {
 		if j.Type != config.Backup {
 			continue
 		}
@@ -84,7 +87,7 @@ func (s *Server) VMs(ctx context.Context) ([]api.VM, error) {
 			age := now.Sub(v.LastBackup.Time).Seconds()
 			v.AgeS = &age
 		}
-		v.Status = s.protection(cfg, v, now)
+		v.Status = protection(jobs, v, now)
 		out = append(out, *v)
 	}
 	sort.Slice(out, func(i, k int) bool { return out[i].Name < out[k].Name })
@@ -95,7 +98,7 @@ func (s *Server) VMs(ctx context.Context) ([]api.VM, error) {
 // failed), late (a scheduled time of one of its jobs passed more than an
 // hour, or the job's time limit, before now without a backup since),
 // fresh otherwise.
-func (s *Server) protection(cfg *config.Config, v *api.VM, now time.Time) string {
+func protection(jobs []*config.Job, v *api.VM, now time.Time) string {
 	if v.LastBackup == nil {
 		return "never"
 	}
@@ -103,7 +106,7 @@ func (s *Server) protection(cfg *config.Config, v *api.VM, now time.Time) string
 		return "failed"
 	}
 	for _, name := range v.Jobs {
-		for _, j := range cfg.Jobs {
+		for _, j := range jobs {
 			if j.Name != name || j.Schedule == nil {
 				continue
 			}
@@ -260,7 +263,7 @@ func (s *Server) DeleteBackup(ctx context.Context, repository, id string) error 
 func (s *Server) Jobs(ctx context.Context) ([]api.Job, error) {
 	cfg := s.Config()
 	out := []api.Job{}
-	for _, j := range cfg.Jobs {
+	for _, j := range s.jobList() {
 		aj, err := s.apiJob(ctx, cfg, j, false)
 		if err != nil {
 			return nil, err
@@ -272,20 +275,22 @@ func (s *Server) Jobs(ctx context.Context) ([]api.Job, error) {
 
 // Job implements api.Service: with the VMs a backup job selects now.
 func (s *Server) Job(ctx context.Context, name string) (*api.Job, error) {
-	cfg := s.Config()
-	for _, j := range cfg.Jobs {
-		if j.Name == name {
-			return s.apiJob(ctx, cfg, j, true)
-		}
+	j, _, err := s.job(name)
+	if err != nil {
+		return nil, err
 	}
-	return nil, fmt.Errorf("no job %q: %w", name, errs.ErrNotFound)
+	return s.apiJob(ctx, s.Config(), j, true)
 }
 
 func (s *Server) apiJob(ctx context.Context, cfg *config.Config, j *config.Job, withVMs bool) (*api.Job, error) {
 	s.mu.Lock()
 	st := *s.stateOf(j.Name)
 	s.mu.Unlock()
-	aj := &api.Job{Name: j.Name, Type: j.Type, Source: "config", Enabled: st.enabledFor(j), Spec: jobSpec(j), Next: []time.Time{}}
+	source := "config"
+	if s.fromAPI(j.Name) {
+		source = "api"
+	}
+	aj := &api.Job{Name: j.Name, Type: j.Type, Source: source, Enabled: st.enabledFor(j), Spec: jobSpec(j), Next: []time.Time{}}
 	if j.Schedule != nil {
 		aj.Schedule = j.Schedule.String()
 		if aj.Enabled {
@@ -376,11 +381,7 @@ func jobSpec(j *config.Job) map[string]any {
 	case config.Verify:
 		m["reverify_after_days"] = j.ReverifyAfterDays
 	case config.GC:
-		g := j.Grace
-		if g == 0 {
-			g = repo.DefaultGrace
-		}
-		m["grace"] = g.String()
+		m["grace"] = j.Grace.String()
 	case config.Copy:
 		m["from"], m["to"] = j.From, j.To
 		if len(j.CopyVMs) > 0 {
@@ -401,24 +402,75 @@ func retentionSpec(j *config.Job) map[string]int {
 	return out
 }
 
-// CreateJob implements api.Service. Jobs live in the configuration file
-// for now: the API does not create them.
+// CreateJob implements api.Service: the job is validated against the
+// configuration in force and kept in the database (jobs of the
+// configuration file are edited there).
 func (s *Server) CreateJob(ctx context.Context, spec []byte) (*api.Job, error) {
-	return nil, fmt.Errorf("jobs are defined in the configuration file %s (edit it and reload with SIGHUP); creating jobs through the API is not supported yet: %w", s.opts.ConfigPath, errs.ErrUnsupported)
+	return s.putJob(ctx, "", spec)
 }
 
-// UpdateJob implements api.Service (see CreateJob).
+// UpdateJob implements api.Service: a job defined through the API is
+// replaced (a running run goes on with its old settings).
 func (s *Server) UpdateJob(ctx context.Context, name string, spec []byte) (*api.Job, error) {
-	if _, _, err := s.job(name); err != nil {
+	return s.putJob(ctx, name, spec)
+}
+
+// putJob creates (name "") or replaces job name from spec.
+func (s *Server) putJob(ctx context.Context, name string, spec []byte) (*api.Job, error) {
+	j, err := config.ParseJob(s.Config(), "job", spec)
+	if err != nil {
 		return nil, err
 	}
-	return nil, fmt.Errorf("job %s is defined in the configuration file %s: edit it there and reload with SIGHUP: %w", name, s.opts.ConfigPath, errs.ErrBusy)
+	s.mu.Lock()
+	_, isAPI := s.apiSpecs[j.Name]
+	inFile := slices.ContainsFunc(s.cfg.Jobs, func(c *config.Job) bool { return c.Name == j.Name || c.Name == name })
+	s.mu.Unlock()
+	switch {
+	case inFile:
+		return nil, fmt.Errorf("job %s is defined in the configuration file %s: edit it there and reload (SIGHUP): %w", cmp.Or(name, j.Name), s.opts.ConfigPath, errs.ErrBusy)
+	case name == "" && isAPI:
+		return nil, fmt.Errorf("job %s exists: update it with PUT, or pick another name: %w", j.Name, errs.ErrBusy)
+	case name != "" && j.Name != name:
+		return nil, fmt.Errorf("the job's name %q differs from %q: a job cannot be renamed; create the new one and delete the old: %w", j.Name, name, errs.ErrUsage)
+	case name != "" && !s.fromAPI(name):
+		return nil, fmt.Errorf("no job %q: %w", name, errs.ErrNotFound)
+	}
+	if err := s.db.PutAPIJob(ctx, j.Name, spec); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.apiSpecs[j.Name] = spec
+	s.rebuildJobs()
+	s.mu.Unlock()
+	s.replan()
+	return s.Job(ctx, j.Name)
 }
 
-// DeleteJob implements api.Service (see CreateJob).
+// DeleteJob implements api.Service: a job defined through the API that
+// is not running; its runs stay in the history.
 func (s *Server) DeleteJob(ctx context.Context, name string) error {
-	_, err := s.UpdateJob(ctx, name, nil)
-	return err
+	if !s.fromAPI(name) {
+		if _, _, err := s.job(name); err == nil {
+			return fmt.Errorf("job %s is defined in the configuration file %s: remove it there and reload (SIGHUP): %w", name, s.opts.ConfigPath, errs.ErrBusy)
+		}
+		return fmt.Errorf("no job %q: %w", name, errs.ErrNotFound)
+	}
+	s.mu.Lock()
+	running := s.stateOf(name).running
+	s.mu.Unlock()
+	if running != 0 {
+		return fmt.Errorf("job %s is running (run %d): cancel it first: %w", name, running, errs.ErrBusy)
+	}
+	if err := s.db.DeleteAPIJob(ctx, name); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	delete(s.apiSpecs, name)
+	delete(s.jobState, name)
+	s.rebuildJobs()
+	s.mu.Unlock()
+	s.replan()
+	return nil
 }
 
 // SetJobEnabled implements api.Service.

@@ -378,3 +378,28 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestParseJob: a job given alone (the API's JSON) is validated against
+// the configuration's repositories and connections.
+func TestParseJob(t *testing.T) {
+	cfg, err := Parse("server.yaml", []byte(head+"    sockets: [/run/qemu/*.qmp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := ParseJob(cfg, "request", []byte(`{"name": "api-nightly", "type": "backup", "repository": "local",
+		"vms": [{"connection": "lab", "vms": ["db*"]}], "schedule": "@daily", "retention": {"keep_last": 3}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Name != "api-nightly" || j.Repository != "local" || len(j.VMs) != 1 || j.VMs[0].Names[0] != "db*" || j.Retention.Last != 3 || j.Schedule.String() != "@daily" || !j.Enabled {
+		t.Fatalf("job: %+v", j)
+	}
+	_, err = ParseJob(cfg, "request", []byte(`{"name": "x", "type": "backup", "repository": "nosuch", "vms": [{"connection": "lab"}], "extra": 1}`))
+	want := `request:1:89: job.extra: unknown key "extra"`
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `repository "nosuch" is not defined`) {
+		t.Fatalf("bad job: %v, want %s", err, want)
+	}
+	if _, err := ParseJob(cfg, "request", []byte(`[1`)); err == nil {
+		t.Fatal("malformed JSON accepted")
+	}
+}

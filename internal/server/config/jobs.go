@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/schedule"
@@ -316,4 +317,35 @@ func (p *parser) retention(j *Job, path string, n *yaml.Node, loc *time.Location
 	if r.Empty() && len(p.errs) == before {
 		p.errAt(n, path, "keeps nothing: set at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly (-1 keeps all)")
 	}
+}
+
+// ParseJob validates one job given as data (a YAML or JSON mapping with
+// the keys of an entry of jobs, named name in messages) against cfg's
+// repositories, connections and time zone: the jobs created through the
+// server's API. Mistakes are an [Errors], as for Parse.
+func ParseJob(cfg *Config, name string, data []byte) (*Job, error) {
+	p := &parser{file: name}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		p.yamlError(err)
+		return nil, p.errs
+	}
+	if doc.Kind == 0 || len(doc.Content) == 0 {
+		p.errAt(nil, "", "empty: give the job as a mapping (name, type, ...)")
+		return nil, p.errs
+	}
+	if a := hasAlias(&doc, 0); a != nil {
+		p.errAt(a, "", "YAML anchors and aliases (& and *) are not supported; write the values out")
+		return nil, p.errs
+	}
+	j := p.job(cfg, "job", doc.Content[0])
+	if len(p.errs) > 0 {
+		sort.SliceStable(p.errs, func(i, k int) bool {
+			a, b := p.errs[i], p.errs[k]
+			return a.Line < b.Line || a.Line == b.Line && a.Column < b.Column
+		})
+		return nil, p.errs
+	}
+	j.Line = 0
+	return j, nil
 }

@@ -106,3 +106,43 @@ func (d *DB) VerifiedSince(ctx context.Context, repository string, since time.Ti
 	}
 	return out, rows.Err()
 }
+
+// APIJobs returns the jobs defined through the API: name to the job's
+// settings as given (JSON).
+func (d *DB) APIJobs(ctx context.Context) (map[string][]byte, error) {
+	rows, err := d.db.QueryContext(ctx, "SELECT name, spec FROM api_jobs")
+	if err != nil {
+		return nil, fmt.Errorf("read the API's jobs: %w", err)
+	}
+	defer rows.Close()
+	out := map[string][]byte{}
+	for rows.Next() {
+		var name, spec string
+		if err := rows.Scan(&name, &spec); err != nil {
+			return nil, fmt.Errorf("read the API's jobs: %w", err)
+		}
+		out[name] = []byte(spec)
+	}
+	return out, rows.Err()
+}
+
+// PutAPIJob stores (creates or replaces) a job defined through the API.
+func (d *DB) PutAPIJob(ctx context.Context, name string, spec []byte) error {
+	_, err := d.db.ExecContext(ctx, `INSERT INTO api_jobs (name, spec) VALUES (?, ?)
+		ON CONFLICT (name) DO UPDATE SET spec = excluded.spec`, name, string(spec))
+	if err != nil {
+		return fmt.Errorf("store job %s: %w", name, err)
+	}
+	return nil
+}
+
+// DeleteAPIJob removes a job defined through the API, and its kept state.
+func (d *DB) DeleteAPIJob(ctx context.Context, name string) error {
+	if _, err := d.db.ExecContext(ctx, "DELETE FROM api_jobs WHERE name = ?", name); err != nil {
+		return fmt.Errorf("delete job %s: %w", name, err)
+	}
+	if _, err := d.db.ExecContext(ctx, "DELETE FROM job_state WHERE name = ?", name); err != nil {
+		return fmt.Errorf("delete job %s: %w", name, err)
+	}
+	return nil
+}

@@ -90,6 +90,10 @@ var migrations = []string{
 		enabled INTEGER,
 		last_slot INTEGER
 	);
+	CREATE TABLE api_jobs (
+		name TEXT PRIMARY KEY,
+		spec TEXT NOT NULL
+	);
 	CREATE TABLE verified (
 		repository TEXT NOT NULL,
 		backup TEXT NOT NULL,

@@ -309,6 +309,21 @@ func TestJobStateAndVerified(t *testing.T) {
 	if st, _ = d.JobStates(ctx); st["nightly"].Enabled != nil || !st["nightly"].LastSlot.Equal(slot) {
 		t.Fatalf("forgotten choice: %+v", st["nightly"])
 	}
+	if err := d.PutAPIJob(ctx, "api1", []byte(`{"name":"api1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.PutAPIJob(ctx, "api1", []byte(`{"name":"api1","type":"gc"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if jobs, err := d.APIJobs(ctx); err != nil || len(jobs) != 1 || string(jobs["api1"]) != `{"name":"api1","type":"gc"}` {
+		t.Fatalf("API jobs: %q %v", jobs, err)
+	}
+	if err := d.DeleteAPIJob(ctx, "nightly"); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ = d.JobStates(ctx); st["nightly"].Enabled != nil || !st["nightly"].LastSlot.IsZero() {
+		t.Fatalf("state of a deleted job kept: %+v", st["nightly"])
+	}
 	v, err := d.VerifiedSince(ctx, "local", slot.Add(24*time.Hour))
 	if err != nil {
 		t.Fatal(err)
