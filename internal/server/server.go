@@ -48,9 +48,9 @@ type Server struct {
 
 	mu       sync.Mutex
 	cfg      *config.Config
-	jobs     []*config.Job     // the configuration's, then the API's
-	apiSpecs map[string][]byte // jobs defined through the API, as given
-	apiBad   map[string]error  // API jobs the configuration in force rejects
+	jobs     []*config.Job          // the configuration's, then the API's
+	apiSpecs map[string][]byte      // jobs defined through the API, as given
+	apiBad   map[string]error       // API jobs the configuration in force rejects
 	repos    map[string]*repoHandle // by repository name
 	jobState map[string]*jobState   // by job name
 	runs     map[int64]*run         // running, by ID
