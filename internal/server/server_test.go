@@ -16,19 +16,25 @@ import (
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
 	"github.com/vmshadow/vmshadow/internal/server/state"
+	"github.com/vmshadow/vmshadow/internal/xapitest"
 )
 
 // rig is a server on real QEMU VMs (no guest OS) reached through a QMP
 // connection's glob, with two local repositories.
 type rig struct {
 	dir, cfgPath string
+	conns        string // more connections, YAML
 	vms          map[string]*qemutest.VM
 	s            *Server
 }
 
 func newRig(t *testing.T, names []string, jobs string) *rig {
+	return newRigConns(t, names, "", jobs)
+}
+
+func newRigConns(t *testing.T, names []string, conns, jobs string) *rig {
 	t.Helper()
-	g := &rig{dir: t.TempDir(), vms: map[string]*qemutest.VM{}}
+	g := &rig{dir: t.TempDir(), vms: map[string]*qemutest.VM{}, conns: conns}
 	socks := filepath.Join(g.dir, "sockets")
 	if err := os.MkdirAll(socks, 0o700); err != nil {
 		t.Fatal(err)
@@ -84,8 +90,8 @@ connections:
   lab:
     type: qmp
     sockets: [%[1]s/sockets/*.qmp]
-jobs:
-%[2]s`, g.dir, jobs)
+%[3]sjobs:
+%[2]s`, g.dir, jobs, g.conns)
 	if err := os.WriteFile(g.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -347,4 +353,67 @@ func waitIdle(t *testing.T, s *Server, job string) {
 		}
 	}
 	t.Fatalf("job %s still running", job)
+}
+
+// TestXAPIJob: a backup job selects a fake pool's VMs by glob (listed
+// with VM.get_all_records; templates, snapshots and the control domain
+// left out) and backs them up through the XAPI provider.
+func TestXAPIJob(t *testing.T) {
+	pool := xapitest.New(t, xapitest.Options{})
+	for _, n := range []string{"web-1", "web-2", "db"} {
+		pool.AddVM(n, true, 4<<20)
+	}
+	before := pool.Dump()
+	t.Setenv("VMSHADOW_TEST_POOL_PW", pool.Password)
+	g := newRigConns(t, nil, fmt.Sprintf(`  pool:
+    type: xapi
+    url: %s
+    user: %s
+    password_env: VMSHADOW_TEST_POOL_PW
+    ca: %s
+`, pool.URL, pool.User, pool.CAFile), `  - {name: web, type: backup, repository: main, vms: [{connection: pool, vms: ["web-*"]}], concurrency: {per_job: 2}}
+  - {name: ghost, type: backup, repository: main, vms: [{connection: pool, vms: ["nosuch"]}]}
+`)
+	ctx := context.Background()
+	if err := g.s.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	j, err := g.s.Job(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(j.VMs, ",") != "web-1,web-2" {
+		t.Fatalf("selected VMs: %v", j.VMs)
+	}
+	r, err := g.s.RunJob(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	end, vms := g.waitRun(t, r.ID)
+	if end.Status != state.Succeeded || len(vms) != 2 {
+		log, _ := g.s.RunLog(ctx, r.ID, 0, 0)
+		t.Fatalf("run: %+v %+v\n%v", end, vms, log)
+	}
+	for _, v := range vms {
+		if v.Status != state.Succeeded || v.Mode != "full" {
+			t.Fatalf("VM %+v", v)
+		}
+	}
+	for _, b := range g.backups(t, "main") {
+		if b.Source != "xapi" || (b.VM != "web-1" && b.VM != "web-2") {
+			t.Fatalf("backup %s of %s from %s", b.ID.Short(), b.VM, b.Source)
+		}
+	}
+	pool.CheckAsBefore(t, before, xapitest.Expect{Checkpoints: true})
+	r, err = g.s.RunJob(ctx, "ghost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end, _ := g.waitRun(t, r.ID); end.Status != state.Failed || !strings.Contains(end.Error, "no VM to back up") {
+		t.Fatalf("job naming a missing VM: %+v", end)
+	}
+	log, _ := g.s.RunLog(ctx, r.ID, 0, 0)
+	if !hasLine(log, `VM "nosuch" is not found (3 VMs reachable)`) {
+		t.Fatalf("log of the job naming a missing VM: %+v", log)
+	}
 }

@@ -83,16 +83,19 @@ func listConnection(ctx context.Context, c *config.Connection, names []string) (
 			return nil, err
 		}
 	case config.XAPI:
-		// Listing a pool's VMs is not built yet: XenServer VMs are named.
-		for _, n := range names {
-			if strings.ContainsAny(n, "*?[") {
-				return nil, fmt.Errorf("%q: XenServer VMs are selected by name-label or UUID, not by glob (listing a pool's VMs is not supported yet): %w", n, errs.ErrUnsupported)
+		cfg, err := xapiConfig(c)
+		if err != nil {
+			return nil, err
+		}
+		var dup map[string]int
+		if all, dup, err = vmconn.XAPIVMs(ctx, *cfg); err != nil {
+			return nil, err
+		}
+		for n, k := range dup {
+			if selected(n, names) {
+				return nil, fmt.Errorf("%d VMs of the pool are named %q: a name must pick one VM; rename them or select them by UUID in a job of their own: %w", k, n, errs.ErrUsage)
 			}
 		}
-		if len(names) == 0 {
-			return nil, fmt.Errorf("a XenServer pool's VMs must be named (vms: [NAME, ...]); listing a pool's VMs is not supported yet: %w", errs.ErrUnsupported)
-		}
-		all = names
 	default:
 		return nil, fmt.Errorf("connection type %q: %w", c.Type, errs.ErrUnsupported)
 	}

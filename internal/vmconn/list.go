@@ -10,6 +10,7 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 
 	libvirtprov "github.com/vmshadow/vmshadow/internal/provider/libvirt"
+	"github.com/vmshadow/vmshadow/internal/xapi"
 )
 
 // QMPSockets lists the QMP sockets that paths (paths or globs) match
@@ -54,4 +55,36 @@ func LibvirtDomains(ctx context.Context, uri string) ([]string, error) {
 	}
 	sort.Strings(names)
 	return names, nil
+}
+
+// XAPIVMs lists the name-labels of a XenServer / XCP-ng pool's VMs that
+// can be backed up: not templates, snapshots or control domains. A
+// name-label that several VMs share is listed once, with an error for it
+// in dup (back those VMs up by UUID).
+func XAPIVMs(ctx context.Context, cfg xapi.Config) (names []string, dup map[string]int, err error) {
+	c, err := xapi.Login(ctx, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer c.Logout(context.WithoutCancel(ctx))
+	recs, err := c.VMRecords(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("list the pool's VMs: %w", err)
+	}
+	count := map[string]int{}
+	for _, v := range recs {
+		if v.IsATemplate || v.IsASnapshot || v.IsControlDomain {
+			continue
+		}
+		count[v.NameLabel]++
+	}
+	dup = map[string]int{}
+	for n, k := range count {
+		names = append(names, n)
+		if k > 1 {
+			dup[n] = k
+		}
+	}
+	sort.Strings(names)
+	return names, dup, nil
 }
