@@ -79,7 +79,7 @@ func newRigConns(t *testing.T, names []string, conns, jobs string) *rig {
 	return g
 }
 
-func (g *rig) writeConfig(t *testing.T, jobs string) {
+func (g *rig) writeConfig(t testing.TB, jobs string) {
 	t.Helper()
 	cfg := fmt.Sprintf(`listen: [{address: "unix:%[1]s/api.sock"}]
 state_dir: %[1]s/state
@@ -105,7 +105,18 @@ func (w testWriter) Write(p []byte) (int, error) {
 }
 
 // waitRun waits for run id to end and returns it with its VMs.
-func (g *rig) waitRun(t *testing.T, id int64) (*state.Run, []state.VMResult) {
+func (g *rig) waitRun(t testing.TB, id int64) (*state.Run, []state.VMResult) {
+	t.Helper()
+	end := g.wait(t, id)
+	vms, err := g.s.DB().VMs(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return end, vms
+}
+
+// wait waits for run id to end and returns it.
+func (g *rig) wait(t testing.TB, id int64) *state.Run {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -123,11 +134,7 @@ func (g *rig) waitRun(t *testing.T, id int64) (*state.Run, []state.VMResult) {
 	if end == nil {
 		t.Fatalf("run %d: no end event (%v)", id, ctx.Err())
 	}
-	vms, err := g.s.DB().VMs(context.Background(), id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return end, vms
+	return end
 }
 
 func (g *rig) backups(t *testing.T, name string) []repo.Backup {
