@@ -2,10 +2,10 @@ package server
 
 import (
 	"context"
-	"io"
-	"log/slog"
 	"crypto/rand"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
