@@ -11,8 +11,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -21,6 +23,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/server/config"
 	"github.com/vmshadow/vmshadow/internal/server/state"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 )
 
 // received is one POST as the receiver saw it.
@@ -147,7 +150,7 @@ func failedRun(id int64) Event {
 	return FromRun(
 		state.Run{ID: id, Job: "nightly", Kind: "backup", Trigger: "schedule", Status: state.Failed, Started: start, Ended: start.Add(192 * time.Second), Error: "1 of 2 VMs failed"},
 		[]state.VMResult{
-			{Run: id, VM: "web1", Status: state.Succeeded, Started: start, Ended: start.Add(90 * time.Second), BackupID: "20261203T013000Z-web1", Mode: "incremental", Consistency: "filesystem", BytesRead: 1 << 30, BytesNew: 12 << 20, FreezeMS: 840},
+			{Run: id, VM: "web1", Status: state.Succeeded, Started: start, Ended: start.Add(90 * time.Second), BackupID: "659a7fb2af476fae688d711213d91dc1550a37f0395a00a6f7bacb78ece3666b", Mode: "incremental", Consistency: "filesystem", BytesRead: 1 << 30, BytesNew: 12 << 20, FreezeMS: 840},
 			{Run: id, VM: "db1", Status: state.Failed, Started: start, Ended: start.Add(192 * time.Second), Error: "freeze: guest agent did not answer within 60s\nsecond line"},
 		})
 }
@@ -258,7 +261,7 @@ jobs:
 		t.Fatalf("vms: %#v", got["vms"])
 	}
 	web1, _ := vms[0].(map[string]any)
-	for k, v := range map[string]any{"vm": "web1", "status": "succeeded", "backup_id": "20261203T013000Z-web1", "mode": "incremental",
+	for k, v := range map[string]any{"vm": "web1", "status": "succeeded", "backup_id": "659a7fb2af476fae688d711213d91dc1550a37f0395a00a6f7bacb78ece3666b", "mode": "incremental",
 		"consistency": "filesystem", "bytes_read": float64(1 << 30), "bytes_new": float64(12 << 20), "freeze_ms": 840.0,
 		"started": "2026-12-03T01:30:00Z", "ended": "2026-12-03T01:31:30Z"} {
 		if web1[k] != v {
@@ -877,4 +880,120 @@ func FuzzVerify(f *testing.F) {
 			t.Fatalf("accepted timestamp %q", ts)
 		}
 	})
+}
+
+// docBlocks returns the fenced code blocks of lang in docs/notifications.md.
+func docBlocks(t *testing.T, lang string) []string {
+	t.Helper()
+	doc, err := os.ReadFile("../../../docs/notifications.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range regexp.MustCompile("(?s)```"+lang+"\n(.*?)```").FindAllStringSubmatch(string(doc), -1) {
+		out = append(out, m[1])
+	}
+	if len(out) == 0 {
+		t.Fatalf("no %s example in docs/notifications.md", lang)
+	}
+	return out
+}
+
+// The reference's examples hold: its Python and shell verifications
+// accept a real delivery and refuse it altered or stale, and its payload
+// example has exactly the fields a real payload has.
+func TestDocExamples(t *testing.T) {
+	rc := newReceiver(t, nil)
+	os.Setenv("NOTIFY_DOC_SECRET", "doc-secret")
+	l := newLogger()
+	n := New(fastOptions(l))
+	configure(t, n, job("nightly", config.Webhook{URL: rc.URL, Secret: config.Secret{Env: "NOTIFY_DOC_SECRET"}}))
+	n.Send(failedRun(1234))
+	l.wait(t, `^delivered`)
+	closeNow(t, n)
+	r := rc.requests()[0]
+	dir := t.TempDir()
+	good := writeFile(t, dir, "body.json", string(r.body))
+	altered := writeFile(t, dir, "altered.json", strings.Replace(string(r.body), `"failure"`, `"success"`, 1))
+	ts, sig := r.header.Get(HeaderTimestamp), r.header.Get(HeaderSignature)
+	stale := fmt.Sprint(time.Now().Unix() - 400)
+	staleSig := Sign([]byte("doc-secret"), stale, r.body)
+
+	t.Run("python", func(t *testing.T) {
+		py := testutil.NeedCommand(t, "python3")
+		script := writeFile(t, dir, "verify.py", docBlocks(t, "python")[0]+`
+import json, os, sys
+headers = {"X-Vmshadow-Timestamp": sys.argv[2], "X-Vmshadow-Signature": sys.argv[3]}
+print(verify(os.environ["SECRET"].encode(), headers, open(sys.argv[1], "rb").read()))
+`)
+		for _, c := range []struct{ body, ts, sig, want string }{
+			{good, ts, sig, "True"}, {altered, ts, sig, "False"}, {good, stale, staleSig, "False"}, {good, "1e9", sig, "False"},
+		} {
+			cmd := exec.Command(py, script, c.body, c.ts, c.sig)
+			cmd.Env = append(os.Environ(), "SECRET=doc-secret")
+			out, err := cmd.CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != c.want {
+				t.Errorf("%s at %s: %s %v, want %s", filepath.Base(c.body), c.ts, out, err, c.want)
+			}
+		}
+	})
+	t.Run("shell", func(t *testing.T) {
+		testutil.NeedCommand(t, "openssl")
+		sh := testutil.NeedCommand(t, "sh")
+		for _, c := range []struct{ body, ts, sig, want string }{
+			{good, ts, sig, "valid"}, {altered, ts, sig, "INVALID"}, {good, stale, staleSig, "INVALID"},
+		} {
+			run := filepath.Join(dir, "run-"+filepath.Base(c.body)+c.ts)
+			if err := os.MkdirAll(run, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			data, _ := os.ReadFile(c.body)
+			writeFile(t, run, "body.json", string(data))
+			cmd := exec.Command(sh, "-c", docBlocks(t, "sh")[0])
+			cmd.Dir = run
+			cmd.Env = append(os.Environ(), "SECRET=doc-secret", "TS="+c.ts, "SIG="+c.sig)
+			out, err := cmd.CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != c.want {
+				t.Errorf("%s at %s: %s %v, want %s", filepath.Base(c.body), c.ts, out, err, c.want)
+			}
+		}
+	})
+	t.Run("payload example", func(t *testing.T) {
+		var doc, real map[string]any
+		if err := json.Unmarshal([]byte(docBlocks(t, "json")[0]), &doc); err != nil {
+			t.Fatalf("the example is not JSON: %v", err)
+		}
+		if err := json.Unmarshal(r.body, &real); err != nil {
+			t.Fatal(err)
+		}
+		if a, b := keys(doc), keys(real); a != b {
+			t.Errorf("the example's fields:\n%s\na payload's:\n%s", a, b)
+		}
+		if doc["text"] != strings.Replace(real["text"].(string), "backuphost", "backup1.example.net", 1) {
+			t.Errorf("the example's text %q does not follow from its fields as a payload's does (%q)", doc["text"], real["text"])
+		}
+	})
+}
+
+// keys lists the field names of a payload, those of every VM merged.
+func keys(m map[string]any) string {
+	var top []string
+	vm := map[string]bool{}
+	for k, v := range m {
+		top = append(top, k)
+		if k == "vms" {
+			for _, x := range v.([]any) {
+				for vk := range x.(map[string]any) {
+					vm[vk] = true
+				}
+			}
+		}
+	}
+	var vms []string
+	for k := range vm {
+		vms = append(vms, k)
+	}
+	sort.Strings(top)
+	sort.Strings(vms)
+	return strings.Join(top, ",") + "\nvms: " + strings.Join(vms, ",")
 }
