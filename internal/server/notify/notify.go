@@ -481,6 +481,7 @@ func (n *Notifier) delay(attempt int, retryAfter time.Duration) time.Duration {
 	for i := 1; i < attempt && d < n.opts.MaxRetryDelay; i++ {
 		d *= 2
 	}
+	d = min(d, n.opts.MaxRetryDelay)
 	d += time.Duration((mrand.Float64()*0.2 - 0.1) * float64(d))
 	d = max(d, retryAfter)
 	return min(d, n.opts.MaxRetryDelay)
