@@ -35,6 +35,7 @@ jobs:
     vms: [{connection: lab}]
 `},
 		{"loopback ipv6 plain", "listen:\n  - address: tcp:[::1]:8080\n    plain_tcp: true\n"},
+		{"notify to localhost, https with a port", "listen: [{address: unix:/a}]\nnotify:\n  - {url: \"http://localhost:9095/\", on: [cancelled, skipped], timeout: 5m}\n  - {url: \"https://alerts.example.net:8443\", secret_env: HOOK_SECRET, timeout: 1s}\n"},
 		{"libvirt local", "listen: [{address: unix:/a}]\nconnections:\n  k:\n    type: libvirt\n    uri: qemu:///system\n"},
 		{"seconds schedule", head + `    sockets: [/run/qemu/*.qmp]
 jobs:

@@ -90,7 +90,11 @@ type Entry struct {
 }
 
 func (e Entry) String() string {
-	return fmt.Sprintf("webhook %s (job %s, run %d, %s, delivery %s): %s", e.Webhook, e.Job, e.RunID, e.Event, e.Delivery, e.Message)
+	d := ""
+	if e.Delivery != "" {
+		d = ", delivery " + e.Delivery
+	}
+	return fmt.Sprintf("webhook %s (job %s, run %d, %s%s): %s", e.Webhook, e.Job, e.RunID, e.Event, d, e.Message)
 }
 
 // Options configure a Notifier. Zero values take the defaults.
@@ -432,16 +436,16 @@ func (n *Notifier) deliver(d *delivery) {
 	defer d.cancel(nil)
 	for attempt := 1; ; attempt++ {
 		res := n.attempt(d, attempt)
+		if res.err == nil {
+			n.dlog(d, Info, "delivered (HTTP %d, attempt %d)", res.status, attempt)
+			return
+		}
 		if d.ctx.Err() != nil {
 			level := Warning
 			if context.Cause(d.ctx) == errAbandoned {
 				level = Error
 			}
-			n.dlog(d, level, "%v (attempt %d of %d)", context.Cause(d.ctx), attempt, n.opts.Attempts)
-			return
-		}
-		if res.err == nil {
-			n.dlog(d, Info, "delivered (HTTP %d, attempt %d)", res.status, attempt)
+			n.dlog(d, level, "%v; stopped during attempt %d", context.Cause(d.ctx), attempt)
 			return
 		}
 		switch {
@@ -468,7 +472,7 @@ func (n *Notifier) deliver(d *delivery) {
 			if context.Cause(d.ctx) == errAbandoned {
 				level = Error
 			}
-			n.dlog(d, level, "%v (after %d attempts)", context.Cause(d.ctx), attempt)
+			n.dlog(d, level, "%v; %d attempts had failed", context.Cause(d.ctx), attempt)
 			return
 		}
 	}
