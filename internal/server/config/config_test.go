@@ -397,6 +397,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(head + "    sockets: [/run/qemu/*.qmp]\njobs:\n  - name: a\n    type: backup\n    repository: local\n    vms: [{connection: lab, vms: [a*]}]\n    schedule: \"0 2 * * *\"\n"))
 	f.Add([]byte("listen: [{address: tcp:[::1]:1, plain_tcp: true}]\n"))
 	f.Add([]byte("a: &x [*x]\n"))
+	f.Add([]byte("listen: [{address: unix:/a}]\nnotify: [{url: \"https://h/p\", on: [failure], secret_env: S, timeout: 1m}]\njobs: [{name: x, type: gc, repository: r, notify: []}]\n"))
 	f.Add([]byte("listen:\n- {address: unix:/a}\njobs: [{name: x, type: gc, repository: r, grace: 1d2h}]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := Parse("f.yaml", data)
