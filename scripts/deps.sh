@@ -15,6 +15,7 @@ want mkfs.ext4 e2fsprogs
 want e2fsck e2fsprogs
 want cpio cpio
 want python3 python3
+want openssl openssl
 want /usr/bin/time time
 want mount mount
 case "${1:-test}" in

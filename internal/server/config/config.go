@@ -1,6 +1,7 @@
 // Package config owns the YAML configuration file of the vmshadow server
 // (default /etc/vmshadow/server.yaml): its listen addresses, state
-// directory, repositories, hypervisor connections and jobs. [Parse] reads
+// directory, repositories, hypervisor connections, jobs and the webhooks
+// told when a job's run ends (notify). [Parse] reads
 // and validates a file in one pass and returns every mistake at once, each
 // naming the file, line and column, the setting and what to do:
 //
@@ -51,6 +52,9 @@ type Config struct {
 	Repositories map[string]*Repository
 	Connections  map[string]*Connection
 	Jobs         []*Job
+	// Notify is the top-level notify list: the webhooks of every job
+	// that has no notify key of its own.
+	Notify []Webhook
 }
 
 // Listen is one address the API listens on.
@@ -180,6 +184,10 @@ type Job struct {
 	// copy
 	From, To string
 	CopyVMs  []string // names or globs; empty: every VM
+
+	// Notify is where the job's ended runs are reported: its own notify
+	// list, else the top-level one (an empty notify: [] turns that off).
+	Notify []Webhook
 }
 
 // VMSelector picks VMs of one connection: the names or globs, or every VM
@@ -298,6 +306,10 @@ func (p *parser) mapping(n *yaml.Node, path string, fields map[string]func(key, 
 		seen[name] = true
 		h, ok := fields[name]
 		if !ok {
+			if name == "secret" && fields["secret_file"] != nil {
+				p.errAt(k, kp, "a secret is never written in the configuration file: put it in a file readable only by the server and name it with secret_file, or name an environment variable with secret_env")
+				continue
+			}
 			if name == "password" {
 				p.errAt(k, kp, "a password is never written in the configuration file: put it in a file readable only by the server and name it with password_file, or name an environment variable with password_env")
 				continue
@@ -500,7 +512,7 @@ func (p *parser) parse(data []byte) *Config {
 		Repositories: map[string]*Repository{},
 		Connections:  map[string]*Connection{},
 	}
-	var listenNode, jobsNode, reposNode, connsNode *yaml.Node
+	var listenNode, jobsNode, reposNode, connsNode, notifyNode *yaml.Node
 	if !p.mapping(root, "", map[string]func(k, v *yaml.Node){
 		"listen":       func(k, v *yaml.Node) { listenNode = v },
 		"state_dir":    func(k, v *yaml.Node) { cfg.StateDir, _ = p.absPath(v, "state_dir") },
@@ -508,6 +520,7 @@ func (p *parser) parse(data []byte) *Config {
 		"repositories": func(k, v *yaml.Node) { reposNode = v },
 		"connections":  func(k, v *yaml.Node) { connsNode = v },
 		"jobs":         func(k, v *yaml.Node) { jobsNode = v },
+		"notify":       func(k, v *yaml.Node) { notifyNode = v },
 	}) {
 		return nil
 	}
@@ -529,6 +542,9 @@ func (p *parser) parse(data []byte) *Config {
 				cfg.Connections[name] = c
 			}
 		})
+	}
+	if notifyNode != nil {
+		cfg.Notify = p.webhooks("notify", notifyNode)
 	}
 	if jobsNode != nil {
 		names := map[string]bool{}

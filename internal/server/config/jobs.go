@@ -28,7 +28,7 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 	fields := map[string]func(k, v *yaml.Node){}
 	for _, k := range []string{"name", "type", "schedule", "timezone", "random_delay", "catch_up", "enabled", "time_limit",
 		"repository", "vms", "writers", "retention", "full_every_days", "concurrency",
-		"reverify_after_days", "grace", "from", "to"} {
+		"reverify_after_days", "grace", "from", "to", "notify"} {
 		fields[k] = at(k)
 	}
 	if !p.mapping(n, path, fields) {
@@ -86,6 +86,11 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 	}
 	if v := keys["time_limit"]; v != nil {
 		j.TimeLimit, _ = p.duration(v, path+".time_limit", time.Minute, maxTimeLimit)
+	}
+	if v := keys["notify"]; v != nil {
+		j.Notify = p.webhooks(path+".notify", v)
+	} else {
+		j.Notify = cfg.Notify
 	}
 
 	// Which keys each type takes, besides the common ones.
