@@ -24,10 +24,9 @@
 //     twice that of one.
 //
 // Compute only reads and takes no lock: it runs while backups, prune and
-// gc run. A blob deleted between its listing and its reading (a manifest
-// removed by prune, an index removed by gc) is skipped; the figures are
-// then a mix of before and after, as any listing of a changing repository
-// is.
+// gc run. A manifest deleted between its listing and its reading
+// (removed by prune) is skipped; the figures are then a mix of before and
+// after, as any listing of a changing repository is.
 package repostats
 
 import (
@@ -128,18 +127,19 @@ type chunkSet map[uint64]struct{}
 func chunkKey(id repo.ID) uint64 { return binary.LittleEndian.Uint64(id[:8]) }
 
 // Compute computes r's statistics. It lists every blob once, reads every
-// manifest once and every distinct index once (one at a time), and keeps a
-// set of the distinct referenced chunks: memory is 20 to 40 bytes per
+// manifest once and every distinct index once (a few at a time), and keeps
+// a set of the distinct referenced chunks: memory is 20 to 40 bytes per
 // distinct chunk (see chunkSet), about 100 bytes per backup and per
-// distinct index, and the index being read (32 bytes per chunk of its
-// disk, a few copies while it is decoded). It takes no lock (see the
-// package comment); the error is for failures to list or cancellation,
-// not for damaged blobs, which are counted.
+// distinct index, and the indexes being read (at most indexWorkers, 32
+// bytes per chunk of their disk, a few copies while one is decoded). It
+// takes no lock (see the package comment). The error is for failures to
+// list or read blobs (the storage failing) and cancellation, not for
+// damaged or missing blobs, which are counted.
 func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 	be := r.Backend()
 	s := &Stats{PerVM: []VM{}}
 
-	// Manifests, read one at a time: only what the rest needs is kept.
+	// Manifests: only what the rest needs is kept.
 	var ids []repo.ID
 	err := be.List(ctx, backend.KindBackups, "", func(fi backend.Info) error {
 		s.ManifestBytes += fi.Size
@@ -153,16 +153,15 @@ func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 	}
 	indexRefs := map[repo.ID]int64{} // index -> how many backups' disks name it
 	vms := map[string]*VM{}
-	for _, id := range ids {
-		m, err := r.LoadManifest(ctx, id)
+	err = each(ctx, ids, manifestWorkers, r.LoadManifest, func(m *repo.Manifest, err error) error {
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
+			if !damaged(err) {
+				return err
 			}
 			if !errors.Is(err, errs.ErrNotFound) {
 				s.UnreadableBackups++
 			}
-			continue
+			return nil
 		}
 		s.Backups++
 		v := vms[m.VM]
@@ -183,6 +182,10 @@ func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 			xid, _ := repo.ParseID(d.Index) // checked by DecodeManifest
 			indexRefs[xid]++
 		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	s.VMs = len(vms)
 	for _, v := range vms {
@@ -190,23 +193,26 @@ func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 	}
 	slices.SortFunc(s.PerVM, func(a, b VM) int { return cmp.Compare(a.VM, b.VM) })
 
-	// Indexes, one at a time: each distinct index is read once and its
-	// covered bytes multiplied by the number of disks naming it.
+	// Indexes: each distinct index is read once and its covered bytes
+	// multiplied by the number of disks naming it.
 	chunks := chunkSet{}
 	xids := make([]repo.ID, 0, len(indexRefs))
 	for xid := range indexRefs {
 		xids = append(xids, xid)
 	}
 	slices.SortFunc(xids, func(a, b repo.ID) int { return cmp.Compare(string(a[:]), string(b[:])) })
-	for _, xid := range xids {
+	err = each(ctx, xids, indexWorkers, func(ctx context.Context, xid repo.ID) (indexed, error) {
 		x, err := r.LoadIndex(ctx, xid)
+		return indexed{xid, x}, err
+	}, func(ix indexed, err error) error {
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
+			if !damaged(err) {
+				return err
 			}
 			s.UnreadableIndexes++
-			continue
+			return nil
 		}
+		x := ix.x
 		var covered int64
 		for i := range x.Len() {
 			id := x.ID(i)
@@ -221,7 +227,11 @@ func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 				s.UniqueBytes += n
 			}
 		}
-		s.ReferencedBytes += covered * indexRefs[xid]
+		s.ReferencedBytes += covered * indexRefs[ix.id]
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	s.ReferencedChunks = len(chunks)
 
@@ -266,4 +276,70 @@ func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 		s.CompressionFactor = float64(s.UniqueBytes) / float64(s.ReferencedChunkBytes)
 	}
 	return s, nil
+}
+
+// Blobs read at once: manifests are small; an index is 32 bytes per
+// chunk of its disk (8 MiB for a TiB of 4 MiB chunks), and indexWorkers
+// of them may be in memory at once.
+const (
+	manifestWorkers = 16
+	indexWorkers    = 3
+)
+
+type indexed struct {
+	id repo.ID
+	x  *repo.Index
+}
+
+// each loads the blobs ids with up to workers loads in flight or loaded
+// (object storage answers one request in tens of milliseconds) and hands
+// every result to use, one at a time and in the order of ids, so that use
+// needs no locking. It stops at use's first error, or when ctx ends, and
+// returns that error.
+func each[T any](ctx context.Context, ids []repo.ID, workers int, load func(context.Context, repo.ID) (T, error), use func(T, error) error) error {
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		v   T
+		err error
+	}
+	pending := make(chan chan result, workers-1)
+	go func() {
+		defer close(pending)
+		for _, id := range ids {
+			ch := make(chan result, 1)
+			select {
+			case pending <- ch:
+			case <-lctx.Done():
+				return
+			}
+			go func() {
+				v, err := load(lctx, id)
+				ch <- result{v, err}
+			}()
+		}
+	}()
+	var err error
+	for ch := range pending {
+		r := <-ch
+		if err == nil {
+			err = ctx.Err()
+		}
+		if err == nil {
+			err = use(r.v, r.err)
+		}
+		if err != nil {
+			cancel() // drain: the loads still running end at once
+		}
+	}
+	return err
+}
+
+// damaged reports whether err, from reading a manifest or an index, says
+// the blob is damaged, missing or of a newer format (counted as
+// unreadable) rather than that reading failed (the storage unreachable:
+// then Compute fails, so that no one takes a damaged repository for an
+// outage, or the other way round).
+func damaged(err error) bool {
+	return errors.Is(err, errs.ErrCorrupt) || errors.Is(err, errs.ErrNotFound) || errors.Is(err, errs.ErrUnsupported)
 }

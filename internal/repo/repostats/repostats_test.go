@@ -2,12 +2,14 @@ package repostats_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/imagefile"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
+	"github.com/vmshadow/vmshadow/internal/repo/backend/fault"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/s3"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/s3/s3test"
@@ -328,4 +331,90 @@ func TestComputeS3(t *testing.T) {
 	eq(t, "ChunkBytes", s.ChunkBytes, chunkBytes)
 	eq(t, "StoredBytes", s.StoredBytes, total)
 	eq(t, "DedupFactor", s.DedupFactor, float64(s.LogicalBytes)/float64(total))
+}
+
+// slowBackend delays every Get of a manifest or index, as object storage
+// does, and records how many were in flight at once per kind.
+type slowBackend struct {
+	backend.Backend
+	mu           sync.Mutex
+	now, maxSeen map[backend.Kind]int
+}
+
+func (b *slowBackend) Get(ctx context.Context, h backend.Handle, off, length int64) ([]byte, error) {
+	if h.Kind == backend.KindBackups || h.Kind == backend.KindIndexes {
+		b.mu.Lock()
+		b.now[h.Kind]++
+		b.maxSeen[h.Kind] = max(b.maxSeen[h.Kind], b.now[h.Kind])
+		b.mu.Unlock()
+		defer func() { b.mu.Lock(); b.now[h.Kind]--; b.mu.Unlock() }()
+		time.Sleep(20 * time.Millisecond)
+	}
+	return b.Backend.Get(ctx, h, off, length)
+}
+
+// TestComputeReadsInParallel: manifests and indexes are read several at
+// a time, within the bounds, and the figures are those of a sequential
+// reading.
+func TestComputeReadsInParallel(t *testing.T) {
+	dir := t.TempDir()
+	be, err := local.Create(filepath.Join(dir, "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := initRepo(t, be)
+	t0 := time.Date(2026, 11, 1, 3, 0, 0, 0, time.UTC)
+	for i := range 12 {
+		img := filepath.Join(dir, fmt.Sprintf("%d.raw", i))
+		writeImage(t, img, uint64(100+i%6)) // 6 distinct images, 6 distinct indexes
+		backupImage(t, r, fmt.Sprintf("vm%d", i%4), img, t0.Add(time.Duration(i)*time.Minute))
+	}
+	want := compute(t, r)
+	slow := &slowBackend{Backend: be, now: map[backend.Kind]int{}, maxSeen: map[backend.Kind]int{}}
+	rs, err := repo.Open(context.Background(), slow, func() ([]byte, error) { return []byte("pw"), nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rs.Close()
+	got := compute(t, rs)
+	if fmt.Sprintf("%+v", got) != fmt.Sprintf("%+v", want) {
+		t.Errorf("figures read in parallel differ:\n%+v\nwant %+v", got, want)
+	}
+	eq(t, "Backups", got.Backups, 12)
+	eq(t, "Indexes", got.Indexes, 6)
+	eq(t, "UniqueBytes", got.UniqueBytes, int64(imgStored+5*cs))
+	if m := slow.maxSeen[backend.KindBackups]; m < 2 || m > 16 {
+		t.Errorf("%d manifests read at once, want 2 to 16", m)
+	}
+	if m := slow.maxSeen[backend.KindIndexes]; m < 2 || m > 3 {
+		t.Errorf("%d indexes read at once, want 2 to 3", m)
+	}
+}
+
+// TestComputeStorageFails: a manifest or index the storage fails to
+// return (not damaged: unreachable) fails Compute instead of being
+// counted as unreadable.
+func TestComputeStorageFails(t *testing.T) {
+	dir := t.TempDir()
+	be, err := local.Create(filepath.Join(dir, "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := initRepo(t, be)
+	img := filepath.Join(dir, "a.raw")
+	writeImage(t, img, 1)
+	backupImage(t, r, "alpha", img, time.Now())
+	for _, kind := range []backend.Kind{backend.KindBackups, backend.KindIndexes} {
+		fb := fault.New(be)
+		fb.Add(fault.Rule{Op: fault.OpGet, Kind: kind, Nth: 1})
+		rf, err := repo.Open(context.Background(), fb, func() ([]byte, error) { return []byte("pw"), nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := repostats.Compute(context.Background(), rf)
+		rf.Close()
+		if !errors.Is(err, fault.ErrInjected) {
+			t.Errorf("%s unreadable by the storage: Compute = %+v, %v; want the storage's error", kind, s, err)
+		}
+	}
 }
