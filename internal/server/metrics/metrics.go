@@ -57,6 +57,18 @@
 // metrics once the job has a result for it. When reading the database
 // fails, the scrape reports the error for the metrics it could not read
 // (serve with Handler, which keeps the others).
+//
+// Wiring it into the server:
+//
+//	cache := metrics.NewStatsCache(ctx, repoNames, metrics.DefaultMaxAge,
+//		func(ctx context.Context, name string) (*repostats.Stats, error) {
+//			return repostats.Compute(ctx, openRepos[name])
+//		})
+//	reg := metrics.NewRegistry(metrics.New(metrics.Options{Source: db, Repos: cache, Version: version}))
+//	mux.Handle("GET /metrics", metrics.Handler(reg, logger))
+//	// after each job that wrote to repository name: cache.Refresh(name)
+//	// after each verify: db.RecordVerify(ctx, state.Verify{...})
+//	// on reload: cache.SetRepositories(newNames); at exit: cancel ctx, cache.Wait()
 package metrics
 
 import (
