@@ -70,6 +70,28 @@ type Secret struct {
 	Env  string
 }
 
+// Read returns the secret: the file's first line, or the variable's
+// value. Errors name the file or variable, never the secret.
+func (s Secret) Read() ([]byte, error) {
+	if s.Env != "" {
+		v, ok := os.LookupEnv(s.Env)
+		if !ok || v == "" {
+			return nil, fmt.Errorf("environment variable %s is not set or empty: set it in the server's environment (a systemd unit: Environment= or EnvironmentFile=): %w", s.Env, errs.ErrUsage)
+		}
+		return []byte(v), nil
+	}
+	b, err := os.ReadFile(s.File)
+	if err != nil {
+		return nil, fmt.Errorf("read password file: %w", err)
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	line = strings.TrimSuffix(line, "\r")
+	if line == "" {
+		return nil, fmt.Errorf("password file %s: the first line is empty: %w", s.File, errs.ErrUsage)
+	}
+	return []byte(line), nil
+}
+
 // Repository is a named repository.
 type Repository struct {
 	Name     string
@@ -100,6 +122,15 @@ type Connection struct {
 	Insecure bool
 	// libvirt: the connection URI.
 	URI string
+	// QMP: the guest agent socket of each VM, a path with {vm} standing
+	// for the VM's name ("" when the VMs have none configured).
+	GuestAgent string
+}
+
+// GuestAgentPath is vm's guest agent socket on a QMP connection ("" when
+// none is configured).
+func (c *Connection) GuestAgentPath(vm string) string {
+	return strings.ReplaceAll(c.GuestAgent, "{vm}", vm)
 }
 
 // Job types.
@@ -128,10 +159,13 @@ type Job struct {
 	Repository string // backup, verify, prune, gc
 
 	// backup
-	VMs           []VMSelector
-	Hooks         []string // host hooks (--hook)
-	GuestHooks    []string // guest hooks (--guest-hook)
-	Require       string   // "", "filesystem" or "application" (--require)
+	VMs        []VMSelector
+	Hooks      []string // host hooks (--hook)
+	GuestHooks []string // guest hooks (--guest-hook)
+	// GuestAgent freezes the guest's file systems through its agent: a QMP
+	// connection's guest_agent socket (--qga), libvirt's (--guest-agent).
+	GuestAgent    bool
+	Require       string // "", "filesystem" or "application" (--require)
 	Retention     retention.Policy
 	FullEveryDays int // 0: never a forced full backup
 	PerJob        int // VMs backed up at once by this job
@@ -702,7 +736,7 @@ var libvirtSchemeRe = regexp.MustCompile(`^[a-z][a-z0-9]*(\+(ssh|libssh|libssh2|
 
 func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 	c := &Connection{Name: name}
-	var typeNode, socketsNode, urlNode, uriNode, userNode, caNode, insecureNode *yaml.Node
+	var typeNode, socketsNode, urlNode, uriNode, userNode, caNode, insecureNode, qgaNode *yaml.Node
 	fields := map[string]func(k, v *yaml.Node){
 		"type":     func(k, v *yaml.Node) { typeNode = v; c.Type, _ = p.str(v, path+".type") },
 		"sockets":  func(k, v *yaml.Node) { socketsNode = v; c.Sockets = p.strList(v, path+".sockets") },
@@ -711,6 +745,13 @@ func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 		"ca":       func(k, v *yaml.Node) { caNode = v; c.CA, _ = p.absPath(v, path+".ca") },
 		"insecure": func(k, v *yaml.Node) { insecureNode = v; c.Insecure = p.boolean(v, path+".insecure") },
 		"uri":      func(k, v *yaml.Node) { uriNode = v; c.URI, _ = p.str(v, path+".uri") },
+		"guest_agent": func(k, v *yaml.Node) {
+			qgaNode = v
+			c.GuestAgent, _ = p.absPath(v, path+".guest_agent")
+			if c.GuestAgent != "" && !strings.Contains(c.GuestAgent, "{vm}") {
+				p.errAt(v, path+".guest_agent", "%q does not contain {vm}: give each VM's guest agent socket as a path with {vm} for the VM's name (/run/qemu/{vm}.qga)", c.GuestAgent)
+			}
+		},
 	}
 	p.secretFields(path, &c.Password, fields)
 	if !p.mapping(n, path, fields) {
@@ -769,6 +810,7 @@ func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 		}
 		notFor(socketsNode, "sockets")
 		notFor(uriNode, "uri")
+		notFor(qgaNode, "guest_agent")
 		p.checkSecret(n, path, c.Password, "pool password")
 	case Libvirt:
 		switch {
@@ -788,6 +830,7 @@ func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 		notFor(socketsNode, "sockets")
 		notFor(urlNode, "url")
 		notFor(insecureNode, "insecure")
+		notFor(qgaNode, "guest_agent")
 		if c.Password.File != "" && c.Password.Env != "" {
 			p.errAt(n, path, "both password_file and password_env: keep one")
 		}

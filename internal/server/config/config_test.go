@@ -33,6 +33,15 @@ jobs:
     repository: local
     vms: [{connection: lab}]
 `},
+		{"guest agent of a qmp connection", head + `    sockets: [/run/qemu/*.qmp]
+    guest_agent: /run/qemu/{vm}.qga
+jobs:
+  - name: consistent
+    type: backup
+    repository: local
+    vms: [{connection: lab}]
+    writers: {guest_agent: true, guest_hooks: [/usr/sbin/flush], require: application}
+`},
 		{"loopback ipv6 plain", "listen:\n  - address: tcp:[::1]:8080\n    plain_tcp: true\n"},
 		{"libvirt local", "listen: [{address: unix:/a}]\nconnections:\n  k:\n    type: libvirt\n    uri: qemu:///system\n"},
 		{"seconds schedule", head + `    sockets: [/run/qemu/*.qmp]
@@ -176,6 +185,29 @@ connections:
 			`server.yaml:16:10: connections.l2.uri: "qemu+ssh://host" names no path: add /system or /session`,
 			`server.yaml:18:11: connections.v.type: "vmware": want qmp, xapi or libvirt`,
 			`server.yaml:20:5: connections.n.type: missing: give qmp, xapi or libvirt`,
+		}},
+		{"guest agent writers", head + qmp + `    guest_agent: /run/qemu/agent.sock
+  pool:
+    type: xapi
+    url: https://xen
+    password_env: XEN_PASSWORD
+    guest_agent: /a/{vm}
+jobs:
+  - name: a
+    type: backup
+    repository: local
+    vms: [{connection: lab}, {connection: pool}]
+    writers: {guest_agent: true}
+  - name: b
+    type: backup
+    repository: local
+    vms: [{connection: lab}]
+    writers: {guest_hooks: [/usr/sbin/flush]}
+`, []string{
+			`server.yaml:14:18: connections.lab.guest_agent: "/run/qemu/agent.sock" does not contain {vm}: give each VM's guest agent socket as a path with {vm} for the VM's name (/run/qemu/{vm}.qga)`,
+			`server.yaml:19:18: connections.pool.guest_agent: not a setting of a xapi connection`,
+			`server.yaml:25:14: jobs[0].writers.guest_agent: connection "pool" is a XenServer pool, whose VMs run no QEMU guest agent: use hooks`,
+			`server.yaml:30:14: jobs[1].writers.guest_hooks: guest hooks run through the guest agent: set guest_agent: true`,
 		}},
 		{"job settings", head + qmp + `jobs:
   - name: b
@@ -345,4 +377,29 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestParseJob: a job given alone (the API's JSON) is validated against
+// the configuration's repositories and connections.
+func TestParseJob(t *testing.T) {
+	cfg, err := Parse("server.yaml", []byte(head+"    sockets: [/run/qemu/*.qmp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := ParseJob(cfg, "request", []byte(`{"name": "api-nightly", "type": "backup", "repository": "local",
+		"vms": [{"connection": "lab", "vms": ["db*"]}], "schedule": "@daily", "retention": {"keep_last": 3}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Name != "api-nightly" || j.Repository != "local" || len(j.VMs) != 1 || j.VMs[0].Names[0] != "db*" || j.Retention.Last != 3 || j.Schedule.String() != "@daily" || !j.Enabled {
+		t.Fatalf("job: %+v", j)
+	}
+	_, err = ParseJob(cfg, "request", []byte(`{"name": "x", "type": "backup", "repository": "nosuch", "vms": [{"connection": "lab"}], "extra": 1}`))
+	want := `request:1:89: job.extra: unknown key "extra"`
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `repository "nosuch" is not defined`) {
+		t.Fatalf("bad job: %v, want %s", err, want)
+	}
+	if _, err := ParseJob(cfg, "request", []byte(`[1`)); err == nil {
+		t.Fatal("malformed JSON accepted")
+	}
 }

@@ -37,7 +37,7 @@ import (
 const FileName = "server.db"
 
 // schemaVersion is the newest schema this vmshadow writes.
-const schemaVersion = 2
+var schemaVersion = len(migrations)
 
 // migrations[i] moves the schema from version i to i+1.
 var migrations = []string{
@@ -85,7 +85,23 @@ var migrations = []string{
 		last_used INTEGER,
 		revoked INTEGER
 	);`,
-	// 2: run totals that outlive Expire (the metrics' run counters,
+	// 1 -> 2: jobs' state across restarts; backups' last verification.
+	`CREATE TABLE job_state (
+		name TEXT PRIMARY KEY,
+		enabled INTEGER,
+		last_slot INTEGER
+	);
+	CREATE TABLE api_jobs (
+		name TEXT PRIMARY KEY,
+		spec TEXT NOT NULL
+	);
+	CREATE TABLE verified (
+		repository TEXT NOT NULL,
+		backup TEXT NOT NULL,
+		time INTEGER NOT NULL,
+		PRIMARY KEY (repository, backup)
+	);`,
+	// 2 -> 3: run totals that outlive Expire (the metrics' run counters,
 	// kept by triggers, seeded from the runs already recorded), and the
 	// results of verify runs (metrics.go).
 	`CREATE TABLE run_totals (

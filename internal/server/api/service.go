@@ -1,0 +1,240 @@
+package api
+
+import (
+	"context"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/server/state"
+)
+
+// Service is what the API serves: the server implements it (package
+// server); the handlers only translate HTTP to these calls and back.
+//
+// Errors: errs.ErrNotFound (404), errs.ErrUsage (400), errs.ErrAuth (401),
+// errs.ErrBusy (409: a run already going, a job defined in the config
+// file that cannot be edited through the API), anything else 500. The
+// message of an error is shown to the client: implementations never put a
+// secret in one.
+type Service interface {
+	// Authenticate returns the token whose secret this is (ErrAuth if
+	// none, or revoked).
+	Authenticate(ctx context.Context, secret string) (*state.Token, error)
+
+	// VMs lists every VM the server knows: those its backup jobs select
+	// (found through their connections now) and those with backups in
+	// its repositories.
+	VMs(ctx context.Context) ([]VM, error)
+	// Backups lists backups, newest first.
+	Backups(ctx context.Context, f BackupFilter) ([]Backup, error)
+	// Backup returns one backup by ID or unique ID prefix.
+	Backup(ctx context.Context, repository, id string) (*Backup, error)
+	// DeleteBackup removes a backup's manifest (as prune does; gc frees
+	// its chunks later).
+	DeleteBackup(ctx context.Context, repository, id string) error
+
+	// Jobs lists the jobs with their state (enabled, running run, next
+	// scheduled times).
+	Jobs(ctx context.Context) ([]Job, error)
+	Job(ctx context.Context, name string) (*Job, error)
+	// CreateJob, UpdateJob and DeleteJob manage jobs defined through the
+	// API; spec holds the job as the configuration file writes it (the
+	// same keys, as JSON). Jobs of the configuration file are ErrBusy.
+	CreateJob(ctx context.Context, spec []byte) (*Job, error)
+	UpdateJob(ctx context.Context, name string, spec []byte) (*Job, error)
+	DeleteJob(ctx context.Context, name string) error
+	// SetJobEnabled enables or disables a job's schedule (kept across
+	// restarts; a running run goes on).
+	SetJobEnabled(ctx context.Context, name string, enabled bool) (*Job, error)
+	// RunJob starts a run of the job now and returns it; ErrBusy if the
+	// job is running.
+	RunJob(ctx context.Context, name string) (*state.Run, error)
+
+	// Runs lists runs, newest first.
+	Runs(ctx context.Context, f state.RunFilter) ([]state.Run, error)
+	// Run returns a run with its VMs' results.
+	Run(ctx context.Context, id int64) (*RunDetail, error)
+	// RunLog returns a run's log lines after line after.
+	RunLog(ctx context.Context, id, after int64, limit int) ([]state.LogLine, error)
+	// CancelRun cancels a running run: its snapshot sets are released,
+	// the repository stays valid. ErrNotFound if it is not running.
+	CancelRun(ctx context.Context, id int64) error
+	// Watch streams a run's events (progress, log lines, VM results,
+	// the end) until the run ends (the channel is closed after an Event
+	// of type "end") or ctx is done. A run that already ended gives its
+	// "end" event alone.
+	Watch(ctx context.Context, id int64) (<-chan Event, error)
+
+	// Repositories lists the repositories with their status.
+	Repositories(ctx context.Context) ([]Repository, error)
+
+	// Restore restores a backup's disks to files on the server.
+	Restore(ctx context.Context, req RestoreRequest) (*RestoreResult, error)
+	// StartServe serves a backup's disk over NBD (instant restore),
+	// StopServe stops it, Serves lists the running ones.
+	StartServe(ctx context.Context, req ServeRequest) (*Serve, error)
+	StopServe(ctx context.Context, id string) error
+	Serves(ctx context.Context) ([]Serve, error)
+}
+
+// VM is a VM the server knows.
+type VM struct {
+	Name       string   `json:"name"`       // its name in the repositories
+	Connection string   `json:"connection"` // "" when known only from backups
+	Jobs       []string `json:"jobs"`       // backup jobs that select it
+	// Last is the VM's latest backup result (any status), LastSuccess
+	// its latest successful one, from the server's run history.
+	Last        *state.VMResult `json:"last,omitempty"`
+	LastSuccess *state.VMResult `json:"last_success,omitempty"`
+	// LastBackup is its newest backup in any repository (the
+	// repositories are the truth: this is set even without run history).
+	LastBackup *Backup `json:"last_backup,omitempty"`
+	// AgeS is the age of LastBackup in seconds (absent without one).
+	AgeS *float64 `json:"age_s,omitempty"`
+	// Status: "fresh" (a backup no older than its jobs' schedule
+	// allows), "late", "failed" (the last run of it failed), "never".
+	Status string `json:"status"`
+}
+
+// BackupFilter selects backups.
+type BackupFilter struct {
+	Repository string // "" every repository
+	VM         string // "" every VM
+	Limit      int    // 0: default 100
+	Before     time.Time
+}
+
+// Backup is a stored backup as the API shows it.
+type Backup struct {
+	ID          string    `json:"id"`
+	ShortID     string    `json:"short_id"`
+	Repository  string    `json:"repository"`
+	VM          string    `json:"vm"`
+	Time        time.Time `json:"time"`
+	Host        string    `json:"host,omitempty"`
+	Tags        []string  `json:"tags"`
+	Source      string    `json:"source"`
+	Mode        string    `json:"mode"`
+	Reason      string    `json:"reason,omitempty"`
+	Consistency string    `json:"consistency,omitempty"`
+	SetID       string    `json:"set_id,omitempty"`
+	Disks       []Disk    `json:"disks"`
+	Files       []Disk    `json:"files,omitempty"`
+	Definition  string    `json:"definition,omitempty"`
+	BytesRead   int64     `json:"bytes_read"`
+	BytesNew    int64     `json:"bytes_new"`
+	DurationS   float64   `json:"duration_s"`
+	Origin      string    `json:"origin,omitempty"`
+}
+
+// Disk is one disk (or file) of a backup.
+type Disk struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// Job is a job with its state.
+type Job struct {
+	Name     string `json:"name"`
+	Type     string `json:"type"`   // backup, verify, prune, gc, copy
+	Source   string `json:"source"` // "config" (the file) or "api"
+	Enabled  bool   `json:"enabled"`
+	Schedule string `json:"schedule,omitempty"`
+	// Spec is the job's settings as the configuration file writes them.
+	Spec map[string]any `json:"spec"`
+	// Next are its next scheduled start times (random delay included).
+	Next []time.Time `json:"next"`
+	// Running is the ID of its running run, if any.
+	Running *int64 `json:"running,omitempty"`
+	// LastRun is its latest run.
+	LastRun *state.Run `json:"last_run,omitempty"`
+	// VMs are the VMs a backup job selects now (connections queried).
+	VMs []string `json:"vms,omitempty"`
+}
+
+// RunDetail is a run with each VM's result.
+type RunDetail struct {
+	state.Run
+	VMs []state.VMResult `json:"vms"`
+}
+
+// Event is one event of a running run, sent as Server-Sent Events with
+// the Type as the event name and the JSON of Data as its data.
+type Event struct {
+	Type string `json:"type"` // "progress", "log", "vm", "end"
+	Data any    `json:"data"`
+}
+
+// Progress is the data of a "progress" event: one VM's backup (or the
+// run's task for other job types).
+type Progress struct {
+	VM    string  `json:"vm,omitempty"`
+	Phase string  `json:"phase"` // freezing, reading, storing, verify, ...
+	Done  int64   `json:"done"`
+	Total int64   `json:"total"`
+	Rate  float64 `json:"rate_bytes_per_s"`
+	ETA   float64 `json:"eta_s,omitempty"`
+}
+
+// Repository is a repository's status.
+type Repository struct {
+	Name         string        `json:"name"`
+	Location     string        `json:"location"` // as configured (no credentials)
+	Backups      int           `json:"backups"`
+	VMs          int           `json:"vms"`
+	StoredBytes  int64         `json:"stored_bytes"`
+	LogicalBytes int64         `json:"logical_bytes"`
+	DedupFactor  float64       `json:"dedup_factor"`
+	StatsTime    time.Time     `json:"stats_time,omitzero"`
+	LastVerify   *VerifyStatus `json:"last_verify,omitempty"`
+	Error        string        `json:"error,omitempty"` // the repository could not be opened
+}
+
+// VerifyStatus is the outcome of a repository's latest verify run.
+type VerifyStatus struct {
+	Run      int64     `json:"run"`
+	Time     time.Time `json:"time"`
+	Backups  int       `json:"backups"`
+	Problems int       `json:"problems"`
+}
+
+// RestoreRequest restores a backup's disks to files on the server.
+type RestoreRequest struct {
+	Repository string   `json:"repository"`
+	Backup     string   `json:"backup"`
+	Disks      []string `json:"disks,omitempty"` // default all
+	// To is a directory on the server (absolute; created; files never
+	// overwritten), Format raw (default) or qcow2.
+	To     string `json:"to"`
+	Format string `json:"format,omitempty"`
+}
+
+// RestoreResult lists the restored files.
+type RestoreResult struct {
+	Files []RestoredFile `json:"files"`
+}
+
+// RestoredFile is one restored disk or definition file.
+type RestoredFile struct {
+	Disk string `json:"disk"`
+	Path string `json:"path"`
+	Size int64  `json:"size"`
+}
+
+// ServeRequest serves one disk of a backup over NBD.
+type ServeRequest struct {
+	Repository string `json:"repository"`
+	Backup     string `json:"backup"`
+	Disk       string `json:"disk,omitempty"` // default the first
+	Writable   bool   `json:"writable,omitempty"`
+}
+
+// Serve is a running instant restore.
+type Serve struct {
+	ID         string    `json:"id"`
+	Repository string    `json:"repository"`
+	Backup     string    `json:"backup"`
+	Disk       string    `json:"disk"`
+	URI        string    `json:"uri"` // nbd+unix:///DISK?socket=PATH
+	Writable   bool      `json:"writable"`
+	Started    time.Time `json:"started"`
+}
