@@ -119,7 +119,7 @@ type VM struct {
 // chunks of a repository of N share a key with probability below
 // N²/2⁶⁵ (3·10⁻⁸ for a million chunks), and would then be counted as one.
 // An 8-byte key costs 20 to 40 bytes per chunk in a Go map (38 measured
-// by BenchmarkCompute at 2 million chunks), against 84 for the whole
+// by BenchmarkCompute at a million chunks), against 84 for the whole
 // 32-byte ID that gc and verify keep; statistics do not need gc's
 // certainty.
 type chunkSet map[uint64]struct{}
