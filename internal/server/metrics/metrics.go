@@ -103,6 +103,11 @@ type Repositories interface {
 type Options struct {
 	Source Source       // required
 	Repos  Repositories // nil: no repository statistics
+	// Jobs, if set, names the jobs configured now: the per-job metrics of
+	// other jobs (removed from the configuration; their history stays in
+	// the database) are left out, so that their series end. nil: every job
+	// the database knows.
+	Jobs func() []string
 	// Version is the server's version (main.version), for build_info.
 	Version string
 	// Timeout bounds the database reads of one scrape; default 10 s.
@@ -209,12 +214,23 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, c.build[:]...)
+	shown := func(string) bool { return true }
+	if c.o.Jobs != nil {
+		jobs := map[string]bool{}
+		for _, j := range c.o.Jobs() {
+			jobs[j] = true
+		}
+		shown = func(j string) bool { return jobs[j] }
+	}
 
 	last, ok, err := c.o.Source.LastResultsByJob(ctx)
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(c.lastSuccessTime, err)
 	} else {
 		for _, r := range ok {
+			if !shown(r.Job) {
+				continue
+			}
 			gauge(c.lastSuccessTime, seconds(r.Ended), r.Job, r.VM)
 			gauge(c.lastSuccessDuration, r.Ended.Sub(r.Started).Seconds(), r.Job, r.VM)
 			gauge(c.lastSuccessRead, float64(r.BytesRead), r.Job, r.VM)
@@ -223,6 +239,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(c.lastSuccessConsistency, ConsistencyLevel(r.Consistency), r.Job, r.VM)
 		}
 		for _, r := range last {
+			if !shown(r.Job) {
+				continue
+			}
 			gauge(c.lastResultTime, seconds(r.Ended), r.Job, r.VM)
 			success := 0.0
 			if r.Status == state.Succeeded {
@@ -237,6 +256,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.NewInvalidMetric(c.runs, err)
 	} else {
 		for _, rc := range counts {
+			if !shown(rc.Job) {
+				continue
+			}
 			ch <- prometheus.MustNewConstMetric(c.runs, prometheus.CounterValue, float64(rc.Count), rc.Job, rc.Kind, rc.Status)
 		}
 	}

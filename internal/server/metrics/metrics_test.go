@@ -405,3 +405,29 @@ func TestStatsCacheErrorKeepsLastStats(t *testing.T) {
 		t.Errorf("backups = %v, want the earlier 2", v)
 	}
 }
+
+// TestJobsFilter: the per-job metrics of a job no longer configured are
+// left out; the others stay.
+func TestJobsFilter(t *testing.T) {
+	ctx := context.Background()
+	db, err := state.Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	fillState(t, db)
+	reg := metrics.NewRegistry(metrics.New(metrics.Options{Source: db, Jobs: func() []string { return []string{"offsite"} }}))
+	fams := scrape(t, metrics.Handler(reg, nil))
+	for _, name := range []string{"vmshadow_vm_last_success_timestamp_seconds", "vmshadow_vm_last_result_success", "vmshadow_job_runs_total"} {
+		for _, m := range fams[name].GetMetric() {
+			for _, l := range m.Label {
+				if l.GetName() == "job" && l.GetValue() != "offsite" {
+					t.Errorf("%s of job %s, which is not configured", name, l.GetValue())
+				}
+			}
+		}
+	}
+	value(t, fams, "vmshadow_vm_last_success_timestamp_seconds", "job", "offsite", "vm", "web1")
+	value(t, fams, "vmshadow_job_runs_total", "job", "offsite", "kind", "backup", "result", "succeeded")
+	value(t, fams, "vmshadow_repository_last_verify_problems", "repository", "main")
+}
