@@ -64,7 +64,7 @@
 //		func(ctx context.Context, name string) (*repostats.Stats, error) {
 //			return repostats.Compute(ctx, openRepos[name])
 //		})
-//	reg := metrics.NewRegistry(metrics.New(metrics.Options{Source: db, Repos: cache, Version: version}))
+//	reg := metrics.NewRegistry(metrics.New(metrics.Options{Source: db, Repos: cache, Jobs: configuredJobNames, Version: version}))
 //	mux.Handle("GET /metrics", metrics.Handler(reg, logger))
 //	// after each job that wrote to repository name: cache.Refresh(name)
 //	// after each verify: db.RecordVerify(ctx, state.Verify{...})
