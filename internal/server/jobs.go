@@ -400,6 +400,10 @@ func (s *Server) runVerify(ctx context.Context, run *run) error {
 	if err := s.db.Verified(context.WithoutCancel(ctx), j.Repository, intact, time.Now()); err != nil {
 		return err
 	}
+	if err := s.db.RecordVerify(context.WithoutCancel(ctx), state.Verify{Repository: j.Repository, Time: time.Now(), Run: run.info.ID,
+		Backups: int64(res.Backups), Chunks: int64(res.Chunks), Problems: int64(len(res.Problems) + len(bad))}); err != nil {
+		return err
+	}
 	run.logf(s, slog.LevelInfo, "", "checked %d backups, %d indexes, %d chunks (%s): %d problems",
 		res.Backups, res.Indexes, res.Chunks, progress.Bytes(res.BytesChecked), len(res.Problems)+len(bad))
 	if n := len(res.Problems) + len(bad); n > 0 {

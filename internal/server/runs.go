@@ -56,6 +56,8 @@ func (s *Server) startRun(j *config.Job, trigger string, slot time.Time) (*state
 		id, err := s.db.SkipRun(s.ctx, j.Name, j.Type, trigger, reason, now)
 		if err != nil {
 			s.log.Error("record a skipped run", "job", j.Name, "err", err)
+		} else {
+			s.ended(s.ctx, state.Run{ID: id, Job: j.Name, Kind: j.Type, Trigger: trigger, Status: state.Skipped, Started: now, Ended: now, Error: reason})
 		}
 		s.log.Warn("run skipped: the previous one is still going", "job", j.Name, "skipped_run", id, "running_run", busy)
 		return nil, fmt.Errorf("job %s: %s (skipped as run %d): %w", j.Name, reason, id, errs.ErrBusy)
@@ -136,6 +138,7 @@ func (s *Server) execute(ctx context.Context, r *run) {
 	}
 	s.mu.Unlock()
 	r.info.Status, r.info.Ended, r.info.Error = status, end, msg
+	s.ended(ctx, r.info, r.job.Repository, r.job.To)
 	r.finish()
 	r.cancel(nil)
 }

@@ -15,12 +15,16 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/http"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/repo/repostats"
 	"github.com/vmshadow/vmshadow/internal/server/config"
+	"github.com/vmshadow/vmshadow/internal/server/metrics"
+	"github.com/vmshadow/vmshadow/internal/server/notify"
 	"github.com/vmshadow/vmshadow/internal/server/state"
 )
 
@@ -37,9 +41,11 @@ type Options struct {
 
 // Server is the running server. Its methods are safe for concurrent use.
 type Server struct {
-	opts Options
-	log  *slog.Logger
-	db   *state.DB
+	opts   Options
+	log    *slog.Logger
+	db     *state.DB
+	notify *notify.Notifier
+	stats  *metrics.StatsCache
 
 	ctx    context.Context // the server's life; cancelled by Close
 	cancel context.CancelFunc
@@ -98,7 +104,53 @@ func New(ctx context.Context, o Options) (*Server, error) {
 		return nil, err
 	}
 	s.rebuildJobs()
+	s.notify = notify.New(notify.Options{Version: o.Version, Log: s.notifyLog})
+	if err := s.notify.Configure(s.jobs); err != nil {
+		db.Close()
+		return nil, err
+	}
+	s.stats = metrics.NewStatsCache(s.ctx, slices.Sorted(maps.Keys(cfg.Repositories)), metrics.DefaultMaxAge,
+		func(ctx context.Context, name string) (*repostats.Stats, error) {
+			r, release, err := s.repository(ctx, name)
+			if err != nil {
+				return nil, err
+			}
+			defer release()
+			return repostats.Compute(ctx, r)
+		})
 	return s, nil
+}
+
+// notifyLog records a webhook delivery's outcome in the server's log and
+// its run's.
+func (s *Server) notifyLog(e notify.Entry) {
+	level := map[string]slog.Level{"info": slog.LevelInfo, "warning": slog.LevelWarn, "error": slog.LevelError}[e.Level]
+	s.log.Log(context.Background(), level, "notification: "+e.String(), "job", e.Job, "run", e.RunID)
+	if e.RunID != 0 {
+		if err := s.db.Log(context.Background(), e.RunID, e.Time, e.Level, "", "notification: "+e.String()); err != nil {
+			s.log.Error("record a log line", "run", e.RunID, "err", err)
+		}
+	}
+}
+
+// ended tells the webhooks of a run that ended (or was skipped or
+// interrupted), and refreshes the statistics of the repositories it
+// changed.
+func (s *Server) ended(ctx context.Context, run state.Run, repos ...string) {
+	ctx = context.WithoutCancel(ctx)
+	if r, err := s.db.GetRun(ctx, run.ID); err == nil {
+		run = *r
+	}
+	vms, err := s.db.VMs(ctx, run.ID)
+	if err != nil {
+		s.log.Error("read a run's VMs for its notification", "run", run.ID, "err", err)
+	}
+	s.notify.Send(notify.FromRun(run, vms))
+	for _, r := range repos {
+		if r != "" {
+			s.stats.Refresh(r)
+		}
+	}
 }
 
 // Config returns the configuration in force.
@@ -122,6 +174,7 @@ func (s *Server) Start(ctx context.Context) error {
 	for _, r := range runs {
 		s.log.Warn("run interrupted by the server's stop", "run", r.ID, "job", r.Job, "vms", vms[r.ID])
 		s.recoverVMs(ctx, r, vms[r.ID])
+		s.ended(ctx, r)
 	}
 	s.wg.Add(1)
 	go s.scheduler()
@@ -137,9 +190,14 @@ func (s *Server) Reload() error {
 		return err
 	}
 	s.mu.Lock()
-	old := s.cfg
+	old, oldJobs, oldBad := s.cfg, s.jobs, s.apiBad
 	s.cfg = cfg
 	s.rebuildJobs()
+	if err := s.notify.Configure(s.jobs); err != nil {
+		s.cfg, s.jobs, s.apiBad = old, oldJobs, oldBad
+		s.mu.Unlock()
+		return err
+	}
 	for name, h := range s.repos {
 		nr := cfg.Repositories[name]
 		if nr == nil || *nr != *h.cfg {
@@ -148,6 +206,7 @@ func (s *Server) Reload() error {
 		}
 	}
 	s.mu.Unlock()
+	s.stats.SetRepositories(slices.Sorted(maps.Keys(cfg.Repositories)))
 	if old.StateDir != cfg.StateDir {
 		s.log.Warn("state_dir changed: the new directory is used after a restart", "in_use", old.StateDir, "configured", cfg.StateDir)
 	}
@@ -168,6 +227,12 @@ func (s *Server) Close(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("stop: runs still cleaning up: %w", ctx.Err())
 	}
+	s.stats.Wait()
+	nctx, ncancel := context.WithTimeout(ctx, 15*time.Second)
+	if err := s.notify.Close(nctx); err != nil {
+		s.log.Warn("notifications not delivered before the stop", "err", err)
+	}
+	ncancel()
 	s.mu.Lock()
 	for _, sv := range s.serves {
 		sv.stop()
@@ -273,4 +338,17 @@ func (s *Server) SetEnabled(ctx context.Context, name string, on bool) error {
 // cannot cause one, the time limit or the server's stop).
 func isCancel(err error) bool {
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// MetricsHandler serves the Prometheus metrics (/metrics).
+func (s *Server) MetricsHandler() http.Handler {
+	reg := metrics.NewRegistry(metrics.New(metrics.Options{Source: s.db, Repos: s.stats, Version: s.opts.Version,
+		Jobs: func() []string {
+			var names []string
+			for _, j := range s.jobList() {
+				names = append(names, j.Name)
+			}
+			return names
+		}}))
+	return metrics.Handler(reg, slog.NewLogLogger(s.log.Handler(), slog.LevelError))
 }

@@ -2,6 +2,9 @@ package server
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -372,6 +375,13 @@ func TestXAPIJob(t *testing.T) {
 	}
 	before := pool.Dump()
 	t.Setenv("VMSHADOW_TEST_POOL_PW", pool.Password)
+	hooks := make(chan map[string]any, 10)
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var m map[string]any
+		json.NewDecoder(r.Body).Decode(&m)
+		hooks <- m
+	}))
+	defer recv.Close()
 	g := newRigConns(t, nil, fmt.Sprintf(`  pool:
     type: xapi
     url: %s
@@ -379,7 +389,7 @@ func TestXAPIJob(t *testing.T) {
     password_env: VMSHADOW_TEST_POOL_PW
     ca: %s
 `, pool.URL, pool.User, pool.CAFile), `  - {name: web, type: backup, repository: main, vms: [{connection: pool, vms: ["web-*"]}], concurrency: {per_job: 2}}
-  - {name: ghost, type: backup, repository: main, vms: [{connection: pool, vms: ["nosuch"]}]}
+  - {name: ghost, type: backup, repository: main, vms: [{connection: pool, vms: ["nosuch"]}], notify: [{url: "`+recv.URL+`/hook"}]}
 `)
 	ctx := context.Background()
 	if err := g.s.Start(ctx); err != nil {
@@ -422,5 +432,37 @@ func TestXAPIJob(t *testing.T) {
 	log, _ := g.s.RunLog(ctx, r.ID, 0, 0)
 	if !hasLine(log, `VM "nosuch" is not found (3 VMs reachable)`) {
 		t.Fatalf("log of the job naming a missing VM: %+v", log)
+	}
+	// Its webhook tells of the failure.
+	select {
+	case m := <-hooks:
+		if m["job"] != "ghost" || m["status"] != state.Failed || m["run_id"] != float64(r.ID) {
+			t.Fatalf("notification: %v", m)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no notification of the failed run")
+	}
+	// Metrics: the runs by result and the VMs' last success.
+	rec := httptest.NewRecorder()
+	g.s.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	for _, want := range []string{`vmshadow_job_runs_total{job="web",kind="backup",result="succeeded"} 1`,
+		`vmshadow_job_runs_total{job="ghost",kind="backup",result="failed"} 1`} {
+		if !strings.Contains(body, want) {
+			t.Fatalf("metrics lack %s:\n%s", want, body)
+		}
+	}
+	// Repository statistics, computed in the background after the runs.
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		repos, err := g.s.Repositories(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if repos[0].Name == "main" && repos[0].Backups == 2 && repos[0].LogicalBytes == 8<<20 && repos[0].DedupFactor > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("repositories: %+v", repos)
+		}
 	}
 }

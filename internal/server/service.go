@@ -19,6 +19,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/schedule"
 	"github.com/vmshadow/vmshadow/internal/server/api"
 	"github.com/vmshadow/vmshadow/internal/server/config"
+	"github.com/vmshadow/vmshadow/internal/server/notify"
 	"github.com/vmshadow/vmshadow/internal/server/state"
 )
 
@@ -421,6 +422,9 @@ func (s *Server) putJob(ctx context.Context, name string, spec []byte) (*api.Job
 	if err != nil {
 		return nil, err
 	}
+	if _, err := notify.FromConfig(j); err != nil {
+		return nil, fmt.Errorf("job %s: %w", j.Name, err)
+	}
 	s.mu.Lock()
 	_, isAPI := s.apiSpecs[j.Name]
 	inFile := slices.ContainsFunc(s.cfg.Jobs, func(c *config.Job) bool { return c.Name == j.Name || c.Name == name })
@@ -441,7 +445,11 @@ func (s *Server) putJob(ctx context.Context, name string, spec []byte) (*api.Job
 	s.mu.Lock()
 	s.apiSpecs[j.Name] = spec
 	s.rebuildJobs()
+	err = s.notify.Configure(s.jobs)
 	s.mu.Unlock()
+	if err != nil {
+		s.log.Error("webhooks not reconfigured", "err", err)
+	}
 	s.replan()
 	return s.Job(ctx, j.Name)
 }
@@ -468,7 +476,11 @@ func (s *Server) DeleteJob(ctx context.Context, name string) error {
 	delete(s.apiSpecs, name)
 	delete(s.jobState, name)
 	s.rebuildJobs()
+	err := s.notify.Configure(s.jobs)
 	s.mu.Unlock()
+	if err != nil {
+		s.log.Error("webhooks not reconfigured", "err", err)
+	}
 	s.replan()
 	return nil
 }
@@ -523,7 +535,9 @@ func (s *Server) RunLog(ctx context.Context, id, after int64, limit int) ([]stat
 	return lines, err
 }
 
-// Repositories implements api.Service.
+// Repositories implements api.Service: the statistics as cached
+// (computed in the background after each job and when an hour old; absent
+// until first computed) and the last verify.
 func (s *Server) Repositories(ctx context.Context) ([]api.Repository, error) {
 	cfg := s.Config()
 	var names []string
@@ -539,22 +553,21 @@ func (s *Server) Repositories(ctx context.Context) ([]api.Repository, error) {
 			loc = redact.URL(loc)
 		}
 		ar := api.Repository{Name: n, Location: loc}
-		r, release, err := s.repository(ctx, n)
-		if err != nil {
-			ar.Error = err.Error()
-			out = append(out, ar)
-			continue
+		if st, ok := s.stats.Get(n); ok {
+			if st.Stats != nil {
+				ar.Backups, ar.VMs = st.Stats.Backups, st.Stats.VMs
+				ar.StoredBytes, ar.LogicalBytes, ar.DedupFactor = st.Stats.StoredBytes, st.Stats.LogicalBytes, st.Stats.DedupFactor
+				ar.StatsTime = st.Time
+			}
+			if st.Err != nil {
+				ar.Error = st.Err.Error()
+			}
 		}
-		bs, _, err := r.ListBackups(ctx)
-		release()
-		if err != nil {
-			ar.Error = err.Error()
+		if v, err := s.db.LastVerify(ctx, n); err == nil {
+			ar.LastVerify = &api.VerifyStatus{Run: v.Run, Time: v.Time, Backups: int(v.Backups), Problems: int(v.Problems)}
+		} else if !errors.Is(err, errs.ErrNotFound) {
+			return nil, err
 		}
-		vms := map[string]bool{}
-		for _, b := range bs {
-			vms[b.VM] = true
-		}
-		ar.Backups, ar.VMs = len(bs), len(vms)
 		out = append(out, ar)
 	}
 	return out, nil
