@@ -4,7 +4,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 export PATH := $(PATH):/usr/local/go/bin:$(shell $(GO) env GOPATH 2>/dev/null)/bin
 
-.PHONY: all build test unit lint demo bench bench-s3 deps fuzz clean
+.PHONY: all build package test unit lint demo bench bench-s3 deps fuzz clean
 
 include guest/guest.mk
 
@@ -12,6 +12,14 @@ all: build
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o bin/vmshadow ./cmd/vmshadow
+
+# The Debian package, DIST/vmshadow_VERSION_ARCH.deb: a static binary, the
+# systemd unit of vmshadow server, a sample config, completions, man pages.
+DIST ?= dist
+DEB_COMPRESS ?= xz
+package:
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS) -s -w' -o $(DIST)/vmshadow ./cmd/vmshadow
+	GO='$(GO)' DEB_COMPRESS='$(DEB_COMPRESS)' scripts/package-deb.sh $(DIST)/vmshadow '$(VERSION)' $(DIST)
 
 deps:
 	scripts/deps.sh test
@@ -51,4 +59,4 @@ lint:
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.7.0 ./...
 
 clean:
-	rm -rf bin
+	rm -rf bin dist

@@ -15,12 +15,17 @@ want mkfs.ext4 e2fsprogs
 want e2fsck e2fsprogs
 want cpio cpio
 want python3 python3
+want openssl openssl
 want /usr/bin/time time
 want mount mount
 case "${1:-test}" in
 test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       want swtpm swtpm; want swtpm_setup swtpm-tools
-      [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf" ;;
+      [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf"
+      # the Debian package's tests (packaging/deb)
+      want dpkg-deb dpkg; want systemd-analyze systemd; want man man-db
+      want groff groff-base; want zsh zsh; want fish fish
+      [ -e /usr/share/bash-completion/bash_completion ] || need="$need bash-completion" ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

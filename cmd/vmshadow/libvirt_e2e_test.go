@@ -14,6 +14,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/libvirttest"
 	libvirtprov "github.com/vmshadow/vmshadow/internal/provider/libvirt"
+	"github.com/vmshadow/vmshadow/internal/vmconn"
 )
 
 // These tests run the vmshadow binary against a real libvirtd
@@ -333,18 +334,18 @@ func TestLibvirtErrors(t *testing.T) {
 // the other kinds as before.
 func TestLibvirtWriterRebuild(t *testing.T) {
 	w0 := libvirtprov.NewFSFreeze("qemu:///system", "web1", nil)
-	w, err := rebuildWriter(w0.Spec())
+	w, err := vmconn.RebuildWriter(w0.Spec())
 	if err != nil {
 		t.Fatalf("rebuild %+v: %v", w0.Spec(), err)
 	}
 	if _, ok := w.(*libvirtprov.FSFreeze); !ok || w.Spec() != w0.Spec() {
 		t.Fatalf("rebuilt %T %+v, want the libvirt writer %+v", w, w.Spec(), w0.Spec())
 	}
-	h, err := rebuildWriter(coord.WriterSpec{Kind: "hook", Path: "/bin/true"})
+	h, err := vmconn.RebuildWriter(coord.WriterSpec{Kind: "hook", Path: "/bin/true"})
 	if err != nil || h.Spec().Kind != "hook" {
 		t.Fatalf("rebuild a hook: %v, %v", h, err)
 	}
-	if _, err := rebuildWriter(coord.WriterSpec{Kind: "no-such-kind"}); err == nil {
+	if _, err := vmconn.RebuildWriter(coord.WriterSpec{Kind: "no-such-kind"}); err == nil {
 		t.Fatal("an unknown writer kind was rebuilt")
 	}
 }

@@ -227,9 +227,9 @@ func tick(ctx context.Context, interval time.Duration, fn func()) (stop func()) 
 func newRepoCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "repo",
-		Short: "Create a backup repository or change its password",
+		Short: "Create a backup repository, change its password or show its statistics",
 	}
-	cmd.AddCommand(newRepoInitCmd(a), newRepoPasswdCmd(a))
+	cmd.AddCommand(newRepoInitCmd(a), newRepoPasswdCmd(a), newRepoStatsCmd(a))
 	return cmd
 }
 

@@ -18,7 +18,7 @@ import (
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/qga"
 	"github.com/vmshadow/vmshadow/internal/qmp"
-	"github.com/vmshadow/vmshadow/internal/writer"
+	"github.com/vmshadow/vmshadow/internal/vmconn"
 )
 
 // vmFlags are the flags that name a VM and the writers of its snapshot sets,
@@ -123,22 +123,9 @@ var (
 	_ livebackup.Provider = (*libvirtprov.Provider)(nil)
 )
 
-// writerKinds rebuild, from a journal, the writers of a provider package
-// (coord.WriterSpec.Kind to its FromSpec); other kinds are writer.FromSpec's.
-var writerKinds = map[string]func(coord.WriterSpec) (coord.Writer, error){
-	libvirtprov.WriterKind: libvirtprov.FromSpec,
-}
-
-// rebuildWriter is the coordinator's Rebuild: a journal's writer from its spec.
-func rebuildWriter(s coord.WriterSpec) (coord.Writer, error) {
-	if fn, ok := writerKinds[s.Kind]; ok {
-		return fn(s)
-	}
-	return writer.FromSpec(s)
-}
-
 // coordinator builds the coordinator for the flags: the one place that
-// maps the flags to a provider.
+// maps the flags to a vmconn target. The flag-specific refusals come
+// first, so their messages name the flags.
 func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	n := 0
 	for _, v := range []string{f.qmp, f.x.url, f.libvirt} {
@@ -153,6 +140,18 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		return nil, errorf(errs.ErrUsage, "--qmp is required (or --xapi URL --vm NAME|UUID for a XenServer / XCP-ng VM, or --libvirt qemu:///system --vm NAME|UUID for a libvirt domain)")
 	case f.guestAgent && f.libvirt == "":
 		return nil, errorf(errs.ErrUsage, "--guest-agent freezes through libvirt: it goes with --libvirt (with --qmp use --qga SOCKET)")
+	case f.libvirt != "" && f.qga != "":
+		return nil, errorf(errs.ErrUsage, "--qga is refused with --libvirt: libvirt owns the domain's guest agent channel; use --guest-agent to freeze through libvirt")
+	case f.libvirt != "" && len(f.guestHooks) > 0:
+		return nil, errorf(errs.ErrUsage, "--guest-hook is refused with --libvirt: libvirt offers no guest-exec that leaves the domain untainted; use --hook, or a fsfreeze hook script in the guest with --guest-agent")
+	case f.libvirt != "" && f.vm == "":
+		return nil, errorf(errs.ErrUsage, "--vm NAME|UUID (the domain) is required with --libvirt")
+	case f.x.url != "" && (f.qga != "" || len(f.guestHooks) > 0):
+		return nil, errorf(errs.ErrUsage, "--qga and --guest-hook talk to the QEMU guest agent, which XenServer VMs do not run: use --hook")
+	case f.x.url != "" && f.vm == "":
+		return nil, errorf(errs.ErrUsage, "--vm NAME|UUID is required with --xapi")
+	case len(f.guestHooks) > 0 && f.qga == "":
+		return nil, errorf(errs.ErrUsage, "--guest-hook runs through the guest agent: give --qga too")
 	}
 	f.applyPeerTimeout()
 	opts := coord.Options{FreezeTimeout: f.freezeTimeout, WriterTimeout: f.writerTimeout,
@@ -166,67 +165,21 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 		}
 		opts.Require = lvl
 	}
-	scratch := f.scratchDir
-	if scratch == "" {
-		scratch = filepath.Join(f.stateDir, "scratch")
-	}
-	c := &coord.Coordinator{
-		Journal: &coord.Journal{Dir: filepath.Join(f.stateDir, "journal")},
-		Rebuild: rebuildWriter,
-		Options: opts,
-	}
+	t := vmconn.Target{QMP: f.qmp, Libvirt: f.libvirt, VM: f.vm, XAPIInsecure: f.x.insecure, XAPINoPause: f.noPause, HostConns: f.hostConns}
 	switch {
 	case f.libvirt != "":
-		if f.qga != "" {
-			return nil, errorf(errs.ErrUsage, "--qga is refused with --libvirt: libvirt owns the domain's guest agent channel; use --guest-agent to freeze through libvirt")
-		}
-		if len(f.guestHooks) > 0 {
-			return nil, errorf(errs.ErrUsage, "--guest-hook is refused with --libvirt: libvirt offers no guest-exec that leaves the domain untainted; use --hook, or a fsfreeze hook script in the guest with --guest-agent")
-		}
-		if f.vm == "" {
-			return nil, errorf(errs.ErrUsage, "--vm NAME|UUID (the domain) is required with --libvirt")
-		}
 		if _, _, err := libvirtprov.ParseURI(f.libvirt); err != nil {
 			return nil, fmt.Errorf("--libvirt: %w", err)
 		}
-		c.Provider = libvirtprov.New(libvirtprov.Options{URI: f.libvirt, Domain: f.vm, ScratchDir: scratch, Warn: opts.Warn})
 	case f.x.url != "":
-		if f.qga != "" || len(f.guestHooks) > 0 {
-			return nil, errorf(errs.ErrUsage, "--qga and --guest-hook talk to the QEMU guest agent, which XenServer VMs do not run: use --hook")
-		}
-		if f.vm == "" {
-			return nil, errorf(errs.ErrUsage, "--vm NAME|UUID is required with --xapi")
-		}
 		cfg, err := f.x.config(a)
 		if err != nil {
 			return nil, err
 		}
-		c.Provider = xapiprov.New(xapiprov.Options{Pool: cfg, VM: f.vm, Insecure: f.x.insecure, NoPause: f.noPause, HostConns: f.hostConns, Warn: opts.Warn})
-	default:
-		c.Provider = qemu.New(qemu.Options{QMPPath: f.qmp, ScratchDir: scratch, Warn: opts.Warn})
+		t.XAPI = &cfg
 	}
-	for _, h := range f.hooks {
-		w, err := writer.NewHook(h)
-		if err != nil {
-			return nil, err
-		}
-		c.Writers = append(c.Writers, w)
-	}
-	if len(f.guestHooks) > 0 && f.qga == "" {
-		return nil, errorf(errs.ErrUsage, "--guest-hook runs through the guest agent: give --qga too")
-	}
-	if f.qga != "" {
-		ag := writer.NewAgent(f.qga, nil)
-		ag.Warn = opts.Warn
-		for _, g := range f.guestHooks {
-			c.Writers = append(c.Writers, writer.NewGuestHook(ag, g))
-		}
-		c.Writers = append(c.Writers, ag) // file systems freeze last, thaw first
-	}
-	if f.guestAgent {
-		c.Writers = append(c.Writers, libvirtprov.NewFSFreeze(f.libvirt, f.vm, nil)) // file systems freeze last
-	}
-	return c, nil
+	w := vmconn.Writers{QGA: f.qga, GuestAgent: f.guestAgent, Hooks: f.hooks, GuestHooks: f.guestHooks}
+	return vmconn.Coordinator(t, w, vmconn.Options{StateDir: f.stateDir, ScratchDir: f.scratchDir, Coord: opts})
 }
 
 // session builds the coordinator and opens its session: locked for

@@ -556,3 +556,17 @@ func (r *Repo) DropChunks(ctx context.Context, ids iter.Seq[ID], since time.Time
 	}
 	return n, nil
 }
+
+// DeleteBackup removes backup id's manifest, as prune removes the backups
+// its policy does not keep; gc frees its chunks later. The caller holds
+// the exclusive lock. An unknown ID is errs.ErrNotFound.
+func (r *Repo) DeleteBackup(ctx context.Context, id ID) error {
+	h := backend.Handle{Kind: backend.KindBackups, Name: id.String()}
+	if err := r.be.Delete(ctx, h); err != nil {
+		if backend.IsNotExist(err) {
+			return fmt.Errorf("backup %s: no such backup: %w", id.Short(), errs.ErrNotFound)
+		}
+		return fmt.Errorf("remove backup %s: %w", id.Short(), err)
+	}
+	return nil
+}

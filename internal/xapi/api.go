@@ -26,6 +26,14 @@ func (c *Client) VMsByName(ctx context.Context, name string) ([]string, error) {
 }
 
 // VMRecord is VM.get_record.
+// VMRecords returns every VM record of the pool by ref (VM.get_all_records:
+// templates, snapshots and control domains included).
+func (c *Client) VMRecords(ctx context.Context) (map[string]VM, error) {
+	var out map[string]VM
+	err := c.Call(ctx, "VM.get_all_records", &out)
+	return out, err
+}
+
 func (c *Client) VMRecord(ctx context.Context, ref string) (VM, error) {
 	var r VM
 	return r, c.Call(ctx, "VM.get_record", &r, ref)

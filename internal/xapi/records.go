@@ -32,6 +32,8 @@ type VM struct {
 	Snapshots   []string          `json:"snapshots"`
 	VBDs        []string          `json:"VBDs"`
 	OtherConfig map[string]string `json:"other_config"`
+	// IsControlDomain marks a host's dom0, which is never backed up.
+	IsControlDomain bool `json:"is_control_domain"`
 }
 
 // VBD is the part of a VBD record vmshadow reads.

@@ -39,6 +39,7 @@ func init() {
 		"VM.get_by_uuid":              {1, (*Server).vmByUUID},
 		"VM.get_by_name_label":        {1, (*Server).vmsByName},
 		"VM.get_record":               {1, (*Server).vmRecord},
+		"VM.get_all_records":          {0, (*Server).vmRecords},
 		"VM.snapshot":                 {2, (*Server).vmSnapshot},
 		"VM.destroy":                  {1, (*Server).vmDestroy},
 		"VM.pause":                    {1, (*Server).vmPause},
@@ -283,6 +284,25 @@ func (s *Server) vmsByName(_ string, a []any) (any, *apiError) {
 	}
 	sort.Strings(refs)
 	return refs, nil
+}
+
+// vmRecords answers VM.get_all_records: every VM, template and snapshot,
+// and, as on a real pool, the control domain of the master (dom0).
+func (s *Server) vmRecords(m string, _ []any) (any, *apiError) {
+	out := map[string]any{}
+	for ref := range s.vms {
+		rec, e := s.vmRecord(m, []any{ref})
+		if e != nil {
+			return nil, e
+		}
+		out[ref] = rec
+	}
+	out["OpaqueRef:control-domain-master"] = map[string]any{
+		"uuid": "00000000-0000-0000-0000-00000000d0d0", "name_label": "Control domain on host: master", "power_state": "Running",
+		"is_a_template": false, "is_a_snapshot": false, "snapshot_of": nullRef, "snapshots": []string{}, "VBDs": []string{},
+		"VIFs": []string{}, "other_config": map[string]string{}, "is_control_domain": true,
+	}
+	return out, nil
 }
 
 func (s *Server) vmRecord(_ string, a []any) (any, *apiError) {

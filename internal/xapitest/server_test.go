@@ -44,7 +44,7 @@ func TestWireFormat(t *testing.T) {
 	if m["jsonrpc"] != "2.0" || m["id"] != 7.0 || e["message"] != "SESSION_AUTHENTICATION_FAILED" || e["data"].([]any)[0] != "root" {
 		t.Fatalf("v2 error: %v", m)
 	}
-	m = rawCall(t, c, s, `{"method":"VM.get_all_records","params":["OpaqueRef:x"],"id":"a"}`)
+	m = rawCall(t, c, s, `{"method":"VM.no_such_call","params":["OpaqueRef:x"],"id":"a"}`)
 	if m["result"] != nil || m["error"].([]any)[0] != "MESSAGE_METHOD_UNKNOWN" {
 		t.Fatalf("v1 error: %v", m)
 	}

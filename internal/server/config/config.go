@@ -1,6 +1,7 @@
 // Package config owns the YAML configuration file of the vmshadow server
 // (default /etc/vmshadow/server.yaml): its listen addresses, state
-// directory, repositories, hypervisor connections and jobs. [Parse] reads
+// directory, repositories, hypervisor connections, jobs and the webhooks
+// told when a job's run ends (notify). [Parse] reads
 // and validates a file in one pass and returns every mistake at once, each
 // naming the file, line and column, the setting and what to do:
 //
@@ -51,6 +52,9 @@ type Config struct {
 	Repositories map[string]*Repository
 	Connections  map[string]*Connection
 	Jobs         []*Job
+	// Notify is the top-level notify list: the webhooks of every job
+	// that has no notify key of its own.
+	Notify []Webhook
 }
 
 // Listen is one address the API listens on.
@@ -68,6 +72,28 @@ type Listen struct {
 type Secret struct {
 	File string
 	Env  string
+}
+
+// Read returns the secret: the file's first line, or the variable's
+// value. Errors name the file or variable, never the secret.
+func (s Secret) Read() ([]byte, error) {
+	if s.Env != "" {
+		v, ok := os.LookupEnv(s.Env)
+		if !ok || v == "" {
+			return nil, fmt.Errorf("environment variable %s is not set or empty: set it in the server's environment (a systemd unit: Environment= or EnvironmentFile=): %w", s.Env, errs.ErrUsage)
+		}
+		return []byte(v), nil
+	}
+	b, err := os.ReadFile(s.File)
+	if err != nil {
+		return nil, fmt.Errorf("read password file: %w", err)
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	line = strings.TrimSuffix(line, "\r")
+	if line == "" {
+		return nil, fmt.Errorf("password file %s: the first line is empty: %w", s.File, errs.ErrUsage)
+	}
+	return []byte(line), nil
 }
 
 // Repository is a named repository.
@@ -100,6 +126,15 @@ type Connection struct {
 	Insecure bool
 	// libvirt: the connection URI.
 	URI string
+	// QMP: the guest agent socket of each VM, a path with {vm} standing
+	// for the VM's name ("" when the VMs have none configured).
+	GuestAgent string
+}
+
+// GuestAgentPath is vm's guest agent socket on a QMP connection ("" when
+// none is configured).
+func (c *Connection) GuestAgentPath(vm string) string {
+	return strings.ReplaceAll(c.GuestAgent, "{vm}", vm)
 }
 
 // Job types.
@@ -128,10 +163,13 @@ type Job struct {
 	Repository string // backup, verify, prune, gc
 
 	// backup
-	VMs           []VMSelector
-	Hooks         []string // host hooks (--hook)
-	GuestHooks    []string // guest hooks (--guest-hook)
-	Require       string   // "", "filesystem" or "application" (--require)
+	VMs        []VMSelector
+	Hooks      []string // host hooks (--hook)
+	GuestHooks []string // guest hooks (--guest-hook)
+	// GuestAgent freezes the guest's file systems through its agent: a QMP
+	// connection's guest_agent socket (--qga), libvirt's (--guest-agent).
+	GuestAgent    bool
+	Require       string // "", "filesystem" or "application" (--require)
 	Retention     retention.Policy
 	FullEveryDays int // 0: never a forced full backup
 	PerJob        int // VMs backed up at once by this job
@@ -146,6 +184,10 @@ type Job struct {
 	// copy
 	From, To string
 	CopyVMs  []string // names or globs; empty: every VM
+
+	// Notify is where the job's ended runs are reported: its own notify
+	// list, else the top-level one (an empty notify: [] turns that off).
+	Notify []Webhook
 }
 
 // VMSelector picks VMs of one connection: the names or globs, or every VM
@@ -264,6 +306,10 @@ func (p *parser) mapping(n *yaml.Node, path string, fields map[string]func(key, 
 		seen[name] = true
 		h, ok := fields[name]
 		if !ok {
+			if name == "secret" && fields["secret_file"] != nil {
+				p.errAt(k, kp, "a secret is never written in the configuration file: put it in a file readable only by the server and name it with secret_file, or name an environment variable with secret_env")
+				continue
+			}
 			if name == "password" {
 				p.errAt(k, kp, "a password is never written in the configuration file: put it in a file readable only by the server and name it with password_file, or name an environment variable with password_env")
 				continue
@@ -466,7 +512,7 @@ func (p *parser) parse(data []byte) *Config {
 		Repositories: map[string]*Repository{},
 		Connections:  map[string]*Connection{},
 	}
-	var listenNode, jobsNode, reposNode, connsNode *yaml.Node
+	var listenNode, jobsNode, reposNode, connsNode, notifyNode *yaml.Node
 	if !p.mapping(root, "", map[string]func(k, v *yaml.Node){
 		"listen":       func(k, v *yaml.Node) { listenNode = v },
 		"state_dir":    func(k, v *yaml.Node) { cfg.StateDir, _ = p.absPath(v, "state_dir") },
@@ -474,6 +520,7 @@ func (p *parser) parse(data []byte) *Config {
 		"repositories": func(k, v *yaml.Node) { reposNode = v },
 		"connections":  func(k, v *yaml.Node) { connsNode = v },
 		"jobs":         func(k, v *yaml.Node) { jobsNode = v },
+		"notify":       func(k, v *yaml.Node) { notifyNode = v },
 	}) {
 		return nil
 	}
@@ -495,6 +542,9 @@ func (p *parser) parse(data []byte) *Config {
 				cfg.Connections[name] = c
 			}
 		})
+	}
+	if notifyNode != nil {
+		cfg.Notify = p.webhooks("notify", notifyNode)
 	}
 	if jobsNode != nil {
 		names := map[string]bool{}
@@ -702,7 +752,7 @@ var libvirtSchemeRe = regexp.MustCompile(`^[a-z][a-z0-9]*(\+(ssh|libssh|libssh2|
 
 func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 	c := &Connection{Name: name}
-	var typeNode, socketsNode, urlNode, uriNode, userNode, caNode, insecureNode *yaml.Node
+	var typeNode, socketsNode, urlNode, uriNode, userNode, caNode, insecureNode, qgaNode *yaml.Node
 	fields := map[string]func(k, v *yaml.Node){
 		"type":     func(k, v *yaml.Node) { typeNode = v; c.Type, _ = p.str(v, path+".type") },
 		"sockets":  func(k, v *yaml.Node) { socketsNode = v; c.Sockets = p.strList(v, path+".sockets") },
@@ -711,6 +761,13 @@ func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 		"ca":       func(k, v *yaml.Node) { caNode = v; c.CA, _ = p.absPath(v, path+".ca") },
 		"insecure": func(k, v *yaml.Node) { insecureNode = v; c.Insecure = p.boolean(v, path+".insecure") },
 		"uri":      func(k, v *yaml.Node) { uriNode = v; c.URI, _ = p.str(v, path+".uri") },
+		"guest_agent": func(k, v *yaml.Node) {
+			qgaNode = v
+			c.GuestAgent, _ = p.absPath(v, path+".guest_agent")
+			if c.GuestAgent != "" && !strings.Contains(c.GuestAgent, "{vm}") {
+				p.errAt(v, path+".guest_agent", "%q does not contain {vm}: give each VM's guest agent socket as a path with {vm} for the VM's name (/run/qemu/{vm}.qga)", c.GuestAgent)
+			}
+		},
 	}
 	p.secretFields(path, &c.Password, fields)
 	if !p.mapping(n, path, fields) {
@@ -769,6 +826,7 @@ func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 		}
 		notFor(socketsNode, "sockets")
 		notFor(uriNode, "uri")
+		notFor(qgaNode, "guest_agent")
 		p.checkSecret(n, path, c.Password, "pool password")
 	case Libvirt:
 		switch {
@@ -788,6 +846,7 @@ func (p *parser) connection(name, path string, n *yaml.Node) *Connection {
 		notFor(socketsNode, "sockets")
 		notFor(urlNode, "url")
 		notFor(insecureNode, "insecure")
+		notFor(qgaNode, "guest_agent")
 		if c.Password.File != "" && c.Password.Env != "" {
 			p.errAt(n, path, "both password_file and password_env: keep one")
 		}

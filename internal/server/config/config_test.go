@@ -4,6 +4,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 )
 
 // head is a valid beginning that the cases extend; it is 12 lines long, so
@@ -33,7 +34,17 @@ jobs:
     repository: local
     vms: [{connection: lab}]
 `},
+		{"guest agent of a qmp connection", head + `    sockets: [/run/qemu/*.qmp]
+    guest_agent: /run/qemu/{vm}.qga
+jobs:
+  - name: consistent
+    type: backup
+    repository: local
+    vms: [{connection: lab}]
+    writers: {guest_agent: true, guest_hooks: [/usr/sbin/flush], require: application}
+`},
 		{"loopback ipv6 plain", "listen:\n  - address: tcp:[::1]:8080\n    plain_tcp: true\n"},
+		{"notify to localhost, https with a port", "listen: [{address: unix:/a}]\nnotify:\n  - {url: \"http://localhost:9095/\", on: [cancelled, skipped], timeout: 5m}\n  - {url: \"https://alerts.example.net:8443\", secret_env: HOOK_SECRET, timeout: 1s}\n"},
 		{"libvirt local", "listen: [{address: unix:/a}]\nconnections:\n  k:\n    type: libvirt\n    uri: qemu:///system\n"},
 		{"seconds schedule", head + `    sockets: [/run/qemu/*.qmp]
 jobs:
@@ -95,7 +106,7 @@ repositories:
 `, []string{
 			`server.yaml:17:17: jobs[0].repository: repository "nosuch" is not defined under repositories (defined: local, s3repo)`,
 			`server.yaml:19:21: jobs[0].vms[0].connection: connection "ghost" is not defined under connections (defined: lab)`,
-			`server.yaml:20:5: jobs[0].schedul: unknown key "schedul"; valid keys here: catch_up, concurrency, enabled, from, full_every_days, grace, name, random_delay, repository, retention, reverify_after_days, schedule, time_limit, timezone, to, type, vms, writers`,
+			`server.yaml:20:5: jobs[0].schedul: unknown key "schedul"; valid keys here: catch_up, concurrency, enabled, from, full_every_days, grace, name, notify, random_delay, repository, retention, reverify_after_days, schedule, time_limit, timezone, to, type, vms, writers`,
 			`server.yaml:21:28: jobs[0].concurrency.per_job: 0 out of range 1-64`,
 			`server.yaml:22:5: jobs[1].name: job "a" is defined twice; job names must be unique`,
 		}},
@@ -176,6 +187,29 @@ connections:
 			`server.yaml:16:10: connections.l2.uri: "qemu+ssh://host" names no path: add /system or /session`,
 			`server.yaml:18:11: connections.v.type: "vmware": want qmp, xapi or libvirt`,
 			`server.yaml:20:5: connections.n.type: missing: give qmp, xapi or libvirt`,
+		}},
+		{"guest agent writers", head + qmp + `    guest_agent: /run/qemu/agent.sock
+  pool:
+    type: xapi
+    url: https://xen
+    password_env: XEN_PASSWORD
+    guest_agent: /a/{vm}
+jobs:
+  - name: a
+    type: backup
+    repository: local
+    vms: [{connection: lab}, {connection: pool}]
+    writers: {guest_agent: true}
+  - name: b
+    type: backup
+    repository: local
+    vms: [{connection: lab}]
+    writers: {guest_hooks: [/usr/sbin/flush]}
+`, []string{
+			`server.yaml:14:18: connections.lab.guest_agent: "/run/qemu/agent.sock" does not contain {vm}: give each VM's guest agent socket as a path with {vm} for the VM's name (/run/qemu/{vm}.qga)`,
+			`server.yaml:19:18: connections.pool.guest_agent: not a setting of a xapi connection`,
+			`server.yaml:25:14: jobs[0].writers.guest_agent: connection "pool" is a XenServer pool, whose VMs run no QEMU guest agent: use hooks`,
+			`server.yaml:30:14: jobs[1].writers.guest_hooks: guest hooks run through the guest agent: set guest_agent: true`,
 		}},
 		{"job settings", head + qmp + `jobs:
   - name: b
@@ -281,6 +315,62 @@ jobs:
 			`server.yaml:1: not valid YAML (at or just after this line): did not find expected ',' or ']'`,
 		}},
 		{"empty", "", []string{`server.yaml: the file is empty; see docs/server.yaml.sample`}},
+		{"notify urls", `listen: [{address: unix:/a}]
+notify:
+  - url: http://alerts.example.net/hook
+  - url: https://bot:pw@alerts.example.net/hook
+  - url: "https://alerts.example.net/hook?token=abc"
+  - url: "https://alerts.example.net/hook#x"
+  - url: ftp://alerts.example.net/hook
+  - url: /hook
+  - url: https://a.example.net/hook
+  - url: https://a.example.net/hook
+  - url: http://127.0.0.1:9000/hook
+    ca: /etc/ca.pem
+  - secret_file: /s
+`, []string{
+			`server.yaml:3:10: notify[0].url: plain http is accepted to a loopback host only (127.0.0.1, [::1], localhost), not "alerts.example.net": the run's details would cross the network in clear; use https`,
+			`server.yaml:4:10: notify[1].url: user info in the URL is not accepted (it would be logged and sent in clear to proxies): authenticate the deliveries with secret_file or secret_env (an HMAC signature)`,
+			`server.yaml:5:10: notify[2].url: "https://alerts.example.net/hook?…": a query string is not accepted (it is where tokens hide, and URLs end up in logs): authenticate the deliveries with secret_file or secret_env (an HMAC signature)`,
+			`server.yaml:6:10: notify[3].url: "https://alerts.example.net/hook#x": a #fragment is never sent to the server: remove it`,
+			`server.yaml:7:10: notify[4].url: "ftp://alerts.example.net/hook": want https://HOST[:PORT]/PATH`,
+			`server.yaml:8:10: notify[5].url: "/hook": want https://HOST[:PORT]/PATH`,
+			`server.yaml:10:5: notify[7].url: https://a.example.net/… is already listed above: merge the two entries' on lists`,
+			`server.yaml:12:9: notify[8].ca: ca applies to https URLs only`,
+			`server.yaml:13:5: notify[9].url: missing: give the receiver's URL (https://HOST/PATH)`,
+		}},
+		{"notify settings", head + qmp + `notify: {url: https://a.example.net/}
+jobs:
+  - name: b
+    type: verify
+    repository: local
+    notify:
+      - url: https://hooks.example.net/x
+        secret: s3cr3t
+        secret_env: "HOOK SECRET"
+        on: [failure, sucess, failure]
+        timeout: 0s
+        ca: ca.pem
+        retries: 3
+      - url: https://hooks2.example.net/x
+        secret_file: /etc/vmshadow/hook.secret
+        secret_env: HOOK_SECRET
+        on: []
+      - url: https://hooks3.example.net/x
+        on: failure
+`, []string{
+			`server.yaml:14:9: notify: want a list (lines starting with -), got a mapping`,
+			`server.yaml:21:9: jobs[0].notify[0].secret: a secret is never written in the configuration file: put it in a file readable only by the server and name it with secret_file, or name an environment variable with secret_env`,
+			`server.yaml:22:21: jobs[0].notify[0].secret_env: "HOOK SECRET" is not an environment variable name (letters, digits and _; not the secret itself)`,
+			`server.yaml:23:23: jobs[0].notify[0].on[1]: "sucess": want failure, success, interrupted, cancelled, skipped`,
+			`server.yaml:23:31: jobs[0].notify[0].on[2]: "failure" listed twice`,
+			`server.yaml:24:18: jobs[0].notify[0].timeout: 0s out of range 1s-5m0s`,
+			`server.yaml:25:13: jobs[0].notify[0].ca: "ca.pem" is not an absolute path; write it from /`,
+			`server.yaml:26:9: jobs[0].notify[0].retries: unknown key "retries"; valid keys here: ca, on, secret_env, secret_file, timeout, url`,
+			`server.yaml:27:9: jobs[0].notify[1]: both secret_file and secret_env: keep one`,
+			`server.yaml:30:13: jobs[0].notify[1].on: empty: list at least one of failure, success, interrupted, cancelled, skipped (or remove the webhook)`,
+			`server.yaml:32:13: jobs[0].notify[2].on: want a list (lines starting with -), got "failure"`,
+		}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := Parse("server.yaml", []byte(c.yaml))
@@ -315,6 +405,13 @@ connections:
   l:
     type: libvirt
     uri: "qemu+ssh://root:hunter2@host/system"
+notify:
+  - url: "https://bot:hunter2@hooks.example.net/x"
+  - url: "https://hooks.example.net/x?token=hunter2"
+  - url: "http://hooks.example.net/x?token=hunter2"
+  - url: "ftp://hooks.example.net/x?token=hunter2"
+  - url: "https://hooks.example.net/x"
+    secret: hunter2
 `
 	_, err := Parse("server.yaml", []byte(y))
 	if err == nil {
@@ -323,8 +420,8 @@ connections:
 	if strings.Contains(err.Error(), "hunter2") {
 		t.Errorf("an error shows the secret:\n%v", err)
 	}
-	if n := strings.Count(err.Error(), "\n") + 1; n < 5 {
-		t.Errorf("%d errors, want at least 5:\n%v", n, err)
+	if n := strings.Count(err.Error(), "\n") + 1; n < 10 {
+		t.Errorf("%d errors, want at least 10:\n%v", n, err)
 	}
 }
 
@@ -332,6 +429,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(head + "    sockets: [/run/qemu/*.qmp]\njobs:\n  - name: a\n    type: backup\n    repository: local\n    vms: [{connection: lab, vms: [a*]}]\n    schedule: \"0 2 * * *\"\n"))
 	f.Add([]byte("listen: [{address: tcp:[::1]:1, plain_tcp: true}]\n"))
 	f.Add([]byte("a: &x [*x]\n"))
+	f.Add([]byte("listen: [{address: unix:/a}]\nnotify: [{url: \"https://h/p\", on: [failure], secret_env: S, timeout: 1m}]\njobs: [{name: x, type: gc, repository: r, notify: []}]\n"))
 	f.Add([]byte("listen:\n- {address: unix:/a}\njobs: [{name: x, type: gc, repository: r, grace: 1d2h}]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := Parse("f.yaml", data)
@@ -345,4 +443,87 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestParseJob: a job given alone (the API's JSON) is validated against
+// the configuration's repositories and connections.
+func TestParseJob(t *testing.T) {
+	cfg, err := Parse("server.yaml", []byte(head+"    sockets: [/run/qemu/*.qmp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := ParseJob(cfg, "request", []byte(`{"name": "api-nightly", "type": "backup", "repository": "local",
+		"vms": [{"connection": "lab", "vms": ["db*"]}], "schedule": "@daily", "retention": {"keep_last": 3}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Name != "api-nightly" || j.Repository != "local" || len(j.VMs) != 1 || j.VMs[0].Names[0] != "db*" || j.Retention.Last != 3 || j.Schedule.String() != "@daily" || !j.Enabled {
+		t.Fatalf("job: %+v", j)
+	}
+	_, err = ParseJob(cfg, "request", []byte(`{"name": "x", "type": "backup", "repository": "nosuch", "vms": [{"connection": "lab"}], "extra": 1}`))
+	want := `request:1:89: job.extra: unknown key "extra"`
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `repository "nosuch" is not defined`) {
+		t.Fatalf("bad job: %v, want %s", err, want)
+	}
+	if _, err := ParseJob(cfg, "request", []byte(`[1`)); err == nil {
+		t.Fatal("malformed JSON accepted")
+	}
+}
+
+// The top-level notify list applies to the jobs without a notify key; a
+// job's own list replaces it, and notify: [] turns it off. Unset keys get
+// their defaults.
+func TestNotifyInheritance(t *testing.T) {
+	y := head + `    sockets: [/run/qemu/*.qmp]
+notify:
+  - url: https://alerts.example.net/hooks/vmshadow
+    secret_env: HOOK_SECRET
+jobs:
+  - {name: inherits, type: verify, repository: local}
+  - name: own
+    type: verify
+    repository: local
+    notify:
+      - url: "http://[::1]:9000/hook"
+        on: [success, skipped]
+        timeout: 2m
+      - url: https://hooks.example.net/x
+        secret_file: /etc/vmshadow/hook.secret
+        ca: /etc/vmshadow/hooks-ca.pem
+  - {name: silent, type: verify, repository: local, notify: []}
+`
+	cfg, err := Parse("server.yaml", []byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Notify) != 1 {
+		t.Fatalf("top-level notify: %+v", cfg.Notify)
+	}
+	top := cfg.Notify[0]
+	if top.URL != "https://alerts.example.net/hooks/vmshadow" || top.Secret != (Secret{Env: "HOOK_SECRET"}) ||
+		strings.Join(top.On, ",") != "failure,interrupted" || top.Timeout != 10*time.Second || top.CA != "" || top.Line != 15 {
+		t.Errorf("top-level webhook with defaults: %+v", top)
+	}
+	if got := top.Redacted(); got != "https://alerts.example.net/…" {
+		t.Errorf("redacted %q", got)
+	}
+	if !top.Wants(OnFailure) || !top.Wants(OnInterrupted) || top.Wants(OnSuccess) {
+		t.Errorf("Wants with the default on: %v", top.On)
+	}
+	inherits, own, silent := cfg.Jobs[0], cfg.Jobs[1], cfg.Jobs[2]
+	if len(inherits.Notify) != 1 || inherits.Notify[0].URL != top.URL {
+		t.Errorf("inherits: %+v", inherits.Notify)
+	}
+	if len(own.Notify) != 2 {
+		t.Fatalf("own: %+v", own.Notify)
+	}
+	if w := own.Notify[0]; w.URL != "http://[::1]:9000/hook" || strings.Join(w.On, ",") != "success,skipped" || w.Timeout != 2*time.Minute || w.Secret != (Secret{}) {
+		t.Errorf("own[0]: %+v", w)
+	}
+	if w := own.Notify[1]; w.Secret.File != "/etc/vmshadow/hook.secret" || w.CA != "/etc/vmshadow/hooks-ca.pem" || w.Redacted() != "https://hooks.example.net/…" {
+		t.Errorf("own[1]: %+v", w)
+	}
+	if silent.Notify == nil || len(silent.Notify) != 0 {
+		t.Errorf("silent: %+v", silent.Notify)
+	}
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/schedule"
@@ -27,7 +28,7 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 	fields := map[string]func(k, v *yaml.Node){}
 	for _, k := range []string{"name", "type", "schedule", "timezone", "random_delay", "catch_up", "enabled", "time_limit",
 		"repository", "vms", "writers", "retention", "full_every_days", "concurrency",
-		"reverify_after_days", "grace", "from", "to"} {
+		"reverify_after_days", "grace", "from", "to", "notify"} {
 		fields[k] = at(k)
 	}
 	if !p.mapping(n, path, fields) {
@@ -86,6 +87,11 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 	if v := keys["time_limit"]; v != nil {
 		j.TimeLimit, _ = p.duration(v, path+".time_limit", time.Minute, maxTimeLimit)
 	}
+	if v := keys["notify"]; v != nil {
+		j.Notify = p.webhooks(path+".notify", v)
+	} else {
+		j.Notify = cfg.Notify
+	}
 
 	// Which keys each type takes, besides the common ones.
 	allowed := map[string][]string{
@@ -132,6 +138,7 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 		}
 		if v := keys["writers"]; v != nil {
 			p.writers(j, path+".writers", v)
+			p.checkWriters(cfg, j, path+".writers", v)
 		}
 		if v := keys["retention"]; v != nil {
 			p.retention(j, path+".retention", v, loc)
@@ -251,12 +258,37 @@ func (p *parser) writers(j *Job, path string, n *yaml.Node) {
 		"hooks":       func(k, v *yaml.Node) { j.Hooks = p.hookPaths(path+".hooks", v) },
 		"guest_hooks": func(k, v *yaml.Node) { j.GuestHooks = p.hookPaths(path+".guest_hooks", v) },
 		"require":     func(k, v *yaml.Node) { reqNode = v; j.Require, _ = p.str(v, path+".require") },
+		"guest_agent": func(k, v *yaml.Node) { j.GuestAgent = p.boolean(v, path+".guest_agent") },
 	})
 	switch j.Require {
 	case "", "filesystem", "application":
 	default:
 		p.errAt(reqNode, path+".require", "%q: want filesystem or application", j.Require)
 		j.Require = ""
+	}
+}
+
+// checkWriters refuses writers a selected connection cannot run: the
+// guest agent of a QMP connection without guest_agent, or of a XenServer
+// pool; guest hooks without the QEMU guest agent.
+func (p *parser) checkWriters(cfg *Config, j *Job, path string, n *yaml.Node) {
+	if len(j.GuestHooks) > 0 && !j.GuestAgent {
+		p.errAt(n, path+".guest_hooks", "guest hooks run through the guest agent: set guest_agent: true")
+	}
+	if !j.GuestAgent {
+		return
+	}
+	for _, sel := range j.VMs {
+		c := cfg.Connections[sel.Connection]
+		switch {
+		case c == nil:
+		case c.Type == QMP && c.GuestAgent == "":
+			p.errAt(n, path+".guest_agent", "connection %q has no guest_agent socket path: add guest_agent: /run/qemu/{vm}.qga (the path of each VM's agent socket) to it", c.Name)
+		case c.Type == XAPI:
+			p.errAt(n, path+".guest_agent", "connection %q is a XenServer pool, whose VMs run no QEMU guest agent: use hooks", c.Name)
+		case c.Type == Libvirt && len(j.GuestHooks) > 0:
+			p.errAt(n, path+".guest_hooks", "connection %q is libvirt, which offers no guest-exec that leaves the domain untainted: use hooks, or a fsfreeze hook script in the guest", c.Name)
+		}
 	}
 }
 
@@ -290,4 +322,35 @@ func (p *parser) retention(j *Job, path string, n *yaml.Node, loc *time.Location
 	if r.Empty() && len(p.errs) == before {
 		p.errAt(n, path, "keeps nothing: set at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly (-1 keeps all)")
 	}
+}
+
+// ParseJob validates one job given as data (a YAML or JSON mapping with
+// the keys of an entry of jobs, named name in messages) against cfg's
+// repositories, connections and time zone: the jobs created through the
+// server's API. Mistakes are an [Errors], as for Parse.
+func ParseJob(cfg *Config, name string, data []byte) (*Job, error) {
+	p := &parser{file: name}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		p.yamlError(err)
+		return nil, p.errs
+	}
+	if doc.Kind == 0 || len(doc.Content) == 0 {
+		p.errAt(nil, "", "empty: give the job as a mapping (name, type, ...)")
+		return nil, p.errs
+	}
+	if a := hasAlias(&doc, 0); a != nil {
+		p.errAt(a, "", "YAML anchors and aliases (& and *) are not supported; write the values out")
+		return nil, p.errs
+	}
+	j := p.job(cfg, "job", doc.Content[0])
+	if len(p.errs) > 0 {
+		sort.SliceStable(p.errs, func(i, k int) bool {
+			a, b := p.errs[i], p.errs[k]
+			return a.Line < b.Line || a.Line == b.Line && a.Column < b.Column
+		})
+		return nil, p.errs
+	}
+	j.Line = 0
+	return j, nil
 }

@@ -49,10 +49,17 @@ func TestSampleValidates(t *testing.T) {
 	if next := j.Schedule.Next(time.Date(2026, 12, 2, 12, 0, 0, 0, time.UTC)); !next.Equal(time.Date(2026, 12, 3, 0, 30, 0, 0, time.UTC)) {
 		t.Errorf("nightly next run %s", next)
 	}
-	if j := cfg.Jobs[1]; j.Schedule.Every() != 15*time.Minute || j.FullEveryDays != 0 {
+	if len(cfg.Notify) != 1 || cfg.Notify[0].Secret.File != "/etc/vmshadow/webhook.secret" || strings.Join(cfg.Notify[0].On, ",") != "failure,interrupted" {
+		t.Errorf("top-level notify: %+v", cfg.Notify)
+	}
+	if len(j.Notify) != 2 || strings.Join(j.Notify[0].On, ",") != "failure,interrupted,cancelled,success" ||
+		j.Notify[1].URL != "http://127.0.0.1:9095/vmshadow" || j.Notify[1].Timeout != 5*time.Second || j.Notify[1].Secret != (Secret{}) {
+		t.Errorf("nightly notify: %+v", j.Notify)
+	}
+	if j := cfg.Jobs[1]; j.Schedule.Every() != 15*time.Minute || j.FullEveryDays != 0 || j.Notify == nil || len(j.Notify) != 0 {
 		t.Errorf("frequent-db: %+v", j)
 	}
-	if j := cfg.Jobs[2]; j.ReverifyAfterDays != 30 {
+	if j := cfg.Jobs[2]; j.ReverifyAfterDays != 30 || len(j.Notify) != 1 || j.Notify[0].URL != cfg.Notify[0].URL {
 		t.Errorf("verify: %+v", j)
 	}
 	if j := cfg.Jobs[3]; j.Retention.Monthly != -1 || j.Retention.Location.String() != "Europe/Berlin" {
@@ -83,7 +90,7 @@ func TestLoadErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := Load(bad)
-	if err == nil || err.Error() != `server.yaml:3:1: stat_dir: unknown key "stat_dir"; valid keys here: connections, jobs, listen, repositories, state_dir, timezone` {
+	if err == nil || err.Error() != `server.yaml:3:1: stat_dir: unknown key "stat_dir"; valid keys here: connections, jobs, listen, notify, repositories, state_dir, timezone` {
 		t.Errorf("typo: %v", err)
 	}
 	if !errors.Is(err, errs.ErrUsage) {

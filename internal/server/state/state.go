@@ -1,8 +1,9 @@
 // Package state owns the vmshadow server's database: one SQLite file,
 // STATE_DIR/server.db (the pure-Go driver modernc.org/sqlite, no cgo),
 // holding the history of job runs (each run, each VM's result in it, their
-// log lines) and the API tokens (stored as SHA-256 hashes, never the
-// token itself).
+// log lines), the API tokens (stored as SHA-256 hashes, never the
+// token itself), and what the metrics read: run totals per job and status
+// that outlive Expire, and each repository's verify results.
 //
 // The repository stays the source of truth for backups: the database can
 // be deleted and the server still lists every backup; only run history
@@ -36,7 +37,7 @@ import (
 const FileName = "server.db"
 
 // schemaVersion is the newest schema this vmshadow writes.
-const schemaVersion = 1
+var schemaVersion = len(migrations)
 
 // migrations[i] moves the schema from version i to i+1.
 var migrations = []string{
@@ -84,6 +85,52 @@ var migrations = []string{
 		last_used INTEGER,
 		revoked INTEGER
 	);`,
+	// 1 -> 2: jobs' state across restarts; backups' last verification.
+	`CREATE TABLE job_state (
+		name TEXT PRIMARY KEY,
+		enabled INTEGER,
+		last_slot INTEGER
+	);
+	CREATE TABLE api_jobs (
+		name TEXT PRIMARY KEY,
+		spec TEXT NOT NULL
+	);
+	CREATE TABLE verified (
+		repository TEXT NOT NULL,
+		backup TEXT NOT NULL,
+		time INTEGER NOT NULL,
+		PRIMARY KEY (repository, backup)
+	);`,
+	// 2 -> 3: run totals that outlive Expire (the metrics' run counters,
+	// kept by triggers, seeded from the runs already recorded), and the
+	// results of verify runs (metrics.go).
+	`CREATE TABLE run_totals (
+		job TEXT NOT NULL,
+		kind TEXT NOT NULL,
+		status TEXT NOT NULL,
+		count INTEGER NOT NULL,
+		PRIMARY KEY (job, kind, status)
+	);
+	INSERT INTO run_totals (job, kind, status, count)
+		SELECT job, kind, status, count(*) FROM runs WHERE status != 'running' GROUP BY job, kind, status;
+	CREATE TRIGGER run_totals_insert AFTER INSERT ON runs WHEN new.status != 'running' BEGIN
+		INSERT INTO run_totals (job, kind, status, count) VALUES (new.job, new.kind, new.status, 1)
+			ON CONFLICT (job, kind, status) DO UPDATE SET count = count + 1;
+	END;
+	CREATE TRIGGER run_totals_end AFTER UPDATE OF status ON runs WHEN old.status = 'running' AND new.status != 'running' BEGIN
+		INSERT INTO run_totals (job, kind, status, count) VALUES (new.job, new.kind, new.status, 1)
+			ON CONFLICT (job, kind, status) DO UPDATE SET count = count + 1;
+	END;
+	CREATE TABLE verifies (
+		id INTEGER PRIMARY KEY,
+		repository TEXT NOT NULL,
+		time INTEGER NOT NULL,
+		run INTEGER,
+		backups INTEGER NOT NULL,
+		chunks INTEGER NOT NULL,
+		problems INTEGER NOT NULL
+	);
+	CREATE INDEX verifies_repository ON verifies (repository, time);`,
 }
 
 // DB is the server's open database. It is safe for concurrent use.

@@ -261,3 +261,74 @@ func TestConcurrentWriters(t *testing.T) {
 		t.Fatalf("%d runs, want 100", len(list))
 	}
 }
+
+// TestJobStateAndVerified: the kept enabled choice and last slot of a job
+// survive reopening the database; verified backups are found by time.
+func TestJobStateAndVerified(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	d, err := Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := false
+	slot := time.Date(2026, 12, 3, 1, 30, 0, 0, time.UTC)
+	if err := d.SetJobEnabled(ctx, "nightly", &off); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetLastSlot(ctx, "nightly", slot); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetLastSlot(ctx, "weekly", slot.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Verified(ctx, "local", []string{"aa", "bb"}, slot); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Verified(ctx, "local", []string{"bb"}, slot.Add(48*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	if d, err = Open(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	st, err := d.JobStates(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := st["nightly"]; n.Enabled == nil || *n.Enabled || !n.LastSlot.Equal(slot) {
+		t.Fatalf("nightly: %+v", n)
+	}
+	if w := st["weekly"]; w.Enabled != nil || !w.LastSlot.Equal(slot.Add(time.Hour)) {
+		t.Fatalf("weekly: %+v", w)
+	}
+	if err := d.SetJobEnabled(ctx, "nightly", nil); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ = d.JobStates(ctx); st["nightly"].Enabled != nil || !st["nightly"].LastSlot.Equal(slot) {
+		t.Fatalf("forgotten choice: %+v", st["nightly"])
+	}
+	if err := d.PutAPIJob(ctx, "api1", []byte(`{"name":"api1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.PutAPIJob(ctx, "api1", []byte(`{"name":"api1","type":"gc"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if jobs, err := d.APIJobs(ctx); err != nil || len(jobs) != 1 || string(jobs["api1"]) != `{"name":"api1","type":"gc"}` {
+		t.Fatalf("API jobs: %q %v", jobs, err)
+	}
+	if err := d.DeleteAPIJob(ctx, "nightly"); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ = d.JobStates(ctx); st["nightly"].Enabled != nil || !st["nightly"].LastSlot.IsZero() {
+		t.Fatalf("state of a deleted job kept: %+v", st["nightly"])
+	}
+	v, err := d.VerifiedSince(ctx, "local", slot.Add(24*time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v) != 1 || !v["bb"].Equal(slot.Add(48*time.Hour)) {
+		t.Fatalf("verified since: %v", v)
+	}
+}
