@@ -206,7 +206,7 @@ func TestEndpoints(t *testing.T) {
 					t.Errorf("Location %q", l)
 				}
 			}},
-		{"PUT", "/api/v1/jobs/n2", adminTok, `{"type":"backup","schedule":"@daily"}`, 200, []string{`UpdateJob(n2,{"type":"backup","schedule":"@daily"})`}, nil},
+		{"PUT", "/api/v1/jobs/n2", adminTok, `{"type":"backup","schedule":"@daily"}`, 200, []string{`UpdateJob(n2,{"name":"n2","schedule":"@daily","type":"backup"})`}, nil},
 		{"PUT", "/api/v1/jobs/n2", adminTok, `{"name":"n2"}`, 200, []string{`UpdateJob(n2,{"name":"n2"})`}, nil},
 		{"DELETE", "/api/v1/jobs/n2", adminTok, "", 204, []string{"DeleteJob(n2)"}, nil},
 		{"POST", "/api/v1/jobs/nightly/run", operatorTok, "", 202, []string{"RunJob(nightly)"}, func(t *testing.T, w *httptest.ResponseRecorder) {

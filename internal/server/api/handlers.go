@@ -241,7 +241,8 @@ func (h *handler) getJob(c *call) error {
 }
 
 // jobSpec reads a job spec: a JSON object whose "name", if any (required
-// when pathName is ""), is a string and equals pathName.
+// when pathName is ""), is a string and equals pathName; a spec without
+// one gets pathName.
 func (c *call) jobSpec(pathName string) ([]byte, error) {
 	b, err := c.readBody()
 	if err != nil {
@@ -270,6 +271,11 @@ func (c *call) jobSpec(pathName string) ([]byte, error) {
 		}
 	case ok && name != pathName:
 		return nil, fmt.Errorf("request body names job %q but the path names %q: a job cannot be renamed (create the new one, delete the old): %w", name, pathName, errs.ErrUsage)
+	case !ok:
+		// PUT without a name: the path's, so that the service always
+		// gets a whole job.
+		m["name"], _ = json.Marshal(pathName)
+		return json.Marshal(m)
 	}
 	return b, nil
 }
