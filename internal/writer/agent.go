@@ -67,7 +67,17 @@ func (a *Agent) Prepare(ctx context.Context, _ coord.SetContext) error {
 	if len(a.mountpoints) > 0 {
 		cmd = "guest-fsfreeze-freeze-list"
 	}
-	if !info.Supports(cmd) || !info.Supports("guest-fsfreeze-thaw") {
+	if !info.Supports("guest-fsfreeze-thaw") {
+		return fmt.Errorf("the guest agent (version %s) does not offer guest-fsfreeze-thaw (disabled with --blacklist/-b?): %w", info.Version, errs.ErrUnsupported)
+	}
+	if !info.Supports(cmd) {
+		// While the guest is frozen the agent disables every command but
+		// a few, the thaw among them (qga/main.c, ga_freeze_allowlist): a
+		// guest left frozen must still be thawed (Freeze refuses to
+		// freeze it again).
+		if st, err := c.FreezeStatus(ctx); err == nil && st == "frozen" {
+			return nil
+		}
 		return fmt.Errorf("the guest agent (version %s) does not offer %s (disabled with --blacklist/-b?): %w", info.Version, cmd, errs.ErrUnsupported)
 	}
 	return nil

@@ -116,9 +116,12 @@ func (a *Agent) serve(conn net.Conn) {
 			w.WriteByte(0xFF)
 			reply(args.ID)
 		case "guest-info":
+			// While frozen, qemu-ga disables every command but those of
+			// its freeze allow-list (qga/main.c, ga_freeze_allowlist).
 			cmds := []map[string]any{}
 			for _, c := range []string{"guest-ping", "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw", "guest-fsfreeze-status"} {
-				cmds = append(cmds, map[string]any{"name": c, "enabled": true})
+				allowed := c != "guest-fsfreeze-freeze" && c != "guest-fsfreeze-freeze-list"
+				cmds = append(cmds, map[string]any{"name": c, "enabled": allowed || !a.frozen})
 			}
 			reply(map[string]any{"version": "fake", "supported_commands": cmds})
 		case "guest-ping":
