@@ -498,7 +498,7 @@ func (s *Server) recoverVMs(ctx context.Context, r state.Run, names []string) {
 				sess.Close()
 				if err == nil {
 					s.log.Info("recovered the snapshot set of an interrupted run", "run", r.ID, "vm", vm.Name, "thawed", rep.Thawed, "removed", rep.Removed)
-					if e := s.db.Log(ctx, r.ID, time.Now(), "warning", vm.Name, fmt.Sprintf("recovered at the server's start: thawed %v, removed %v", rep.Thawed, rep.Removed)); e != nil {
+					if _, e := s.db.Log(ctx, r.ID, time.Now(), "warning", vm.Name, fmt.Sprintf("recovered at the server's start: thawed %v, removed %v", rep.Thawed, rep.Removed)); e != nil {
 						s.log.Error("record a log line", "err", e)
 					}
 				}

@@ -162,10 +162,12 @@ func (r *run) logf(s *Server, level slog.Level, vm, format string, a ...any) {
 	lv := map[slog.Level]string{slog.LevelInfo: "info", slog.LevelWarn: "warning", slog.LevelError: "error"}[level]
 	s.log.Log(context.Background(), level, msg, "run", r.info.ID, "job", r.job.Name, "vm", vm)
 	at := time.Now()
-	if err := s.db.Log(context.Background(), r.info.ID, at, lv, vm, msg); err != nil {
+	id, err := s.db.Log(context.Background(), r.info.ID, at, lv, vm, msg)
+	if err != nil {
 		s.log.Error("record a log line", "run", r.info.ID, "err", err)
+		return // a line without an ID would break the event stream's resume
 	}
-	r.publish(api.Event{Type: "log", Data: state.LogLine{Time: at, Level: lv, VM: vm, Message: msg}})
+	r.publish(api.Event{Type: "log", Data: state.LogLine{ID: id, Time: at, Level: lv, VM: vm, Message: msg}})
 }
 
 // setProgress publishes a progress event and keeps it for new watchers.

@@ -127,7 +127,7 @@ func (s *Server) notifyLog(e notify.Entry) {
 	level := map[string]slog.Level{"info": slog.LevelInfo, "warning": slog.LevelWarn, "error": slog.LevelError}[e.Level]
 	s.log.Log(context.Background(), level, "notification: "+e.String(), "job", e.Job, "run", e.RunID)
 	if e.RunID != 0 {
-		if err := s.db.Log(context.Background(), e.RunID, e.Time, e.Level, "", "notification: "+e.String()); err != nil {
+		if _, err := s.db.Log(context.Background(), e.RunID, e.Time, e.Level, "", "notification: "+e.String()); err != nil {
 			s.log.Error("record a log line", "run", e.RunID, "err", err)
 		}
 	}

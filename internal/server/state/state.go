@@ -484,12 +484,13 @@ type LogLine struct {
 	Message string    `json:"message"`
 }
 
-// Log appends a line to run's log.
-func (d *DB) Log(ctx context.Context, run int64, at time.Time, level, vm, msg string) error {
-	if _, err := d.db.ExecContext(ctx, "INSERT INTO log (run, time, level, vm, message) VALUES (?, ?, ?, ?, ?)", run, unix(at), level, vm, msg); err != nil {
-		return fmt.Errorf("log of run %d: %w", run, err)
+// Log appends a line to run's log and returns its ID.
+func (d *DB) Log(ctx context.Context, run int64, at time.Time, level, vm, msg string) (int64, error) {
+	res, err := d.db.ExecContext(ctx, "INSERT INTO log (run, time, level, vm, message) VALUES (?, ?, ?, ?, ?)", run, unix(at), level, vm, msg)
+	if err != nil {
+		return 0, fmt.Errorf("log of run %d: %w", run, err)
 	}
-	return nil
+	return res.LastInsertId()
 }
 
 // LogLines returns run's log lines after line ID after (0: from the

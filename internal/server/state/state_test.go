@@ -49,7 +49,7 @@ func TestRunsSurviveAKill(t *testing.T) {
 	if err := d.EndVM(ctx, VMResult{Run: done, VM: "db1", Status: Failed, Ended: t0.Add(2 * time.Minute), Error: "boom"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Log(ctx, done, t0, "info", "web1", "backup abc stored"); err != nil {
+	if _, err := d.Log(ctx, done, t0, "info", "web1", "backup abc stored"); err != nil {
 		t.Fatal(err)
 	}
 	if err := d.EndRun(ctx, done, Failed, "1 of 2 VMs failed", t0.Add(2*time.Minute)); err != nil {
@@ -237,7 +237,7 @@ func TestConcurrentWriters(t *testing.T) {
 			for i := range 25 {
 				id, err := d.StartRun(ctx, "job", "backup", "schedule", t0)
 				if err == nil {
-					err = d.Log(ctx, id, t0, "info", "", "line")
+					_, err = d.Log(ctx, id, t0, "info", "", "line")
 				}
 				if err == nil {
 					err = d.EndRun(ctx, id, Succeeded, "", t0.Add(time.Duration(w*100+i)*time.Second))
