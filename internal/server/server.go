@@ -48,7 +48,7 @@ type Server struct {
 	stats  *metrics.StatsCache
 
 	ctx    context.Context // the server's life; cancelled by Close
-	cancel context.CancelFunc
+	cancel context.CancelCauseFunc
 	wg     sync.WaitGroup // runs and the scheduler
 	wake   chan struct{}  // the scheduler re-plans
 
@@ -90,7 +90,7 @@ func New(ctx context.Context, o Options) (*Server, error) {
 	s := &Server{opts: o, log: o.Log, db: db, cfg: cfg, wake: make(chan struct{}, 1),
 		repos: map[string]*repoHandle{}, jobState: map[string]*jobState{}, runs: map[int64]*run{},
 		vmBusy: map[string]int64{}, hostSem: map[string]chan struct{}{}, serves: map[string]*serve{}}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	states, err := db.JobStates(ctx)
 	if err != nil {
 		db.Close()
@@ -219,7 +219,7 @@ func (s *Server) Reload() error {
 // repositories left valid), waits for them until ctx ends, and closes
 // the repositories and the database.
 func (s *Server) Close(ctx context.Context) error {
-	s.cancel()
+	s.cancel(errStopping)
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
