@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"os/exec"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
+	"github.com/vmshadow/vmshadow/internal/server/api"
 	"github.com/vmshadow/vmshadow/internal/server/state"
 	"github.com/vmshadow/vmshadow/internal/xapitest"
 )
@@ -287,6 +289,45 @@ func TestJobs(t *testing.T) {
 		t.Fatalf("the refused second run is not recorded as skipped: %+v", all[0])
 	}
 
+	// Restore and instant restore of vm2's latest backup (vm2 has not
+	// changed since): both hold its disk.
+	var latest api.Backup
+	bs, err := g.s.Backups(ctx, api.BackupFilter{VM: "vm2", Limit: 1})
+	if err != nil || len(bs) != 1 {
+		t.Fatalf("vm2's backups: %v %v", bs, err)
+	}
+	latest = bs[0]
+	disk := g.vms["vm2"].Disk("vda").Path
+	out := filepath.Join(g.dir, "restored")
+	res, err := g.s.Restore(ctx, api.RestoreRequest{Repository: "main", Backup: latest.ShortID, To: out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Files) != 1 || res.Files[0].Disk != "vda" {
+		t.Fatalf("restored: %+v", res)
+	}
+	compare(t, res.Files[0].Path, disk)
+	if _, err := g.s.Restore(ctx, api.RestoreRequest{Repository: "main", Backup: latest.ShortID, To: out}); err == nil {
+		t.Fatal("a restore over existing files succeeded")
+	}
+	sv, err := g.s.StartServe(ctx, api.ServeRequest{Repository: "main", Backup: latest.ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	compare(t, sv.URI, disk)
+	if list, _ := g.s.Serves(ctx); len(list) != 1 || list[0].ID != sv.ID {
+		t.Fatalf("serves: %+v", list)
+	}
+	if err := g.s.StopServe(ctx, sv.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.s.StopServe(ctx, sv.ID); !errors.Is(err, errs.ErrNotFound) {
+		t.Fatalf("stop twice: %v", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(g.dir, "state", "serve")); len(ents) != 0 {
+		t.Fatalf("left in the serve directory: %v", ents)
+	}
+
 	// Jobs defined through the API: created, run, updated, kept across a
 	// restart of the server's state, deleted; the file's jobs are not
 	// theirs to change.
@@ -464,5 +505,18 @@ func TestXAPIJob(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("repositories: %+v", repos)
 		}
+	}
+}
+
+// compare checks with qemu-img that a (a file or an NBD URI) holds what
+// the qcow2 image b of a running VM holds.
+func compare(t *testing.T, a, b string) {
+	t.Helper()
+	args := []string{"compare", "-U", "-F", "qcow2", a, b}
+	if !strings.HasPrefix(a, "nbd") {
+		args = []string{"compare", "-U", "-f", "raw", "-F", "qcow2", a, b}
+	}
+	if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img %s: %v: %s", strings.Join(args, " "), err, out)
 	}
 }

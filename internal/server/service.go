@@ -606,7 +606,11 @@ func (s *Server) Restore(ctx context.Context, req api.RestoreRequest) (*api.Rest
 	} else {
 		return nil, err
 	}
-	files, err := restore.Plan(sel, req.To+string(filepath.Separator), format)
+	dest := req.To + string(filepath.Separator) // several disks: DIR/NAME.EXT each
+	if len(sel) == 1 {
+		dest = filepath.Join(req.To, sel[0].Name+restore.Formats[format].Ext)
+	}
+	files, err := restore.Plan(sel, dest, format)
 	if err != nil {
 		return nil, err
 	}
