@@ -1,0 +1,107 @@
+package filerestore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/fsproto"
+	"github.com/vmshadow/vmshadow/internal/nbd"
+)
+
+func fileDisk(t *testing.T, name, path string) Disk {
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	e, err := nbd.NewFileExport(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Disk{Name: name, Export: e}
+}
+
+// TestSessionPartitionsAndFiles boots the helper with a GPT disk (ext4 and
+// an empty partition) and an MBR disk (ext2), and checks the inventory,
+// listings and file bytes against the files the disks were made with.
+func TestSessionPartitionsAndFiles(t *testing.T) {
+	h := BuildHelperForTest(t)
+	dir := t.TempDir()
+	tree := TestTree(1)
+	MakeTestDisk(t, filepath.Join(dir, "a.img"), "gpt", []TestPart{{SizeMiB: 16, FSType: "ext4", Files: tree, Label: "root"}, {SizeMiB: 2, FSType: "empty"}})
+	MakeTestDisk(t, filepath.Join(dir, "b.img"), "mbr", []TestPart{{SizeMiB: 8, FSType: "ext2", Files: tree[:4]}})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	s, err := Start(ctx, []Disk{fileDisk(t, "vda", filepath.Join(dir, "a.img")), fileDisk(t, "sdb", filepath.Join(dir, "b.img"))}, Options{Helper: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	t.Logf("helper booted in %s (kernel %s)", s.Boot, s.Kernel)
+	got := map[string]string{}
+	for _, f := range s.FS {
+		got[f.Name] = f.Type + "|" + f.Table + "|" + f.Label
+	}
+	want := map[string]string{"vda": "|gpt|", "vda1": "ext4||root", "vda2": "||", "sdb": "|mbr|", "sdb1": "ext2||"}
+	if len(got) != len(want) {
+		t.Fatalf("file systems %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s: %q, want %q", k, got[k], v)
+		}
+	}
+	if _, err := s.Find(""); !errors.Is(err, errs.ErrUsage) {
+		t.Errorf("Find of no name with two file systems: %v, want a usage error", err)
+	}
+	if _, err := s.Find("vda2"); !errors.Is(err, errs.ErrUnsupported) {
+		t.Errorf("Find(vda2), an empty partition: %v, want unsupported", err)
+	}
+	fs, err := s.Find("vda1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tf := range tree {
+		e, err := s.Stat(ctx, fs, "/"+tf.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		typ := tf.Type
+		if typ == "" {
+			typ = "file"
+		}
+		if e.Type != typ || e.UID != uint32(tf.UID) || e.GID != uint32(tf.GID) || e.Mtime != tf.Time.UnixNano() || e.Link != tf.Link ||
+			(typ != "symlink" && e.Mode != uint32(tf.Mode)) || (typ == "file" && e.Size != int64(len(tf.Data))) {
+			t.Errorf("%s: %+v, want %+v", tf.Path, *e, tf)
+		}
+		if typ == "file" {
+			var b bytes.Buffer
+			if err := s.ReadFile(ctx, fs, "/"+tf.Path, e.Size, &b); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(b.Bytes(), tf.Data) {
+				t.Errorf("%s: content differs", tf.Path)
+			}
+		}
+	}
+	var names []string
+	if err := s.List(ctx, fs, "/etc", func(e fsproto.Entry) error { names = append(names, e.Name); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if !sort.StringsAreSorted(names) || len(names) != 3 || names[0] != "hostname" || names[1] != "link" || names[2] != "nginx" {
+		t.Errorf("list /etc: %v", names)
+	}
+	if _, err := s.Stat(ctx, fs, "/etc/nope"); !errors.Is(err, errs.ErrNotFound) {
+		t.Errorf("stat of a missing file: %v, want not found", err)
+	}
+	if err := s.List(ctx, fs, "/etc/hostname", func(fsproto.Entry) error { return nil }); !errors.Is(err, errs.ErrNotFound) {
+		t.Errorf("list of a file: %v, want not found (not a directory)", err)
+	}
+}
