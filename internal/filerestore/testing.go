@@ -227,7 +227,7 @@ func mkfs(t testing.TB, img, dir string, i int, p TestPart) {
 	case "vfat":
 		testutil.NeedCommand(t, "mkfs.vfat")
 		testutil.NeedCommand(t, "mcopy")
-		run(t, nil, "mkfs.vfat", "-n", strings.ToUpper(p.Label+"X")[:len(p.Label+"X")-1], img)
+		run(t, nil, "mkfs.vfat", "-n", strings.ToUpper(p.Label + "X")[:len(p.Label+"X")-1], img)
 		entries, _ := os.ReadDir(src)
 		for _, e := range entries {
 			run(t, nil, "mcopy", "-s", "-p", "-m", "-i", img, filepath.Join(src, e.Name()), "::/"+e.Name())
