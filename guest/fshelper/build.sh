@@ -4,7 +4,11 @@
 #   vmlinux     the Debian kernel (linux-image-amd64's dependency) decompressed
 #               from its bzImage; QEMU boots it directly through PVH
 #   initrd.img  gzip'd newc cpio: the agent (guest/fshelper/agent, static Go)
-#               as /init and the kernel modules of guest/fshelper/modules.txt
+#               as /init, the kernel modules of guest/fshelper/modules.txt,
+#               and lvm (LVM) and ntfs-3g (NTFS) with their libraries, copied
+#               from the host's Debian packages lvm2 and ntfs-3g when installed
+#               (scripts/deps.sh test installs them; without them the helper
+#               reads no LVM or NTFS and says so)
 #   manifest.txt  what went in, with versions
 #
 # Usage: guest/fshelper/build.sh [OUTDIR]
@@ -49,19 +53,32 @@ kver=$(aptc policy "$kpkg" | awk '/Candidate:/ {print $2}')
 [ -n "$kver" ] && [ "$kver" != "(none)" ] || die "no installable version of $kpkg"
 MODULES=$(grep -v '^#' "$here/modules.txt" | tr '\n' ' ')
 
+# The package is kept (the helper's module list may change); its members
+# are unpacked once per module list.
 d="$cache/debs/$kpkg=$kver"
-if [ ! -e "$d/.done" ]; then
-	rm -rf "$d" && mkdir -p "$d/x"
+if ! ls "$d"/*.deb >/dev/null 2>&1; then
+	rm -rf "$d" && mkdir -p "$d"
 	log "downloading $kpkg=$kver"
 	(cd "$d" && apt-get download -q "$kpkg=$kver" >/dev/null 2>"$d/apt.log") ||
 		{ cat "$d/apt.log" >&2; die "apt-get download $kpkg=$kver failed"; }
-	# shellcheck disable=SC2046
-	dpkg-deb --fsys-tarfile "$d"/*.deb | tar -x -C "$d/x" --wildcards --wildcards-match-slash \
-		'./boot/vmlinuz-*' './boot/config-*' $(for m in $MODULES; do echo "*/$m.ko"; done)
-	rm -f "$d"/*.deb
-	: >"$d/.done"
 fi
-kdir=$d/x
+kdir=$d/x-$(echo "$MODULES" | sha256sum | cut -c1-8)
+if [ ! -e "$kdir/.done" ]; then
+	rm -rf "$kdir" && mkdir -p "$kdir"
+	# shellcheck disable=SC2046
+	dpkg-deb --fsys-tarfile "$d"/*.deb | tar -x -C "$kdir" --wildcards --wildcards-match-slash \
+		'./boot/vmlinuz-*' './boot/config-*' $(for m in $MODULES; do echo "*/$m.ko"; done)
+	: >"$kdir/.done"
+fi
+
+# Tools copied from the host with their libraries (as guest/build.sh does
+# for qemu-ga): lvm from lvm2, ntfs-3g from ntfs-3g.
+TOOLS=""
+for t in /usr/sbin/lvm /sbin/lvm /usr/bin/ntfs-3g /bin/ntfs-3g; do
+	[ -x "$t" ] || continue
+	case " $TOOLS " in *" ${t##*/}="*) ;; *) TOOLS="$TOOLS ${t##*/}=$(readlink -f "$t")" ;; esac
+done
+libs() { ldd "$1" | awk '/=>/ && $3 ~ /^\// {print $3} !/=>/ && $1 ~ /^\// {print $1}'; }
 
 agent_srcs() {
 	for f in "$here"/agent/*.go "$root"/internal/fsproto/*.go; do
@@ -74,6 +91,10 @@ key=$(
 		agent_srcs
 		go version
 		echo "$kpkg=$kver"
+		for tv in $TOOLS; do
+			echo "$tv $(sha256sum <"${tv#*=}")"
+			for l in $(libs "${tv#*=}"); do echo "$l $(sha256sum <"$l")"; done
+		done
 	} | sha256sum | cut -c1-16
 )
 out=$cache/build-$key
@@ -104,6 +125,13 @@ if [ ! -e "$out/.done" ]; then
 		cp "$f" "$r/lib/modules/$m.ko"
 	done
 	echo "$MODULES" >"$r/lib/modules/order"
+	for tv in $TOOLS; do
+		cp "${tv#*=}" "$r/bin/${tv%%=*}"
+		for l in $(libs "${tv#*=}"); do
+			mkdir -p "$r$(dirname "$l")"
+			cp -L "$l" "$r$l"
+		done
+	done
 	(cd "$root" && CGO_ENABLED=0 GOFLAGS='' go build -trimpath -buildvcs=false \
 		-ldflags='-s -w -buildid=' -o "$r/init" ./guest/fshelper/agent) || die "go build of the agent failed"
 	find "$r" -exec touch -h -d @0 {} +
@@ -113,6 +141,11 @@ if [ ! -e "$out/.done" ]; then
 		echo "packages: $kpkg=$kver"
 		echo "kernel: $krel"
 		echo "modules: $MODULES"
+		echo "tools (copied from the host):${TOOLS:- none}"
+		for tv in $TOOLS; do
+			o=$(dpkg -S "${tv#*=}" 2>/dev/null | cut -d: -f1)
+			echo "  ${tv%%=*} $o $(dpkg-query -W -f '${Version}' "$o" 2>/dev/null || true)"
+		done
 		go version
 		for f in vmlinux initrd.img; do echo "  $f $(stat -c %s "$stage/$f")"; done
 	} >"$stage/manifest.txt"

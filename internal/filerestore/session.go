@@ -341,7 +341,7 @@ func inventory(disks []Disk, devs []fsproto.Device) []FS {
 			f.Name, f.Disk, f.Table = disk, disk, fsproto.Printable(d.Table, 10)
 		}
 		switch f.Type {
-		case "ext2", "ext3", "ext4", "xfs", "vfat", "btrfs":
+		case "ext2", "ext3", "ext4", "xfs", "vfat", "btrfs", "ntfs":
 			f.usable = true
 		}
 		out = append(out, f)

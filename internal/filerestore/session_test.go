@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -104,4 +105,76 @@ func TestSessionPartitionsAndFiles(t *testing.T) {
 	if err := s.List(ctx, fs, "/etc/hostname", func(fsproto.Entry) error { return nil }); !errors.Is(err, errs.ErrNotFound) {
 		t.Errorf("list of a file: %v, want not found (not a directory)", err)
 	}
+}
+
+// TestSessionMoreFileSystems: xfs on GPT, and LVM (an ext4 and an xfs
+// logical volume) on MBR, and NTFS on a whole disk.
+func TestSessionMoreFileSystems(t *testing.T) {
+	h := BuildHelperForTest(t)
+	dir := t.TempDir()
+	tree := TestTree(8)
+	vg := fmt.Sprintf("vmsf%d", time.Now().UnixNano()%1000000)
+	MakeTestDisk(t, filepath.Join(dir, "a.img"), "gpt", []TestPart{{SizeMiB: 40, FSType: "xfs", Files: tree, Label: "data"}})
+	MakeTestDisk(t, filepath.Join(dir, "b.img"), "mbr", []TestPart{{SizeMiB: 72, FSType: "lvm", VG: vg, LVs: []TestPart{
+		{Name: "root", SizeMiB: 16, FSType: "ext4", Files: tree},
+		{Name: "srv", SizeMiB: 40, FSType: "xfs", Files: tree[:4]}}}})
+	ntfsFiles := []TestFile{{Path: "hello.txt", Data: []byte("hello from NTFS\n")}, {Path: "big.bin", Data: tree[7].Data}}
+	MakeTestDisk(t, filepath.Join(dir, "c.img"), "none", []TestPart{{SizeMiB: 16, FSType: "ntfs", Files: ntfsFiles, Label: "win"}})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	s, err := Start(ctx, []Disk{fileDisk(t, "vda", filepath.Join(dir, "a.img")), fileDisk(t, "vdb", filepath.Join(dir, "b.img")),
+		fileDisk(t, "vdc", filepath.Join(dir, "c.img"))}, Options{Helper: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, n := range s.Notes {
+		t.Logf("note: %s", n)
+	}
+	got := map[string]string{}
+	for _, f := range s.FS {
+		got[f.Name] = f.Type
+	}
+	want := map[string]string{"vda": "", "vda1": "xfs", "vdb": "", "vdb1": "LVM2_member", "lvm:" + vg + "/root": "ext4", "lvm:" + vg + "/srv": "xfs", "vdc": "ntfs"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("file systems %v, want %v", got, want)
+	}
+	check := func(fsName string, files []TestFile, times bool) {
+		t.Helper()
+		fs, err := s.Find(fsName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tf := range files {
+			e, err := s.Stat(ctx, fs, "/"+tf.Path)
+			if err != nil {
+				t.Fatalf("%s: %v", fsName, err)
+			}
+			typ := cmpOr(tf.Type, "file")
+			if e.Type != typ || e.Link != tf.Link || (times && e.Mtime != tf.Time.UnixNano()) ||
+				(fsName != "vdc" && (e.UID != uint32(tf.UID) || e.GID != uint32(tf.GID) || (typ != "symlink" && e.Mode != uint32(tf.Mode)))) {
+				t.Errorf("%s:%s: %+v, want %+v", fsName, tf.Path, *e, tf)
+			}
+			if typ == "file" {
+				var b bytes.Buffer
+				if err := s.ReadFile(ctx, fs, "/"+tf.Path, e.Size, &b); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(b.Bytes(), tf.Data) {
+					t.Errorf("%s:%s: content differs", fsName, tf.Path)
+				}
+			}
+		}
+	}
+	check("vda1", tree, false) // mkfs.xfs -p sets no times
+	check("lvm:"+vg+"/root", tree, true)
+	check("lvm:"+vg+"/srv", tree[:4], false)
+	check("vdc", ntfsFiles, false)
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
 }

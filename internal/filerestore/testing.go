@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -136,10 +137,19 @@ func modeBits(m os.FileMode) os.FileMode {
 // table is "none").
 type TestPart struct {
 	SizeMiB int
-	FSType  string // ext4, ext2, xfs, vfat, raw (Raw bytes written as they are), empty (zeros)
-	Files   []TestFile
-	Raw     []byte
-	Label   string
+	// FSType: ext4, ext2, xfs, vfat, ntfs (files in the root only), lvm
+	// (an LVM physical volume of volume group VG holding LVs), raw (Raw
+	// bytes written as they are), empty (zeros).
+	FSType string
+	Files  []TestFile
+	Raw    []byte
+	Label  string
+	// LVM: the volume group and its logical volumes (Name, SizeMiB,
+	// FSType, Files of each).
+	VG  string
+	LVs []TestPart
+	// Name of a logical volume.
+	Name string
 }
 
 // MakeTestDisk writes a raw disk image at path: a partition table
@@ -232,6 +242,30 @@ func mkfs(t testing.TB, img, dir string, i int, p TestPart) {
 		for _, e := range entries {
 			run(t, nil, "mcopy", "-s", "-p", "-m", "-i", img, filepath.Join(src, e.Name()), "::/"+e.Name())
 		}
+	case "xfs":
+		testutil.NeedCommand(t, "mkfs.xfs")
+		proto := filepath.Join(dir, fmt.Sprintf("proto%d", i))
+		if err := os.WriteFile(proto, []byte(xfsProto(t, src)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args := []string{"-q", "-f", "-p", proto}
+		if p.Label != "" {
+			args = append(args, "-L", p.Label)
+		}
+		// The fstests variables let mkfs.xfs make a file system under 300 MB.
+		runEnv(t, []string{"TEST_DIR=1", "TEST_DEV=1", "QA_CHECK_FS=1"}, nil, "mkfs.xfs", append(args, img)...)
+	case "ntfs":
+		testutil.NeedCommand(t, "mkntfs")
+		testutil.NeedCommand(t, "ntfscp")
+		run(t, nil, "mkntfs", "-F", "-Q", "-q", "-L", p.Label, img)
+		for _, f := range p.Files {
+			if f.Type != "" && f.Type != "file" || strings.Contains(f.Path, "/") {
+				t.Fatalf("MakeTestDisk: ntfs takes files in its root only, not %s", f.Path)
+			}
+			run(t, nil, "ntfscp", "-f", "-q", img, filepath.Join(src, f.Path), "/"+f.Path)
+		}
+	case "lvm":
+		makeLVM(t, img, dir, i, p)
 	case "raw", "empty":
 	default:
 		t.Fatalf("MakeTestDisk: file system %q", p.FSType)
@@ -240,12 +274,141 @@ func mkfs(t testing.TB, img, dir string, i int, p TestPart) {
 
 func run(t testing.TB, stdin *strings.Reader, name string, args ...string) {
 	t.Helper()
+	runEnv(t, nil, stdin, name, args...)
+}
+
+func runEnv(t testing.TB, env []string, stdin *strings.Reader, name string, args ...string) string {
+	t.Helper()
 	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), env...)
 	if stdin != nil {
 		cmd.Stdin = stdin
 	}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// xfsProto returns the mkfs.xfs prototype file of the tree under src.
+func xfsProto(t testing.TB, src string) string {
+	t.Helper()
+	var b strings.Builder
+	b.WriteString("/dev/null\n0 0\n")
+	mode := func(fi os.FileInfo) string {
+		st := fi.Sys().(*syscall.Stat_t)
+		c := "-"
+		switch {
+		case fi.IsDir():
+			c = "d"
+		case fi.Mode()&os.ModeSymlink != 0:
+			c = "l"
+		}
+		u, g := "-", "-"
+		if st.Mode&0o4000 != 0 {
+			u = "u"
+		}
+		if st.Mode&0o2000 != 0 {
+			g = "g"
+		}
+		return fmt.Sprintf("%s%s%s%03o %d %d", c, u, g, st.Mode&0o777, st.Uid, st.Gid)
+	}
+	var walk func(dir string)
+	walk = func(dir string) {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range entries {
+			p := filepath.Join(dir, e.Name())
+			fi, err := os.Lstat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case fi.IsDir():
+				fmt.Fprintf(&b, "%s %s\n", e.Name(), mode(fi))
+				walk(p)
+				b.WriteString("$\n")
+			case fi.Mode()&os.ModeSymlink != 0:
+				l, _ := os.Readlink(p)
+				fmt.Fprintf(&b, "%s %s %s\n", e.Name(), mode(fi), l)
+			default:
+				fmt.Fprintf(&b, "%s %s %s\n", e.Name(), mode(fi), p)
+			}
+		}
+	}
+	fi, err := os.Lstat(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.WriteString(mode(fi) + "\n")
+	walk(src)
+	b.WriteString("$\n")
+	return b.String()
+}
+
+// makeLVM makes img an LVM physical volume of volume group p.VG holding
+// p.LVs, each with its file system. The host's LVM tools write the
+// metadata through a loop device; no volume is activated (the host needs
+// no device-mapper) and no metadata backup is kept on the host.
+func makeLVM(t testing.TB, img, dir string, i int, p TestPart) {
+	t.Helper()
+	testutil.NeedCommand(t, "lvm")
+	testutil.NeedCommand(t, "losetup")
+	env := []string{"LVM_SUPPRESS_FD_WARNINGS=1"}
+	cfg := "backup { backup = 0 archive = 0 } devices { use_devicesfile = 0 }"
+	dev := strings.TrimSpace(runEnv(t, nil, nil, "losetup", "--show", "-f", img))
+	detached := false
+	detach := func() {
+		if !detached {
+			exec.Command("losetup", "-d", dev).Run()
+			detached = true
+		}
+	}
+	defer detach()
+	lvm := func(args ...string) string {
+		return runEnv(t, env, nil, "lvm", append([]string{args[0], "--config", cfg}, args[1:]...)...)
+	}
+	lvm("pvcreate", "-q", "-y", dev)
+	lvm("vgcreate", "-q", "-s", "1m", p.VG, dev)
+	for _, lv := range p.LVs {
+		lvm("lvcreate", "--driverloaded", "n", "-q", "-y", "-an", "-Zn", "-L", fmt.Sprintf("%dm", lv.SizeMiB), "-n", lv.Name, p.VG)
+	}
+	var peStart int64
+	fmt.Sscan(strings.TrimSpace(lvm("pvs", "--noheadings", "-o", "pe_start", "--units", "b", "--nosuffix", dev)), &peStart)
+	segs := lvm("lvs", "--noheadings", "--separator", "|", "-o", "lv_name,seg_pe_ranges", p.VG)
+	detach()
+	start := map[string]int64{}
+	for _, line := range strings.Split(segs, "\n") {
+		name, rng, ok := strings.Cut(strings.TrimSpace(line), "|")
+		if !ok {
+			continue
+		}
+		var first int64
+		_, pe, _ := strings.Cut(rng, ":")
+		fmt.Sscanf(pe, "%d-", &first)
+		start[name] = peStart + first<<20
+	}
+	f, err := os.OpenFile(img, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for j, lv := range p.LVs {
+		off, ok := start[lv.Name]
+		if !ok || peStart == 0 {
+			t.Fatalf("logical volume %s: no segment in %q (pe_start %d)", lv.Name, segs, peStart)
+		}
+		lvImg := filepath.Join(dir, fmt.Sprintf("lv%d-%d", i, j))
+		mkfs(t, lvImg, dir, 100*(i+1)+j, lv)
+		data, err := os.ReadFile(lvImg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

@@ -338,8 +338,24 @@ func lvm(devs []fsproto.Device) []fsproto.Device {
 	}
 	os.MkdirAll("/run/lvm", 0o755)
 	os.MkdirAll("/etc/lvm", 0o755)
-	os.WriteFile("/etc/lvm/lvm.conf", []byte("global { locking_type = 0 use_lvmetad = 0 }\nactivation { udev_sync = 0 udev_rules = 0 verify_udev_operations = 1 }\ndevices { obtain_device_list_from_udev = 0 }\n"), 0o644)
-	out, err := exec.Command("/bin/lvm", "vgchange", "-ay", "--readonly", "--sysinit", "--noudevsync").CombinedOutput()
+	os.Setenv("LVM_SUPPRESS_FD_WARNINGS", "1")
+	// No udev, no daemons, no metadata backups (nothing is ever written).
+	conf := "devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 }\n" +
+		"global { use_lvmpolld = 0 }\nbackup { backup = 0 archive = 0 }\n"
+	os.WriteFile("/etc/lvm/lvm.conf", []byte(conf+"activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }\n"), 0o644)
+	vgs, err := exec.Command("/bin/lvm", "vgs", "--readonly", "--noheadings", "-o", "vg_name").CombinedOutput()
+	if err != nil {
+		notes = append(notes, fmt.Sprintf("LVM: vgs: %v: %s", err, fsproto.Printable(string(vgs), 500)))
+		return nil
+	}
+	// Every volume group is activated read-only (read_only_volume_list).
+	var names []string
+	for _, vg := range strings.Fields(string(vgs)) {
+		names = append(names, strconv.Quote(vg))
+	}
+	os.WriteFile("/etc/lvm/lvm.conf", []byte(conf+"activation { udev_sync = 0 udev_rules = 0 monitoring = 0 read_only_volume_list = [ "+
+		strings.Join(names, ", ")+" ] }\n"), 0o644)
+	out, err := exec.Command("/bin/lvm", "vgchange", "-ay", "--sysinit", "--noudevsync", "--ignorelockingfailure").CombinedOutput()
 	if err != nil {
 		notes = append(notes, fmt.Sprintf("LVM activation: %v: %s", err, fsproto.Printable(string(out), 500)))
 	}
@@ -400,13 +416,21 @@ func mountFS(dev string) (int, *fsproto.Error) {
 	case "btrfs":
 		typ, opts = "btrfs", "norecovery"
 	case "ntfs":
-		return -1, &fsproto.Error{Kind: "mount", Message: dev + ": NTFS is not supported by this helper yet"}
+		if _, err := os.Stat("/bin/ntfs-3g"); err != nil {
+			return -1, &fsproto.Error{Kind: "mount", Message: dev + ": NTFS, but this helper has no ntfs-3g (install ntfs-3g and rebuild it)"}
+		}
+		typ = "ntfs-3g"
 	default:
 		return -1, &fsproto.Error{Kind: "mount", Message: fmt.Sprintf("%s holds no file system the helper can mount (%s)", dev, cmpOr(d.FSType, d.Found))}
 	}
 	mp := "/mnt/" + strings.ReplaceAll(dev, "/", "_")
 	os.MkdirAll(mp, 0o755)
-	if err := unix.Mount("/dev/"+dev, mp, typ, flags, opts); err != nil {
+	if typ == "ntfs-3g" {
+		out, err := exec.Command("/bin/ntfs-3g", "-o", "ro,norecover,nodev,nosuid,noexec", "/dev/"+dev, mp).CombinedOutput()
+		if err != nil {
+			return -1, &fsproto.Error{Kind: "mount", Message: fmt.Sprintf("mount %s (ntfs-3g, read-only): %v: %s", dev, err, fsproto.Printable(string(out), 500))}
+		}
+	} else if err := unix.Mount("/dev/"+dev, mp, typ, flags, opts); err != nil {
 		return -1, &fsproto.Error{Kind: "mount", Message: fmt.Sprintf("mount %s (%s, read-only, %s): %v", dev, typ, cmpOr(opts, "no options"), err)}
 	}
 	fd, err := unix.Open(mp, unix.O_PATH|unix.O_DIRECTORY, 0)
