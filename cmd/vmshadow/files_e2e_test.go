@@ -508,3 +508,62 @@ func TestFilesHelperFailures(t *testing.T) {
 		t.Errorf("ls / of a whole-disk ext4: %v", es)
 	}
 }
+
+// TestFilesLVMXfsNTFS: an LVM volume group on an MBR partition (an ext4
+// and an xfs logical volume), xfs on a GPT partition and NTFS on a whole
+// disk, through the CLI.
+func TestFilesLVMXfsNTFS(t *testing.T) {
+	helper := filesHelper(t)
+	dir := t.TempDir()
+	r := filepath.Join(dir, "repo")
+	filesOK(t, nil, "repo", "init", "--repo", r, "--encryption", "none")
+	tree := filerestore.TestTree(9)
+	vg := fmt.Sprintf("vmsfcli%d", time.Now().UnixNano()%1000000)
+	filerestore.MakeTestDisk(t, filepath.Join(dir, "a.img"), "mbr", []filerestore.TestPart{{SizeMiB: 72, FSType: "lvm", VG: vg, LVs: []filerestore.TestPart{
+		{Name: "root", SizeMiB: 16, FSType: "ext4", Files: tree},
+		{Name: "srv", SizeMiB: 40, FSType: "xfs", Files: tree[:4]}}}})
+	filerestore.MakeTestDisk(t, filepath.Join(dir, "b.img"), "gpt", []filerestore.TestPart{{SizeMiB: 40, FSType: "xfs", Files: tree[5:], Label: "home"}})
+	hello := filerestore.TestFile{Path: "hello.txt", Type: "file", Data: []byte("hello from NTFS\n")}
+	filerestore.MakeTestDisk(t, filepath.Join(dir, "c.img"), "none", []filerestore.TestPart{{SizeMiB: 16, FSType: "ntfs", Files: []filerestore.TestFile{hello}, Label: "win"}})
+	id := filesBackup(t, nil, r, dir, map[string]string{"sda": filepath.Join(dir, "a.img"), "sdb": filepath.Join(dir, "b.img"), "sdc": filepath.Join(dir, "c.img")})
+	base := []string{"--repo", r, "--helper", helper, id}
+	files := func(sub string, args ...string) []string {
+		return append(append([]string{"files", sub}, base...), args...)
+	}
+	res := filesOK(t, nil, files("ls")...)
+	got := map[string]string{}
+	for _, e := range entries(res, "filesystem") {
+		got[e["fs"].(string)] = str(e["type"])
+	}
+	want := map[string]string{"sda": "", "sda1": "LVM2_member", "lvm:" + vg + "/root": "ext4", "lvm:" + vg + "/srv": "xfs", "sdb": "", "sdb1": "xfs", "sdc": "ntfs"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("file systems %v, want %v", got, want)
+	}
+	out := filepath.Join(dir, "out")
+	filesOK(t, nil, files("get", "lvm:"+vg+"/root:/etc", "sdc:/hello.txt", "--to", out)...)
+	all := treeFiles(tree)
+	for p, f := range all {
+		if strings.HasPrefix(p, "/etc") {
+			checkExtracted(t, filepath.Join(out, p), f)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(out, "hello.txt")); err != nil || !bytes.Equal(b, hello.Data) {
+		t.Errorf("hello.txt from NTFS: %q %v", b, err)
+	}
+	res = filesOK(t, nil, files("ls", "sdb1:/home/user", "-R")...)
+	var paths []string
+	for _, e := range entries(res, "entry") {
+		paths = append(paths, e["path"].(string))
+		f := all[e["path"].(string)]
+		if e["type"] != f.Type || e["uid"] != float64(f.UID) || (f.Type == "file" && e["size"] != float64(len(f.Data))) {
+			t.Errorf("xfs entry %v, want %+v", e, f)
+		}
+	}
+	if strings.Join(paths, ",") != "/home/user/big.bin,/home/user/empty" {
+		t.Errorf("ls -R sdb1:/home/user: %v", paths)
+	}
+	res = vmshadow(t, nil, files("ls", "lvm:"+vg+"/nope:/")...)
+	if res.code != 6 || !strings.Contains(res.errorMessage(), "lvm:"+vg+"/root") {
+		t.Errorf("ls of a missing logical volume: exit %d: %s", res.code, res.errorMessage())
+	}
+}

@@ -205,6 +205,9 @@ func Start(ctx context.Context, disks []Disk, o Options) (_ *Session, err error)
 	agentSock := filepath.Join(s.dir, "agent.sock")
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		// seccomp: QEMU itself may not spawn, raise privileges or use
+		// obsolete system calls, should the helper's guest break out.
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-machine", "q35", "-accel", o.Accel, "-smp", "1", "-m", strconv.Itoa(o.MemoryMB),
 		"-kernel", o.Helper.Kernel, "-initrd", o.Helper.Initrd,
 		"-append", "console=ttyS0 panic=-1 quiet",
