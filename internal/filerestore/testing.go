@@ -3,6 +3,7 @@ package filerestore
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -195,17 +196,11 @@ func MakeTestDisk(t testing.TB, path, table string, parts []TestPart) {
 	for i, p := range parts {
 		img := filepath.Join(dir, fmt.Sprintf("part%d", i))
 		mkfs(t, img, dir, i, p)
-		data, err := os.ReadFile(img)
-		if err != nil {
-			t.Fatal(err)
-		}
 		disk, err := os.OpenFile(path, os.O_WRONLY, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := disk.WriteAt(data, start); err != nil {
-			t.Fatal(err)
-		}
+		copySparse(t, disk, img, start)
 		disk.Close()
 		start += int64(p.SizeMiB) << 20
 	}
@@ -403,12 +398,29 @@ func makeLVM(t testing.TB, img, dir string, i int, p TestPart) {
 		}
 		lvImg := filepath.Join(dir, fmt.Sprintf("lv%d-%d", i, j))
 		mkfs(t, lvImg, dir, 100*(i+1)+j, lv)
-		data, err := os.ReadFile(lvImg)
-		if err != nil {
-			t.Fatal(err)
+		copySparse(t, f, lvImg, off)
+	}
+}
+
+// copySparse writes the file src into dst at off, skipping the MiBs of
+// zeros (dst is a sparse file of zeros there).
+func copySparse(t testing.TB, dst *os.File, src string, off int64) {
+	t.Helper()
+	f, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for pos := int64(0); ; pos += int64(len(buf)) {
+		n, err := io.ReadFull(f, buf)
+		if n > 0 && bytes.Count(buf[:n], []byte{0}) != n {
+			if _, err := dst.WriteAt(buf[:n], off+pos); err != nil {
+				t.Fatal(err)
+			}
 		}
-		if _, err := f.WriteAt(data, off); err != nil {
-			t.Fatal(err)
+		if err != nil {
+			return
 		}
 	}
 }
