@@ -79,6 +79,9 @@ type Options struct {
 	MemoryMB int
 	// BootTimeout bounds the boot until the agent answers (default 3m).
 	BootTimeout time.Duration
+	// RequestTimeout bounds each answer of the agent (default 5m): a
+	// file system that hangs the helper's kernel fails the command.
+	RequestTimeout time.Duration
 	// WorkDir holds the sockets and the console log (a temporary
 	// directory when empty, removed by Close).
 	WorkDir string
@@ -118,6 +121,7 @@ type Session struct {
 	Kernel  string
 	Boot    time.Duration
 	console string
+	broken  error // the connection failed: the stream may be out of step
 }
 
 // watched is an export that remembers the first read error (a chunk that
@@ -175,6 +179,9 @@ func Start(ctx context.Context, disks []Disk, o Options) (_ *Session, err error)
 	}
 	if o.BootTimeout == 0 {
 		o.BootTimeout = 3 * time.Minute
+	}
+	if o.RequestTimeout == 0 {
+		o.RequestTimeout = 5 * time.Minute
 	}
 	s := &Session{opts: o, dir: o.WorkDir, exited: make(chan struct{})}
 	if s.dir == "" {
@@ -364,19 +371,24 @@ func (s *Session) call(ctx context.Context, req *fsproto.Request, v any) error {
 func (s *Session) roundTrip(ctx context.Context, req *fsproto.Request) (byte, []byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if dl, ok := ctx.Deadline(); ok {
-		s.conn.SetDeadline(dl)
-	} else {
-		s.conn.SetDeadline(time.Time{})
+	if s.broken != nil {
+		return 0, nil, s.broken
 	}
+	dl := time.Now().Add(s.opts.RequestTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(dl) {
+		dl = d
+	}
+	s.conn.SetDeadline(dl)
 	stop := context.AfterFunc(ctx, func() { s.conn.SetDeadline(time.Now()) })
 	defer stop()
 	if err := fsproto.WriteJSON(s.conn, fsproto.TypeRequest, req); err != nil {
-		return 0, nil, s.connErr(ctx, err)
+		s.broken = s.connErr(ctx, err)
+		return 0, nil, s.broken
 	}
 	typ, payload, err := fsproto.ReadFrame(s.r, fsproto.MaxPayload)
 	if err != nil {
-		return 0, nil, s.connErr(ctx, err)
+		s.broken = s.connErr(ctx, err)
+		return 0, nil, s.broken
 	}
 	return typ, payload, nil
 }
@@ -387,6 +399,9 @@ func (s *Session) connErr(ctx context.Context, err error) error {
 	}
 	if errors.Is(err, fsproto.ErrProtocol) {
 		return err
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("the helper VM's agent did not answer within %s: %w", s.opts.RequestTimeout, errs.ErrTimeout)
 	}
 	select {
 	case <-s.exited:

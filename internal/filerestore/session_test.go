@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -177,4 +178,41 @@ func cmpOr(a, b string) string {
 		return a
 	}
 	return b
+}
+
+// TestSessionLongListing: a directory whose entries do not fit one frame
+// (1200 symlinks with 4085-byte targets: more than 4 MiB of JSON) is
+// listed in pages, completely.
+func TestSessionLongListing(t *testing.T) {
+	h := BuildHelperForTest(t)
+	dir := t.TempDir()
+	t0 := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
+	files := []TestFile{{Path: "links", Type: "dir", Mode: 0o755, Time: t0}}
+	for i := 0; i < 1200; i++ {
+		target := fmt.Sprintf("%04d/%s", i, strings.Repeat("x", 4080))
+		files = append(files, TestFile{Path: fmt.Sprintf("links/l%04d", i), Type: "symlink", Link: target, Time: t0})
+	}
+	MakeTestDisk(t, filepath.Join(dir, "a.img"), "gpt", []TestPart{{SizeMiB: 32, FSType: "ext4", Files: files}})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	s, err := Start(ctx, []Disk{fileDisk(t, "vda", filepath.Join(dir, "a.img"))}, Options{Helper: h, RequestTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	fs, err := s.Find("vda1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := 0
+	err = s.List(ctx, fs, "/links", func(e fsproto.Entry) error {
+		if want := files[i+1]; e.Name != filepath.Base(want.Path) || e.Link != want.Link {
+			return fmt.Errorf("entry %d: %s -> %.10s..., want %s -> %.10s...", i, e.Name, e.Link, want.Path, want.Link)
+		}
+		i++
+		return nil
+	})
+	if err != nil || i != 1200 {
+		t.Fatalf("listed %d of 1200 entries: %v", i, err)
+	}
 }

@@ -134,10 +134,14 @@ func serve(port *os.File) {
 }
 
 func reply(w *bufio.Writer, v any, e *fsproto.Error) {
+	var err error
 	if e != nil {
-		fsproto.WriteJSON(w, fsproto.TypeError, e)
+		err = fsproto.WriteJSON(w, fsproto.TypeError, e)
 	} else {
-		fsproto.WriteJSON(w, fsproto.TypeReply, v)
+		err = fsproto.WriteJSON(w, fsproto.TypeReply, v)
+	}
+	if err != nil { // every request gets its one reply
+		fsproto.WriteJSON(w, fsproto.TypeError, &fsproto.Error{Kind: "other", Message: "reply: " + err.Error()})
 	}
 	w.Flush()
 }
@@ -533,8 +537,9 @@ func list(root int, p string, cookie int) (*fsproto.List, *fsproto.Error) {
 		cookie = len(names)
 	}
 	l := &fsproto.List{Entries: []fsproto.Entry{}}
+	size := 0 // the page's JSON stays well under fsproto.MaxPayload
 	for _, n := range names[cookie:] {
-		if len(l.Entries) == fsproto.MaxEntries {
+		if len(l.Entries) == fsproto.MaxEntries || size > fsproto.MaxPayload/2 {
 			l.Next = cookie + len(l.Entries)
 			break
 		}
@@ -543,6 +548,7 @@ func list(root int, p string, cookie int) (*fsproto.List, *fsproto.Error) {
 			return nil, fail(path.Join(p, n), err)
 		}
 		l.Entries = append(l.Entries, e)
+		size += 2*len(e.Name) + 2*len(e.Link) + 256 // JSON escapes at most double
 	}
 	return l, nil
 }
