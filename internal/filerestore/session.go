@@ -257,14 +257,17 @@ func Start(ctx context.Context, disks []Disk, o Options) (_ *Session, err error)
 	s.r = bufio.NewReaderSize(s.conn, 256<<10)
 	var h fsproto.Hello
 	if err := s.call(bctx, &fsproto.Request{Op: fsproto.OpHello}, &h); err != nil {
-		select {
-		case <-s.exited:
-			return nil, fmt.Errorf("the helper VM stopped before its agent answered (%s): %s\n%s: %w", s.qemu.ProcessState,
-				strings.TrimSpace(stderr.String()), s.consoleTail(), errs.ErrUnsupported)
-		default:
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
 		}
-		if bctx.Err() != nil && ctx.Err() == nil {
+		if bctx.Err() != nil || errors.Is(err, errs.ErrTimeout) {
 			return nil, s.bootFailed(ctx, "its agent did not answer")
+		}
+		select { // the connection dropped: QEMU is likely on its way out
+		case <-s.exited:
+			return nil, fmt.Errorf("the helper VM stopped before its agent answered: QEMU exited (%s): %s\n%s: %w", s.qemu.ProcessState,
+				strings.TrimSpace(stderr.String()), s.consoleTail(), errs.ErrUnsupported)
+		case <-time.After(3 * time.Second):
 		}
 		return nil, fmt.Errorf("the helper VM's agent: %w", err)
 	}
