@@ -51,7 +51,7 @@ fi
 [ -n "$kpkg" ] || die "cannot resolve the kernel package linux-image-amd64 depends on (apt sources?)"
 kver=$(aptc policy "$kpkg" | awk '/Candidate:/ {print $2}')
 [ -n "$kver" ] && [ "$kver" != "(none)" ] || die "no installable version of $kpkg"
-MODULES=$(grep -v '^#' "$here/modules.txt" | tr '\n' ' ')
+MODULES=$(grep -v '^#' "$here/modules.txt" | awk '{print $1}' | tr '\n' ' ')
 
 # The package is kept (the helper's module list may change); its members
 # are unpacked once per module list.
@@ -124,7 +124,7 @@ if [ ! -e "$out/.done" ]; then
 		[ -n "$f" ] || die "module $m.ko not in $kpkg"
 		cp "$f" "$r/lib/modules/$m.ko"
 	done
-	echo "$MODULES" >"$r/lib/modules/order"
+	grep -v '^#' "$here/modules.txt" >"$r/lib/modules/order"
 	for tv in $TOOLS; do
 		cp "${tv#*=}" "$r/bin/${tv%%=*}"
 		for l in $(libs "${tv#*=}"); do

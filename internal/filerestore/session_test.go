@@ -108,8 +108,8 @@ func TestSessionPartitionsAndFiles(t *testing.T) {
 	}
 }
 
-// TestSessionMoreFileSystems: xfs on GPT, and LVM (an ext4 and an xfs
-// logical volume) on MBR, and NTFS on a whole disk.
+// TestSessionMoreFileSystems: xfs on GPT, LVM (an ext4 and an xfs
+// logical volume) on MBR, NTFS on a whole disk, btrfs on GPT.
 func TestSessionMoreFileSystems(t *testing.T) {
 	h := BuildHelperForTest(t)
 	dir := t.TempDir()
@@ -121,10 +121,11 @@ func TestSessionMoreFileSystems(t *testing.T) {
 		{Name: "srv", SizeMiB: 40, FSType: "xfs", Files: tree[:4]}}}})
 	ntfsFiles := []TestFile{{Path: "hello.txt", Data: []byte("hello from NTFS\n")}, {Path: "big.bin", Data: tree[7].Data}}
 	MakeTestDisk(t, filepath.Join(dir, "c.img"), "none", []TestPart{{SizeMiB: 16, FSType: "ntfs", Files: ntfsFiles, Label: "win"}})
+	MakeTestDisk(t, filepath.Join(dir, "d.img"), "gpt", []TestPart{{SizeMiB: 128, FSType: "btrfs", Files: tree, Label: "bt"}})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	s, err := Start(ctx, []Disk{fileDisk(t, "vda", filepath.Join(dir, "a.img")), fileDisk(t, "vdb", filepath.Join(dir, "b.img")),
-		fileDisk(t, "vdc", filepath.Join(dir, "c.img"))}, Options{Helper: h})
+		fileDisk(t, "vdc", filepath.Join(dir, "c.img")), fileDisk(t, "vdd", filepath.Join(dir, "d.img"))}, Options{Helper: h})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +137,7 @@ func TestSessionMoreFileSystems(t *testing.T) {
 	for _, f := range s.FS {
 		got[f.Name] = f.Type
 	}
-	want := map[string]string{"vda": "", "vda1": "xfs", "vdb": "", "vdb1": "LVM2_member", "lvm:" + vg + "/root": "ext4", "lvm:" + vg + "/srv": "xfs", "vdc": "ntfs"}
+	want := map[string]string{"vda": "", "vda1": "xfs", "vdb": "", "vdb1": "LVM2_member", "lvm:" + vg + "/root": "ext4", "lvm:" + vg + "/srv": "xfs", "vdc": "ntfs", "vdd": "", "vdd1": "btrfs"}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("file systems %v, want %v", got, want)
 	}
@@ -171,6 +172,7 @@ func TestSessionMoreFileSystems(t *testing.T) {
 	check("lvm:"+vg+"/root", tree, true)
 	check("lvm:"+vg+"/srv", tree[:4], false)
 	check("vdc", ntfsFiles, false)
+	check("vdd1", tree, true)
 }
 
 func cmpOr(a, b string) string {

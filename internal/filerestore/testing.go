@@ -138,7 +138,7 @@ func modeBits(m os.FileMode) os.FileMode {
 // table is "none").
 type TestPart struct {
 	SizeMiB int
-	// FSType: ext4, ext2, xfs, vfat, ntfs (files in the root only), lvm
+	// FSType: ext4, ext2, xfs, vfat, btrfs, ntfs (files in the root only), lvm
 	// (an LVM physical volume of volume group VG holding LVs), raw (Raw
 	// bytes written as they are), empty (zeros).
 	FSType string
@@ -259,6 +259,13 @@ func mkfs(t testing.TB, img, dir string, i int, p TestPart) {
 			}
 			run(t, nil, "ntfscp", "-f", "-q", img, filepath.Join(src, f.Path), "/"+f.Path)
 		}
+	case "btrfs":
+		testutil.NeedCommand(t, "mkfs.btrfs")
+		args := []string{"-q", "-r", src}
+		if p.Label != "" {
+			args = append(args, "-L", p.Label)
+		}
+		run(t, nil, "mkfs.btrfs", append(args, img)...)
 	case "lvm":
 		makeLVM(t, img, dir, i, p)
 	case "raw", "empty":

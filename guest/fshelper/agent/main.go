@@ -68,21 +68,36 @@ func setup() {
 	if c, err := os.OpenFile("/dev/console", os.O_WRONLY, 0); err == nil {
 		os.Stderr = c
 	}
-	// Modules, in dependency order (guest/fshelper/modules.txt).
+	loadModules("")
+}
+
+// loadModules loads the modules of a group ("" for those loaded at boot),
+// in the order of guest/fshelper/modules.txt.
+func loadModules(group string) []string {
 	list, err := os.ReadFile("/lib/modules/order")
 	if err != nil {
 		logf("no module list: %v", err)
 	}
-	for _, m := range strings.Fields(string(list)) {
-		f, err := os.Open("/lib/modules/" + m + ".ko")
+	var failed []string
+	for _, line := range strings.Split(string(list), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || (len(f) > 1 && f[1] != "@"+group) || (len(f) == 1 && group != "") {
+			continue
+		}
+		m := f[0]
+		fd, err := os.Open("/lib/modules/" + m + ".ko")
 		if err == nil {
-			err = unix.FinitModule(int(f.Fd()), "", 0)
-			f.Close()
+			err = unix.FinitModule(int(fd.Fd()), "", 0)
+			fd.Close()
 		}
 		if err != nil && !errors.Is(err, unix.EEXIST) {
-			notes = append(notes, fmt.Sprintf("kernel module %s: %v", m, err))
+			failed = append(failed, fmt.Sprintf("kernel module %s: %v", m, err))
 		}
 	}
+	if group == "" {
+		notes = append(notes, failed...)
+	}
+	return failed
 }
 
 // openPort waits for the virtio-serial port and opens it.
@@ -418,7 +433,10 @@ func mountFS(dev string) (int, *fsproto.Error) {
 	case "vfat":
 		typ, opts = "vfat", "utf8,shortname=mixed"
 	case "btrfs":
-		typ, opts = "btrfs", "norecovery"
+		typ, opts = "btrfs", "rescue=nologreplay"
+		if failed := loadModules("btrfs"); len(failed) > 0 {
+			return -1, &fsproto.Error{Kind: "mount", Message: dev + ": btrfs: " + strings.Join(failed, "; ")}
+		}
 	case "ntfs":
 		if _, err := os.Stat("/bin/ntfs-3g"); err != nil {
 			return -1, &fsproto.Error{Kind: "mount", Message: dev + ": NTFS, but this helper has no ntfs-3g (install ntfs-3g and rebuild it)"}
