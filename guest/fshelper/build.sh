@@ -143,7 +143,8 @@ if [ ! -e "$out/.done" ]; then
 		echo "modules: $MODULES"
 		echo "tools (copied from the host):${TOOLS:- none}"
 		for tv in $TOOLS; do
-			o=$(dpkg -S "${tv#*=}" 2>/dev/null | cut -d: -f1)
+			n=${tv%%=*}
+			o=$({ dpkg -S "${tv#*=}" || dpkg -S "/sbin/$n" || dpkg -S "/bin/$n"; } 2>/dev/null | head -1 | cut -d: -f1)
 			echo "  ${tv%%=*} $o $(dpkg-query -W -f '${Version}' "$o" 2>/dev/null || true)"
 		done
 		go version

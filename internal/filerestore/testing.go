@@ -27,6 +27,7 @@ var (
 // binary and returns the helper.
 func BuildHelperForTest(t testing.TB) *Helper {
 	t.Helper()
+	testutil.SkipShort(t)
 	testutil.NeedCommand(t, "qemu-system-x86_64")
 	helperMu.Lock()
 	defer helperMu.Unlock()
@@ -159,6 +160,7 @@ type TestPart struct {
 // mkfs.xfs -p).
 func MakeTestDisk(t testing.TB, path, table string, parts []TestPart) {
 	t.Helper()
+	testutil.SkipShort(t)
 	testutil.NeedCommand(t, "sfdisk")
 	testutil.NeedCommand(t, "mkfs.ext4")
 	dir := t.TempDir()
