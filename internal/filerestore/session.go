@@ -483,7 +483,9 @@ func (s *Session) agentErr(f *FS, p string, err error) error {
 		return fmt.Errorf("%s: %s: %w", f.Name, ae.Message, errs.ErrUnsupported)
 	}
 	if ae.Kind == "io" {
-		return fmt.Errorf("%s: %s (the file system is damaged in the backup): %w", where, ae.Message, errs.ErrCorrupt)
+		// Every chunk read verified: the file system itself was damaged
+		// when it was backed up (not the repository: no exit code 8).
+		return fmt.Errorf("%s: %s (the file system in the backup is damaged; the repository's data verified)", where, ae.Message)
 	}
 	return fmt.Errorf("%s: %s", where, ae.Message)
 }
