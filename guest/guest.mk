@@ -2,11 +2,12 @@
 #   make guest        build it (or find it in the cache); GUEST_OUT=DIR also links the files there
 #   make guest-test   the walcheck unit tests and the end-to-end tests against the real guest
 #   make guest-clean  remove the guest cache
+#   make fshelper     build the file restore helper VM (guest/fshelper/build.sh)
 GO ?= go
 GUEST_OUT ?=
 GUEST_CACHE = $${VMSHADOW_GUEST_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/vmshadow/guest}
 
-.PHONY: guest guest-test guest-clean
+.PHONY: guest guest-test guest-clean fshelper
 
 guest:
 	guest/build.sh $(GUEST_OUT)
@@ -16,3 +17,6 @@ guest-test: guest
 
 guest-clean:
 	rm -rf "$(GUEST_CACHE)"
+
+fshelper:
+	guest/fshelper/build.sh

@@ -25,7 +25,12 @@ test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       # the Debian package's tests (packaging/deb)
       want dpkg-deb dpkg; want systemd-analyze systemd; want man man-db
       want groff groff-base; want zsh zsh; want fish fish
-      [ -e /usr/share/bash-completion/bash_completion ] || need="$need bash-completion" ;;
+      [ -e /usr/share/bash-completion/bash_completion ] || need="$need bash-completion"
+      # file-level restore: test disks (sfdisk, mkfs.*, mtools, LVM, NTFS);
+      # lvm and ntfs-3g also go into the helper VM (guest/fshelper/build.sh)
+      want sfdisk fdisk; want mkfs.vfat dosfstools; want mcopy mtools
+      want mkfs.xfs xfsprogs; want mkfs.btrfs btrfs-progs; want lvm lvm2
+      want mkntfs ntfs-3g; want ntfs-3g ntfs-3g ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

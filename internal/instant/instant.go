@@ -32,6 +32,9 @@ func NewDisk(r *repo.Repo, x *repo.Index, cacheBytes int64) *Disk {
 	return &Disk{r: restore.NewDiskReader(r, x, cacheBytes), x: x}
 }
 
+// Fetched returns the chunks and bytes read from the repository so far.
+func (d *Disk) Fetched() (chunks, bytes int64) { return d.r.Fetched() }
+
 // Size implements nbd.Export.
 func (d *Disk) Size() int64 { return d.x.Size() }
 

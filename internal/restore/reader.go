@@ -24,6 +24,7 @@ type DiskReader struct {
 	lru      *list.List // of *cached, most recent first
 	byID     map[repo.ID]*list.Element
 	inflight map[repo.ID]*fetch
+	fetched  [2]int64 // chunks and their plaintext bytes fetched from the repository
 }
 
 type cached struct {
@@ -45,6 +46,14 @@ func NewDiskReader(r *repo.Repo, x *repo.Index, cacheBytes int64) *DiskReader {
 		n = 1
 	}
 	return &DiskReader{r: r, x: x, max: n, lru: list.New(), byID: map[repo.ID]*list.Element{}, inflight: map[repo.ID]*fetch{}}
+}
+
+// Fetched returns how many chunks, and how many bytes of their plaintext,
+// were read from the repository so far (cache hits not counted).
+func (d *DiskReader) Fetched() (chunks, bytes int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.fetched[0], d.fetched[1]
 }
 
 // Size is the disk size.
@@ -129,6 +138,8 @@ func (d *DiskReader) chunk(ctx context.Context, id repo.ID) ([]byte, error) {
 	d.mu.Lock()
 	delete(d.inflight, id)
 	if f.err == nil {
+		d.fetched[0]++
+		d.fetched[1] += int64(len(f.data))
 		d.byID[id] = d.lru.PushFront(&cached{id, f.data})
 		for d.lru.Len() > d.max {
 			e := d.lru.Back()

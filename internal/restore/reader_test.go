@@ -218,3 +218,34 @@ func BenchmarkDiskReaderRandom4K(b *testing.B) {
 		}
 	})
 }
+
+// TestDiskReaderFetched: Fetched counts each chunk read from the
+// repository once (a chunk two places of the disk share once too), not
+// the cache hits, and no zero chunk.
+func TestDiskReaderFetched(t *testing.T) {
+	r, x, img, _ := setup(t, 6*cs)
+	d := restore.NewDiskReader(r, x, 64<<20)
+	want := map[repo.ID]int64{} // chunk -> plaintext bytes
+	p := make([]byte, 4096)
+	for round := 0; round < 2; round++ {
+		for off := int64(0); off < int64(len(img)); off += cs / 3 {
+			if _, err := d.ReadAt(p, off); err != nil && err != io.EOF {
+				t.Fatal(err)
+			}
+			for i := int(off / cs); i <= int(min(off+int64(len(p)), int64(len(img))-1)/cs); i++ {
+				if !x.ID(i).IsZero() {
+					_, l := x.Range(i)
+					want[x.ID(i)] = l
+				}
+			}
+		}
+	}
+	var wantBytes int64
+	for _, l := range want {
+		wantBytes += l
+	}
+	chunks, bytes := d.Fetched()
+	if chunks != int64(len(want)) || bytes != wantBytes || chunks == 0 {
+		t.Errorf("Fetched() = %d chunks, %d bytes; want %d, %d", chunks, bytes, len(want), wantBytes)
+	}
+}
