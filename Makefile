@@ -44,6 +44,12 @@ bench: build
 	scripts/deps.sh bench
 	$(GO) run ./bench/harness -vmshadow bin/vmshadow $(BENCHFLAGS)
 
+# The server's benchmarks alone: its incremental next to the CLI's, one job
+# with 1, 2 and 4 VMs (also part of make bench).
+bench-server:
+	scripts/deps.sh test
+	$(GO) test -run '^$$' -bench . -benchtime 5x ./internal/server/
+
 # S3 repository against a local directory, side by side.
 bench-s3: build
 	scripts/deps.sh bench

@@ -19,9 +19,11 @@ import (
 
 // microResult is one Go benchmark line.
 type microResult struct {
-	Name  string
-	MBs   float64
-	Ratio float64 // compressed/input, where reported
+	Name    string
+	MBs     float64
+	Ratio   float64 // compressed/input, where reported
+	Seconds float64 // per operation
+	PeakMiB float64 // peak heap, where reported
 }
 
 // microbench runs the Go microbenchmarks of the hot path (chunk hash,
@@ -35,6 +37,8 @@ func microbench(ctx context.Context) (out []microResult, failed []string, err er
 		{"-bench", ".", "-benchtime", "20x", "./internal/repo/"},
 		{"-bench", "Pipeline", "-benchtime", "5x", "./internal/backup/"},
 		{"-bench", "ReadQemuNBD", "-benchtime", "3x", "./internal/nbd/"},
+		// the server's incremental next to the CLI's; one job with N VMs
+		{"-bench", ".", "-benchtime", "5x", "./internal/server/"},
 	} {
 		logf("go test %s", strings.Join(args, " "))
 		b, err := quiet(ctx, nil, append([]string{"go", "test", "-run", "^$", "-count", "1"}, args...)...)
@@ -75,6 +79,10 @@ func microbench(ctx context.Context) (out []microResult, failed []string, err er
 					r.MBs = v
 				case "ratio":
 					r.Ratio = v
+				case "ns/op":
+					r.Seconds = v / 1e9
+				case "peak-heap-MiB":
+					r.PeakMiB = v
 				}
 			}
 			out = append(out, r)
@@ -85,13 +93,16 @@ func microbench(ctx context.Context) (out []microResult, failed []string, err er
 
 func (b *bench) microTable() string {
 	var w strings.Builder
-	fmt.Fprintf(&w, "| benchmark | MB/s (one run) | compressed/input |\n|---|---|---|\n")
+	fmt.Fprintf(&w, "| benchmark | MB/s (one run) | s/op | compressed/input | peak heap MiB |\n|---|---|---|---|---|\n")
 	for _, r := range b.Micro {
-		ratio := ""
+		ratio, peak := "", ""
 		if r.Ratio > 0 {
 			ratio = fmt.Sprintf("%.3f", r.Ratio)
 		}
-		fmt.Fprintf(&w, "| %s | %.0f | %s |\n", r.Name, r.MBs, ratio)
+		if r.PeakMiB > 0 {
+			peak = fmt.Sprintf("%.0f", r.PeakMiB)
+		}
+		fmt.Fprintf(&w, "| %s | %.0f | %.3f | %s | %s |\n", r.Name, r.MBs, r.Seconds, ratio, peak)
 	}
 	for _, f := range b.MicroFailed {
 		fmt.Fprintf(&w, "\nFailed, so missing above: %s\n", f)

@@ -303,7 +303,7 @@ func (b *bench) report(ctx context.Context) error {
 	pf("\n![throughput per tool](%s)\n", filepath.Base(b.chart))
 	if len(b.Micro) > 0 {
 		pf("\n## Microbenchmarks of the hot path\n\n")
-		pf("`go test -bench` in internal/repo (4 MiB chunks: `usr` system files, `mixed` half random half text, `random`; the `Raw` rows are the bare primitives, i.e. what the CPU can do on one core), internal/backup (the whole pipeline on a 256 MiB mixed image, all cores, in memory and into a local directory), internal/nbd (our NBD client reading a 1 GiB export of qemu-nbd over 1, 2 and 4 connections, next to qemu-img convert and nbdcopy of the same export). One run each, taken after the rounds above.\n\n")
+		pf("`go test -bench` in internal/repo (4 MiB chunks: `usr` system files, `mixed` half random half text, `random`; the `Raw` rows are the bare primitives, i.e. what the CPU can do on one core), internal/backup (the whole pipeline on a 256 MiB mixed image, all cores, in memory and into a local directory), internal/nbd (our NBD client reading a 1 GiB export of qemu-nbd over 1, 2 and 4 connections, next to qemu-img convert and nbdcopy of the same export), internal/server (an incremental of 16 MiB of fresh random data in a 64 MiB disk of a real QEMU VM through the server's job, where the repository's key was derived once, next to the same through a CLI process per backup; one job backing up 1, 2 and 4 such VMs at once, with the server's peak heap). One run each, taken after the rounds above.\n\n")
 		pf("%s", b.microTable())
 		if secs := b.Floor.total(); secs > 0 {
 			cores := float64(runtime.NumCPU())
