@@ -4,7 +4,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 export PATH := $(PATH):/usr/local/go/bin:$(shell $(GO) env GOPATH 2>/dev/null)/bin
 
-.PHONY: all build package test unit lint demo bench bench-s3 deps fuzz clean
+.PHONY: all build package test unit lint demo bench bench-s3 bench-server deps fuzz clean
 
 include guest/guest.mk
 
