@@ -38,8 +38,13 @@ func newRig(t *testing.T, names []string, jobs string) *rig {
 }
 
 func newRigConns(t *testing.T, names []string, conns, jobs string) *rig {
+	return newRigIn(t, t.TempDir(), names, conns, jobs)
+}
+
+// newRigIn is newRigConns in dir (its state directory dir/state).
+func newRigIn(t *testing.T, dir string, names []string, conns, jobs string) *rig {
 	t.Helper()
-	g := &rig{dir: t.TempDir(), vms: map[string]*qemutest.VM{}, conns: conns}
+	g := &rig{dir: dir, vms: map[string]*qemutest.VM{}, conns: conns}
 	socks := filepath.Join(g.dir, "sockets")
 	if err := os.MkdirAll(socks, 0o700); err != nil {
 		t.Fatal(err)
@@ -518,5 +523,50 @@ func compare(t *testing.T, a, b string) {
 	}
 	if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// TestCatchUp: a job with catch_up whose scheduled time passed while the
+// server was down runs once at start (trigger catch-up); one without
+// catch_up waits for its next time.
+func TestCatchUp(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	db, err := state.Open(ctx, filepath.Join(dir, "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := time.Now().Add(-3 * time.Hour).Truncate(time.Hour)
+	for _, j := range []string{"missed", "patient"} {
+		if err := db.SetLastSlot(ctx, j, long); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	g := newRigIn(t, dir, nil, "", `  - {name: missed, type: gc, repository: main, schedule: "@hourly", catch_up: true}
+  - {name: patient, type: gc, repository: main, schedule: "@hourly"}
+`)
+	if err := g.s.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var runs []state.Run
+	for deadline := time.Now().Add(time.Minute); len(runs) == 0 && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if runs, err = g.s.Runs(ctx, state.RunFilter{Job: "missed"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(runs) != 1 || runs[0].Trigger != TriggerCatchUp {
+		t.Fatalf("missed job's runs: %+v", runs)
+	}
+	g.wait(t, runs[0].ID)
+	if p, _ := g.s.Runs(ctx, state.RunFilter{Job: "patient"}); len(p) != 0 {
+		t.Fatalf("a job without catch_up ran at start: %+v", p)
+	}
+	j, err := g.s.Job(ctx, "patient")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(j.Next) != 5 || !j.Next[0].After(time.Now()) || j.Next[0].Minute() != 0 {
+		t.Fatalf("patient's next runs: %v", j.Next)
 	}
 }
