@@ -20,7 +20,10 @@ want mount mount
 case "${1:-test}" in
 test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       want swtpm swtpm; want swtpm_setup swtpm-tools
-      [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf" ;;
+      [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf"
+      # guest/bootdisk.sh (the bootable guest disk of the healthcheck tests)
+      want syslinux syslinux; want mcopy mtools; want mkfs.vfat dosfstools; want sfdisk fdisk
+      [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need="$need syslinux-common" ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox
