@@ -423,7 +423,7 @@ func qemuArgs(m *Machine, nbdSock, qgaSock, console, sercon string) []string {
 		"-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
 	}
 	var ahci, scsi bool
-	ide := 0
+	ide, sata := 0, 0 // q35: both on its AHCI (ide.N); pc: sata on an added AHCI, ide on IDE
 	for i, d := range m.Disks {
 		node := fmt.Sprintf("disk%d", i)
 		a = append(a, "-blockdev", fmt.Sprintf("driver=nbd,node-name=%s,server.type=unix,server.path=%s,export=%s,cache.direct=off",
@@ -440,11 +440,12 @@ func qemuArgs(m *Machine, nbdSock, qgaSock, console, sercon string) []string {
 				if m.Q35 {
 					bus = "ide"
 				}
-				a = append(a, "-device", fmt.Sprintf("ide-hd,drive=%s,bus=%s.%d%s", node, bus, ide, boot))
+				a = append(a, "-device", fmt.Sprintf("ide-hd,drive=%s,bus=%s.%d%s", node, bus, sata, boot))
+				sata++
 			} else {
 				a = append(a, "-device", fmt.Sprintf("ide-hd,drive=%s,bus=ide.%d,unit=%d%s", node, ide/2, ide%2, boot))
+				ide++
 			}
-			ide++
 		case "scsi":
 			if !scsi {
 				a = append(a, "-device", "virtio-scsi-pci,id=scsi0")
