@@ -74,6 +74,13 @@ func newBackupsCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			health, badHealth, err := r.HealthRecords(ctx)
+			if err != nil {
+				return err
+			}
+			for _, err := range badHealth {
+				a.out.Warn("%v (run 'vmshadow healthcheck' again to replace it)", err)
+			}
 			out := struct {
 				Backups    []backupEntry `json:"backups"`
 				Unreadable []unreadable  `json:"unreadable,omitempty"`
@@ -91,14 +98,7 @@ func newBackupsCmd(a *app) *cobra.Command {
 				for _, d := range b.Disks {
 					e.Disks = append(e.Disks, diskEntry{d.Name, d.Size})
 				}
-				rec, err := r.LoadHealth(ctx, b.ID)
-				if err != nil {
-					if ctx.Err() != nil {
-						return ctx.Err()
-					}
-					a.out.Warn("%v", err)
-				}
-				e.Health = newHealthEntry(rec)
+				e.Health = newHealthEntry(health[b.ID])
 				out.Backups = append(out.Backups, e)
 			}
 			for id, err := range bad {

@@ -170,3 +170,33 @@ func (r *Repo) orphanHealth(ctx context.Context, backups map[string]bool) ([]bac
 	}
 	return out, nil
 }
+
+// HealthRecords loads every stored health record (one listing, then one
+// read per record: backups never checked cost nothing), keyed by backup
+// ID; records that cannot be read are returned in bad. Retention rules
+// and `backups` use it.
+func (r *Repo) HealthRecords(ctx context.Context) (recs map[ID]*HealthRecord, bad map[ID]error, err error) {
+	var ids []ID
+	err = r.be.List(ctx, backend.KindHealth, "", func(fi backend.Info) error {
+		if id, err := ParseID(fi.Name); err == nil {
+			ids = append(ids, id)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("list health records: %w", err)
+	}
+	recs, bad = map[ID]*HealthRecord{}, map[ID]error{}
+	for _, id := range ids {
+		rec, err := r.LoadHealth(ctx, id)
+		switch {
+		case ctx.Err() != nil:
+			return nil, nil, ctx.Err()
+		case err != nil:
+			bad[id] = err
+		case rec != nil:
+			recs[id] = rec
+		}
+	}
+	return recs, bad, nil
+}

@@ -141,6 +141,10 @@ func TestHealthRecords(t *testing.T) {
 			t.Fatalf("gc touched the health record of existing backup %s: %v, %v", id.Short(), rec, err)
 		}
 	}
+	recs, bad, err := r.HealthRecords(ctx)
+	if err != nil || len(bad) != 0 || len(recs) != 2 || recs[newest] == nil || recs[other] == nil {
+		t.Fatalf("HealthRecords = %v, bad %v, %v; want the records of %s and %s", recs, bad, err, newest.Short(), other.Short())
+	}
 	// DeleteBackup takes the record with it.
 	if err := r.DeleteBackup(ctx, other); err != nil {
 		t.Fatal(err)
