@@ -295,3 +295,78 @@ func damageFirstChunk(t *testing.T, repoDir, id, password string) string {
 	}
 	return x.ID(0).String()
 }
+
+// TestHealthcheckLiveS3 backs the bootable test guest up live (backup
+// --qmp --qga of the running VM booted from its disk by SeaBIOS) into an
+// S3 repository, and the backup passes the health check there; then prune
+// of that backup removes its health record and gc keeps the others.
+func TestHealthcheckLiveS3(t *testing.T) {
+	img := guestvm.BootDiskForTest(t)
+	s := newS3Rig(t)
+	dir := guestvm.TempDir(t)
+	disk := filepath.Join(dir, "boot.raw")
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(disk, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	vm := guestvm.StartForTest(t, guestvm.Options{Dir: dir, DataDisks: []guestvm.Disk{{Path: disk}}, BootFromDisk: true})
+	if !strings.Contains(vm.Console(), "SYSLINUX") {
+		t.Fatalf("the guest did not boot through its disk's bootloader; console:\n%s", vm.Console())
+	}
+	repoURL := s.url("svhealth-live", false)
+	s.ok("repo", "init", "--repo", repoURL)
+	sum := s.ok("backup", "--repo", repoURL, "--qmp", vm.QMPSocket, "--qga", vm.AgentSocket, "--vm", "svhealth-live")
+	id := sum["backup_id"].(string)
+	if sum["source"] != "qemu" {
+		t.Fatalf("backup summary %v: want a live qemu backup", sum)
+	}
+	vm.Kill() // the health check boots the backup, not this VM
+	tmp, err := os.MkdirTemp("", "hc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	res := s.run(nil, "healthcheck", "--repo", repoURL, id, "--timeout", "5m", "--temp-dir", tmp)
+	if res.code != 0 {
+		t.Fatalf("healthcheck of the live backup: exit %d: %s %s", res.code, res.errorMessage(), res.stderr)
+	}
+	h := res.summary(t)["health"].(map[string]any)
+	if h["result"] != "passed" || h["boot"] != "defaults" {
+		t.Fatalf("health = %v, want passed with defaults", h)
+	}
+	if left := leftovers(t, tmp); left != "" {
+		t.Fatalf("healthcheck left behind: %s", left)
+	}
+	if n := s3Objects(s, "svhealth-live/health/"); n != 1 {
+		t.Fatalf("%d health records in the bucket, want 1", n)
+	}
+	got := healthOf(t, s.env, repoURL, id)
+	if got["result"] != "passed" || got["time"] != h["time"] {
+		t.Fatalf("backups --json health = %v, want %v", got, h)
+	}
+	// A second backup, unchecked; prune keeps it and removes the checked one
+	// with its record.
+	vm2 := guestvm.StartForTest(t, guestvm.Options{DataDisks: []guestvm.Disk{{Path: disk}}, BootFromDisk: true})
+	s.ok("backup", "--repo", repoURL, "--qmp", vm2.QMPSocket, "--qga", vm2.AgentSocket, "--vm", "svhealth-live")
+	vm2.Kill()
+	s.ok("prune", "--repo", repoURL, "--keep-last", "1")
+	if n := s3Objects(s, "svhealth-live/health/"); n != 0 {
+		t.Fatalf("%d health records left after the checked backup was pruned", n)
+	}
+}
+
+// s3Objects counts the objects under prefix in the rig's bucket (the
+// server's files).
+func s3Objects(s *s3Rig, prefix string) int {
+	n := 0
+	filepath.WalkDir(filepath.Join(s.srv.Dir, s.bucket, prefix), func(p string, e fs.DirEntry, err error) error {
+		if err == nil && e.Type().IsRegular() {
+			n++
+		}
+		return nil
+	})
+	return n
+}
