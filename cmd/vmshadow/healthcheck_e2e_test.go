@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -12,9 +15,11 @@ import (
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/guestvm"
+	"github.com/vmshadow/vmshadow/internal/libvirttest"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 )
 
 // repoFiles lists the files of a local repository with their size and
@@ -369,4 +374,48 @@ func s3Objects(s *s3Rig, prefix string) int {
 		return nil
 	})
 	return n
+}
+
+// TestHealthcheckLibvirtDefinition backs up a libvirt domain booting the
+// bootable test guest from its disk (384 MiB, its own definition), and the
+// health check boots the backup with the stored definition's hardware,
+// not the defaults.
+func TestHealthcheckLibvirtDefinition(t *testing.T) {
+	img := guestvm.BootDiskForTest(t)
+	testutil.NeedCommand(t, "qemu-img")
+	dir := libvirttest.TempDir(t)
+	disk := filepath.Join(dir, "boot.qcow2")
+	if out, err := exec.Command("qemu-img", "convert", "-O", "qcow2", img, disk).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert: %v: %s", err, out)
+	}
+	var rnd [4]byte
+	rand.Read(rnd[:])
+	d := libvirttest.NewDomain(t, libvirttest.Options{Name: "svhealth-" + hex.EncodeToString(rnd[:]),
+		Disks: []libvirttest.Disk{{Target: "vda", Format: "qcow2", Path: disk}}, Agent: true, MemoryMB: 384})
+	d.Start(t)
+	d.WaitConsole(t, guestvm.ReadyMarker, 5*time.Minute)
+	state, env := stateEnv(t)
+	env = append(env, "VMSHADOW_PASSWORD=hc-test")
+	repoDir := filepath.Join(state, "repo")
+	if res := vmshadow(t, env, "repo", "init", "--repo", repoDir); res.code != 0 {
+		t.Fatalf("repo init: %s", res.errorMessage())
+	}
+	res := vmshadow(t, env, "backup", "--repo", repoDir, "--libvirt", libvirttest.URI, "--vm", d.Name, "--scratch-dir", libvirttest.TempDir(t))
+	if res.code != 0 {
+		t.Fatalf("backup: exit %d: %s", res.code, res.errorMessage())
+	}
+	id := res.summary(t)["backup_id"].(string)
+	libvirttest.Virsh(t, "destroy", d.Name) // its CPU time goes to the health check
+	res = vmshadow(t, env, "healthcheck", "--repo", repoDir, id, "--timeout", "5m", "--script", "/bin/true")
+	if res.code != 0 {
+		t.Fatalf("healthcheck: exit %d: %s %s", res.code, res.errorMessage(), res.stderr)
+	}
+	sum := res.summary(t)
+	h := sum["health"].(map[string]any)
+	if h["result"] != "passed" || h["boot"] != "definition" {
+		t.Fatalf("health = %v, want passed, booted from the definition", h)
+	}
+	if m := fmt.Sprint(sum["machine"]); !strings.HasPrefix(m, "definition (384 MiB, 1 vCPU, BIOS, pc), disks vda on virtio") {
+		t.Fatalf("machine = %q, want the definition's 384 MiB", m)
+	}
 }
