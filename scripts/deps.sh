@@ -23,7 +23,8 @@ test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf"
       # guest/bootdisk.sh (the bootable guest disk of the healthcheck tests)
       want syslinux syslinux; want mcopy mtools; want mkfs.vfat dosfstools; want sfdisk fdisk
-      [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need="$need syslinux-common" ;;
+      [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need="$need syslinux-common"
+      [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need="$need systemd-boot-efi" ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

@@ -376,46 +376,68 @@ func s3Objects(s *s3Rig, prefix string) int {
 	return n
 }
 
-// TestHealthcheckLibvirtDefinition backs up a libvirt domain booting the
-// bootable test guest from its disk (384 MiB, its own definition), and the
-// health check boots the backup with the stored definition's hardware,
-// not the defaults.
+// TestHealthcheckLibvirtDefinition backs up libvirt domains booting the
+// bootable test guest from its disk, through SeaBIOS (384 MiB) and through
+// OVMF (UEFI, 448 MiB, an NVRAM libvirt keeps), and the health check boots
+// each backup with its stored definition's hardware, not the defaults: the
+// UEFI one with OVMF and a copy of the stored NVRAM.
 func TestHealthcheckLibvirtDefinition(t *testing.T) {
 	img := guestvm.BootDiskForTest(t)
 	testutil.NeedCommand(t, "qemu-img")
-	dir := libvirttest.TempDir(t)
-	disk := filepath.Join(dir, "boot.qcow2")
-	if out, err := exec.Command("qemu-img", "convert", "-O", "qcow2", img, disk).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img convert: %v: %s", err, out)
-	}
-	var rnd [4]byte
-	rand.Read(rnd[:])
-	d := libvirttest.NewDomain(t, libvirttest.Options{Name: "svhealth-" + hex.EncodeToString(rnd[:]),
-		Disks: []libvirttest.Disk{{Target: "vda", Format: "qcow2", Path: disk}}, Agent: true, MemoryMB: 384})
-	d.Start(t)
-	d.WaitConsole(t, guestvm.ReadyMarker, 5*time.Minute)
-	state, env := stateEnv(t)
-	env = append(env, "VMSHADOW_PASSWORD=hc-test")
-	repoDir := filepath.Join(state, "repo")
-	if res := vmshadow(t, env, "repo", "init", "--repo", repoDir); res.code != 0 {
-		t.Fatalf("repo init: %s", res.errorMessage())
-	}
-	res := vmshadow(t, env, "backup", "--repo", repoDir, "--libvirt", libvirttest.URI, "--vm", d.Name, "--scratch-dir", libvirttest.TempDir(t))
-	if res.code != 0 {
-		t.Fatalf("backup: exit %d: %s", res.code, res.errorMessage())
-	}
-	id := res.summary(t)["backup_id"].(string)
-	libvirttest.Virsh(t, "destroy", d.Name) // its CPU time goes to the health check
-	res = vmshadow(t, env, "healthcheck", "--repo", repoDir, id, "--timeout", "5m", "--script", "/bin/true")
-	if res.code != 0 {
-		t.Fatalf("healthcheck: exit %d: %s %s", res.code, res.errorMessage(), res.stderr)
-	}
-	sum := res.summary(t)
-	h := sum["health"].(map[string]any)
-	if h["result"] != "passed" || h["boot"] != "definition" {
-		t.Fatalf("health = %v, want passed, booted from the definition", h)
-	}
-	if m := fmt.Sprint(sum["machine"]); !strings.HasPrefix(m, "definition (384 MiB, 1 vCPU, BIOS, pc), disks vda on virtio") {
-		t.Fatalf("machine = %q, want the definition's 384 MiB", m)
+	for _, tc := range []struct {
+		name    string
+		image   string
+		uefi    bool
+		machine string
+	}{
+		{"bios", img, false, "definition (384 MiB, 1 vCPU, BIOS, pc), disks vda on virtio"},
+		{"uefi", guestvm.UEFIBootDisk(img), true, "definition (448 MiB, 1 vCPU, UEFI, pc), disks vda on virtio"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := libvirttest.TempDir(t)
+			disk := filepath.Join(dir, "boot.qcow2")
+			if out, err := exec.Command("qemu-img", "convert", "-O", "qcow2", tc.image, disk).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img convert: %v: %s", err, out)
+			}
+			var rnd [4]byte
+			rand.Read(rnd[:])
+			mem := 384
+			if tc.uefi {
+				mem = 448
+			}
+			d := libvirttest.NewDomain(t, libvirttest.Options{Name: "svhealth-" + hex.EncodeToString(rnd[:]),
+				Disks: []libvirttest.Disk{{Target: "vda", Format: "qcow2", Path: disk}}, Agent: true, MemoryMB: mem, UEFI: tc.uefi})
+			d.Start(t)
+			d.WaitConsole(t, guestvm.ReadyMarker, 5*time.Minute)
+			state, env := stateEnv(t)
+			env = append(env, "VMSHADOW_PASSWORD=hc-test")
+			repoDir := filepath.Join(state, "repo")
+			if res := vmshadow(t, env, "repo", "init", "--repo", repoDir); res.code != 0 {
+				t.Fatalf("repo init: %s", res.errorMessage())
+			}
+			res := vmshadow(t, env, "backup", "--repo", repoDir, "--libvirt", libvirttest.URI, "--vm", d.Name, "--scratch-dir", libvirttest.TempDir(t))
+			if res.code != 0 {
+				t.Fatalf("backup: exit %d: %s", res.code, res.errorMessage())
+			}
+			sum := res.summary(t)
+			id := sum["backup_id"].(string)
+			if tc.uefi && !strings.Contains(fmt.Sprint(sum["files"]), "nvram") {
+				t.Fatalf("the backup of a UEFI domain stores no NVRAM: %v", sum["files"])
+			}
+			libvirttest.Virsh(t, "destroy", d.Name) // its CPU time goes to the health check
+			res = vmshadow(t, env, "healthcheck", "--repo", repoDir, id, "--timeout", "5m", "--script", "/bin/true")
+			if res.code != 0 {
+				t.Fatalf("healthcheck: exit %d: %s %s", res.code, res.errorMessage(), res.stderr)
+			}
+			sum = res.summary(t)
+			h := sum["health"].(map[string]any)
+			if h["result"] != "passed" || h["boot"] != "definition" {
+				t.Fatalf("health = %v, want passed, booted from the definition", h)
+			}
+			if m := fmt.Sprint(sum["machine"]); m != tc.machine {
+				t.Fatalf("machine = %q, want %q", m, tc.machine)
+			}
+			t.Logf("boot to guest-ping: %.1f s", h["answer_s"])
+		})
 	}
 }

@@ -21,10 +21,11 @@ var (
 )
 
 // BuildBootDisk runs guest/bootdisk.sh, which builds (once, cached next to
-// the guest's build) a bootable raw disk image of the test guest: MBR,
-// syslinux, kernel and initramfs on a FAT partition, qemu-ga started by
-// the guest's init. It returns the image's path; copy it before writing
-// to it. Within one process the script runs once.
+// the guest's build) bootable raw disk images of the test guest, kernel and
+// initramfs on a FAT partition, qemu-ga started by the guest's init: for
+// BIOS (MBR, syslinux) and for UEFI (GPT, systemd-boot; UEFIBootDisk
+// names it). It returns the BIOS image's path; copy an image before
+// writing to it. Within one process the script runs once.
 func BuildBootDisk(ctx context.Context) (string, error) {
 	bootDiskMu.Lock()
 	defer bootDiskMu.Unlock()
@@ -68,3 +69,6 @@ func BootDiskForTest(t testing.TB) string {
 	}
 	return img
 }
+
+// UEFIBootDisk is the UEFI image built next to the BIOS image bios.
+func UEFIBootDisk(bios string) string { return filepath.Join(filepath.Dir(bios), "boot-uefi.img") }
