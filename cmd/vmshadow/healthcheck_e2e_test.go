@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -237,6 +238,42 @@ func TestHealthcheck(t *testing.T) {
 		txt := vm(t, env, "backups", "--repo", repoDir)
 		if !strings.Contains(txt.stdout, "HEALTH") || !strings.Contains(txt.stdout, "failed ") {
 			t.Fatalf("backups does not show the health column:\n%s", txt.stdout)
+		}
+	})
+
+	t.Run("interrupted", func(t *testing.T) {
+		// SIGTERM while the VM boots (the wiped disk never answers): exit
+		// 130 promptly, nothing recorded, nothing left.
+		was := healthOf(t, env, repoDir, wipedID)
+		cmd, wait := startVmshadow(t, env, "healthcheck", "--repo", repoDir, wipedID, "--temp-dir", tmp, "--timeout", "5m")
+		deadline := time.Now().Add(time.Minute)
+		for {
+			con, _ := filepath.Glob(filepath.Join(tmp, "*", "console.log"))
+			if len(con) > 0 {
+				if b, _ := os.ReadFile(con[0]); len(b) > 0 {
+					break // QEMU runs
+				}
+			}
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatalf("the health check's VM did not start within a minute: %s", leftovers(t, tmp))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		start := time.Now()
+		cmd.Process.Signal(syscall.SIGTERM)
+		res := wait()
+		if res.code != 130 {
+			t.Fatalf("healthcheck after SIGTERM: exit %d, want 130: %s", res.code, res.errorMessage())
+		}
+		if took := time.Since(start); took > 15*time.Second {
+			t.Fatalf("healthcheck took %s to end after SIGTERM", took)
+		}
+		if left := leftovers(t, tmp); left != "" {
+			t.Fatalf("interrupted healthcheck left behind: %s", left)
+		}
+		if now := healthOf(t, env, repoDir, wipedID); now["time"] != was["time"] {
+			t.Fatalf("an interrupted check was recorded: %v (before %v)", now, was)
 		}
 	})
 
