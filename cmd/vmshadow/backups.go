@@ -107,7 +107,7 @@ func newBackupsCmd(a *app) *cobra.Command {
 			}
 			sort.Slice(out.Unreadable, func(i, j int) bool { return out.Unreadable[i].ID < out.Unreadable[j].ID })
 			a.out.Summary(out, func(w io.Writer) {
-				fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %-16s  %s\n", "ID", "TIME", "VM", "MODE", "DISKS", "HEALTH", "TAGS")
+				fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %-18s  %s\n", "ID", "TIME", "VM", "MODE", "DISKS", "HEALTH", "TAGS")
 				for _, e := range out.Backups {
 					var ds []string
 					for _, d := range e.Disks {
@@ -117,7 +117,7 @@ func newBackupsCmd(a *app) *cobra.Command {
 					if h := e.Health; h != nil {
 						health = h.Result + " " + h.Time.Local().Format("01-02 15:04")
 					}
-					fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %-16s  %s\n", e.ShortID, e.Time.Local().Format("2006-01-02 15:04:05"), e.VM, e.Mode, strings.Join(ds, ","), health, strings.Join(e.Tags, ","))
+					fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %-18s  %s\n", e.ShortID, e.Time.Local().Format("2006-01-02 15:04:05"), e.VM, e.Mode, strings.Join(ds, ","), health, strings.Join(e.Tags, ","))
 				}
 				fmt.Fprintf(w, "%d backups\n", len(out.Backups))
 			})

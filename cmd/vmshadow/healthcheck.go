@@ -91,7 +91,11 @@ missing chunk was read (the VM is stopped at once); 1 the script failed.`,
 			}
 			out, runErr := healthcheck.Run(ctx, r, id, m, healthcheck.Options{Timeout: timeout, Script: script,
 				TempDir: tempDir, CacheBytes: int64(cacheMiB) << 20, Version: version,
-				Log:  func(s string) { a.out.Status(struct{ Message string }{s}, s) },
+				Log: func(s string) {
+					a.out.Status(struct {
+						Message string `json:"message"`
+					}{s}, s)
+				},
 				Warn: func(s string) { a.out.Warn("%s", s) }})
 			if out == nil {
 				return runErr
