@@ -425,12 +425,13 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		return nil, err
 	}
 	res.HealthDeleted = len(orphans)
-	if !o.DryRun {
-		for _, fi := range orphans {
-			if err := r.deleteHealth(ctx, fi.Name); err != nil {
-				return res, err
-			}
-			res.BytesDeleted += fi.Size
+	for _, fi := range orphans {
+		res.BytesDeleted += fi.Size
+		if o.DryRun {
+			continue
+		}
+		if err := r.deleteHealth(ctx, fi.Name); err != nil {
+			return res, err
 		}
 	}
 	if !o.DryRun {
