@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/healthcheck"
 	"github.com/vmshadow/vmshadow/internal/repo"
 )
@@ -75,6 +76,9 @@ missing chunk was read (the VM is stopped at once); 1 the script failed.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
+			if st, err := os.Stat(tempDir); err != nil || !st.IsDir() {
+				return errorf(errs.ErrUsage, "--temp-dir %s is not an existing directory", tempDir)
+			}
 			// Shared: gc must not remove chunks while they are served.
 			r, ctx, release, err := f.openLocked(ctx, a, false, "healthcheck")
 			if err != nil {

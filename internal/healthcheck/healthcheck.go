@@ -137,6 +137,9 @@ func Run(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, o Opti
 		return nil, fmt.Errorf("health check: make a temporary directory: %w", err)
 	}
 	defer os.RemoveAll(dir)
+	if len(filepath.Join(dir, "qga.sock")) > 107 {
+		return nil, fmt.Errorf("temporary directory %s is too long for UNIX socket paths (107 bytes): give a shorter one (--temp-dir): %w", dir, errs.ErrUsage)
+	}
 
 	var firmware []string
 	if mach.Firmware == "uefi" {
