@@ -16,19 +16,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"regexp"
-	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
-	"github.com/vmshadow/vmshadow/internal/instant"
 	"github.com/vmshadow/vmshadow/internal/qga"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
@@ -85,13 +77,10 @@ const stopGrace = 5 * time.Second
 // errs.ErrCorrupt when a disk read failed (a damaged or missing chunk: the
 // VM is stopped at once, the guest never gets the data). A nil Outcome
 // means the check could not run (no QEMU, bad options, a QEMU that failed
-// to start): nothing to record.
+// to start, cancellation): nothing to record.
 func Run(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, o Options) (*Outcome, error) {
 	if o.Timeout <= 0 {
 		o.Timeout = 10 * time.Minute
-	}
-	if o.QEMU == "" {
-		o.QEMU = "qemu-system-x86_64"
 	}
 	if o.CacheBytes <= 0 {
 		o.CacheBytes = 64 << 20
@@ -106,169 +95,46 @@ func Run(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, o Opti
 			o.Warn(s)
 		}
 	}
-	qemu, err := exec.LookPath(o.QEMU)
-	if err != nil {
-		return nil, fmt.Errorf("health check needs QEMU: %s not found (install qemu-system-x86): %w", o.QEMU, errs.ErrUnsupported)
-	}
-	sel, err := restore.Select(m, nil)
+	mach, err := MachineFor(ctx, r, m, warn)
 	if err != nil {
 		return nil, err
 	}
-	if len(sel) == 0 {
-		return nil, fmt.Errorf("backup %s has no disks to boot: %w", id.Short(), errs.ErrUsage)
-	}
-	mach := Defaults(sel)
-	if m.Definition == repo.DefinitionLibvirt && m.File(repo.FileDomainXML) != nil {
-		b, err := restore.ReadFile(ctx, r, m, repo.FileDomainXML, 0)
-		if err != nil {
-			return nil, fmt.Errorf("read the backup's VM definition: %w", err)
-		}
-		var ws []string
-		if mach, ws, err = FromDefinition(b, sel); err != nil {
-			return nil, err
-		}
-		for _, w := range ws {
-			warn(w)
-		}
-	}
-
 	dir, err := os.MkdirTemp(o.TempDir, "vmshadow-hc-")
 	if err != nil {
 		return nil, fmt.Errorf("health check: make a temporary directory: %w", err)
 	}
 	defer os.RemoveAll(dir)
-	if len(filepath.Join(dir, "qga.sock")) > 107 {
-		return nil, fmt.Errorf("temporary directory %s is too long for UNIX socket paths (107 bytes): give a shorter one (--temp-dir): %w", dir, errs.ErrUsage)
-	}
-
-	var firmware []string
-	if mach.Firmware == "uefi" {
-		var nvram []byte
-		if m.File(repo.FileNVRAM) != nil {
-			if nvram, err = restore.ReadFile(ctx, r, m, repo.FileNVRAM, 0); err != nil {
-				return nil, fmt.Errorf("read the backup's NVRAM: %w", err)
-			}
-		}
-		code, vars, err := uefiFiles(int64(len(nvram)))
-		if err != nil {
-			return nil, err
-		}
-		if nvram == nil {
-			if nvram, err = os.ReadFile(vars); err != nil {
-				return nil, fmt.Errorf("read the empty UEFI variable store: %w", err)
-			}
-		}
-		// A copy: the guest may write its variables; the backup's stay.
-		nv := filepath.Join(dir, "nvram.fd")
-		if err := os.WriteFile(nv, nvram, 0o600); err != nil {
-			return nil, fmt.Errorf("health check: write the NVRAM copy: %w", err)
-		}
-		firmware = []string{
-			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + escape(code),
-			"-drive", "if=pflash,format=raw,unit=1,file=" + escape(nv),
-		}
-	}
-
-	// The disks: instant restore's NBD server on a private socket, every
-	// disk writable through an overlay in dir. A failed read stops the VM.
-	readErr := make(chan error, 1)
-	srv, err := instant.NewServer(ctx, r, id, m, instant.ServeOptions{Disks: sel, CacheBytes: o.CacheBytes,
-		Writable: true, OverlayDir: filepath.Join(dir, "overlay"), Warn: warn,
-		ReadError: func(disk string, err error) {
-			select {
-			case readErr <- fmt.Errorf("disk %s: %w", disk, err):
-			default:
-			}
-		}})
+	firmware, err := Firmware(ctx, r, m, mach, dir)
 	if err != nil {
 		return nil, err
 	}
-	nbdSock := filepath.Join(dir, "nbd.sock")
-	ln, err := net.Listen("unix", nbdSock)
+	sel, _ := restore.Select(m, nil) // MachineFor checked it
+	disks, err := ServeDisks(ctx, r, id, m, sel, dir, o.CacheBytes, warn)
 	if err != nil {
-		srv.Close()
-		return nil, fmt.Errorf("health check: listen on %s: %w", nbdSock, err)
+		return nil, err
 	}
-	go srv.Serve(ln)
-	defer func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-		srv.Close()
-	}()
-
-	accel, tryKVM := o.Accel, false
-	switch accel {
-	case "kvm", "tcg":
-	case "":
-		if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
-			f.Close()
-			tryKVM = true
-		} else {
-			accel = "tcg"
-		}
-	default:
-		return nil, fmt.Errorf("accelerator %q: want kvm, tcg or empty: %w", o.Accel, errs.ErrUsage)
-	}
-	qgaSock := filepath.Join(dir, "qga.sock")
-	console := filepath.Join(dir, "console.log")
-	qemuLog := filepath.Join(dir, "qemu.log")
-	args := qemuArgs(mach, nbdSock, qgaSock, console, filepath.Join(dir, "sercon"))
-	if tryKVM {
-		args = append(args, "-accel", "kvm", "-accel", "tcg")
-	} else {
-		args = append(args, "-accel", accel)
-	}
-	args = append(args, firmware...)
-	if err := os.WriteFile(filepath.Join(dir, "sercon"), []byte{0xf8, 0x03}, 0o600); err != nil { // 0x3f8: COM1
-		return nil, fmt.Errorf("health check: %w", err)
-	}
-	lf, err := os.Create(qemuLog)
-	if err != nil {
-		return nil, fmt.Errorf("health check: %w", err)
-	}
-	defer lf.Close()
-	cmd := exec.Command(qemu, args...)
-	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	defer disks.Close()
 	logf("booting backup %s of %s: %s", id.Short(), m.VM, mach.Describe())
-	start := time.Now()
+	vm, err := StartVM(VMOptions{Machine: mach, Dir: dir, Disks: disks, Accel: o.Accel, QEMU: o.QEMU, ExtraArgs: firmware})
+	if err != nil {
+		return nil, err
+	}
+	defer vm.Stop()
+	start := vm.Started
 	res := repo.HealthResult{Time: start.UTC().Truncate(time.Second), Boot: mach.Boot, Version: o.Version, Script: o.Script}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start QEMU: %w", err)
-	}
-	exited := make(chan struct{})
-	var waitErr error
-	go func() { waitErr = cmd.Wait(); close(exited) }()
-	var stopOnce sync.Once
-	stop := func() {
-		stopOnce.Do(func() {
-			cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-exited:
-			case <-time.After(stopGrace):
-				cmd.Process.Kill()
-				<-exited
-			}
-		})
-	}
-	defer stop()
-
 	out := &Outcome{Machine: mach}
-	finish := func(passed bool, reason string) {
-		stop()
-		res.Accel = accelUsed(accel, qemuLog)
-		res.Reason = reason
-		res.Result = repo.HealthFailed
-		if passed {
-			res.Result = repo.HealthPassed
+	fail := func(reason string, cause error) (*Outcome, error) {
+		vm.Stop()
+		res.Accel, res.Reason, res.Result = vm.Accel(), reason, repo.HealthFailed
+		out.Result, out.Console = res, vm.Console(8)
+		if cause != nil {
+			return out, fmt.Errorf("health check of backup %s failed: %w", id.Short(), cause)
 		}
-		out.Result = res
-		out.Console = consoleTail(console, 8)
+		return out, fmt.Errorf("health check of backup %s failed: %s", id.Short(), reason)
 	}
+
 	// Wait for the agent, until the timeout, QEMU's exit or a read error.
-	deadline := start.Add(o.Timeout)
-	wctx, cancel := context.WithDeadline(ctx, deadline)
+	wctx, cancel := context.WithDeadline(ctx, start.Add(o.Timeout))
 	defer cancel()
 	// why is what ended the wait early, set before wctx is cancelled.
 	var whyMu sync.Mutex
@@ -277,9 +143,9 @@ func Run(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, o Opti
 	go func() {
 		var e error
 		select {
-		case <-exited:
+		case <-vm.Exited():
 			e = errQEMUExited
-		case e = <-readErr:
+		case e = <-disks.ReadErrors():
 		case <-wctx.Done():
 			return
 		}
@@ -288,10 +154,9 @@ func Run(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, o Opti
 		whyMu.Unlock()
 		cancel()
 	}()
-	client, err := dialAgent(wctx, qgaSock)
+	client, err := vm.DialAgent(wctx)
 	if err == nil {
-		err = client.Ping(wctx)
-		if err != nil {
+		if err = client.Ping(wctx); err != nil {
 			client.Close()
 		}
 	}
@@ -300,39 +165,47 @@ func Run(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, o Opti
 		why := why()
 		switch {
 		case ctx.Err() != nil:
-			stop()
 			return nil, ctx.Err()
 		case why != nil && why != errQEMUExited:
-			finish(false, fmt.Sprintf("reading the backup failed, the VM was stopped: %v", why))
-			return out, fmt.Errorf("health check of backup %s failed: %w", id.Short(), why)
+			return fail(fmt.Sprintf("reading the backup failed, the VM was stopped: %v", why), why)
 		case why == errQEMUExited:
-			st := exitStatus(waitErr)
-			if waitErr != nil && time.Since(start) < 10*time.Second {
-				// QEMU itself failed (bad firmware, accelerator): not the backup's fault.
-				return nil, fmt.Errorf("QEMU failed to start the VM (%s): %s: %w", st, fileTail(qemuLog, 5), errs.ErrUnsupported)
+			st, clean := vm.ExitStatus()
+			if !clean && time.Since(start) < 10*time.Second {
+				// QEMU itself failed (firmware, accelerator): not the backup's fault.
+				return nil, fmt.Errorf("QEMU failed to start the VM (%s): %s: %w", st, fileTail(vm.QEMULog, 5), errs.ErrUnsupported)
 			}
-			finish(false, fmt.Sprintf("the VM stopped (%s) before its guest agent answered; console: %s", st, consoleTail(console, 5)))
+			reason := fmt.Sprintf("the VM stopped (%s) before its guest agent answered; console: %s", st, vm.Console(5))
+			return fail(reason, fmt.Errorf("%s: %w", reason, errs.ErrTimeout))
 		default:
-			finish(false, fmt.Sprintf("the guest agent did not answer within %s; console: %s", o.Timeout, consoleTail(console, 5)))
+			reason := fmt.Sprintf("the guest agent did not answer within %s; console: %s", o.Timeout, vm.Console(5))
+			return fail(reason, fmt.Errorf("%s: %w", reason, errs.ErrTimeout))
 		}
-		return out, fmt.Errorf("health check of backup %s failed: %s: %w", id.Short(), res.Reason, errs.ErrTimeout)
 	}
 	defer client.Close()
 	readFailed := func() error {
 		if w := why(); w != nil && w != errQEMUExited {
 			return w
 		}
-		return checkRead(readErr)
+		select {
+		case err := <-disks.ReadErrors():
+			return err
+		default:
+			return nil
+		}
 	}
 	res.AnswerS = time.Since(start).Seconds()
 	logf("the guest agent answered guest-ping after %.1f s", res.AnswerS)
-	if o.Script == "" {
+	passed := func(reason string) (*Outcome, error) {
 		if e := readFailed(); e != nil {
-			finish(false, fmt.Sprintf("reading the backup failed: %v", e))
-			return out, fmt.Errorf("health check of backup %s failed: %w", id.Short(), e)
+			return fail(fmt.Sprintf("reading the backup failed: %v", e), e)
 		}
-		finish(true, "guest-ping answered")
+		vm.Stop()
+		res.Accel, res.Reason, res.Result = vm.Accel(), reason, repo.HealthPassed
+		out.Result, out.Console = res, vm.Console(8)
 		return out, nil
+	}
+	if o.Script == "" {
+		return passed("guest-ping answered")
 	}
 	logf("running %s in the guest", o.Script)
 	xr, err := client.Exec(wctx, o.Script, []string{}, nil, nil)
@@ -341,228 +214,62 @@ func Run(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, o Opti
 		why := why()
 		switch {
 		case ctx.Err() != nil:
-			stop()
 			return nil, ctx.Err()
 		case why != nil && why != errQEMUExited:
-			finish(false, fmt.Sprintf("reading the backup failed, the VM was stopped: %v", why))
-			return out, fmt.Errorf("health check of backup %s failed: %w", id.Short(), why)
+			return fail(fmt.Sprintf("reading the backup failed, the VM was stopped: %v", why), why)
 		case why == errQEMUExited:
-			finish(false, fmt.Sprintf("the VM stopped while script %s ran; console: %s", o.Script, consoleTail(console, 5)))
-			return out, fmt.Errorf("health check of backup %s failed: %s", id.Short(), res.Reason)
+			return fail(fmt.Sprintf("the VM stopped while script %s ran; console: %s", o.Script, vm.Console(5)), nil)
 		case errors.As(err, &ae):
-			finish(false, fmt.Sprintf("script %s could not run: %s", o.Script, ae.Desc))
-			return out, fmt.Errorf("health check of backup %s failed: %s", id.Short(), res.Reason)
+			return fail(fmt.Sprintf("script %s could not run: %s", o.Script, ae.Desc), nil)
 		default:
-			finish(false, fmt.Sprintf("script %s did not finish within the timeout of %s: %v", o.Script, o.Timeout, err))
-			return out, fmt.Errorf("health check of backup %s failed: %s: %w", id.Short(), res.Reason, errs.ErrTimeout)
+			reason := fmt.Sprintf("script %s did not finish within the timeout of %s: %v", o.Script, o.Timeout, err)
+			return fail(reason, fmt.Errorf("%s: %w", reason, errs.ErrTimeout))
 		}
 	}
 	out.ScriptStdout, out.ScriptStderr = tailBytes(xr.Stdout, MaxOutput), tailBytes(xr.Stderr, MaxOutput)
 	code := xr.ExitCode
 	res.ScriptExit = &code
-	if e := readFailed(); e != nil {
-		finish(false, fmt.Sprintf("reading the backup failed: %v", e))
-		return out, fmt.Errorf("health check of backup %s failed: %w", id.Short(), e)
-	}
 	if xr.ExitCode != 0 || xr.Signal != 0 {
-		r := fmt.Sprintf("script %s exited %d", o.Script, xr.ExitCode)
+		if e := readFailed(); e != nil {
+			return fail(fmt.Sprintf("reading the backup failed: %v", e), e)
+		}
+		reason := fmt.Sprintf("script %s exited %d", o.Script, xr.ExitCode)
 		if xr.Signal != 0 {
-			r = fmt.Sprintf("script %s was killed by signal %d", o.Script, xr.Signal)
+			reason = fmt.Sprintf("script %s was killed by signal %d", o.Script, xr.Signal)
 		}
 		if s := lastLine(xr.Stderr); s != "" {
-			r += ": " + s
+			reason += ": " + s
 		}
-		finish(false, r)
-		return out, fmt.Errorf("health check of backup %s failed: %s", id.Short(), r)
+		return fail(reason, nil)
 	}
-	finish(true, fmt.Sprintf("guest-ping answered, script %s exited 0", o.Script))
-	return out, nil
+	return passed(fmt.Sprintf("guest-ping answered, script %s exited 0", o.Script))
 }
 
-var errQEMUExited = errors.New("QEMU exited")
-
-func checkRead(ch chan error) error {
-	select {
-	case err := <-ch:
-		return err
-	default:
-		return nil
-	}
-}
-
-// dialAgent connects to the agent socket once QEMU has made it, and
-// synchronises with the agent (qga.Dial retries until ctx ends).
-func dialAgent(ctx context.Context, path string) (*qga.Client, error) {
-	for {
-		if _, err := os.Stat(path); err == nil {
-			c, err := qga.Dial(ctx, path)
-			if err == nil || ctx.Err() != nil {
-				return c, err
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}
-
-// qemuArgs is the VM's command line, without the accelerator and the
-// UEFI firmware.
-func qemuArgs(m *Machine, nbdSock, qgaSock, console, sercon string) []string {
-	machine := "pc"
-	if m.Q35 {
-		machine = "q35"
-	}
-	a := []string{"-nodefaults", "-no-user-config", "-display", "none", "-machine", machine,
-		"-m", fmt.Sprint(m.MemoryMiB), "-smp", fmt.Sprint(m.VCPUs),
-		"-nic", "none",
-		"-chardev", "file,id=console,path=" + escape(console), "-serial", "chardev:console",
-		// SeaBIOS writes its messages ("No bootable device.") to COM1 too.
-		"-fw_cfg", "name=etc/sercon-port,file=" + escape(sercon),
-		"-device", "virtio-serial-pci,id=vser0",
-		"-chardev", "socket,id=qga0,path=" + escape(qgaSock) + ",server=on,wait=off",
-		"-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
-	}
-	var ahci, scsi bool
-	ide, sata := 0, 0 // q35: both on its AHCI (ide.N); pc: sata on an added AHCI, ide on IDE
-	for i, d := range m.Disks {
-		node := fmt.Sprintf("disk%d", i)
-		a = append(a, "-blockdev", fmt.Sprintf("driver=nbd,node-name=%s,server.type=unix,server.path=%s,export=%s,cache.direct=off",
-			node, escape(nbdSock), escape(d.Name)))
-		boot := fmt.Sprintf(",bootindex=%d", i+1)
-		switch d.Bus {
-		case "sata", "ide":
-			if m.Q35 || d.Bus == "sata" {
-				if !m.Q35 && !ahci {
-					a = append(a, "-device", "ahci,id=ahci0")
-					ahci = true
-				}
-				bus := "ahci0"
-				if m.Q35 {
-					bus = "ide"
-				}
-				a = append(a, "-device", fmt.Sprintf("ide-hd,drive=%s,bus=%s.%d%s", node, bus, sata, boot))
-				sata++
-			} else {
-				a = append(a, "-device", fmt.Sprintf("ide-hd,drive=%s,bus=ide.%d,unit=%d%s", node, ide/2, ide%2, boot))
-				ide++
-			}
-		case "scsi":
-			if !scsi {
-				a = append(a, "-device", "virtio-scsi-pci,id=scsi0")
-				scsi = true
-			}
-			a = append(a, "-device", fmt.Sprintf("scsi-hd,drive=%s,bus=scsi0.0%s", node, boot))
-		default:
-			a = append(a, "-device", fmt.Sprintf("virtio-blk-pci,drive=%s%s", node, boot))
-		}
-	}
-	return a
-}
-
-// Describe says what the machine is, for messages.
-func (m *Machine) Describe() string {
-	var ds []string
-	for _, d := range m.Disks {
-		ds = append(ds, d.Name+" on "+d.Bus)
-	}
-	return fmt.Sprintf("%s (%d MiB, %d vCPU, %s, %s), disks %s", m.Boot, m.MemoryMiB, m.VCPUs,
-		strings.ToUpper(m.Firmware), map[bool]string{true: "q35", false: "pc"}[m.Q35], strings.Join(ds, ", "))
-}
-
-func escape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
-
-// accelUsed is the accelerator QEMU ran with: it says so on stderr when it
-// falls back from KVM to TCG.
-func accelUsed(accel, qemuLog string) string {
-	if accel != "" {
-		return accel
-	}
-	b, _ := os.ReadFile(qemuLog)
-	if strings.Contains(string(b), "falling back to tcg") {
-		return "tcg"
-	}
-	return "kvm"
-}
-
-func exitStatus(err error) string {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		return ee.ProcessState.String()
-	}
+// MachineFor is the throwaway VM's hardware for backup m: its libvirt
+// definition's (FromDefinition, warnings to warn) or the defaults.
+func MachineFor(ctx context.Context, r *repo.Repo, m *repo.Manifest, warn func(string)) (*Machine, error) {
+	sel, err := restore.Select(m, nil)
 	if err != nil {
-		return err.Error()
+		return nil, err
 	}
-	return "exit status 0"
-}
-
-var ansi = regexp.MustCompile(`\x1b(\[[0-9;?]*[A-Za-z]|c|\([A-Za-z0-9])`)
-
-// consoleTail is the last n non-empty lines of the console log, escape
-// sequences and control characters removed, joined with " | ".
-func consoleTail(path string, n int) string {
-	s := cleanTail(path, n)
-	if s == "" {
-		return "(nothing on the serial console)"
+	if len(sel) == 0 {
+		return nil, fmt.Errorf("backup of %s has no disks to boot: %w", m.VM, errs.ErrUsage)
 	}
-	return s
-}
-
-func fileTail(path string, n int) string {
-	s := cleanTail(path, n)
-	if s == "" {
-		return "(no output)"
+	if m.Definition != repo.DefinitionLibvirt || m.File(repo.FileDomainXML) == nil {
+		return Defaults(sel), nil
 	}
-	return s
-}
-
-func cleanTail(path string, n int) string {
-	f, err := os.Open(path)
+	b, err := restore.ReadFile(ctx, r, m, repo.FileDomainXML, 0)
 	if err != nil {
-		return ""
+		return nil, fmt.Errorf("read the backup's VM definition: %w", err)
 	}
-	defer f.Close()
-	const max = 16 << 10
-	if st, err := f.Stat(); err == nil && st.Size() > max {
-		f.Seek(st.Size()-max, io.SeekStart)
+	mach, ws, err := FromDefinition(b, sel)
+	if err != nil {
+		return nil, err
 	}
-	b, _ := io.ReadAll(io.LimitReader(f, max))
-	s := ansi.ReplaceAllString(string(b), "")
-	s = strings.Map(func(r rune) rune {
-		if r == '\n' || r == '\t' || (r >= ' ' && r != 0x7f && r != 0xfffd) {
-			return r
-		}
-		if r == '\r' {
-			return '\n'
-		}
-		return -1
-	}, s)
-	var lines []string
-	for _, l := range strings.Split(s, "\n") {
-		if l = strings.TrimSpace(l); l != "" {
-			lines = append(lines, l)
+	for _, w := range ws {
+		if warn != nil {
+			warn(w)
 		}
 	}
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, " | ")
-}
-
-func tailBytes(b []byte, n int) []byte {
-	if len(b) > n {
-		return b[len(b)-n:]
-	}
-	return b
-}
-
-func lastLine(b []byte) string {
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	l := strings.TrimSpace(lines[len(lines)-1])
-	if len(l) > 200 {
-		l = l[:200] + "..."
-	}
-	return l
+	return mach, nil
 }
