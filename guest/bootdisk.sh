@@ -99,5 +99,9 @@ start=2048, size='$((part_mib * 2048))', type=U, uuid=766D7368-0000-4000-8000-00
 	rm -rf "$out"
 	mv "$stage" "$out"
 	trap - EXIT
+	# Only the newest images are kept (each is 130 MiB).
+	for old in "$gdir"/bootdisk-*; do
+		[ "$old" = "$out" ] || [ ! -d "$old" ] || case "$old" in *stage*) ;; *) rm -rf "$old" ;; esac
+	done
 fi
 echo "$out/boot.img"
