@@ -30,7 +30,11 @@ test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       # lvm and ntfs-3g also go into the helper VM (guest/fshelper/build.sh)
       want sfdisk fdisk; want mkfs.vfat dosfstools; want mcopy mtools
       want mkfs.xfs xfsprogs; want mkfs.btrfs btrfs-progs; want lvm lvm2
-      want mkntfs ntfs-3g; want ntfs-3g ntfs-3g ;;
+      want mkntfs ntfs-3g; want ntfs-3g ntfs-3g
+      # guest/bootdisk.sh (the bootable guest disk of the healthcheck tests)
+      want syslinux syslinux; want mcopy mtools; want mkfs.vfat dosfstools; want sfdisk fdisk
+      [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need="$need syslinux-common"
+      [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need="$need systemd-boot-efi" ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

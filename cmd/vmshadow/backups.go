@@ -32,6 +32,9 @@ type backupEntry struct {
 	// Files are what it stores besides the disks.
 	Definition string      `json:"definition,omitempty"`
 	Files      []diskEntry `json:"files,omitempty"`
+	// Health is the latest health check's result (vmshadow healthcheck);
+	// absent when the backup was never checked.
+	Health *healthEntry `json:"health,omitempty"`
 }
 
 // fileEntries lists a backup's files (repo.Manifest.Files).
@@ -71,6 +74,13 @@ func newBackupsCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			health, badHealth, err := r.HealthRecords(ctx)
+			if err != nil {
+				return err
+			}
+			for _, err := range badHealth {
+				a.out.Warn("%v (run 'vmshadow healthcheck' again to replace it)", err)
+			}
 			out := struct {
 				Backups    []backupEntry `json:"backups"`
 				Unreadable []unreadable  `json:"unreadable,omitempty"`
@@ -88,6 +98,7 @@ func newBackupsCmd(a *app) *cobra.Command {
 				for _, d := range b.Disks {
 					e.Disks = append(e.Disks, diskEntry{d.Name, d.Size})
 				}
+				e.Health = newHealthEntry(health[b.ID])
 				out.Backups = append(out.Backups, e)
 			}
 			for id, err := range bad {
@@ -96,13 +107,17 @@ func newBackupsCmd(a *app) *cobra.Command {
 			}
 			sort.Slice(out.Unreadable, func(i, j int) bool { return out.Unreadable[i].ID < out.Unreadable[j].ID })
 			a.out.Summary(out, func(w io.Writer) {
-				fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %s\n", "ID", "TIME", "VM", "MODE", "DISKS", "TAGS")
+				fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %-18s  %s\n", "ID", "TIME", "VM", "MODE", "DISKS", "HEALTH", "TAGS")
 				for _, e := range out.Backups {
 					var ds []string
 					for _, d := range e.Disks {
 						ds = append(ds, d.Name+":"+progress.Bytes(d.Size))
 					}
-					fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %s\n", e.ShortID, e.Time.Local().Format("2006-01-02 15:04:05"), e.VM, e.Mode, strings.Join(ds, ","), strings.Join(e.Tags, ","))
+					health := "-"
+					if h := e.Health; h != nil {
+						health = h.Result + " " + h.Time.Local().Format("01-02 15:04")
+					}
+					fmt.Fprintf(w, "%-8s  %-20s  %-16s  %-11s  %-30s  %-18s  %s\n", e.ShortID, e.Time.Local().Format("2006-01-02 15:04:05"), e.VM, e.Mode, strings.Join(ds, ","), health, strings.Join(e.Tags, ","))
 				}
 				fmt.Fprintf(w, "%d backups\n", len(out.Backups))
 			})

@@ -91,6 +91,8 @@ func TestBadInputs(t *testing.T) {
 		{"restore into a file as directory", pw, []string{"restore", "--repo", repo, id, "--to", file + "/"}, 2, []string{file, "a file is in the way"}},
 		{"serve on a socket below a file", pw, []string{"serve", "--repo", repo, id, "--listen", "unix:" + file + "/s.sock"}, 2, []string{file, "not an existing directory"}},
 		{"serve on a port out of range", pw, []string{"serve", "--repo", repo, id, "--listen", "tcp:127.0.0.1:99999"}, 2, []string{"99999", "65535"}},
+		{"healthcheck in a temp dir that is a file", pw, []string{"healthcheck", "--repo", repo, id, "--temp-dir", file}, 2, []string{file, "not an existing directory"}},
+		{"healthcheck of a backup that does not exist", pw, []string{"healthcheck", "--repo", repo, "0123abcd"}, 6, []string{"0123abcd", "not found"}},
 		{"hook missing", nil, []string{"snapshot", "create", "--qmp", missing, "--hook", missing}, 2, []string{"hook " + missing}},
 		{"s3 URL with a signed query", nil, []string{"backups", "--repo", "s3:http://127.0.0.1:7391/bkt?X-Amz-Credential=Sekr1tTok"}, 2, []string{"s3:http://127.0.0.1:7391/bkt?...", "no query string"}},
 		{"s3 URL with a fragment", nil, []string{"repo", "init", "--repo", "s3:http://127.0.0.1:7391/bkt#Sekr1tTok"}, 2, []string{"no query string"}},

@@ -37,6 +37,7 @@ var badFlagValues = map[string][]string{
 	"keep-weekly":          {"-5", "-2"},
 	"keep-monthly":         {"-5", "-2"},
 	"keep-yearly":          {"-5", "-2"},
+	"timeout":              {"0s", "-1s", "500ms", "25h"},
 }
 
 // numericType matches the pflag types of numbers and durations: int,

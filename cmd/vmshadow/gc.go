@@ -51,6 +51,9 @@ repository, say): the exclusive lock already excludes running backups.`,
 				}
 				fmt.Fprintf(w, "%d backups reference %d chunks; %s %d chunks and %d indexes (%s); %d chunks younger than %s kept\n",
 					res.Backups, res.ChunksReferenced, verb, res.ChunksDeleted, res.IndexesDeleted, progress.Bytes(res.BytesDeleted), res.ChunksInGrace, o.Grace)
+				if res.HealthDeleted > 0 {
+					fmt.Fprintf(w, "%s %d health check records of backups that no longer exist\n", verb, res.HealthDeleted)
+				}
 			})
 			return nil
 		},

@@ -31,7 +31,8 @@ var (
 	ErrBusy = &Class{"busy", 3}
 	// ErrConsistency: the consistency level asked for with --require was not reached.
 	ErrConsistency = &Class{"consistency requirement not met", 4}
-	// ErrTimeout: a writer call or the freeze window exceeded its time limit.
+	// ErrTimeout: a writer call or the freeze window exceeded its time limit,
+	// or a health check's guest never answered within its timeout.
 	ErrTimeout = &Class{"time limit exceeded", 5}
 	// ErrNotFound: a named snapshot set, backup, disk or VM does not exist.
 	ErrNotFound = &Class{"not found", 6}

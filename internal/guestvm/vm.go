@@ -58,6 +58,11 @@ type Options struct {
 	QEMU string
 	// ExtraArgs are appended to QEMU's command line.
 	ExtraArgs []string
+	// BootFromDisk boots the first data disk through the firmware (SeaBIOS)
+	// and its bootloader instead of -kernel and -initrd: a disk made by
+	// BuildBootDisk, whose kernel command line is its own (KernelArgs must
+	// be empty).
+	BootFromDisk bool
 }
 
 // VM is a running guest.
@@ -182,10 +187,16 @@ func (vm *VM) qemuArgs(g *Guest, opts Options) ([]string, error) {
 	sock := func(id, path string) string {
 		return "socket,id=" + id + ",path=" + escape(path) + ",server=on,wait=off"
 	}
+	boot := []string{"-kernel", g.Kernel, "-initrd", g.Initrd, "-append", strings.Join(cmdline, " ")}
+	if opts.BootFromDisk {
+		if len(opts.KernelArgs) > 0 || len(vm.Disks) == 0 {
+			return nil, errors.New("BootFromDisk: the first data disk must be a boot disk, and KernelArgs empty (the disk's bootloader has the command line)")
+		}
+		boot = nil
+	}
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-machine", "q35", "-accel", opts.Accel, "-smp", "1", "-m", strconv.Itoa(mem),
-		"-kernel", g.Kernel, "-initrd", g.Initrd, "-append", strings.Join(cmdline, " "),
 		"-chardev", "file,id=console,path=" + escape(vm.ConsoleLog), "-serial", "chardev:console",
 		"-chardev", sock("qmp", vm.QMPSocket), "-mon", "chardev=qmp,mode=control",
 		"-chardev", sock("qmptest", vm.TestQMPSocket), "-mon", "chardev=qmptest,mode=control",
@@ -195,6 +206,7 @@ func (vm *VM) qemuArgs(g *Guest, opts Options) ([]string, error) {
 		"-chardev", sock("control0", vm.ControlSocket),
 		"-device", "virtserialport,chardev=control0,name=org.vmshadow.control",
 	}
+	args = append(args, boot...)
 	if opts.Accel == "kvm" {
 		args = append(args, "-cpu", "host")
 	}
@@ -211,8 +223,11 @@ func (vm *VM) qemuArgs(g *Guest, opts Options) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		args = append(args, "-blockdev", string(node),
-			"-device", "virtio-blk-pci,drive="+escape(d.NodeName)+",id="+escape(d.DeviceID))
+		dev := "virtio-blk-pci,drive=" + escape(d.NodeName) + ",id=" + escape(d.DeviceID)
+		if opts.BootFromDisk && d.NodeName == vm.Disks[0].NodeName {
+			dev += ",bootindex=1"
+		}
+		args = append(args, "-blockdev", string(node), "-device", dev)
 	}
 	return append(args, opts.ExtraArgs...), nil
 }

@@ -25,6 +25,26 @@ type ServeOptions struct {
 	OverlayDir string
 	// Warn is told of problems that do not stop the server; may be nil.
 	Warn func(string)
+	// ReadError, if not nil, is told of every failed read of a disk from
+	// the repository (a missing or damaged chunk: the client gets an I/O
+	// error, never the data), so that a caller can stop what depends on
+	// the disk (vmshadow healthcheck stops its VM).
+	ReadError func(disk string, err error)
+}
+
+// reportingDisk tells ServeOptions.ReadError of failed reads.
+type reportingDisk struct {
+	*Disk
+	name string
+	fn   func(string, error)
+}
+
+func (d reportingDisk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := d.Disk.ReadAt(ctx, p, off)
+	if err != nil && ctx.Err() == nil {
+		d.fn(d.name, err)
+	}
+	return n, err
 }
 
 // Server is an NBD server of a backup's disks, read on demand from the
@@ -52,7 +72,11 @@ func NewServer(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, 
 		if err != nil {
 			return nil, err
 		}
-		var export nbd.Export = NewDisk(r, x, o.CacheBytes)
+		var base Base = NewDisk(r, x, o.CacheBytes)
+		if o.ReadError != nil {
+			base = reportingDisk{base.(*Disk), d.Name, o.ReadError}
+		}
+		var export nbd.Export = base
 		if o.Writable {
 			if err := os.MkdirAll(o.OverlayDir, 0o700); err != nil {
 				return nil, err
@@ -62,7 +86,7 @@ func NewServer(ctx context.Context, r *repo.Repo, id repo.ID, m *repo.Manifest, 
 				o.Warn(err.Error())
 			}
 			path := filepath.Join(o.OverlayDir, fmt.Sprintf("%s-%s-%d%s", id.Short(), d.Name, os.Getpid(), OverlaySuffix))
-			ov, err := NewOverlay(export.(*Disk), path)
+			ov, err := NewOverlay(base, path)
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: %w", d.Name, err)
 			}

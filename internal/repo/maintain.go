@@ -29,7 +29,7 @@ type Affected struct {
 
 // Problem is one damaged or missing blob found by Verify.
 type Problem struct {
-	Kind     string     `json:"kind"` // "manifest", "index" or "chunk"
+	Kind     string     `json:"kind"` // "manifest", "index", "chunk" or "health"
 	ID       string     `json:"id"`
 	Error    string     `json:"error"`
 	Missing  bool       `json:"missing"`
@@ -111,6 +111,15 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 		for _, d := range m.Indexed() {
 			xid, _ := ParseID(d.Index) // checked by DecodeManifest
 			indexRefs[xid] = append(indexRefs[xid], ref{id, m, d.Name})
+		}
+		// The health record (if any) must open: a damaged one is reported
+		// (the next healthcheck of the backup replaces it).
+		if _, err := r.LoadHealth(ctx, id); err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			res.Problems = append(res.Problems, Problem{Kind: "health", ID: id.String(), Error: err.Error(),
+				Affected: []Affected{{Backup: id.String(), VM: m.VM, Time: m.Time}}})
 		}
 	}
 	affected := func(refs []ref) []Affected {
@@ -303,8 +312,13 @@ type GCResult struct {
 	TempFilesRemoved int   `json:"temp_files_removed"`
 	// QuarantineRemoved counts quarantined chunk copies removed: their
 	// chunk is stored again, or no backup references it any more.
-	QuarantineRemoved int  `json:"quarantine_removed"`
-	DryRun            bool `json:"dry_run"`
+	QuarantineRemoved int `json:"quarantine_removed"`
+	// HealthDeleted counts health records of backups that no longer exist
+	// (removed by a prune interrupted between the two deletions, or by an
+	// older vmshadow), deleted without grace: a record is only ever
+	// written while its backup exists.
+	HealthDeleted int  `json:"health_deleted"`
+	DryRun        bool `json:"dry_run"`
 }
 
 // tempCleaner is implemented by backends that keep temporary files of
@@ -402,6 +416,24 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		return nil, fmt.Errorf("list quarantined chunks: %w", err)
 	}
 	res.QuarantineRemoved = len(quarantine)
+	exist := map[string]bool{}
+	for _, b := range backups {
+		exist[b.ID.String()] = true
+	}
+	orphans, err := r.orphanHealth(ctx, exist)
+	if err != nil {
+		return nil, err
+	}
+	res.HealthDeleted = len(orphans)
+	for _, fi := range orphans {
+		res.BytesDeleted += fi.Size
+		if o.DryRun {
+			continue
+		}
+		if err := r.deleteHealth(ctx, fi.Name); err != nil {
+			return res, err
+		}
+	}
 	if !o.DryRun {
 		for _, h := range quarantine {
 			if err := r.be.Delete(ctx, h); err != nil && !backend.IsNotExist(err) {
@@ -492,6 +524,9 @@ func (r *Repo) Prune(ctx context.Context, o PruneOptions) ([]PruneDecision, erro
 		if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindBackups, Name: d.ID}); err != nil && !backend.IsNotExist(err) {
 			return out, fmt.Errorf("remove backup %s: %w", d.ID[:8], err)
 		}
+		if err := r.deleteHealth(ctx, d.ID); err != nil {
+			return out, err
+		}
 		crashpoint.Hit("prune-removed")
 	}
 	return out, nil
@@ -568,5 +603,5 @@ func (r *Repo) DeleteBackup(ctx context.Context, id ID) error {
 		}
 		return fmt.Errorf("remove backup %s: %w", id.Short(), err)
 	}
-	return nil
+	return r.deleteHealth(ctx, id.String())
 }

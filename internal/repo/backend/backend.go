@@ -29,10 +29,13 @@ const (
 	// chunk's name (so that a backup stores the chunk again instead of
 	// reusing it); an empty blob records a chunk found missing.
 	KindQuarantine Kind = "quarantine"
+	// KindHealth holds the health check results of a backup, one blob per
+	// backup named by its ID (repo.HealthRecord).
+	KindHealth Kind = "health"
 )
 
 // Kinds lists every kind.
-var Kinds = []Kind{KindConfig, KindKeys, KindChunks, KindIndexes, KindBackups, KindLocks, KindQuarantine}
+var Kinds = []Kind{KindConfig, KindKeys, KindChunks, KindIndexes, KindBackups, KindLocks, KindQuarantine, KindHealth}
 
 // Handle names one blob.
 type Handle struct {
