@@ -244,8 +244,10 @@ func TestServerEndToEnd(t *testing.T) {
 	if code := s.call("viewer", "POST", "/api/v1/jobs/frequent/run", nil, nil); code != 403 {
 		t.Fatalf("viewer runs a job: %d", code)
 	}
-	if code := s.call("operator", "DELETE", "/api/v1/repositories/main/backups/"+backups[0].ID, nil, nil); code != 403 {
-		t.Fatalf("operator deletes a backup: %d", code)
+	for _, role := range []string{"viewer", "operator"} {
+		if code := s.call(role, "DELETE", "/api/v1/repositories/main/backups/"+backups[0].ID, nil, nil); code != 403 {
+			t.Fatalf("%s deletes a backup: %d", role, code)
+		}
 	}
 	var vms struct {
 		VMs []struct {
