@@ -84,7 +84,7 @@ func (f *filesFlags) start(ctx context.Context, a *app, backupArg string) (*file
 	if err != nil {
 		return nil, nil, err
 	}
-	r, ctx, release, err := f.repo.openLocked(ctx, a, false, "files")
+	r, ctx, id, m, release, err := f.repo.openBackup(ctx, a, "files", backupArg)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -94,14 +94,6 @@ func (f *filesFlags) start(ctx context.Context, a *app, backupArg string) (*file
 			release()
 		}
 	}()
-	id, err := r.FindBackup(ctx, backupArg)
-	if err != nil {
-		return nil, nil, err
-	}
-	m, err := r.LoadManifest(ctx, id)
-	if err != nil {
-		return nil, nil, err
-	}
 	sel, err := restore.Select(m, f.disks)
 	if err != nil {
 		return nil, nil, err

@@ -38,6 +38,7 @@ var badFlagValues = map[string][]string{
 	"keep-monthly":         {"-5", "-2"},
 	"keep-yearly":          {"-5", "-2"},
 	"timeout":              {"0s", "-1s", "500ms", "25h"},
+	"boot-timeout":         {"0s", "-1s", "500ms", "2h"},
 }
 
 // numericType matches the pflag types of numbers and durations: int,

@@ -80,19 +80,11 @@ missing chunk was read (the VM is stopped at once); 1 the script failed.`,
 				return errorf(errs.ErrUsage, "--temp-dir %s is not an existing directory", tempDir)
 			}
 			// Shared: gc must not remove chunks while they are served.
-			r, ctx, release, err := f.openLocked(ctx, a, false, "healthcheck")
+			r, ctx, id, m, release, err := f.openBackup(ctx, a, "healthcheck", args[0])
 			if err != nil {
 				return err
 			}
 			defer release()
-			id, err := r.FindBackup(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			m, err := r.LoadManifest(ctx, id)
-			if err != nil {
-				return err
-			}
 			out, runErr := healthcheck.Run(ctx, r, id, m, healthcheck.Options{Timeout: timeout, Script: script,
 				TempDir: tempDir, CacheBytes: int64(cacheMiB) << 20, Version: version,
 				Log: func(s string) {

@@ -102,19 +102,11 @@ it. A failed restore deletes the volumes and the definition it created.`,
 					return err
 				}
 			}
-			r, ctx, done, err := f.openLocked(ctx, a, false, "restore")
+			r, ctx, id, m, done, err := f.openBackup(ctx, a, "restore", args[0])
 			if err != nil {
 				return err
 			}
 			defer done()
-			id, err := r.FindBackup(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			m, err := r.LoadManifest(ctx, id)
-			if err != nil {
-				return err
-			}
 			sel, err := restore.Select(m, disks)
 			if err != nil {
 				return err

@@ -59,19 +59,11 @@ blockdev-mirror). serve runs until interrupted (SIGINT, SIGTERM).`,
 				return err
 			}
 			// A shared lock keeps gc from removing chunks while they are served.
-			r, ctx, release, err := f.openLocked(ctx, a, false, "serve")
+			r, ctx, id, m, release, err := f.openBackup(ctx, a, "serve", args[0])
 			if err != nil {
 				return err
 			}
 			defer release()
-			id, err := r.FindBackup(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			m, err := r.LoadManifest(ctx, id)
-			if err != nil {
-				return err
-			}
 			sel, err := restore.Select(m, disks)
 			if err != nil {
 				return err
