@@ -15,6 +15,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/server"
 	"github.com/vmshadow/vmshadow/internal/server/api"
 	"github.com/vmshadow/vmshadow/internal/server/config"
+	"github.com/vmshadow/vmshadow/internal/server/web"
 )
 
 func init() { commands = append(commands, newServerCmd) }
@@ -95,7 +96,8 @@ func runServer(ctx context.Context, a *app, cfgPath string) error {
 			}
 		}
 	}()
-	h := api.New(s, api.Options{Version: version, Metrics: s.MetricsHandler(), Logf: func(f string, args ...any) { log.Info(fmt.Sprintf(f, args...)) }})
+	ui := web.New(s, web.Options{Version: version})
+	h := web.Mount(ui, api.New(s, api.Options{Version: version, Metrics: s.MetricsHandler(), Sessions: ui, Logf: func(f string, args ...any) { log.Info(fmt.Sprintf(f, args...)) }}))
 	for _, l := range s.Config().Listen {
 		log.Info("listening", "address", l.Address)
 	}
