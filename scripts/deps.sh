@@ -25,7 +25,9 @@ test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       # the Debian package's tests (packaging/deb)
       want dpkg-deb dpkg; want systemd-analyze systemd; want man man-db
       want groff groff-base; want zsh zsh; want fish fish
-      [ -e /usr/share/bash-completion/bash_completion ] || need="$need bash-completion" ;;
+      [ -e /usr/share/bash-completion/bash_completion ] || need="$need bash-completion"
+      # the web interface's browser test (internal/server/web)
+      want chromium chromium ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

@@ -95,15 +95,17 @@ function badge(status) {
   return el('span', {class: 'badge s-' + status}, status);
 }
 
+// table makes a table with the column heads and the rows (or a tbody
+// that a view fills later).
 function table(head, rows, attrs) {
+  const body = rows instanceof HTMLTableSectionElement ? rows : el('tbody', {}, rows);
   return el('div', {class: 'scroll'}, el('table', attrs || {},
-    el('thead', {}, el('tr', {}, head.map((h) => el('th', {scope: 'col'}, h)))),
-    el('tbody', {}, rows)));
+    el('thead', {}, el('tr', {}, head.map((h) => el('th', {scope: 'col'}, h)))), body));
 }
 
 function show(...kids) {
   const m = document.getElementById('main');
-  m.replaceChildren(...kids.flat());
+  m.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined && k !== false));
 }
 
 function section(title, ...kids) {
@@ -292,6 +294,7 @@ async function newJobPage() {
   const repo = el('select', {required: true}, repos.repositories.map((r) => el('option', {value: r.name}, r.name)));
   const sched = el('input', {placeholder: '@daily, 0 2 * * *, @every 6h (empty: only run by hand)'});
   const keep = el('input', {type: 'number', min: 1, placeholder: 'e.g. 14'});
+  const hooks = el('input', {placeholder: '/etc/vmshadow/hooks/db.sh (optional)'});
   const preview = el('p', {id: 'job-preview', 'aria-live': 'polite'});
   const update = () => {
     const globs = sel.value.split(',').map((s) => s.trim()).filter((s) => s);
@@ -309,6 +312,8 @@ async function newJobPage() {
       if (globs.length) spec.vms[0].vms = globs;
       if (sched.value.trim()) spec.schedule = sched.value.trim();
       if (keep.value) spec.retention = {keep_last: parseInt(keep.value, 10)};
+      const hs = hooks.value.split(',').map((s) => s.trim()).filter((s) => s);
+      if (hs.length) spec.writers = {hooks: hs};
       const j = await call('POST', '/jobs', spec);
       toast('Job ' + j.name + ' created');
       location.hash = '#/jobs';
@@ -321,6 +326,7 @@ async function newJobPage() {
   field('job-repository', 'Repository', repo),
   field('job-schedule', 'Schedule', sched, 'cron (5 fields), @hourly/@daily/@weekly, or @every DURATION; see docs/server-config.md'),
   field('job-keep-last', 'Keep the last N backups (retention)', keep),
+  field('job-hooks', 'Host hooks around the freeze (absolute paths, comma-separated)', hooks),
   el('button', {type: 'submit'}, 'Create job'));
   show(el('h1', {}, 'New backup job'), form);
   update();
@@ -401,8 +407,8 @@ async function runPage(id) {
   show(el('h1', {}, 'Run #' + id + ' of ', el('a', {href: '#/runs?job=' + encodeURIComponent(r.job)}, r.job), ' ', status),
     el('p', {}, r.kind + ', ' + r.trigger + ', started ' + when(r.started), isZero(r.ended) ? '' : ', ended ' + when(r.ended), r.error ? el('span', {class: 'error'}, ' — ' + r.error) : ''),
     cancel,
-    section('Progress', table(['VM', 'Phase', 'Progress', 'Done', 'Rate', 'ETA'], [prog], {id: 'progress'})),
-    section('VMs', table(['VM', 'Result', 'Mode', 'Consistency', 'Read', 'Stored', 'Freeze', 'Backup', 'Error'], [vmBody], {id: 'run-vms'})),
+    section('Progress', table(['VM', 'Phase', 'Progress', 'Done', 'Rate', 'ETA'], prog, {id: 'progress'})),
+    section('VMs', table(['VM', 'Result', 'Mode', 'Consistency', 'Read', 'Stored', 'Freeze', 'Backup', 'Error'], vmBody, {id: 'run-vms'})),
     section('Log', log));
   if (r.status === 'running') {
     watch(id, (t, d) => {
