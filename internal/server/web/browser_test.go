@@ -173,7 +173,7 @@ func pageHTML(ctx context.Context) string {
 // waitText waits until the text of sel is want.
 func waitText(t *testing.T, ctx context.Context, sel, want string) {
 	t.Helper()
-	deadline := time.Now().Add(3 * time.Minute)
+	deadline := time.Now().Add(90 * time.Second)
 	var got string
 	for time.Now().Before(deadline) {
 		var err error
