@@ -88,6 +88,7 @@ jobs:
   # The server lists the VMs its backup jobs select: this one (run only
   # by hand, never run here) makes vm1 known, unprotected.
   - {name: inventory, type: backup, repository: main, vms: [{connection: lab}]}
+  - {name: tidy, type: gc, repository: main}
 `, g.dir)), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -329,6 +330,22 @@ func TestBrowser(t *testing.T) {
 		t.Fatalf("serves after Stop: %v %v", sv, err)
 	}
 
+	// Restore to a directory on the server.
+	to := filepath.Join(g.dir, "restored")
+	run(t, ctx, "restore",
+		chromedp.Click(chromedp.CSS(row+` button[data-action="restore"]`)),
+		chromedp.WaitVisible(chromedp.CSS("#restore-to")),
+		chromedp.SendKeys(chromedp.CSS("#restore-to"), to),
+		chromedp.Click(chromedp.CSS(`#action-panel button[type="submit"]`)),
+		chromedp.WaitVisible(chromedp.CSS("#restored li code")))
+	file := value(t, ctx, "restored file", chromedp.Text(chromedp.CSS("#restored li code")))
+	if filepath.Dir(file) != to {
+		t.Fatalf("restored file %q not in %s", file, to)
+	}
+	if out, err := exec.Command("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", g.vm.Disk("vda").Path, file).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img compare of the disk and the restored file: %v: %s", err, out)
+	}
+
 	// The dashboard shows it protected.
 	run(t, ctx, "dashboard",
 		chromedp.Navigate(g.url+"/#/"),
@@ -367,5 +384,49 @@ func TestBrowser(t *testing.T) {
 	}
 	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 1 {
 		t.Fatalf("backups after the viewer's tries: %v %v", bs, err)
+	}
+
+	// The runs list is paged: 22 runs, 20 on the first page, the first
+	// run on the next.
+	for range 21 {
+		r, err := g.s.RunJob(context.Background(), "tidy")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			d, err := g.s.Run(context.Background(), r.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Status != state.Running {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	run(t, ctx, "runs", chromedp.Navigate(g.url+"/#/runs"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="22"]`)))
+	if n := count(t, ctx, "#runs tbody tr"); n != 20 {
+		t.Fatalf("first page of runs: %d rows, want 20", n)
+	}
+	run(t, ctx, "older runs", chromedp.Click(chromedp.CSS("#older")), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="1"]`)))
+	if n := count(t, ctx, "#runs tbody tr"); n != 2 {
+		t.Fatalf("second page of runs: %d rows, want 2", n)
+	}
+	run(t, ctx, "filter by job",
+		chromedp.Navigate(g.url+"/#/runs"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="22"]`)),
+		chromedp.SetValue(chromedp.CSS("#filter-job"), "web-nightly"),
+		chromedp.Click(chromedp.CSS(`.filters button[type="submit"]`)),
+		chromedp.WaitNotPresent(chromedp.CSS(`#runs tr[data-run="22"]`)))
+	if n := count(t, ctx, `#runs tr[data-run="1"]`); n != 1 || count(t, ctx, "#runs tbody tr") != 1 {
+		t.Fatal("runs filtered by job web-nightly: want run 1 alone")
+	}
+
+	// A phone's width: nothing wider than the screen (tables scroll in
+	// their own box).
+	for _, page := range []string{"/#/", "/#/vm/vm1", "/#/run/1", "/#/jobs"} {
+		run(t, ctx, "narrow "+page, chromedp.EmulateViewport(390, 844), chromedp.Navigate(g.url+page), chromedp.WaitVisible(chromedp.CSS("main h1")))
+		if w := value(t, ctx, "width", chromedp.Evaluate[int](`document.documentElement.scrollWidth - window.innerWidth`)); w > 0 {
+			t.Errorf("%s at 390 px: %d px wider than the screen", page, w)
+		}
 	}
 }

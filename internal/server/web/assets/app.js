@@ -190,7 +190,7 @@ async function vmPage(name, before) {
     el('td', {}, bytes(b.bytes_read)), el('td', {}, bytes(b.bytes_new)), el('td', {}, dur(b.duration_s)),
     el('td', {}, b.disks.map((d) => d.name + ' ' + bytes(d.size)).join(', ')),
     el('td', {class: 'actions'},
-      can('operator') && el('button', {type: 'button', onclick: () => restoreForm(panel, b)}, 'Restore…'),
+      can('operator') && el('button', {type: 'button', 'data-action': 'restore', onclick: () => restoreForm(panel, b)}, 'Restore…'),
       can('operator') && el('button', {type: 'button', class: 'serve', onclick: (e) => act(e.target, () => startServe(panel, b, name))}, 'Instant restore'),
       can('admin') && el('button', {type: 'button', class: 'danger', onclick: (e) => act(e.target, async () => {
         if (!confirm('Delete backup ' + b.short_id + ' of ' + name + ' from ' + b.repository + '? Its chunks are freed by the next gc.')) return;
