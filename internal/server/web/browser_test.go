@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 
 	"github.com/vmshadow/vmshadow/internal/qemutest"
@@ -419,6 +420,42 @@ func TestBrowser(t *testing.T) {
 		chromedp.WaitNotPresent(chromedp.CSS(`#runs tr[data-run="22"]`)))
 	if n := count(t, ctx, `#runs tr[data-run="1"]`); n != 1 || count(t, ctx, "#runs tbody tr") != 1 {
 		t.Fatal("runs filtered by job web-nightly: want run 1 alone")
+	}
+
+	// The admin deletes the backup, after a confirmation: dismissed
+	// first (nothing deleted), then accepted.
+	answers := make(chan bool, 2)
+	dialogs := chromedp.Events(ctx, page.JavascriptDialogOpening)
+	go func() {
+		for ev, err := range dialogs {
+			if err != nil {
+				return
+			}
+			ok := <-answers
+			if !strings.Contains(ev.Message, "Delete backup "+bs[0].ShortID) {
+				ok = false
+			}
+			chromedp.Call(ctx, page.HandleJavaScriptDialog, page.HandleJavaScriptDialogParams{Accept: ok})
+		}
+	}()
+	run(t, ctx, "log in as admin again",
+		chromedp.Navigate(g.url+"/#/"), chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="vm1"]`)),
+		chromedp.Click(chromedp.CSS("header .who button")),
+		chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SendKeys(chromedp.CSS("#token"), g.admin),
+		chromedp.Submit(chromedp.CSS("#login-form")),
+		chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="vm1"]`)),
+		chromedp.Navigate(g.url+"/#/vm/vm1"), chromedp.WaitVisible(chromedp.CSS(row)))
+	answers <- false
+	run(t, ctx, "delete, dismissed", chromedp.Click(chromedp.CSS(row+" button.danger")))
+	time.Sleep(time.Second)
+	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 1 {
+		t.Fatalf("backups after a dismissed delete: %v %v", bs, err)
+	}
+	answers <- true
+	run(t, ctx, "delete, accepted", chromedp.Click(chromedp.CSS(row+" button.danger")), chromedp.WaitNotPresent(chromedp.CSS(row)))
+	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 0 {
+		t.Fatalf("backups after the delete: %v %v", bs, err)
 	}
 
 	// A phone's width: nothing wider than the screen (tables scroll in
