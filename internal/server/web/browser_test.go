@@ -275,6 +275,31 @@ func TestBrowser(t *testing.T) {
 		t.Fatalf("the form's job: %+v", j)
 	}
 
+	// The jobs page lists its next five times; it can be disabled and
+	// enabled again, and edited (its keys as JSON).
+	if n := count(t, ctx, `#jobs tr[data-job="web-nightly"] ol.next li`); n != 5 {
+		t.Fatalf("next run times on the jobs page: %d, want 5", n)
+	}
+	toggle := chromedp.CSS(`#jobs tr[data-job="web-nightly"] button[data-action="toggle"]`)
+	run(t, ctx, "disable", chromedp.Click(toggle))
+	waitText(t, ctx, `#jobs tr[data-job="web-nightly"] td:nth-child(4)`, "disabled")
+	if j, err := g.s.Job(context.Background(), "web-nightly"); err != nil || j.Enabled {
+		t.Fatalf("job after Disable: %+v %v", j, err)
+	}
+	run(t, ctx, "enable", chromedp.Click(toggle))
+	waitText(t, ctx, `#jobs tr[data-job="web-nightly"] td:nth-child(4)`, "enabled")
+	run(t, ctx, "edit",
+		chromedp.Click(chromedp.CSS(`#jobs tr[data-job="web-nightly"] a[href="#/jobs/edit/web-nightly"]`)),
+		chromedp.WaitVisible(chromedp.CSS("#job-spec")))
+	value(t, ctx, "change the schedule", chromedp.Evaluate[string](`(() => { const ta = document.getElementById("job-spec");
+		const spec = JSON.parse(ta.value); spec.schedule = "@weekly"; ta.value = JSON.stringify(spec); return ta.value; })()`))
+	run(t, ctx, "save", chromedp.Click(chromedp.CSS(`#edit-form button[type="submit"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="web-nightly"] button.run`)))
+	waitText(t, ctx, `#jobs tr[data-job="web-nightly"] td:nth-child(3)`, "@weekly")
+	if j, err := g.s.Job(context.Background(), "web-nightly"); err != nil || j.Schedule != "@weekly" || !j.Enabled {
+		t.Fatalf("job after the edit: %+v %v", j, err)
+	}
+
 	// Run it; the run page follows it live to its end.
 	run(t, ctx, "run now",
 		chromedp.Click(chromedp.CSS(`#jobs tr[data-job="web-nightly"] button.run`)),

@@ -256,7 +256,8 @@ async function jobsPage() {
   const rows = jobs.jobs.map((j) => el('tr', {'data-job': j.name},
     el('td', {}, j.name), el('td', {}, j.type), el('td', {}, j.schedule || 'manual'),
     el('td', {}, j.enabled ? 'enabled' : 'disabled'),
-    el('td', {}, j.enabled && j.next && j.next.length ? when(j.next[0]) : ''),
+    el('td', {}, j.enabled && j.next && j.next.length ? el('details', {}, el('summary', {}, when(j.next[0])),
+      el('ol', {class: 'next'}, j.next.map((n) => el('li', {}, when(n))))) : ''),
     el('td', {}, j.running ? el('a', {href: '#/run/' + j.running}, 'running #' + j.running) : j.last_run ? [badge(j.last_run.status), ' ', el('a', {href: '#/run/' + j.last_run.id}, '#' + j.last_run.id)] : 'never run'),
     el('td', {}, (j.vms || []).join(', ')),
     el('td', {class: 'actions'},
@@ -264,7 +265,7 @@ async function jobsPage() {
         const r = await call('POST', '/jobs/' + encodeURIComponent(j.name) + '/run');
         location.hash = '#/run/' + r.id;
       })}, 'Run now'),
-      can('operator') && el('button', {type: 'button', onclick: (e) => act(e.target, async () => {
+      can('operator') && el('button', {type: 'button', 'data-action': 'toggle', onclick: (e) => act(e.target, async () => {
         await call('POST', '/jobs/' + encodeURIComponent(j.name) + (j.enabled ? '/disable' : '/enable'));
         route();
       })}, j.enabled ? 'Disable' : 'Enable'),
@@ -336,7 +337,7 @@ async function newJobPage() {
 async function editJobPage(jname) {
   const j = await call('GET', '/jobs/' + encodeURIComponent(jname));
   const ta = el('textarea', {rows: 14, spellcheck: 'false'}, JSON.stringify(j.spec, null, 2));
-  const form = el('form', {class: 'box', onsubmit: (e) => {
+  const form = el('form', {class: 'box', id: 'edit-form', onsubmit: (e) => {
     e.preventDefault();
     act(form.querySelector('button[type=submit]'), async () => {
       let spec;
@@ -449,7 +450,7 @@ async function route() {
   const [path, query] = h.split('?');
   const params = new URLSearchParams(query || '');
   const parts = path.split('/').filter((p) => p).map(decodeURIComponent);
-  for (const a of document.querySelectorAll('nav a')) {
+  for (const a of document.querySelectorAll('nav a:not(.brand)')) {
     a.classList.toggle('current', a.getAttribute('href') === '#/' + (parts[0] || ''));
   }
   try {
