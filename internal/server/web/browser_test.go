@@ -229,10 +229,10 @@ func TestBrowser(t *testing.T) {
 	g := newWebRig(t)
 	ctx := browser(t, 1280, 900)
 
-	// A hook that holds the freeze a little, so that the run page is
-	// open while the run runs.
-	hook := filepath.Join(g.dir, "hold.sh")
-	if err := os.WriteFile(hook, []byte("#!/bin/sh\nsleep 2\n"), 0o755); err != nil {
+	// A hook that holds the run until the test opens the gate (a minute
+	// at most), so that the pages see it running.
+	hook, gate := filepath.Join(g.dir, "hold.sh"), filepath.Join(g.dir, "gate")
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\ni=0\nwhile [ ! -e "+gate+" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 
@@ -310,6 +310,16 @@ func TestBrowser(t *testing.T) {
 	}
 	run(t, ctx, "live progress", chromedp.WaitVisible(chromedp.CSS(`#progress tbody tr`)))
 	screenshot(t, ctx, "run.png")
+	// The dashboard, in another tab, shows it running with its progress.
+	hash := value(t, ctx, "run page's address", chromedp.Evaluate[string](`location.hash`))
+	tab, closeTab := chromedp.NewContext(ctx)
+	run(t, tab, "dashboard while running", chromedp.Navigate(g.url+"/"),
+		chromedp.WaitVisible(chromedp.CSS(`#running a[href="`+hash+`"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#running td.live progress`)))
+	closeTab()
+	if err := os.WriteFile(gate, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	// Only the event stream changes the status on this page.
 	waitText(t, ctx, "#run-status", "succeeded")
 	run(t, ctx, "the VM's result", chromedp.WaitVisible(chromedp.CSS(`#run-vms tr[data-vm="vm1"]`)))
