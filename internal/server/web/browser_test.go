@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -229,10 +230,10 @@ func TestBrowser(t *testing.T) {
 	g := newWebRig(t)
 	ctx := browser(t, 1280, 900)
 
-	// A hook that holds the run until the test opens the gate (a minute
-	// at most), so that the pages see it running.
+	// A hook that holds the freeze until the test opens the gate (a
+	// minute at most), so that the pages see the run running.
 	hook, gate := filepath.Join(g.dir, "hold.sh"), filepath.Join(g.dir, "gate")
-	if err := os.WriteFile(hook, []byte("#!/bin/sh\ni=0\nwhile [ ! -e "+gate+" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"), 0o755); err != nil {
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\n[ \"$1\" = freeze ] || exit 0\ni=0\nwhile [ ! -e "+gate+" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 
@@ -459,18 +460,21 @@ func TestBrowser(t *testing.T) {
 
 	// The admin deletes the backup, after a confirmation: dismissed
 	// first (nothing deleted), then accepted.
-	answers := make(chan bool, 2)
+	// Each dialog is answered by the next answer, accepted only if it
+	// asks what the answer expects.
+	type answer struct {
+		accept bool
+		asks   string
+	}
+	answers := make(chan answer, 2)
 	dialogs := chromedp.Events(ctx, page.JavascriptDialogOpening)
 	go func() {
 		for ev, err := range dialogs {
 			if err != nil {
 				return
 			}
-			ok := <-answers
-			if !strings.Contains(ev.Message, "Delete backup "+bs[0].ShortID) {
-				ok = false
-			}
-			chromedp.Call(ctx, page.HandleJavaScriptDialog, page.HandleJavaScriptDialogParams{Accept: ok})
+			a := <-answers
+			chromedp.Call(ctx, page.HandleJavaScriptDialog, page.HandleJavaScriptDialogParams{Accept: a.accept && strings.Contains(ev.Message, a.asks)})
 		}
 	}()
 	run(t, ctx, "log in as admin again",
@@ -481,16 +485,34 @@ func TestBrowser(t *testing.T) {
 		chromedp.Submit(chromedp.CSS("#login-form")),
 		chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="vm1"]`)),
 		chromedp.Navigate(g.url+"/#/vm/vm1"), chromedp.WaitVisible(chromedp.CSS(row)))
-	answers <- false
+	answers <- answer{false, "Delete backup " + bs[0].ShortID}
 	run(t, ctx, "delete, dismissed", chromedp.Click(chromedp.CSS(row+" button.danger")))
 	time.Sleep(time.Second)
 	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 1 {
 		t.Fatalf("backups after a dismissed delete: %v %v", bs, err)
 	}
-	answers <- true
+	answers <- answer{true, "Delete backup " + bs[0].ShortID}
 	run(t, ctx, "delete, accepted", chromedp.Click(chromedp.CSS(row+" button.danger")), chromedp.WaitNotPresent(chromedp.CSS(row)))
 	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 0 {
 		t.Fatalf("backups after the delete: %v %v", bs, err)
+	}
+
+	// A run held by the hook, cancelled from its page.
+	if err := os.Remove(gate); err != nil {
+		t.Fatal(err)
+	}
+	run(t, ctx, "run again",
+		chromedp.Navigate(g.url+"/#/jobs"),
+		chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="web-nightly"] button.run`)),
+		chromedp.Click(chromedp.CSS(`#jobs tr[data-job="web-nightly"] button.run`)),
+		chromedp.WaitVisible(chromedp.CSS("#cancel")))
+	hash = value(t, ctx, "run page's address", chromedp.Evaluate[string](`location.hash`))
+	answers <- answer{true, "Cancel run #"}
+	run(t, ctx, "cancel", chromedp.Click(chromedp.CSS("#cancel")))
+	waitText(t, ctx, "#run-status", state.Cancelled)
+	id, _ := strconv.ParseInt(strings.TrimPrefix(hash, "#/run/"), 10, 64)
+	if d, err := g.s.Run(context.Background(), id); err != nil || d.Status != state.Cancelled {
+		t.Fatalf("run %s after Cancel: %+v %v", hash, d, err)
 	}
 
 	// A phone's width: nothing wider than the screen (tables scroll in
