@@ -367,7 +367,8 @@ async function runsPage(params) {
     if (jobSel.value) p.set('job', jobSel.value);
     if (stSel.value) p.set('status', stSel.value);
     location.hash = '#/runs?' + p;
-  }}, el('label', {for: 'filter-job'}, 'Job'), jobSel, el('label', {for: 'filter-status'}, 'Status'), stSel, el('button', {type: 'submit'}, 'Filter'));
+  }}, el('label', {for: 'filter-job'}, 'Job'), jobSel, el('label', {for: 'filter-status'}, 'Status'), stSel, el('button', {type: 'submit'}, 'Filter'),
+  status && el('small', {}, 'The status filter applies to the runs of this page.'));
   const rows = list.map((r) => el('tr', {'data-run': r.id},
     el('td', {}, el('a', {href: '#/run/' + r.id}, '#' + r.id)), el('td', {}, r.job), el('td', {}, r.kind), el('td', {}, r.trigger),
     el('td', {}, badge(r.status)), el('td', {}, when(r.started)),
