@@ -34,7 +34,9 @@ test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       # guest/bootdisk.sh (the bootable guest disk of the healthcheck tests)
       want syslinux syslinux; want mcopy mtools; want mkfs.vfat dosfstools; want sfdisk fdisk
       [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need="$need syslinux-common"
-      [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need="$need systemd-boot-efi" ;;
+      [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need="$need systemd-boot-efi"
+      # the web interface's browser test (internal/server/web)
+      want chromium chromium ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

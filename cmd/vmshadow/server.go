@@ -15,6 +15,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/server"
 	"github.com/vmshadow/vmshadow/internal/server/api"
 	"github.com/vmshadow/vmshadow/internal/server/config"
+	"github.com/vmshadow/vmshadow/internal/server/web"
 )
 
 func init() { commands = append(commands, newServerCmd) }
@@ -31,8 +32,9 @@ func newServerCmd(a *app) *cobra.Command {
 		Short: "Run scheduled backup, verify, prune, gc and copy jobs with a REST API and metrics",
 		Long: `vmshadow server runs the jobs of its configuration file on their schedules,
 keeps their history in STATE_DIR/server.db, and serves the REST API (/api/v1,
-described at /api/v1/openapi.json), Prometheus metrics (/metrics) and /healthz
-on the configured listen addresses. API tokens: 'vmshadow server token'.
+described at /api/v1/openapi.json), Prometheus metrics (/metrics), /healthz
+and a web interface (/, log in with an API token) on the configured listen
+addresses. API tokens: 'vmshadow server token'.
 
 SIGHUP reloads the configuration (a bad file changes nothing; running runs go
 on with the settings they started with). SIGTERM or SIGINT cancels running
@@ -95,7 +97,8 @@ func runServer(ctx context.Context, a *app, cfgPath string) error {
 			}
 		}
 	}()
-	h := api.New(s, api.Options{Version: version, Metrics: s.MetricsHandler(), Logf: func(f string, args ...any) { log.Info(fmt.Sprintf(f, args...)) }})
+	ui := web.New(s, web.Options{Version: version})
+	h := web.Mount(ui, api.New(s, api.Options{Version: version, Metrics: s.MetricsHandler(), Sessions: ui, Logf: func(f string, args ...any) { log.Info(fmt.Sprintf(f, args...)) }}))
 	for _, l := range s.Config().Listen {
 		log.Info("listening", "address", l.Address)
 	}

@@ -45,7 +45,24 @@ type Options struct {
 	// Metrics, if set, is served at GET /metrics to any token (role
 	// viewer): the Prometheus exposition.
 	Metrics http.Handler
+	// Sessions, if set, authenticates a request without an Authorization
+	// header by its browser session (the web interface's cookie).
+	Sessions Sessions
 }
+
+// Sessions finds the API token behind a browser session (package
+// server/web implements it).
+type Sessions interface {
+	// SessionSecret returns the token secret of r's session; ok is
+	// false when r carries no session cookie. The error wraps
+	// errs.ErrAuth for an unknown or expired session, ErrCSRF for a
+	// state-changing request without the session's CSRF token.
+	SessionSecret(r *http.Request) (secret string, ok bool, err error)
+}
+
+// ErrCSRF is a state-changing request authenticated by a session cookie
+// without the session's CSRF token (header X-CSRF-Token): 403.
+var ErrCSRF = errors.New("missing or wrong CSRF token (header X-CSRF-Token): reload the page")
 
 // Route is one endpoint of the API: its method, its path pattern (as in
 // the OpenAPI document) and the least role that may call it ("" for none:
@@ -303,11 +320,25 @@ func (h *handler) wrap(rt *route) http.Handler {
 	})
 }
 
-// authenticate checks the bearer token and that its role allows need.
+// authenticate checks the bearer token (or, without an Authorization
+// header, the browser session) and that its role allows need.
 func (c *call) authenticate(need string) error {
 	auth := c.r.Header.Get("Authorization")
 	scheme, secret, ok := strings.Cut(auth, " ")
-	if auth == "" {
+	if auth == "" && c.h.opts.Sessions != nil {
+		var err error
+		secret, ok, err = c.h.opts.Sessions.SessionSecret(c.r)
+		switch {
+		case errors.Is(err, ErrCSRF):
+			return &httpError{status: 403, code: "csrf", msg: err.Error()}
+		case err != nil:
+			return &httpError{status: 401, code: "unauthorized", invalid: true, msg: err.Error()}
+		}
+		if ok {
+			scheme = "Bearer"
+		}
+	}
+	if auth == "" && !ok {
 		return &httpError{status: 401, code: "unauthorized", msg: "this endpoint needs an API token: send 'Authorization: Bearer TOKEN' (create one with 'vmshadow server token create')"}
 	}
 	secret = strings.TrimSpace(secret)
