@@ -468,6 +468,19 @@ func TestXAPIJob(t *testing.T) {
 		}
 	}
 	pool.CheckAsBefore(t, before, xapitest.Expect{Checkpoints: true})
+	// Every VM the pool has is listed, the one no job backs up as never
+	// protected.
+	all, err := g.s.VMs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := map[string]string{}
+	for _, v := range all {
+		status[v.Name] = v.Status + "/" + v.Connection
+	}
+	if status["db"] != "never/pool" || status["web-1"] != "fresh/pool" || status["web-2"] != "fresh/pool" {
+		t.Fatalf("VMs: %v", status)
+	}
 	r, err = g.s.RunJob(ctx, "ghost")
 	if err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"maps"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -33,8 +34,9 @@ func (s *Server) Authenticate(ctx context.Context, secret string) (*state.Token,
 // listTimeout bounds listing a connection's VMs for the API.
 const listTimeout = 10 * time.Second
 
-// VMs implements api.Service: the VMs the backup jobs select now and
-// those with backups, with their protection state.
+// VMs implements api.Service: every VM the connections reach now, those
+// the backup jobs select and those with backups, with their protection
+// state.
 func (s *Server) VMs(ctx context.Context) ([]api.VM, error) {
 	cfg := s.Config()
 	byName := map[string]*api.VM{}
@@ -48,6 +50,18 @@ func (s *Server) VMs(ctx context.Context) ([]api.VM, error) {
 	}
 	lctx, cancel := context.WithTimeout(ctx, listTimeout)
 	defer cancel()
+	// Every VM the connections reach, with a job or not: an unprotected VM
+	// must show as such. A connection that cannot be listed is logged.
+	names := slices.Sorted(maps.Keys(cfg.Connections))
+	for _, n := range names {
+		refs, err := listConnection(lctx, cfg.Connections[n], nil)
+		if err != nil {
+			s.log.Warn("VMs of a connection not listed", "connection", n, "err", err)
+		}
+		for _, r := range refs {
+			get(r.Name).Connection = n
+		}
+	}
 	jobs := s.jobList()
 	for _, j := range jobs {
 		if j.Type != config.Backup {
