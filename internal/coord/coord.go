@@ -233,9 +233,9 @@ func (s *Session) Create(ctx context.Context) (*Set, error) {
 			cur.ID, cur.Created.Format(time.RFC3339), cur.PID, s.vm.Name, cur.ID, errs.ErrBusy)
 	}
 	set := &Set{ID: NewSetID(), VM: s.vm.Name, Provider: c.Provider.Kind(), Created: time.Now().UTC().Truncate(time.Millisecond),
-		Phase: "preparing", PID: os.Getpid(), Ephemeral: c.Ephemeral}
+		Phase: PhasePreparing, PID: os.Getpid(), Ephemeral: c.Ephemeral}
 	for _, w := range c.Writers {
-		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: "pending"})
+		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: WriterPending})
 	}
 	save := func() error { return c.Journal.Save(s.vm.Key, set) }
 	if err := save(); err != nil {
@@ -261,7 +261,7 @@ func (s *Session) Create(ctx context.Context) (*Set, error) {
 func (s *Session) stillFrozen(set *Set) []string {
 	var names []string
 	for _, w := range set.Writers {
-		if w.State == "freezing" {
+		if w.State == WriterFreezing {
 			names = append(names, w.Name)
 		}
 	}
@@ -293,7 +293,9 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 
 	// Freeze, commit, thaw. The freeze window runs from the first freeze
 	// call to the end of the last thaw.
-	set.Phase = "freezing"
+	if err := set.moveTo(PhaseFreezing); err != nil {
+		return err
+	}
 	s.status("freeze")
 	start := time.Now()
 	window, cancelWindow := context.WithDeadline(ctx, start.Add(c.FreezeTimeout))
@@ -303,7 +305,11 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 		if !ok[i] {
 			continue
 		}
-		set.Writers[i].State = "freezing" // recorded before the call: Recover thaws it
+		// Recorded before the call: Recover thaws it.
+		if err := set.Writers[i].moveTo(WriterFreezing); err != nil {
+			frozenErr = err
+			break
+		}
 		if err := save(); err != nil {
 			frozenErr = err
 			break
@@ -332,8 +338,9 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 			} else {
 				frozenErr = fmt.Errorf("commit: %w", err)
 			}
+		} else if err := set.moveTo(PhaseCommitted); err != nil {
+			frozenErr = err
 		} else {
-			set.Phase = "committed"
 			crashpoint.Hit("committed")
 		}
 	}
@@ -359,7 +366,9 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 			set.FreezeMS, c.FreezeTimeout, errs.ErrTimeout)
 	}
 	crashpoint.Hit("thawed")
-	set.Phase = "thawed"
+	if err := set.moveTo(PhaseThawed); err != nil {
+		return err
+	}
 	set.Consistency = s.level(set)
 	if set.Consistency < c.Require {
 		return fmt.Errorf("set reached %s consistency, %s was required: %w", set.Consistency, c.Require, errs.ErrConsistency)
@@ -374,7 +383,9 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	if err := c.Provider.Expose(ctx, set, save); err != nil {
 		return fmt.Errorf("expose: %w", err)
 	}
-	set.Phase = "exposed"
+	if err := set.moveTo(PhaseExposed); err != nil {
+		return err
+	}
 	return save()
 }
 
@@ -391,8 +402,10 @@ func (s *Session) anyFreezeAttempted(ok []bool) bool {
 // failure must abort the set (the writer was needed for --require).
 func (s *Session) writerFailed(set *Set, i int, what string, err error) error {
 	w := &set.Writers[i]
-	if w.State != "freezing" {
-		w.State = "failed"
+	if w.State != WriterFreezing {
+		if err := w.moveTo(WriterFailed); err != nil {
+			return err
+		}
 	}
 	w.Error = fmt.Sprintf("%s: %v", what, err)
 	if s.c.Require >= Filesystem && w.Level <= s.c.Require {
@@ -411,7 +424,7 @@ func (s *Session) thawAll(ctx context.Context, set *Set) error {
 	var firstErr error
 	for i := len(s.c.Writers) - 1; i >= 0; i-- {
 		ws := &set.Writers[i]
-		if ws.State != "freezing" {
+		if ws.State != WriterFreezing {
 			continue
 		}
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
@@ -427,10 +440,12 @@ func (s *Session) thawAll(ctx context.Context, set *Set) error {
 			}
 			continue
 		}
-		if ws.Error == "" {
-			ws.State = "thawed"
-		} else {
-			ws.State = "failed" // froze badly, thawed fine
+		to := WriterThawed
+		if ws.Error != "" {
+			to = WriterFailed // froze badly, thawed fine
+		}
+		if err := ws.moveTo(to); err != nil && firstErr == nil {
+			firstErr = err
 		}
 	}
 	if err := s.c.Journal.Save(s.vm.Key, set); err != nil && firstErr == nil {
@@ -445,7 +460,7 @@ func (s *Session) thawAll(ctx context.Context, set *Set) error {
 func (s *Session) level(set *Set) Level {
 	fs, app, all := false, false, true
 	for _, w := range set.Writers {
-		if w.State != "thawed" {
+		if w.State != WriterThawed {
 			all = false
 			continue
 		}
@@ -474,7 +489,9 @@ func (s *Session) Delete(ctx context.Context, id string) (*Set, error) {
 	if set == nil || set.ID != id {
 		return nil, fmt.Errorf("no snapshot set %q on VM %s (see 'vmshadow snapshot list'): %w", id, s.vm.Name, errs.ErrNotFound)
 	}
-	set.Phase = "releasing"
+	if err := set.moveTo(PhaseReleasing); err != nil {
+		return nil, err
+	}
 	if err := s.c.Journal.Save(s.vm.Key, set); err != nil {
 		return nil, err
 	}
@@ -501,8 +518,10 @@ func (s *Session) List(ctx context.Context) ([]*Set, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !alive && set.Phase == "exposed" {
-		set.Phase = "stale"
+	if !alive && set.Phase == PhaseExposed {
+		if err := set.moveTo(PhaseStale); err != nil {
+			return nil, err
+		}
 	}
 	return []*Set{set}, nil
 }
@@ -522,7 +541,7 @@ func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problem
 	sc := SetContext{VM: set.VM, SetID: set.ID}
 	for i := len(set.Writers) - 1; i >= 0; i-- {
 		ws := &set.Writers[i]
-		if ws.State != "freezing" {
+		if ws.State != WriterFreezing {
 			continue
 		}
 		if s.c.Rebuild == nil {
@@ -542,7 +561,10 @@ func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problem
 			problems = append(problems, fmt.Sprintf("thaw %s: %v", ws.Name, err))
 			continue
 		}
-		ws.State = "thawed"
+		if err := ws.moveTo(WriterThawed); err != nil {
+			problems = append(problems, err.Error())
+			continue
+		}
 		if ws.Error == "" {
 			ws.Error = "thawed late"
 		}
@@ -570,7 +592,7 @@ func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
 		rep.Thawed = append(rep.Thawed, names...)
 		rep.Errors = append(rep.Errors, problems...)
 		for _, ws := range set.Writers {
-			if ws.State == "thawed" {
+			if ws.State == WriterThawed {
 				thawed[ws.Spec] = true
 			}
 		}

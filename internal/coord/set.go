@@ -30,10 +30,10 @@ type WriterState struct {
 	Name  string     `json:"name"`
 	Level Level      `json:"level"`
 	Spec  WriterSpec `json:"spec"`
-	// State: "pending", "freezing" (freeze attempted, not yet thawed),
-	// "thawed", or "failed" (freeze or thaw failed; Error says why).
-	State string `json:"state"`
-	Error string `json:"error,omitempty"`
+	// State: pending, freezing (freeze attempted, not yet thawed),
+	// thawed, or failed (prepare or freeze failed; Error says why).
+	State WriterStatus `json:"state"`
+	Error string       `json:"error,omitempty"`
 }
 
 // Set is a snapshot set. It is also the journal record: it is saved before
@@ -57,7 +57,7 @@ type Set struct {
 	Writers  []WriterState `json:"writers"`
 	Warnings []string      `json:"warnings,omitempty"`
 	// Phase: preparing, freezing, committed, thawed, exposed, releasing.
-	Phase string `json:"phase"`
+	Phase Phase `json:"phase"`
 	// PID of the vmshadow process that created the set.
 	PID int `json:"pid"`
 	// Ephemeral: the set lives only while its creator holds the VM's lock.
@@ -79,7 +79,7 @@ type Info struct {
 	Shadows     []Shadow      `json:"shadows"`
 	Writers     []WriterState `json:"writers"`
 	Warnings    []string      `json:"warnings,omitempty"`
-	Phase       string        `json:"phase"`
+	Phase       Phase         `json:"phase"`
 }
 
 // How a provider whose commit is not atomic across disks captured them

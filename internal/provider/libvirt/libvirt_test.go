@@ -570,7 +570,7 @@ func TestRecoverKilledSet(t *testing.T) {
 
 	p2 := r.provider(nil)
 	s2 := r.open(ctx, p2)
-	if sets, err := s2.List(ctx); err != nil || len(sets) != 1 || sets[0].Phase != "exposed" {
+	if sets, err := s2.List(ctx); err != nil || len(sets) != 1 || sets[0].Phase != coord.PhaseExposed {
 		t.Fatalf("List of the left set = %+v, %v; want it alive (exposed)", sets, err)
 	}
 	rep, err := s2.Recover(ctx)
@@ -649,7 +649,7 @@ func TestDomainStoppedUnderSet(t *testing.T) {
 	}
 	libvirttest.Virsh(t, "destroy", r.dom.Name)
 	sets, err := s.List(ctx)
-	if err != nil || len(sets) != 1 || sets[0].Phase != "stale" {
+	if err != nil || len(sets) != 1 || sets[0].Phase != coord.PhaseStale {
 		t.Fatalf("List after the domain stopped = %+v, %v; want the set stale", sets, err)
 	}
 	_, err = s.Delete(ctx, set.ID)
