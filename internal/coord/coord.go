@@ -268,84 +268,31 @@ func (s *Session) stillFrozen(set *Set) []string {
 	return names
 }
 
+// create runs the phases of a set, one function each: prepare, freeze,
+// commit, thaw, expose. The freeze window runs from the first freeze call
+// to the end of the last thaw; thaw runs whatever happened before it.
 func (s *Session) create(ctx context.Context, set *Set, save func() error) error {
 	c := s.c
-	// Identify: each writer checks it can take part.
-	ok := make([]bool, len(c.Writers))
-	for i, w := range c.Writers {
-		s.status("prepare writer " + w.Name())
-		wctx, cancel := context.WithTimeout(ctx, c.WriterTimeout)
-		err := w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID})
-		cancel()
-		if err != nil {
-			if ferr := s.writerFailed(set, i, "prepare", err); ferr != nil {
-				return ferr
-			}
-			continue
-		}
-		ok[i] = true
-	}
-	s.status("prepare")
-	if err := c.Provider.Prepare(ctx, set, save); err != nil {
-		return fmt.Errorf("prepare: %w", err)
+	ok, err := s.prepare(ctx, set, save)
+	if err != nil {
+		return err
 	}
 	crashpoint.Hit("prepared")
 
-	// Freeze, commit, thaw. The freeze window runs from the first freeze
-	// call to the end of the last thaw.
-	if err := set.moveTo(PhaseFreezing); err != nil {
+	if err := s.enter(set, PhaseFreezing, save); err != nil {
 		return err
 	}
 	s.status("freeze")
 	start := time.Now()
 	window, cancelWindow := context.WithDeadline(ctx, start.Add(c.FreezeTimeout))
 	defer cancelWindow()
-	var frozenErr error
-	for i, w := range c.Writers {
-		if !ok[i] {
-			continue
-		}
-		// Recorded before the call: Recover thaws it.
-		if err := set.Writers[i].moveTo(WriterFreezing); err != nil {
-			frozenErr = err
-			break
-		}
-		if err := save(); err != nil {
-			frozenErr = err
-			break
-		}
-		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
-		err := w.Freeze(wctx)
-		cancel()
-		if err != nil {
-			if window.Err() != nil && ctx.Err() == nil {
-				frozenErr = fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
-				break
-			}
-			if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
-				frozenErr = ferr
-				break
-			}
-			continue
-		}
-	}
+	frozenErr := s.freeze(ctx, window, set, save, ok)
 	crashpoint.Hit("frozen")
 	if frozenErr == nil {
-		s.status("commit")
-		if err := c.Provider.Commit(window, set, save); err != nil {
-			if window.Err() != nil && ctx.Err() == nil {
-				frozenErr = fmt.Errorf("commit did not finish within the %s freeze limit: %v: %w", c.FreezeTimeout, err, errs.ErrTimeout)
-			} else {
-				frozenErr = fmt.Errorf("commit: %w", err)
-			}
-		} else if err := set.moveTo(PhaseCommitted); err != nil {
-			frozenErr = err
-		} else {
-			crashpoint.Hit("committed")
-		}
+		frozenErr = s.commit(ctx, window, set, save)
 	}
 	s.status("thaw")
-	thawErr := s.thawAll(ctx, set)
+	thawErr := s.thawAll(ctx, set, save)
 	set.FreezeMS = time.Since(start).Milliseconds()
 	if !s.anyFreezeAttempted(ok) {
 		set.FreezeMS = 0
@@ -356,6 +303,119 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	if thawErr != nil {
 		return thawErr
 	}
+	if err := s.thawed(set, save); err != nil {
+		return err
+	}
+	return s.expose(ctx, set, save)
+}
+
+// enter moves the set to phase to and records it in the journal.
+func (s *Session) enter(set *Set, to Phase, save func() error) error {
+	if err := set.moveTo(to); err != nil {
+		return err
+	}
+	return save()
+}
+
+// prepare is the prepare phase: each writer checks it can take part (a
+// writer that cannot is left out, unless --require needs it), then the
+// provider creates what Commit needs. It returns which writers are ready.
+func (s *Session) prepare(ctx context.Context, set *Set, save func() error) ([]bool, error) {
+	c := s.c
+	ok := make([]bool, len(c.Writers))
+	for i, w := range c.Writers {
+		s.status("prepare writer " + w.Name())
+		wctx, cancel := context.WithTimeout(ctx, c.WriterTimeout)
+		err := w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID})
+		cancel()
+		if err != nil {
+			if ferr := s.writerFailed(set, i, "prepare", err); ferr != nil {
+				return nil, ferr
+			}
+			continue
+		}
+		ok[i] = true
+	}
+	s.status("prepare")
+	if err := c.Provider.Prepare(ctx, set, save); err != nil {
+		return nil, fmt.Errorf("prepare: %w", err)
+	}
+	return ok, nil
+}
+
+// freeze is the freeze phase: the ready writers freeze in order, each
+// recorded as freezing before its call so that Recover thaws it. ctx is
+// the set's context, window the freeze window's.
+func (s *Session) freeze(ctx, window context.Context, set *Set, save func() error, ok []bool) error {
+	c := s.c
+	for i, w := range c.Writers {
+		if !ok[i] {
+			continue
+		}
+		if err := set.Writers[i].moveTo(WriterFreezing); err != nil {
+			return err
+		}
+		if err := save(); err != nil {
+			return err
+		}
+		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
+		err := w.Freeze(wctx)
+		cancel()
+		if err != nil {
+			if window.Err() != nil && ctx.Err() == nil {
+				return fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
+			}
+			if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
+				return ferr
+			}
+		}
+	}
+	return nil
+}
+
+// commit is the commit phase: the provider captures every disk at one
+// instant, within the freeze window.
+func (s *Session) commit(ctx, window context.Context, set *Set, save func() error) error {
+	s.status("commit")
+	if err := s.c.Provider.Commit(window, set, save); err != nil {
+		if window.Err() != nil && ctx.Err() == nil {
+			return fmt.Errorf("commit did not finish within the %s freeze limit: %v: %w", s.c.FreezeTimeout, err, errs.ErrTimeout)
+		}
+		return fmt.Errorf("commit: %w", err)
+	}
+	if err := set.moveTo(PhaseCommitted); err != nil {
+		return err
+	}
+	crashpoint.Hit("committed")
+	return nil
+}
+
+// thawAll is the thaw phase of Create: every writer whose freeze was
+// attempted is thawed through the one thaw path, and what failed is
+// recorded; the outcome is saved.
+func (s *Session) thawAll(ctx context.Context, set *Set, save func() error) error {
+	var firstErr error
+	_, failed := s.thaw(ctx, set, s.c.Writers)
+	for _, f := range failed {
+		// The writer may still be frozen: its state stays freezing so
+		// that Delete and Recover try again. A thaw that failed may also
+		// mean the writer let go early: its data cannot be trusted to be
+		// consistent.
+		if ferr := s.writerFailed(set, f.i, "thaw", f.err); ferr != nil && firstErr == nil {
+			firstErr = ferr
+		}
+	}
+	if err := save(); err != nil && firstErr == nil {
+		firstErr = err
+	}
+	return firstErr
+}
+
+// thawed ends the thaw phase of a set whose commit succeeded: it checks
+// that no writer is left frozen and that the freeze window was kept,
+// decides the consistency level, and records the set as thawed.
+func (s *Session) thawed(set *Set, save func() error) error {
+	c := s.c
 	if frozen := s.stillFrozen(set); len(frozen) > 0 {
 		// Never leave a guest or an application frozen behind a set
 		// that looks fine: fail, keep the journal, let recover thaw.
@@ -376,17 +436,17 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	if len(set.Writers) > 0 && set.Consistency == Crash {
 		s.warn(set, "no writer froze: the set is crash-consistent only")
 	}
-	if err := save(); err != nil {
-		return err
-	}
+	return save()
+}
+
+// expose is the expose phase: the provider makes the shadow copies
+// readable, and the set is complete.
+func (s *Session) expose(ctx context.Context, set *Set, save func() error) error {
 	s.status("expose")
-	if err := c.Provider.Expose(ctx, set, save); err != nil {
+	if err := s.c.Provider.Expose(ctx, set, save); err != nil {
 		return fmt.Errorf("expose: %w", err)
 	}
-	if err := set.moveTo(PhaseExposed); err != nil {
-		return err
-	}
-	return save()
+	return s.enter(set, PhaseExposed, save)
 }
 
 func (s *Session) anyFreezeAttempted(ok []bool) bool {
@@ -418,40 +478,62 @@ func (s *Session) writerFailed(set *Set, i int, what string, err error) error {
 	return nil
 }
 
-// thawAll thaws, in reverse order, every writer whose freeze was attempted.
-// It runs whatever happened before, with its own time limits.
-func (s *Session) thawAll(ctx context.Context, set *Set) error {
-	var firstErr error
-	for i := len(s.c.Writers) - 1; i >= 0; i-- {
+// thawFailure is one writer the thaw path could not thaw.
+type thawFailure struct {
+	i   int
+	err error
+}
+
+// thaw is the one thaw path, for Create and for Delete and Recover: it
+// thaws, in reverse order, every writer of set that may be frozen (state
+// freezing), each with its own time limit whatever became of ctx. live
+// are the writers Create prepared; with nil, each writer is rebuilt from
+// its journal record, prepared and closed (the process that froze it may
+// be gone). A writer thawed stays recorded as thawed, or failed when
+// Create recorded an error for it; one rebuilt gets "thawed late". A
+// writer whose thaw failed stays freezing. thaw changes the set in memory
+// only: the caller records the outcome.
+func (s *Session) thaw(ctx context.Context, set *Set, live []Writer) (thawed []int, failed []thawFailure) {
+	sc := SetContext{VM: set.VM, SetID: set.ID}
+	for i := len(set.Writers) - 1; i >= 0; i-- {
 		ws := &set.Writers[i]
 		if ws.State != WriterFreezing {
 			continue
 		}
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
-		err := s.c.Writers[i].Thaw(wctx)
+		var err error
+		if live != nil {
+			err = live[i].Thaw(wctx)
+		} else if s.c.Rebuild == nil {
+			err = errors.New("no way to rebuild the writer")
+		} else {
+			var w Writer
+			if w, err = s.c.Rebuild(ws.Spec); err == nil {
+				if err = w.Prepare(wctx, sc); err == nil {
+					err = w.Thaw(wctx)
+				}
+				w.Close()
+			}
+		}
 		cancel()
 		if err != nil {
-			// The writer may still be frozen: its state stays "freezing"
-			// so that Delete and Recover try again. A thaw that failed may
-			// also mean the writer let go early: its data cannot be
-			// trusted to be consistent.
-			if ferr := s.writerFailed(set, i, "thaw", err); ferr != nil && firstErr == nil {
-				firstErr = ferr
-			}
+			failed = append(failed, thawFailure{i, err})
 			continue
 		}
 		to := WriterThawed
-		if ws.Error != "" {
+		if live != nil && ws.Error != "" {
 			to = WriterFailed // froze badly, thawed fine
 		}
-		if err := ws.moveTo(to); err != nil && firstErr == nil {
-			firstErr = err
+		if err := ws.moveTo(to); err != nil {
+			failed = append(failed, thawFailure{i, err})
+			continue
 		}
+		if live == nil && ws.Error == "" {
+			ws.Error = "thawed late"
+		}
+		thawed = append(thawed, i)
 	}
-	if err := s.c.Journal.Save(s.vm.Key, set); err != nil && firstErr == nil {
-		firstErr = err
-	}
-	return firstErr
+	return thawed, failed
 }
 
 // level is the consistency the set reached: application when every writer
@@ -535,40 +617,16 @@ type RecoverReport struct {
 }
 
 // thawLeftFrozen thaws, in reverse order, the set's writers that may still
-// be frozen (their thaw failed, or the process died), rebuilding them from
-// the journal. It returns what it thawed and what went wrong.
+// be frozen (their thaw failed, or the process died) through the one thaw
+// path, rebuilding them from the journal, and records the outcome. It
+// returns what it thawed and what went wrong.
 func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problems []string) {
-	sc := SetContext{VM: set.VM, SetID: set.ID}
-	for i := len(set.Writers) - 1; i >= 0; i-- {
-		ws := &set.Writers[i]
-		if ws.State != WriterFreezing {
-			continue
-		}
-		if s.c.Rebuild == nil {
-			problems = append(problems, fmt.Sprintf("thaw %s: no way to rebuild the writer", ws.Name))
-			continue
-		}
-		w, err := s.c.Rebuild(ws.Spec)
-		if err == nil {
-			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
-			if err = w.Prepare(wctx, sc); err == nil {
-				err = w.Thaw(wctx)
-			}
-			cancel()
-			w.Close()
-		}
-		if err != nil {
-			problems = append(problems, fmt.Sprintf("thaw %s: %v", ws.Name, err))
-			continue
-		}
-		if err := ws.moveTo(WriterThawed); err != nil {
-			problems = append(problems, err.Error())
-			continue
-		}
-		if ws.Error == "" {
-			ws.Error = "thawed late"
-		}
-		thawed = append(thawed, ws.Name)
+	done, failed := s.thaw(ctx, set, nil)
+	for _, i := range done {
+		thawed = append(thawed, set.Writers[i].Name)
+	}
+	for _, f := range failed {
+		problems = append(problems, fmt.Sprintf("thaw %s: %v", set.Writers[f.i].Name, f.err))
 	}
 	s.c.Journal.Save(s.vm.Key, set)
 	return thawed, problems
