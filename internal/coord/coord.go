@@ -72,9 +72,9 @@ type VMInfo struct {
 }
 
 // Provider captures the disks of one VM. Every method that creates
-// something records it in set.ProviderState and calls save() BEFORE
-// creating it, so that Release can always find and remove it, even from a
-// record left by a process that was killed.
+// something records it with rec.Record BEFORE creating it, so that Release
+// can always find and remove it, even from a record left by a process that
+// was killed.
 type Provider interface {
 	// Kind is the provider's name ("qemu").
 	Kind() string
@@ -84,12 +84,12 @@ type Provider interface {
 	Identify(ctx context.Context) (VMInfo, error)
 	// Prepare checks space and creates what Commit needs, without
 	// touching the guest's I/O path.
-	Prepare(ctx context.Context, set *Set, save func() error) error
+	Prepare(ctx context.Context, set *Set, rec Recorder) error
 	// Commit captures every disk at one instant. Writers are frozen while
 	// it runs: it must be fast and honour ctx's deadline.
-	Commit(ctx context.Context, set *Set, save func() error) error
+	Commit(ctx context.Context, set *Set, rec Recorder) error
 	// Expose makes each disk's shadow copy readable and fills set.Shadows.
-	Expose(ctx context.Context, set *Set, save func() error) error
+	Expose(ctx context.Context, set *Set, rec Recorder) error
 	// Release removes everything the set created, in whatever phase it
 	// stopped; what was never created or is already gone is no error.
 	// With a nil set it removes anything the provider can recognise as
@@ -209,9 +209,12 @@ func (s *Session) warn(set *Set, format string, args ...any) {
 	}
 }
 
-// Save writes the set's journal record; a provider method that changes
-// its state outside Create and Delete (completing a checkpoint) calls it.
-func (s *Session) Save(set *Set) error { return s.c.Journal.Save(s.vm.Key, set) }
+// Record implements Recorder for the VM's journal record: a provider
+// method that changes its state outside Create and Delete (completing a
+// checkpoint) is given the session.
+func (s *Session) Record(set *Set, state any) error { return s.rec().Record(set, state) }
+
+func (s *Session) rec() journalRecorder { return journalRecorder{s.c.Journal, s.vm.Key} }
 
 // Current returns the VM's set from the journal, or nil.
 func (s *Session) Current() (*Set, error) { return s.c.Journal.Load(s.vm.Key) }
@@ -237,11 +240,11 @@ func (s *Session) Create(ctx context.Context) (*Set, error) {
 	for _, w := range c.Writers {
 		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: WriterPending})
 	}
-	save := func() error { return c.Journal.Save(s.vm.Key, set) }
-	if err := save(); err != nil {
+	rec := s.rec()
+	if err := rec.save(set); err != nil {
 		return nil, err
 	}
-	if err := s.create(ctx, set, save); err != nil {
+	if err := s.create(ctx, set, rec); err != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		defer cancel()
 		if _, rerr := c.Provider.Release(cctx, set); rerr != nil {
@@ -271,28 +274,28 @@ func (s *Session) stillFrozen(set *Set) []string {
 // create runs the phases of a set, one function each: prepare, freeze,
 // commit, thaw, expose. The freeze window runs from the first freeze call
 // to the end of the last thaw; thaw runs whatever happened before it.
-func (s *Session) create(ctx context.Context, set *Set, save func() error) error {
+func (s *Session) create(ctx context.Context, set *Set, rec journalRecorder) error {
 	c := s.c
-	ok, err := s.prepare(ctx, set, save)
+	ok, err := s.prepare(ctx, set, rec)
 	if err != nil {
 		return err
 	}
 	crashpoint.Hit("prepared")
 
-	if err := s.enter(set, PhaseFreezing, save); err != nil {
+	if err := s.enter(set, PhaseFreezing, rec); err != nil {
 		return err
 	}
 	s.status("freeze")
 	start := time.Now()
 	window, cancelWindow := context.WithDeadline(ctx, start.Add(c.FreezeTimeout))
 	defer cancelWindow()
-	frozenErr := s.freeze(ctx, window, set, save, ok)
+	frozenErr := s.freeze(ctx, window, set, rec, ok)
 	crashpoint.Hit("frozen")
 	if frozenErr == nil {
-		frozenErr = s.commit(ctx, window, set, save)
+		frozenErr = s.commit(ctx, window, set, rec)
 	}
 	s.status("thaw")
-	thawErr := s.thawAll(ctx, set, save)
+	thawErr := s.thawAll(ctx, set, rec)
 	set.FreezeMS = time.Since(start).Milliseconds()
 	if !s.anyFreezeAttempted(ok) {
 		set.FreezeMS = 0
@@ -303,24 +306,24 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	if thawErr != nil {
 		return thawErr
 	}
-	if err := s.thawed(set, save); err != nil {
+	if err := s.thawed(set, rec); err != nil {
 		return err
 	}
-	return s.expose(ctx, set, save)
+	return s.expose(ctx, set, rec)
 }
 
 // enter moves the set to phase to and records it in the journal.
-func (s *Session) enter(set *Set, to Phase, save func() error) error {
+func (s *Session) enter(set *Set, to Phase, rec journalRecorder) error {
 	if err := set.moveTo(to); err != nil {
 		return err
 	}
-	return save()
+	return rec.save(set)
 }
 
 // prepare is the prepare phase: each writer checks it can take part (a
 // writer that cannot is left out, unless --require needs it), then the
 // provider creates what Commit needs. It returns which writers are ready.
-func (s *Session) prepare(ctx context.Context, set *Set, save func() error) ([]bool, error) {
+func (s *Session) prepare(ctx context.Context, set *Set, rec journalRecorder) ([]bool, error) {
 	c := s.c
 	ok := make([]bool, len(c.Writers))
 	for i, w := range c.Writers {
@@ -337,7 +340,7 @@ func (s *Session) prepare(ctx context.Context, set *Set, save func() error) ([]b
 		ok[i] = true
 	}
 	s.status("prepare")
-	if err := c.Provider.Prepare(ctx, set, save); err != nil {
+	if err := c.Provider.Prepare(ctx, set, rec); err != nil {
 		return nil, fmt.Errorf("prepare: %w", err)
 	}
 	return ok, nil
@@ -346,7 +349,7 @@ func (s *Session) prepare(ctx context.Context, set *Set, save func() error) ([]b
 // freeze is the freeze phase: the ready writers freeze in order, each
 // recorded as freezing before its call so that Recover thaws it. ctx is
 // the set's context, window the freeze window's.
-func (s *Session) freeze(ctx, window context.Context, set *Set, save func() error, ok []bool) error {
+func (s *Session) freeze(ctx, window context.Context, set *Set, rec journalRecorder, ok []bool) error {
 	c := s.c
 	for i, w := range c.Writers {
 		if !ok[i] {
@@ -355,7 +358,7 @@ func (s *Session) freeze(ctx, window context.Context, set *Set, save func() erro
 		if err := set.Writers[i].moveTo(WriterFreezing); err != nil {
 			return err
 		}
-		if err := save(); err != nil {
+		if err := rec.save(set); err != nil {
 			return err
 		}
 		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
@@ -375,9 +378,9 @@ func (s *Session) freeze(ctx, window context.Context, set *Set, save func() erro
 
 // commit is the commit phase: the provider captures every disk at one
 // instant, within the freeze window.
-func (s *Session) commit(ctx, window context.Context, set *Set, save func() error) error {
+func (s *Session) commit(ctx, window context.Context, set *Set, rec journalRecorder) error {
 	s.status("commit")
-	if err := s.c.Provider.Commit(window, set, save); err != nil {
+	if err := s.c.Provider.Commit(window, set, rec); err != nil {
 		if window.Err() != nil && ctx.Err() == nil {
 			return fmt.Errorf("commit did not finish within the %s freeze limit: %v: %w", s.c.FreezeTimeout, err, errs.ErrTimeout)
 		}
@@ -393,7 +396,7 @@ func (s *Session) commit(ctx, window context.Context, set *Set, save func() erro
 // thawAll is the thaw phase of Create: every writer whose freeze was
 // attempted is thawed through the one thaw path, and what failed is
 // recorded; the outcome is saved.
-func (s *Session) thawAll(ctx context.Context, set *Set, save func() error) error {
+func (s *Session) thawAll(ctx context.Context, set *Set, rec journalRecorder) error {
 	var firstErr error
 	_, failed := s.thaw(ctx, set, s.c.Writers)
 	for _, f := range failed {
@@ -405,7 +408,7 @@ func (s *Session) thawAll(ctx context.Context, set *Set, save func() error) erro
 			firstErr = ferr
 		}
 	}
-	if err := save(); err != nil && firstErr == nil {
+	if err := rec.save(set); err != nil && firstErr == nil {
 		firstErr = err
 	}
 	return firstErr
@@ -414,7 +417,7 @@ func (s *Session) thawAll(ctx context.Context, set *Set, save func() error) erro
 // thawed ends the thaw phase of a set whose commit succeeded: it checks
 // that no writer is left frozen and that the freeze window was kept,
 // decides the consistency level, and records the set as thawed.
-func (s *Session) thawed(set *Set, save func() error) error {
+func (s *Session) thawed(set *Set, rec journalRecorder) error {
 	c := s.c
 	if frozen := s.stillFrozen(set); len(frozen) > 0 {
 		// Never leave a guest or an application frozen behind a set
@@ -436,17 +439,17 @@ func (s *Session) thawed(set *Set, save func() error) error {
 	if len(set.Writers) > 0 && set.Consistency == Crash {
 		s.warn(set, "no writer froze: the set is crash-consistent only")
 	}
-	return save()
+	return rec.save(set)
 }
 
 // expose is the expose phase: the provider makes the shadow copies
 // readable, and the set is complete.
-func (s *Session) expose(ctx context.Context, set *Set, save func() error) error {
+func (s *Session) expose(ctx context.Context, set *Set, rec journalRecorder) error {
 	s.status("expose")
-	if err := s.c.Provider.Expose(ctx, set, save); err != nil {
+	if err := s.c.Provider.Expose(ctx, set, rec); err != nil {
 		return fmt.Errorf("expose: %w", err)
 	}
-	return s.enter(set, PhaseExposed, save)
+	return s.enter(set, PhaseExposed, rec)
 }
 
 func (s *Session) anyFreezeAttempted(ok []bool) bool {
@@ -574,7 +577,7 @@ func (s *Session) Delete(ctx context.Context, id string) (*Set, error) {
 	if err := set.moveTo(PhaseReleasing); err != nil {
 		return nil, err
 	}
-	if err := s.c.Journal.Save(s.vm.Key, set); err != nil {
+	if err := s.rec().save(set); err != nil {
 		return nil, err
 	}
 	if _, errList := s.thawLeftFrozen(ctx, set); len(errList) > 0 {
@@ -628,7 +631,7 @@ func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problem
 	for _, f := range failed {
 		problems = append(problems, fmt.Sprintf("thaw %s: %v", set.Writers[f.i].Name, f.err))
 	}
-	s.c.Journal.Save(s.vm.Key, set)
+	s.rec().save(set)
 	return thawed, problems
 }
 
@@ -683,7 +686,7 @@ func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
 	}
 	if len(rep.Errors) > 0 {
 		if set != nil {
-			s.c.Journal.Save(s.vm.Key, set)
+			s.rec().save(set)
 		}
 		return rep, fmt.Errorf("recover left problems (run it again once they are fixed): %v", rep.Errors)
 	}

@@ -143,14 +143,34 @@ func ProviderStateOf[T any](set *Set) (*T, error) {
 	return &st, nil
 }
 
-// StoreProviderState records st as set's provider state and saves the
-// journal with save (the provider calls it before acting on what it
-// records, so that recover finds it).
-func StoreProviderState(set *Set, st any, save func() error) error {
-	b, err := json.Marshal(st)
+// Recorder writes snapshot sets' journal records. Providers receive one
+// in each call that may create something in the VM and record, in one
+// call, what they are about to create BEFORE creating it, so that Release
+// can always find and remove it, even from a record left by a process that
+// was killed (docs/snapshot-sets.md, "The journal").
+type Recorder interface {
+	// Record makes state (JSON-encoded) set's provider state and writes
+	// the whole set durably to the journal.
+	Record(set *Set, state any) error
+}
+
+// Recorder returns the Recorder that writes sets to j under key.
+func (j *Journal) Recorder(key string) Recorder { return journalRecorder{j, key} }
+
+type journalRecorder struct {
+	j   *Journal
+	key string
+}
+
+func (r journalRecorder) Record(set *Set, state any) error {
+	b, err := json.Marshal(state)
 	if err != nil {
-		return err
+		return fmt.Errorf("record provider state of set %s: %w", set.ID, err)
 	}
 	set.ProviderState = b
-	return save()
+	return r.save(set)
 }
+
+// save writes set as it is: the coordinator's own records (phases,
+// writer states).
+func (r journalRecorder) save(set *Set) error { return r.j.Save(r.key, set) }
