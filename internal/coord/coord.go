@@ -2,7 +2,10 @@
 // Service model: identify, prepare, freeze, commit, thaw, expose, and later
 // release. It enforces the time limits, decides the consistency level a set
 // reached, keeps the journal that lets Recover undo a set left behind by a
-// killed process, and allows one set per VM at a time.
+// killed process, and allows one set per VM at a time. The phases and
+// writer states are typed and their transitions written down in phase.go;
+// providers write the journal through a Recorder. docs/snapshot-sets.md is
+// the specification.
 //
 // It knows nothing about any hypervisor or guest: providers (internal/provider/...)
 // capture and expose disks, writers (internal/writer) freeze and thaw.
