@@ -2,7 +2,10 @@
 // Service model: identify, prepare, freeze, commit, thaw, expose, and later
 // release. It enforces the time limits, decides the consistency level a set
 // reached, keeps the journal that lets Recover undo a set left behind by a
-// killed process, and allows one set per VM at a time.
+// killed process, and allows one set per VM at a time. The phases and
+// writer states are typed and their transitions written down in phase.go;
+// providers write the journal through a Recorder. docs/snapshot-sets.md is
+// the specification.
 //
 // It knows nothing about any hypervisor or guest: providers (internal/provider/...)
 // capture and expose disks, writers (internal/writer) freeze and thaw.
@@ -72,9 +75,9 @@ type VMInfo struct {
 }
 
 // Provider captures the disks of one VM. Every method that creates
-// something records it in set.ProviderState and calls save() BEFORE
-// creating it, so that Release can always find and remove it, even from a
-// record left by a process that was killed.
+// something records it with rec.Record BEFORE creating it, so that Release
+// can always find and remove it, even from a record left by a process that
+// was killed.
 type Provider interface {
 	// Kind is the provider's name ("qemu").
 	Kind() string
@@ -84,12 +87,12 @@ type Provider interface {
 	Identify(ctx context.Context) (VMInfo, error)
 	// Prepare checks space and creates what Commit needs, without
 	// touching the guest's I/O path.
-	Prepare(ctx context.Context, set *Set, save func() error) error
+	Prepare(ctx context.Context, set *Set, rec Recorder) error
 	// Commit captures every disk at one instant. Writers are frozen while
 	// it runs: it must be fast and honour ctx's deadline.
-	Commit(ctx context.Context, set *Set, save func() error) error
+	Commit(ctx context.Context, set *Set, rec Recorder) error
 	// Expose makes each disk's shadow copy readable and fills set.Shadows.
-	Expose(ctx context.Context, set *Set, save func() error) error
+	Expose(ctx context.Context, set *Set, rec Recorder) error
 	// Release removes everything the set created, in whatever phase it
 	// stopped; what was never created or is already gone is no error.
 	// With a nil set it removes anything the provider can recognise as
@@ -209,9 +212,12 @@ func (s *Session) warn(set *Set, format string, args ...any) {
 	}
 }
 
-// Save writes the set's journal record; a provider method that changes
-// its state outside Create and Delete (completing a checkpoint) calls it.
-func (s *Session) Save(set *Set) error { return s.c.Journal.Save(s.vm.Key, set) }
+// Record implements Recorder for the VM's journal record: a provider
+// method that changes its state outside Create and Delete (completing a
+// checkpoint) is given the session.
+func (s *Session) Record(set *Set, state any) error { return s.rec().Record(set, state) }
+
+func (s *Session) rec() journalRecorder { return journalRecorder{s.c.Journal, s.vm.Key} }
 
 // Current returns the VM's set from the journal, or nil.
 func (s *Session) Current() (*Set, error) { return s.c.Journal.Load(s.vm.Key) }
@@ -233,15 +239,15 @@ func (s *Session) Create(ctx context.Context) (*Set, error) {
 			cur.ID, cur.Created.Format(time.RFC3339), cur.PID, s.vm.Name, cur.ID, errs.ErrBusy)
 	}
 	set := &Set{ID: NewSetID(), VM: s.vm.Name, Provider: c.Provider.Kind(), Created: time.Now().UTC().Truncate(time.Millisecond),
-		Phase: "preparing", PID: os.Getpid(), Ephemeral: c.Ephemeral}
+		Phase: PhasePreparing, PID: os.Getpid(), Ephemeral: c.Ephemeral}
 	for _, w := range c.Writers {
-		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: "pending"})
+		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: WriterPending})
 	}
-	save := func() error { return c.Journal.Save(s.vm.Key, set) }
-	if err := save(); err != nil {
+	rec := s.rec()
+	if err := rec.save(set); err != nil {
 		return nil, err
 	}
-	if err := s.create(ctx, set, save); err != nil {
+	if err := s.create(ctx, set, rec); err != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		defer cancel()
 		if _, rerr := c.Provider.Release(cctx, set); rerr != nil {
@@ -261,84 +267,38 @@ func (s *Session) Create(ctx context.Context) (*Set, error) {
 func (s *Session) stillFrozen(set *Set) []string {
 	var names []string
 	for _, w := range set.Writers {
-		if w.State == "freezing" {
+		if w.State == WriterFreezing {
 			names = append(names, w.Name)
 		}
 	}
 	return names
 }
 
-func (s *Session) create(ctx context.Context, set *Set, save func() error) error {
+// create runs the phases of a set, one function each: prepare, freeze,
+// commit, thaw, expose. The freeze window runs from the first freeze call
+// to the end of the last thaw; thaw runs whatever happened before it.
+func (s *Session) create(ctx context.Context, set *Set, rec journalRecorder) error {
 	c := s.c
-	// Identify: each writer checks it can take part.
-	ok := make([]bool, len(c.Writers))
-	for i, w := range c.Writers {
-		s.status("prepare writer " + w.Name())
-		wctx, cancel := context.WithTimeout(ctx, c.WriterTimeout)
-		err := w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID})
-		cancel()
-		if err != nil {
-			if ferr := s.writerFailed(set, i, "prepare", err); ferr != nil {
-				return ferr
-			}
-			continue
-		}
-		ok[i] = true
-	}
-	s.status("prepare")
-	if err := c.Provider.Prepare(ctx, set, save); err != nil {
-		return fmt.Errorf("prepare: %w", err)
+	ok, err := s.prepare(ctx, set, rec)
+	if err != nil {
+		return err
 	}
 	crashpoint.Hit("prepared")
 
-	// Freeze, commit, thaw. The freeze window runs from the first freeze
-	// call to the end of the last thaw.
-	set.Phase = "freezing"
+	if err := s.enter(set, PhaseFreezing, rec); err != nil {
+		return err
+	}
 	s.status("freeze")
 	start := time.Now()
 	window, cancelWindow := context.WithDeadline(ctx, start.Add(c.FreezeTimeout))
 	defer cancelWindow()
-	var frozenErr error
-	for i, w := range c.Writers {
-		if !ok[i] {
-			continue
-		}
-		set.Writers[i].State = "freezing" // recorded before the call: Recover thaws it
-		if err := save(); err != nil {
-			frozenErr = err
-			break
-		}
-		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
-		err := w.Freeze(wctx)
-		cancel()
-		if err != nil {
-			if window.Err() != nil && ctx.Err() == nil {
-				frozenErr = fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
-				break
-			}
-			if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
-				frozenErr = ferr
-				break
-			}
-			continue
-		}
-	}
+	frozenErr := s.freeze(ctx, window, set, rec, ok)
 	crashpoint.Hit("frozen")
 	if frozenErr == nil {
-		s.status("commit")
-		if err := c.Provider.Commit(window, set, save); err != nil {
-			if window.Err() != nil && ctx.Err() == nil {
-				frozenErr = fmt.Errorf("commit did not finish within the %s freeze limit: %v: %w", c.FreezeTimeout, err, errs.ErrTimeout)
-			} else {
-				frozenErr = fmt.Errorf("commit: %w", err)
-			}
-		} else {
-			set.Phase = "committed"
-			crashpoint.Hit("committed")
-		}
+		frozenErr = s.commit(ctx, window, set, rec)
 	}
 	s.status("thaw")
-	thawErr := s.thawAll(ctx, set)
+	thawErr := s.thawAll(ctx, set, rec)
 	set.FreezeMS = time.Since(start).Milliseconds()
 	if !s.anyFreezeAttempted(ok) {
 		set.FreezeMS = 0
@@ -349,6 +309,119 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	if thawErr != nil {
 		return thawErr
 	}
+	if err := s.thawed(set, rec); err != nil {
+		return err
+	}
+	return s.expose(ctx, set, rec)
+}
+
+// enter moves the set to phase to and records it in the journal.
+func (s *Session) enter(set *Set, to Phase, rec journalRecorder) error {
+	if err := set.moveTo(to); err != nil {
+		return err
+	}
+	return rec.save(set)
+}
+
+// prepare is the prepare phase: each writer checks it can take part (a
+// writer that cannot is left out, unless --require needs it), then the
+// provider creates what Commit needs. It returns which writers are ready.
+func (s *Session) prepare(ctx context.Context, set *Set, rec journalRecorder) ([]bool, error) {
+	c := s.c
+	ok := make([]bool, len(c.Writers))
+	for i, w := range c.Writers {
+		s.status("prepare writer " + w.Name())
+		wctx, cancel := context.WithTimeout(ctx, c.WriterTimeout)
+		err := w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID})
+		cancel()
+		if err != nil {
+			if ferr := s.writerFailed(set, i, "prepare", err); ferr != nil {
+				return nil, ferr
+			}
+			continue
+		}
+		ok[i] = true
+	}
+	s.status("prepare")
+	if err := c.Provider.Prepare(ctx, set, rec); err != nil {
+		return nil, fmt.Errorf("prepare: %w", err)
+	}
+	return ok, nil
+}
+
+// freeze is the freeze phase: the ready writers freeze in order, each
+// recorded as freezing before its call so that Recover thaws it. ctx is
+// the set's context, window the freeze window's.
+func (s *Session) freeze(ctx, window context.Context, set *Set, rec journalRecorder, ok []bool) error {
+	c := s.c
+	for i, w := range c.Writers {
+		if !ok[i] {
+			continue
+		}
+		if err := set.Writers[i].moveTo(WriterFreezing); err != nil {
+			return err
+		}
+		if err := rec.save(set); err != nil {
+			return err
+		}
+		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
+		err := w.Freeze(wctx)
+		cancel()
+		if err != nil {
+			if window.Err() != nil && ctx.Err() == nil {
+				return fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
+			}
+			if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
+				return ferr
+			}
+		}
+	}
+	return nil
+}
+
+// commit is the commit phase: the provider captures every disk at one
+// instant, within the freeze window.
+func (s *Session) commit(ctx, window context.Context, set *Set, rec journalRecorder) error {
+	s.status("commit")
+	if err := s.c.Provider.Commit(window, set, rec); err != nil {
+		if window.Err() != nil && ctx.Err() == nil {
+			return fmt.Errorf("commit did not finish within the %s freeze limit: %v: %w", s.c.FreezeTimeout, err, errs.ErrTimeout)
+		}
+		return fmt.Errorf("commit: %w", err)
+	}
+	if err := set.moveTo(PhaseCommitted); err != nil {
+		return err
+	}
+	crashpoint.Hit("committed")
+	return nil
+}
+
+// thawAll is the thaw phase of Create: every writer whose freeze was
+// attempted is thawed through the one thaw path, and what failed is
+// recorded; the outcome is saved.
+func (s *Session) thawAll(ctx context.Context, set *Set, rec journalRecorder) error {
+	var firstErr error
+	_, failed := s.thaw(ctx, set, s.c.Writers)
+	for _, f := range failed {
+		// The writer may still be frozen: its state stays freezing so
+		// that Delete and Recover try again. A thaw that failed may also
+		// mean the writer let go early: its data cannot be trusted to be
+		// consistent.
+		if ferr := s.writerFailed(set, f.i, "thaw", f.err); ferr != nil && firstErr == nil {
+			firstErr = ferr
+		}
+	}
+	if err := rec.save(set); err != nil && firstErr == nil {
+		firstErr = err
+	}
+	return firstErr
+}
+
+// thawed ends the thaw phase of a set whose commit succeeded: it checks
+// that no writer is left frozen and that the freeze window was kept,
+// decides the consistency level, and records the set as thawed.
+func (s *Session) thawed(set *Set, rec journalRecorder) error {
+	c := s.c
 	if frozen := s.stillFrozen(set); len(frozen) > 0 {
 		// Never leave a guest or an application frozen behind a set
 		// that looks fine: fail, keep the journal, let recover thaw.
@@ -359,7 +432,9 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 			set.FreezeMS, c.FreezeTimeout, errs.ErrTimeout)
 	}
 	crashpoint.Hit("thawed")
-	set.Phase = "thawed"
+	if err := set.moveTo(PhaseThawed); err != nil {
+		return err
+	}
 	set.Consistency = s.level(set)
 	if set.Consistency < c.Require {
 		return fmt.Errorf("set reached %s consistency, %s was required: %w", set.Consistency, c.Require, errs.ErrConsistency)
@@ -367,15 +442,17 @@ func (s *Session) create(ctx context.Context, set *Set, save func() error) error
 	if len(set.Writers) > 0 && set.Consistency == Crash {
 		s.warn(set, "no writer froze: the set is crash-consistent only")
 	}
-	if err := save(); err != nil {
-		return err
-	}
+	return rec.save(set)
+}
+
+// expose is the expose phase: the provider makes the shadow copies
+// readable, and the set is complete.
+func (s *Session) expose(ctx context.Context, set *Set, rec journalRecorder) error {
 	s.status("expose")
-	if err := c.Provider.Expose(ctx, set, save); err != nil {
+	if err := s.c.Provider.Expose(ctx, set, rec); err != nil {
 		return fmt.Errorf("expose: %w", err)
 	}
-	set.Phase = "exposed"
-	return save()
+	return s.enter(set, PhaseExposed, rec)
 }
 
 func (s *Session) anyFreezeAttempted(ok []bool) bool {
@@ -391,8 +468,10 @@ func (s *Session) anyFreezeAttempted(ok []bool) bool {
 // failure must abort the set (the writer was needed for --require).
 func (s *Session) writerFailed(set *Set, i int, what string, err error) error {
 	w := &set.Writers[i]
-	if w.State != "freezing" {
-		w.State = "failed"
+	if w.State != WriterFreezing {
+		if err := w.moveTo(WriterFailed); err != nil {
+			return err
+		}
 	}
 	w.Error = fmt.Sprintf("%s: %v", what, err)
 	if s.c.Require >= Filesystem && w.Level <= s.c.Require {
@@ -405,38 +484,62 @@ func (s *Session) writerFailed(set *Set, i int, what string, err error) error {
 	return nil
 }
 
-// thawAll thaws, in reverse order, every writer whose freeze was attempted.
-// It runs whatever happened before, with its own time limits.
-func (s *Session) thawAll(ctx context.Context, set *Set) error {
-	var firstErr error
-	for i := len(s.c.Writers) - 1; i >= 0; i-- {
+// thawFailure is one writer the thaw path could not thaw.
+type thawFailure struct {
+	i   int
+	err error
+}
+
+// thaw is the one thaw path, for Create and for Delete and Recover: it
+// thaws, in reverse order, every writer of set that may be frozen (state
+// freezing), each with its own time limit whatever became of ctx. live
+// are the writers Create prepared; with nil, each writer is rebuilt from
+// its journal record, prepared and closed (the process that froze it may
+// be gone). A writer thawed stays recorded as thawed, or failed when
+// Create recorded an error for it; one rebuilt gets "thawed late". A
+// writer whose thaw failed stays freezing. thaw changes the set in memory
+// only: the caller records the outcome.
+func (s *Session) thaw(ctx context.Context, set *Set, live []Writer) (thawed []int, failed []thawFailure) {
+	sc := SetContext{VM: set.VM, SetID: set.ID}
+	for i := len(set.Writers) - 1; i >= 0; i-- {
 		ws := &set.Writers[i]
-		if ws.State != "freezing" {
+		if ws.State != WriterFreezing {
 			continue
 		}
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
-		err := s.c.Writers[i].Thaw(wctx)
+		var err error
+		if live != nil {
+			err = live[i].Thaw(wctx)
+		} else if s.c.Rebuild == nil {
+			err = errors.New("no way to rebuild the writer")
+		} else {
+			var w Writer
+			if w, err = s.c.Rebuild(ws.Spec); err == nil {
+				if err = w.Prepare(wctx, sc); err == nil {
+					err = w.Thaw(wctx)
+				}
+				w.Close()
+			}
+		}
 		cancel()
 		if err != nil {
-			// The writer may still be frozen: its state stays "freezing"
-			// so that Delete and Recover try again. A thaw that failed may
-			// also mean the writer let go early: its data cannot be
-			// trusted to be consistent.
-			if ferr := s.writerFailed(set, i, "thaw", err); ferr != nil && firstErr == nil {
-				firstErr = ferr
-			}
+			failed = append(failed, thawFailure{i, err})
 			continue
 		}
-		if ws.Error == "" {
-			ws.State = "thawed"
-		} else {
-			ws.State = "failed" // froze badly, thawed fine
+		to := WriterThawed
+		if live != nil && ws.Error != "" {
+			to = WriterFailed // froze badly, thawed fine
 		}
+		if err := ws.moveTo(to); err != nil {
+			failed = append(failed, thawFailure{i, err})
+			continue
+		}
+		if live == nil && ws.Error == "" {
+			ws.Error = "thawed late"
+		}
+		thawed = append(thawed, i)
 	}
-	if err := s.c.Journal.Save(s.vm.Key, set); err != nil && firstErr == nil {
-		firstErr = err
-	}
-	return firstErr
+	return thawed, failed
 }
 
 // level is the consistency the set reached: application when every writer
@@ -445,7 +548,7 @@ func (s *Session) thawAll(ctx context.Context, set *Set) error {
 func (s *Session) level(set *Set) Level {
 	fs, app, all := false, false, true
 	for _, w := range set.Writers {
-		if w.State != "thawed" {
+		if w.State != WriterThawed {
 			all = false
 			continue
 		}
@@ -474,8 +577,10 @@ func (s *Session) Delete(ctx context.Context, id string) (*Set, error) {
 	if set == nil || set.ID != id {
 		return nil, fmt.Errorf("no snapshot set %q on VM %s (see 'vmshadow snapshot list'): %w", id, s.vm.Name, errs.ErrNotFound)
 	}
-	set.Phase = "releasing"
-	if err := s.c.Journal.Save(s.vm.Key, set); err != nil {
+	if err := set.moveTo(PhaseReleasing); err != nil {
+		return nil, err
+	}
+	if err := s.rec().save(set); err != nil {
 		return nil, err
 	}
 	if _, errList := s.thawLeftFrozen(ctx, set); len(errList) > 0 {
@@ -501,8 +606,10 @@ func (s *Session) List(ctx context.Context) ([]*Set, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !alive && set.Phase == "exposed" {
-		set.Phase = "stale"
+	if !alive && set.Phase == PhaseExposed {
+		if err := set.moveTo(PhaseStale); err != nil {
+			return nil, err
+		}
 	}
 	return []*Set{set}, nil
 }
@@ -516,39 +623,18 @@ type RecoverReport struct {
 }
 
 // thawLeftFrozen thaws, in reverse order, the set's writers that may still
-// be frozen (their thaw failed, or the process died), rebuilding them from
-// the journal. It returns what it thawed and what went wrong.
+// be frozen (their thaw failed, or the process died) through the one thaw
+// path, rebuilding them from the journal, and records the outcome. It
+// returns what it thawed and what went wrong.
 func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problems []string) {
-	sc := SetContext{VM: set.VM, SetID: set.ID}
-	for i := len(set.Writers) - 1; i >= 0; i-- {
-		ws := &set.Writers[i]
-		if ws.State != "freezing" {
-			continue
-		}
-		if s.c.Rebuild == nil {
-			problems = append(problems, fmt.Sprintf("thaw %s: no way to rebuild the writer", ws.Name))
-			continue
-		}
-		w, err := s.c.Rebuild(ws.Spec)
-		if err == nil {
-			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
-			if err = w.Prepare(wctx, sc); err == nil {
-				err = w.Thaw(wctx)
-			}
-			cancel()
-			w.Close()
-		}
-		if err != nil {
-			problems = append(problems, fmt.Sprintf("thaw %s: %v", ws.Name, err))
-			continue
-		}
-		ws.State = "thawed"
-		if ws.Error == "" {
-			ws.Error = "thawed late"
-		}
-		thawed = append(thawed, ws.Name)
+	done, failed := s.thaw(ctx, set, nil)
+	for _, i := range done {
+		thawed = append(thawed, set.Writers[i].Name)
 	}
-	s.c.Journal.Save(s.vm.Key, set)
+	for _, f := range failed {
+		problems = append(problems, fmt.Sprintf("thaw %s: %v", set.Writers[f.i].Name, f.err))
+	}
+	s.rec().save(set)
 	return thawed, problems
 }
 
@@ -570,7 +656,7 @@ func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
 		rep.Thawed = append(rep.Thawed, names...)
 		rep.Errors = append(rep.Errors, problems...)
 		for _, ws := range set.Writers {
-			if ws.State == "thawed" {
+			if ws.State == WriterThawed {
 				thawed[ws.Spec] = true
 			}
 		}
@@ -603,7 +689,7 @@ func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
 	}
 	if len(rep.Errors) > 0 {
 		if set != nil {
-			s.c.Journal.Save(s.vm.Key, set)
+			s.rec().save(set)
 		}
 		return rep, fmt.Errorf("recover left problems (run it again once they are fixed): %v", rep.Errors)
 	}

@@ -25,11 +25,11 @@ func (p *fakeProvider) Kind() string { return "fake" }
 func (p *fakeProvider) Identify(context.Context) (VMInfo, error) {
 	return VMInfo{Name: "vm", Key: "fake-vm"}, nil
 }
-func (p *fakeProvider) Prepare(_ context.Context, set *Set, save func() error) error {
+func (p *fakeProvider) Prepare(_ context.Context, set *Set, rec Recorder) error {
 	p.calls = append(p.calls, "prepare")
-	return save()
+	return rec.Record(set, []string{"prepared"})
 }
-func (p *fakeProvider) Commit(ctx context.Context, set *Set, save func() error) error {
+func (p *fakeProvider) Commit(ctx context.Context, set *Set, rec Recorder) error {
 	p.calls = append(p.calls, "commit")
 	select {
 	case <-time.After(p.commitDur):
@@ -38,7 +38,7 @@ func (p *fakeProvider) Commit(ctx context.Context, set *Set, save func() error) 
 	}
 	return p.commitErr
 }
-func (p *fakeProvider) Expose(_ context.Context, set *Set, save func() error) error {
+func (p *fakeProvider) Expose(_ context.Context, set *Set, rec Recorder) error {
 	p.calls = append(p.calls, "expose")
 	set.Shadows = []Shadow{{ID: set.ID + "-0", Disk: "vda"}}
 	return nil

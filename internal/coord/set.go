@@ -30,10 +30,10 @@ type WriterState struct {
 	Name  string     `json:"name"`
 	Level Level      `json:"level"`
 	Spec  WriterSpec `json:"spec"`
-	// State: "pending", "freezing" (freeze attempted, not yet thawed),
-	// "thawed", or "failed" (freeze or thaw failed; Error says why).
-	State string `json:"state"`
-	Error string `json:"error,omitempty"`
+	// State: pending, freezing (freeze attempted, not yet thawed),
+	// thawed, or failed (prepare or freeze failed; Error says why).
+	State WriterStatus `json:"state"`
+	Error string       `json:"error,omitempty"`
 }
 
 // Set is a snapshot set. It is also the journal record: it is saved before
@@ -57,7 +57,7 @@ type Set struct {
 	Writers  []WriterState `json:"writers"`
 	Warnings []string      `json:"warnings,omitempty"`
 	// Phase: preparing, freezing, committed, thawed, exposed, releasing.
-	Phase string `json:"phase"`
+	Phase Phase `json:"phase"`
 	// PID of the vmshadow process that created the set.
 	PID int `json:"pid"`
 	// Ephemeral: the set lives only while its creator holds the VM's lock.
@@ -79,7 +79,7 @@ type Info struct {
 	Shadows     []Shadow      `json:"shadows"`
 	Writers     []WriterState `json:"writers"`
 	Warnings    []string      `json:"warnings,omitempty"`
-	Phase       string        `json:"phase"`
+	Phase       Phase         `json:"phase"`
 }
 
 // How a provider whose commit is not atomic across disks captured them
@@ -143,14 +143,34 @@ func ProviderStateOf[T any](set *Set) (*T, error) {
 	return &st, nil
 }
 
-// StoreProviderState records st as set's provider state and saves the
-// journal with save (the provider calls it before acting on what it
-// records, so that recover finds it).
-func StoreProviderState(set *Set, st any, save func() error) error {
-	b, err := json.Marshal(st)
+// Recorder writes snapshot sets' journal records. Providers receive one
+// in each call that may create something in the VM and record, in one
+// call, what they are about to create BEFORE creating it, so that Release
+// can always find and remove it, even from a record left by a process that
+// was killed (docs/snapshot-sets.md, "The journal").
+type Recorder interface {
+	// Record makes state (JSON-encoded) set's provider state and writes
+	// the whole set durably to the journal.
+	Record(set *Set, state any) error
+}
+
+// Recorder returns the Recorder that writes sets to j under key.
+func (j *Journal) Recorder(key string) Recorder { return journalRecorder{j, key} }
+
+type journalRecorder struct {
+	j   *Journal
+	key string
+}
+
+func (r journalRecorder) Record(set *Set, state any) error {
+	b, err := json.Marshal(state)
 	if err != nil {
-		return err
+		return fmt.Errorf("record provider state of set %s: %w", set.ID, err)
 	}
 	set.ProviderState = b
-	return save()
+	return r.save(set)
 }
+
+// save writes set as it is: the coordinator's own records (phases,
+// writer states).
+func (r journalRecorder) save(set *Set) error { return r.j.Save(r.key, set) }

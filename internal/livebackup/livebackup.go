@@ -56,7 +56,7 @@ type Provider interface {
 	// releasing the set then moves the chain on to this backup's
 	// checkpoints. Without it, release merges the set's changes back, so
 	// the chain stays where the last stored backup left it.
-	Complete(set *coord.Set, save func() error) error
+	Complete(set *coord.Set, rec coord.Recorder) error
 }
 
 // Describer is implemented by providers that store files describing the
@@ -79,7 +79,7 @@ type Describer interface {
 type Storer interface {
 	// Storing records in the set's journal whether the backup's manifest
 	// is being written (storing) or was not written after all.
-	Storing(set *coord.Set, storing bool, save func() error) error
+	Storing(set *coord.Set, storing bool, rec coord.Recorder) error
 }
 
 // Options of a live backup.
@@ -242,7 +242,7 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 // record notes that the manifest may be stored from now on.
 func (b *Backup) Storing() error {
 	if st, ok := b.p.(Storer); ok {
-		if err := st.Storing(b.Set, true, func() error { return b.session.Save(b.Set) }); err != nil {
+		if err := st.Storing(b.Set, true, b.session); err != nil {
 			return fmt.Errorf("note the backup's manifest in the journal: %w", err)
 		}
 	}
@@ -263,14 +263,14 @@ func (b *Backup) Finish(ctx context.Context, stored bool) error {
 	b.sources = nil
 	if stored {
 		crashpoint.Hit("backup-stored") // the manifest is durable, the journal does not say so yet
-		if err := b.p.Complete(b.Set, func() error { return b.session.Save(b.Set) }); err != nil {
+		if err := b.p.Complete(b.Set, b.session); err != nil {
 			return fmt.Errorf("record the backup's checkpoint: %w", err)
 		}
 		crashpoint.Hit("backup-completed")
 	} else if st, ok := b.p.(Storer); ok {
 		// Not stored after all (the manifest write failed): release
 		// merges the set's changes back as for any failed backup.
-		if err := st.Storing(b.Set, false, func() error { return b.session.Save(b.Set) }); err != nil {
+		if err := st.Storing(b.Set, false, b.session); err != nil {
 			return fmt.Errorf("note in the journal that the backup was not stored: %w", err)
 		}
 	}

@@ -28,7 +28,7 @@ func TestRedefineCheckpoint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, s); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {

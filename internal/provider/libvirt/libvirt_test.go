@@ -249,7 +249,7 @@ func TestFullThenIncremental(t *testing.T) {
 	for _, sh := range set.Shadows {
 		sameContent(t, "shadow "+sh.Disk+" after guest writes", readShadow(t, ctx, sh), want[sh.Disk])
 	}
-	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, s); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -293,7 +293,7 @@ func TestFullThenIncremental(t *testing.T) {
 	for _, sh := range set2.Shadows {
 		sameContent(t, "incremental shadow "+sh.Disk, readShadow(t, ctx, sh), want[sh.Disk])
 	}
-	if err := p2.Complete(set2, func() error { return s2.Save(set2) }); err != nil {
+	if err := p2.Complete(set2, s2); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s2.Delete(ctx, set2.ID); err != nil {
@@ -334,7 +334,7 @@ func TestFailedSetLosesNoChange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, s); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -403,7 +403,7 @@ func TestRecoverLeftoverJob(t *testing.T) {
 
 	p2 := r.provider(nil)
 	s2 := r.open(ctx, p2) // Identify
-	err = p2.Prepare(ctx, &coord.Set{ID: coord.NewSetID()}, func() error { return nil })
+	err = p2.Prepare(ctx, &coord.Set{ID: coord.NewSetID()}, s2)
 	if !errors.Is(err, errs.ErrBusy) || !strings.Contains(err.Error(), "recover") {
 		t.Fatalf("set over a leftover job: err = %v, want ErrBusy telling to recover", err)
 	}
@@ -570,7 +570,7 @@ func TestRecoverKilledSet(t *testing.T) {
 
 	p2 := r.provider(nil)
 	s2 := r.open(ctx, p2)
-	if sets, err := s2.List(ctx); err != nil || len(sets) != 1 || sets[0].Phase != "exposed" {
+	if sets, err := s2.List(ctx); err != nil || len(sets) != 1 || sets[0].Phase != coord.PhaseExposed {
 		t.Fatalf("List of the left set = %+v, %v; want it alive (exposed)", sets, err)
 	}
 	rep, err := s2.Recover(ctx)
@@ -603,7 +603,7 @@ func TestCheckpointSurvivesLibvirtdRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, s); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -649,7 +649,7 @@ func TestDomainStoppedUnderSet(t *testing.T) {
 	}
 	libvirttest.Virsh(t, "destroy", r.dom.Name)
 	sets, err := s.List(ctx)
-	if err != nil || len(sets) != 1 || sets[0].Phase != "stale" {
+	if err != nil || len(sets) != 1 || sets[0].Phase != coord.PhaseStale {
 		t.Fatalf("List after the domain stopped = %+v, %v; want the set stale", sets, err)
 	}
 	_, err = s.Delete(ctx, set.ID)
@@ -680,7 +680,7 @@ func TestCommitPastDeadline(t *testing.T) {
 	p := r.provider(&checkpoint{Prefix: "vmshadow-repo10"})
 	r.open(ctx, p) // Identify
 	set := &coord.Set{ID: coord.NewSetID()}
-	save := func() error { return nil }
+	save := (&coord.Journal{Dir: t.TempDir()}).Recorder("commit-past-deadline")
 	if err := p.Prepare(ctx, set, save); err != nil {
 		t.Fatal(err)
 	}
@@ -715,7 +715,7 @@ func TestPrunedChain(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+		if err := p.Complete(set, s); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -735,7 +735,7 @@ func TestPrunedChain(t *testing.T) {
 	if sh := shadow(t, set, "vda"); sh.Bitmap != "" || !strings.Contains(sh.FullReason, "pruned") || !strings.Contains(sh.FullReason, stale) {
 		t.Fatalf("vda with the latest backup's checkpoint gone: bitmap %q, full reason %q", sh.Bitmap, sh.FullReason)
 	}
-	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, s); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Delete(ctx, set.ID); err != nil {
@@ -799,7 +799,7 @@ func TestDescribeAndRedefine(t *testing.T) {
 				t.Fatalf("dirty after the redefinition = %v, want %v", d, want)
 			}
 		}
-		if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+		if err := p.Complete(set, s); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := s.Delete(ctx, set.ID); err != nil {

@@ -65,7 +65,7 @@ func ExportBitmap(target string) string { return "backup-" + target }
 // Prepare implements coord.Provider: it checks that the domain has no
 // backup or other job, plans change tracking, and makes the set's
 // directory. Nothing touches the guest.
-func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Prepare(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	if _, err := p.connect(ctx); err != nil {
 		return err
 	}
@@ -114,7 +114,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 		}
 	}
 	// Everything the set may create is named in the journal first.
-	if err := coord.StoreProviderState(set, st, save); err != nil {
+	if err := rec.Record(set, st); err != nil {
 		return err
 	}
 	if err := os.Mkdir(st.Dir, 0o700); err != nil {
@@ -403,13 +403,13 @@ func (st *state) checkpointDef(all []string) string {
 
 // Commit implements coord.Provider: one virDomainBackupBegin starts every
 // disk's pull-mode job and creates the checkpoint at one instant.
-func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Commit(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("commit: no prepared state: %v", err)
 	}
 	st.Begun = true
-	if err := coord.StoreProviderState(set, st, save); err != nil {
+	if err := rec.Record(set, st); err != nil {
 		return err
 	}
 	var cpXML golibvirt.OptString
@@ -477,7 +477,7 @@ func (p *Provider) beginError(st *state, err error) error {
 
 // Expose implements coord.Provider: libvirt's NBD server already serves
 // the shadow copies; Expose checks the job and fills set.Shadows.
-func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Expose(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("expose: no prepared state: %v", err)
@@ -501,7 +501,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		}
 		set.Shadows = append(set.Shadows, sh)
 	}
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // Alive implements coord.Provider: the set is alive while its backup job is.
@@ -526,13 +526,13 @@ func (p *Provider) Alive(ctx context.Context, set *coord.Set) (bool, error) {
 // repository's stale checkpoints). Without this call Release deletes the
 // set's checkpoint (the base's bitmap still holds every change since the
 // base), so the next backup reads every change since the last one stored.
-func (p *Provider) Complete(set *coord.Set, save func() error) error {
+func (p *Provider) Complete(set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete checkpoint: no state: %v", err)
 	}
 	st.Done = true
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // Storing implements livebackup.Storer: it notes that the backup reading
@@ -543,7 +543,7 @@ func (p *Provider) Complete(set *coord.Set, save func() error) error {
 // from whichever the repository's latest backup names (an incremental from
 // the base reads the set's changes too, libvirt merging every later
 // checkpoint's bitmap into it) and deletes the other once stored.
-func (p *Provider) Storing(set *coord.Set, storing bool, save func() error) error {
+func (p *Provider) Storing(set *coord.Set, storing bool, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("note the manifest: no state: %v", err)
@@ -552,7 +552,7 @@ func (p *Provider) Storing(set *coord.Set, storing bool, save func() error) erro
 		return nil
 	}
 	st.Storing = storing
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // Idle implements livebackup.Provider: the libvirt connection is not held

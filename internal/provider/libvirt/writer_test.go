@@ -59,7 +59,7 @@ func TestFSFreezeGuest(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\nconsole:\n%s", err, dom.Console())
 	}
-	if set.Consistency != coord.Filesystem || set.Writers[0].State != "thawed" {
+	if set.Consistency != coord.Filesystem || set.Writers[0].State != coord.WriterThawed {
 		t.Fatalf("set consistency %s, writer %+v", set.Consistency, set.Writers[0])
 	}
 	con := dom.Console()

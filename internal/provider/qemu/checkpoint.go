@@ -110,7 +110,7 @@ func rotateActions(st *state) []map[string]any {
 // are then removed (they are busy while exported) and the new ones kept;
 // without this call, Release merges the new bitmaps back into the previous
 // ones. Call it before deleting the set.
-func (p *Provider) Complete(set *coord.Set, save func() error) error {
+func (p *Provider) Complete(set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete checkpoint: no state: %v", err)
@@ -120,7 +120,7 @@ func (p *Provider) Complete(set *coord.Set, save func() error) error {
 			st.Disks[i].Checkpoint.Done = true
 		}
 	}
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // checkpoints finishes rotations: a completed one drops the previous

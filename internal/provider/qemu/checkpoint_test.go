@@ -69,7 +69,7 @@ func (r *rig) set(cp *tracking.Request, ok bool, fn func(set *coord.Set)) *coord
 	}
 	fn(set)
 	if ok {
-		if err := p.Complete(set, func() error { return r.journal.Save(s.VM().Key, set) }); err != nil {
+		if err := p.Complete(set, s); err != nil {
 			r.t.Fatal(err)
 		}
 	}

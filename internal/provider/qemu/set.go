@@ -32,7 +32,7 @@ func names(setID string, i int) (tgt, cbw, snap string) {
 // Prepare implements coord.Provider: it checks the diff area and creates
 // the scratch files and the copy-before-write filters (not yet in the I/O
 // path, so the guest is untouched).
-func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Prepare(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	if err := p.scan(ctx); err != nil { // fresh: a recover may have run since Identify
 		return err
 	}
@@ -95,7 +95,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 		}
 	}
 	// Everything this set may create is named in the journal first.
-	if err := coord.StoreProviderState(set, st, save); err != nil {
+	if err := rec.Record(set, st); err != nil {
 		return err
 	}
 	for _, d := range st.Disks {
@@ -174,7 +174,7 @@ func (p *Provider) addTarget(ctx context.Context, setID string, d diskState) err
 // Commit implements coord.Provider: with the VM paused, every device is
 // switched onto its copy-before-write filter, so all disks are captured at
 // the same instant.
-func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) (err error) {
+func (p *Provider) Commit(ctx context.Context, set *coord.Set, rec coord.Recorder) (err error) {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("commit: no prepared state: %v", err)
@@ -187,7 +187,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	}
 	if status.Running {
 		st.Paused = true
-		if err := coord.StoreProviderState(set, st, save); err != nil {
+		if err := rec.Record(set, st); err != nil {
 			return err
 		}
 		if err := p.exec(ctx, "stop", nil, nil); err != nil {
@@ -205,7 +205,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 				return
 			}
 			st.Paused = false
-			if serr := coord.StoreProviderState(set, st, save); serr != nil && err == nil {
+			if serr := rec.Record(set, st); serr != nil && err == nil {
 				err = serr
 			}
 		}()
@@ -213,7 +213,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	for i := range st.Disks {
 		st.Disks[i].Inserted = true
 	}
-	if err := coord.StoreProviderState(set, st, save); err != nil {
+	if err := rec.Record(set, st); err != nil {
 		return err
 	}
 	for i, d := range st.Disks {
@@ -230,7 +230,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 			for i := range st.Disks {
 				st.Disks[i].Checkpoint = nil // nothing of the transaction happened
 			}
-			coord.StoreProviderState(set, st, save)
+			rec.Record(set, st)
 			return fmt.Errorf("rotate change-tracking bitmaps: %w", err)
 		}
 		crashpoint.Hit("qemu-rotated")
@@ -263,18 +263,18 @@ func (p *Provider) detach(ctx context.Context, disks []diskState) error {
 
 // Expose implements coord.Provider: a snapshot-access node per disk,
 // exported read-only on an NBD server listening on a socket vmshadow made.
-func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Expose(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("expose: no prepared state: %v", err)
 	}
 	st.Server = true
-	if err := coord.StoreProviderState(set, st, save); err != nil {
+	if err := rec.Record(set, st); err != nil {
 		return err
 	}
 	if err := p.startServer(ctx, set.ID, st.Socket); err != nil {
 		st.Server = !errors.Is(err, errServerRunning)
-		coord.StoreProviderState(set, st, save)
+		rec.Record(set, st)
 		return err
 	}
 	crashpoint.Hit("qemu-server")
@@ -302,7 +302,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		crashpoint.Hit("qemu-exported")
 		set.Shadows = append(set.Shadows, sh)
 	}
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 var errServerRunning = errors.New("NBD server already running")

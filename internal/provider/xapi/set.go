@@ -22,7 +22,7 @@ import (
 // Prepare implements coord.Provider: it checks that the VM carries no
 // leftovers, that the pool serves VDIs over NBD, and, for a backup, plans
 // the change tracking (turning CBT on where it is off).
-func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Prepare(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	if err := p.scan(ctx); err != nil { // fresh: a recover may have run since Identify
 		return err
 	}
@@ -46,7 +46,7 @@ func (p *Provider) Prepare(ctx context.Context, set *coord.Set, save func() erro
 			return fmt.Errorf("change tracking: %w", err)
 		}
 	}
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // checkNBD fails unless a network of the pool has the nbd purpose (or
@@ -93,7 +93,7 @@ func (p *Provider) checkNBD(ctx context.Context) error {
 // the freeze window ends first, the task is asked to cancel and Commit
 // returns, so the writers thaw (and the VM runs) at once (Release waits
 // for the task). Reading the snapshot's details waits for Expose.
-func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Commit(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("commit: no prepared state: %v", err)
@@ -106,7 +106,7 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	case p.opts.NoPause:
 		set.Instant = coord.InstantPerDisk
 	default:
-		if err := p.pause(ctx, set, st, save); err != nil {
+		if err := p.pause(ctx, set, st, rec); err != nil {
 			return err
 		}
 	}
@@ -116,14 +116,14 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	}
 	started := func(task string) error {
 		st.Task = task
-		if err := coord.StoreProviderState(set, st, save); err != nil {
+		if err := rec.Record(set, st); err != nil {
 			return err
 		}
 		crashpoint.Hit("xapi-snapshot-started")
 		return nil
 	}
 	snap, err := p.c.RunAsync(ctx, "VM.snapshot", started, p.vmRef, st.Snapshot)
-	if uerr := p.unpause(ctx, set, st, save); uerr != nil {
+	if uerr := p.unpause(ctx, set, st, rec); uerr != nil {
 		return errors.Join(err, uerr)
 	}
 	if err != nil {
@@ -131,15 +131,15 @@ func (p *Provider) Commit(ctx context.Context, set *coord.Set, save func() error
 	}
 	crashpoint.Hit("xapi-snapshot-taken")
 	p.snapRef, st.Task = snap, ""
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // pause pauses the VM for the snapshot; if XAPI refuses (the VM stopped
 // running, or the account may not pause it), the disks are snapshotted one
 // after another and the set says so.
-func (p *Provider) pause(ctx context.Context, set *coord.Set, st *state, save func() error) error {
+func (p *Provider) pause(ctx context.Context, set *coord.Set, st *state, rec coord.Recorder) error {
 	st.Paused = true
-	if err := coord.StoreProviderState(set, st, save); err != nil {
+	if err := rec.Record(set, st); err != nil {
 		return err
 	}
 	crashpoint.Hit("xapi-pausing")
@@ -148,7 +148,7 @@ func (p *Provider) pause(ctx context.Context, set *coord.Set, st *state, save fu
 			return err // Release unpauses if the pause happened after all
 		}
 		st.Paused = false
-		if err := coord.StoreProviderState(set, st, save); err != nil {
+		if err := rec.Record(set, st); err != nil {
 			return err
 		}
 		p.warn("VM %s could not be paused for the snapshot (%v)", p.vm.NameLabel, err)
@@ -162,7 +162,7 @@ func (p *Provider) pause(ctx context.Context, set *coord.Set, st *state, save fu
 
 // unpause lets the VM run again after the snapshot, whatever became of it,
 // and records how long it was paused.
-func (p *Provider) unpause(ctx context.Context, set *coord.Set, st *state, save func() error) error {
+func (p *Provider) unpause(ctx context.Context, set *coord.Set, st *state, rec coord.Recorder) error {
 	if !st.Paused || p.pausedAt.IsZero() {
 		return nil
 	}
@@ -175,11 +175,11 @@ func (p *Provider) unpause(ctx context.Context, set *coord.Set, st *state, save 
 		return fmt.Errorf("VM %s was paused for the snapshot and could not be unpaused (%v): unpause it (xe vm-unpause uuid=%s) or run 'vmshadow recover'", p.vm.NameLabel, err, p.vm.UUID)
 	}
 	st.Paused = false
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // recordSnapshot journals the snapshot VM's UUID and its disks' VDIs.
-func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state, ref string, save func() error) error {
+func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state, ref string, rec coord.Recorder) error {
 	r, err := p.c.VMRecord(ctx, ref)
 	if err != nil {
 		return fmt.Errorf("read snapshot %s: %w", st.Snapshot, err)
@@ -206,7 +206,7 @@ func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state
 			missing = append(missing, d.Name)
 		}
 	}
-	if err := coord.StoreProviderState(set, st, save); err != nil {
+	if err := rec.Record(set, st); err != nil {
 		return err
 	}
 	if len(missing) > 0 {
@@ -218,12 +218,12 @@ func (p *Provider) recordSnapshot(ctx context.Context, set *coord.Set, st *state
 // Expose implements coord.Provider: each snapshot VDI is tagged as the
 // set's, its NBD connection details are fetched, and for a backup the
 // changed blocks since the previous checkpoint are listed.
-func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error) error {
+func (p *Provider) Expose(ctx context.Context, set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("expose: no state: %v", err)
 	}
-	if err := p.recordSnapshot(ctx, set, st, p.snapRef, save); err != nil {
+	if err := p.recordSnapshot(ctx, set, st, p.snapRef, rec); err != nil {
 		return err
 	}
 	set.Shadows = nil
@@ -265,7 +265,7 @@ func (p *Provider) Expose(ctx context.Context, set *coord.Set, save func() error
 		set.Shadows = append(set.Shadows, sh)
 	}
 	crashpoint.Hit("xapi-exposed")
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // listChanges asks for the blocks changed since the disk's previous

@@ -145,13 +145,13 @@ func (p *Provider) checkPrevious(ctx context.Context, live, checkpoint, other st
 // their CBT metadata as the new checkpoints and the previous checkpoints
 // go. Without this call Release destroys the new snapshot VDIs and the
 // previous checkpoints stay. Call it before deleting the set.
-func (p *Provider) Complete(set *coord.Set, save func() error) error {
+func (p *Provider) Complete(set *coord.Set, rec coord.Recorder) error {
 	st, err := coord.ProviderStateOf[state](set)
 	if err != nil || st == nil {
 		return fmt.Errorf("complete change tracking: no state: %v", err)
 	}
 	st.Done = true
-	return coord.StoreProviderState(set, st, save)
+	return rec.Record(set, st)
 }
 
 // destroyVDI destroys a VDI by UUID; one already gone is no error.

@@ -377,7 +377,7 @@ func TestReleaseAfterStoredBackup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Complete(set, func() error { return s.Save(set) }); err != nil {
+	if err := p.Complete(set, s); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
