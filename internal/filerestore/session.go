@@ -217,7 +217,7 @@ func Start(ctx context.Context, disks []Disk, o Options) (_ *Session, err error)
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-machine", "q35", "-accel", o.Accel, "-smp", "1", "-m", strconv.Itoa(o.MemoryMB),
 		"-kernel", o.Helper.Kernel, "-initrd", o.Helper.Initrd,
-		"-append", "console=ttyS0 panic=-1 quiet",
+		"-append", "console=ttyS0 panic=-1 quiet no_timer_check",
 		"-chardev", "file,id=console,path=" + esc(s.console), "-serial", "chardev:console",
 		"-device", "virtio-serial-pci,id=vserial0",
 		"-chardev", "socket,id=agent0,path=" + esc(agentSock) + ",server=on,wait=off",

@@ -178,7 +178,9 @@ func (vm *VM) qemuArgs(g *Guest, opts Options) ([]string, error) {
 	default:
 		return nil, fmt.Errorf("accelerator %q: use tcg or kvm", opts.Accel)
 	}
-	cmdline := append([]string{"console=ttyS0", "panic=-1", "quiet"}, opts.KernelArgs...)
+	// no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer
+	// check can fail and panic the boot ("IO-APIC + timer doesn't work").
+	cmdline := append([]string{"console=ttyS0", "panic=-1", "quiet", "no_timer_check"}, opts.KernelArgs...)
 	for _, a := range cmdline {
 		if strings.ContainsAny(a, " \t\n\"") {
 			return nil, fmt.Errorf("kernel argument %q has a space or quote", a)

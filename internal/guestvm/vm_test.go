@@ -45,7 +45,7 @@ func TestQEMUArgs(t *testing.T) {
 	joined := strings.Join(args, " ")
 	for _, want := range []string{
 		"-accel tcg", "-kernel /k/vmlinux", "-initrd /k/initrd.img",
-		"console=ttyS0 panic=-1 quiet vmshadow.noagent=1",
+		"console=ttyS0 panic=-1 quiet no_timer_check vmshadow.noagent=1",
 		"path=/tmp/a,,b/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
 		"-mon chardev=qmptest,mode=control",
 		"virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",

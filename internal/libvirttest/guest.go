@@ -38,7 +38,7 @@ func GuestOptions(t testing.TB, disks ...Disk) Options {
 			t.Fatal(err)
 		}
 	}
-	return Options{Disks: disks, Kernel: kernel, Initrd: initrd, Cmdline: "console=ttyS0 panic=-1 quiet", Agent: true, MemoryMB: 256}
+	return Options{Disks: disks, Kernel: kernel, Initrd: initrd, Cmdline: "console=ttyS0 panic=-1 quiet no_timer_check", Agent: true, MemoryMB: 256}
 }
 
 func copyFile(src, dst string) error {
