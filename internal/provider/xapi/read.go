@@ -7,6 +7,7 @@ import (
 	"iter"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/coord"
@@ -122,6 +123,30 @@ func (l *lazySource) open(ctx context.Context) (*nbdsource.Source, error) {
 	if l.done {
 		return nil, fmt.Errorf("disk %s: shadow copy read after it was done", l.o.Name)
 	}
+	// xapi-nbd counts a connection until it has noticed its close, so a
+	// disk connecting just after another gave its connections back can be
+	// refused while others' clients hold the rest: try again a few times
+	// before failing.
+	var src *nbdsource.Source
+	var err error
+	for wait := 250 * time.Millisecond; ; wait *= 2 {
+		if src, err = l.connect(ctx); err == nil || l.err != nil || ctx.Err() != nil || wait > 4*time.Second {
+			break
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+		}
+	}
+	if err != nil && l.err == nil {
+		l.err = err
+	}
+	return src, l.err
+}
+
+// connect takes budget tokens and connects; l.mu held. A failure that
+// may pass on a retry is returned with l.err unset.
+func (l *lazySource) connect(ctx context.Context) (*nbdsource.Source, error) {
 	// One token waits for the budget (a disk read earlier gives its
 	// tokens back when done); the others are taken only if free.
 	select {
@@ -172,11 +197,11 @@ func (l *lazySource) open(ctx context.Context) (*nbdsource.Source, error) {
 			break
 		}
 	}
-	if l.err == nil {
-		l.err = fmt.Errorf("%w (xapi-nbd serves at most 16 connections per host to all clients together: if other backup tools are reading from this host, try again later)", errors.Join(errs...))
-	}
 	l.release()
-	return nil, l.err
+	if l.err != nil {
+		return nil, l.err
+	}
+	return nil, fmt.Errorf("%w (xapi-nbd serves at most 16 connections per host to all clients together: if other backup tools are reading from this host, try again later)", errors.Join(errs...))
 }
 
 func (l *lazySource) release() {
