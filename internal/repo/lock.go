@@ -19,7 +19,7 @@ import (
 // Locks are blobs of kind "locks", so they work on any backend, including
 // object storage without file locks. Backup, restore and verify take shared
 // locks; prune, gc and passwd take exclusive ones. A holder rewrites its
-// lock every LockRefresh. A lock is stale, and ignored (and removed by the
+// lock every LockRefresh (under a new name each time, see refresh). A lock is stale, and ignored (and removed by the
 // next locker), when
 //
 //   - it was last refreshed more than LockStale ago (its holder died or lost
@@ -187,6 +187,11 @@ func (l *Lock) checkConflicts(ctx context.Context) error {
 	return nil
 }
 
+// refresh rewrites the lock every LockRefresh until Unlock or the lock is
+// lost. Each refresh writes the lock under a new name, then checks that the
+// old one still exists before removing it (as restic does): rewriting in
+// place could resurrect a lock that another process removed, thinking it
+// stale, between the check and the write, and both would then go on.
 func (l *Lock) refresh(ctx context.Context) {
 	defer close(l.done)
 	t := time.NewTicker(LockRefresh)
@@ -200,12 +205,12 @@ func (l *Lock) refresh(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if _, err := l.r.be.Stat(ctx, l.h); backend.IsNotExist(err) {
-			l.cancel(fmt.Errorf("lock %s was removed by another process (it thought it stale): %w", l.h.Name, errs.ErrBusy))
+		lost, err := l.renew(ctx)
+		if lost != nil {
+			l.cancel(lost)
 			return
 		}
-		l.info.Refreshed = time.Now().UTC()
-		if err := l.write(ctx); err != nil {
+		if err != nil {
 			if time.Since(last) > LockStale-LockRefresh {
 				l.cancel(fmt.Errorf("could not refresh lock for %s: %w", time.Since(last).Round(time.Second), err))
 				return
@@ -214,6 +219,37 @@ func (l *Lock) refresh(ctx context.Context) {
 		}
 		last = time.Now()
 	}
+}
+
+// renew moves the lock to a fresh blob. It returns lost when the old blob
+// was removed by someone else (the new one is removed again), err when the
+// storage failed (the old blob is kept, to be retried).
+func (l *Lock) renew(ctx context.Context) (lost, err error) {
+	old := l.h
+	var n [16]byte
+	rand.Read(n[:])
+	l.h = backend.Handle{Kind: backend.KindLocks, Name: fmt.Sprintf("%x", n)}
+	l.info.Refreshed = time.Now().UTC()
+	keepOld := func(err error) (error, error) {
+		l.r.be.Delete(context.WithoutCancel(ctx), l.h)
+		l.h = old
+		return nil, err
+	}
+	if err := l.write(ctx); err != nil {
+		return keepOld(err)
+	}
+	if _, err := l.r.be.Stat(ctx, old); err != nil {
+		if backend.IsNotExist(err) {
+			l.r.be.Delete(context.WithoutCancel(ctx), l.h)
+			l.h = old
+			return fmt.Errorf("lock %s was removed by another process (it thought it stale): %w", old.Name, errs.ErrBusy), nil
+		}
+		return keepOld(err)
+	}
+	if err := l.r.be.Delete(ctx, old); err != nil && !backend.IsNotExist(err) {
+		return keepOld(err)
+	}
+	return nil, nil
 }
 
 // Unlock releases the lock. It is safe to call more than once.

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -360,6 +361,16 @@ func writeLock(t *testing.T, r *Repo, name string, li LockInfo) {
 	}
 }
 
+// lockNames lists the lock blobs.
+func lockNames(t *testing.T, be backend.Backend) []backend.Info {
+	t.Helper()
+	var locks []backend.Info
+	if err := be.List(context.Background(), backend.KindLocks, "", func(fi backend.Info) error { locks = append(locks, fi); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return locks
+}
+
 func TestLockRefreshAndLoss(t *testing.T) {
 	defer func(r, s time.Duration) { LockRefresh, LockStale = r, s }(LockRefresh, LockStale)
 	LockRefresh, LockStale = 20*time.Millisecond, time.Second
@@ -368,15 +379,29 @@ func TestLockRefreshAndLoss(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var name string
-	be.List(context.Background(), backend.KindLocks, "", func(fi backend.Info) error { name = fi.Name; return nil })
-	first, _ := be.Stat(context.Background(), backend.Handle{Kind: backend.KindLocks, Name: name})
-	time.Sleep(100 * time.Millisecond)
-	again, _ := be.Stat(context.Background(), backend.Handle{Kind: backend.KindLocks, Name: name})
-	if !again.ModTime.After(first.ModTime) {
-		t.Error("lock not refreshed")
+	first := lockNames(t, be)
+	if len(first) != 1 {
+		t.Fatalf("%d locks after Lock, want 1", len(first))
 	}
-	be.Delete(context.Background(), backend.Handle{Kind: backend.KindLocks, Name: name})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		now := lockNames(t, be)
+		if len(now) == 1 && now[0].Name != first[0].Name {
+			if li, err := r.readLock(context.Background(), now[0]); err != nil || !li.Refreshed.After(li.Created) {
+				t.Fatalf("refreshed lock %+v, %v: refresh time not later than creation", li, err)
+			}
+			break
+		}
+		// Two blobs: a refresh between writing the new one and removing
+		// the old one; look again.
+		if time.Now().After(deadline) {
+			t.Fatal("lock not refreshed in 30 s (refresh every 20 ms)")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, fi := range lockNames(t, be) {
+		be.Delete(context.Background(), backend.Handle{Kind: backend.KindLocks, Name: fi.Name})
+	}
 	select {
 	case <-lctx.Done():
 		if !errors.Is(context.Cause(lctx), errs.ErrBusy) {
@@ -386,6 +411,57 @@ func TestLockRefreshAndLoss(t *testing.T) {
 		t.Error("removed lock did not cancel the operation")
 	}
 	l.Unlock()
+	if n := len(lockNames(t, be)); n != 0 {
+		t.Errorf("%d locks left after a lost lock was unlocked", n)
+	}
+}
+
+// removeOnRefresh removes every lock blob but the one being written, once,
+// when armed: another process removing the lock (thinking it stale) just as
+// its holder refreshes it.
+type removeOnRefresh struct {
+	backend.Backend
+	armed atomic.Bool
+}
+
+func (b *removeOnRefresh) Put(ctx context.Context, h backend.Handle, data []byte) error {
+	if h.Kind == backend.KindLocks && b.armed.CompareAndSwap(true, false) {
+		b.Backend.List(ctx, backend.KindLocks, "", func(fi backend.Info) error {
+			return b.Backend.Delete(ctx, backend.Handle{Kind: backend.KindLocks, Name: fi.Name})
+		})
+	}
+	return b.Backend.Put(ctx, h, data)
+}
+
+// TestLockRemovedDuringRefresh: a lock removed while its holder rewrites
+// it is noticed, not resurrected (rewriting in place would bring it back
+// fresh, and both processes would go on).
+func TestLockRemovedDuringRefresh(t *testing.T) {
+	defer func(r, s time.Duration) { LockRefresh, LockStale = r, s }(LockRefresh, LockStale)
+	LockRefresh, LockStale = 20*time.Millisecond, time.Second
+	be := &removeOnRefresh{Backend: mem.New()}
+	r, err := Init(context.Background(), be, InitOptions{Encryption: EncryptionNone, ChunkSize: MinChunkSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	l, lctx, err := r.Lock(context.Background(), true, "prune")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	be.armed.Store(true)
+	select {
+	case <-lctx.Done():
+		if !errors.Is(context.Cause(lctx), errs.ErrBusy) {
+			t.Errorf("cause %v", context.Cause(lctx))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a lock removed during its refresh did not cancel the operation")
+	}
+	if n := len(lockNames(t, be)); n != 0 {
+		t.Errorf("%d lock blobs left after the lock was lost, want 0", n)
+	}
 }
 
 func TestInitFailures(t *testing.T) {
