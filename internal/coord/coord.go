@@ -15,7 +15,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
@@ -223,45 +222,14 @@ func (s *Session) rec() journalRecorder { return journalRecorder{s.c.Journal, s.
 func (s *Session) Current() (*Set, error) { return s.c.Journal.Load(s.vm.Key) }
 
 // Create takes a snapshot set. On any failure everything it created is
-// released, writers are thawed, and the VM is as it was.
+// released, writers are thawed, and the VM is as it was. It is a group
+// of one (see CreateGroup): one code path for both.
 func (s *Session) Create(ctx context.Context) (*Set, error) {
-	c := s.c
-	if cur, err := c.Journal.Load(s.vm.Key); err != nil {
-		return nil, err
-	} else if cur != nil && cur.Ephemeral {
-		// We hold the lock, so the process that owned it is gone.
-		s.warn(nil, "recovering snapshot set %s left by an interrupted backup (pid %d)", cur.ID, cur.PID)
-		if _, err := s.Recover(ctx); err != nil {
-			return nil, err
-		}
-	} else if cur != nil {
-		return nil, fmt.Errorf("snapshot set %s (created %s by pid %d) exists for VM %s: delete it with 'vmshadow snapshot delete %s', or run 'vmshadow recover' if vmshadow was killed: %w",
-			cur.ID, cur.Created.Format(time.RFC3339), cur.PID, s.vm.Name, cur.ID, errs.ErrBusy)
-	}
-	set := &Set{ID: NewSetID(), VM: s.vm.Name, Provider: c.Provider.Kind(), Created: time.Now().UTC().Truncate(time.Millisecond),
-		Phase: PhasePreparing, PID: os.Getpid(), Ephemeral: c.Ephemeral}
-	for _, w := range c.Writers {
-		set.Writers = append(set.Writers, WriterState{Name: w.Name(), Level: w.Level(), Spec: w.Spec(), State: WriterPending})
-	}
-	rec := s.rec()
-	if err := rec.save(set); err != nil {
+	sets, err := CreateGroup(ctx, "", []*Session{s})
+	if err != nil {
 		return nil, err
 	}
-	if err := s.create(ctx, set, rec); err != nil {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		defer cancel()
-		if _, rerr := c.Provider.Release(cctx, set); rerr != nil {
-			return nil, fmt.Errorf("%w; cleanup failed too, run 'vmshadow recover': %v", err, rerr)
-		}
-		if frozen := s.stillFrozen(set); len(frozen) > 0 {
-			return nil, fmt.Errorf("%w; writers %v may still be frozen, run 'vmshadow recover'", err, frozen)
-		}
-		if rerr := c.Journal.Remove(s.vm.Key); rerr != nil {
-			return nil, fmt.Errorf("%w; %v", err, rerr)
-		}
-		return nil, err
-	}
-	return set, nil
+	return sets[0], nil
 }
 
 func (s *Session) stillFrozen(set *Set) []string {
@@ -272,47 +240,6 @@ func (s *Session) stillFrozen(set *Set) []string {
 		}
 	}
 	return names
-}
-
-// create runs the phases of a set, one function each: prepare, freeze,
-// commit, thaw, expose. The freeze window runs from the first freeze call
-// to the end of the last thaw; thaw runs whatever happened before it.
-func (s *Session) create(ctx context.Context, set *Set, rec journalRecorder) error {
-	c := s.c
-	ok, err := s.prepare(ctx, set, rec)
-	if err != nil {
-		return err
-	}
-	crashpoint.Hit("prepared")
-
-	if err := s.enter(set, PhaseFreezing, rec); err != nil {
-		return err
-	}
-	s.status("freeze")
-	start := time.Now()
-	window, cancelWindow := context.WithDeadline(ctx, start.Add(c.FreezeTimeout))
-	defer cancelWindow()
-	frozenErr := s.freeze(ctx, window, set, rec, ok)
-	crashpoint.Hit("frozen")
-	if frozenErr == nil {
-		frozenErr = s.commit(ctx, window, set, rec)
-	}
-	s.status("thaw")
-	thawErr := s.thawAll(ctx, set, rec)
-	set.FreezeMS = time.Since(start).Milliseconds()
-	if !s.anyFreezeAttempted(ok) {
-		set.FreezeMS = 0
-	}
-	if frozenErr != nil {
-		return frozenErr
-	}
-	if thawErr != nil {
-		return thawErr
-	}
-	if err := s.thawed(set, rec); err != nil {
-		return err
-	}
-	return s.expose(ctx, set, rec)
 }
 
 // enter moves the set to phase to and records it in the journal.
@@ -349,31 +276,27 @@ func (s *Session) prepare(ctx context.Context, set *Set, rec journalRecorder) ([
 	return ok, nil
 }
 
-// freeze is the freeze phase: the ready writers freeze in order, each
-// recorded as freezing before its call so that Recover thaws it. ctx is
-// the set's context, window the freeze window's.
-func (s *Session) freeze(ctx, window context.Context, set *Set, rec journalRecorder, ok []bool) error {
+// freezeOne freezes writer i, recorded as freezing before its call so
+// that Recover thaws it. ctx is the set's context, window the freeze
+// window's.
+func (s *Session) freezeOne(ctx, window context.Context, set *Set, rec journalRecorder, i int) error {
 	c := s.c
-	for i, w := range c.Writers {
-		if !ok[i] {
-			continue
+	w := c.Writers[i]
+	if err := set.Writers[i].moveTo(WriterFreezing); err != nil {
+		return err
+	}
+	if err := rec.save(set); err != nil {
+		return err
+	}
+	wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
+	err := w.Freeze(wctx)
+	cancel()
+	if err != nil {
+		if window.Err() != nil && ctx.Err() == nil {
+			return fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
 		}
-		if err := set.Writers[i].moveTo(WriterFreezing); err != nil {
-			return err
-		}
-		if err := rec.save(set); err != nil {
-			return err
-		}
-		wctx, cancel := context.WithTimeout(window, c.WriterTimeout)
-		err := w.Freeze(wctx)
-		cancel()
-		if err != nil {
-			if window.Err() != nil && ctx.Err() == nil {
-				return fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
-			}
-			if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
-				return ferr
-			}
+		if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
+			return ferr
 		}
 	}
 	return nil
@@ -396,12 +319,9 @@ func (s *Session) commit(ctx, window context.Context, set *Set, rec journalRecor
 	return nil
 }
 
-// thawAll is the thaw phase of Create: every writer whose freeze was
-// attempted is thawed through the one thaw path, and what failed is
-// recorded; the outcome is saved.
-func (s *Session) thawAll(ctx context.Context, set *Set, rec journalRecorder) error {
+// thawFailed records the writers the thaw path could not thaw in Create.
+func (s *Session) thawFailed(set *Set, failed []thawFailure) error {
 	var firstErr error
-	_, failed := s.thaw(ctx, set, s.c.Writers)
 	for _, f := range failed {
 		// The writer may still be frozen: its state stays freezing so
 		// that Delete and Recover try again. A thaw that failed may also
@@ -410,9 +330,6 @@ func (s *Session) thawAll(ctx context.Context, set *Set, rec journalRecorder) er
 		if ferr := s.writerFailed(set, f.i, "thaw", f.err); ferr != nil && firstErr == nil {
 			firstErr = ferr
 		}
-	}
-	if err := rec.save(set); err != nil && firstErr == nil {
-		firstErr = err
 	}
 	return firstErr
 }
@@ -455,15 +372,6 @@ func (s *Session) expose(ctx context.Context, set *Set, rec journalRecorder) err
 	return s.enter(set, PhaseExposed, rec)
 }
 
-func (s *Session) anyFreezeAttempted(ok []bool) bool {
-	for _, v := range ok {
-		if v {
-			return true
-		}
-	}
-	return false
-}
-
 // writerFailed records a writer's failure. It returns an error when the
 // failure must abort the set (the writer was needed for --require).
 func (s *Session) writerFailed(set *Set, i int, what string, err error) error {
@@ -490,56 +398,65 @@ type thawFailure struct {
 	err error
 }
 
-// thaw is the one thaw path, for Create and for Delete and Recover: it
-// thaws, in reverse order, every writer of set that may be frozen (state
-// freezing), each with its own time limit whatever became of ctx. live
-// are the writers Create prepared; with nil, each writer is rebuilt from
-// its journal record, prepared and closed (the process that froze it may
-// be gone). A writer thawed stays recorded as thawed, or failed when
-// Create recorded an error for it; one rebuilt gets "thawed late". A
-// writer whose thaw failed stays freezing. thaw changes the set in memory
-// only: the caller records the outcome.
-func (s *Session) thaw(ctx context.Context, set *Set, live []Writer) (thawed []int, failed []thawFailure) {
-	sc := SetContext{VM: set.VM, SetID: set.ID}
+// thaw is the one thaw path for Delete and Recover: it thaws, in reverse
+// order, every writer of set that may be frozen (state freezing), each
+// rebuilt from its journal record (the process that froze it may be
+// gone). Create thaws its live writers through thawOne in the group's
+// reverse freeze order. thaw changes the set in memory only: the caller
+// records the outcome.
+func (s *Session) thaw(ctx context.Context, set *Set) (thawed []int, failed []thawFailure) {
 	for i := len(set.Writers) - 1; i >= 0; i-- {
-		ws := &set.Writers[i]
-		if ws.State != WriterFreezing {
+		if set.Writers[i].State != WriterFreezing {
 			continue
 		}
-		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
-		var err error
-		if live != nil {
-			err = live[i].Thaw(wctx)
-		} else if s.c.Rebuild == nil {
-			err = errors.New("no way to rebuild the writer")
-		} else {
-			var w Writer
-			if w, err = s.c.Rebuild(ws.Spec); err == nil {
-				if err = w.Prepare(wctx, sc); err == nil {
-					err = w.Thaw(wctx)
-				}
-				w.Close()
-			}
-		}
-		cancel()
-		if err != nil {
+		if err := s.thawOne(ctx, set, i, false); err != nil {
 			failed = append(failed, thawFailure{i, err})
 			continue
-		}
-		to := WriterThawed
-		if live != nil && ws.Error != "" {
-			to = WriterFailed // froze badly, thawed fine
-		}
-		if err := ws.moveTo(to); err != nil {
-			failed = append(failed, thawFailure{i, err})
-			continue
-		}
-		if live == nil && ws.Error == "" {
-			ws.Error = "thawed late"
 		}
 		thawed = append(thawed, i)
 	}
 	return thawed, failed
+}
+
+// thawOne thaws writer i of set, which may be frozen, with its own time
+// limit whatever became of ctx: the writer Create prepared when live,
+// else one rebuilt from its journal record, prepared and closed. A writer
+// thawed is recorded as thawed, or failed when Create recorded an error
+// for it; one rebuilt gets "thawed late". A writer whose thaw failed stays
+// freezing.
+func (s *Session) thawOne(ctx context.Context, set *Set, i int, live bool) error {
+	ws := &set.Writers[i]
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.c.WriterTimeout)
+	defer cancel()
+	var err error
+	switch {
+	case live:
+		err = s.c.Writers[i].Thaw(wctx)
+	case s.c.Rebuild == nil:
+		err = errors.New("no way to rebuild the writer")
+	default:
+		var w Writer
+		if w, err = s.c.Rebuild(ws.Spec); err == nil {
+			if err = w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID}); err == nil {
+				err = w.Thaw(wctx)
+			}
+			w.Close()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	to := WriterThawed
+	if live && ws.Error != "" {
+		to = WriterFailed // froze badly, thawed fine
+	}
+	if err := ws.moveTo(to); err != nil {
+		return err
+	}
+	if !live && ws.Error == "" {
+		ws.Error = "thawed late"
+	}
+	return nil
 }
 
 // level is the consistency the set reached: application when every writer
@@ -583,6 +500,9 @@ func (s *Session) Delete(ctx context.Context, id string) (*Set, error) {
 	if err := s.rec().save(set); err != nil {
 		return nil, err
 	}
+	if err := s.resume(ctx, set); err != nil {
+		return nil, fmt.Errorf("set %s: %w", id, err)
+	}
 	if _, errList := s.thawLeftFrozen(ctx, set); len(errList) > 0 {
 		return nil, fmt.Errorf("set %s: %v (run 'vmshadow recover' to retry)", id, errList)
 	}
@@ -616,7 +536,9 @@ func (s *Session) List(ctx context.Context) ([]*Set, error) {
 
 // RecoverReport says what Recover did.
 type RecoverReport struct {
-	SetID   string   `json:"set_id,omitempty"`
+	SetID string `json:"set_id,omitempty"`
+	// Resumed: the VM was left paused by a group set, and was resumed.
+	Resumed bool     `json:"resumed,omitempty"`
 	Thawed  []string `json:"thawed"`
 	Removed []string `json:"removed"`
 	Errors  []string `json:"errors,omitempty"`
@@ -627,7 +549,7 @@ type RecoverReport struct {
 // path, rebuilding them from the journal, and records the outcome. It
 // returns what it thawed and what went wrong.
 func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problems []string) {
-	done, failed := s.thaw(ctx, set, nil)
+	done, failed := s.thaw(ctx, set)
 	for _, i := range done {
 		thawed = append(thawed, set.Writers[i].Name)
 	}
@@ -652,6 +574,17 @@ func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
 	thawed := map[WriterSpec]bool{}
 	if set != nil {
 		rep.SetID = set.ID
+		if set.Group != nil && len(set.Group.Members) > 1 {
+			s.warn(nil, "set %s of VM %s is part of group %s (VMs %v): recover every one of them", set.ID, s.vm.Name, set.Group.Name, set.Group.Members)
+		}
+		// A paused guest cannot thaw: resume first.
+		if set.Paused {
+			if err := s.resume(ctx, set); err != nil {
+				rep.Errors = append(rep.Errors, err.Error())
+			} else {
+				rep.Resumed = true
+			}
+		}
 		names, problems := s.thawLeftFrozen(ctx, set)
 		rep.Thawed = append(rep.Thawed, names...)
 		rep.Errors = append(rep.Errors, problems...)

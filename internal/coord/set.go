@@ -62,6 +62,12 @@ type Set struct {
 	PID int `json:"pid"`
 	// Ephemeral: the set lives only while its creator holds the VM's lock.
 	Ephemeral bool `json:"ephemeral,omitempty"`
+	// Group is set when the set is one VM's part of a set across several
+	// VMs (a consistency group): all members share the set's ID.
+	Group *GroupRef `json:"group,omitempty"`
+	// Paused: the group set paused this VM (recorded before the pause)
+	// and has not let it run again yet; Delete and Recover resume it.
+	Paused bool `json:"paused,omitempty"`
 	// ProviderState is the provider's own record of what it created.
 	ProviderState json.RawMessage `json:"provider_state,omitempty"`
 }
@@ -80,6 +86,7 @@ type Info struct {
 	Writers     []WriterState `json:"writers"`
 	Warnings    []string      `json:"warnings,omitempty"`
 	Phase       Phase         `json:"phase"`
+	Group       *GroupRef     `json:"group,omitempty"`
 }
 
 // How a provider whose commit is not atomic across disks captured them
@@ -109,7 +116,7 @@ func (s *Set) Info() Info {
 		writers = []WriterState{}
 	}
 	return Info{ID: s.ID, VM: s.VM, Consistency: s.Consistency, Created: s.Created.Format(time.RFC3339),
-		FreezeMS: s.FreezeMS, Instant: s.Instant, PauseMS: s.PauseMS, Shadows: shadows, Writers: writers, Warnings: s.Warnings, Phase: s.Phase}
+		FreezeMS: s.FreezeMS, Instant: s.Instant, PauseMS: s.PauseMS, Shadows: shadows, Writers: writers, Warnings: s.Warnings, Phase: s.Phase, Group: s.Group}
 }
 
 // NewSetID returns a fresh set id: 10 lower-case base32 characters, short
