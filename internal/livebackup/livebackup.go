@@ -114,6 +114,8 @@ type Backup struct {
 	p       Provider
 	session *coord.Session
 	sources []tracking.Source
+	vm      string       // the VM's name in the repository
+	prev    *repo.Backup // the previous backup of its chain, or nil
 }
 
 // BitmapPrefix names the repository's change tracking: its bitmaps in
@@ -130,6 +132,66 @@ func BitmapPrefix(r *repo.Repo) string {
 // the snapshot set and opens the shadow copies. The caller runs
 // backup.Run(ctx, r, b.Job, ...) and then must call Finish.
 func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
+	bs, err := StartGroup(ctx, r, "", []Options{o})
+	if err != nil {
+		return nil, err
+	}
+	return bs[0], nil
+}
+
+// StartGroup is Start for several VMs at one instant: one snapshot set
+// across all of them (coord.CreateGroup), each VM's backup incremental
+// against its own chain, each Job naming the group. The caller backs up
+// and finishes every Backup returned, in the order of opts. On error
+// nothing is left: every set is released, every VM unlocked.
+func StartGroup(ctx context.Context, r *repo.Repo, group string, opts []Options) ([]*Backup, error) {
+	var bs []*Backup
+	ok := false
+	defer func() {
+		if ok {
+			return
+		}
+		for _, b := range bs {
+			if b.Set != nil {
+				b.Finish(ctx, false) // release the set, merging change tracking back
+			} else {
+				b.close()
+			}
+		}
+	}()
+	names := map[string]bool{}
+	var sessions []*coord.Session
+	for _, o := range opts {
+		b, err := open(ctx, r, o)
+		if err != nil {
+			return nil, err
+		}
+		bs = append(bs, b)
+		if names[b.vm] {
+			return nil, fmt.Errorf("two VMs of the group are named %s in the repository: %w", b.vm, errs.ErrUsage)
+		}
+		names[b.vm] = true
+		sessions = append(sessions, b.session)
+	}
+	sets, err := coord.CreateGroup(ctx, group, sessions)
+	if err != nil {
+		return nil, err
+	}
+	for i, b := range bs {
+		b.Set = sets[i]
+	}
+	for _, b := range bs {
+		if err := b.open(ctx, r, group); err != nil {
+			return nil, err
+		}
+	}
+	ok = true
+	return bs, nil
+}
+
+// open locks the VM, names it in the repository, finds the previous
+// backup of its chain and asks the provider to track changes from it.
+func open(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 	c := o.Coordinator
 	p, ok := c.Provider.(Provider)
 	if !ok {
@@ -141,17 +203,6 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 		return nil, err
 	}
 	b := &Backup{o: o, p: p, session: s}
-	ok = false
-	defer func() {
-		if ok {
-			return
-		}
-		if b.Set != nil {
-			b.Finish(ctx, false) // release the set, merging change tracking back
-			return
-		}
-		b.close()
-	}()
 	vm := o.VM
 	switch {
 	case vm != "":
@@ -161,32 +212,39 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 		vm = s.VM().Name
 	}
 	if err := repo.ValidName("vm", vm); err != nil {
+		b.close()
 		return nil, fmt.Errorf("%w (name the VM in the repository with --vm)", err)
 	}
+	b.vm = vm
 	kind := p.Kind()
-	prev, err := r.LatestBackup(ctx, vm, func(b *repo.Backup) bool { return b.Source == kind })
+	b.prev, err = r.LatestBackup(ctx, vm, func(b *repo.Backup) bool { return b.Source == kind })
 	switch {
 	case errors.Is(err, errs.ErrNotFound):
-		prev = nil
+		b.prev = nil
 	case err != nil:
+		b.close()
 		return nil, fmt.Errorf("find the previous backup of %s: %w", vm, err)
 	}
-	req := request(BitmapPrefix(r), prev, o.Full)
-	if prev != nil {
+	req := request(BitmapPrefix(r), b.prev, o.Full)
+	if prev := b.prev; prev != nil {
 		req.Saved = func(ctx context.Context, name string) ([]byte, error) {
 			return restore.ReadFile(ctx, r, prev.Manifest, name, 0)
 		}
 	}
 	p.Track(req)
-	set, err := s.Create(ctx)
-	if err != nil {
-		return nil, err
-	}
-	b.Set = set
-	b.Job = backup.Job{VM: vm, Tags: o.Tags, Time: set.Created, Source: kind, Consistency: set.Consistency.String(), SetID: set.ID}
+	return b, nil
+}
+
+// open builds the backup's job once its set exists: the VM's description
+// and each shadow copy opened as a source, incremental where the chain
+// allows.
+func (b *Backup) open(ctx context.Context, r *repo.Repo, group string) error {
+	p, set, prev, vm := b.p, b.Set, b.prev, b.vm
+	var err error
+	b.Job = backup.Job{VM: vm, Tags: b.o.Tags, Time: set.Created, Source: p.Kind(), Consistency: set.Consistency.String(), SetID: set.ID}
 	if d, ok := p.(Describer); ok {
 		if b.Job.Definition, b.Job.Files, err = d.Describe(ctx, set); err != nil {
-			return nil, fmt.Errorf("describe %s: %w", vm, err)
+			return fmt.Errorf("describe %s: %w", vm, err)
 		}
 	}
 	p.Idle()
@@ -210,7 +268,7 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 					// backup from now on: read the disk in full.
 					plan.Reason = fmt.Sprintf("the previous backup's index cannot be read (%v)", err)
 				case err != nil:
-					return nil, fmt.Errorf("disk %s: load the previous backup's index: %w", sh.Disk, err)
+					return fmt.Errorf("disk %s: load the previous backup's index: %w", sh.Disk, err)
 				default:
 					plan.Mode, plan.Reason = "incremental", ""
 					incremental++
@@ -221,9 +279,9 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 			base = nil
 			reasons = append(reasons, sh.Disk+": "+plan.Reason)
 		}
-		src, err := p.Open(ctx, sh, plan.Mode == "incremental", o.Conns)
+		src, err := p.Open(ctx, sh, plan.Mode == "incremental", b.o.Conns)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		b.sources = append(b.sources, src)
 		b.Job.Disks = append(b.Job.Disks, backup.Disk{Source: src, Base: base, Checkpoint: sh.Checkpoint})
@@ -234,8 +292,7 @@ func Start(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 		b.Job.Mode = "incremental"
 	}
 	b.Job.Reason = strings.Join(reasons, "; ")
-	ok = true
-	return b, nil
+	return nil
 }
 
 // Storing is backup.Options.Storing for b's job: the provider's journal

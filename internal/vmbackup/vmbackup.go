@@ -46,6 +46,22 @@ type Result struct {
 // it, and the chunks the failed backup stored are removed when nothing
 // else holds the repository.
 func Run(ctx context.Context, r *repo.Repo, o Options) (*Result, error) {
+	res, err := RunGroup(ctx, r, "", []livebackup.Options{o.Live}, o)
+	if err != nil {
+		return nil, err
+	}
+	return res[0], nil
+}
+
+// RunGroup backs up the VMs of members at one instant: one snapshot set
+// across all of them named group (livebackup.StartGroup), then each VM's
+// backup in turn, each into its own chain, its set released as soon as
+// it is stored. o's Plan, Progress and Warn apply to each member (o.Live
+// is not used). It returns the backups stored, in the order of members;
+// with an error, those stored before the failure stay as ordinary
+// backups (their change tracking moved on to them) and the failed
+// member's chunks are reclaimed as for Run.
+func RunGroup(ctx context.Context, r *repo.Repo, group string, members []livebackup.Options, o Options) ([]*Result, error) {
 	warn := o.Warn
 	if warn == nil {
 		warn = func(string, ...any) {}
@@ -59,19 +75,39 @@ func Run(ctx context.Context, r *repo.Repo, o Options) (*Result, error) {
 			warn("could not remove the repository lock (it becomes stale by itself): %v", err)
 		}
 	}
-	res, err := run(lctx, r, o, warn)
+	res, err := runGroup(lctx, r, group, members, o, warn)
 	unlock()
 	if err != nil {
-		return nil, backup.Reclaim(ctx, r, err, warn)
+		return res, backup.Reclaim(ctx, r, err, warn)
 	}
 	return res, nil
 }
 
-func run(ctx context.Context, r *repo.Repo, o Options, warn func(string, ...any)) (*Result, error) {
-	lb, err := livebackup.Start(ctx, r, o.Live)
+func runGroup(ctx context.Context, r *repo.Repo, group string, members []livebackup.Options, o Options, warn func(string, ...any)) ([]*Result, error) {
+	lbs, err := livebackup.StartGroup(ctx, r, group, members)
 	if err != nil {
 		return nil, err
 	}
+	var stored []*Result
+	for i, lb := range lbs {
+		res, err := store(ctx, r, lb, o, warn)
+		if err != nil {
+			for _, rest := range lbs[i+1:] {
+				rest.Finish(ctx, false) // release the others' sets, merging change tracking back
+			}
+			if len(lbs) > 1 {
+				err = fmt.Errorf("VM %s: %w", lb.Job.VM, err)
+			}
+			return stored, err
+		}
+		stored = append(stored, res)
+	}
+	return stored, nil
+}
+
+// store runs the backup pipeline of one started live backup and finishes
+// it.
+func store(ctx context.Context, r *repo.Repo, lb *livebackup.Backup, o Options, warn func(string, ...any)) (*Result, error) {
 	if o.Plan != nil {
 		for _, d := range lb.Disks {
 			o.Plan(d)
