@@ -259,7 +259,7 @@ func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list indexes: %w", err)
 	}
-	for _, k := range []backend.Kind{backend.KindConfig, backend.KindKeys, backend.KindLocks, backend.KindQuarantine} {
+	for _, k := range []backend.Kind{backend.KindConfig, backend.KindKeys, backend.KindLocks, backend.KindQuarantine, backend.KindGroups} {
 		err := be.List(ctx, k, "", func(fi backend.Info) error {
 			s.OtherBytes += fi.Size
 			return nil
