@@ -41,6 +41,10 @@ type Job struct {
 	// Source, Mode, Reason, Consistency, SetID go into the manifest as
 	// they are; Source defaults to "image" and Mode to "full".
 	Source, Mode, Reason, Consistency, SetID string
+	// Group names the consistency group this backup is a member of
+	// (repo.Manifest.Group); the group record (repo.SaveGroup) is written
+	// after every member's backup.
+	Group string
 	// Host is the host recorded in the manifest; default: this host.
 	Host string
 	// Origin marks a copy of a backup of another repository (see
@@ -153,6 +157,11 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 	if err := repo.ValidName("VM", job.VM); err != nil {
 		return nil, nil, err
 	}
+	if job.Group != "" {
+		if err := repo.ValidName("group", job.Group); err != nil {
+			return nil, nil, err
+		}
+	}
 	if len(job.Disks) == 0 {
 		return nil, nil, fmt.Errorf("backup of %s has no disks: %w", job.VM, errs.ErrUsage)
 	}
@@ -194,7 +203,7 @@ func run(ctx context.Context, r *repo.Repo, job Job, o Options, start time.Time)
 	p.quarantined = q
 	res := &Result{}
 	m := &repo.Manifest{VM: job.VM, Time: job.Time, Host: job.Host, Tags: job.Tags, Source: job.Source, Mode: job.Mode,
-		Reason: job.Reason, Consistency: job.Consistency, SetID: job.SetID, Origin: job.Origin, Definition: job.Definition}
+		Reason: job.Reason, Consistency: job.Consistency, SetID: job.SetID, Group: job.Group, Origin: job.Origin, Definition: job.Definition}
 	if m.Host == "" {
 		m.Host = hostname()
 	}

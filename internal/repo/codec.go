@@ -19,7 +19,7 @@ import (
 
 // Sealed blob layout (chunks, indexes, manifests, locks), little-endian:
 //
-//	0   4  magic: "vsCK" chunk, "vsIX" index, "vsMF" manifest, "vsLK" lock, "vsHC" health record
+//	0   4  magic: "vsCK" chunk, "vsIX" index, "vsMF" manifest, "vsLK" lock, "vsHC" health record, "vsGR" group record
 //	4   1  blob format version (1)
 //	5   1  compression: 0 none, 1 zstd
 //	6   1  encryption: 0 none, 1 AES-256-GCM

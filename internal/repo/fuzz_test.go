@@ -68,11 +68,12 @@ func FuzzOpenBlob(f *testing.F) {
 		f.Add(r.codec.seal(nil, magicIndex, "x", x.Encode(), true), uint8(1))
 		f.Add(r.codec.seal(nil, magicManifest, "x", []byte(`{"version":1}`), true), uint8(2))
 		f.Add(r.codec.seal(nil, magicLock, "x", []byte(`{"version":1}`), false), uint8(3))
+		f.Add(r.codec.seal(nil, magicGroup, "x", []byte(`{"version":1,"name":"g"}`), true), uint8(4))
 	}
 	f.Fuzz(func(t *testing.T, b []byte, which uint8) {
 		for _, r := range []*Repo{enc, plain} {
-			magic := [][4]byte{magicChunk, magicIndex, magicManifest, magicLock}[which%4]
-			max := []int{int(r.ChunkSize()), maxMetaPlain, maxManifestPlain, 1 << 20}[which%4]
+			magic := [][4]byte{magicChunk, magicIndex, magicManifest, magicLock, magicGroup}[which%5]
+			max := []int{int(r.ChunkSize()), maxMetaPlain, maxManifestPlain, 1 << 20, maxGroupPlain}[which%5]
 			p, err := r.codec.open(nil, magic, "x", append([]byte(nil), b...), max)
 			classified(t, "blob", err)
 			if err == nil {
@@ -82,6 +83,8 @@ func FuzzOpenBlob(f *testing.F) {
 				classified(t, "manifest", err)
 				_, err = DecodeLock(p)
 				classified(t, "lock", err)
+				_, err = DecodeGroup(p)
+				classified(t, "group", err)
 			}
 		}
 	})
@@ -120,6 +123,38 @@ func FuzzDecodeManifest(f *testing.F) {
 		classified(t, "manifest", err)
 		if err == nil && m.Disk(m.Disks[0].Name) == nil {
 			t.Fatal("decoded manifest lost its disk")
+		}
+	})
+}
+
+func FuzzDecodeGroup(f *testing.F) {
+	g := Group{Version: 1, Name: "app", SetID: "s", Time: time.Now(), Consistency: "application", FreezeMS: 12,
+		Members: []GroupMember{{VM: "db", Backup: ID{1}.String()}, {VM: "web", Backup: ID{2}.String()}}, Nonce: "n"}
+	b, _ := json.Marshal(g)
+	f.Add(b)
+	f.Add([]byte(`{"version":2}`))
+	f.Add([]byte(`{"version":1,"name":"a","set_id":"s","members":[{"vm":"a","backup":"x"}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		g, err := DecodeGroup(b)
+		classified(t, "group", err)
+		if err != nil {
+			return
+		}
+		// What decodes is what SaveGroup would accept, and round-trips.
+		if g.check() != nil || len(g.Members) == 0 || g.Member(g.Members[0].VM) == nil {
+			t.Fatalf("decoded group %+v does not hold up", g)
+		}
+		for _, m := range g.Members {
+			if _, err := ParseID(m.Backup); err != nil {
+				t.Fatalf("decoded member backup %q: %v", m.Backup, err)
+			}
+		}
+		again, err := json.Marshal(g)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := DecodeGroup(again); err != nil {
+			t.Fatalf("re-encoded group does not decode: %v", err)
 		}
 	})
 }

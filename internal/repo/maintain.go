@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"maps"
 	"runtime"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -29,7 +31,7 @@ type Affected struct {
 
 // Problem is one damaged or missing blob found by Verify.
 type Problem struct {
-	Kind     string     `json:"kind"` // "manifest", "index", "chunk" or "health"
+	Kind     string     `json:"kind"` // "manifest", "index", "chunk", "health" or "group"
 	ID       string     `json:"id"`
 	Error    string     `json:"error"`
 	Missing  bool       `json:"missing"`
@@ -59,6 +61,7 @@ type VerifyOptions struct {
 // VerifyResult is what Verify checked and found.
 type VerifyResult struct {
 	Backups      int       `json:"backups"`
+	Groups       int       `json:"groups"` // group records checked
 	Indexes      int       `json:"indexes"`
 	Chunks       int       `json:"chunks"`
 	BytesChecked int64     `json:"bytes_checked"` // stored bytes read
@@ -98,6 +101,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 		disk   string
 	}
 	indexRefs := map[ID][]ref{}
+	loaded := map[ID]*Manifest{}
 	for _, id := range ids {
 		m, err := r.LoadManifest(ctx, id)
 		if err != nil {
@@ -108,6 +112,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 				Missing: errors.Is(err, errs.ErrNotFound), Affected: []Affected{{Backup: id.String()}}})
 			continue
 		}
+		loaded[id] = m
 		for _, d := range m.Indexed() {
 			xid, _ := ParseID(d.Index) // checked by DecodeManifest
 			indexRefs[xid] = append(indexRefs[xid], ref{id, m, d.Name})
@@ -121,6 +126,9 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 			res.Problems = append(res.Problems, Problem{Kind: "health", ID: id.String(), Error: err.Error(),
 				Affected: []Affected{{Backup: id.String(), VM: m.VM, Time: m.Time}}})
 		}
+	}
+	if err := r.verifyGroups(ctx, o.Backups == nil, ids, loaded, res); err != nil {
+		return nil, err
 	}
 	affected := func(refs []ref) []Affected {
 		var a []Affected
@@ -273,6 +281,72 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions) (*VerifyResult, erro
 	}
 	sort.Strings(res.HealedBackups)
 	return res, nil
+}
+
+// verifyGroups checks the group records (all of them, or those that list
+// one of the backups ids): each must open, and each member's backup must
+// exist and belong to the group. A record with a missing member is a
+// problem, never left out: the group backup cannot be restored whole.
+func (r *Repo) verifyGroups(ctx context.Context, all bool, ids []ID, loaded map[ID]*Manifest, res *VerifyResult) error {
+	gids, err := r.groupIDs(ctx, "")
+	if err != nil {
+		return err
+	}
+	selected := map[string]bool{}
+	for _, id := range ids {
+		selected[id.String()] = true
+	}
+	for _, gid := range gids {
+		g, err := r.LoadGroup(ctx, gid)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if all {
+				res.Groups++
+				res.Problems = append(res.Problems, Problem{Kind: "group", ID: gid.String(), Error: err.Error(),
+					Missing: errors.Is(err, errs.ErrNotFound), Affected: []Affected{}})
+			}
+			continue
+		}
+		if !all && !slices.ContainsFunc(g.Members, func(mb GroupMember) bool { return selected[mb.Backup] }) {
+			continue
+		}
+		res.Groups++
+		for _, mb := range g.Members {
+			bid, _ := ParseID(mb.Backup) // checked by DecodeGroup
+			var why string
+			m, ok := loaded[bid]
+			if !ok {
+				if m, err = r.LoadManifest(ctx, bid); err != nil {
+					switch {
+					case ctx.Err() != nil:
+						return ctx.Err()
+					case errors.Is(err, errs.ErrNotFound):
+						why = "is missing"
+					case all:
+						continue // damaged: reported as a manifest problem
+					default:
+						why = "cannot be read (" + err.Error() + ")"
+					}
+				}
+			}
+			switch {
+			case why != "":
+			case m.VM != mb.VM:
+				why = "is of VM " + m.VM
+			case m.Group != g.Name || m.SetID != g.SetID:
+				why = fmt.Sprintf("belongs to group %q, snapshot set %q", m.Group, m.SetID)
+			default:
+				continue
+			}
+			res.Problems = append(res.Problems, Problem{Kind: "group", ID: gid.String(), Missing: why == "is missing",
+				Error: fmt.Sprintf("group backup %s of group %s (%s): member backup %.8s of VM %s %s: the group backup is incomplete and cannot be restored whole (its other members can be restored alone)",
+					gid.Short(), g.Name, g.Time.Format(time.RFC3339), mb.Backup, mb.VM, why),
+				Affected: []Affected{{Backup: mb.Backup, VM: mb.VM, Time: g.Time}}})
+		}
+	}
+	return nil
 }
 
 func sortedIDs[V any](m map[ID]V) []ID {
@@ -468,50 +542,95 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 
 // PruneOptions configure prune.
 type PruneOptions struct {
-	VM     string // only this VM; "" every VM
+	// VM, if set, prunes only this VM's backups that belong to no group
+	// backup; Group, if set, only this group's group backups. With
+	// neither, every VM's and every group's.
+	VM     string
+	Group  string
 	Policy retention.Policy
 	DryRun bool
 }
 
-// PruneDecision is prune's verdict on one backup.
+// PruneDecision is prune's verdict on one backup, or on one group backup
+// (Group set, ID the group record's, VM empty, Members its members'
+// backups, all kept or removed with it).
 type PruneDecision struct {
-	ID      string    `json:"id"`
-	VM      string    `json:"vm"`
-	Time    time.Time `json:"time"`
-	Keep    bool      `json:"keep"`
-	Reasons []string  `json:"reasons"`
+	ID      string        `json:"id"`
+	VM      string        `json:"vm"`
+	Group   string        `json:"group,omitempty"`
+	Time    time.Time     `json:"time"`
+	Keep    bool          `json:"keep"`
+	Reasons []string      `json:"reasons"`
+	Members []GroupMember `json:"members,omitempty"`
 }
 
-// Prune applies the keep policy to each VM's backups separately and
-// deletes the manifests of the backups it does not keep (unless DryRun).
-// Their chunks are freed by gc. Unreadable manifests are never deleted.
-// Hold an exclusive lock.
+// Prune applies the keep policy to each VM's backups separately, and to
+// each group's group backups separately, and deletes what it does not keep
+// (unless DryRun): a backup's manifest, or a group backup's record and
+// every member's manifest (DeleteGroup). A backup that a group record
+// lists is not subject to its VM's rules: its group backup is kept or
+// removed whole. Their chunks are freed by gc. Unreadable manifests are
+// never deleted; while a group record cannot be read, backups whose
+// manifest names a group are kept (they may be its members). Hold an
+// exclusive lock.
 func (r *Repo) Prune(ctx context.Context, o PruneOptions) ([]PruneDecision, error) {
 	if o.Policy.Empty() {
 		return nil, fmt.Errorf("no keep policy given: prune would remove every backup; give at least one --keep-* option: %w", errs.ErrUsage)
+	}
+	if o.Group != "" {
+		if err := ValidName("group", o.Group); err != nil {
+			return nil, err
+		}
 	}
 	backups, _, err := r.ListBackups(ctx)
 	if err != nil {
 		return nil, err
 	}
-	byVM := map[string][]retention.Item{}
-	vmOf := map[string]string{}
-	for _, b := range backups {
-		if o.VM != "" && b.VM != o.VM {
-			continue
+	groups, badGroups, err := r.ScanGroups(ctx)
+	if err != nil {
+		return nil, err
+	}
+	member := map[string]bool{}
+	for _, g := range groups {
+		for _, mb := range g.Members {
+			member[mb.Backup] = true
 		}
-		byVM[b.VM] = append(byVM[b.VM], retention.Item{ID: b.ID.String(), Time: b.Time})
-		vmOf[b.ID.String()] = b.VM
 	}
-	vms := make([]string, 0, len(byVM))
-	for vm := range byVM {
-		vms = append(vms, vm)
-	}
-	sort.Strings(vms)
 	var out []PruneDecision
-	for _, vm := range vms {
+	byVM := map[string][]retention.Item{}
+	if o.VM != "" || o.Group == "" {
+		for _, b := range backups {
+			if o.VM != "" && b.VM != o.VM || member[b.ID.String()] {
+				continue
+			}
+			if len(badGroups) > 0 && b.Group != "" {
+				bid := sortedIDs(badGroups)[0]
+				out = append(out, PruneDecision{ID: b.ID.String(), VM: b.VM, Time: b.Time, Keep: true,
+					Reasons: []string{fmt.Sprintf("may be a member of group record %s, which cannot be read (run 'vmshadow verify')", bid.Short())}})
+				continue
+			}
+			byVM[b.VM] = append(byVM[b.VM], retention.Item{ID: b.ID.String(), Time: b.Time})
+		}
+	}
+	byName := map[string][]retention.Item{}
+	members := map[string][]GroupMember{}
+	if o.Group != "" || o.VM == "" {
+		for _, g := range groups {
+			if o.Group != "" && g.Name != o.Group {
+				continue
+			}
+			byName[g.Name] = append(byName[g.Name], retention.Item{ID: g.ID.String(), Time: g.Time})
+			members[g.ID.String()] = g.Members
+		}
+	}
+	for _, vm := range slices.Sorted(maps.Keys(byVM)) {
 		for _, d := range retention.Apply(byVM[vm], o.Policy) {
 			out = append(out, PruneDecision{ID: d.ID, VM: vm, Time: d.Time, Keep: d.Keep, Reasons: d.Reasons})
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(byName)) {
+		for _, d := range retention.Apply(byName[name], o.Policy) {
+			out = append(out, PruneDecision{ID: d.ID, Group: name, Time: d.Time, Keep: d.Keep, Reasons: d.Reasons, Members: members[d.ID]})
 		}
 	}
 	if o.DryRun {
@@ -519,6 +638,14 @@ func (r *Repo) Prune(ctx context.Context, o PruneOptions) ([]PruneDecision, erro
 	}
 	for _, d := range out {
 		if d.Keep {
+			continue
+		}
+		if d.Group != "" {
+			gid, _ := ParseID(d.ID)
+			if _, err := r.DeleteGroup(ctx, gid); err != nil {
+				return out, err
+			}
+			crashpoint.Hit("prune-removed")
 			continue
 		}
 		if err := r.be.Delete(ctx, backend.Handle{Kind: backend.KindBackups, Name: d.ID}); err != nil && !backend.IsNotExist(err) {
@@ -594,8 +721,31 @@ func (r *Repo) DropChunks(ctx context.Context, ids iter.Seq[ID], since time.Time
 
 // DeleteBackup removes backup id's manifest, as prune removes the backups
 // its policy does not keep; gc frees its chunks later. The caller holds
-// the exclusive lock. An unknown ID is errs.ErrNotFound.
+// the exclusive lock. An unknown ID is errs.ErrNotFound. A member of a
+// group backup is refused (ErrGroupMember, errs.ErrUsage) while its group
+// record exists: a group backup is removed whole (DeleteGroup, prune).
 func (r *Repo) DeleteBackup(ctx context.Context, id ID) error {
+	m, err := r.LoadManifest(ctx, id)
+	if errors.Is(err, errs.ErrNotFound) {
+		return fmt.Errorf("backup %s: no such backup: %w", id.Short(), errs.ErrNotFound)
+	}
+	if err != nil {
+		m = nil // a damaged manifest may be removed, unless a group lists it
+	}
+	g, err := r.memberOf(ctx, id, m)
+	if err != nil {
+		return fmt.Errorf("remove backup %s: %w", id.Short(), err)
+	}
+	if g != nil {
+		vm := ""
+		for _, mb := range g.Members {
+			if mb.Backup == id.String() {
+				vm = " of VM " + mb.VM
+			}
+		}
+		return fmt.Errorf("backup %s%s is a member of group backup %s of group %s (%s): remove the group backup as a whole (vmshadow prune --group %s with --keep-* rules that do not keep it), not one member: %w",
+			id.Short(), vm, g.ID.Short(), g.Name, g.Time.Format(time.RFC3339), g.Name, ErrGroupMember)
+	}
 	h := backend.Handle{Kind: backend.KindBackups, Name: id.String()}
 	if err := r.be.Delete(ctx, h); err != nil {
 		if backend.IsNotExist(err) {

@@ -59,11 +59,15 @@ type Manifest struct {
 	// in principle (first backup, bitmap missing, disk resized, --full...).
 	Reason string `json:"reason,omitempty"`
 	// Consistency is the snapshot set's level: crash, filesystem, application.
-	Consistency string         `json:"consistency,omitempty"`
-	SetID       string         `json:"set_id,omitempty"`
-	DurationS   float64        `json:"duration_s"`
-	Disks       []ManifestDisk `json:"disks"`
-	Stats       Stats          `json:"stats"`
+	Consistency string `json:"consistency,omitempty"`
+	SetID       string `json:"set_id,omitempty"`
+	// Group names the consistency group whose snapshot set this backup
+	// is a member of (a group backup, see Group); empty otherwise. The
+	// backup is an ordinary one in every other way.
+	Group     string         `json:"group,omitempty"`
+	DurationS float64        `json:"duration_s"`
+	Disks     []ManifestDisk `json:"disks"`
+	Stats     Stats          `json:"stats"`
 	// Origin is set on a backup copied from another repository (vmshadow
 	// copy): the ID of the original backup in the repository it was first
 	// stored in (a copy of a copy keeps the first origin). A backup and
@@ -139,6 +143,11 @@ func (m *Manifest) Check() error {
 	}
 	if err := ValidName("VM", m.VM); err != nil {
 		return fmt.Errorf("manifest: %v: %w", err, errs.ErrCorrupt)
+	}
+	if m.Group != "" {
+		if err := ValidName("group", m.Group); err != nil {
+			return fmt.Errorf("manifest: %v: %w", err, errs.ErrCorrupt)
+		}
 	}
 	if m.Origin != "" {
 		if _, err := ParseID(m.Origin); err != nil {

@@ -156,7 +156,7 @@ func Size(b repo.Backup) int64 {
 func Copy(ctx context.Context, src, dst *repo.Repo, b repo.Backup, o backup.Options) (*backup.Result, error) {
 	origin := b.Identity()
 	job := backup.Job{VM: b.VM, Tags: b.Tags, Time: b.Time, Source: b.Source, Mode: b.Mode, Reason: b.Reason,
-		Consistency: b.Consistency, SetID: b.SetID, Host: b.Host, Origin: origin, Definition: b.Definition}
+		Consistency: b.Consistency, SetID: b.SetID, Group: b.Group, Host: b.Host, Origin: origin, Definition: b.Definition}
 	// Decoded source chunks cached per disk. When the target's chunks are
 	// smaller than the source's, the readers read several target chunks
 	// of one source chunk at once: a chunk per reader keeps each source

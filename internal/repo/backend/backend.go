@@ -32,10 +32,14 @@ const (
 	// KindHealth holds the health check results of a backup, one blob per
 	// backup named by its ID (repo.HealthRecord).
 	KindHealth Kind = "health"
+	// KindGroups holds group records: one blob per group backup (a
+	// consistency group's snapshot set across several VMs), named by its
+	// ID (repo.Group).
+	KindGroups Kind = "groups"
 )
 
 // Kinds lists every kind.
-var Kinds = []Kind{KindConfig, KindKeys, KindChunks, KindIndexes, KindBackups, KindLocks, KindQuarantine, KindHealth}
+var Kinds = []Kind{KindConfig, KindKeys, KindChunks, KindIndexes, KindBackups, KindLocks, KindQuarantine, KindHealth, KindGroups}
 
 // Handle names one blob.
 type Handle struct {

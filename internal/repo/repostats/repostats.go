@@ -68,7 +68,7 @@ type Stats struct {
 	ChunkBytes    int64 `json:"chunk_bytes"`    // chunk blobs
 	IndexBytes    int64 `json:"index_bytes"`    // index blobs
 	ManifestBytes int64 `json:"manifest_bytes"` // backup manifests
-	OtherBytes    int64 `json:"other_bytes"`    // config, key files, locks, quarantine
+	OtherBytes    int64 `json:"other_bytes"`    // config, key files, locks, quarantine, health and group records
 
 	// LogicalBytes is the sum over backups of their disks' and files'
 	// sizes: what restoring every backup would write.
@@ -259,7 +259,7 @@ func Compute(ctx context.Context, r *repo.Repo) (*Stats, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list indexes: %w", err)
 	}
-	for _, k := range []backend.Kind{backend.KindConfig, backend.KindKeys, backend.KindLocks, backend.KindQuarantine} {
+	for _, k := range []backend.Kind{backend.KindConfig, backend.KindKeys, backend.KindLocks, backend.KindQuarantine, backend.KindHealth, backend.KindGroups} {
 		err := be.List(ctx, k, "", func(fi backend.Info) error {
 			s.OtherBytes += fi.Size
 			return nil

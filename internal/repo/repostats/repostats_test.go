@@ -140,7 +140,7 @@ func checkStored(t *testing.T, s *repostats.Stats, root string) {
 	eq(t, "ChunkBytes", s.ChunkBytes, b["chunks"])
 	eq(t, "IndexBytes", s.IndexBytes, b["indexes"])
 	eq(t, "ManifestBytes", s.ManifestBytes, b["backups"])
-	eq(t, "OtherBytes", s.OtherBytes, b["config"]+b["keys"]+b["locks"]+b["quarantine"])
+	eq(t, "OtherBytes", s.OtherBytes, b["config"]+b["keys"]+b["locks"]+b["quarantine"]+b["health"]+b["groups"])
 	var total int64
 	for _, v := range b {
 		total += v
@@ -277,6 +277,24 @@ func TestComputeLocal(t *testing.T) {
 	eq(t, "ReferencedBytes", six.ReferencedBytes, 0)
 	eq(t, "LogicalBytes", six.LogicalBytes, 2*int64(imgSize))
 	checkStored(t, six, root)
+
+	// A group backup and a health record are stored bytes too.
+	m, err := r.SaveManifest(ctx, &repo.Manifest{VM: "gamma", Time: t0, Source: "qemu", Mode: "full", Group: "app", SetID: "s",
+		Disks: []repo.ManifestDisk{{Name: "sda", Size: cs, ChunkSize: cs, Index: oid.String()}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.SaveGroup(ctx, &repo.Group{Name: "app", SetID: "s", Time: t0, Members: []repo.GroupMember{{VM: "gamma", Backup: m.String()}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.AddHealth(ctx, m, repo.HealthResult{Result: repo.HealthPassed, Time: t0}); err != nil {
+		t.Fatal(err)
+	}
+	seven := compute(t, r)
+	if seven.OtherBytes <= six.OtherBytes {
+		t.Errorf("OtherBytes %d with a group record and a health record, %d without", seven.OtherBytes, six.OtherBytes)
+	}
+	checkStored(t, seven, root)
 
 	cctx, cancel := context.WithCancel(ctx)
 	cancel()
