@@ -27,7 +27,6 @@ func init() { commands = append(commands, newBackupCmd) }
 // a backup.Job in its own function; runBackup does the rest.
 type backupFlags struct {
 	repo  repoFlags
-	vm    string
 	disks []string // NAME=IMAGE
 	tags  []string
 
@@ -66,7 +65,7 @@ Unallocated ranges are not read; chunks already in the repository are not
 stored again. The summary lists what was read and stored per disk.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if f.live.qmp != "" || f.live.x.url != "" || f.live.libvirt != "" {
+			if len(f.live.qmps) > 0 || f.live.x.url != "" || f.live.libvirt != "" {
 				return liveBackup(cmd.Context(), a, &f)
 			}
 			job, cleanup, err := imageJob(&f)
@@ -77,7 +76,7 @@ stored again. The summary lists what was read and stored per disk.`,
 			return runBackup(cmd.Context(), a, &f, job)
 		},
 	}
-	cmd.Flags().StringVar(&f.live.qmp, "qmp", "", "back up the running VM behind this QMP socket")
+	cmd.Flags().StringArrayVar(&f.live.qmps, "qmp", nil, "back up the running VM behind this QMP socket; repeat (with --group) to back up several VMs at one instant")
 	f.live.x.register(cmd, "xapi", "back up a VM of this XenServer / XCP-ng pool master, https://HOST (with --vm NAME|UUID)")
 	f.live.addLibvirt(cmd)
 	cmd.Flags().StringVar(&f.repoVM, "repo-vm", "", "with --xapi or --libvirt: name of the VM in the repository (default: its name-label or domain name, other characters than letters, digits, '.', '_' and '-' made '_')")
@@ -88,7 +87,7 @@ stored again. The summary lists what was read and stored per disk.`,
 	intFlag(cmd.Flags(), &f.conns, "nbd-connections", 4, 1, maxNBDConnections, "with --qmp or --xapi: NBD connections per disk")
 	intFlag(cmd.Flags(), &f.live.hostConns, "xapi-nbd-connections", xapiprov.DefaultHostConns, 1, 16, "with --xapi: NBD connections per pool host for all disks together (XenServer's NBD server serves at most 16 per host, to all clients)")
 	f.repo.register(cmd)
-	cmd.Flags().StringVar(&f.vm, "vm", "", "name of the VM in the repository (required with --disk; with --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool; with --libvirt, the domain's name or UUID")
+	cmd.Flags().StringArrayVar(&f.live.vms, "vm", nil, "name of the VM in the repository (required with --disk; with one --qmp, default the VM's -name); with --xapi, the VM's name-label or UUID on the pool; with --libvirt, the domain's name or UUID (repeat with --group for several)")
 	cmd.Flags().StringArrayVar(&f.disks, "disk", nil, "disk to back up as NAME=IMAGE (raw image file or block device); repeat for several")
 	cmd.Flags().StringArrayVar(&f.tags, "tag", nil, "tag to attach to the backup; repeat for several")
 	return cmd
@@ -96,13 +95,14 @@ stored again. The summary lists what was read and stored per disk.`,
 
 // imageJob builds the job of an image-file backup.
 func imageJob(f *backupFlags) (backup.Job, func(), error) {
-	if f.vm == "" {
-		return backup.Job{}, nil, errorf(errs.ErrUsage, "--vm is required")
+	if len(f.live.vms) != 1 {
+		return backup.Job{}, nil, errorf(errs.ErrUsage, "give the VM's name in the repository once: --vm NAME")
 	}
+	vm := f.live.vms[0]
 	if len(f.disks) == 0 {
 		return backup.Job{}, nil, errorf(errs.ErrUsage, "give at least one --disk NAME=IMAGE")
 	}
-	job := backup.Job{VM: f.vm, Tags: f.tags, Source: "image", Mode: "full"}
+	job := backup.Job{VM: vm, Tags: f.tags, Source: "image", Mode: "full"}
 	var images []*imagefile.Image
 	cleanup := func() {
 		for _, im := range images {
@@ -173,34 +173,54 @@ type diskSummary struct {
 	Reason       string `json:"reason,omitempty"`
 }
 
-// liveBackup backs up a running VM.
+// liveBackup backs up a running VM, or several at one instant (--group).
 func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 	if len(f.disks) > 0 {
 		return errorf(errs.ErrUsage, "--disk backs up image files; with --qmp the VM's disks are found by themselves")
 	}
-	lo := livebackup.Options{VM: f.vm, Tags: f.tags, Full: f.full, Conns: f.conns}
+	lo := livebackup.Options{Tags: f.tags, Full: f.full, Conns: f.conns}
 	if f.live.x.url != "" || f.live.libvirt != "" {
-		f.live.vm, lo.VM = f.vm, f.repoVM
 		if f.repoVM != "" {
+			if len(f.live.vms) > 1 {
+				return errorf(errs.ErrUsage, "--repo-vm names one VM in the repository; the VMs of a group keep their own names")
+			}
 			if err := repo.ValidName("VM", f.repoVM); err != nil {
 				return fmt.Errorf("--repo-vm: %w", err)
 			}
 		}
+		lo.VM = f.repoVM
 		lo.Name = func(vm coord.VMInfo) string { return xapiprov.RepoName(vm.Name) }
-	} else if f.repoVM != "" {
-		return errorf(errs.ErrUsage, "--repo-vm is for --xapi and --libvirt; with --qmp, --vm names the VM in the repository")
+	} else {
+		if f.repoVM != "" {
+			return errorf(errs.ErrUsage, "--repo-vm is for --xapi and --libvirt; with --qmp, --vm names the VM in the repository")
+		}
+		if len(f.live.vms) > 0 {
+			if len(f.live.vms) > 1 || len(f.live.qmps) > 1 {
+				return errorf(errs.ErrUsage, "with --qmp, --vm names the one VM in the repository; the VMs of a group are named by their -name")
+			}
+			lo.VM, f.live.vms = f.live.vms[0], nil
+		}
 	}
-	c, err := f.live.coordinator(a)
+	ms, err := f.live.members(true)
 	if err != nil {
 		return err
+	}
+	var los []livebackup.Options
+	for i := range ms {
+		c, err := ms[i].coordinator(a)
+		if err != nil {
+			return err
+		}
+		o := lo
+		o.Coordinator = c
+		los = append(los, o)
 	}
 	r, err := f.repo.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer func() { r.Close(); r.Backend().Close() }()
-	lo.Coordinator = c
-	res, err := vmbackup.Run(ctx, r, vmbackup.Options{Live: lo, Warn: a.out.Warn,
+	opts := vmbackup.Options{Warn: a.out.Warn,
 		Plan: func(d livebackup.DiskPlan) {
 			a.out.Status(struct {
 				Phase string `json:"phase"`
@@ -208,16 +228,18 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 			}{"plan", d}, fmt.Sprintf("%s: %s read%s", d.Name, d.Mode, map[bool]string{true: " (" + d.Reason + ")", false: ""}[d.Reason != ""]))
 		},
 		Progress: func(m *progress.Meter) func() { return showProgress(ctx, a, "backup", m) },
-	})
-	if err != nil {
-		return err
 	}
-	var total int64
-	for _, d := range res.Disks {
-		total += d.Size
+	if f.live.group == "" {
+		opts.Live = los[0]
+		res, err := vmbackup.Run(ctx, r, opts)
+		if err != nil {
+			return err
+		}
+		s := newBackupSummary(res)
+		a.out.Summary(s, func(w io.Writer) { s.print(w) })
+		return nil
 	}
-	printBackupSummary(a, res.Result, total, res.Live)
-	return nil
+	return groupBackup(ctx, a, r, f.live.group, los, opts)
 }
 
 // runBackup opens the repository, backs the image files of job up under
@@ -248,7 +270,21 @@ func runBackup(ctx context.Context, a *app, f *backupFlags, job backup.Job) erro
 	return nil
 }
 
+// newBackupSummary is the summary of a stored live backup.
+func newBackupSummary(res *vmbackup.Result) backupSummary {
+	var total int64
+	for _, d := range res.Disks {
+		total += d.Size
+	}
+	return summarize(res.Result, total, res.Live)
+}
+
 func printBackupSummary(a *app, res *backup.Result, total int64, live *livebackup.Backup) {
+	s := summarize(res, total, live)
+	a.out.Summary(s, func(w io.Writer) { s.print(w) })
+}
+
+func summarize(res *backup.Result, total int64, live *livebackup.Backup) backupSummary {
 	m := res.Manifest
 	s := backupSummary{BackupID: res.ID.String(), ShortID: res.ID.Short(), VM: m.VM, Time: m.Time, Tags: m.Tags,
 		Source: m.Source, Mode: m.Mode, Reason: m.Reason, Consistency: m.Consistency, SetID: m.SetID,
@@ -273,32 +309,35 @@ func printBackupSummary(a *app, res *backup.Result, total int64, live *livebacku
 		s.FreezeMS = &live.Set.FreezeMS
 		s.Instant, s.PauseMS = live.Set.Instant, live.Set.PauseMS
 	}
-	a.out.Summary(s, func(w io.Writer) {
-		fmt.Fprintf(w, "backup %s of %s done in %s (%s/s), %s", s.ShortID, s.VM, progress.Duration(s.DurationS), progress.Bytes(int64(s.Rate)), s.Mode)
-		if s.Consistency != "" {
-			fmt.Fprintf(w, ", %s-consistent (set %s, frozen %d ms", s.Consistency, s.SetID, *s.FreezeMS)
-			switch s.Instant {
-			case coord.InstantPaused:
-				fmt.Fprintf(w, ", all disks at one instant: VM paused %d ms", s.PauseMS)
-			case coord.InstantPerDisk:
-				fmt.Fprint(w, ", disks one after another")
-			}
-			fmt.Fprint(w, ")")
+	return s
+}
+
+// print writes the summary as text.
+func (s backupSummary) print(w io.Writer) {
+	fmt.Fprintf(w, "backup %s of %s done in %s (%s/s), %s", s.ShortID, s.VM, progress.Duration(s.DurationS), progress.Bytes(int64(s.Rate)), s.Mode)
+	if s.Consistency != "" {
+		fmt.Fprintf(w, ", %s-consistent (set %s, frozen %d ms", s.Consistency, s.SetID, *s.FreezeMS)
+		switch s.Instant {
+		case coord.InstantPaused:
+			fmt.Fprintf(w, ", all disks at one instant: VM paused %d ms", s.PauseMS)
+		case coord.InstantPerDisk:
+			fmt.Fprint(w, ", disks one after another")
 		}
-		fmt.Fprintln(w)
-		for _, d := range s.Disks {
-			fmt.Fprintf(w, "  %-12s %10s  read %10s  stored %10s  chunks: %d new, %d reused, %d zero  %s\n",
-				d.Name, progress.Bytes(d.Size), progress.Bytes(d.BytesRead), progress.Bytes(d.BytesNew), d.ChunksNew, d.ChunksReused, d.ChunksZero, d.Mode)
-			if d.Reason != "" {
-				fmt.Fprintf(w, "  %-12s full read: %s\n", "", d.Reason)
-			}
+		fmt.Fprint(w, ")")
+	}
+	fmt.Fprintln(w)
+	for _, d := range s.Disks {
+		fmt.Fprintf(w, "  %-12s %10s  read %10s  stored %10s  chunks: %d new, %d reused, %d zero  %s\n",
+			d.Name, progress.Bytes(d.Size), progress.Bytes(d.BytesRead), progress.Bytes(d.BytesNew), d.ChunksNew, d.ChunksReused, d.ChunksZero, d.Mode)
+		if d.Reason != "" {
+			fmt.Fprintf(w, "  %-12s full read: %s\n", "", d.Reason)
 		}
-		if s.Definition != "" {
-			var names []string
-			for _, f := range s.Files {
-				names = append(names, f.Name)
-			}
-			fmt.Fprintf(w, "  with its %s definition: %s\n", s.Definition, strings.Join(names, ", "))
+	}
+	if s.Definition != "" {
+		var names []string
+		for _, f := range s.Files {
+			names = append(names, f.Name)
 		}
-	})
+		fmt.Fprintf(w, "  with its %s definition: %s\n", s.Definition, strings.Join(names, ", "))
+	}
 }

@@ -1,11 +1,14 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/vmshadow/vmshadow/internal/coord"
 )
 
 func init() { commands = append(commands, newRecoverCmd) }
@@ -24,23 +27,51 @@ With --xapi it removes the set's snapshot and snapshot VDIs (waiting for a
 snapshot still being taken), and any other snapshot of the VM named vmshadow-*.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			s, err := f.session(cmd.Context(), a, true)
+			ss, err := f.sessions(cmd.Context(), a, true, false)
 			if err != nil {
 				return err
 			}
-			defer s.Close()
-			rep, err := s.Recover(cmd.Context())
-			if err != nil {
-				return err
-			}
-			a.out.Summary(rep, func(w io.Writer) {
-				if len(rep.Thawed)+len(rep.Removed) == 0 {
-					fmt.Fprintf(w, "nothing to recover on %s\n", s.VM().Name)
-					return
+			defer func() {
+				for _, s := range ss {
+					s.Close()
 				}
-				fmt.Fprintf(w, "recovered %s: thawed [%s], removed [%s]\n", s.VM().Name, strings.Join(rep.Thawed, ", "), strings.Join(rep.Removed, ", "))
-			})
-			return nil
+			}()
+			type vmReport struct {
+				VM string `json:"vm"`
+				coord.RecoverReport
+			}
+			var reps []vmReport
+			var errList []error
+			for _, s := range ss {
+				rep, err := s.Recover(cmd.Context())
+				if err != nil {
+					errList = append(errList, fmt.Errorf("VM %s: %w", s.VM().Name, err))
+					continue
+				}
+				reps = append(reps, vmReport{s.VM().Name, rep})
+			}
+			text := func(w io.Writer) {
+				for _, rep := range reps {
+					if len(rep.Thawed)+len(rep.Removed) == 0 && !rep.Resumed {
+						fmt.Fprintf(w, "nothing to recover on %s\n", rep.VM)
+						continue
+					}
+					resumed := ""
+					if rep.Resumed {
+						resumed = "resumed the VM, "
+					}
+					fmt.Fprintf(w, "recovered %s: %sthawed [%s], removed [%s]\n", rep.VM, resumed, strings.Join(rep.Thawed, ", "), strings.Join(rep.Removed, ", "))
+				}
+			}
+			switch {
+			case len(ss) == 1 && len(reps) == 1:
+				a.out.Summary(reps[0].RecoverReport, text)
+			case len(reps) > 0:
+				a.out.Summary(struct {
+					VMs []vmReport `json:"vms"`
+				}{reps}, text)
+			}
+			return errors.Join(errList...)
 		},
 	}
 	f.addVM(cmd)

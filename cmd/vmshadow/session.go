@@ -18,6 +18,7 @@ import (
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/qga"
 	"github.com/vmshadow/vmshadow/internal/qmp"
+	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/vmconn"
 )
 
@@ -26,6 +27,14 @@ import (
 // behind a QMP socket (--qmp), a XenServer / XCP-ng VM of a pool (--xapi
 // and --vm), or a libvirt domain (--libvirt and --vm).
 type vmFlags struct {
+	// qmps, vms and qgas are the repeatable --qmp, --vm and --qga: several
+	// VMs make one set across all of them (a consistency group, --group);
+	// members() turns them into one vmFlags per VM with qmp, vm and qga
+	// set.
+	qmps          []string
+	vms           []string
+	qgas          []string
+	group         string
 	qmp           string
 	x             xapiFlags
 	libvirt       string // --libvirt: libvirt's connection URI
@@ -84,10 +93,10 @@ func defaultStateDir() string {
 
 // addVM adds --qmp, the XAPI flags (--xapi, --vm, ...) and --state-dir.
 func (f *vmFlags) addVM(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.qmp, "qmp", "", "the QEMU VM's QMP UNIX socket (or --xapi and --vm)")
+	cmd.Flags().StringArrayVar(&f.qmps, "qmp", nil, "the QEMU VM's QMP UNIX socket (or --xapi and --vm); repeat for several VMs")
 	f.x.register(cmd, "xapi", "the XenServer / XCP-ng pool master, https://HOST (with --vm)")
 	f.addLibvirt(cmd)
-	cmd.Flags().StringVar(&f.vm, "vm", "", "with --xapi: the VM's name-label or UUID; with --libvirt: the domain's name or UUID")
+	cmd.Flags().StringArrayVar(&f.vms, "vm", nil, "with --xapi: the VM's name-label or UUID; with --libvirt: the domain's name or UUID; repeat for several VMs")
 	cmd.Flags().StringVar(&f.stateDir, "state-dir", defaultStateDir(), "directory of vmshadow's journals (env VMSHADOW_STATE_DIR)")
 	f.addPeer(cmd)
 }
@@ -100,7 +109,7 @@ func (f *vmFlags) addLibvirt(cmd *cobra.Command) {
 // addWriters adds the writer flags (--qga, --hook, --guest-agent).
 func (f *vmFlags) addWriters(cmd *cobra.Command) {
 	cmd.Flags().BoolVar(&f.guestAgent, "guest-agent", false, "with --libvirt: freeze the guest's file systems through libvirt's guest agent channel (virDomainFSFreeze)")
-	cmd.Flags().StringVar(&f.qga, "qga", "", "the guest agent's UNIX socket: freeze the guest's file systems")
+	cmd.Flags().StringArrayVar(&f.qgas, "qga", nil, "the guest agent's UNIX socket: freeze the guest's file systems; with several --qmp, one --qga per --qmp in the same order")
 	cmd.Flags().StringArrayVar(&f.hooks, "hook", nil, "executable on this host called with freeze/thaw around the instant (repeatable, run in order, thawed in reverse)")
 	cmd.Flags().StringArrayVar(&f.guestHooks, "guest-hook", nil, "program inside the guest run through the agent (--qga) with freeze/thaw, before the file systems freeze (repeatable)")
 }
@@ -112,6 +121,7 @@ func (f *vmFlags) addSet(cmd *cobra.Command) {
 	durationFlag(cmd.Flags(), &f.writerTimeout, "writer-timeout", coord.DefaultWriterTimeout, time.Second, time.Hour, "longest time for each writer call")
 	cmd.Flags().StringVar(&f.scratchDir, "scratch-dir", "", "directory of the diff area (scratch files) and NBD socket (default STATE_DIR/scratch)")
 	cmd.Flags().StringVar(&f.require, "require", "", "fail unless the set reaches this consistency: filesystem or application")
+	cmd.Flags().StringVar(&f.group, "group", "", "with several VMs (--qmp or --vm repeated): take one set across all of them, at one instant, and name the group NAME")
 	cmd.Flags().BoolVar(&f.noPause, "xapi-no-pause", false, "with --xapi: do not pause a running VM with several disks around VM.snapshot (XAPI then snapshots its disks one after another, not at one instant)")
 }
 
@@ -182,16 +192,116 @@ func (f *vmFlags) coordinator(a *app) (*coord.Coordinator, error) {
 	return vmconn.Coordinator(t, w, vmconn.Options{StateDir: f.stateDir, ScratchDir: f.scratchDir, Coord: opts})
 }
 
-// session builds the coordinator and opens its session: locked for
-// commands that change the VM, or not (Inspect) for those that only read
-// its state while another process may hold the lock.
+// members expands the flags into one vmFlags per VM, with qmp, vm and
+// qga set: each --qmp (with the --qga at the same position), then each
+// --vm of --libvirt or --xapi. With one VM the flags are taken as given
+// (coordinator names what does not fit). Several VMs need --group when
+// sets are created (group); host hooks then run once for the set (they
+// go with the first VM), and guest hooks are refused.
+func (f *vmFlags) members(group bool) ([]vmFlags, error) {
+	first := func(v []string) string {
+		if len(v) > 0 {
+			return v[0]
+		}
+		return ""
+	}
+	if f.group != "" {
+		if err := repo.ValidName("group", f.group); err != nil {
+			return nil, fmt.Errorf("--group: %w", err)
+		}
+	}
+	if len(f.qmps)+len(f.vms) <= 1 {
+		if len(f.qgas) > 1 {
+			return nil, errorf(errs.ErrUsage, "--qga is given %d times for one VM", len(f.qgas))
+		}
+		m := *f
+		m.qmp, m.vm, m.qga = first(f.qmps), first(f.vms), first(f.qgas)
+		return []vmFlags{m}, nil
+	}
+	switch {
+	case group && f.group == "":
+		return nil, errorf(errs.ErrUsage, "several VMs (%d) make one snapshot set across all of them: name the group with --group NAME", len(f.qmps)+len(f.vms))
+	case len(f.qgas) > 0 && len(f.qgas) != len(f.qmps):
+		return nil, errorf(errs.ErrUsage, "give one --qga per --qmp, in the same order (%d --qmp, %d --qga)", len(f.qmps), len(f.qgas))
+	case len(f.guestHooks) > 0:
+		return nil, errorf(errs.ErrUsage, "--guest-hook is for a set of one VM; in a group, freeze the guests' applications with --hook on this host, or with the guests' own fsfreeze hooks")
+	case len(f.vms) > 0 && f.libvirt == "" && f.x.url == "":
+		return nil, errorf(errs.ErrUsage, "--vm names a libvirt domain or a XenServer VM: give --libvirt URI or --xapi URL with it")
+	case f.libvirt != "" && f.x.url != "":
+		return nil, errorf(errs.ErrUsage, "the VMs given with --vm are reached through one of --libvirt or --xapi, not both")
+	case len(f.vms) == 0 && (f.libvirt != "" || f.x.url != ""):
+		return nil, errorf(errs.ErrUsage, "--libvirt and --xapi need the VMs they reach: --vm NAME|UUID")
+	}
+	var ms []vmFlags
+	for i, q := range f.qmps {
+		m := *f
+		m.qmp, m.vm, m.libvirt, m.x.url, m.guestAgent = q, "", "", "", false
+		if len(f.qgas) > 0 {
+			m.qga = f.qgas[i]
+		}
+		ms = append(ms, m)
+	}
+	for _, v := range f.vms {
+		m := *f
+		m.qmp, m.vm, m.qga = "", v, ""
+		ms = append(ms, m)
+	}
+	for i := range ms {
+		if i > 0 {
+			ms[i].hooks = nil // host hooks run once for the set
+		}
+	}
+	return ms, nil
+}
+
+// session builds the coordinator of the one VM the flags name and opens
+// its session: locked for commands that change the VM, or not (Inspect)
+// for those that only read its state while another process may hold the
+// lock.
 func (f *vmFlags) session(ctx context.Context, a *app, locked bool) (*coord.Session, error) {
-	c, err := f.coordinator(a)
+	ss, err := f.sessions(ctx, a, locked, false)
 	if err != nil {
 		return nil, err
 	}
-	if locked {
-		return c.Open(ctx)
+	if len(ss) > 1 {
+		for _, s := range ss {
+			s.Close()
+		}
+		return nil, errorf(errs.ErrUsage, "this command works on one VM; %d were given", len(ss))
 	}
-	return c.Inspect(ctx)
+	return ss[0], nil
+}
+
+// sessions opens a session per VM the flags name (members), in order; on
+// error none stays open.
+func (f *vmFlags) sessions(ctx context.Context, a *app, locked, group bool) ([]*coord.Session, error) {
+	ms, err := f.members(group)
+	if err != nil {
+		return nil, err
+	}
+	var cs []*coord.Coordinator
+	for i := range ms {
+		c, err := ms[i].coordinator(a)
+		if err != nil {
+			return nil, err
+		}
+		cs = append(cs, c)
+	}
+	var ss []*coord.Session
+	for _, c := range cs {
+		var s *coord.Session
+		if locked {
+			s, err = c.Open(ctx)
+		} else {
+			s, err = c.Inspect(ctx)
+		}
+		if err != nil {
+			for _, s := range ss {
+				s.Close()
+			}
+			return nil, err
+		}
+		ss = append(ss, s)
+	}
+	return ss, nil
 }

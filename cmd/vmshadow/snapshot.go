@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -35,6 +36,9 @@ func printSet(w io.Writer, s coord.Info) {
 		freeze = fmt.Sprintf("frozen %d ms", s.FreezeMS)
 	}
 	fmt.Fprintf(w, "snapshot set %s of %s: %s-consistent, %s, created %s (%s)\n", s.ID, s.VM, s.Consistency, freeze, s.Created, s.Phase)
+	if g := s.Group; g != nil {
+		fmt.Fprintf(w, "  part of group %s (VMs %s): the group is %s-consistent, its VMs paused together %d ms\n", g.Name, strings.Join(g.Members, ", "), g.Consistency, g.PauseMS)
+	}
 	for _, sh := range s.Shadows {
 		where := sh.NBD
 		if where == "" { // XAPI: read in a session of your own (VDI.get_nbd_info)

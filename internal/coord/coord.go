@@ -485,13 +485,14 @@ func (s *Session) level(set *Set) Level {
 	return Crash
 }
 
-// Delete releases the set with the given id.
+// Delete releases the set with the given id, or the VM's part of the
+// group set with that id.
 func (s *Session) Delete(ctx context.Context, id string) (*Set, error) {
 	set, err := s.c.Journal.Load(s.vm.Key)
 	if err != nil {
 		return nil, err
 	}
-	if set == nil || set.ID != id {
+	if set == nil || (set.ID != id && (set.Group == nil || set.Group.SetID != id)) {
 		return nil, fmt.Errorf("no snapshot set %q on VM %s (see 'vmshadow snapshot list'): %w", id, s.vm.Name, errs.ErrNotFound)
 	}
 	if err := set.moveTo(PhaseReleasing); err != nil {

@@ -17,6 +17,10 @@ import (
 // across VMs").
 type GroupRef struct {
 	Name string `json:"name"`
+	// SetID is the group's set: every member's set has its own ID (its
+	// objects and scratch files are named by it, so that one VM's
+	// leftovers are never taken for another's), and names this one.
+	SetID string `json:"set_id"`
 	// Members are the VMs' names, in the order given.
 	Members []string `json:"members"`
 	// Consistency is the whole group's level, the lowest of its members';
@@ -71,7 +75,8 @@ type groupRun struct {
 // the freeze window and the time limits are those of the whole set. Any
 // VM failing aborts the set for all: everything created is released,
 // every VM is resumed and thawed, and the VMs are as they were. The sets
-// returned share one ID, in the order of sessions.
+// are returned in the order of sessions, each with its own ID and the
+// group's (GroupRef.SetID; the first member's set has the group's ID).
 //
 // Members whose provider cannot pause them (XenServer, whose VM.snapshot
 // pauses the VM by itself) are committed last, while the others stay
@@ -93,16 +98,19 @@ func CreateGroup(ctx context.Context, name string, sessions []*Session) ([]*Set,
 			return nil, err
 		}
 	}
+	g := &groupRun{}
+	id, created := NewSetID(), time.Now().UTC().Truncate(time.Millisecond)
 	var ref *GroupRef
 	if name != "" {
-		ref = &GroupRef{Name: name}
+		ref = &GroupRef{Name: name, SetID: id}
 		for _, s := range sessions {
 			ref.Members = append(ref.Members, s.vm.Name)
 		}
 	}
-	g := &groupRun{}
-	id, created := NewSetID(), time.Now().UTC().Truncate(time.Millisecond)
-	for _, s := range ordered {
+	for i, s := range ordered {
+		if i > 0 {
+			id = NewSetID()
+		}
 		set := &Set{ID: id, VM: s.vm.Name, Provider: s.c.Provider.Kind(), Created: created,
 			Phase: PhasePreparing, PID: os.Getpid(), Ephemeral: s.c.Ephemeral, Group: ref.copy()}
 		for _, w := range s.c.Writers {

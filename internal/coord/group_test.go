@@ -118,11 +118,11 @@ func TestGroupSequence(t *testing.T) {
 		t.Errorf("calls:\n got %s\nwant %s", got, strings.Join(want, ","))
 	}
 	for i, set := range sets {
-		if set.ID != sets[0].ID || set.FreezeMS != sets[0].FreezeMS {
-			t.Errorf("member %d: set %s freeze %d ms, want the group's %s, %d ms", i, set.ID, set.FreezeMS, sets[0].ID, sets[0].FreezeMS)
-		}
 		if set.Group == nil || set.Group.Name != "shop" || strings.Join(set.Group.Members, ",") != "A,B,C" {
 			t.Fatalf("member %d: group %+v", i, set.Group)
+		}
+		if set.Group.SetID != sets[0].ID || set.FreezeMS != sets[0].FreezeMS || (i > 0 && set.ID == sets[0].ID) {
+			t.Errorf("member %d: set %s of group set %s, freeze %d ms; want its own ID in the group's %s, %d ms", i, set.ID, set.Group.SetID, set.FreezeMS, sets[0].ID, sets[0].FreezeMS)
 		}
 		// C has no application writer: the group is filesystem-consistent.
 		if set.Group.Consistency != Filesystem || set.Paused || set.Phase != PhaseExposed {
@@ -135,8 +135,9 @@ func TestGroupSequence(t *testing.T) {
 	if sets[0].Consistency != Application || sets[2].Consistency != Filesystem {
 		t.Errorf("member levels %s, %s", sets[0].Consistency, sets[2].Consistency)
 	}
-	for i, s := range ss {
-		if _, err := s.Delete(context.Background(), sets[i].ID); err != nil {
+	for _, s := range ss {
+		// Each member's part is deleted by the group's set ID.
+		if _, err := s.Delete(context.Background(), sets[0].Group.SetID); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -241,7 +241,10 @@ func open(ctx context.Context, r *repo.Repo, o Options) (*Backup, error) {
 func (b *Backup) open(ctx context.Context, r *repo.Repo, group string) error {
 	p, set, prev, vm := b.p, b.Set, b.prev, b.vm
 	var err error
-	b.Job = backup.Job{VM: vm, Tags: b.o.Tags, Time: set.Created, Source: p.Kind(), Consistency: set.Consistency.String(), SetID: set.ID}
+	b.Job = backup.Job{VM: vm, Tags: b.o.Tags, Time: set.Created, Source: p.Kind(), Consistency: set.Consistency.String(), SetID: set.ID, Group: group}
+	if set.Group != nil {
+		b.Job.SetID = set.Group.SetID // the group's instant, shared by its members' backups
+	}
 	if d, ok := p.(Describer); ok {
 		if b.Job.Definition, b.Job.Files, err = d.Describe(ctx, set); err != nil {
 			return fmt.Errorf("describe %s: %w", vm, err)

@@ -50,18 +50,29 @@ func Run(ctx context.Context, r *repo.Repo, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	return res[0], nil
+	return res.Members[0], nil
+}
+
+// GroupResult is what RunGroup stored: each member's backup and, for a
+// named group, the group record.
+type GroupResult struct {
+	Members []*Result
+	// ID and Group are the group record (zero and nil without a name).
+	ID    repo.ID
+	Group *repo.Group
 }
 
 // RunGroup backs up the VMs of members at one instant: one snapshot set
 // across all of them named group (livebackup.StartGroup), then each VM's
 // backup in turn, each into its own chain, its set released as soon as
-// it is stored. o's Plan, Progress and Warn apply to each member (o.Live
+// it is stored, and last the group record naming them all (a named
+// group only). o's Plan, Progress and Warn apply to each member (o.Live
 // is not used). It returns the backups stored, in the order of members;
 // with an error, those stored before the failure stay as ordinary
-// backups (their change tracking moved on to them) and the failed
-// member's chunks are reclaimed as for Run.
-func RunGroup(ctx context.Context, r *repo.Repo, group string, members []livebackup.Options, o Options) ([]*Result, error) {
+// backups (their change tracking moved on to them; without the group
+// record they are no group backup) and the failed member's chunks are
+// reclaimed as for Run.
+func RunGroup(ctx context.Context, r *repo.Repo, group string, members []livebackup.Options, o Options) (*GroupResult, error) {
 	warn := o.Warn
 	if warn == nil {
 		warn = func(string, ...any) {}
@@ -83,14 +94,14 @@ func RunGroup(ctx context.Context, r *repo.Repo, group string, members []livebac
 	return res, nil
 }
 
-func runGroup(ctx context.Context, r *repo.Repo, group string, members []livebackup.Options, o Options, warn func(string, ...any)) ([]*Result, error) {
+func runGroup(ctx context.Context, r *repo.Repo, group string, members []livebackup.Options, o Options, warn func(string, ...any)) (*GroupResult, error) {
 	lbs, err := livebackup.StartGroup(ctx, r, group, members)
 	if err != nil {
 		return nil, err
 	}
-	var stored []*Result
+	res := &GroupResult{}
 	for i, lb := range lbs {
-		res, err := store(ctx, r, lb, o, warn)
+		m, err := store(ctx, r, lb, o, warn)
 		if err != nil {
 			for _, rest := range lbs[i+1:] {
 				rest.Finish(ctx, false) // release the others' sets, merging change tracking back
@@ -98,11 +109,23 @@ func runGroup(ctx context.Context, r *repo.Repo, group string, members []livebac
 			if len(lbs) > 1 {
 				err = fmt.Errorf("VM %s: %w", lb.Job.VM, err)
 			}
-			return stored, err
+			return res, err
 		}
-		stored = append(stored, res)
+		res.Members = append(res.Members, m)
 	}
-	return stored, nil
+	if group == "" {
+		return res, nil
+	}
+	set := lbs[0].Set
+	g := &repo.Group{Name: group, SetID: set.Group.SetID, Time: set.Created, FreezeMS: set.FreezeMS, Consistency: set.Group.Consistency.String()}
+	for _, m := range res.Members {
+		g.Members = append(g.Members, repo.GroupMember{VM: m.Manifest.VM, Backup: m.ID.String()})
+	}
+	if res.ID, err = r.SaveGroup(ctx, g); err != nil {
+		return res, fmt.Errorf("store the record of group %s (its members' backups are stored, as ordinary backups): %w", group, err)
+	}
+	res.Group = g
+	return res, nil
 }
 
 // store runs the backup pipeline of one started live backup and finishes
