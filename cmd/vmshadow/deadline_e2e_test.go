@@ -94,7 +94,7 @@ func TestPeerStallsEndWithinBounds(t *testing.T) {
 		{"snapshot create: agent stalls, filesystem required", []string{"snapshot", "create", "--qmp", vm.QMPPath, "--qga", agentStall, "--writer-timeout", "2s", "--require", "filesystem"},
 			4, []string{agentStall, "guest-agent", "did not answer"}, 30 * time.Second, true, nil},
 		{"snapshot create: agent stalls in the freeze, filesystem required", []string{"snapshot", "create", "--qmp", vm.QMPPath, "--qga", hangFreeze.Path, "--writer-timeout", "2s", "--require", "filesystem"},
-			5, []string{"guest-agent", "guest-fsfreeze-freeze", "recover"}, 30 * time.Second, true,
+			5, []string{"guest-agent", "guest-fsfreeze-freeze"}, 30 * time.Second, true,
 			[]string{"recover", "--qmp", vm.QMPPath, "--qga", hangFreeze.Path}},
 		// QEMU serves 100 NBD connections at a time (max-connections'
 		// default since the fix of CVE-2024-7409, in Debian's 7.2 too); the
@@ -213,8 +213,10 @@ func TestSignalWhileBlockedOnPeer(t *testing.T) {
 			if took > 30*time.Second {
 				t.Errorf("ended %s after the signal", took)
 			}
-			if msg := r.errorMessage(); !strings.Contains(msg, "recover") {
-				t.Errorf("error %q does not say to run recover (the agent may be frozen)", msg)
+			// The hung connection is dropped and the guest thawed
+			// through a new one before vmshadow exits.
+			if ag.Frozen() {
+				t.Errorf("guest left frozen after the interrupted backup (%s)", r.errorMessage())
 			}
 			vm.SameGraph(before)
 			if res := rig.run("recover", "--qmp", vm.QMPPath, "--qga", ag.Path); res.code != 0 {

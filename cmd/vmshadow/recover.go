@@ -42,13 +42,18 @@ snapshot still being taken), and any other snapshot of the VM named vmshadow-*.`
 			}
 			var reps []vmReport
 			var errList []error
-			for _, s := range ss {
-				rep, err := s.Recover(cmd.Context())
+			if len(ss) == 1 {
+				rep, err := ss[0].Recover(cmd.Context())
 				if err != nil {
-					errList = append(errList, fmt.Errorf("VM %s: %w", s.VM().Name, err))
-					continue
+					return err
 				}
-				reps = append(reps, vmReport{s.VM().Name, rep})
+				reps = append(reps, vmReport{ss[0].VM().Name, rep})
+			} else {
+				all, err := coord.RecoverGroup(cmd.Context(), ss)
+				for i, rep := range all {
+					reps = append(reps, vmReport{ss[i].VM().Name, rep})
+				}
+				errList = append(errList, err)
 			}
 			text := func(w io.Writer) {
 				for _, rep := range reps {

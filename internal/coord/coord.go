@@ -567,6 +567,12 @@ func (s *Session) thawLeftFrozen(ctx context.Context, set *Set) (thawed, problem
 // clean VM it does nothing. Writers given to the coordinator that can
 // report their state (FrozenReporter) are thawed too when they are frozen.
 func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
+	return s.recover(ctx, true)
+}
+
+// recover is Recover; alone says whether the VM is recovered alone (then
+// the members of its group are named, to be recovered too).
+func (s *Session) recover(ctx context.Context, alone bool) (RecoverReport, error) {
 	rep := RecoverReport{Thawed: []string{}, Removed: []string{}}
 	set, err := s.c.Journal.Load(s.vm.Key)
 	if err != nil {
@@ -575,7 +581,7 @@ func (s *Session) Recover(ctx context.Context) (RecoverReport, error) {
 	thawed := map[WriterSpec]bool{}
 	if set != nil {
 		rep.SetID = set.ID
-		if set.Group != nil && len(set.Group.Members) > 1 {
+		if alone && set.Group != nil && len(set.Group.Members) > 1 {
 			s.warn(nil, "set %s of VM %s is part of group %s (VMs %v): recover every one of them", set.ID, s.vm.Name, set.Group.Name, set.Group.Members)
 		}
 		// A paused guest cannot thaw: resume first.

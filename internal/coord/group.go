@@ -428,8 +428,11 @@ func (g *groupRun) abort(ctx context.Context, err error) error {
 			continue
 		}
 		if frozen := m.s.stillFrozen(m.set); len(frozen) > 0 {
-			problems = append(problems, g.memberErr(m, fmt.Errorf("writers %v may still be frozen", frozen)).Error())
-			continue
+			m.s.thawAgain(cctx, m.set)
+			if frozen := m.s.stillFrozen(m.set); len(frozen) > 0 {
+				problems = append(problems, g.memberErr(m, fmt.Errorf("writers %v may still be frozen", frozen)).Error())
+				continue
+			}
 		}
 		if m.set.Paused {
 			continue // resume failed: keep the record for recover
@@ -442,4 +445,76 @@ func (g *groupRun) abort(ctx context.Context, err error) error {
 		return fmt.Errorf("%w; %v: run 'vmshadow recover'", err, problems)
 	}
 	return err
+}
+
+// thawAgain thaws the writers of a failed set that its live writers could
+// not thaw (a guest agent whose freeze never answered holds its
+// connection): each one's connection is closed, and it is thawed through
+// a writer rebuilt from the journal, over a new connection, as Recover
+// would. The outcome is recorded.
+func (s *Session) thawAgain(ctx context.Context, set *Set) {
+	for i, ws := range set.Writers {
+		if ws.State == WriterFreezing {
+			s.c.Writers[i].Close()
+		}
+	}
+	s.thaw(ctx, set)
+	s.rec().save(set)
+}
+
+// RecoverGroup is Recover for several VMs, such as the members of a group
+// set, with the order of a set across them: every VM a set left paused is
+// resumed first (a paused guest cannot thaw), then the writers that may be
+// frozen are thawed in the reverse of a group's freeze order (file-system
+// writers first, the last VM's first; application writers last), then
+// each VM's Recover removes the rest. It returns each VM's report, in the
+// order of sessions, and the problems of those that failed.
+func RecoverGroup(ctx context.Context, sessions []*Session) ([]RecoverReport, error) {
+	sets := make([]*Set, len(sessions))
+	early := make([]RecoverReport, len(sessions))
+	var errList []error
+	for i, s := range sessions {
+		set, err := s.c.Journal.Load(s.vm.Key)
+		if err != nil {
+			errList = append(errList, fmt.Errorf("VM %s: %w", s.vm.Name, err))
+			continue
+		}
+		sets[i] = set
+		if set != nil && set.Paused {
+			if err := s.resume(ctx, set); err != nil {
+				errList = append(errList, err)
+			} else {
+				early[i].Resumed = true
+			}
+		}
+	}
+	for _, fsPass := range []bool{true, false} {
+		for i := len(sessions) - 1; i >= 0; i-- {
+			set := sets[i]
+			if set == nil {
+				continue
+			}
+			for w := len(set.Writers) - 1; w >= 0; w-- {
+				ws := set.Writers[w]
+				if ws.State != WriterFreezing || (ws.Level == Filesystem) != fsPass {
+					continue
+				}
+				if err := sessions[i].thawOne(ctx, set, w, false); err == nil {
+					early[i].Thawed = append(early[i].Thawed, ws.Name)
+				}
+			}
+			sessions[i].rec().save(set)
+		}
+	}
+	reps := make([]RecoverReport, len(sessions))
+	for i, s := range sessions {
+		rep, err := s.recover(ctx, false)
+		rep.Resumed = rep.Resumed || early[i].Resumed
+		rep.Thawed = append(early[i].Thawed, rep.Thawed...)
+		reps[i] = rep
+		if err != nil {
+			errList = append(errList, fmt.Errorf("VM %s: %w", s.vm.Name, err))
+		}
+	}
+	return reps, errors.Join(errList...)
 }

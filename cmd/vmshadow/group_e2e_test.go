@@ -1,0 +1,196 @@
+package main
+
+import (
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmshadow/vmshadow/internal/qemutest"
+	"github.com/vmshadow/vmshadow/internal/qga/qgatest"
+)
+
+// groupVMs starts the three VMs of the group tests: A (two disks) and B
+// running, C paused by its operator (a group set must leave it paused).
+func groupVMs(t *testing.T) []*qemutest.VM {
+	a := qemutest.Start(t, qemutest.Options{Name: "grpa", Running: true, Disks: []qemutest.Disk{{ID: "vda"}, {ID: "vdb", Format: "raw", Legacy: true}}})
+	b := qemutest.Start(t, qemutest.Options{Name: "grpb", Running: true, Disks: []qemutest.Disk{{ID: "vda"}}})
+	c := qemutest.Start(t, qemutest.Options{Name: "grpc", Running: true, Disks: []qemutest.Disk{{ID: "vda"}}})
+	c.Pause()
+	return []*qemutest.VM{a, b, c}
+}
+
+// groupArgs are the flags naming the VMs, A and B with a guest agent each.
+func groupArgs(vms []*qemutest.VM, agents ...*qgatest.Agent) []string {
+	var args []string
+	for i, vm := range vms {
+		qga := ""
+		if i < len(agents) {
+			qga = agents[i].Path
+		}
+		args = append(args, "--qmp", vm.QMPPath, "--qga", qga)
+	}
+	return args
+}
+
+// TestGroupRecoverAfterKill kills vmshadow (SIGKILL) at every phase of a
+// snapshot set across three VMs, and checks that recover, given the three
+// VMs, leaves every one exactly as it was (A and B running, C still paused
+// as its operator left it; thawed; nothing of the set left), and that the
+// next group set works.
+func TestGroupRecoverAfterKill(t *testing.T) {
+	vms := groupVMs(t)
+	points := []struct {
+		point  string
+		frozen bool // the writers' freeze was attempted before the kill
+	}{
+		{"prepared", false}, {"frozen", true}, {"group-pausing", true}, {"group-paused", true},
+		{"qemu-inserted", true}, {"committed", true}, {"thawed", true}, {"qemu-exported", true},
+	}
+	for _, p := range points {
+		t.Run(p.point, func(t *testing.T) {
+			state, env := stateEnv(t)
+			var before []qemutest.Baseline
+			for _, vm := range vms {
+				before = append(before, vm.Baseline(scratchOf(t, env)))
+			}
+			log := filepath.Join(t.TempDir(), "writers.log")
+			agA, agB := qgatest.Start(t, qgatest.OK, log), qgatest.Start(t, qgatest.OK, log)
+			hook := hookScript(t, "db", log, "ok")
+			args := append([]string{"snapshot", "create", "--group", "shop", "--hook", hook}, groupArgs(vms, agA, agB)...)
+			r := vmshadow(t, append(env, "VMSHADOW_CRASH_AT="+p.point), args...)
+			if r.code != 137 {
+				t.Fatalf("vmshadow was not killed at %s: exit %d %s", p.point, r.code, r.errorMessage())
+			}
+			vms[0].Write("vda", byte(len(p.point)), 0, 8<<20)
+			r = vmshadow(t, env, "recover", "--qmp", vms[0].QMPPath, "--qmp", vms[1].QMPPath, "--qmp", vms[2].QMPPath)
+			if r.code != 0 {
+				t.Fatalf("recover: exit %d: %s", r.code, r.errorMessage())
+			}
+			for i, vm := range vms {
+				vm.AssertAsBefore(t, before[i])
+			}
+			if agA.Frozen() || agB.Frozen() {
+				t.Error("guest file systems left frozen")
+			}
+			calls := readLog(t, log)
+			if p.frozen {
+				if len(calls) == 0 || calls[len(calls)-1] != "hook db thaw" {
+					t.Errorf("hook not thawed last: %q", calls)
+				}
+			} else if len(calls) != 0 {
+				t.Errorf("writers called before freeze: %q", calls)
+			}
+			if left, _ := filepath.Glob(filepath.Join(state, "scratch", "vmshadow-*")); len(left) > 0 {
+				t.Errorf("scratch files left: %v", left)
+			}
+			if left, _ := filepath.Glob(filepath.Join(state, "journal", "*.json")); len(left) > 0 {
+				t.Errorf("journal left: %v", left)
+			}
+			r = vmshadow(t, env, append([]string{"snapshot", "create", "--group", "shop"}, groupArgs(vms)...)...)
+			if r.code != 0 {
+				t.Fatalf("create after recover: %s", r.errorMessage())
+			}
+			args = []string{"snapshot", "delete"}
+			for _, vm := range vms {
+				args = append(args, "--qmp", vm.QMPPath)
+			}
+			if d := vmshadow(t, env, append(args, fmt.Sprint(r.summary(t)["set_id"]))...); d.code != 0 {
+				t.Fatal(d.errorMessage())
+			}
+			for i, vm := range vms {
+				vm.AssertAsBefore(t, before[i])
+			}
+		})
+	}
+}
+
+// TestGroupBackup backs up three VMs as a group: one set, every VM paused
+// together, each VM's backup in its own chain (the second group backup is
+// incremental), each restorable alone with the data of the instant; a
+// member whose guest agent hangs aborts the whole group within the freeze
+// limit and leaves every VM as it was.
+func TestGroupBackup(t *testing.T) {
+	vms := groupVMs(t)
+	state, env := stateEnv(t)
+	env = append(env, "VMSHADOW_PASSWORD=test-password")
+	repo := filepath.Join(state, "repo")
+	if res := vmshadow(t, env, "repo", "init", "--repo", repo); res.code != 0 {
+		t.Fatalf("repo init: %s", res.errorMessage())
+	}
+	// A backup moves each VM's change tracking on; nothing else may change.
+	var before []qemutest.Baseline
+	for _, vm := range vms {
+		before = append(before, vm.Baseline(scratchOf(t, env)).WithChains())
+	}
+	for i, vm := range vms {
+		vm.Write("vda", byte(0x51+i), 0, 4<<20)
+	}
+	backup := func(args ...string) result {
+		return vmshadow(t, env, append([]string{"backup", "--repo", repo, "--group", "shop"}, append(groupArgs(vms), args...)...)...)
+	}
+	r := backup()
+	if r.code != 0 {
+		t.Fatalf("group backup: %s", r.errorMessage())
+	}
+	first := r.summary(t)
+	members, _ := first["members"].([]any)
+	if len(members) != 3 || first["group"] != "shop" || first["set_id"] == "" {
+		t.Fatalf("group summary: %v", first)
+	}
+	for i, m := range members {
+		mm := m.(map[string]any)
+		if mm["vm"] != []string{"grpa", "grpb", "grpc"}[i] || mm["set_id"] != first["set_id"] || mm["mode"] != "full" {
+			t.Errorf("member %d: %v", i, mm)
+		}
+	}
+	// A paused VM C stays paused; A and B run again.
+	for i, vm := range vms {
+		vm.AssertAsBefore(t, before[i])
+	}
+
+	// Each member restores alone, with the data of the group's instant.
+	vms[1].Write("vda", 0x61, 0, 4<<20)
+	r = backup()
+	if r.code != 0 {
+		t.Fatalf("second group backup: %s", r.errorMessage())
+	}
+	for i, m := range r.summary(t)["members"].([]any) {
+		if mode := m.(map[string]any)["mode"]; mode != "incremental" {
+			t.Errorf("member %d of the second group backup: %v, want incremental", i, mode)
+		}
+	}
+	id := fmt.Sprint(r.summary(t)["members"].([]any)[1].(map[string]any)["backup_id"])
+	dir := t.TempDir()
+	if res := vmshadow(t, env, "restore", "--repo", repo, id, "--to", dir); res.code != 0 {
+		t.Fatalf("restore member B: %s", res.errorMessage())
+	}
+	vms[1].Write("vda", 0x62, 0, 4<<20) // after the backup: not in it
+	if out, err := exec.Command("qemu-io", "-f", "raw", "-c", "read -P 0x61 0 4M", filepath.Join(dir, "vda.raw")).CombinedOutput(); err != nil || strings.Contains(string(out), "fail") {
+		t.Errorf("restored member B lacks the data of the group's instant: %v %s", err, out)
+	}
+
+	// A member whose agent hangs: the whole group aborts within the
+	// limits (the freeze window, then each writer's thaw), every guest
+	// thawed (the hung one through a new connection).
+	agA, agB := qgatest.Start(t, qgatest.OK, ""), qgatest.Start(t, qgatest.HangFreeze, "")
+	start := time.Now()
+	r = vmshadow(t, env, append([]string{"backup", "--repo", repo, "--group", "shop", "--freeze-timeout", "2s", "--writer-timeout", "2s"}, groupArgs(vms, agA, agB)...)...)
+	if r.code != 5 || !strings.Contains(r.errorMessage(), "grpb") {
+		t.Fatalf("group with a hanging agent: exit %d %s, want 5 naming grpb", r.code, r.errorMessage())
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("the group took %s to abort with 2 s limits", took)
+	}
+	if agA.Frozen() || agB.Frozen() {
+		t.Error("a guest was left frozen")
+	}
+	for i, vm := range vms {
+		vm.AssertAsBefore(t, before[i])
+	}
+	if left, _ := filepath.Glob(filepath.Join(state, "journal", "*.json")); len(left) > 0 {
+		t.Errorf("journal left: %v", left)
+	}
+}
