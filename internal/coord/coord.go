@@ -57,6 +57,8 @@ type WriterSpec struct {
 type SetContext struct {
 	VM    string
 	SetID string
+	// Group is set in a set across several VMs.
+	Group *GroupRef
 }
 
 // FrozenReporter is implemented by writers that can tell whether they are
@@ -259,7 +261,7 @@ func (s *Session) prepare(ctx context.Context, set *Set, rec journalRecorder) ([
 	for i, w := range c.Writers {
 		s.status("prepare writer " + w.Name())
 		wctx, cancel := context.WithTimeout(ctx, c.WriterTimeout)
-		err := w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID})
+		err := w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID, Group: set.Group})
 		cancel()
 		if err != nil {
 			if ferr := s.writerFailed(set, i, "prepare", err); ferr != nil {
@@ -437,7 +439,7 @@ func (s *Session) thawOne(ctx context.Context, set *Set, i int, live bool) error
 	default:
 		var w Writer
 		if w, err = s.c.Rebuild(ws.Spec); err == nil {
-			if err = w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID}); err == nil {
+			if err = w.Prepare(wctx, SetContext{VM: set.VM, SetID: set.ID, Group: set.Group}); err == nil {
 				err = w.Thaw(wctx)
 			}
 			w.Close()

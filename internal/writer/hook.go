@@ -23,7 +23,9 @@ import (
 
 // Hook is an executable called as "PATH freeze" and "PATH thaw", like
 // qemu-ga's fsfreeze-hook. It gets the set in its environment:
-// VMSHADOW_VM, VMSHADOW_SET_ID and VMSHADOW_PHASE (freeze or thaw). Exit
+// VMSHADOW_VM, VMSHADOW_SET_ID and VMSHADOW_PHASE (freeze or thaw), and
+// in a set across several VMs VMSHADOW_GROUP and VMSHADOW_VMS (the
+// members' names, space-separated; VMSHADOW_VM is the first). Exit
 // status 0 is success; anything else, or running past the time limit (the
 // hook's process group is then killed), is a failure that carries the
 // last lines of its output.
@@ -87,6 +89,10 @@ const maxHookOutput = 64 << 10
 func (h *Hook) run(ctx context.Context, phase string) error {
 	cmd := exec.Command(h.path, phase)
 	cmd.Env = append(hookEnv(os.Environ()), "VMSHADOW_VM="+h.set.VM, "VMSHADOW_SET_ID="+h.set.SetID, "VMSHADOW_PHASE="+phase)
+	if h.set.Group != nil {
+		// A set across several VMs: the hook runs once for all of them.
+		cmd.Env = append(cmd.Env, "VMSHADOW_GROUP="+h.set.Group.Name, "VMSHADOW_VMS="+strings.Join(h.set.Group.Members, " "))
+	}
 	var out tailBuffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out

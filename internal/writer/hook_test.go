@@ -42,6 +42,24 @@ func TestHookEnvironmentAndPhases(t *testing.T) {
 	}
 }
 
+// TestHookInGroup: in a set across several VMs the hook is told the group
+// and its VMs.
+func TestHookInGroup(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "out")
+	h, err := NewHook(script(t, `echo "$VMSHADOW_GROUP [$VMSHADOW_VMS] $VMSHADOW_VM" >> `+out+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	h.Prepare(ctx, coord.SetContext{VM: "db", SetID: "abc", Group: &coord.GroupRef{Name: "shop", Members: []string{"db", "app 1"}}})
+	if err := h.Freeze(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); string(b) != "shop [db app 1] db\n" {
+		t.Fatalf("hook saw %q", b)
+	}
+}
+
 func TestHookGetsNoSecrets(t *testing.T) {
 	t.Setenv("VMSHADOW_PASSWORD", "repo-secret")
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
