@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/crashpoint"
@@ -62,7 +63,7 @@ type writerRef struct {
 // groupRun is a set being created across the VMs of one or more sessions.
 type groupRun struct {
 	ms []*member
-	// pausedAt is when the first member was paused.
+	// pausedAt is when the members' pause started (zero: never).
 	pausedAt time.Time
 }
 
@@ -295,18 +296,39 @@ func (g *groupRun) freeze(ctx, window context.Context, order []writerRef) error 
 // commit is the commit phase: with several members, every running one is
 // paused first and all resumed after the last commit (each records the
 // pause before asking for it, so that Recover resumes a VM a killed
-// process left paused).
+// process left paused). Members are paused, committed and resumed
+// concurrently, each step finished for all before the next starts, to
+// keep the pause short; a member that cannot be paused is committed after
+// the others, while they stay paused.
 func (g *groupRun) commit(ctx, window context.Context) error {
+	lead := g.ms[0].s
+	if window.Err() != nil && ctx.Err() == nil {
+		// The writers took the whole window: nothing is captured.
+		return fmt.Errorf("the writers' freeze took the whole %s freeze limit, nothing was captured: %w", lead.c.FreezeTimeout, errs.ErrTimeout)
+	}
 	var err error
 	if len(g.ms) > 1 {
-		err = g.pause(window)
+		if err = g.pause(window); err != nil && window.Err() != nil && ctx.Err() == nil {
+			err = fmt.Errorf("pausing the VMs did not finish within the %s freeze limit: %v: %w", lead.c.FreezeTimeout, err, errs.ErrTimeout)
+		}
 	}
 	if err == nil {
+		var pausable, other []*member
 		for _, m := range g.ms {
-			if err = m.s.commit(ctx, window, m.set, m.rec); err != nil {
-				err = g.memberErr(m, err)
-				break
+			if _, ok := m.s.c.Provider.(Pauser); ok || len(g.ms) == 1 {
+				pausable = append(pausable, m)
+			} else {
+				other = append(other, m)
 			}
+		}
+		commit := func(m *member) error {
+			if err := m.s.commit(ctx, window, m.set, m.rec); err != nil {
+				return g.memberErr(m, err)
+			}
+			return nil
+		}
+		if err = each(pausable, commit); err == nil {
+			err = each(other, commit)
 		}
 	}
 	if rerr := g.resume(ctx); rerr != nil && err == nil {
@@ -315,19 +337,39 @@ func (g *groupRun) commit(ctx, window context.Context) error {
 	return err
 }
 
+// each runs fn for every member concurrently and returns their errors
+// joined, in the members' order.
+func each(ms []*member, fn func(m *member) error) error {
+	if len(ms) == 1 {
+		return fn(ms[0])
+	}
+	errList := make([]error, len(ms))
+	var wg sync.WaitGroup
+	for i, m := range ms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errList[i] = fn(m)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errList...)
+}
+
 // pause pauses every member that can be paused and runs.
 func (g *groupRun) pause(ctx context.Context) error {
-	for _, m := range g.ms {
+	g.pausedAt = time.Now()
+	err := each(g.ms, func(m *member) error {
 		p, ok := m.s.c.Provider.(Pauser)
 		if !ok {
-			continue
+			return nil
 		}
 		running, err := p.Running(ctx)
 		if err != nil {
 			return g.memberErr(m, fmt.Errorf("query whether the VM runs: %w", err))
 		}
 		if !running {
-			continue // paused or stopped already: nothing to pause, nothing to resume
+			return nil // paused or stopped already: nothing to pause, nothing to resume
 		}
 		m.set.Paused = true
 		if err := m.rec.save(m.set); err != nil {
@@ -337,31 +379,31 @@ func (g *groupRun) pause(ctx context.Context) error {
 		if err := p.Pause(ctx); err != nil {
 			return g.memberErr(m, fmt.Errorf("pause the VM: %w", err))
 		}
-		if g.pausedAt.IsZero() {
-			g.pausedAt = time.Now()
-		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	crashpoint.Hit("group-paused")
 	return nil
 }
 
-// resume lets every member the set paused run again, in reverse order,
-// whatever became of ctx, and records how long the group was paused.
+// resume lets every member the set paused run again, whatever became of
+// ctx, and records how long the group was paused.
 func (g *groupRun) resume(ctx context.Context) error {
-	var errList []error
-	for i := len(g.ms) - 1; i >= 0; i-- {
-		m := g.ms[i]
+	err := each(g.ms, func(m *member) error {
 		if err := m.s.resume(ctx, m.set); err != nil {
-			errList = append(errList, g.memberErr(m, err))
+			return g.memberErr(m, err)
 		}
-	}
+		return nil
+	})
 	if !g.pausedAt.IsZero() {
 		ms := time.Since(g.pausedAt).Milliseconds()
 		for _, m := range g.ms {
 			m.set.PauseMS = max(m.set.PauseMS, ms)
 		}
 	}
-	return errors.Join(errList...)
+	return err
 }
 
 // resume lets a VM that its set paused (set.Paused) run again, with its
