@@ -516,6 +516,10 @@ func (r *Repo) ListBackups(ctx context.Context) (backups []Backup, bad map[ID]er
 	return backups, bad, nil
 }
 
+// BackupIDs lists the IDs of the stored backups (their manifests are not
+// read).
+func (r *Repo) BackupIDs(ctx context.Context) ([]ID, error) { return r.backupIDs(ctx, "") }
+
 func (r *Repo) backupIDs(ctx context.Context, prefix string) ([]ID, error) {
 	var ids []ID
 	err := r.be.List(ctx, backend.KindBackups, prefix, func(fi backend.Info) error {
