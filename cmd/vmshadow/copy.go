@@ -27,15 +27,16 @@ type copySummary struct {
 	Skipped        []skippedCopy  `json:"skipped"`
 	BackupsCopied  int            `json:"backups_copied"`
 	BackupsSkipped int            `json:"backups_skipped"`
+	ChunksSent     int64          `json:"chunks_sent"`
+	ChunksPresent  int64          `json:"chunks_present"` // already in the target: not sent
+	ChunksZero     int64          `json:"chunks_zero"`
+	BytesRead      int64          `json:"bytes_read"` // disk bytes read from the source
+	BytesSent      int64          `json:"bytes_sent"` // stored bytes sent to the target
+	DurationS      float64        `json:"duration_s"`
+
 	// GroupsCopied are the group backups whose records were copied: those
 	// whose every member the target now holds.
-	GroupsCopied  []copiedGroup `json:"groups_copied"`
-	ChunksSent    int64         `json:"chunks_sent"`
-	ChunksPresent int64         `json:"chunks_present"` // already in the target: not sent
-	ChunksZero    int64         `json:"chunks_zero"`
-	BytesRead     int64         `json:"bytes_read"` // disk bytes read from the source
-	BytesSent     int64         `json:"bytes_sent"` // stored bytes sent to the target
-	DurationS     float64       `json:"duration_s"`
+	GroupsCopied []copiedGroup `json:"groups_copied"`
 }
 
 type copiedBackup struct {
