@@ -107,14 +107,6 @@ func (g *groupRepo) group(name string, h int, members map[string]map[string]int)
 	return id, gr
 }
 
-func strs(v any) []string {
-	var out []string
-	for _, x := range v.([]any) {
-		out = append(out, x.(string))
-	}
-	return out
-}
-
 // TestGroupCommands: backups --group/--groups list group backups, the
 // per-VM listing shows a member's group, restore --group restores every
 // member into DIR/VM/ byte for byte (and removes what it wrote when it
