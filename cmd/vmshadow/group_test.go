@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -56,13 +57,7 @@ func (g *groupRepo) backup(vm string, h int, group, set string, disks map[string
 	g.t.Helper()
 	job := backup.Job{VM: vm, Time: g.t0.Add(time.Duration(h) * time.Hour), Group: group, SetID: set, Consistency: "filesystem"}
 	content := map[string][]byte{}
-	for _, name := range slices.Sorted(func(yield func(string) bool) {
-		for k := range disks {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
+	for _, name := range slices.Sorted(maps.Keys(disks)) {
 		rnd := rand.New(rand.NewPCG(uint64(h), uint64(len(vm)+len(name))))
 		b := make([]byte, disks[name])
 		for i := range b {
