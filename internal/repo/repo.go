@@ -1,7 +1,8 @@
 // Package repo owns the vmshadow repository format and its operations: the
 // config and password-wrapped keys, content-addressed chunks (keyed hash,
-// zstd, AES-256-GCM), per-disk fixed-chunk indexes, backup manifests, locks,
-// and the maintenance operations verify, prune and gc. Storage is a
+// zstd, AES-256-GCM), per-disk fixed-chunk indexes, backup manifests, group
+// records (a consistency group's backup across several VMs), locks, and the
+// maintenance operations verify, prune and gc. Storage is a
 // backend.Backend. The byte layouts are documented in
 // docs/repository-format.md.
 //
