@@ -33,6 +33,10 @@ type copySummary struct {
 	BytesRead      int64          `json:"bytes_read"` // disk bytes read from the source
 	BytesSent      int64          `json:"bytes_sent"` // stored bytes sent to the target
 	DurationS      float64        `json:"duration_s"`
+
+	// GroupsCopied are the group backups whose records were copied: those
+	// whose every member the target now holds.
+	GroupsCopied []copiedGroup `json:"groups_copied"`
 }
 
 type copiedBackup struct {
@@ -48,6 +52,14 @@ type copiedBackup struct {
 	ChunksPresent int64     `json:"chunks_present"`
 	ChunksZero    int64     `json:"chunks_zero"`
 	DurationS     float64   `json:"duration_s"`
+}
+
+type copiedGroup struct {
+	GroupBackupID string    `json:"group_backup_id"` // in the source
+	ShortID       string    `json:"short_id"`
+	TargetID      string    `json:"target_id"`
+	Group         string    `json:"group"`
+	Time          time.Time `json:"time"`
 }
 
 type skippedCopy struct {
@@ -76,6 +88,8 @@ target's from $VMSHADOW_TO_PASSWORD or --to-password-file (else terminal
 prompts); S3 credentials of both ends from the usual $AWS_* variables.
 A copy keeps the backup's VM, time, tags, source, mode and consistency, and
 records the original's ID as its origin: running copy again copies nothing.
+Group backups follow their members: once the target holds every member of
+one, its group record is copied too.
 A copy never continues a live backup's chain in the target (its change
 tracking belongs to the source repository): the first live backup of the VM
 into the target is a full one.`,
@@ -144,7 +158,18 @@ into the target is a full one.`,
 				s.BytesRead += c.BytesRead
 				s.BytesSent += c.BytesSent
 			}
+			groups, gskipped, err := repocopy.CopyGroups(tctx, src, dst)
 			tunlock()
+			for _, e := range gskipped {
+				a.out.Warn("%v", e)
+			}
+			s.GroupsCopied = []copiedGroup{}
+			for _, g := range groups {
+				s.GroupsCopied = append(s.GroupsCopied, copiedGroup{GroupBackupID: g.SourceID.String(), ShortID: g.SourceID.Short(), TargetID: g.TargetID.String(), Group: g.Name, Time: g.Time})
+			}
+			if err != nil {
+				return err
+			}
 			for _, b := range plan.Skipped {
 				s.Skipped = append(s.Skipped, skippedCopy{BackupID: b.ID.String(), ShortID: b.ID.Short(), TargetID: plan.Present[b.ID].String(), VM: b.VM, Time: b.Time})
 			}
@@ -155,6 +180,9 @@ into the target is a full one.`,
 					fmt.Fprintf(w, "copied %s (%s, %s) as %s: %d chunks sent (%s), %d already there, %d zero, read %s in %s\n",
 						c.ShortID, c.VM, c.Time.Local().Format("2006-01-02 15:04:05"), c.TargetID[:8], c.ChunksSent, progress.Bytes(c.BytesSent),
 						c.ChunksPresent, c.ChunksZero, progress.Bytes(c.BytesRead), progress.Duration(c.DurationS))
+				}
+				for _, g := range s.GroupsCopied {
+					fmt.Fprintf(w, "copied group backup %s (group %s, %s) as %s\n", g.ShortID, g.Group, g.Time.Local().Format("2006-01-02 15:04:05"), g.TargetID[:8])
 				}
 				switch {
 				case s.BackupsCopied == 0 && s.BackupsSkipped == 0 && sel.VM != "":

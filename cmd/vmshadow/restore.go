@@ -34,8 +34,9 @@ func newRestoreCmd(a *app) *cobra.Command {
 	var lvURI, pool string
 	var start bool
 	var memoryMB, vcpus int
+	var group string
 	cmd := &cobra.Command{
-		Use:   "restore --repo DIR BACKUP_ID [--disk NAME]... (--to PATH [--format raw|qcow2] | --to-xapi URL --sr NAME|UUID [--vm-name NEW] | --to-libvirt URI --pool POOL [--vm-name NEW] [--start])",
+		Use:   "restore --repo DIR (BACKUP_ID [--disk NAME]... | --group GROUP_BACKUP_ID) (--to PATH [--format raw|qcow2] | --to-xapi URL --sr NAME|UUID [--vm-name NEW] | --to-libvirt URI --pool POOL [--vm-name NEW] [--start])",
 		Short: "Restore the disks of a backup to image files, block devices, a XenServer / XCP-ng pool or a libvirt storage pool",
 		Long: `Restore disks of a backup. BACKUP_ID may be any unambiguous prefix.
 
@@ -64,8 +65,14 @@ pools, raw in logical, disk, iscsi ... pools) and a new domain is defined on
 them: named --vm-name (default: the backup's VM name + "-restored"), with a
 new UUID and new MAC addresses, from the definition the backup stores, or a
 minimal one (--memory, --vcpus) for backups that store none. --start starts
-it. A failed restore deletes the volumes and the definition it created.`,
-		Args: cobra.ExactArgs(1),
+it. A failed restore deletes the volumes and the definition it created.
+
+--group GROUP_BACKUP_ID (any unambiguous prefix; see 'backups --groups')
+restores every member of a group backup, each into DIR/VM/ of --to DIR as
+--to DIR/ does for one backup (the disks as DIR/VM/NAME.raw or .qcow2, and
+the VM's definition where the backup stores one). DIR/VM must not exist; a
+failed group restore removes everything it created.`,
+		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			t0 := time.Now()
@@ -74,6 +81,25 @@ it. A failed restore deletes the volumes and the definition it created.`,
 				if s != "" {
 					targets++
 				}
+			}
+			if cmd.Flags().Changed("group") {
+				switch {
+				case len(args) > 0:
+					return errorf(errs.ErrUsage, "--group takes the group backup's ID; give no backup ID with it (restore one member alone with 'vmshadow restore BACKUP_ID')")
+				case x.url != "" || lvURI != "":
+					return errorf(errs.ErrUsage, "--group restores into a directory: give --to DIR, not --to-xapi or --to-libvirt (restore members one by one into a pool)")
+				case to == "":
+					return errorf(errs.ErrUsage, "--group needs --to DIR: each member goes into DIR/VM/")
+				case len(disks) > 0:
+					return errorf(errs.ErrUsage, "--disk selects disks of one backup; --group restores every disk of every member")
+				}
+				if _, ok := restore.Formats[format]; !ok {
+					return errorf(errs.ErrUsage, "--format %q: use raw or qcow2", format)
+				}
+				return restoreGroup(ctx, a, &f, group, to, format, t0)
+			}
+			if len(args) == 0 {
+				return errorf(errs.ErrUsage, "give the ID of the backup to restore (see 'vmshadow backups'), or --group GROUP_BACKUP_ID")
 			}
 			switch {
 			case targets > 1:
@@ -125,29 +151,9 @@ it. A failed restore deletes the volumes and the definition it created.`,
 				}
 				return restoreToLibvirt(ctx, a, r, id, m, sel, o, start, t0)
 			}
-			first := ""
-			if len(sel) > 0 {
-				first = sel[0].Name
-			}
-			dest, inDir := restoreDest(to, len(sel), first, restore.Formats[format].Ext)
-			files, err := restore.Plan(sel, dest, format)
+			res, def, err := restoreFiles(ctx, a, r, m, sel, to, format)
 			if err != nil {
 				return err
-			}
-			if len(files.Disks) > 0 {
-				if err := restoreDir(to, filepath.Dir(files.Disks[0].Path), inDir); err != nil {
-					return err
-				}
-			}
-			res, err := runRestore(ctx, a, r, sel, files)
-			if err != nil {
-				return err
-			}
-			var def []restore.DefinitionFile
-			if inDir && len(files.Disks) > 0 {
-				if def, err = restore.WriteDefinition(ctx, r, m, filepath.Dir(files.Disks[0].Path)); err != nil {
-					return fmt.Errorf("the disks are restored, the VM's definition is not: %w", err)
-				}
 			}
 			s := struct {
 				BackupID     string                   `json:"backup_id"`
@@ -184,8 +190,160 @@ it. A failed restore deletes the volumes and the definition it created.`,
 	cmd.Flags().StringVar(&pool, "pool", "", "with --to-libvirt: the storage pool of the new volumes")
 	cmd.Flags().BoolVar(&start, "start", false, "with --to-libvirt: start the new domain")
 	intFlag(cmd.Flags(), &memoryMB, "memory", libvirtpool.DefaultMemoryMB, 16, 16<<20, "with --to-libvirt, for a backup that stores no domain definition: the new domain's memory in MiB")
+	cmd.Flags().StringVar(&group, "group", "", "restore every member of this group backup (ID or unambiguous prefix), each into DIR/VM/ of --to DIR")
 	intFlag(cmd.Flags(), &vcpus, "vcpus", libvirtpool.DefaultVCPUs, 1, 4096, "with --to-libvirt, for a backup that stores no domain definition: the new domain's vCPUs")
 	return cmd
+}
+
+// restoreFiles restores the selected disks of backup m to --to (a file,
+// block device or directory, see restoreDest) and, into a directory, the
+// VM's definition the backup stores.
+func restoreFiles(ctx context.Context, a *app, r *repo.Repo, m *repo.Manifest, sel []repo.ManifestDisk, to, format string) ([]restore.DiskResult, []restore.DefinitionFile, error) {
+	first := ""
+	if len(sel) > 0 {
+		first = sel[0].Name
+	}
+	dest, inDir := restoreDest(to, len(sel), first, restore.Formats[format].Ext)
+	files, err := restore.Plan(sel, dest, format)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(files.Disks) > 0 {
+		if err := restoreDir(to, filepath.Dir(files.Disks[0].Path), inDir); err != nil {
+			return nil, nil, err
+		}
+	}
+	res, err := runRestore(ctx, a, r, sel, files)
+	if err != nil {
+		return nil, nil, err
+	}
+	var def []restore.DefinitionFile
+	if inDir && len(files.Disks) > 0 {
+		if def, err = restore.WriteDefinition(ctx, r, m, filepath.Dir(files.Disks[0].Path)); err != nil {
+			return res, nil, fmt.Errorf("the disks are restored, the VM's definition is not: %w", err)
+		}
+	}
+	return res, def, nil
+}
+
+// groupRestored is one member of a group restore.
+type groupRestored struct {
+	VM         string                   `json:"vm"`
+	BackupID   string                   `json:"backup_id"`
+	Dir        string                   `json:"dir"`
+	Disks      []restore.DiskResult     `json:"disks"`
+	Definition []restore.DefinitionFile `json:"definition,omitempty"`
+}
+
+// restoreGroup restores every member of group backup arg into to/VM/, as
+// restoreFiles does for one backup into a directory. Every member's
+// manifest is read first; on any failure, what this restore created (the
+// members' directories, and to itself and the parents it made) is removed.
+func restoreGroup(ctx context.Context, a *app, f *repoFlags, arg, to, format string, t0 time.Time) (err error) {
+	r, ctx, done, err := f.openLocked(ctx, a, false, "restore")
+	if err != nil {
+		return err
+	}
+	defer done()
+	gid, err := r.FindGroup(ctx, arg)
+	if err != nil {
+		return err
+	}
+	g, err := r.LoadGroup(ctx, gid)
+	if err != nil {
+		return err
+	}
+	type member struct {
+		id repo.ID
+		m  *repo.Manifest
+	}
+	var members []member
+	for _, mb := range g.Members {
+		id, err := repo.ParseID(mb.Backup)
+		if err != nil {
+			return fmt.Errorf("group backup %s: member %s: %w", gid.Short(), mb.VM, err)
+		}
+		m, err := r.LoadManifest(ctx, id)
+		if err != nil {
+			return fmt.Errorf("group backup %s of group %s cannot be restored whole: member %s: %w (restore the other members one by one with 'vmshadow restore BACKUP_ID')", gid.Short(), g.Name, mb.VM, err)
+		}
+		if dir := filepath.Join(to, mb.VM); !missing(dir) {
+			return errorf(errs.ErrUsage, "--to %s: %s exists: restore --group writes each member into DIR/VM/; give a new or empty directory", to, dir)
+		}
+		members = append(members, member{id, m})
+	}
+	// The topmost directory this restore creates, if any: removed whole
+	// on failure. Otherwise each member's directory is.
+	top := ""
+	for p := filepath.Clean(to); missing(p); p = filepath.Dir(p) {
+		top = p
+		if filepath.Dir(p) == p {
+			break
+		}
+	}
+	if err := restoreDir(to, to, true); err != nil {
+		return err
+	}
+	var made []string
+	defer func() {
+		if err == nil {
+			return
+		}
+		if top != "" {
+			made = []string{top}
+		}
+		for _, d := range made {
+			if rerr := os.RemoveAll(d); rerr != nil {
+				a.out.Warn("could not remove %s after the failed restore: %v", d, rerr)
+			}
+		}
+	}()
+	out := struct {
+		GroupBackupID string          `json:"group_backup_id"`
+		Group         string          `json:"group"`
+		SetID         string          `json:"set_id"`
+		Time          time.Time       `json:"time"`
+		Format        string          `json:"format"`
+		Members       []groupRestored `json:"members"`
+		BytesWritten  int64           `json:"bytes_written"`
+		DurationS     float64         `json:"duration_s"`
+	}{GroupBackupID: gid.String(), Group: g.Name, SetID: g.SetID, Time: g.Time, Format: format}
+	for _, mb := range members {
+		dir := filepath.Join(to, mb.m.VM)
+		made = append(made, dir)
+		sel, err := restore.Select(mb.m, nil)
+		if err != nil {
+			return err
+		}
+		res, def, err := restoreFiles(ctx, a, r, mb.m, sel, dir+string(filepath.Separator), format)
+		if err != nil {
+			return fmt.Errorf("restore member %s (backup %s) of group backup %s: %w; what this restore wrote is removed", mb.m.VM, mb.id.Short(), gid.Short(), err)
+		}
+		out.Members = append(out.Members, groupRestored{VM: mb.m.VM, BackupID: mb.id.String(), Dir: dir, Disks: res, Definition: def})
+		for _, d := range res {
+			out.BytesWritten += d.BytesWritten
+		}
+	}
+	out.DurationS = time.Since(t0).Seconds()
+	a.out.Summary(out, func(w io.Writer) {
+		for _, m := range out.Members {
+			for _, d := range m.Disks {
+				fmt.Fprintf(w, "restored disk %s (%s) of %s, backup %s, to %s, verified\n", d.Name, progress.Bytes(d.Size), m.VM, m.BackupID[:8], d.Path)
+			}
+			for _, f := range m.Definition {
+				fmt.Fprintf(w, "wrote %s of %s's definition to %s\n", f.Name, m.VM, f.Path)
+			}
+		}
+		fmt.Fprintf(w, "restored group backup %s of group %s (%s): %d members into %s\n", gid.Short(), g.Name, g.Time.Local().Format("2006-01-02 15:04:05"), len(out.Members), to)
+	})
+	return nil
+}
+
+// missing reports whether nothing (no file, directory or link) is at p;
+// false when that cannot be told.
+func missing(p string) bool {
+	_, err := os.Lstat(p)
+	return errors.Is(err, fs.ErrNotExist)
 }
 
 // restoreToLibvirt restores the selected disks into new volumes of a

@@ -59,15 +59,15 @@ type Manifest struct {
 	// in principle (first backup, bitmap missing, disk resized, --full...).
 	Reason string `json:"reason,omitempty"`
 	// Consistency is the snapshot set's level: crash, filesystem, application.
-	Consistency string `json:"consistency,omitempty"`
-	SetID       string `json:"set_id,omitempty"`
+	Consistency string         `json:"consistency,omitempty"`
+	SetID       string         `json:"set_id,omitempty"`
+	DurationS   float64        `json:"duration_s"`
+	Disks       []ManifestDisk `json:"disks"`
+	Stats       Stats          `json:"stats"`
 	// Group names the consistency group whose snapshot set this backup
 	// is a member of (a group backup, see Group); empty otherwise. The
 	// backup is an ordinary one in every other way.
-	Group     string         `json:"group,omitempty"`
-	DurationS float64        `json:"duration_s"`
-	Disks     []ManifestDisk `json:"disks"`
-	Stats     Stats          `json:"stats"`
+	Group string `json:"group,omitempty"`
 	// Origin is set on a backup copied from another repository (vmshadow
 	// copy): the ID of the original backup in the repository it was first
 	// stored in (a copy of a copy keeps the first origin). A backup and

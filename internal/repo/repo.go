@@ -1,7 +1,8 @@
 // Package repo owns the vmshadow repository format and its operations: the
 // config and password-wrapped keys, content-addressed chunks (keyed hash,
-// zstd, AES-256-GCM), per-disk fixed-chunk indexes, backup manifests, locks,
-// and the maintenance operations verify, prune and gc. Storage is a
+// zstd, AES-256-GCM), per-disk fixed-chunk indexes, backup manifests, group
+// records (a consistency group's backup across several VMs), locks, and the
+// maintenance operations verify, prune and gc. Storage is a
 // backend.Backend. The byte layouts are documented in
 // docs/repository-format.md.
 //
@@ -515,6 +516,10 @@ func (r *Repo) ListBackups(ctx context.Context) (backups []Backup, bad map[ID]er
 	})
 	return backups, bad, nil
 }
+
+// BackupIDs lists the IDs of the stored backups (their manifests are not
+// read).
+func (r *Repo) BackupIDs(ctx context.Context) ([]ID, error) { return r.backupIDs(ctx, "") }
 
 func (r *Repo) backupIDs(ctx context.Context, prefix string) ([]ID, error) {
 	var ids []ID

@@ -11,16 +11,19 @@
 // chunks, named by the *backup.Failure it returns, which the caller may
 // reclaim as after a failed backup).
 //
-// A copy keeps the original's VM, time, host, tags, source, mode, reason,
+// A copy keeps the original's VM, time, host, tags, source, mode, reason, group,
 // consistency and set ID, and records the original's ID as its Origin; it
 // drops the disks' checkpoints, which name the source repository's change
 // tracking. Backups are identified across repositories by
 // repo.Backup.Identity (the origin, or the ID of an original), so a backup
 // the target already holds, as a copy or as the original, is skipped.
+// Group records follow their members (CopyGroups): a group backup is
+// copied once the target holds every member.
 package repocopy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"iter"
 
@@ -242,4 +245,93 @@ func (s *diskSource) Extents(ctx context.Context) iter.Seq2[backup.Extent, error
 func (s *diskSource) Done() {
 	s.rd = nil
 	crashpoint.Hit("copy-disk-done")
+}
+
+// CopiedGroup is a group backup CopyGroups stored in the target.
+type CopiedGroup struct {
+	SourceID repo.ID
+	TargetID repo.ID
+	*repo.Group
+}
+
+// CopyGroups copies the source's group records whose every member the
+// target holds (copied now or before, as a copy or as the original) and
+// whose group backup the target lacks: each is stored in the target with
+// its members' target backup IDs and, as Origin, the original record's ID
+// (a group backup and its copies share repo.GroupEntry.Identity). Call it
+// after copying the backups, under the caller's shared locks. A record the
+// target refuses (a member there lacks the group's name, as a copy made
+// by a vmshadow without groups does) is skipped and named in skipped; a
+// source record that cannot be read is skipped too. The error is for
+// failures to read or store.
+func CopyGroups(ctx context.Context, src, dst *repo.Repo) (copied []CopiedGroup, skipped []error, err error) {
+	groups, bad, err := src.ScanGroups(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("source: %w", err)
+	}
+	for id, e := range bad {
+		skipped = append(skipped, fmt.Errorf("source group record %s cannot be read, not copied: %w", id.Short(), e))
+	}
+	if len(groups) == 0 {
+		return nil, skipped, nil
+	}
+	have, _, err := dst.ScanGroups(ctx)
+	if err != nil {
+		return nil, skipped, fmt.Errorf("target: %w", err)
+	}
+	haveGroup := map[string]bool{}
+	for i := range have {
+		haveGroup[have[i].Identity()] = true
+		haveGroup[have[i].ID.String()] = true
+	}
+	srcBackups, _, err := src.ListBackups(ctx)
+	if err != nil {
+		return nil, skipped, fmt.Errorf("source: %w", err)
+	}
+	srcIdent := map[string]string{}
+	for i := range srcBackups {
+		srcIdent[srcBackups[i].ID.String()] = srcBackups[i].Identity()
+	}
+	dstBackups, _, err := dst.ListBackups(ctx)
+	if err != nil {
+		return nil, skipped, fmt.Errorf("target: %w", err)
+	}
+	inDst := map[string]repo.ID{}
+	for i := range dstBackups {
+		inDst[dstBackups[i].Identity()] = dstBackups[i].ID
+		inDst[dstBackups[i].ID.String()] = dstBackups[i].ID
+	}
+	for i := range groups {
+		ge := &groups[i]
+		if haveGroup[ge.Identity()] {
+			continue
+		}
+		g := *ge.Group
+		g.Members = nil
+		g.Origin, g.Nonce = ge.Identity(), ""
+		for _, mb := range ge.Members {
+			ident, ok := srcIdent[mb.Backup]
+			if !ok {
+				break // missing in the source: verify reports it
+			}
+			tid, ok := inDst[ident]
+			if !ok {
+				break // not copied (yet)
+			}
+			g.Members = append(g.Members, repo.GroupMember{VM: mb.VM, Backup: tid.String()})
+		}
+		if len(g.Members) != len(ge.Members) {
+			continue
+		}
+		tid, err := dst.SaveGroup(ctx, &g)
+		if errors.Is(err, errs.ErrUsage) {
+			skipped = append(skipped, fmt.Errorf("group backup %s of group %s not copied: %w", ge.ID.Short(), ge.Name, err))
+			continue
+		}
+		if err != nil {
+			return copied, skipped, fmt.Errorf("copy group backup %s of group %s: %w", ge.ID.Short(), ge.Name, err)
+		}
+		copied = append(copied, CopiedGroup{SourceID: ge.ID, TargetID: tid, Group: &g})
+	}
+	return copied, skipped, nil
 }

@@ -182,7 +182,7 @@ func (s *Server) allBackups(ctx context.Context, name string) ([]api.Backup, err
 func apiBackup(repository string, b repo.Backup) api.Backup {
 	out := api.Backup{ID: b.ID.String(), ShortID: b.ID.Short(), Repository: repository, VM: b.VM, Time: b.Time, Host: b.Host,
 		Tags: b.Tags, Source: b.Source, Mode: b.Mode, Reason: b.Reason, Consistency: b.Consistency, SetID: b.SetID,
-		Definition: b.Definition, BytesRead: b.Stats.BytesRead, BytesNew: b.Stats.BytesNew, DurationS: b.DurationS, Origin: b.Origin,
+		Definition: b.Definition, BytesRead: b.Stats.BytesRead, BytesNew: b.Stats.BytesNew, DurationS: b.DurationS, Origin: b.Origin, Group: b.Group,
 		Disks: []api.Disk{}}
 	if out.Tags == nil {
 		out.Tags = []string{}

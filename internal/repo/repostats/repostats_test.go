@@ -349,6 +349,40 @@ func TestComputeS3(t *testing.T) {
 	eq(t, "ChunkBytes", s.ChunkBytes, chunkBytes)
 	eq(t, "StoredBytes", s.StoredBytes, total)
 	eq(t, "DedupFactor", s.DedupFactor, float64(s.LogicalBytes)/float64(total))
+
+	// A group record on S3: stored under prefix/groups/, listed, found by
+	// prefix, and counted.
+	bs, _, err := r.ListBackups(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mid, err := r.SaveManifest(ctx, &repo.Manifest{VM: "gamma", Time: t0, Source: "qemu", Mode: "full", Group: "app", SetID: "s",
+		Disks: bs[0].Disks})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gid, err := r.SaveGroup(ctx, &repo.Group{Name: "app", SetID: "s", Time: t0, Members: []repo.GroupMember{{VM: "gamma", Backup: mid.String()}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Client(t).StatObject(ctx, bucket, "stats/groups/"+gid.String(), minio.StatObjectOptions{}); err != nil {
+		t.Fatalf("group record object: %v", err)
+	}
+	if gs, err := r.ListGroups(ctx); err != nil || len(gs) != 1 || gs[0].ID != gid {
+		t.Fatalf("ListGroups on S3: %v, %v", gs, err)
+	}
+	if id, err := r.FindGroup(ctx, gid.Short()); err != nil || id != gid {
+		t.Fatalf("FindGroup on S3: %v, %v", id, err)
+	}
+	s = compute(t, r)
+	total = 0
+	for o := range srv.Client(t).ListObjects(ctx, bucket, minio.ListObjectsOptions{Prefix: "stats/", Recursive: true}) {
+		if o.Err != nil {
+			t.Fatal(o.Err)
+		}
+		total += o.Size
+	}
+	eq(t, "StoredBytes with a group record", s.StoredBytes, total)
 }
 
 // slowBackend delays every Get of a manifest or index, as object storage

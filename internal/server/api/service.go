@@ -124,6 +124,9 @@ type Backup struct {
 	BytesNew    int64     `json:"bytes_new"`
 	DurationS   float64   `json:"duration_s"`
 	Origin      string    `json:"origin,omitempty"`
+	// Group is the consistency group the backup is a member of (its
+	// manifest's group); a member is removed with its group backup only.
+	Group string `json:"group,omitempty"`
 }
 
 // Disk is one disk (or file) of a backup.
