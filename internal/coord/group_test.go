@@ -30,6 +30,7 @@ func (p *vmProvider) Kind() string { return "fake" }
 func (p *vmProvider) Identify(context.Context) (VMInfo, error) {
 	return VMInfo{Name: p.name, Key: "fake-" + p.name}, nil
 }
+
 // logMu guards the shared log: the members of a group are paused,
 // committed and resumed concurrently.
 var logMu sync.Mutex
