@@ -168,8 +168,24 @@ func TestGroupBackup(t *testing.T) {
 		t.Fatalf("restore member B: %s", res.errorMessage())
 	}
 	vms[1].Write("vda", 0x62, 0, 4<<20) // after the backup: not in it
-	if out, err := exec.Command("qemu-io", "-f", "raw", "-c", "read -P 0x61 0 4M", filepath.Join(dir, "vda.raw")).CombinedOutput(); err != nil || strings.Contains(string(out), "fail") {
-		t.Errorf("restored member B lacks the data of the group's instant: %v %s", err, out)
+	hasPattern := func(img string, p byte) {
+		t.Helper()
+		if out, err := exec.Command("qemu-io", "-f", "raw", "-c", fmt.Sprintf("read -P 0x%x 0 4M", p), img).CombinedOutput(); err != nil || strings.Contains(string(out), "fail") {
+			t.Errorf("%s lacks the data of the group's instant (0x%x): %v %s", img, p, err, out)
+		}
+	}
+	hasPattern(filepath.Join(dir, "vda.raw"), 0x61)
+	// The group restores as a whole, each VM into its own directory.
+	gid := fmt.Sprint(r.summary(t)["group_backup_id"])
+	all := filepath.Join(t.TempDir(), "shop")
+	if res := vmshadow(t, env, "restore", "--repo", repo, "--group", gid, "--to", all); res.code != 0 {
+		t.Fatalf("restore --group: %s", res.errorMessage())
+	}
+	hasPattern(filepath.Join(all, "grpa", "vda.raw"), 0x51)
+	hasPattern(filepath.Join(all, "grpb", "vda.raw"), 0x61)
+	hasPattern(filepath.Join(all, "grpc", "vda.raw"), 0x53)
+	if res := vmshadow(t, env, "backups", "--repo", repo, "--group", "shop"); res.code != 0 || len(res.summary(t)["groups"].([]any)) != 2 {
+		t.Errorf("backups --group: exit %d %v", res.code, res.msgs)
 	}
 
 	// A member whose agent hangs: the whole group aborts within the
