@@ -25,8 +25,8 @@ import (
 // found by its size.
 const groupLogSize = 8 << 20
 
-// groupMember is one VM of the consistency-group rig, in the workload's order.
-type groupMember struct {
+// rigVM is one VM of the consistency-group rig, in the workload's order.
+type rigVM struct {
 	name string         // the VM's name in the repository (--vm)
 	qmp  string         // QMP socket for vmshadow
 	qga  string         // guest agent socket; "" for the VM without an OS
@@ -39,7 +39,7 @@ type groupMember struct {
 type groupRig struct {
 	env     []string
 	repo    string
-	members []groupMember
+	members []rigVM
 	work    *grouptest.Workload
 }
 
@@ -127,7 +127,7 @@ func startGroup(t *testing.T) *groupRig {
 		Extra: []string{"-qmp", "unix:" + work + ",server=on,wait=off"}})
 	qio := &grouptest.QEMUIO{VMName: "grp-c", QMPSocket: work, Device: qemutest.QOMPath("log"), Stdout: c.StdoutPath, Dir: dir}
 
-	r.members = []groupMember{
+	r.members = []rigVM{
 		{name: guestNames[0], qmp: guests[0].QMPSocket, qga: guests[0].AgentSocket, peer: qemutest.Attach(t, guests[0].TestQMPSocket, guests[0].PID)},
 		{name: guestNames[1], qmp: guests[1].QMPSocket, qga: guests[1].AgentSocket, peer: qemutest.Attach(t, guests[1].TestQMPSocket, guests[1].PID)},
 		{name: "grp-c", qmp: c.QMPPath, peer: c.Peer()},
@@ -161,7 +161,7 @@ func (r *groupRig) waitAll(t *testing.T, k uint64) {
 // backup backs one member up alone (its own set) and returns the backup.
 // Without agent, the set is crash-consistent (for a paused VM, whose agent
 // cannot answer).
-func (r *groupRig) backup(t *testing.T, m groupMember, agent bool) string {
+func (r *groupRig) backup(t *testing.T, m rigVM, agent bool) string {
 	t.Helper()
 	args := []string{"backup", "--repo", r.repo, "--qmp", m.qmp}
 	if m.qga != "" && agent {
