@@ -2,6 +2,7 @@ package grouptest
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -16,15 +17,65 @@ import (
 	"github.com/vmshadow/vmshadow/internal/qmp"
 )
 
+// WorkPort is the name of the virtio-serial port of the workload's own
+// agent in a guest (WorkAgentArgs, StartWorkAgent).
+const WorkPort = "org.vmshadow.grouptest"
+
+// WorkAgentArgs are the QEMU arguments that give a guest a second agent
+// port, WorkPort, whose host side is the UNIX socket path. The guest's
+// virtio-serial device must exist (the test guest has one).
+func WorkAgentArgs(path string) []string {
+	return []string{
+		"-chardev", "socket,id=grouptest0,path=" + strings.ReplaceAll(path, ",", ",,") + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=grouptest0,name=" + WorkPort,
+	}
+}
+
+// StartWorkAgent starts, through the guest's agent at agentSocket, a
+// second qemu-ga in the guest on the port WorkPort (see WorkAgentArgs),
+// for the workload alone. The backup under test holds the guest's agent
+// socket for the whole snapshot set (QEMU serves one client per socket):
+// writing through it, the workload would stand still for the set, and a
+// group that does not pause its VMs together could not be caught. The
+// workload's agent is not frozen either (qemu-ga's frozen state is its
+// own), and the log disk has no file system: the workload writes on
+// while the guest's file systems are frozen, and only a paused VM stops
+// it.
+func StartWorkAgent(ctx context.Context, agentSocket string) error {
+	c, err := qga.Dial(ctx, agentSocket)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	script := `dev=
+for p in /sys/class/virtio-ports/*; do
+	[ "$(cat "$p/name" 2>/dev/null)" = ` + WorkPort + ` ] && dev=/dev/${p##*/}
+done
+[ -n "$dev" ] || { echo "no virtio-serial port ` + WorkPort + `" >&2; exit 1; }
+[ -e "$dev" ] || { echo "no device node $dev" >&2; exit 1; }
+mkdir -p /run/grouptest-ga
+qemu-ga -m virtio-serial -p "$dev" -t /run/grouptest-ga -f /run/grouptest-ga.pid </dev/null >/run/grouptest-ga.log 2>&1 &
+echo "$dev"`
+	res, err := c.Exec(ctx, "/bin/sh", []string{"-c", script}, nil, nil)
+	if err != nil {
+		return fmt.Errorf("start the workload's agent in the guest: %w", err)
+	}
+	if res.ExitCode != 0 {
+		return fmt.Errorf("start the workload's agent in the guest: exit %d: %s", res.ExitCode, strings.TrimSpace(string(res.Stderr)))
+	}
+	return nil
+}
+
 // GuestAgent writes the log of a real guest through its qemu-ga: guest-exec
 // of busybox dd, the record on standard input, one direct write of a sector
 // at the record's slot of Device followed by fsync; the write is done when
 // dd has exited 0.
 //
-// It connects for each write and disconnects after: QEMU serves one client
-// per agent socket and the backup under test needs it too. While another
-// client holds the socket the connection waits (busy), and while the guest's
-// file systems are frozen the agent refuses guest-exec (busy).
+// Socket is best the workload's own agent (StartWorkAgent). It connects
+// for each write and disconnects after, so that it can share an agent
+// socket with another client (QEMU serves one client at a time): while
+// another client holds the socket the connection waits (busy), and while
+// the guest's file systems are frozen the agent refuses guest-exec (busy).
 type GuestAgent struct {
 	VMName string
 	Socket string // the agent's UNIX socket
@@ -55,8 +106,9 @@ func (g *GuestAgent) Write(ctx context.Context, vm int, n uint64) error {
 		return fmt.Errorf("%w: %v", ErrBusy, err) // another client holds the socket
 	}
 	defer c.Close()
-	res, err := c.Exec(dctx, "/bin/busybox", []string{"dd", "of=" + g.Device, "bs=" + strconv.Itoa(RecordSize),
-		"seek=" + strconv.FormatUint(n-1, 10), "count=1", "iflag=fullblock", "oflag=direct", "conv=notrunc,fsync"}, nil, Record(vm, n))
+	args := []string{"dd", "of=" + g.Device, "bs=" + strconv.Itoa(RecordSize), "seek=" + strconv.FormatUint(n-1, 10),
+		"count=1", "iflag=fullblock", "oflag=direct", "conv=notrunc,fsync"}
+	code, stderr, err := execFast(dctx, c, "/bin/busybox", args, Record(vm, n))
 	if err != nil {
 		var ae *qga.Error
 		if errors.As(err, &ae) && strings.Contains(ae.Desc, "frozen") {
@@ -64,10 +116,50 @@ func (g *GuestAgent) Write(ctx context.Context, vm int, n uint64) error {
 		}
 		return fmt.Errorf("guest-exec dd: %w", err)
 	}
-	if res.ExitCode != 0 || res.Signal != 0 {
-		return fmt.Errorf("dd of=%s in the guest: exit %d signal %d: %s", g.Device, res.ExitCode, res.Signal, strings.TrimSpace(string(res.Stderr)))
+	if code != "" {
+		return fmt.Errorf("dd of=%s in the guest: %s: %s", g.Device, code, strings.TrimSpace(stderr))
 	}
 	return nil
+}
+
+// execFast runs a program in the guest like qga.Client.Exec, but asks for
+// its end every 5 ms rather than 100: the workload's pace is that of its
+// writes, and the faster it goes the smaller the gap between two VMs'
+// snapshots it catches. code is "" for exit 0, else what ended it.
+func execFast(ctx context.Context, c *qga.Client, path string, args []string, stdin []byte) (code, stderr string, err error) {
+	var started struct {
+		PID int `json:"pid"`
+	}
+	req := map[string]any{"path": path, "arg": args, "capture-output": true, "input-data": base64.StdEncoding.EncodeToString(stdin)}
+	if err := c.Execute(ctx, "guest-exec", req, &started); err != nil {
+		return "", "", err
+	}
+	for {
+		var st struct {
+			Exited   bool   `json:"exited"`
+			ExitCode int    `json:"exitcode"`
+			Signal   int    `json:"signal"`
+			ErrData  string `json:"err-data"`
+		}
+		if err := c.Execute(ctx, "guest-exec-status", map[string]int{"pid": started.PID}, &st); err != nil {
+			return "", "", err
+		}
+		if st.Exited {
+			errOut, _ := base64.StdEncoding.DecodeString(st.ErrData)
+			switch {
+			case st.Signal != 0:
+				code = fmt.Sprintf("signal %d", st.Signal)
+			case st.ExitCode != 0:
+				code = fmt.Sprintf("exit %d", st.ExitCode)
+			}
+			return code, string(errOut), nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", "", fmt.Errorf("guest-exec %s: %w", path, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
 }
 
 // QEMUIO writes the log of a VM without an OS through QEMU itself: HMP
