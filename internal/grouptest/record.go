@@ -1,8 +1,9 @@
 // Package grouptest owns the proof harness of consistency groups (issue 17):
 // a Workload that writes sequence numbers to a log on each of several VMs in
 // turn (n to VM 1, then n to VM 2, ... then n to VM N, then n+1 to VM 1),
-// the Targets it writes through (a real guest's agent, QEMU's qemu-io for a
-// VM without an OS), and Check, which reads the logs back from restored raw
+// the Targets it writes through (a real guest's qemu-ga, a second one of
+// the workload's own that backups do not hold; QEMU's qemu-io for a VM
+// without an OS), and Check, which reads the logs back from restored raw
 // disk images and tests the cross-VM invariant a set taken at one instant
 // keeps: for VMs in order 1..N,
 //
