@@ -322,19 +322,6 @@ func (r *groupRig) groupRounds(t *testing.T, rounds int, take func(t *testing.T,
 	}
 }
 
-// groupBackupExists says whether vmshadow has the group backup and restore
-// of issue 17 (backup and restore take --group).
-func groupBackupExists(t *testing.T) bool {
-	t.Helper()
-	for _, cmd := range []string{"backup", "restore"} {
-		out, _ := exec.Command(bin, cmd, "--help").CombinedOutput()
-		if !strings.Contains(string(out), "--group") {
-			return false
-		}
-	}
-	return true
-}
-
 // takeGroup backs the members up as one group (one set across the three
 // VMs: every writer frozen, the VMs paused together around the commit) and
 // restores the group backup, each member into DIR/VM/.
@@ -453,9 +440,6 @@ func TestGroupConsistency(t *testing.T) {
 	})
 
 	t.Run("group backups hold it", func(t *testing.T) {
-		if !groupBackupExists(t) {
-			t.Skip("needs the group backup (issue 17): vmshadow backup and restore take no --group yet")
-		}
 		r.groupRounds(t, 3, takeGroup)
 	})
 
