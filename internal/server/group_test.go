@@ -10,6 +10,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
+	"github.com/vmshadow/vmshadow/internal/server/state"
 )
 
 // TestDeleteGroupMember: the API's deletion of one member of a group
@@ -66,5 +67,84 @@ func TestDeleteGroupMember(t *testing.T) {
 	}
 	if _, err := g.s.Backup(ctx, "main", member); !errors.Is(err, errs.ErrNotFound) {
 		t.Fatalf("deleted member: %v, want not found", err)
+	}
+}
+
+// TestGroupJob: a backup job naming a group backs its VMs up at one
+// instant, as one group backup (one set: every member shares its set ID),
+// records each VM's result, and its retention keeps or removes group
+// backups whole; a VM of the group that cannot be found fails the run
+// without backing up the others.
+func TestGroupJob(t *testing.T) {
+	g := newRig(t, []string{"db", "app"}, `  - name: shop
+    type: backup
+    repository: main
+    vms: [{connection: lab, vms: [db, app]}]
+    group: shop
+    retention: {keep_last: 1}
+  - name: broken
+    type: backup
+    repository: main
+    vms: [{connection: lab, vms: [db, gone]}]
+    group: broken
+`)
+	ctx := context.Background()
+	var last []state.VMResult
+	for i := 0; i < 2; i++ {
+		r, err := g.s.RunJob(ctx, "shop")
+		if err != nil {
+			t.Fatal(err)
+		}
+		end, vms := g.waitRun(t, r.ID)
+		if end.Status != state.Succeeded || len(vms) != 2 {
+			t.Fatalf("run %d: %+v %+v", i, end, vms)
+		}
+		for _, v := range vms {
+			if v.Status != state.Succeeded || v.BackupID == "" {
+				t.Fatalf("run %d VM %s: %+v", i, v.VM, v)
+			}
+		}
+		last = vms
+	}
+	r, release, err := g.s.repository(ctx, "main")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	groups, err := r.ListGroups(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// keep_last 1: the first group backup went whole, members included.
+	if len(groups) != 1 || groups[0].Name != "shop" || len(groups[0].Members) != 2 {
+		t.Fatalf("group backups after retention: %+v", groups)
+	}
+	setIDs := map[string]bool{}
+	ids := map[string]bool{}
+	for _, b := range g.backups(t, "main") {
+		setIDs[b.SetID] = true
+		ids[b.ID.String()] = true
+		if b.Group != "shop" {
+			t.Errorf("backup %s of %s: group %q", b.ID.Short(), b.VM, b.Group)
+		}
+	}
+	if len(ids) != 2 || len(setIDs) != 1 || !setIDs[groups[0].SetID] {
+		t.Fatalf("backups left: %d with set IDs %v, want the 2 members of set %s", len(ids), setIDs, groups[0].SetID)
+	}
+	for _, v := range last {
+		if !ids[v.BackupID] {
+			t.Errorf("VM %s's result names backup %s, not a member left", v.VM, v.BackupID)
+		}
+	}
+
+	run, err := g.s.RunJob(ctx, "broken")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end, _ := g.waitRun(t, run.ID); end.Status != state.Failed || !strings.Contains(end.Error, "gone") {
+		t.Fatalf("a group missing a VM: %+v", end)
+	}
+	if n := len(g.backups(t, "main")); n != 2 {
+		t.Errorf("%d backups after the broken group's run, want 2 (nothing backed up)", n)
 	}
 }

@@ -75,6 +75,9 @@ func (s *Server) runBackup(ctx context.Context, run *run) error {
 		return err
 	}
 	defer release()
+	if j.Group != "" {
+		return s.runGroupBackup(ctx, run, r, vms, problems)
+	}
 	workers := max(j.PerJob, 1)
 	sem := make(chan struct{}, workers)
 	var wg sync.WaitGroup
@@ -116,6 +119,136 @@ func (s *Server) runBackup(ctx context.Context, run *run) error {
 	if n := len(failed) + len(problems); n > 0 {
 		return fmt.Errorf("%d of %d VMs failed (%v)", len(failed), len(vms), failed)
 	}
+	return nil
+}
+
+// runGroupBackup backs up the job's VMs as its group: one snapshot set
+// across all of them, at one instant (vmbackup.RunGroup), each VM's result
+// recorded as for single backups, then the job's retention applied to the
+// group's group backups. A group missing a VM it selects (problems) is not
+// backed up: its backup would not be the group's.
+func (s *Server) runGroupBackup(ctx context.Context, run *run, r *repo.Repo, vms []vmRef, problems []error) error {
+	j := run.job
+	if len(problems) > 0 {
+		return fmt.Errorf("group %s: not every VM of the group can be reached, so none is backed up: %w", j.Group, errors.Join(problems...))
+	}
+	started := time.Now()
+	results := make([]state.VMResult, len(vms))
+	byName := map[string]int{}
+	for i, vm := range vms {
+		results[i] = state.VMResult{Run: run.info.ID, VM: vm.Name, Started: started}
+		byName[vm.Name] = i
+		if err := s.db.StartVM(ctx, run.info.ID, vm.Name, started); err != nil {
+			return err
+		}
+	}
+	err := s.groupBackup(ctx, run, r, vms, results, byName)
+	for i := range results {
+		res := &results[i]
+		res.Ended = time.Now()
+		switch {
+		case res.BackupID != "":
+			res.Status = state.Succeeded
+		case isCancel(err) && ctx.Err() != nil:
+			res.Status, res.Error = state.Cancelled, context.Cause(ctx).Error()
+		default:
+			res.Status, res.Error = state.Failed, "the group's backup failed"
+			if err != nil {
+				res.Error = err.Error()
+			}
+		}
+		if e := s.db.EndVM(context.WithoutCancel(ctx), *res); e != nil {
+			s.log.Error("record a VM's result", "run", run.info.ID, "vm", res.VM, "err", e)
+		}
+		run.publish(api.Event{Type: "vm", Data: *res})
+	}
+	if err != nil {
+		run.logf(s, slog.LevelError, "", "group %s: %v", j.Group, err)
+		return err
+	}
+	if !j.Retention.Empty() {
+		if err := s.applyRetention(ctx, run, r, j, nil); err != nil {
+			run.logf(s, slog.LevelError, "", "retention: %v", err)
+			return fmt.Errorf("retention: %w", err)
+		}
+	}
+	return nil
+}
+
+// groupBackup takes the group's set and stores its backups, filling each
+// stored member's result.
+func (s *Server) groupBackup(ctx context.Context, run *run, r *repo.Repo, vms []vmRef, results []state.VMResult, byName map[string]int) error {
+	j := run.job
+	s.mu.Lock()
+	for _, vm := range vms {
+		if other := s.vmBusy[vm.key()]; other != 0 {
+			s.mu.Unlock()
+			return fmt.Errorf("run %d is backing VM %s up: one snapshot set at a time: %w", other, vm.Name, errs.ErrBusy)
+		}
+	}
+	for _, vm := range vms {
+		s.vmBusy[vm.key()] = run.info.ID
+	}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		for _, vm := range vms {
+			delete(s.vmBusy, vm.key())
+		}
+		s.mu.Unlock()
+	}()
+	var mu sync.Mutex
+	current := ""
+	cur := func() string { mu.Lock(); defer mu.Unlock(); return current }
+	warn := func(format string, a ...any) { run.logf(s, slog.LevelWarn, cur(), format, a...) }
+	var los []livebackup.Options
+	for _, vm := range vms {
+		phase := func(p string) { run.setProgress(api.Progress{VM: vm.Name, Phase: p}) }
+		c, err := s.coordinator(run.cfg, j, vm, phase, func(m string) { run.logf(s, slog.LevelWarn, vm.Name, "%s", m) })
+		if err != nil {
+			return fmt.Errorf("VM %s: %w", vm.Name, err)
+		}
+		full, why := s.fullDue(ctx, r, j, vm.Name)
+		if full {
+			run.logf(s, slog.LevelInfo, vm.Name, "full backup: %s", why)
+		}
+		los = append(los, livebackup.Options{Coordinator: c, VM: vm.Name, Full: full, Tags: []string{"job:" + j.Name},
+			Warn: func(m string) { run.logf(s, slog.LevelWarn, vm.Name, "%s", m) }})
+	}
+	out, err := vmbackup.RunGroup(ctx, r, j.Group, los, vmbackup.Options{Warn: warn,
+		Member: func(vm string) { mu.Lock(); current = vm; mu.Unlock() },
+		Plan: func(d livebackup.DiskPlan) {
+			why := ""
+			if d.Reason != "" {
+				why = " (" + d.Reason + ")"
+			}
+			run.logf(s, slog.LevelInfo, cur(), "disk %s: %s read%s", d.Name, d.Mode, why)
+		},
+		Progress: func(m *progress.Meter) func() {
+			vm := cur()
+			return progress.Report(ctx, m, time.Second, func(p progress.Snapshot) {
+				run.setProgress(api.Progress{VM: vm, Phase: "reading", Done: p.BytesDone, Total: p.BytesTotal, Rate: p.Rate, ETA: max(p.ETAS, 0)})
+			})
+		},
+	})
+	if out != nil {
+		for _, m := range out.Members {
+			res := &results[byName[m.Manifest.VM]]
+			res.BackupID, res.Mode, res.Consistency = m.ID.String(), m.Manifest.Mode, m.Manifest.Consistency
+			res.BytesRead, res.BytesNew = m.Stats.BytesRead, m.Stats.BytesNew
+			if m.Live != nil && m.Live.Set != nil {
+				res.FreezeMS = m.Live.Set.FreezeMS
+			}
+			run.logf(s, slog.LevelInfo, m.Manifest.VM, "backup %s stored: %s, %s consistent, read %s, stored %s new, in %s",
+				m.ID.Short(), m.Manifest.Mode, m.Manifest.Consistency, progress.Bytes(res.BytesRead), progress.Bytes(res.BytesNew), progress.Duration(m.Duration.Seconds()))
+			run.setProgress(api.Progress{VM: m.Manifest.VM, Phase: "done", Done: res.BytesRead, Total: res.BytesRead})
+		}
+	}
+	if err != nil {
+		return err
+	}
+	run.logf(s, slog.LevelInfo, "", "group backup %s of %s stored: %d VMs at one instant, %s consistent, frozen %d ms",
+		out.ID.Short(), j.Group, len(out.Members), out.Group.Consistency, out.Group.FreezeMS)
 	return nil
 }
 
@@ -252,8 +385,9 @@ func (s *Server) fullDue(ctx context.Context, r *repo.Repo, j *config.Job, vm st
 	return true, fmt.Sprintf("the last full backup (%s) is %s old; full_every_days is %d", last.ID.Short(), age.Round(time.Minute), j.FullEveryDays)
 }
 
-// applyRetention prunes vms' backups by j's retention, under the
-// exclusive lock (waiting for other backups to finish).
+// applyRetention prunes vms' backups by j's retention, and the group
+// backups of j's group, under the exclusive lock (waiting for other
+// backups to finish).
 func (s *Server) applyRetention(ctx context.Context, run *run, r *repo.Repo, j *config.Job, vms []string) error {
 	lctx, unlock, err := s.lock(ctx, run, r, true, "prune")
 	if err != nil {
@@ -261,6 +395,18 @@ func (s *Server) applyRetention(ctx context.Context, run *run, r *repo.Repo, j *
 	}
 	defer unlock()
 	removed := 0
+	if j.Group != "" {
+		ds, err := r.Prune(lctx, repo.PruneOptions{Group: j.Group, Policy: j.Retention})
+		if err != nil {
+			return fmt.Errorf("prune group %s: %w", j.Group, err)
+		}
+		for _, d := range ds {
+			if !d.Keep {
+				removed++
+				run.logf(s, slog.LevelInfo, "", "retention removed group backup %s of %s (%d VMs)", d.ID[:8], d.Time.Format(time.RFC3339), len(d.Members))
+			}
+		}
+	}
 	for _, vm := range vms {
 		ds, err := r.Prune(lctx, repo.PruneOptions{VM: vm, Policy: j.Retention})
 		if err != nil {

@@ -23,6 +23,9 @@ type Options struct {
 	// Live says which VM (its Coordinator) and how (tags, --full, NBD
 	// connections).
 	Live livebackup.Options
+	// Member, if set, is told the name in the repository of the VM whose
+	// backup starts (each member of a group in turn), before its Plan.
+	Member func(vm string)
 	// Plan, if set, is told how each disk will be read, before reading.
 	Plan func(livebackup.DiskPlan)
 	// Progress, if set, gets the meter of the read (its total the disks'
@@ -131,6 +134,9 @@ func runGroup(ctx context.Context, r *repo.Repo, group string, members []livebac
 // store runs the backup pipeline of one started live backup and finishes
 // it.
 func store(ctx context.Context, r *repo.Repo, lb *livebackup.Backup, o Options, warn func(string, ...any)) (*Result, error) {
+	if o.Member != nil {
+		o.Member(lb.Job.VM)
+	}
 	if o.Plan != nil {
 		for _, d := range lb.Disks {
 			o.Plan(d)

@@ -174,6 +174,10 @@ type Job struct {
 	FullEveryDays int // 0: never a forced full backup
 	PerJob        int // VMs backed up at once by this job
 	PerHost       int // VMs backed up at once per hypervisor host
+	// Group makes the job's VMs a consistency group of this name: each
+	// run takes one snapshot set across all of them (PerJob and PerHost
+	// do not apply), and retention keeps or removes group backups whole.
+	Group string
 
 	// verify
 	ReverifyAfterDays int // 0: the whole repository every run

@@ -43,6 +43,14 @@ jobs:
     vms: [{connection: lab}]
     writers: {guest_agent: true, guest_hooks: [/usr/sbin/flush], require: application}
 `},
+		{"consistency group", head + `    sockets: [/run/qemu/*.qmp]
+jobs:
+  - name: shop
+    type: backup
+    repository: local
+    vms: [{connection: lab, vms: [db, app]}]
+    group: shop
+`},
 		{"loopback ipv6 plain", "listen:\n  - address: tcp:[::1]:8080\n    plain_tcp: true\n"},
 		{"notify to localhost, https with a port", "listen: [{address: unix:/a}]\nnotify:\n  - {url: \"http://localhost:9095/\", on: [cancelled, skipped], timeout: 5m}\n  - {url: \"https://alerts.example.net:8443\", secret_env: HOOK_SECRET, timeout: 1s}\n"},
 		{"libvirt local", "listen: [{address: unix:/a}]\nconnections:\n  k:\n    type: libvirt\n    uri: qemu:///system\n"},
@@ -106,7 +114,7 @@ repositories:
 `, []string{
 			`server.yaml:17:17: jobs[0].repository: repository "nosuch" is not defined under repositories (defined: local, s3repo)`,
 			`server.yaml:19:21: jobs[0].vms[0].connection: connection "ghost" is not defined under connections (defined: lab)`,
-			`server.yaml:20:5: jobs[0].schedul: unknown key "schedul"; valid keys here: catch_up, concurrency, enabled, from, full_every_days, grace, name, notify, random_delay, repository, retention, reverify_after_days, schedule, time_limit, timezone, to, type, vms, writers`,
+			`server.yaml:20:5: jobs[0].schedul: unknown key "schedul"; valid keys here: catch_up, concurrency, enabled, from, full_every_days, grace, group, name, notify, random_delay, repository, retention, reverify_after_days, schedule, time_limit, timezone, to, type, vms, writers`,
 			`server.yaml:21:28: jobs[0].concurrency.per_job: 0 out of range 1-64`,
 			`server.yaml:22:5: jobs[1].name: job "a" is defined twice; job names must be unique`,
 		}},
@@ -210,6 +218,27 @@ jobs:
 			`server.yaml:19:18: connections.pool.guest_agent: not a setting of a xapi connection`,
 			`server.yaml:25:14: jobs[0].writers.guest_agent: connection "pool" is a XenServer pool, whose VMs run no QEMU guest agent: use hooks`,
 			`server.yaml:30:14: jobs[1].writers.guest_hooks: guest hooks run through the guest agent: set guest_agent: true`,
+		}},
+		{"groups", head + qmp + `jobs:
+  - name: g1
+    type: backup
+    repository: local
+    vms: [{connection: lab}]
+    group: "a group"
+  - name: g2
+    type: backup
+    repository: local
+    vms: [{connection: lab}]
+    group: g2
+    concurrency: {per_job: 2}
+  - name: g3
+    type: verify
+    repository: local
+    group: g3
+`, []string{
+			`server.yaml:19:12: jobs[0].group: "a group" is not a group name: letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit`,
+			`server.yaml:25:18: jobs[1].concurrency: a group's VMs are backed up together, at one instant: concurrency does not apply to a job with a group`,
+			`server.yaml:29:12: jobs[2].group: not a setting of a verify job`,
 		}},
 		{"job settings", head + qmp + `jobs:
   - name: b

@@ -27,7 +27,7 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 	}
 	fields := map[string]func(k, v *yaml.Node){}
 	for _, k := range []string{"name", "type", "schedule", "timezone", "random_delay", "catch_up", "enabled", "time_limit",
-		"repository", "vms", "writers", "retention", "full_every_days", "concurrency",
+		"repository", "vms", "writers", "retention", "full_every_days", "concurrency", "group",
 		"reverify_after_days", "grace", "from", "to", "notify"} {
 		fields[k] = at(k)
 	}
@@ -95,7 +95,7 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 
 	// Which keys each type takes, besides the common ones.
 	allowed := map[string][]string{
-		Backup: {"repository", "vms", "writers", "retention", "full_every_days", "concurrency"},
+		Backup: {"repository", "vms", "writers", "retention", "full_every_days", "concurrency", "group"},
 		Verify: {"repository", "reverify_after_days"},
 		Prune:  {"repository", "retention"},
 		GC:     {"repository", "grace"},
@@ -106,7 +106,7 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 		for _, k := range allowed[j.Type] {
 			ok[k] = true
 		}
-		for _, k := range []string{"repository", "vms", "writers", "retention", "full_every_days", "concurrency", "reverify_after_days", "grace", "from", "to"} {
+		for _, k := range []string{"repository", "vms", "writers", "retention", "full_every_days", "concurrency", "group", "reverify_after_days", "grace", "from", "to"} {
 			if v := keys[k]; v != nil && !ok[k] {
 				p.errAt(v, path+"."+k, "not a setting of a %s job", j.Type)
 				delete(keys, k)
@@ -148,6 +148,17 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 				j.FullEveryDays = 0
 			} else {
 				j.FullEveryDays, _ = p.intRange(v, path+".full_every_days", 1, maxDays)
+			}
+		}
+		if v := keys["group"]; v != nil {
+			if g, ok := p.str(v, path+".group"); ok {
+				if !nameRe.MatchString(g) {
+					p.errAt(v, path+".group", "%q is not a group name: letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit", g)
+				} else if keys["concurrency"] != nil {
+					p.errAt(keys["concurrency"], path+".concurrency", "a group's VMs are backed up together, at one instant: concurrency does not apply to a job with a group")
+				} else {
+					j.Group = g
+				}
 			}
 		}
 		if v := keys["concurrency"]; v != nil {

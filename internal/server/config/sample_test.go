@@ -33,8 +33,8 @@ func TestSampleValidates(t *testing.T) {
 	if c := cfg.Connections["kvm2"]; c == nil || c.URI != "qemu+ssh://root@kvm2.example.net/system" {
 		t.Errorf("kvm2: %+v", c)
 	}
-	if len(cfg.Jobs) != 6 {
-		t.Fatalf("%d jobs, want 6", len(cfg.Jobs))
+	if len(cfg.Jobs) != 7 {
+		t.Fatalf("%d jobs, want 7", len(cfg.Jobs))
 	}
 	j := cfg.Jobs[0]
 	if j.Name != "nightly" || j.Type != Backup || j.Repository != "local" || j.RandomDelay != 15*time.Minute || !j.CatchUp ||
@@ -70,6 +70,9 @@ func TestSampleValidates(t *testing.T) {
 	}
 	if j := cfg.Jobs[5]; j.From != "local" || j.To != "offsite" || j.Enabled || j.Schedule.Location().String() != "America/New_York" {
 		t.Errorf("copy: %+v", j)
+	}
+	if j := cfg.Jobs[6]; j.Group != "shop" || len(j.VMs) != 1 || len(j.VMs[0].Names) != 2 || !j.GuestAgent {
+		t.Errorf("group job: %+v", j)
 	}
 }
 
