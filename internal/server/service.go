@@ -387,7 +387,11 @@ func jobSpec(j *config.Job) map[string]any {
 		} else {
 			m["full_every_days"] = "never"
 		}
-		m["concurrency"] = map[string]any{"per_job": max(j.PerJob, 1), "per_host": max(j.PerHost, 1)}
+		if j.Group != "" {
+			m["group"] = j.Group // concurrency does not apply to a group
+		} else {
+			m["concurrency"] = map[string]any{"per_job": max(j.PerJob, 1), "per_host": max(j.PerHost, 1)}
+		}
 		if !j.Retention.Empty() {
 			m["retention"] = retentionSpec(j)
 		}
