@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
 	"strings"
 	"time"
 
@@ -244,17 +243,7 @@ func (r *Repo) LoadGroup(ctx context.Context, id ID) (*Group, error) {
 }
 
 func (r *Repo) groupIDs(ctx context.Context, prefix string) ([]ID, error) {
-	var ids []ID
-	err := r.be.List(ctx, backend.KindGroups, prefix, func(fi backend.Info) error {
-		if id, err := ParseID(fi.Name); err == nil {
-			ids = append(ids, id)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list group records: %w", err)
-	}
-	return ids, nil
+	return r.blobIDs(ctx, backend.KindGroups, "group records", prefix)
 }
 
 // ListGroups loads every group record, sorted by time (oldest first). A
@@ -279,49 +268,18 @@ func (r *Repo) ScanGroups(ctx context.Context) (groups []GroupEntry, bad map[ID]
 	if err != nil {
 		return nil, nil, err
 	}
-	bad = map[ID]error{}
-	for _, id := range ids {
+	return loadSorted(ctx, ids, func(id ID) (GroupEntry, time.Time, error) {
 		g, err := r.LoadGroup(ctx, id)
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil, nil, ctx.Err()
-			}
-			bad[id] = err
-			continue
+			return GroupEntry{}, time.Time{}, err
 		}
-		groups = append(groups, GroupEntry{ID: id, Group: g})
-	}
-	sort.SliceStable(groups, func(i, j int) bool {
-		if !groups[i].Time.Equal(groups[j].Time) {
-			return groups[i].Time.Before(groups[j].Time)
-		}
-		return groups[i].ID.String() < groups[j].ID.String()
+		return GroupEntry{ID: id, Group: g}, g.Time, nil
 	})
-	return groups, bad, nil
 }
 
 // FindGroup resolves a group backup ID or an unambiguous prefix of one.
 func (r *Repo) FindGroup(ctx context.Context, prefix string) (ID, error) {
-	p := strings.ToLower(prefix)
-	if p == "" || len(p) > 64 || strings.Trim(p, "0123456789abcdef") != "" {
-		return ID{}, fmt.Errorf("invalid group backup id %q: want hex digits: %w", prefix, errs.ErrUsage)
-	}
-	ids, err := r.groupIDs(ctx, p)
-	if err != nil {
-		return ID{}, err
-	}
-	switch len(ids) {
-	case 0:
-		return ID{}, fmt.Errorf("group backup %s not found (list them with 'vmshadow backups --groups'): %w", prefix, errs.ErrNotFound)
-	case 1:
-		return ids[0], nil
-	}
-	var s []string
-	for _, id := range ids {
-		s = append(s, id.Short())
-	}
-	sort.Strings(s)
-	return ID{}, fmt.Errorf("group backup id prefix %q is ambiguous (matches %s): give more digits: %w", prefix, strings.Join(s, ", "), errs.ErrUsage)
+	return r.findID(ctx, backend.KindGroups, "group backup", "vmshadow backups --groups", prefix)
 }
 
 // memberOf finds the group backup that lists backup id. It returns nil

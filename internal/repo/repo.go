@@ -496,9 +496,28 @@ func (r *Repo) ListBackups(ctx context.Context) (backups []Backup, bad map[ID]er
 	if err != nil {
 		return nil, nil, err
 	}
+	return loadSorted(ctx, ids, func(id ID) (Backup, time.Time, error) {
+		m, err := r.LoadManifest(ctx, id)
+		if err != nil {
+			return Backup{}, time.Time{}, err
+		}
+		return Backup{ID: id, Manifest: m}, m.Time, nil
+	})
+}
+
+// loadSorted loads each of ids with load, sorted by the time load gives
+// (oldest first, then by ID); those that cannot be read are returned in
+// bad, keyed by ID.
+func loadSorted[E any](ctx context.Context, ids []ID, load func(ID) (E, time.Time, error)) (list []E, bad map[ID]error, err error) {
+	type entry struct {
+		e    E
+		id   ID
+		when time.Time
+	}
+	var es []entry
 	bad = map[ID]error{}
 	for _, id := range ids {
-		m, err := r.LoadManifest(ctx, id)
+		e, when, err := load(id)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil, nil, ctx.Err()
@@ -506,15 +525,18 @@ func (r *Repo) ListBackups(ctx context.Context) (backups []Backup, bad map[ID]er
 			bad[id] = err
 			continue
 		}
-		backups = append(backups, Backup{ID: id, Manifest: m})
+		es = append(es, entry{e, id, when})
 	}
-	sort.SliceStable(backups, func(i, j int) bool {
-		if !backups[i].Time.Equal(backups[j].Time) {
-			return backups[i].Time.Before(backups[j].Time)
+	sort.SliceStable(es, func(i, j int) bool {
+		if !es[i].when.Equal(es[j].when) {
+			return es[i].when.Before(es[j].when)
 		}
-		return backups[i].ID.String() < backups[j].ID.String()
+		return es[i].id.String() < es[j].id.String()
 	})
-	return backups, bad, nil
+	for _, e := range es {
+		list = append(list, e.e)
+	}
+	return list, bad, nil
 }
 
 // BackupIDs lists the IDs of the stored backups (their manifests are not
@@ -522,32 +544,44 @@ func (r *Repo) ListBackups(ctx context.Context) (backups []Backup, bad map[ID]er
 func (r *Repo) BackupIDs(ctx context.Context) ([]ID, error) { return r.backupIDs(ctx, "") }
 
 func (r *Repo) backupIDs(ctx context.Context, prefix string) ([]ID, error) {
+	return r.blobIDs(ctx, backend.KindBackups, "backups", prefix)
+}
+
+// blobIDs lists the IDs of kind's blobs whose names start with prefix
+// (what names them in an error).
+func (r *Repo) blobIDs(ctx context.Context, kind backend.Kind, what, prefix string) ([]ID, error) {
 	var ids []ID
-	err := r.be.List(ctx, backend.KindBackups, prefix, func(fi backend.Info) error {
+	err := r.be.List(ctx, kind, prefix, func(fi backend.Info) error {
 		if id, err := ParseID(fi.Name); err == nil {
 			ids = append(ids, id)
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("list backups: %w", err)
+		return nil, fmt.Errorf("list %s: %w", what, err)
 	}
 	return ids, nil
 }
 
 // FindBackup resolves a backup ID or an unambiguous prefix of one.
 func (r *Repo) FindBackup(ctx context.Context, prefix string) (ID, error) {
+	return r.findID(ctx, backend.KindBackups, "backup", "vmshadow backups", prefix)
+}
+
+// findID resolves an ID or an unambiguous prefix of one among kind's
+// blobs; what names them in errors, list is the command that lists them.
+func (r *Repo) findID(ctx context.Context, kind backend.Kind, what, list, prefix string) (ID, error) {
 	p := strings.ToLower(prefix)
 	if p == "" || len(p) > 64 || strings.Trim(p, "0123456789abcdef") != "" {
-		return ID{}, fmt.Errorf("invalid backup id %q: want hex digits: %w", prefix, errs.ErrUsage)
+		return ID{}, fmt.Errorf("invalid %s id %q: want hex digits: %w", what, prefix, errs.ErrUsage)
 	}
-	ids, err := r.backupIDs(ctx, p)
+	ids, err := r.blobIDs(ctx, kind, what+"s", p)
 	if err != nil {
 		return ID{}, err
 	}
 	switch len(ids) {
 	case 0:
-		return ID{}, fmt.Errorf("backup %s not found (list them with 'vmshadow backups'): %w", prefix, errs.ErrNotFound)
+		return ID{}, fmt.Errorf("%s %s not found (list them with '%s'): %w", what, prefix, list, errs.ErrNotFound)
 	case 1:
 		return ids[0], nil
 	}
@@ -556,7 +590,7 @@ func (r *Repo) FindBackup(ctx context.Context, prefix string) (ID, error) {
 		s = append(s, id.Short())
 	}
 	sort.Strings(s)
-	return ID{}, fmt.Errorf("backup id prefix %q is ambiguous (matches %s): give more digits: %w", prefix, strings.Join(s, ", "), errs.ErrUsage)
+	return ID{}, fmt.Errorf("%s id prefix %q is ambiguous (matches %s): give more digits: %w", what, prefix, strings.Join(s, ", "), errs.ErrUsage)
 }
 
 // LatestBackup returns the newest backup of vm made in this repository
