@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/qga/qgatest"
+	"github.com/vmshadow/vmshadow/internal/xapitest"
 )
 
 // groupVMs starts the three VMs of the group tests: A (two disks) and B
@@ -209,4 +210,51 @@ func TestGroupBackup(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(state, "journal", "*.json")); len(left) > 0 {
 		t.Errorf("journal left: %v", left)
 	}
+}
+
+// TestGroupMixedXAPI: a QEMU VM and a XenServer VM (of xapitest's pool)
+// backed up as one group, the XenServer VM committed last while the QEMU
+// VM stays paused; both come back as they were and restore bit-identical.
+// Two XenServer VMs in one group are refused before anything is done.
+func TestGroupMixedXAPI(t *testing.T) {
+	x := newXRig(t, xapitest.Options{}, 8<<20, 4<<20)
+	q := qemutest.Start(t, qemutest.Options{Name: "grpq", Running: true, Disks: []qemutest.Disk{{ID: "vda"}}})
+	q.Write("vda", 0x71, 0, 4<<20)
+	x.fill(0, 0, 1<<20)
+	env := x.env
+	before := q.Baseline(scratchOf(t, env)).WithChains()
+	pool := x.s.Dump()
+	want := x.expected()
+	r := x.run("backup", "--repo", x.repo, "--group", "mix", "--qmp", q.QMPPath, "--xapi", x.s.URL, "--xapi-ca", x.s.CAFile, "--vm", x.vm)
+	if r.code != 0 {
+		t.Fatalf("mixed group backup: exit %d: %s", r.code, r.errorMessage())
+	}
+	q.AssertAsBefore(t, before)
+	x.clean(pool)
+	sum := r.summary(t)
+	members := sum["members"].([]any)
+	if len(members) != 2 {
+		t.Fatalf("members: %v", members)
+	}
+	// The QEMU VM first (paused), the XenServer VM last.
+	if members[0].(map[string]any)["source"] != "qemu" || members[1].(map[string]any)["source"] != "xapi" {
+		t.Errorf("members: %v", members)
+	}
+	x.restoreCompare(fmt.Sprint(members[1].(map[string]any)["backup_id"]), want)
+	dir := t.TempDir()
+	if res := x.run("restore", "--repo", x.repo, fmt.Sprint(members[0].(map[string]any)["backup_id"]), "--to", dir); res.code != 0 {
+		t.Fatalf("restore the QEMU member: %s", res.errorMessage())
+	}
+	if out, err := exec.Command("qemu-io", "-f", "raw", "-c", "read -P 0x71 0 4M", filepath.Join(dir, "vda.raw")).CombinedOutput(); err != nil || strings.Contains(string(out), "fail") {
+		t.Errorf("restored QEMU member: %v %s", err, out)
+	}
+
+	other, _ := x.s.AddVM("web server 2", true, 4<<20)
+	pool = x.s.Dump()
+	r = x.run("backup", "--repo", x.repo, "--group", "mix", "--qmp", q.QMPPath, "--xapi", x.s.URL, "--xapi-ca", x.s.CAFile, "--vm", x.vm, "--vm", other)
+	if r.code != 2 || !strings.Contains(r.errorMessage(), "cannot be paused together") {
+		t.Fatalf("two XenServer VMs in a group: exit %d %s, want 2", r.code, r.errorMessage())
+	}
+	q.AssertAsBefore(t, before)
+	x.clean(pool)
 }
