@@ -4,8 +4,10 @@
 // reached, keeps the journal that lets Recover undo a set left behind by a
 // killed process, and allows one set per VM at a time. The phases and
 // writer states are typed and their transitions written down in phase.go;
-// providers write the journal through a Recorder. docs/snapshot-sets.md is
-// the specification.
+// providers write the journal through a Recorder. A set may span several
+// VMs at one instant (a consistency group, group.go: CreateGroup,
+// RecoverGroup); a set of one VM is a group of one. docs/snapshot-sets.md
+// is the specification.
 //
 // It knows nothing about any hypervisor or guest: providers (internal/provider/...)
 // capture and expose disks, writers (internal/writer) freeze and thaw.

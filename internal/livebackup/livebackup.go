@@ -1,4 +1,5 @@
-// Package livebackup backs up a running VM: it takes a snapshot set that
+// Package livebackup backs up a running VM (or several at one instant,
+// StartGroup): it takes a snapshot set that
 // rotates the VM's change tracking for the repository, opens each shadow
 // copy as a backup source (only what changed since the repository's last
 // backup of the VM, or everything allocated when the chain is broken),
