@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmshadow/vmshadow/internal/libvirttest"
 	"github.com/vmshadow/vmshadow/internal/qemutest"
 	"github.com/vmshadow/vmshadow/internal/qga/qgatest"
 	"github.com/vmshadow/vmshadow/internal/xapitest"
@@ -257,4 +258,95 @@ func TestGroupMixedXAPI(t *testing.T) {
 	}
 	q.AssertAsBefore(t, before)
 	x.clean(pool)
+}
+
+// TestLibvirtGroup: two running libvirt domains backed up as one group
+// through libvirt's API (suspended together around the backup jobs'
+// start, resumed after), both running again with no job left and not
+// tainted, each restoring bit-identical; vmshadow killed while the
+// domains are suspended leaves them so, and recover with both resumes
+// them and releases everything.
+func TestLibvirtGroup(t *testing.T) {
+	libvirttest.Need(t)
+	var doms []*libvirttest.Domain
+	for i := range 2 {
+		d := libvirttest.NewDomain(t, libvirttest.Options{Disks: []libvirttest.Disk{{Target: "vda", Size: 16 * mibLV}}})
+		d.Write(t, "vda", byte(0x31+i), 0, 2*mibLV)
+		d.Start(t)
+		doms = append(doms, d)
+	}
+	state, env := stateEnv(t)
+	env = append(env, "VMSHADOW_PASSWORD=test-password")
+	repo := filepath.Join(state, "repo")
+	if res := vmshadow(t, env, "repo", "init", "--repo", repo, "--encryption", "none"); res.code != 0 {
+		t.Fatalf("repo init: %s", res.errorMessage())
+	}
+	args := []string{"backup", "--repo", repo, "--group", "pair", "--libvirt", libvirttest.URI, "--scratch-dir", libvirttest.TempDir(t)}
+	for _, d := range doms {
+		args = append(args, "--vm", d.Name)
+	}
+	running := func(when string) {
+		t.Helper()
+		for _, d := range doms {
+			if st := strings.TrimSpace(libvirttest.Virsh(t, "domstate", d.Name)); st != "running" {
+				t.Errorf("%s: domain %s is %q, want running", when, d.Name, st)
+			}
+			if out := libvirttest.Virsh(t, "domjobinfo", d.Name); !strings.Contains(out, "None") {
+				t.Errorf("%s: domain %s still has a job:\n%s", when, d.Name, out)
+			}
+			if lines := d.Tainted(); len(lines) > 0 {
+				t.Errorf("%s: domain %s tainted:\n%s", when, d.Name, strings.Join(lines, "\n"))
+			}
+		}
+	}
+	r := vmshadow(t, env, args...)
+	if r.code != 0 {
+		t.Fatalf("group backup of two domains: %s", r.errorMessage())
+	}
+	running("after the group backup")
+	members := r.summary(t)["members"].([]any)
+	if len(members) != 2 || num(r.summary(t)["pause_ms"]) <= 0 {
+		t.Fatalf("group summary: %v", r.summary(t))
+	}
+	for i, m := range members {
+		dir := t.TempDir()
+		if res := vmshadow(t, env, "restore", "--repo", repo, fmt.Sprint(m.(map[string]any)["backup_id"]), "--to", dir); res.code != 0 {
+			t.Fatalf("restore %s: %s", doms[i].Name, res.errorMessage())
+		}
+		if out, err := exec.Command("qemu-io", "-f", "raw", "-c", fmt.Sprintf("read -P 0x%x 0 2M", 0x31+i), filepath.Join(dir, "vda.raw")).CombinedOutput(); err != nil || strings.Contains(string(out), "fail") {
+			t.Errorf("restored %s: %v %s", doms[i].Name, err, out)
+		}
+	}
+
+	r = vmshadow(t, append(env, "VMSHADOW_CRASH_AT=group-paused"), args...)
+	if r.code != 137 {
+		t.Fatalf("vmshadow was not killed: exit %d %s", r.code, r.errorMessage())
+	}
+	for _, d := range doms {
+		if st := strings.TrimSpace(libvirttest.Virsh(t, "domstate", d.Name)); st != "paused" {
+			t.Errorf("killed with the group suspended: domain %s is %q", d.Name, st)
+		}
+	}
+	rec := []string{"recover", "--libvirt", libvirttest.URI}
+	for _, d := range doms {
+		rec = append(rec, "--vm", d.Name)
+	}
+	if res := vmshadow(t, env, rec...); res.code != 0 {
+		t.Fatalf("recover: %s", res.errorMessage())
+	}
+	running("after recover")
+	if left, _ := filepath.Glob(filepath.Join(state, "journal", "*.json")); len(left) > 0 {
+		t.Errorf("journal left: %v", left)
+	}
+	// The next group backup works, incremental for both.
+	r = vmshadow(t, env, args...)
+	if r.code != 0 {
+		t.Fatalf("group backup after recover: %s", r.errorMessage())
+	}
+	for _, m := range r.summary(t)["members"].([]any) {
+		if mode := m.(map[string]any)["mode"]; mode != "incremental" {
+			t.Errorf("member %v after recover: %v, want incremental", m.(map[string]any)["vm"], mode)
+		}
+	}
+	running("after the last group backup")
 }
