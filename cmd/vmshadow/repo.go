@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -20,8 +19,8 @@ import (
 	"github.com/vmshadow/vmshadow/internal/redact"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
-	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/s3"
+	"github.com/vmshadow/vmshadow/internal/repo/storage"
 )
 
 func init() { commands = append(commands, newRepoCmd) }
@@ -79,35 +78,12 @@ func (f *repoFlags) password(confirm bool) func() ([]byte, error) {
 // backend opens (or, for repo init, creates) the storage --repo names: a
 // local directory, or S3-compatible object storage for an s3: URL.
 func (f *repoFlags) backend(ctx context.Context, create bool) (backend.Backend, error) {
-	if !s3.IsURL(f.dir) {
+	if !storage.IsS3(f.dir) {
 		if err := checkRepoDir(f.flagName(), f.dir); err != nil {
 			return nil, err
 		}
-		if create {
-			return local.Create(f.dir)
-		}
-		return local.Open(f.dir)
 	}
-	cfg, err := s3.ParseURL(f.dir)
-	if err != nil {
-		return nil, err
-	}
-	cfg.CAFile = cmp.Or(f.s3CA, os.Getenv("VMSHADOW_S3_CA"))
-	if cfg.Addressing, err = s3.ParseAddressing(cmp.Or(f.s3Addressing, os.Getenv("VMSHADOW_S3_ADDRESSING"))); err != nil {
-		return nil, err
-	}
-	cfg.Connections = f.s3Connections
-	if v := os.Getenv("VMSHADOW_S3_RETRIES"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			return nil, errorf(errs.ErrUsage, "VMSHADOW_S3_RETRIES=%q: want the number of attempts per request, at least 1", v)
-		}
-		cfg.Retry.Attempts = n
-	}
-	if create {
-		return s3.Create(ctx, cfg)
-	}
-	return s3.Open(ctx, cfg)
+	return storage.Open(ctx, f.dir, storage.Options{CAFile: f.s3CA, Addressing: f.s3Addressing, Connections: f.s3Connections, Create: create})
 }
 
 // check refuses a --repo that cannot name a repository, without

@@ -3,14 +3,11 @@ package server
 import (
 	"context"
 	"fmt"
-	"os"
 	"sync"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
-	"github.com/vmshadow/vmshadow/internal/repo/backend"
-	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
-	"github.com/vmshadow/vmshadow/internal/repo/backend/s3"
+	"github.com/vmshadow/vmshadow/internal/repo/storage"
 	"github.com/vmshadow/vmshadow/internal/server/config"
 )
 
@@ -90,21 +87,7 @@ func (h *repoHandle) close() {
 // openRepo opens the repository c describes: a directory or S3 storage
 // (credentials and addressing from the environment, as for the CLI).
 func openRepo(ctx context.Context, c *config.Repository) (*repo.Repo, error) {
-	var be backend.Backend
-	var err error
-	if s3.IsURL(c.Location) {
-		var sc s3.Config
-		if sc, err = s3.ParseURL(c.Location); err != nil {
-			return nil, err
-		}
-		sc.CAFile = c.S3CA
-		if sc.Addressing, err = s3.ParseAddressing(os.Getenv("VMSHADOW_S3_ADDRESSING")); err != nil {
-			return nil, err
-		}
-		be, err = s3.Open(ctx, sc)
-	} else {
-		be, err = local.Open(c.Location)
-	}
+	be, err := storage.Open(ctx, c.Location, storage.Options{CAFile: c.S3CA})
 	if err != nil {
 		return nil, err
 	}
