@@ -66,6 +66,27 @@ type Service interface {
 
 	// Repositories lists the repositories with their status.
 	Repositories(ctx context.Context) ([]Repository, error)
+	// UsageHistory returns a repository's usage points at or after
+	// since, oldest first (state.RecordUsage bounds them).
+	UsageHistory(ctx context.Context, repository string, since time.Time) ([]state.Usage, error)
+	// Verifies lists a repository's verify runs, newest first, each with
+	// its findings (the error lines of its run's log).
+	Verifies(ctx context.Context, f state.VerifyFilter) ([]VerifyRun, error)
+	// PrunePreview applies a retention policy to the backups of the VMs
+	// of a repository (all VMs when vms is empty) without removing
+	// anything: prune's dry run.
+	PrunePreview(ctx context.Context, repository string, vms []string, policy RetentionPolicy) (*PrunePreview, error)
+	// JobPrunePreview is PrunePreview with a job's rules: a backup job's
+	// retention for the VMs it selects now, a prune job's for every VM of
+	// its repository. ErrUsage for a job without retention.
+	JobPrunePreview(ctx context.Context, name string) (*PrunePreview, error)
+	// GCPreview is gc's dry run on a repository (with the grace of its
+	// gc job, if any; else the default): what it would delete.
+	GCPreview(ctx context.Context, repository string) (*GCPreview, error)
+	// SchedulePreview parses a schedule as a job's (in timezone, "" for
+	// the configuration's) and returns its next n times after now.
+	// ErrUsage, naming the mistake, for a bad schedule or time zone.
+	SchedulePreview(ctx context.Context, schedule, timezone string, n int) (*SchedulePreview, error)
 
 	// Restore restores a backup's disks to files on the server.
 	Restore(ctx context.Context, req RestoreRequest) (*RestoreResult, error)
@@ -124,6 +145,14 @@ type Backup struct {
 	BytesNew    int64     `json:"bytes_new"`
 	DurationS   float64   `json:"duration_s"`
 	Origin      string    `json:"origin,omitempty"`
+	// FreezeMS is how long the VM's I/O was frozen for it (absent when
+	// no run of this server stored it, or nothing was frozen).
+	FreezeMS int64 `json:"freeze_ms,omitempty"`
+	// Run is the server's run that stored it (absent when another did).
+	Run int64 `json:"run,omitempty"`
+	// Verified is when a verify job of the server last found it intact
+	// (absent: never).
+	Verified time.Time `json:"verified,omitzero"`
 }
 
 // Disk is one disk (or file) of a backup.
@@ -237,4 +266,73 @@ type Serve struct {
 	URI        string    `json:"uri"` // nbd+unix:///DISK?socket=PATH
 	Writable   bool      `json:"writable"`
 	Started    time.Time `json:"started"`
+}
+
+// VerifyRun is one verify of a repository with its findings.
+type VerifyRun struct {
+	ID       int64     `json:"id"`
+	Run      int64     `json:"run,omitempty"` // 0: not a job's run
+	Time     time.Time `json:"time"`
+	Backups  int64     `json:"backups"`
+	Chunks   int64     `json:"chunks"`
+	Problems int64     `json:"problems"`
+	// Findings are the first error lines of its run's log (each damaged
+	// or missing blob, each unreadable manifest); FindingsTotal counts
+	// them all.
+	Findings      []state.LogLine `json:"findings"`
+	FindingsTotal int             `json:"findings_total"`
+}
+
+// RetentionPolicy is a retention's rules, as a job's "retention" key
+// writes them (0 or absent: the rule is off; -1: no limit).
+type RetentionPolicy struct {
+	Last    int `json:"keep_last,omitempty"`
+	Hourly  int `json:"keep_hourly,omitempty"`
+	Daily   int `json:"keep_daily,omitempty"`
+	Weekly  int `json:"keep_weekly,omitempty"`
+	Monthly int `json:"keep_monthly,omitempty"`
+	Yearly  int `json:"keep_yearly,omitempty"`
+}
+
+// PrunePreview is what a retention would keep and remove, and why.
+type PrunePreview struct {
+	Repository string          `json:"repository"`
+	Job        string          `json:"job,omitempty"` // the job whose rules these are
+	Policy     RetentionPolicy `json:"retention"`
+	VMs        []string        `json:"vms"` // the VMs considered (empty: every VM)
+	Kept       int             `json:"kept"`
+	Removed    int             `json:"removed"`
+	// Backups are newest first per VM, VMs by name: keep or not, and
+	// the rules that keep it (for a removed backup, why none does).
+	Backups []PruneDecision `json:"backups"`
+}
+
+// PruneDecision is a retention's verdict on one backup.
+type PruneDecision struct {
+	ID      string    `json:"id"`
+	ShortID string    `json:"short_id"`
+	VM      string    `json:"vm"`
+	Time    time.Time `json:"time"`
+	Keep    bool      `json:"keep"`
+	Reasons []string  `json:"reasons"`
+}
+
+// GCPreview is what gc would delete now.
+type GCPreview struct {
+	Repository       string  `json:"repository"`
+	GraceS           float64 `json:"grace_s"`
+	Backups          int     `json:"backups"`
+	ChunksReferenced int     `json:"chunks_referenced"`
+	ChunksDeleted    int     `json:"chunks_deleted"` // would be
+	IndexesDeleted   int     `json:"indexes_deleted"`
+	BytesDeleted     int64   `json:"bytes_deleted"`
+	ChunksInGrace    int     `json:"chunks_in_grace"`
+	IndexesInGrace   int     `json:"indexes_in_grace"`
+}
+
+// SchedulePreview is a schedule's next times.
+type SchedulePreview struct {
+	Schedule string      `json:"schedule"`
+	Timezone string      `json:"timezone"`
+	Next     []time.Time `json:"next"`
 }
