@@ -399,11 +399,11 @@ func TestAuth(t *testing.T) {
 
 	toks := map[string]string{state.Viewer: viewerTok, state.Operator: operatorTok, state.Admin: adminTok}
 	bodies := map[string]string{
-		"POST /api/v1/jobs":            `{"name":"x"}`,
-		"PUT /api/v1/jobs/{name}":      `{"name":"x"}`,
-		"POST /api/v1/restore":         `{"repository":"r","backup":"ab","to":"/t"}`,
-		"POST /api/v1/serves":          `{"repository":"r","backup":"ab"}`,
-		"GET /api/v1/runs/{id}/events": "",
+		"POST /api/v1/jobs":                              `{"name":"x"}`,
+		"PUT /api/v1/jobs/{name}":                        `{"name":"x"}`,
+		"POST /api/v1/restore":                           `{"repository":"r","backup":"ab","to":"/t"}`,
+		"POST /api/v1/serves":                            `{"repository":"r","backup":"ab"}`,
+		"GET /api/v1/runs/{id}/events":                   "",
 		"POST /api/v1/repositories/{repo}/prune-preview": `{"retention":{"keep_last":1}}`,
 	}
 	for _, r := range api.Routes() {

@@ -90,8 +90,8 @@ func (d *DB) LastResultsByJob(ctx context.Context) (last, lastSuccess []JobVMRes
 // Verify is the result of one verify of a repository.
 type Verify struct {
 	ID         int64     `json:"id,omitempty"` // its record's ID (set when read)
-	Repository string    `json:"repository"` // the repository's name in the server's configuration
-	Time       time.Time `json:"time"`       // when the verify ended
+	Repository string    `json:"repository"`   // the repository's name in the server's configuration
+	Time       time.Time `json:"time"`         // when the verify ended
 	Run        int64     `json:"run,omitempty"`
 	Backups    int64     `json:"backups"`  // backups checked
 	Chunks     int64     `json:"chunks"`   // chunks checked
