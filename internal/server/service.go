@@ -626,6 +626,9 @@ func (s *Server) Repositories(ctx context.Context) ([]api.Repository, error) {
 // or empty directory), every chunk checked; the VM's definition files
 // too when the backup has them.
 func (s *Server) Restore(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
+	if req.Libvirt != nil {
+		return s.restoreToLibvirt(ctx, req)
+	}
 	if !filepath.IsAbs(req.To) {
 		return nil, fmt.Errorf("to %q: give an absolute directory on the server: %w", req.To, errs.ErrUsage)
 	}

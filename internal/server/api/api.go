@@ -155,6 +155,7 @@ func (h *handler) table() []route {
 		{Route: Route{"POST", p + "/runs/{id}/cancel", o}, h: h.cancelRun},
 
 		{Route: Route{"POST", p + "/restore", o}, h: h.restore},
+		{Route: Route{"GET", p + "/connections", v}, h: h.listConnections},
 		{Route: Route{"GET", p + "/serves", v}, h: h.listServes},
 		{Route: Route{"POST", p + "/serves", o}, h: h.startServe},
 		{Route: Route{"DELETE", p + "/serves/{id}", o}, h: h.stopServe},

@@ -297,6 +297,18 @@ func TestEndpoints(t *testing.T) {
 		{"POST", "/api/v1/runs/8/cancel", operatorTok, "", 202, []string{"CancelRun(8)", "Run(8)"}, nil},
 		{"POST", "/api/v1/restore", operatorTok, `{"repository":"local","backup":"ab12","to":"/srv/restore","format":"qcow2"}`, 200,
 			[]string{"Restore(local,ab12,/srv/restore,qcow2)"}, nil},
+		{"POST", "/api/v1/restore", operatorTok, `{"repository":"local","backup":"ab12","libvirt":{"connection":"kvm1","pool":"default","vm_name":"w2","start":true}}`, 200,
+			[]string{"Restore(local,ab12,libvirt,kvm1,default,w2,true)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				m := decode(t, w)
+				if l, _ := m["libvirt"].(map[string]any); l == nil || l["domain"] != "web1-restored" || fmt.Sprint(m["files"]) != "[]" {
+					t.Errorf("restore into libvirt = %v", m)
+				}
+			}},
+		{"GET", "/api/v1/connections", viewerTok, "", 200, []string{"Connections"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			if got := strings.TrimSpace(w.Body.String()); got != `{"connections":[{"name":"lab","type":"qmp"},{"name":"kvm1","type":"libvirt"}]}` {
+				t.Errorf("connections = %s", got)
+			}
+		}},
 		{"GET", "/api/v1/serves", viewerTok, "", 200, []string{"Serves"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 			if got := strings.TrimSpace(w.Body.String()); got != `{"serves":[]}` {
 				t.Errorf("serves = %s, want an empty list", got)
@@ -524,10 +536,14 @@ func TestBadInput(t *testing.T) {
 		{"PUT", "/api/v1/jobs/a", `{"name":"b"}`, nil, 400, "bad_request", "cannot be renamed"},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","force":true}`, nil, 400, "bad_request", `unknown field "force"`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":7}`, nil, 400, "bad_request", `field "to" must be string, not number`},
-		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab"}`, nil, 400, "bad_request", `"to"`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab"}`, nil, 400, "bad_request", `"to" (an absolute directory on the server) or "libvirt" is required`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","format":"vmdk"}`, nil, 400, "bad_request", `format "vmdk"`},
 		{"POST", "/api/v1/serves", `{"repository":"local","backup":"g"}`, nil, 400, "bad_request", `"backup": backup ID "g"`},
 		{"POST", "/api/v1/serves", `{"backup":"ab"}`, nil, 400, "bad_request", `"repository": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","libvirt":{"connection":"k","pool":"p"}}`, nil, 400, "bad_request", `either "to" (and "format") or "libvirt"`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"pool":"p"}}`, nil, 400, "bad_request", `"libvirt.connection": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k"}}`, nil, 400, "bad_request", `"libvirt.pool": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k","pool":"p","uri":"qemu:///system"}}`, nil, 400, "bad_request", `unknown field "uri"`},
 		{"GET", "/api/v1/runs?status=done", "", nil, 400, "bad_request", `status="done": want one of running, succeeded, failed, cancelled, interrupted, skipped`},
 		{"GET", "/api/v1/runs?vm=", "", nil, 400, "bad_request", "query parameter vm: empty name"},
 		{"GET", "/api/v1/repositories/local/usage?since=last%20week", "", nil, 400, "bad_request", `since="last week": want an RFC 3339 time`},

@@ -237,6 +237,13 @@ func (f *fake) Repositories(ctx context.Context) ([]api.Repository, error) {
 }
 
 func (f *fake) Restore(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
+	if l := req.Libvirt; l != nil {
+		if err := f.call("Restore", req.Repository, req.Backup, "libvirt", l.Connection, l.Pool, l.VMName, l.Start); err != nil {
+			return nil, err
+		}
+		return &api.RestoreResult{Libvirt: &api.LibvirtResult{Connection: l.Connection, Pool: l.Pool, Domain: "web1-restored", UUID: "0d1e",
+			Definition: "stored", Started: l.Start, Volumes: []api.LibvirtVolume{{Disk: "vda", Volume: "web1-restored-vda.qcow2", Path: "/p/x", Format: "qcow2", Target: "vda"}}}}, nil
+	}
 	if err := f.call("Restore", req.Repository, req.Backup, req.To, req.Format); err != nil {
 		return nil, err
 	}
@@ -324,4 +331,11 @@ func (f *fake) SchedulePreview(ctx context.Context, spec, tz string, n int) (*ap
 		out.Next = append(out.Next, t0.Add(time.Duration(i+1)*24*time.Hour))
 	}
 	return out, nil
+}
+
+func (f *fake) Connections(ctx context.Context) ([]api.Connection, error) {
+	if err := f.call("Connections"); err != nil {
+		return nil, err
+	}
+	return []api.Connection{{Name: "lab", Type: "qmp"}, {Name: "kvm1", Type: "libvirt"}}, nil
 }

@@ -633,8 +633,19 @@ func (h *handler) restore(c *call) error {
 	if err := checkRef(req.Repository, req.Backup); err != nil {
 		return err
 	}
-	if req.To == "" {
-		return fmt.Errorf("request body: \"to\" (an absolute directory on the server) is required: %w", errs.ErrUsage)
+	if l := req.Libvirt; l != nil {
+		switch {
+		case req.To != "" || req.Format != "":
+			return fmt.Errorf("request body: give either \"to\" (and \"format\") or \"libvirt\", not both: %w", errs.ErrUsage)
+		case checkName(l.Connection) != nil:
+			return fmt.Errorf("request body: \"libvirt.connection\": %v: name one of the server's libvirt connections (GET %s/connections): %w", checkName(l.Connection), Prefix, errs.ErrUsage)
+		case checkName(l.Pool) != nil:
+			return fmt.Errorf("request body: \"libvirt.pool\": %v: name the storage pool of the new volumes (see 'virsh pool-list'): %w", checkName(l.Pool), errs.ErrUsage)
+		case l.VMName != "" && checkName(l.VMName) != nil:
+			return fmt.Errorf("request body: \"libvirt.vm_name\": %v: %w", checkName(l.VMName), errs.ErrUsage)
+		}
+	} else if req.To == "" {
+		return fmt.Errorf("request body: \"to\" (an absolute directory on the server) or \"libvirt\" is required: %w", errs.ErrUsage)
 	}
 	switch req.Format {
 	case "", "raw", "qcow2":
@@ -646,7 +657,23 @@ func (h *handler) restore(c *call) error {
 		return err
 	}
 	res.Files = nonNil(res.Files)
+	if res.Libvirt != nil {
+		res.Libvirt.Volumes = nonNil(res.Libvirt.Volumes)
+	}
 	return c.json(http.StatusOK, res)
+}
+
+// ConnectionList is the answer of GET /connections.
+type ConnectionList struct {
+	Connections []Connection `json:"connections"`
+}
+
+func (h *handler) listConnections(c *call) error {
+	cs, err := h.svc.Connections(c.ctx)
+	if err != nil {
+		return err
+	}
+	return c.json(http.StatusOK, ConnectionList{Connections: nonNil(cs)})
 }
 
 // checkRef checks the repository and backup of a request body.

@@ -88,8 +88,13 @@ type Service interface {
 	// ErrUsage, naming the mistake, for a bad schedule or time zone.
 	SchedulePreview(ctx context.Context, schedule, timezone string, n int) (*SchedulePreview, error)
 
-	// Restore restores a backup's disks to files on the server.
+	// Restore restores a backup's disks to files on the server, or (with
+	// req.Libvirt) into new volumes of a storage pool and a new domain
+	// through one of the server's libvirt connections.
 	Restore(ctx context.Context, req RestoreRequest) (*RestoreResult, error)
+	// Connections lists the configured connections (names and types
+	// only: never an address or credential).
+	Connections(ctx context.Context) ([]Connection, error)
 	// StartServe serves a backup's disk over NBD (instant restore),
 	// StopServe stops it, Serves lists the running ones.
 	StartServe(ctx context.Context, req ServeRequest) (*Serve, error)
@@ -233,13 +238,57 @@ type RestoreRequest struct {
 	Disks      []string `json:"disks,omitempty"` // default all
 	// To is a directory on the server (absolute; created; files never
 	// overwritten), Format raw (default) or qcow2.
-	To     string `json:"to"`
+	To     string `json:"to,omitempty"`
 	Format string `json:"format,omitempty"`
+	// Libvirt, instead of To, restores into libvirt.
+	Libvirt *LibvirtTarget `json:"libvirt,omitempty"`
 }
 
-// RestoreResult lists the restored files.
+// LibvirtTarget says where a restore into libvirt goes (as the CLI's
+// restore --to-libvirt URI --pool POOL [--vm-name NAME] [--start]).
+type LibvirtTarget struct {
+	// Connection is a libvirt connection of the server's configuration
+	// (its URI must be local: the server writes the volumes through
+	// their paths).
+	Connection string `json:"connection"`
+	Pool       string `json:"pool"`
+	VMName     string `json:"vm_name,omitempty"` // default the VM's name + "-restored"
+	Start      bool   `json:"start,omitempty"`
+}
+
+// RestoreResult lists the restored files (a restore to files) or what a
+// restore into libvirt made.
 type RestoreResult struct {
-	Files []RestoredFile `json:"files"`
+	Files   []RestoredFile `json:"files"`
+	Libvirt *LibvirtResult `json:"libvirt,omitempty"`
+}
+
+// LibvirtResult is what a restore into libvirt made.
+type LibvirtResult struct {
+	Connection string          `json:"connection"`
+	Pool       string          `json:"pool"`
+	Domain     string          `json:"domain"`
+	UUID       string          `json:"uuid"`
+	Definition string          `json:"definition"` // "stored" or "minimal"
+	Started    bool            `json:"started"`
+	Volumes    []LibvirtVolume `json:"volumes"`
+	Warnings   []string        `json:"warnings,omitempty"`
+}
+
+// LibvirtVolume is one restored disk in libvirt.
+type LibvirtVolume struct {
+	Disk   string `json:"name"`
+	Volume string `json:"volume"`
+	Path   string `json:"path"`
+	Format string `json:"format"`
+	Target string `json:"target"`
+}
+
+// Connection is a configured connection: its name and type (qmp, xapi,
+// libvirt).
+type Connection struct {
+	Name string `json:"name"`
+	Type string `json:"type"`
 }
 
 // RestoredFile is one restored disk or definition file.
