@@ -49,7 +49,11 @@ type webRig struct {
 	view  string
 }
 
-func newWebRig(t *testing.T) *webRig {
+func newWebRig(t *testing.T) *webRig { return newWebRigWith(t, "") }
+
+// newWebRigWith adds connections (YAML lines under connections:) to the
+// rig's configuration.
+func newWebRigWith(t *testing.T, conns string) *webRig {
 	t.Helper()
 	g := &webRig{dir: t.TempDir()}
 	socks := filepath.Join(g.dir, "sockets")
@@ -86,13 +90,13 @@ connections:
   lab:
     type: qmp
     sockets: [%[1]s/sockets/*.qmp]
-jobs:
+%[2]sjobs:
   # The server lists the VMs its backup jobs select: this one (run only
   # by hand, never run here) makes vm1 known, unprotected.
   - {name: inventory, type: backup, repository: main, vms: [{connection: lab}]}
   - {name: tidy, type: gc, repository: main}
   - {name: check, type: verify, repository: main}
-`, g.dir)), 0o600); err != nil {
+`, g.dir, conns)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
