@@ -5,8 +5,11 @@
 // next time comes is skipped, not doubled; missed runs caught up at start
 // when configured), the runs of backup, verify, prune, gc and copy jobs
 // recorded in the state database with their log, their live events, and
-// recovery at start of the snapshot sets a killed server left behind. It
-// implements api.Service, which the HTTP layer serves.
+// recovery at start of the snapshot sets a killed server left behind, and
+// each repository's usage history (a point per statistics computation:
+// after each job, and hourly). It implements api.Service, which the HTTP
+// layer serves, with the dry runs the web interface shows (retention, gc,
+// schedules; previews.go) and restores to files or into libvirt.
 package server
 
 import (
