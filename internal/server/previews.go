@@ -190,6 +190,26 @@ func (s *Server) GCPreview(ctx context.Context, repository string) (*api.GCPrevi
 		ChunksInGrace: res.ChunksInGrace, IndexesInGrace: res.IndexesInGrace}, nil
 }
 
+// SelectionPreview implements api.Service: the selectors as a job's,
+// matched by the code a run uses.
+func (s *Server) SelectionPreview(ctx context.Context, selectors []api.VMSelector) (*api.SelectionPreview, error) {
+	j := &config.Job{Type: config.Backup}
+	for _, sel := range selectors {
+		j.VMs = append(j.VMs, config.VMSelector{Connection: sel.Connection, Names: sel.VMs})
+	}
+	lctx, cancel := context.WithTimeout(ctx, listTimeout)
+	defer cancel()
+	refs, problems := s.selectVMs(lctx, s.Config(), j)
+	out := &api.SelectionPreview{VMs: []api.SelectedVM{}, Problems: []string{}}
+	for _, r := range refs {
+		out.VMs = append(out.VMs, api.SelectedVM{Name: r.Name, Connection: r.Conn.Name})
+	}
+	for _, p := range problems {
+		out.Problems = append(out.Problems, p.Error())
+	}
+	return out, nil
+}
+
 // SchedulePreview implements api.Service: parsed as the configuration
 // parses a job's schedule, with the scheduler's code.
 func (s *Server) SchedulePreview(ctx context.Context, spec, timezone string, n int) (*api.SchedulePreview, error) {

@@ -75,6 +75,11 @@ func TestPreviews(t *testing.T) {
 	if gc, err := g.s.GCPreview(ctx, "main"); err != nil || gc.ChunksDeleted != 0 || gc.GraceS != 24*3600 {
 		t.Errorf("gc preview of an empty repository: %+v %v", gc, err)
 	}
+	sp, err := g.s.SelectionPreview(ctx, []api.VMSelector{{Connection: "lab", VMs: []string{"web*"}}, {Connection: "xen"}, {Connection: "lab", VMs: []string{"db1"}}})
+	if err != nil || len(sp.VMs) != 0 || len(sp.Problems) != 2 || !strings.Contains(sp.Problems[0], `connection "xen" is not in the configuration`) ||
+		!strings.Contains(sp.Problems[1], `VM "db1" is not found (0 VMs reachable)`) {
+		t.Errorf("selection preview: %+v %v", sp, err)
+	}
 	if cs, err := g.s.Connections(ctx); err != nil || len(cs) != 1 || cs[0] != (api.Connection{Name: "lab", Type: "qmp"}) {
 		t.Errorf("connections: %+v %v", cs, err)
 	}

@@ -136,6 +136,7 @@ func (h *handler) table() []route {
 		{Route: Route{"GET", p + "/repositories/{repo}/verifies", v}, query: []string{"before", "limit"}, h: h.repoVerifies},
 		{Route: Route{"POST", p + "/repositories/{repo}/prune-preview", v}, h: h.prunePreview},
 		{Route: Route{"GET", p + "/repositories/{repo}/gc-preview", o}, h: h.gcPreview},
+		{Route: Route{"POST", p + "/selection-preview", v}, h: h.selectionPreview},
 		{Route: Route{"GET", p + "/schedule-preview", v}, query: []string{"schedule", "timezone", "count"}, h: h.schedulePreview},
 
 		{Route: Route{"GET", p + "/jobs", v}, h: h.listJobs},

@@ -235,6 +235,12 @@ func TestEndpoints(t *testing.T) {
 				t.Errorf("gc preview = %v", m)
 			}
 		}},
+		{"POST", "/api/v1/selection-preview", viewerTok, `{"vms":[{"connection":"lab","vms":["web*","db1"]},{"connection":"xen"}]}`, 200,
+			[]string{"SelectionPreview(lab:web*+db1;xen:)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				if got := strings.TrimSpace(w.Body.String()); got != `{"vms":[{"name":"web1","connection":"lab"}],"problems":[]}` {
+					t.Errorf("selection preview = %s", got)
+				}
+			}},
 		{"GET", "/api/v1/schedule-preview?schedule=0%202%20*%20*%20*&timezone=Europe/Berlin", viewerTok, "", 200,
 			[]string{"SchedulePreview(0 2 * * *,Europe/Berlin,5)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 				if m := decode(t, w); len(m["next"].([]any)) != 5 {
@@ -417,6 +423,7 @@ func TestAuth(t *testing.T) {
 		"POST /api/v1/serves":                            `{"repository":"r","backup":"ab"}`,
 		"GET /api/v1/runs/{id}/events":                   "",
 		"POST /api/v1/repositories/{repo}/prune-preview": `{"retention":{"keep_last":1}}`,
+		"POST /api/v1/selection-preview":                 `{"vms":[{"connection":"lab"}]}`,
 	}
 	for _, r := range api.Routes() {
 		if r.Role == "" || r.Path == "/api/v1/runs/{id}/events" {
@@ -552,6 +559,9 @@ func TestBadInput(t *testing.T) {
 		{"POST", "/api/v1/repositories/local/prune-preview", `{"retention":{"keep_last":-2}}`, nil, 400, "bad_request", "retention.keep_last is -2"},
 		{"POST", "/api/v1/repositories/local/prune-preview", `{"retention":{"keep_lats":2}}`, nil, 400, "bad_request", `unknown field "keep_lats"`},
 		{"POST", "/api/v1/repositories/local/prune-preview", `{"vms":[""],"retention":{"keep_last":2}}`, nil, 400, "bad_request", "vms[0]: empty name"},
+		{"POST", "/api/v1/selection-preview", `{"vms":[]}`, nil, 400, "bad_request", `"vms" is empty`},
+		{"POST", "/api/v1/selection-preview", `{"vms":[{"vms":["a"]}]}`, nil, 400, "bad_request", "vms[0].connection: empty name"},
+		{"POST", "/api/v1/selection-preview", `{"vms":[{"connection":"lab","vms":["a",""]}]}`, nil, 400, "bad_request", "vms[0].vms[1]: empty name"},
 		{"GET", "/api/v1/schedule-preview", "", nil, 400, "bad_request", "query parameter schedule: give the schedule"},
 		{"GET", "/api/v1/schedule-preview?schedule=@daily&count=101", "", nil, 400, "bad_request", `count="101"`},
 		{"GET", "/api/v1/nosuch", "", nil, 404, "not_found", "no such endpoint /api/v1/nosuch"},

@@ -339,3 +339,14 @@ func (f *fake) Connections(ctx context.Context) ([]api.Connection, error) {
 	}
 	return []api.Connection{{Name: "lab", Type: "qmp"}, {Name: "kvm1", Type: "libvirt"}}, nil
 }
+
+func (f *fake) SelectionPreview(ctx context.Context, sels []api.VMSelector) (*api.SelectionPreview, error) {
+	var parts []string
+	for _, s := range sels {
+		parts = append(parts, s.Connection+":"+strings.Join(s.VMs, "+"))
+	}
+	if err := f.call("SelectionPreview", strings.Join(parts, ";")); err != nil {
+		return nil, err
+	}
+	return &api.SelectionPreview{VMs: []api.SelectedVM{{Name: "web1", Connection: "lab"}}}, nil // nil problems: the handler must show []
+}

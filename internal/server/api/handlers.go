@@ -369,6 +369,38 @@ func (h *handler) gcPreview(c *call) error {
 	return c.json(http.StatusOK, p)
 }
 
+// SelectionPreviewRequest is the body of POST /selection-preview: a
+// backup job's "vms" key.
+type SelectionPreviewRequest struct {
+	VMs []VMSelector `json:"vms"`
+}
+
+func (h *handler) selectionPreview(c *call) error {
+	var req SelectionPreviewRequest
+	if err := c.readJSON(&req); err != nil {
+		return err
+	}
+	if len(req.VMs) == 0 {
+		return fmt.Errorf("request body: \"vms\" is empty: give at least one {\"connection\": NAME, \"vms\": [NAMES OR GLOBS]}: %w", errs.ErrUsage)
+	}
+	for i, sel := range req.VMs {
+		if err := checkName(sel.Connection); err != nil {
+			return fmt.Errorf("request body: vms[%d].connection: %v: %w", i, err, errs.ErrUsage)
+		}
+		for k, n := range sel.VMs {
+			if err := checkName(n); err != nil {
+				return fmt.Errorf("request body: vms[%d].vms[%d]: %v: %w", i, k, err, errs.ErrUsage)
+			}
+		}
+	}
+	p, err := h.svc.SelectionPreview(c.ctx, req.VMs)
+	if err != nil {
+		return err
+	}
+	p.VMs, p.Problems = nonNil(p.VMs), nonNil(p.Problems)
+	return c.json(http.StatusOK, p)
+}
+
 // maxScheduleLen bounds the schedule= of a schedule preview.
 const maxScheduleLen = 256
 

@@ -83,6 +83,10 @@ type Service interface {
 	// GCPreview is gc's dry run on a repository (with the grace of its
 	// gc job, if any; else the default): what it would delete.
 	GCPreview(ctx context.Context, repository string) (*GCPreview, error)
+	// SelectionPreview lists the VMs a backup job's "vms" selectors pick
+	// now (their connections queried, as a run does), and each selector's
+	// problem (an unknown connection, a named VM not found).
+	SelectionPreview(ctx context.Context, selectors []VMSelector) (*SelectionPreview, error)
 	// SchedulePreview parses a schedule as a job's (in timezone, "" for
 	// the configuration's) and returns its next n times after now.
 	// ErrUsage, naming the mistake, for a bad schedule or time zone.
@@ -384,4 +388,23 @@ type SchedulePreview struct {
 	Schedule string      `json:"schedule"`
 	Timezone string      `json:"timezone"`
 	Next     []time.Time `json:"next"`
+}
+
+// VMSelector is one entry of a backup job's "vms" key.
+type VMSelector struct {
+	Connection string   `json:"connection"`
+	VMs        []string `json:"vms,omitempty"` // names or globs; none: every VM
+}
+
+// SelectionPreview is what selectors pick now.
+type SelectionPreview struct {
+	VMs      []SelectedVM `json:"vms"`
+	Problems []string     `json:"problems"`
+}
+
+// SelectedVM is one VM a selection picks: its name in the repositories
+// and its connection.
+type SelectedVM struct {
+	Name       string `json:"name"`
+	Connection string `json:"connection"`
 }

@@ -257,6 +257,7 @@ func TestBrowser(t *testing.T) {
 		chromedp.Submit(chromedp.CSS("#login-form")),
 		chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="vm1"]`)))
 	waitText(t, ctx, `#vms tr[data-vm="vm1"] .status`, "never")
+	waitText(t, ctx, "#fleet", "never 1 — 1 VMs")
 
 	// A job from the form.
 	run(t, ctx, "create a job",
@@ -269,6 +270,12 @@ func TestBrowser(t *testing.T) {
 		chromedp.SendKeys(chromedp.CSS("#job-schedule"), "@daily"),
 		chromedp.SendKeys(chromedp.CSS("#job-keep-last"), "3"),
 		chromedp.SendKeys(chromedp.CSS("#job-hooks"), hook))
+	waitText(t, ctx, "#job-preview", "Selects now: vm1")
+	// The server matches the selection: a VM it cannot find is named.
+	setInput(t, ctx, "#job-vms", "vm*, nosuch")
+	waitContains(t, ctx, "#job-selection-problems", `VM "nosuch" is not found`)
+	setInput(t, ctx, "#job-vms", "vm*")
+	waitText(t, ctx, "#job-selection-problems", "")
 	waitText(t, ctx, "#job-preview", "Selects now: vm1")
 	// The schedule's next five times, computed by the server; a bad
 	// schedule is named; a time zone is taken.
@@ -427,6 +434,7 @@ func TestBrowser(t *testing.T) {
 		chromedp.Navigate(g.url+"/#/"),
 		chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="vm1"]`)))
 	waitText(t, ctx, `#vms tr[data-vm="vm1"] .status`, "fresh")
+	waitText(t, ctx, "#fleet", "fresh 1 — 1 VMs")
 	// The usage chart: the points the server recorded, the last one the
 	// repository's statistics after the backup.
 	pts := usageAfter(t, g, bs[0].Time)

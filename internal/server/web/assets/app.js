@@ -223,13 +223,18 @@ function watch(id, on) {
 
 async function dashboard() {
   const [vms, jobs, repos] = await Promise.all([call('GET', '/vms'), call('GET', '/jobs'), call('GET', '/repositories')]);
-  const vmRows = vms.vms.map((v) => el('tr', {'data-vm': v.name},
+  // The VMs that need attention first, then by name; a page at a time.
+  const severity = {failed: 0, late: 1, never: 2, fresh: 3};
+  const fleet = [...vms.vms].sort((a, b) => (severity[a.status] - severity[b.status]) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const vmRow = (v) => el('tr', {'data-vm': v.name},
     el('td', {}, el('a', {href: '#/vm/' + encodeURIComponent(v.name)}, v.name)),
     el('td', {class: 'status'}, badge(v.status)),
     el('td', {}, v.last_backup ? timeEl(v.last_backup.time) : 'none'),
     el('td', {}, v.last && v.last.status !== 'succeeded' ? v.last.error || v.last.status : ''),
     el('td', {}, v.jobs.join(', ')),
-    el('td', {}, v.connection)));
+    el('td', {}, v.connection));
+  const counts = {};
+  for (const v of vms.vms) counts[v.status] = (counts[v.status] || 0) + 1;
   const running = jobs.jobs.filter((j) => j.running);
   const runRows = running.map((j) => {
     const cell = el('td', {class: 'live'}, 'starting…');
@@ -250,7 +255,8 @@ async function dashboard() {
     el('td', {}, r.last_verify ? when(r.last_verify.time) + (r.last_verify.problems ? ' — ' + r.last_verify.problems + ' problems' : ' — good') : 'never'),
     el('td', {class: 'error'}, r.error || '')));
   show(el('h1', {}, 'Dashboard'),
-    section('Virtual machines', vms.vms.length ? table(['VM', 'Protection', 'Last backup', 'Last error', 'Jobs', 'Connection'], vmRows, {id: 'vms'}) : el('p', {}, 'No VM known yet: add a connection and a backup job to the configuration.'),
+    section('Virtual machines', vms.vms.length ? [el('p', {id: 'fleet'}, ['failed', 'late', 'never', 'fresh'].filter((k) => counts[k]).flatMap((k) => [badge(k), ' ' + counts[k] + ' ']), '— ' + vms.vms.length + ' VMs'),
+      pager(fleet, vmRow, ['VM', 'Protection', 'Last backup', 'Last error', 'Jobs', 'Connection'], {id: 'vms'})] : el('p', {}, 'No VM known yet: add a connection and a backup job to the configuration.'),
       el('p', {class: 'hint'}, 'fresh: a backup within its schedule; late: older than its jobs\' schedule allows; failed: the last try failed; never: no backup.')),
     section('Running', running.length ? table(['Run', 'Progress'], runRows, {id: 'running'}) : el('p', {}, 'Nothing running.')),
     section('Next scheduled runs', next.length ? table(['Job', 'Type', 'At'], next.slice(0, 10).map(([t, j]) =>
@@ -499,7 +505,7 @@ async function repoPage(name, params) {
 
 async function jobsPage() {
   const jobs = await call('GET', '/jobs');
-  const rows = jobs.jobs.map((j) => el('tr', {'data-job': j.name},
+  const jobRow = (j) => el('tr', {'data-job': j.name},
     el('td', {}, j.name), el('td', {}, j.type), el('td', {}, j.schedule || 'manual'),
     el('td', {}, j.enabled ? 'enabled' : 'disabled'),
     el('td', {}, j.enabled && j.next && j.next.length ? el('details', {}, el('summary', {}, when(j.next[0])),
@@ -520,10 +526,10 @@ async function jobsPage() {
         if (!confirm('Delete job ' + j.name + '? Its runs stay in the history; its backups stay.')) return;
         await call('DELETE', '/jobs/' + encodeURIComponent(j.name));
         route();
-      })}, 'Delete…'))));
+      })}, 'Delete…')));
   show(el('h1', {}, 'Jobs'),
     can('admin') && el('p', {}, el('a', {href: '#/jobs/new', class: 'button', id: 'new-job'}, 'New backup job')),
-    jobs.jobs.length ? table(['Job', 'Type', 'Schedule', 'State', 'Next run', 'Last run', 'VMs', 'Actions'], rows, {id: 'jobs'}) : el('p', {}, 'No job.'),
+    jobs.jobs.length ? pager(jobs.jobs, jobRow, ['Job', 'Type', 'Schedule', 'State', 'Next run', 'Last run', 'VMs', 'Actions'], {id: 'jobs'}) : el('p', {}, 'No job.'),
     el('p', {class: 'hint'}, 'Jobs of the configuration file are edited there; jobs created here can be edited and deleted here.'));
 }
 
@@ -581,13 +587,27 @@ async function newJobPage() {
       if (current()) keepOut.replaceChildren(el('p', {class: 'error'}, e.message));
     }
   });
-  const update = () => {
+  const selProblems = el('ul', {id: 'job-selection-problems', class: 'error'});
+  // The server matches the selection as a run would (its connection
+  // listed now).
+  const update = later(async (current) => {
     const globs = sel.value.split(',').map((s) => s.trim()).filter((s) => s);
-    const re = globs.map((g) => new RegExp('^' + g.replace(/[.+^${}()|\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.') + '$'));
-    matched = vms.vms.filter((v) => v.connection === conn.value && (!re.length || re.some((r) => r.test(v.name)))).map((v) => v.name);
-    preview.textContent = 'Selects now: ' + (matched.length ? matched.join(', ') : 'no VM');
+    const one = {connection: conn.value};
+    if (globs.length) one.vms = globs;
+    try {
+      const r = conn.value ? await call('POST', '/selection-preview', {vms: [one]}) : {vms: [], problems: ['Choose a connection.']};
+      if (!current()) return;
+      matched = r.vms.map((v) => v.name);
+      preview.textContent = 'Selects now: ' + (matched.length ? matched.join(', ') : 'no VM');
+      selProblems.replaceChildren(...r.problems.map((p) => el('li', {}, p)));
+    } catch (e) {
+      if (!current()) return;
+      matched = [];
+      preview.textContent = 'Selects now: no VM';
+      selProblems.replaceChildren(el('li', {}, e.message));
+    }
     updateRetention();
-  };
+  });
   sel.addEventListener('input', update);
   conn.addEventListener('change', update);
   repo.addEventListener('change', updateRetention);
@@ -613,7 +633,7 @@ async function newJobPage() {
   field('job-name', 'Name', name),
   field('job-connection', 'Connection', conn),
   field('job-vms', 'VMs (names or globs, comma-separated)', sel),
-  preview,
+  preview, selProblems,
   field('job-repository', 'Repository', repo),
   field('job-schedule', 'Schedule', sched, 'cron (5 fields), @hourly/@daily/@weekly, or @every DURATION; see docs/server-config.md'),
   field('job-timezone', 'Time zone of the schedule and retention', tz),
