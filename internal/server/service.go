@@ -196,6 +196,12 @@ func apiBackup(repository string, b repo.Backup) api.Backup {
 	return out
 }
 
+// VMResults implements api.Service: from the run history (a VM never in
+// a run has none).
+func (s *Server) VMResults(ctx context.Context, vm string, before int64, limit int) ([]state.VMResult, error) {
+	return s.db.VMResults(ctx, vm, before, limit)
+}
+
 // Backups implements api.Service.
 func (s *Server) Backups(ctx context.Context, f api.BackupFilter) ([]api.Backup, error) {
 	all, err := s.allBackups(ctx, f.Repository)

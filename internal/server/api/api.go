@@ -127,6 +127,7 @@ func (h *handler) table() []route {
 		{Route: Route{"GET", p + "/vms", v}, h: h.listVMs},
 		{Route: Route{"GET", p + "/vms/{vm}", v}, h: h.getVM},
 		{Route: Route{"GET", p + "/vms/{vm}/backups", v}, query: []string{"repository", "limit", "before"}, h: h.vmBackups},
+		{Route: Route{"GET", p + "/vms/{vm}/results", v}, query: []string{"before", "limit"}, h: h.vmResults},
 
 		{Route: Route{"GET", p + "/backups", v}, query: []string{"repository", "vm", "limit", "before"}, h: h.listBackups},
 		{Route: Route{"GET", p + "/repositories/{repo}/backups/{id}", v}, h: h.getBackup},

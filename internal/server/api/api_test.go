@@ -186,6 +186,17 @@ func TestEndpoints(t *testing.T) {
 					t.Errorf("%d backups, next_before %v; want 3 and the last one's time", n, m["next_before"])
 				}
 			}},
+		{"GET", "/api/v1/vms/web1/results?before=10&limit=2", viewerTok, "", 200, []string{"VMResults(web1,10,2)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			m := decode(t, w)
+			if rs := m["results"].([]any); len(rs) != 2 || m["next_before"] != 8.0 || rs[0].(map[string]any)["status"] != "failed" {
+				t.Errorf("results = %v, want 2 failed and next_before 8", m)
+			}
+		}},
+		{"GET", "/api/v1/vms/web1/results", viewerTok, "", 200, []string{"VMResults(web1,0,100)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			if m := decode(t, w); m["next_before"] != nil {
+				t.Errorf("next_before %v on a page that is not full", m["next_before"])
+			}
+		}},
 		{"GET", "/api/v1/backups", viewerTok, "", 200, []string{"Backups(,,100,0001-01-01T00:00:00Z)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 			if m := decode(t, w); m["next_before"] != nil {
 				t.Errorf("next_before %v on a page that is not full", m["next_before"])
@@ -551,6 +562,7 @@ func TestBadInput(t *testing.T) {
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"pool":"p"}}`, nil, 400, "bad_request", `"libvirt.connection": empty name`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k"}}`, nil, 400, "bad_request", `"libvirt.pool": empty name`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k","pool":"p","uri":"qemu:///system"}}`, nil, 400, "bad_request", `unknown field "uri"`},
+		{"GET", "/api/v1/vms/web1/results?before=0", "", nil, 400, "bad_request", `before="0"`},
 		{"GET", "/api/v1/runs?status=done", "", nil, 400, "bad_request", `status="done": want one of running, succeeded, failed, cancelled, interrupted, skipped`},
 		{"GET", "/api/v1/runs?vm=", "", nil, 400, "bad_request", "query parameter vm: empty name"},
 		{"GET", "/api/v1/repositories/local/usage?since=last%20week", "", nil, 400, "bad_request", `since="last week": want an RFC 3339 time`},

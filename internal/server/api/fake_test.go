@@ -350,3 +350,14 @@ func (f *fake) SelectionPreview(ctx context.Context, sels []api.VMSelector) (*ap
 	}
 	return &api.SelectionPreview{VMs: []api.SelectedVM{{Name: "web1", Connection: "lab"}}}, nil // nil problems: the handler must show []
 }
+
+func (f *fake) VMResults(ctx context.Context, vm string, before int64, limit int) ([]state.VMResult, error) {
+	if err := f.call("VMResults", vm, before, limit); err != nil {
+		return nil, err
+	}
+	var out []state.VMResult
+	for i := int64(0); i < 2 && i < int64(limit); i++ {
+		out = append(out, state.VMResult{Run: 9 - i, VM: vm, Status: state.Failed, Started: t0, Ended: t0.Add(time.Minute), Error: "qmp: connection refused"})
+	}
+	return out, nil
+}

@@ -136,6 +136,40 @@ func (h *handler) vmBackups(c *call) error {
 	return h.backups(c, name)
 }
 
+// ResultList is a page of a VM's results.
+type ResultList struct {
+	Results []state.VMResult `json:"results"`
+	// NextBefore, set when the page is full, is the before= of the next
+	// page (a run ID).
+	NextBefore *int64 `json:"next_before,omitempty"`
+}
+
+func (h *handler) vmResults(c *call) error {
+	name, err := c.pathName("vm")
+	if err != nil {
+		return err
+	}
+	q, _ := parseQuery(c.r.URL.RawQuery)
+	before, err := queryInt(q, "before", 0, 1, 1<<62)
+	if err != nil {
+		return err
+	}
+	limit, err := queryInt(q, "limit", defaultLimit, 1, maxLimit)
+	if err != nil {
+		return err
+	}
+	rs, err := h.svc.VMResults(c.ctx, name, before, int(limit))
+	if err != nil {
+		return err
+	}
+	out := ResultList{Results: nonNil(rs)}
+	if n := len(out.Results); n > 0 && n >= int(limit) {
+		id := out.Results[n-1].Run
+		out.NextBefore = &id
+	}
+	return c.json(http.StatusOK, out)
+}
+
 func (h *handler) listBackups(c *call) error {
 	q, _ := parseQuery(c.r.URL.RawQuery)
 	vm, err := queryName(q, "vm")

@@ -24,6 +24,10 @@ type Service interface {
 	// (found through their connections now) and those with backups in
 	// its repositories.
 	VMs(ctx context.Context) ([]VM, error)
+	// VMResults returns a VM's results in the server's runs (failed and
+	// cancelled tries too), newest first: in runs with an ID below before
+	// (0: any), at most limit.
+	VMResults(ctx context.Context, vm string, before int64, limit int) ([]state.VMResult, error)
 	// Backups lists backups, newest first.
 	Backups(ctx context.Context, f BackupFilter) ([]Backup, error)
 	// Backup returns one backup by ID or unique ID prefix.

@@ -94,3 +94,23 @@ func (d *DB) BackupResults(ctx context.Context, ids []string) (map[string]VMResu
 	}
 	return out, nil
 }
+
+// VMResults returns vm's results in runs with an ID below before (0:
+// any), newest first, at most limit (default 100): its history, failed
+// and cancelled tries included.
+func (d *DB) VMResults(ctx context.Context, vm string, before int64, limit int) ([]VMResult, error) {
+	if limit <= 0 {
+		limit = 100
+	}
+	q := "SELECT " + vmColumns + " FROM run_vms WHERE vm = ?"
+	args := []any{vm}
+	if before > 0 {
+		q += " AND run < ?"
+		args = append(args, before)
+	}
+	out, err := d.queryVMs(ctx, q+" ORDER BY run DESC LIMIT ?", append(args, limit)...)
+	if err != nil {
+		return nil, fmt.Errorf("read the results of VM %s: %w", vm, err)
+	}
+	return out, nil
+}

@@ -218,6 +218,23 @@ func TestFindingsAndBackupResults(t *testing.T) {
 	if err != nil || len(res) != 1 || res[fmt.Sprintf("%064d", 2)].FreezeMS != 200 || res[fmt.Sprintf("%064d", 2)].Run != b {
 		t.Fatalf("results of backups 2 and 9: %+v %v", res, err)
 	}
+	// A VM's results, newest first, by pages.
+	if _, err := d.StartRun(ctx, "nightly", "backup", "manual", t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.StartVM(ctx, b+1, "db1", t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.EndVM(ctx, VMResult{Run: b + 1, VM: "db1", Status: Failed, Ended: t0.Add(2 * time.Hour), Error: "qmp: connection refused"}); err != nil {
+		t.Fatal(err)
+	}
+	hist, err := d.VMResults(ctx, "db1", 0, 1)
+	if err != nil || len(hist) != 1 || hist[0].Run != b+1 || hist[0].Status != Failed || hist[0].Error != "qmp: connection refused" {
+		t.Fatalf("db1's newest result: %+v %v", hist, err)
+	}
+	if hist, err = d.VMResults(ctx, "db1", hist[0].Run, 10); err != nil || len(hist) != 1 || hist[0].Run != b || hist[0].FreezeMS != 200 {
+		t.Fatalf("db1's older results: %+v %v", hist, err)
+	}
 	// The runs that backed up a VM, with a status.
 	if _, err := d.SkipRun(ctx, "nightly", "backup", "schedule", "still running", t0); err != nil {
 		t.Fatal(err)
@@ -226,8 +243,8 @@ func TestFindingsAndBackupResults(t *testing.T) {
 		f    RunFilter
 		want string
 	}{
-		{RunFilter{VM: "db1"}, fmt.Sprint([]int64{b})},
-		{RunFilter{Status: Skipped}, "[3]"},
+		{RunFilter{VM: "db1"}, fmt.Sprint([]int64{b + 1, b})},
+		{RunFilter{Status: Skipped}, "[4]"},
 		{RunFilter{Status: Running, Job: "check"}, fmt.Sprint([]int64{run})},
 		{RunFilter{Status: Running, VM: "web1"}, fmt.Sprint([]int64{b})},
 		{RunFilter{VM: "nosuch"}, "[]"},

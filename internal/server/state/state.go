@@ -143,7 +143,8 @@ var migrations = []string{
 		backups INTEGER NOT NULL,
 		PRIMARY KEY (repository, time)
 	);
-	CREATE INDEX run_vms_backup ON run_vms (backup_id);`,
+	CREATE INDEX run_vms_backup ON run_vms (backup_id);
+	CREATE INDEX run_vms_history ON run_vms (vm, run);`,
 }
 
 // DB is the server's open database. It is safe for concurrent use.

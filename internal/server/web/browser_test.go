@@ -648,6 +648,12 @@ func TestBrowser(t *testing.T) {
 	if got := runIDs(t, ctx); got != fmt.Sprintf("[%d]", id) {
 		t.Fatalf("cancelled runs: %s, want %d alone", got, id)
 	}
+	// The VM's cancelled try on its timeline, beside its backup.
+	run(t, ctx, "VM page after the cancel", chromedp.Navigate(g.url+"/#/vm/vm1"),
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`figure.timeline rect.c-stopped[data-run="%d"]`, id))))
+	if n := count(t, ctx, "figure.timeline .mark"); n != 2 {
+		t.Errorf("timeline marks after the cancel: %d, want the backup and the cancelled try", n)
+	}
 
 	// A damaged repository: its verify's findings on the repository page.
 	chunks := filepath.Join(g.dir, "main", "chunks")

@@ -269,13 +269,14 @@ async function dashboard() {
 
 // ---- VM page ----
 
-// timeline draws backups (coloured by consistency) and failed runs of a
-// VM on a time strip; each mark has a title. The table below it is the
-// accessible version.
+// timeline draws a VM's backups (coloured by consistency) and its tries
+// that stored none (failed; cancelled or interrupted) on a time strip;
+// each mark has a title. The table below it is the accessible version.
 function timeline(backups, failed) {
   const W = 600, H = 54, L = 10, R = 10, Y = 22;
   const marks = backups.map((b) => ({t: new Date(b.time).getTime(), b}))
     .concat(failed.map((r) => ({t: new Date(r.started).getTime(), r})));
+  const nFailed = failed.filter((r) => r.status === 'failed').length;
   if (!marks.length) return null;
   const ts = marks.map((m) => m.t);
   let t0 = Math.min(...ts), t1 = Math.max(...ts);
@@ -285,17 +286,17 @@ function timeline(backups, failed) {
   const x = (t) => (L + (W - L - R) * (t - t0) / (t1 - t0)).toFixed(1);
   const cls = (b) => 'c-' + (['application', 'crash'].includes(b.consistency) ? b.consistency : 'other');
   return el('figure', {class: 'timeline'}, svg('svg', {viewBox: '0 0 ' + W + ' ' + H, class: 'chart', role: 'img',
-    'aria-label': backups.length + ' backups and ' + failed.length + ' failed runs from ' + new Date(t0).toLocaleString() + ' to ' + new Date(t1).toLocaleString()},
+    'aria-label': backups.length + ' backups, ' + nFailed + ' failed and ' + (failed.length - nFailed) + ' cancelled or interrupted tries from ' + new Date(t0).toLocaleString() + ' to ' + new Date(t1).toLocaleString()},
   svg('line', {x1: L, x2: W - R, y1: Y, y2: Y, class: 'axis-line'}),
   svg('text', {x: L, y: H - 6, class: 'axis'}, new Date(t0).toLocaleString()),
   svg('text', {x: W - R, y: H - 6, 'text-anchor': 'end', class: 'axis'}, new Date(t1).toLocaleString()),
   marks.map((m) => m.b
     ? svg('circle', {cx: x(m.t), cy: Y, r: 6, class: 'mark ' + cls(m.b), 'data-backup': m.b.id},
       svg('title', {}, when(m.b.time) + ': ' + m.b.short_id + ', ' + m.b.mode + ', ' + (m.b.consistency || 'unknown') + ' consistent, ' + bytes(m.b.bytes_new) + ' stored'))
-    : svg('rect', {x: (x(m.t) - 5).toFixed(1), y: Y - 5, width: 10, height: 10, class: 'mark c-failed', 'data-run': m.r.id},
-      svg('title', {}, when(m.r.started) + ': run #' + m.r.id + ' of ' + m.r.job + ' ' + m.r.status + (m.r.error ? ': ' + m.r.error : ''))))),
+    : svg('rect', {x: (x(m.t) - 5).toFixed(1), y: Y - 5, width: 10, height: 10, class: 'mark ' + (m.r.status === 'failed' ? 'c-failed' : 'c-stopped'), 'data-run': m.r.run},
+      svg('title', {}, when(m.r.started) + ': ' + m.r.status + ' in run #' + m.r.run + (m.r.error ? ': ' + m.r.error : ''))))),
   el('figcaption', {}, el('span', {class: 'key c-application'}, 'application-consistent'), ' ', el('span', {class: 'key c-crash'}, 'crash-consistent'), ' ',
-    el('span', {class: 'key c-other'}, 'other'), ' ', el('span', {class: 'key c-failed'}, 'failed run')));
+    el('span', {class: 'key c-other'}, 'other'), ' ', el('span', {class: 'key c-failed'}, 'failed'), ' ', el('span', {class: 'key c-stopped'}, 'cancelled or interrupted')));
 }
 
 async function vmPage(name, before) {
@@ -305,16 +306,19 @@ async function vmPage(name, before) {
     call('GET', '/vms/' + enc),
     call('GET', '/vms/' + enc + '/backups' + q),
     call('GET', '/serves'),
-    call('GET', '/runs?status=failed&limit=' + PAGE + '&vm=' + enc),
+    call('GET', '/vms/' + enc + '/results?limit=' + PAGE),
     call('GET', '/connections')]);
   const libvirt = conns.connections.filter((c) => c.type === 'libvirt');
   const panel = el('div', {id: 'action-panel', 'aria-live': 'polite'});
   const ids = new Set(list.backups.map((b) => b.id));
-  // The failed runs within the time the page's backups span (all of
-  // them on the newest page).
+  // The tries that stored no backup within the time the page's backups
+  // span (all of the newest results on the newest page).
   const oldest = list.backups.length ? new Date(list.backups[list.backups.length - 1].time).getTime() : 0;
   const newest = before ? new Date(before).getTime() : Infinity;
-  const fails = failed.runs.filter((r) => { const t = new Date(r.started).getTime(); return (!list.next_before || t >= oldest) && t < newest; });
+  const fails = failed.results.filter((r) => {
+    const t = new Date(r.started).getTime();
+    return ['failed', 'cancelled', 'interrupted'].includes(r.status) && (!list.next_before || t >= oldest) && t < newest;
+  });
   const rows = list.backups.map((b) => el('tr', {'data-backup': b.id},
     el('td', {}, el('time', {datetime: b.time}, when(b.time)), el('br'), el('small', {}, b.disks.map((d) => d.name + ' ' + bytes(d.size)).join(', '))),
     el('td', {}, b.short_id), el('td', {}, b.repository),
