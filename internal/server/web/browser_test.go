@@ -319,8 +319,30 @@ func TestBrowser(t *testing.T) {
 	run(t, ctx, "edit",
 		chromedp.Click(chromedp.CSS(`#jobs tr[data-job="web-nightly"] a[href="#/jobs/edit/web-nightly"]`)),
 		chromedp.WaitVisible(chromedp.CSS("#job-spec")))
+	// The edit page previews its settings too, and follows them.
+	waitText(t, ctx, "#job-preview", "Selects now: vm1")
+	waitCount(t, ctx, "#schedule-preview ol.next li", 5)
+	waitContains(t, ctx, "#retention-box", "Would remove 0 and keep 0 backups of vm1")
 	value(t, ctx, "change the schedule", chromedp.Evaluate[string](`(() => { const ta = document.getElementById("job-spec");
-		const spec = JSON.parse(ta.value); spec.schedule = "@weekly"; ta.value = JSON.stringify(spec); return ta.value; })()`))
+		const spec = JSON.parse(ta.value); spec.schedule = "@weekly"; ta.value = JSON.stringify(spec);
+		ta.dispatchEvent(new Event("input", {bubbles: true})); return ta.value; })()`))
+	waitWeekly := time.Now().Add(90 * time.Second)
+	for {
+		ts := value(t, ctx, "previewed times", chromedp.Evaluate[[]string](`[...document.querySelectorAll("#schedule-preview time")].map((e) => e.getAttribute("datetime"))`))
+		weekly := len(ts) == 5
+		for i := 1; weekly && i < len(ts); i++ {
+			a, err1 := time.Parse(time.RFC3339, ts[i-1])
+			b, err2 := time.Parse(time.RFC3339, ts[i])
+			weekly = err1 == nil && err2 == nil && b.Sub(a) == 7*24*time.Hour
+		}
+		if weekly {
+			break
+		}
+		if time.Now().After(waitWeekly) {
+			t.Fatalf("the edit page's schedule preview after @weekly: %v", ts)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	run(t, ctx, "save", chromedp.Click(chromedp.CSS(`#edit-form button[type="submit"]`)),
 		chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="web-nightly"] button.run`)))
 	waitText(t, ctx, `#jobs tr[data-job="web-nightly"] td:nth-child(3)`, "@weekly")
@@ -482,6 +504,9 @@ func TestBrowser(t *testing.T) {
 	run(t, ctx, "retention preview", chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`#retention-preview tr.remove[data-backup="%s"]`, bs2[1].ID))))
 	waitContains(t, ctx, "#retention-preview .summary", "Would remove 1 and keep 1 backups of vm1 in main.")
 	waitText(t, ctx, fmt.Sprintf(`#retention-preview tr[data-backup="%s"] td:nth-child(5)`, bs2[0].ID), "kept by last")
+	setInput(t, ctx, "#job-name", "vm1-nightly")
+	setInput(t, ctx, "#job-schedule", "0 2 * * *")
+	waitCount(t, ctx, "#schedule-preview ol.next li", 5)
 	screenshot(t, ctx, "job-form.png")
 
 	// The repository page: its size history, the verify run, the

@@ -542,6 +542,84 @@ function field(id, label, input, hint) {
   return el('div', {class: 'field'}, el('label', {for: id}, label), input, hint && el('small', {}, hint));
 }
 
+// later makes f run 300 ms after the last call (typing stopped); f gets
+// current(), false once a newer call came (its answer is then dropped),
+// and the call's arguments.
+function later(f) {
+  let t, n = 0;
+  return (...args) => {
+    clearTimeout(t);
+    const mine = ++n;
+    t = setTimeout(() => f(() => mine === n, ...args), 300);
+  };
+}
+
+// jobPreviews shows what a job's settings (its spec: the keys of the
+// configuration file) would do, each computed by the server: the VMs its
+// selectors pick now, its schedule's next five times, and what its
+// retention would remove from those VMs' backups and why. update(spec)
+// refreshes the parts whose settings changed.
+function jobPreviews() {
+  const sel = el('p', {id: 'job-preview', 'aria-live': 'polite'});
+  const selProblems = el('ul', {id: 'job-selection-problems', class: 'error'});
+  const sched = el('div', {id: 'schedule-preview', 'aria-live': 'polite'});
+  const keep = el('div', {id: 'retention-box', 'aria-live': 'polite'});
+  let matched = [];
+  let spec = {};
+  const doSchedule = later(async (current) => {
+    const s = typeof spec.schedule === 'string' ? spec.schedule.trim() : '';
+    if (!s) { sched.replaceChildren(el('p', {class: 'hint'}, 'No schedule: the job runs only when started by hand.')); return; }
+    try {
+      const p = await call('GET', '/schedule-preview?schedule=' + encodeURIComponent(s) + (spec.timezone ? '&timezone=' + encodeURIComponent(spec.timezone) : ''));
+      if (!current()) return;
+      sched.replaceChildren(el('p', {}, 'Next runs (' + p.timezone + '):'), el('ol', {class: 'next'}, p.next.map((t) => el('li', {}, el('time', {datetime: t}, when(t) + ' (' + ago(t) + ')')))));
+    } catch (e) {
+      if (current()) sched.replaceChildren(el('p', {class: 'error', id: 'schedule-error'}, e.message));
+    }
+  });
+  const doRetention = later(async (current) => {
+    const p = spec.retention && typeof spec.retention === 'object' ? spec.retention : {};
+    const all = spec.type === 'prune'; // a prune job: every VM of its repository
+    if (!Object.keys(p).length) { keep.replaceChildren(el('p', {class: 'hint'}, 'No retention: every backup is kept (until a prune job removes some).')); return; }
+    if (!all && !matched.length) { keep.replaceChildren(el('p', {class: 'hint'}, 'The selection matches no VM: nothing to remove.')); return; }
+    if (!spec.repository) { keep.replaceChildren(el('p', {class: 'hint'}, 'Choose a repository.')); return; }
+    try {
+      const r = await call('POST', '/repositories/' + encodeURIComponent(spec.repository) + '/prune-preview', all ? {retention: p} : {vms: matched, retention: p});
+      if (current()) keep.replaceChildren(previewTable(r, 'retention-preview'));
+    } catch (e) {
+      if (current()) keep.replaceChildren(el('p', {class: 'error'}, e.message));
+    }
+  });
+  // The server matches the selection as a run would (its connections
+  // listed now).
+  const doSelection = later(async (current) => {
+    const vms = Array.isArray(spec.vms) ? spec.vms : [];
+    try {
+      const r = vms.length ? await call('POST', '/selection-preview', {vms}) : {vms: [], problems: ['Choose a connection.']};
+      if (!current()) return;
+      matched = r.vms.map((v) => v.name);
+      sel.textContent = 'Selects now: ' + (matched.length ? matched.join(', ') : 'no VM');
+      selProblems.replaceChildren(...r.problems.map((p) => el('li', {}, p)));
+    } catch (e) {
+      if (!current()) return;
+      matched = [];
+      sel.textContent = 'Selects now: no VM';
+      selProblems.replaceChildren(el('li', {}, e.message));
+    }
+    doRetention();
+  });
+  const key = (x) => JSON.stringify(x === undefined ? null : x);
+  let last = null;
+  return {sel, selProblems, sched, keep, update(next) {
+    const prev = last || {};
+    spec = next;
+    last = {vms: key(next.vms), sched: key([next.schedule, next.timezone]), keep: key([next.retention, next.repository, next.type])};
+    if (last.vms !== prev.vms && next.type !== 'prune') doSelection();
+    else if (last.keep !== prev.keep) doRetention();
+    if (last.sched !== prev.sched) doSchedule();
+  }};
+}
+
 async function newJobPage() {
   const [vms, repos] = await Promise.all([call('GET', '/vms'), call('GET', '/repositories')]);
   const conns = [...new Set(vms.vms.map((v) => v.connection).filter((c) => c))];
@@ -556,80 +634,26 @@ async function newJobPage() {
   const keepWeekly = el('input', {type: 'number', min: 1, placeholder: 'e.g. 4'});
   const keepMonthly = el('input', {type: 'number', min: 1, placeholder: 'e.g. 6'});
   const hooks = el('input', {placeholder: '/etc/vmshadow/hooks/db.sh (optional)'});
-  const preview = el('p', {id: 'job-preview', 'aria-live': 'polite'});
-  const schedOut = el('div', {id: 'schedule-preview', 'aria-live': 'polite'});
-  const keepOut = el('div', {id: 'retention-box', 'aria-live': 'polite'});
-  let matched = [];
-  const policy = () => {
+  const pv = jobPreviews();
+  const toSpec = () => {
+    const spec = {name: name.value, type: 'backup', repository: repo.value, vms: conn.value ? [{connection: conn.value}] : []};
+    const globs = sel.value.split(',').map((s) => s.trim()).filter((s) => s);
+    if (globs.length && spec.vms.length) spec.vms[0].vms = globs;
+    if (sched.value.trim()) spec.schedule = sched.value.trim();
+    if (tz.value.trim()) spec.timezone = tz.value.trim();
     const p = {};
     for (const [k, i] of [['keep_last', keep], ['keep_daily', keepDaily], ['keep_weekly', keepWeekly], ['keep_monthly', keepMonthly]]) {
       if (i.value) p[k] = parseInt(i.value, 10);
     }
-    return p;
+    if (Object.keys(p).length) spec.retention = p;
+    const hs = hooks.value.split(',').map((s) => s.trim()).filter((s) => s);
+    if (hs.length) spec.writers = {hooks: hs};
+    return spec;
   };
-  // Each preview asks the server after the typing stops; an answer to an
-  // older question is dropped.
-  const later = (f) => { let t, n = 0; return () => { clearTimeout(t); const mine = ++n; t = setTimeout(() => f(() => mine === n), 300); }; };
-  const updateSchedule = later(async (current) => {
-    if (!sched.value.trim()) { schedOut.replaceChildren(el('p', {class: 'hint'}, 'No schedule: the job runs only when started by hand.')); return; }
-    try {
-      const p = await call('GET', '/schedule-preview?schedule=' + encodeURIComponent(sched.value.trim()) + (tz.value.trim() ? '&timezone=' + encodeURIComponent(tz.value.trim()) : ''));
-      if (!current()) return;
-      schedOut.replaceChildren(el('p', {}, 'Next runs (' + p.timezone + '):'), el('ol', {class: 'next'}, p.next.map((t) => el('li', {}, el('time', {datetime: t}, when(t) + ' (' + ago(t) + ')')))));
-    } catch (e) {
-      if (current()) schedOut.replaceChildren(el('p', {class: 'error', id: 'schedule-error'}, e.message));
-    }
-  });
-  const updateRetention = later(async (current) => {
-    const p = policy();
-    if (!Object.keys(p).length) { keepOut.replaceChildren(el('p', {class: 'hint'}, 'No retention: every backup is kept (until a prune job removes some).')); return; }
-    if (!matched.length) { keepOut.replaceChildren(el('p', {class: 'hint'}, 'The selection matches no VM: nothing to remove.')); return; }
-    try {
-      const r = await call('POST', '/repositories/' + encodeURIComponent(repo.value) + '/prune-preview', {vms: matched, retention: p});
-      if (current()) keepOut.replaceChildren(previewTable(r, 'retention-preview'));
-    } catch (e) {
-      if (current()) keepOut.replaceChildren(el('p', {class: 'error'}, e.message));
-    }
-  });
-  const selProblems = el('ul', {id: 'job-selection-problems', class: 'error'});
-  // The server matches the selection as a run would (its connection
-  // listed now).
-  const update = later(async (current) => {
-    const globs = sel.value.split(',').map((s) => s.trim()).filter((s) => s);
-    const one = {connection: conn.value};
-    if (globs.length) one.vms = globs;
-    try {
-      const r = conn.value ? await call('POST', '/selection-preview', {vms: [one]}) : {vms: [], problems: ['Choose a connection.']};
-      if (!current()) return;
-      matched = r.vms.map((v) => v.name);
-      preview.textContent = 'Selects now: ' + (matched.length ? matched.join(', ') : 'no VM');
-      selProblems.replaceChildren(...r.problems.map((p) => el('li', {}, p)));
-    } catch (e) {
-      if (!current()) return;
-      matched = [];
-      preview.textContent = 'Selects now: no VM';
-      selProblems.replaceChildren(el('li', {}, e.message));
-    }
-    updateRetention();
-  });
-  sel.addEventListener('input', update);
-  conn.addEventListener('change', update);
-  repo.addEventListener('change', updateRetention);
-  for (const i of [keep, keepDaily, keepWeekly, keepMonthly]) i.addEventListener('input', updateRetention);
-  sched.addEventListener('input', updateSchedule);
-  tz.addEventListener('input', updateSchedule);
-  const form = el('form', {class: 'box', id: 'job-form', onsubmit: (e) => {
+  const form = el('form', {class: 'box', id: 'job-form', oninput: () => pv.update(toSpec()), onchange: () => pv.update(toSpec()), onsubmit: (e) => {
     e.preventDefault();
     act(form.querySelector('button[type=submit]'), async () => {
-      const spec = {name: name.value, type: 'backup', repository: repo.value, vms: [{connection: conn.value}]};
-      const globs = sel.value.split(',').map((s) => s.trim()).filter((s) => s);
-      if (globs.length) spec.vms[0].vms = globs;
-      if (sched.value.trim()) spec.schedule = sched.value.trim();
-      if (tz.value.trim()) spec.timezone = tz.value.trim();
-      if (Object.keys(policy()).length) spec.retention = policy();
-      const hs = hooks.value.split(',').map((s) => s.trim()).filter((s) => s);
-      if (hs.length) spec.writers = {hooks: hs};
-      const j = await call('POST', '/jobs', spec);
+      const j = await call('POST', '/jobs', toSpec());
       toast('Job ' + j.name + ' created');
       location.hash = '#/jobs';
     });
@@ -637,28 +661,41 @@ async function newJobPage() {
   field('job-name', 'Name', name),
   field('job-connection', 'Connection', conn),
   field('job-vms', 'VMs (names or globs, comma-separated)', sel),
-  preview, selProblems,
+  pv.sel, pv.selProblems,
   field('job-repository', 'Repository', repo),
   field('job-schedule', 'Schedule', sched, 'cron (5 fields), @hourly/@daily/@weekly, or @every DURATION; see docs/server-config.md'),
   field('job-timezone', 'Time zone of the schedule and retention', tz),
-  schedOut,
+  pv.sched,
   el('fieldset', {class: 'keep'}, el('legend', {}, 'Retention (after each run; empty: off)'),
     field('job-keep-last', 'Keep the last N backups', keep),
     field('job-keep-daily', 'Keep one a day for N days', keepDaily),
     field('job-keep-weekly', 'Keep one a week for N weeks', keepWeekly),
     field('job-keep-monthly', 'Keep one a month for N months', keepMonthly)),
-  keepOut,
+  pv.keep,
   field('job-hooks', 'Host hooks around the freeze (absolute paths, comma-separated)', hooks),
   el('button', {type: 'submit'}, 'Create job'));
   show(el('h1', {}, 'New backup job'), form);
-  update();
-  updateSchedule();
+  pv.update(toSpec());
   name.focus();
 }
 
 async function editJobPage(jname) {
   const j = await call('GET', '/jobs/' + encodeURIComponent(jname));
   const ta = el('textarea', {rows: 14, spellcheck: 'false'}, JSON.stringify(j.spec, null, 2));
+  const pv = jobPreviews();
+  const bad = el('p', {class: 'error', id: 'spec-error', 'aria-live': 'polite'});
+  const parse = () => {
+    try {
+      const spec = JSON.parse(ta.value);
+      bad.textContent = '';
+      return spec && typeof spec === 'object' && !Array.isArray(spec) ? spec : null;
+    } catch (err) {
+      bad.textContent = 'The settings are not valid JSON: ' + err.message;
+      return null;
+    }
+  };
+  const refresh = later(() => { const spec = parse(); if (spec) pv.update(spec); });
+  ta.addEventListener('input', () => refresh());
   const form = el('form', {class: 'box', id: 'edit-form', onsubmit: (e) => {
     e.preventDefault();
     act(form.querySelector('button[type=submit]'), async () => {
@@ -668,8 +705,12 @@ async function editJobPage(jname) {
       toast('Job ' + jname + ' saved');
       location.hash = '#/jobs';
     });
-  }}, field('job-spec', 'Settings (the keys of the configuration file, as JSON)', ta), el('button', {type: 'submit'}, 'Save'));
+  }}, field('job-spec', 'Settings (the keys of the configuration file, as JSON)', ta), bad,
+  el('h2', {}, 'What these settings do now'),
+  j.type === 'backup' && [pv.sel, pv.selProblems], pv.sched, (j.type === 'backup' || j.type === 'prune') && pv.keep,
+  el('button', {type: 'submit'}, 'Save'));
   show(el('h1', {}, 'Edit job ' + jname), form);
+  pv.update(parse() || {});
 }
 
 // ---- runs ----
