@@ -707,6 +707,23 @@ func TestBrowser(t *testing.T) {
 		t.Errorf("the failed verify's result: %q", v)
 	}
 
+	// A long list is shown a page at a time: 25 jobs, 20 and then 5.
+	for i := range 21 {
+		if _, err := g.s.CreateJob(context.Background(), []byte(fmt.Sprintf(`{"name":"extra-%02d","type":"gc","repository":"main"}`, i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, ctx, "many jobs", chromedp.Navigate(g.url+"/#/jobs"), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="extra-00"]`)))
+	if n := count(t, ctx, "#jobs tbody tr"); n != 20 {
+		t.Fatalf("first page of jobs: %d rows, want 20", n)
+	}
+	waitText(t, ctx, ".pager .hint", "1–20 of 25")
+	run(t, ctx, "next jobs", chromedp.Click(chromedp.CSS(".pager button.next")), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="web-nightly"]`)))
+	waitText(t, ctx, ".pager .hint", "21–25 of 25")
+	if n := count(t, ctx, "#jobs tbody tr"); n != 5 {
+		t.Fatalf("second page of jobs: %d rows, want 5", n)
+	}
+
 	// A phone's width: nothing wider than the screen (tables scroll in
 	// their own box).
 	for _, page := range []string{"/#/", "/#/vm/vm1", "/#/run/1", "/#/jobs", "/#/jobs/new", "/#/runs", "/#/repo/main"} {
