@@ -45,6 +45,8 @@ func TestPreviews(t *testing.T) {
 		{"gc of an unknown repository", second(g.s.GCPreview(ctx, "nosuch")), errs.ErrNotFound, `no repository "nosuch"`},
 		{"libvirt restore through a QMP connection", second(g.s.Restore(ctx, api.RestoreRequest{Repository: "main", Backup: "ab",
 			Libvirt: &api.LibvirtTarget{Connection: "lab", Pool: "default"}})), errs.ErrUsage, "connection lab is of type qmp: a restore into libvirt needs a libvirt connection"},
+		{"pool restore through a QMP connection", second(g.s.Restore(ctx, api.RestoreRequest{Repository: "main", Backup: "ab",
+			XAPI: &api.XAPITarget{Connection: "lab", SR: "Local storage"}})), errs.ErrUsage, "connection lab is of type qmp: a restore into a XenServer pool needs an xapi connection"},
 		{"libvirt restore through no connection", second(g.s.Restore(ctx, api.RestoreRequest{Repository: "main", Backup: "ab",
 			Libvirt: &api.LibvirtTarget{Connection: "kvm", Pool: "default"}})), errs.ErrNotFound, `no connection "kvm"`},
 	} {

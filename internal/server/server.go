@@ -9,7 +9,8 @@
 // each repository's usage history (a point per statistics computation:
 // after each job, and hourly). It implements api.Service, which the HTTP
 // layer serves, with the dry runs the web interface shows (retention, gc,
-// schedules; previews.go) and restores to files or into libvirt.
+// schedules; previews.go) and restores to files, into libvirt or into a
+// XenServer pool (restore_to.go).
 package server
 
 import (

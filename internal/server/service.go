@@ -635,6 +635,9 @@ func (s *Server) Restore(ctx context.Context, req api.RestoreRequest) (*api.Rest
 	if req.Libvirt != nil {
 		return s.restoreToLibvirt(ctx, req)
 	}
+	if req.XAPI != nil {
+		return s.restoreToXAPI(ctx, req)
+	}
 	if !filepath.IsAbs(req.To) {
 		return nil, fmt.Errorf("to %q: give an absolute directory on the server: %w", req.To, errs.ErrUsage)
 	}

@@ -321,8 +321,15 @@ func TestEndpoints(t *testing.T) {
 					t.Errorf("restore into libvirt = %v", m)
 				}
 			}},
+		{"POST", "/api/v1/restore", operatorTok, `{"repository":"local","backup":"ab12","xapi":{"connection":"pool","sr":"Local storage","vm_name":"web1 restored"}}`, 200,
+			[]string{"Restore(local,ab12,xapi,pool,Local storage,web1 restored)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				m := decode(t, w)
+				if x, _ := m["xapi"].(map[string]any); x == nil || x["vm_uuid"] != "vm-uu1d" || fmt.Sprint(x["disks"]) != "[]" {
+					t.Errorf("restore into a pool = %v", m)
+				}
+			}},
 		{"GET", "/api/v1/connections", viewerTok, "", 200, []string{"Connections"}, func(t *testing.T, w *httptest.ResponseRecorder) {
-			if got := strings.TrimSpace(w.Body.String()); got != `{"connections":[{"name":"lab","type":"qmp"},{"name":"kvm1","type":"libvirt"}]}` {
+			if got := strings.TrimSpace(w.Body.String()); got != `{"connections":[{"name":"lab","type":"qmp"},{"name":"kvm1","type":"libvirt"},{"name":"pool","type":"xapi"}]}` {
 				t.Errorf("connections = %s", got)
 			}
 		}},
@@ -554,14 +561,17 @@ func TestBadInput(t *testing.T) {
 		{"PUT", "/api/v1/jobs/a", `{"name":"b"}`, nil, 400, "bad_request", "cannot be renamed"},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","force":true}`, nil, 400, "bad_request", `unknown field "force"`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":7}`, nil, 400, "bad_request", `field "to" must be string, not number`},
-		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab"}`, nil, 400, "bad_request", `"to" (an absolute directory on the server) or "libvirt" is required`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab"}`, nil, 400, "bad_request", `"to" (an absolute directory on the server), "libvirt" or "xapi" is required`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","format":"vmdk"}`, nil, 400, "bad_request", `format "vmdk"`},
 		{"POST", "/api/v1/serves", `{"repository":"local","backup":"g"}`, nil, 400, "bad_request", `"backup": backup ID "g"`},
 		{"POST", "/api/v1/serves", `{"backup":"ab"}`, nil, 400, "bad_request", `"repository": empty name`},
-		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","libvirt":{"connection":"k","pool":"p"}}`, nil, 400, "bad_request", `either "to" (and "format") or "libvirt"`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","libvirt":{"connection":"k","pool":"p"}}`, nil, 400, "bad_request", `give one target: "to" (and "format"), "libvirt" or "xapi"`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"pool":"p"}}`, nil, 400, "bad_request", `"libvirt.connection": empty name`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k"}}`, nil, 400, "bad_request", `"libvirt.pool": empty name`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k","pool":"p","uri":"qemu:///system"}}`, nil, 400, "bad_request", `unknown field "uri"`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k","pool":"p"},"xapi":{"connection":"x","sr":"s"}}`, nil, 400, "bad_request", `give one target`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","xapi":{"connection":"x"}}`, nil, 400, "bad_request", `"xapi.sr": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","xapi":{"sr":"s"}}`, nil, 400, "bad_request", `"xapi.connection": empty name`},
 		{"GET", "/api/v1/vms/web1/results?before=0", "", nil, 400, "bad_request", `before="0"`},
 		{"GET", "/api/v1/runs?status=done", "", nil, 400, "bad_request", `status="done": want one of running, succeeded, failed, cancelled, interrupted, skipped`},
 		{"GET", "/api/v1/runs?vm=", "", nil, 400, "bad_request", "query parameter vm: empty name"},

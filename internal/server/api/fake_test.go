@@ -237,6 +237,12 @@ func (f *fake) Repositories(ctx context.Context) ([]api.Repository, error) {
 }
 
 func (f *fake) Restore(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
+	if x := req.XAPI; x != nil {
+		if err := f.call("Restore", req.Repository, req.Backup, "xapi", x.Connection, x.SR, x.VMName); err != nil {
+			return nil, err
+		}
+		return &api.RestoreResult{XAPI: &api.XAPIResult{Connection: x.Connection, SR: "5r-uu1d", VM: "vm-uu1d"}}, nil // nil disks: the handler must show []
+	}
 	if l := req.Libvirt; l != nil {
 		if err := f.call("Restore", req.Repository, req.Backup, "libvirt", l.Connection, l.Pool, l.VMName, l.Start); err != nil {
 			return nil, err
@@ -337,7 +343,7 @@ func (f *fake) Connections(ctx context.Context) ([]api.Connection, error) {
 	if err := f.call("Connections"); err != nil {
 		return nil, err
 	}
-	return []api.Connection{{Name: "lab", Type: "qmp"}, {Name: "kvm1", Type: "libvirt"}}, nil
+	return []api.Connection{{Name: "lab", Type: "qmp"}, {Name: "kvm1", Type: "libvirt"}, {Name: "pool", Type: "xapi"}}, nil
 }
 
 func (f *fake) SelectionPreview(ctx context.Context, sels []api.VMSelector) (*api.SelectionPreview, error) {

@@ -699,10 +699,20 @@ func (h *handler) restore(c *call) error {
 	if err := checkRef(req.Repository, req.Backup); err != nil {
 		return err
 	}
-	if l := req.Libvirt; l != nil {
+	if (req.To != "" || req.Format != "") && (req.Libvirt != nil || req.XAPI != nil) || req.Libvirt != nil && req.XAPI != nil {
+		return fmt.Errorf("request body: give one target: \"to\" (and \"format\"), \"libvirt\" or \"xapi\": %w", errs.ErrUsage)
+	}
+	if x := req.XAPI; x != nil {
 		switch {
-		case req.To != "" || req.Format != "":
-			return fmt.Errorf("request body: give either \"to\" (and \"format\") or \"libvirt\", not both: %w", errs.ErrUsage)
+		case checkName(x.Connection) != nil:
+			return fmt.Errorf("request body: \"xapi.connection\": %v: name one of the server's xapi connections (GET %s/connections): %w", checkName(x.Connection), Prefix, errs.ErrUsage)
+		case checkName(x.SR) != nil:
+			return fmt.Errorf("request body: \"xapi.sr\": %v: name the storage repository of the new VDIs (name-label or UUID): %w", checkName(x.SR), errs.ErrUsage)
+		case x.VMName != "" && checkName(x.VMName) != nil:
+			return fmt.Errorf("request body: \"xapi.vm_name\": %v: %w", checkName(x.VMName), errs.ErrUsage)
+		}
+	} else if l := req.Libvirt; l != nil {
+		switch {
 		case checkName(l.Connection) != nil:
 			return fmt.Errorf("request body: \"libvirt.connection\": %v: name one of the server's libvirt connections (GET %s/connections): %w", checkName(l.Connection), Prefix, errs.ErrUsage)
 		case checkName(l.Pool) != nil:
@@ -711,7 +721,7 @@ func (h *handler) restore(c *call) error {
 			return fmt.Errorf("request body: \"libvirt.vm_name\": %v: %w", checkName(l.VMName), errs.ErrUsage)
 		}
 	} else if req.To == "" {
-		return fmt.Errorf("request body: \"to\" (an absolute directory on the server) or \"libvirt\" is required: %w", errs.ErrUsage)
+		return fmt.Errorf("request body: \"to\" (an absolute directory on the server), \"libvirt\" or \"xapi\" is required: %w", errs.ErrUsage)
 	}
 	switch req.Format {
 	case "", "raw", "qcow2":
@@ -725,6 +735,9 @@ func (h *handler) restore(c *call) error {
 	res.Files = nonNil(res.Files)
 	if res.Libvirt != nil {
 		res.Libvirt.Volumes = nonNil(res.Libvirt.Volumes)
+	}
+	if res.XAPI != nil {
+		res.XAPI.Disks = nonNil(res.XAPI.Disks)
 	}
 	return c.json(http.StatusOK, res)
 }

@@ -98,7 +98,9 @@ type Service interface {
 
 	// Restore restores a backup's disks to files on the server, or (with
 	// req.Libvirt) into new volumes of a storage pool and a new domain
-	// through one of the server's libvirt connections.
+	// through one of the server's libvirt connections, or (with req.XAPI)
+	// into new VDIs (and a halted VM) of a XenServer / XCP-ng pool through
+	// one of its XAPI connections.
 	Restore(ctx context.Context, req RestoreRequest) (*RestoreResult, error)
 	// Connections lists the configured connections (names and types
 	// only: never an address or credential).
@@ -248,8 +250,34 @@ type RestoreRequest struct {
 	// overwritten), Format raw (default) or qcow2.
 	To     string `json:"to,omitempty"`
 	Format string `json:"format,omitempty"`
-	// Libvirt, instead of To, restores into libvirt.
+	// Libvirt, instead of To, restores into libvirt; XAPI into a
+	// XenServer / XCP-ng pool.
 	Libvirt *LibvirtTarget `json:"libvirt,omitempty"`
+	XAPI    *XAPITarget    `json:"xapi,omitempty"`
+}
+
+// XAPITarget says where a restore into a XenServer / XCP-ng pool goes (as
+// the CLI's restore --to-xapi URL --sr SR [--vm-name NAME]).
+type XAPITarget struct {
+	// Connection is an xapi connection of the server's configuration.
+	Connection string `json:"connection"`
+	SR         string `json:"sr"`                // name-label or UUID of the new VDIs' storage repository
+	VMName     string `json:"vm_name,omitempty"` // if set, a halted VM of this name gets the disks
+}
+
+// XAPIResult is what a restore into a pool made.
+type XAPIResult struct {
+	Connection string     `json:"connection"`
+	SR         string     `json:"sr"`                // its UUID
+	VM         string     `json:"vm_uuid,omitempty"` // the new VM's UUID
+	Disks      []XAPIDisk `json:"disks"`
+}
+
+// XAPIDisk is one restored disk in a pool.
+type XAPIDisk struct {
+	Name string `json:"name"`
+	VDI  string `json:"vdi"` // its UUID
+	Size int64  `json:"size"`
 }
 
 // LibvirtTarget says where a restore into libvirt goes (as the CLI's
@@ -269,6 +297,7 @@ type LibvirtTarget struct {
 type RestoreResult struct {
 	Files   []RestoredFile `json:"files"`
 	Libvirt *LibvirtResult `json:"libvirt,omitempty"`
+	XAPI    *XAPIResult    `json:"xapi,omitempty"`
 }
 
 // LibvirtResult is what a restore into libvirt made.

@@ -309,6 +309,7 @@ async function vmPage(name, before) {
     call('GET', '/vms/' + enc + '/results?limit=' + PAGE),
     call('GET', '/connections')]);
   const libvirt = conns.connections.filter((c) => c.type === 'libvirt');
+  const pools = conns.connections.filter((c) => c.type === 'xapi');
   const panel = el('div', {id: 'action-panel', 'aria-live': 'polite'});
   const ids = new Set(list.backups.map((b) => b.id));
   // The tries that stored no backup within the time the page's backups
@@ -331,6 +332,7 @@ async function vmPage(name, before) {
       can('operator') && el('button', {type: 'button', 'data-action': 'restore', onclick: () => restoreForm(panel, b)}, 'Restore…'),
       can('operator') && el('button', {type: 'button', class: 'serve', onclick: (e) => act(e.target, () => startServe(panel, b, name))}, 'Instant restore'),
       can('operator') && libvirt.length > 0 && el('button', {type: 'button', 'data-action': 'libvirt', onclick: () => libvirtForm(panel, b, libvirt)}, 'Into libvirt…'),
+      can('operator') && pools.length > 0 && el('button', {type: 'button', 'data-action': 'xapi', onclick: () => xapiForm(panel, b, pools)}, 'Into XenServer…'),
       can('admin') && el('button', {type: 'button', class: 'danger', onclick: (e) => act(e.target, async () => {
         if (!confirm('Delete backup ' + b.short_id + ' of ' + name + ' from ' + b.repository + '? Its chunks are freed by the next gc.')) return;
         await call('DELETE', '/repositories/' + encodeURIComponent(b.repository) + '/backups/' + encodeURIComponent(b.id));
@@ -398,6 +400,34 @@ function libvirtForm(panel, b, conns) {
   el('button', {type: 'submit'}, 'Restore'), out);
   panel.replaceChildren(form);
   pool.focus();
+}
+
+// xapiForm restores a backup into new VDIs of a XenServer / XCP-ng pool
+// (and a new halted VM), through one of the server's xapi connections.
+function xapiForm(panel, b, conns) {
+  const conn = el('select', {id: 'xapi-connection'}, conns.map((c) => el('option', {value: c.name}, c.name)));
+  const sr = el('input', {id: 'xapi-sr', required: true, placeholder: 'Local storage (name-label or UUID)'});
+  const vmName = el('input', {id: 'xapi-name', placeholder: b.vm + ' restored (empty: the disks only)'});
+  const out = el('div', {});
+  const form = el('form', {class: 'box', id: 'xapi-form', onsubmit: (e) => {
+    e.preventDefault();
+    act(form.querySelector('button[type=submit]'), async () => {
+      const target = {connection: conn.value, sr: sr.value.trim()};
+      if (vmName.value.trim()) target.vm_name = vmName.value.trim();
+      const r = await call('POST', '/restore', {repository: b.repository, backup: b.id, xapi: target});
+      const x = r.xapi;
+      out.replaceChildren(el('p', {id: 'xapi-done'}, x.vm_uuid ? ['Halted VM ', el('code', {class: 'vm-uuid'}, x.vm_uuid), ' created with the disks:'] : 'Disks restored:'),
+        el('ul', {}, x.disks.map((d) => el('li', {}, d.name + ' → VDI ', el('code', {class: 'vdi'}, d.vdi), ' (' + bytes(d.size) + ') on SR ' + x.sr))));
+      toast('Restored ' + b.short_id + ' into the pool of ' + x.connection);
+    });
+  }},
+  el('h2', {}, 'Restore ' + b.short_id + ' into a XenServer pool'),
+  el('label', {for: 'xapi-connection'}, 'Connection'), conn,
+  el('label', {for: 'xapi-sr'}, 'Storage repository of the new VDIs'), sr,
+  el('label', {for: 'xapi-name'}, 'Name of a new halted VM with the disks'), vmName,
+  el('button', {type: 'submit'}, 'Restore'), out);
+  panel.replaceChildren(form);
+  sr.focus();
 }
 
 async function startServe(panel, b, vm) {

@@ -9,6 +9,7 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/restore"
 	"github.com/vmshadow/vmshadow/internal/restore/libvirtpool"
+	"github.com/vmshadow/vmshadow/internal/restore/xenpool"
 	"github.com/vmshadow/vmshadow/internal/server/api"
 	"github.com/vmshadow/vmshadow/internal/server/config"
 )
@@ -79,4 +80,52 @@ func (s *Server) restoreToLibvirt(ctx context.Context, req api.RestoreRequest) (
 	}
 	s.log.Info("restored into libvirt", "backup", bid.Short(), "connection", lt.Connection, "pool", out.Pool, "domain", out.Domain)
 	return &api.RestoreResult{Files: []api.RestoredFile{}, Libvirt: out}, nil
+}
+
+// restoreToXAPI restores a backup's disks into new VDIs on a storage
+// repository of a XenServer / XCP-ng pool (and, with a VM name, a new
+// halted VM with them) through an xapi connection of the configuration,
+// as 'vmshadow restore --to-xapi' does (package restore/xenpool).
+func (s *Server) restoreToXAPI(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
+	xt := req.XAPI
+	c := s.Config().Connections[xt.Connection]
+	switch {
+	case c == nil:
+		return nil, fmt.Errorf("no connection %q in the configuration (list them with GET %s/connections): %w", xt.Connection, api.Prefix, errs.ErrNotFound)
+	case c.Type != config.XAPI:
+		return nil, fmt.Errorf("connection %s is of type %s: a restore into a XenServer pool needs an xapi connection: %w", xt.Connection, c.Type, errs.ErrUsage)
+	}
+	pool, err := xapiConfig(c)
+	if err != nil {
+		return nil, err
+	}
+	r, release, bid, m, err := s.findBackup(ctx, req.Repository, req.Backup)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	sel, err := restore.Select(m, req.Disks)
+	if err != nil {
+		return nil, err
+	}
+	l, lctx, err := r.Lock(ctx, false, "restore")
+	if err != nil {
+		return nil, err
+	}
+	defer l.Unlock()
+	t, err := xenpool.New(lctx, *pool, m, xenpool.Options{SR: xt.SR, VMName: xt.VMName})
+	if err != nil {
+		return nil, err
+	}
+	res, err := restore.Run(lctx, r, sel, t, restore.Options{})
+	if err != nil {
+		return nil, err
+	}
+	xr := t.Result(res)
+	out := &api.XAPIResult{Connection: xt.Connection, SR: xr.SR, VM: xr.VM, Disks: []api.XAPIDisk{}}
+	for _, d := range xr.Disks {
+		out.Disks = append(out.Disks, api.XAPIDisk{Name: d.Name, VDI: d.VDI, Size: d.Size})
+	}
+	s.log.Info("restored into a XenServer pool", "backup", bid.Short(), "connection", xt.Connection, "sr", out.SR, "vm", out.VM)
+	return &api.RestoreResult{Files: []api.RestoredFile{}, XAPI: out}, nil
 }
