@@ -147,7 +147,7 @@ function usageChart(repo, points) {
   line('logical_bytes', 'logical'), line('stored_bytes', 'stored'), ldots, dots);
   return el('figure', {class: 'usage', 'data-repo': repo}, chart,
     el('figcaption', {}, el('span', {class: 'key stored'}, 'stored'), ' ', el('span', {class: 'key logical'}, 'logical'),
-      ' — now ' + bytes(last.stored_bytes) + ' stored for ' + bytes(last.logical_bytes) + ' of backups: deduplication ' + dedup(last) + ' (' + points.length + ' points)'));
+      ' — now ' + bytes(last.stored_bytes) + ' stored for ' + bytes(last.logical_bytes) + ' of backups: deduplication ' + dedup(last) + ' (' + points.length + (points.length === 1 ? ' point)' : ' points)')));
 }
 
 // pager shows items n at a time with Previous / Next buttons (lists held
