@@ -36,7 +36,9 @@ test) want /usr/sbin/libvirtd libvirt-daemon-system; want virsh libvirt-clients
       [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need="$need syslinux-common"
       [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need="$need systemd-boot-efi"
       # the web interface's browser test (internal/server/web)
-      want chromium chromium ;;
+      want chromium chromium
+      # ... which validates the libvirt domain XML the page shows
+      want virt-xml-validate libvirt-clients; want xmllint libxml2-utils ;;
 esac
 case "${1:-test}" in
 bench) want restic restic; want borg borgbackup; want gnuplot gnuplot-nox

@@ -5,8 +5,12 @@
 // next time comes is skipped, not doubled; missed runs caught up at start
 // when configured), the runs of backup, verify, prune, gc and copy jobs
 // recorded in the state database with their log, their live events, and
-// recovery at start of the snapshot sets a killed server left behind. It
-// implements api.Service, which the HTTP layer serves.
+// recovery at start of the snapshot sets a killed server left behind, and
+// each repository's usage history (a point per statistics computation:
+// after each job, and hourly). It implements api.Service, which the HTTP
+// layer serves, with the dry runs the web interface shows (retention, gc,
+// schedules; previews.go) and restores to files, into libvirt or into a
+// XenServer pool (restore_to.go).
 package server
 
 import (
@@ -116,7 +120,17 @@ func New(ctx context.Context, o Options) (*Server, error) {
 				return nil, err
 			}
 			defer release()
-			return repostats.Compute(ctx, r)
+			st, err := repostats.Compute(ctx, r)
+			if err != nil {
+				return nil, err
+			}
+			// Each computation is a point of the usage history.
+			now := time.Now()
+			if err := s.db.RecordUsage(context.WithoutCancel(ctx), name, state.Usage{Time: now, StoredBytes: st.StoredBytes,
+				LogicalBytes: st.LogicalBytes, Backups: int64(st.Backups)}, now); err != nil {
+				s.log.Warn("repository usage not recorded", "repository", name, "err", err)
+			}
+			return st, nil
 		})
 	return s, nil
 }
@@ -176,9 +190,33 @@ func (s *Server) Start(ctx context.Context) error {
 		s.recoverVMs(ctx, r, vms[r.ID])
 		s.ended(ctx, r)
 	}
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.scheduler()
+	go s.sampleUsage(usageEvery)
 	return nil
+}
+
+// usageEvery is how often the server looks whether a repository's
+// statistics (and so its usage history) are due a refresh: they are when
+// an hour old (metrics.DefaultMaxAge), so the history gets a point an
+// hour, and one after each job.
+const usageEvery = 10 * time.Minute
+
+// sampleUsage refreshes the repositories' statistics that are stale,
+// now and every interval until the server stops: each computation records
+// a point of the usage history.
+func (s *Server) sampleUsage(every time.Duration) {
+	defer s.wg.Done()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		s.stats.Stats()
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // Reload reads the configuration file again. A bad file changes nothing

@@ -196,6 +196,12 @@ func apiBackup(repository string, b repo.Backup) api.Backup {
 	return out
 }
 
+// VMResults implements api.Service: from the run history (a VM never in
+// a run has none).
+func (s *Server) VMResults(ctx context.Context, vm string, before int64, limit int) ([]state.VMResult, error) {
+	return s.db.VMResults(ctx, vm, before, limit)
+}
+
 // Backups implements api.Service.
 func (s *Server) Backups(ctx context.Context, f api.BackupFilter) ([]api.Backup, error) {
 	all, err := s.allBackups(ctx, f.Repository)
@@ -216,7 +222,39 @@ func (s *Server) Backups(ctx context.Context, f api.BackupFilter) ([]api.Backup,
 		}
 		out = append(out, b)
 	}
+	if err := s.addResults(ctx, out); err != nil {
+		return nil, err
+	}
 	return out, nil
+}
+
+// addResults adds to backups what the server's database knows of them:
+// the run that stored each (its freeze time) and their last verification.
+func (s *Server) addResults(ctx context.Context, backups []api.Backup) error {
+	ids := make([]string, len(backups))
+	for i, b := range backups {
+		ids[i] = b.ID
+	}
+	res, err := s.db.BackupResults(ctx, ids)
+	if err != nil {
+		return err
+	}
+	verified := map[string]map[string]time.Time{}
+	for i := range backups {
+		b := &backups[i]
+		if r, ok := res[b.ID]; ok {
+			b.Run, b.FreezeMS = r.Run, r.FreezeMS
+		}
+		v, ok := verified[b.Repository]
+		if !ok {
+			if v, err = s.db.VerifiedSince(ctx, b.Repository, time.Time{}); err != nil {
+				return err
+			}
+			verified[b.Repository] = v
+		}
+		b.Verified = v[b.ID]
+	}
+	return nil
 }
 
 // findBackup opens repository name and finds backup id (or prefix).
@@ -243,8 +281,11 @@ func (s *Server) Backup(ctx context.Context, repository, id string) (*api.Backup
 		return nil, err
 	}
 	release()
-	b := apiBackup(repository, repo.Backup{ID: bid, Manifest: m})
-	return &b, nil
+	bs := []api.Backup{apiBackup(repository, repo.Backup{ID: bid, Manifest: m})}
+	if err := s.addResults(ctx, bs); err != nil {
+		return nil, err
+	}
+	return &bs[0], nil
 }
 
 // DeleteBackup implements api.Service: under the exclusive lock (waiting
@@ -595,6 +636,12 @@ func (s *Server) Repositories(ctx context.Context) ([]api.Repository, error) {
 // or empty directory), every chunk checked; the VM's definition files
 // too when the backup has them.
 func (s *Server) Restore(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
+	if req.Libvirt != nil {
+		return s.restoreToLibvirt(ctx, req)
+	}
+	if req.XAPI != nil {
+		return s.restoreToXAPI(ctx, req)
+	}
 	if !filepath.IsAbs(req.To) {
 		return nil, fmt.Errorf("to %q: give an absolute directory on the server: %w", req.To, errs.ErrUsage)
 	}

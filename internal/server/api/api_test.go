@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/getkin/kin-openapi/openapi3"
 
@@ -52,7 +53,7 @@ func newHandler(f *fake, log *logBuf) http.Handler {
 	o := api.Options{Version: "1.2.3", Metrics: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		fmt.Fprintln(w, "vmshadow_up 1")
-	})}
+	}), Now: func() time.Time { return t0.Add(48 * time.Hour) }}
 	if log != nil {
 		o.Logf = log.logf
 	}
@@ -185,6 +186,17 @@ func TestEndpoints(t *testing.T) {
 					t.Errorf("%d backups, next_before %v; want 3 and the last one's time", n, m["next_before"])
 				}
 			}},
+		{"GET", "/api/v1/vms/web1/results?before=10&limit=2", viewerTok, "", 200, []string{"VMResults(web1,10,2)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			m := decode(t, w)
+			if rs := m["results"].([]any); len(rs) != 2 || m["next_before"] != 8.0 || rs[0].(map[string]any)["status"] != "failed" {
+				t.Errorf("results = %v, want 2 failed and next_before 8", m)
+			}
+		}},
+		{"GET", "/api/v1/vms/web1/results", viewerTok, "", 200, []string{"VMResults(web1,0,100)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			if m := decode(t, w); m["next_before"] != nil {
+				t.Errorf("next_before %v on a page that is not full", m["next_before"])
+			}
+		}},
 		{"GET", "/api/v1/backups", viewerTok, "", 200, []string{"Backups(,,100,0001-01-01T00:00:00Z)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 			if m := decode(t, w); m["next_before"] != nil {
 				t.Errorf("next_before %v on a page that is not full", m["next_before"])
@@ -194,6 +206,65 @@ func TestEndpoints(t *testing.T) {
 		{"GET", "/api/v1/repositories/local/backups/AB12CD", viewerTok, "", 200, []string{"Backup(local," + bid + ")"}, nil},
 		{"DELETE", "/api/v1/repositories/local/backups/" + bid, adminTok, "", 204, []string{"DeleteBackup(local," + bid + ")"}, nil},
 		{"GET", "/api/v1/repositories", viewerTok, "", 200, []string{"Repositories"}, nil},
+		{"GET", "/api/v1/repositories/local/usage?since=2026-11-01T00:00:00Z", viewerTok, "", 200, []string{"UsageHistory(local,2026-11-01T00:00:00Z)"},
+			func(t *testing.T, w *httptest.ResponseRecorder) {
+				m := decode(t, w)
+				if pts := m["points"].([]any); m["repository"] != "local" || len(pts) != 2 || pts[1].(map[string]any)["logical_bytes"] != 800.0 {
+					t.Errorf("usage = %v", m)
+				}
+			}},
+		// Without since=: the last 90 days (the handler's clock).
+		{"GET", "/api/v1/repositories/empty/usage", viewerTok, "", 200, []string{"UsageHistory(empty,2026-09-04T01:30:00Z)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			if got := strings.TrimSpace(w.Body.String()); got != `{"repository":"empty","points":[]}` {
+				t.Errorf("usage = %s, want no points as []", got)
+			}
+		}},
+		{"GET", "/api/v1/repositories/local/verifies?before=7&limit=2", viewerTok, "", 200, []string{"Verifies(local,7,2)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			m := decode(t, w)
+			vs := m["verifies"].([]any)
+			if len(vs) != 2 || m["next_before"] != 5.0 {
+				t.Fatalf("verifies = %v, want 2 and next_before 5", m)
+			}
+			f0, f1 := vs[0].(map[string]any)["findings"].([]any), vs[1].(map[string]any)["findings"]
+			if len(f0) != 1 || !strings.Contains(fmt.Sprint(f0[0]), "chunk 12ab: missing") || fmt.Sprint(f1) != "[]" {
+				t.Errorf("findings %v and %v", f0, f1)
+			}
+		}},
+		{"GET", "/api/v1/repositories/local/verifies", viewerTok, "", 200, []string{"Verifies(local,0,100)"}, nil},
+		{"POST", "/api/v1/repositories/local/prune-preview", viewerTok, `{"vms":["web1","db 1"],"retention":{"keep_last":1,"keep_daily":-1}}`, 200,
+			[]string{"PrunePreview(local,web1+db 1,{Last:1 Hourly:0 Daily:-1 Weekly:0 Monthly:0 Yearly:0})"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				m := decode(t, w)
+				bs := m["backups"].([]any)
+				if m["removed"] != 1.0 || len(bs) != 2 || fmt.Sprint(bs[1].(map[string]any)["reasons"]) != "[]" || bs[1].(map[string]any)["keep"] != false {
+					t.Errorf("preview = %v", m)
+				}
+			}},
+		{"POST", "/api/v1/repositories/local/prune-preview", viewerTok, `{"retention":{"keep_weekly":4}}`, 200,
+			[]string{"PrunePreview(local,,{Last:0 Hourly:0 Daily:0 Weekly:4 Monthly:0 Yearly:0})"}, nil},
+		{"GET", "/api/v1/repositories/local/gc-preview", operatorTok, "", 200, []string{"GCPreview(local)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			if m := decode(t, w); m["chunks_deleted"] != 2.0 || m["grace_s"] != 86400.0 {
+				t.Errorf("gc preview = %v", m)
+			}
+		}},
+		{"POST", "/api/v1/selection-preview", viewerTok, `{"vms":[{"connection":"lab","vms":["web*","db1"]},{"connection":"xen"}]}`, 200,
+			[]string{"SelectionPreview(lab:web*+db1;xen:)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				if got := strings.TrimSpace(w.Body.String()); got != `{"vms":[{"name":"web1","connection":"lab"}],"problems":[]}` {
+					t.Errorf("selection preview = %s", got)
+				}
+			}},
+		{"GET", "/api/v1/schedule-preview?schedule=0%202%20*%20*%20*&timezone=Europe/Berlin", viewerTok, "", 200,
+			[]string{"SchedulePreview(0 2 * * *,Europe/Berlin,5)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				if m := decode(t, w); len(m["next"].([]any)) != 5 {
+					t.Errorf("schedule preview = %v, want 5 times", m)
+				}
+			}},
+		{"GET", "/api/v1/schedule-preview?schedule=@hourly&count=2", viewerTok, "", 200, []string{"SchedulePreview(@hourly,,2)"}, nil},
+		{"GET", "/api/v1/jobs/nightly/prune-preview", viewerTok, "", 200, []string{"JobPrunePreview(nightly)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			if m := decode(t, w); m["job"] != "nightly" || fmt.Sprint(m["vms"]) != "[]" {
+				t.Errorf("job preview = %v", m)
+			}
+		}},
+		{"GET", "/api/v1/runs?status=failed&vm=web1", viewerTok, "", 200, []string{"Runs(,failed,web1,0,100)"}, nil},
 		{"GET", "/api/v1/jobs", viewerTok, "", 200, []string{"Jobs"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 			if !strings.Contains(w.Body.String(), `"spec":{},"next":[]`) {
 				t.Errorf("a job without spec and next times does not show {} and []: %s", w.Body)
@@ -223,12 +294,12 @@ func TestEndpoints(t *testing.T) {
 				t.Errorf("enabled = %v", m["enabled"])
 			}
 		}},
-		{"GET", "/api/v1/runs?job=nightly&before=10&limit=2", viewerTok, "", 200, []string{"Runs(nightly,10,2)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+		{"GET", "/api/v1/runs?job=nightly&before=10&limit=2", viewerTok, "", 200, []string{"Runs(nightly,,,10,2)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 			if m := decode(t, w); m["next_before"] != 8.0 {
 				t.Errorf("next_before = %v, want 8", m["next_before"])
 			}
 		}},
-		{"GET", "/api/v1/runs", viewerTok, "", 200, []string{"Runs(,0,100)"}, nil},
+		{"GET", "/api/v1/runs", viewerTok, "", 200, []string{"Runs(,,,0,100)"}, nil},
 		{"GET", "/api/v1/runs/8", viewerTok, "", 200, []string{"Run(8)"}, nil},
 		{"GET", "/api/v1/runs/8/log?after=1&limit=5", viewerTok, "", 200, []string{"RunLog(8,1,5)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 			if m := decode(t, w); m["next_after"] != 3.0 || len(m["lines"].([]any)) != 2 {
@@ -243,6 +314,25 @@ func TestEndpoints(t *testing.T) {
 		{"POST", "/api/v1/runs/8/cancel", operatorTok, "", 202, []string{"CancelRun(8)", "Run(8)"}, nil},
 		{"POST", "/api/v1/restore", operatorTok, `{"repository":"local","backup":"ab12","to":"/srv/restore","format":"qcow2"}`, 200,
 			[]string{"Restore(local,ab12,/srv/restore,qcow2)"}, nil},
+		{"POST", "/api/v1/restore", operatorTok, `{"repository":"local","backup":"ab12","libvirt":{"connection":"kvm1","pool":"default","vm_name":"w2","start":true}}`, 200,
+			[]string{"Restore(local,ab12,libvirt,kvm1,default,w2,true)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				m := decode(t, w)
+				if l, _ := m["libvirt"].(map[string]any); l == nil || l["domain"] != "web1-restored" || fmt.Sprint(m["files"]) != "[]" {
+					t.Errorf("restore into libvirt = %v", m)
+				}
+			}},
+		{"POST", "/api/v1/restore", operatorTok, `{"repository":"local","backup":"ab12","xapi":{"connection":"pool","sr":"Local storage","vm_name":"web1 restored"}}`, 200,
+			[]string{"Restore(local,ab12,xapi,pool,Local storage,web1 restored)"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+				m := decode(t, w)
+				if x, _ := m["xapi"].(map[string]any); x == nil || x["vm_uuid"] != "vm-uu1d" || fmt.Sprint(x["disks"]) != "[]" {
+					t.Errorf("restore into a pool = %v", m)
+				}
+			}},
+		{"GET", "/api/v1/connections", viewerTok, "", 200, []string{"Connections"}, func(t *testing.T, w *httptest.ResponseRecorder) {
+			if got := strings.TrimSpace(w.Body.String()); got != `{"connections":[{"name":"lab","type":"qmp"},{"name":"kvm1","type":"libvirt"},{"name":"pool","type":"xapi"}]}` {
+				t.Errorf("connections = %s", got)
+			}
+		}},
 		{"GET", "/api/v1/serves", viewerTok, "", 200, []string{"Serves"}, func(t *testing.T, w *httptest.ResponseRecorder) {
 			if got := strings.TrimSpace(w.Body.String()); got != `{"serves":[]}` {
 				t.Errorf("serves = %s, want an empty list", got)
@@ -345,17 +435,22 @@ func TestAuth(t *testing.T) {
 
 	toks := map[string]string{state.Viewer: viewerTok, state.Operator: operatorTok, state.Admin: adminTok}
 	bodies := map[string]string{
-		"POST /api/v1/jobs":            `{"name":"x"}`,
-		"PUT /api/v1/jobs/{name}":      `{"name":"x"}`,
-		"POST /api/v1/restore":         `{"repository":"r","backup":"ab","to":"/t"}`,
-		"POST /api/v1/serves":          `{"repository":"r","backup":"ab"}`,
-		"GET /api/v1/runs/{id}/events": "",
+		"POST /api/v1/jobs":                              `{"name":"x"}`,
+		"PUT /api/v1/jobs/{name}":                        `{"name":"x"}`,
+		"POST /api/v1/restore":                           `{"repository":"r","backup":"ab","to":"/t"}`,
+		"POST /api/v1/serves":                            `{"repository":"r","backup":"ab"}`,
+		"GET /api/v1/runs/{id}/events":                   "",
+		"POST /api/v1/repositories/{repo}/prune-preview": `{"retention":{"keep_last":1}}`,
+		"POST /api/v1/selection-preview":                 `{"vms":[{"connection":"lab"}]}`,
 	}
 	for _, r := range api.Routes() {
 		if r.Role == "" || r.Path == "/api/v1/runs/{id}/events" {
 			continue
 		}
 		path := strings.NewReplacer("{vm}", "web1", "{repo}", "local", "{id}", "1", "{name}", "x").Replace(r.Path)
+		if r.Path == "/api/v1/schedule-preview" {
+			path += "?schedule=@daily"
+		}
 		for _, role := range []string{state.Viewer, state.Operator, state.Admin} {
 			t.Run(fmt.Sprintf("%s %s as %s", r.Method, r.Path, role), func(t *testing.T) {
 				f.takeCalls()
@@ -441,7 +536,7 @@ func TestBadInput(t *testing.T) {
 		{"GET", "/api/v1/runs?limit=abc", "", nil, 400, "bad_request", "limit=\"abc\""},
 		{"GET", "/api/v1/runs?limit=1001", "", nil, 400, "bad_request", "limit"},
 		{"GET", "/api/v1/runs?before=-1", "", nil, 400, "bad_request", "before=\"-1\""},
-		{"GET", "/api/v1/runs?jobs=x", "", nil, 400, "bad_request", `unknown query parameter "jobs": use job, before, limit`},
+		{"GET", "/api/v1/runs?jobs=x", "", nil, 400, "bad_request", `unknown query parameter "jobs": use job, status, vm, before, limit`},
 		{"GET", "/api/v1/runs?job=a&job=b", "", nil, 400, "bad_request", `"job" given 2 times`},
 		{"GET", "/api/v1/runs?%zz", "", nil, 400, "bad_request", "bad query string"},
 		{"GET", "/api/v1/vms?x=1", "", nil, 400, "bad_request", "takes none"},
@@ -466,10 +561,31 @@ func TestBadInput(t *testing.T) {
 		{"PUT", "/api/v1/jobs/a", `{"name":"b"}`, nil, 400, "bad_request", "cannot be renamed"},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","force":true}`, nil, 400, "bad_request", `unknown field "force"`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":7}`, nil, 400, "bad_request", `field "to" must be string, not number`},
-		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab"}`, nil, 400, "bad_request", `"to"`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab"}`, nil, 400, "bad_request", `"to" (an absolute directory on the server), "libvirt" or "xapi" is required`},
 		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","format":"vmdk"}`, nil, 400, "bad_request", `format "vmdk"`},
 		{"POST", "/api/v1/serves", `{"repository":"local","backup":"g"}`, nil, 400, "bad_request", `"backup": backup ID "g"`},
 		{"POST", "/api/v1/serves", `{"backup":"ab"}`, nil, 400, "bad_request", `"repository": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","to":"/x","libvirt":{"connection":"k","pool":"p"}}`, nil, 400, "bad_request", `give one target: "to" (and "format"), "libvirt" or "xapi"`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"pool":"p"}}`, nil, 400, "bad_request", `"libvirt.connection": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k"}}`, nil, 400, "bad_request", `"libvirt.pool": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k","pool":"p","uri":"qemu:///system"}}`, nil, 400, "bad_request", `unknown field "uri"`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","libvirt":{"connection":"k","pool":"p"},"xapi":{"connection":"x","sr":"s"}}`, nil, 400, "bad_request", `give one target`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","xapi":{"connection":"x"}}`, nil, 400, "bad_request", `"xapi.sr": empty name`},
+		{"POST", "/api/v1/restore", `{"repository":"local","backup":"ab","xapi":{"sr":"s"}}`, nil, 400, "bad_request", `"xapi.connection": empty name`},
+		{"GET", "/api/v1/vms/web1/results?before=0", "", nil, 400, "bad_request", `before="0"`},
+		{"GET", "/api/v1/runs?status=done", "", nil, 400, "bad_request", `status="done": want one of running, succeeded, failed, cancelled, interrupted, skipped`},
+		{"GET", "/api/v1/runs?vm=", "", nil, 400, "bad_request", "query parameter vm: empty name"},
+		{"GET", "/api/v1/repositories/local/usage?since=last%20week", "", nil, 400, "bad_request", `since="last week": want an RFC 3339 time`},
+		{"GET", "/api/v1/repositories/local/verifies?limit=0", "", nil, 400, "bad_request", "limit=\"0\""},
+		{"POST", "/api/v1/repositories/local/prune-preview", `{"retention":{}}`, nil, 400, "bad_request", "the retention keeps nothing"},
+		{"POST", "/api/v1/repositories/local/prune-preview", `{"retention":{"keep_last":-2}}`, nil, 400, "bad_request", "retention.keep_last is -2"},
+		{"POST", "/api/v1/repositories/local/prune-preview", `{"retention":{"keep_lats":2}}`, nil, 400, "bad_request", `unknown field "keep_lats"`},
+		{"POST", "/api/v1/repositories/local/prune-preview", `{"vms":[""],"retention":{"keep_last":2}}`, nil, 400, "bad_request", "vms[0]: empty name"},
+		{"POST", "/api/v1/selection-preview", `{"vms":[]}`, nil, 400, "bad_request", `"vms" is empty`},
+		{"POST", "/api/v1/selection-preview", `{"vms":[{"vms":["a"]}]}`, nil, 400, "bad_request", "vms[0].connection: empty name"},
+		{"POST", "/api/v1/selection-preview", `{"vms":[{"connection":"lab","vms":["a",""]}]}`, nil, 400, "bad_request", "vms[0].vms[1]: empty name"},
+		{"GET", "/api/v1/schedule-preview", "", nil, 400, "bad_request", "query parameter schedule: give the schedule"},
+		{"GET", "/api/v1/schedule-preview?schedule=@daily&count=101", "", nil, 400, "bad_request", `count="101"`},
 		{"GET", "/api/v1/nosuch", "", nil, 404, "not_found", "no such endpoint /api/v1/nosuch"},
 		{"GET", "/", "", nil, 404, "not_found", "no such endpoint"},
 		{"PATCH", "/api/v1/jobs/x", "", nil, 405, "method_not_allowed", "does not take PATCH"},

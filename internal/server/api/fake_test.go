@@ -184,7 +184,7 @@ func (f *fake) RunJob(ctx context.Context, name string) (*state.Run, error) {
 }
 
 func (f *fake) Runs(ctx context.Context, rf state.RunFilter) ([]state.Run, error) {
-	if err := f.call("Runs", rf.Job, rf.Before, rf.Limit); err != nil {
+	if err := f.call("Runs", rf.Job, rf.Status, rf.VM, rf.Before, rf.Limit); err != nil {
 		return nil, err
 	}
 	var out []state.Run
@@ -237,6 +237,19 @@ func (f *fake) Repositories(ctx context.Context) ([]api.Repository, error) {
 }
 
 func (f *fake) Restore(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
+	if x := req.XAPI; x != nil {
+		if err := f.call("Restore", req.Repository, req.Backup, "xapi", x.Connection, x.SR, x.VMName); err != nil {
+			return nil, err
+		}
+		return &api.RestoreResult{XAPI: &api.XAPIResult{Connection: x.Connection, SR: "5r-uu1d", VM: "vm-uu1d"}}, nil // nil disks: the handler must show []
+	}
+	if l := req.Libvirt; l != nil {
+		if err := f.call("Restore", req.Repository, req.Backup, "libvirt", l.Connection, l.Pool, l.VMName, l.Start); err != nil {
+			return nil, err
+		}
+		return &api.RestoreResult{Libvirt: &api.LibvirtResult{Connection: l.Connection, Pool: l.Pool, Domain: "web1-restored", UUID: "0d1e",
+			Definition: "stored", Started: l.Start, Volumes: []api.LibvirtVolume{{Disk: "vda", Volume: "web1-restored-vda.qcow2", Path: "/p/x", Format: "qcow2", Target: "vda"}}}}, nil
+	}
 	if err := f.call("Restore", req.Repository, req.Backup, req.To, req.Format); err != nil {
 		return nil, err
 	}
@@ -257,4 +270,100 @@ func (f *fake) Serves(ctx context.Context) ([]api.Serve, error) {
 		return nil, err
 	}
 	return nil, nil // the handler must show []
+}
+
+func (f *fake) UsageHistory(ctx context.Context, repository string, since time.Time) ([]state.Usage, error) {
+	if err := f.call("UsageHistory", repository, since.Format(time.RFC3339)); err != nil {
+		return nil, err
+	}
+	if repository == "empty" {
+		return nil, nil // the handler must show []
+	}
+	return []state.Usage{{Time: t0, StoredBytes: 100, LogicalBytes: 400, Backups: 3}, {Time: t0.Add(time.Hour), StoredBytes: 120, LogicalBytes: 800, Backups: 4}}, nil
+}
+
+func (f *fake) Verifies(ctx context.Context, vf state.VerifyFilter) ([]api.VerifyRun, error) {
+	if err := f.call("Verifies", vf.Repository, vf.Before, vf.Limit); err != nil {
+		return nil, err
+	}
+	var out []api.VerifyRun
+	for i := int64(0); i < 2 && i < int64(vf.Limit); i++ {
+		v := api.VerifyRun{ID: 6 - i, Run: 20 - i, Time: t0, Backups: 3, Chunks: 40}
+		if i == 0 {
+			v.Problems, v.FindingsTotal = 1, 1
+			v.Findings = []state.LogLine{{ID: 9, Time: t0, Level: "error", Message: "chunk 12ab: missing (affects 2 backups)"}}
+		}
+		out = append(out, v) // the second without findings: the handler must show []
+	}
+	return out, nil
+}
+
+func preview(repository string, vms []string, p api.RetentionPolicy) *api.PrunePreview {
+	a, b := backup("web1", 2), backup("web1", 1)
+	return &api.PrunePreview{Repository: repository, VMs: vms, Policy: p, Kept: 1, Removed: 1, Backups: []api.PruneDecision{
+		{ID: a.ID, ShortID: a.ShortID, VM: "web1", Time: a.Time, Keep: true, Reasons: []string{"last"}},
+		{ID: b.ID, ShortID: b.ShortID, VM: "web1", Time: b.Time, Keep: false}}}
+}
+
+func (f *fake) PrunePreview(ctx context.Context, repository string, vms []string, p api.RetentionPolicy) (*api.PrunePreview, error) {
+	if err := f.call("PrunePreview", repository, strings.Join(vms, "+"), fmt.Sprintf("%+v", p)); err != nil {
+		return nil, err
+	}
+	return preview(repository, vms, p), nil
+}
+
+func (f *fake) JobPrunePreview(ctx context.Context, name string) (*api.PrunePreview, error) {
+	if err := f.call("JobPrunePreview", name); err != nil {
+		return nil, err
+	}
+	p := preview("local", nil, api.RetentionPolicy{Last: 1}) // nil VMs: the handler must show []
+	p.Job = name
+	return p, nil
+}
+
+func (f *fake) GCPreview(ctx context.Context, repository string) (*api.GCPreview, error) {
+	if err := f.call("GCPreview", repository); err != nil {
+		return nil, err
+	}
+	return &api.GCPreview{Repository: repository, GraceS: 86400, Backups: 3, ChunksReferenced: 40, ChunksDeleted: 2, BytesDeleted: 1 << 20}, nil
+}
+
+func (f *fake) SchedulePreview(ctx context.Context, spec, tz string, n int) (*api.SchedulePreview, error) {
+	if err := f.call("SchedulePreview", spec, tz, n); err != nil {
+		return nil, err
+	}
+	out := &api.SchedulePreview{Schedule: spec, Timezone: "UTC"}
+	for i := range n {
+		out.Next = append(out.Next, t0.Add(time.Duration(i+1)*24*time.Hour))
+	}
+	return out, nil
+}
+
+func (f *fake) Connections(ctx context.Context) ([]api.Connection, error) {
+	if err := f.call("Connections"); err != nil {
+		return nil, err
+	}
+	return []api.Connection{{Name: "lab", Type: "qmp"}, {Name: "kvm1", Type: "libvirt"}, {Name: "pool", Type: "xapi"}}, nil
+}
+
+func (f *fake) SelectionPreview(ctx context.Context, sels []api.VMSelector) (*api.SelectionPreview, error) {
+	var parts []string
+	for _, s := range sels {
+		parts = append(parts, s.Connection+":"+strings.Join(s.VMs, "+"))
+	}
+	if err := f.call("SelectionPreview", strings.Join(parts, ";")); err != nil {
+		return nil, err
+	}
+	return &api.SelectionPreview{VMs: []api.SelectedVM{{Name: "web1", Connection: "lab"}}}, nil // nil problems: the handler must show []
+}
+
+func (f *fake) VMResults(ctx context.Context, vm string, before int64, limit int) ([]state.VMResult, error) {
+	if err := f.call("VMResults", vm, before, limit); err != nil {
+		return nil, err
+	}
+	var out []state.VMResult
+	for i := int64(0); i < 2 && i < int64(limit); i++ {
+		out = append(out, state.VMResult{Run: 9 - i, VM: vm, Status: state.Failed, Started: t0, Ended: t0.Add(time.Minute), Error: "qmp: connection refused"})
+	}
+	return out, nil
 }

@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -134,6 +136,40 @@ func (h *handler) vmBackups(c *call) error {
 	return h.backups(c, name)
 }
 
+// ResultList is a page of a VM's results.
+type ResultList struct {
+	Results []state.VMResult `json:"results"`
+	// NextBefore, set when the page is full, is the before= of the next
+	// page (a run ID).
+	NextBefore *int64 `json:"next_before,omitempty"`
+}
+
+func (h *handler) vmResults(c *call) error {
+	name, err := c.pathName("vm")
+	if err != nil {
+		return err
+	}
+	q, _ := parseQuery(c.r.URL.RawQuery)
+	before, err := queryInt(q, "before", 0, 1, 1<<62)
+	if err != nil {
+		return err
+	}
+	limit, err := queryInt(q, "limit", defaultLimit, 1, maxLimit)
+	if err != nil {
+		return err
+	}
+	rs, err := h.svc.VMResults(c.ctx, name, before, int(limit))
+	if err != nil {
+		return err
+	}
+	out := ResultList{Results: nonNil(rs)}
+	if n := len(out.Results); n > 0 && n >= int(limit) {
+		id := out.Results[n-1].Run
+		out.NextBefore = &id
+	}
+	return c.json(http.StatusOK, out)
+}
+
 func (h *handler) listBackups(c *call) error {
 	q, _ := parseQuery(c.r.URL.RawQuery)
 	vm, err := queryName(q, "vm")
@@ -213,6 +249,218 @@ func (h *handler) listRepositories(c *call) error {
 		return err
 	}
 	return c.json(http.StatusOK, RepositoryList{Repositories: nonNil(rs)})
+}
+
+// runStatuses are the statuses a run can have (the runs' status filter).
+var runStatuses = []string{state.Running, state.Succeeded, state.Failed, state.Cancelled, state.Interrupted, state.Skipped}
+
+// UsageHistory is the answer of GET /repositories/{repo}/usage.
+type UsageHistory struct {
+	Repository string        `json:"repository"`
+	Points     []state.Usage `json:"points"`
+}
+
+// VerifyList is a page of a repository's verifies.
+type VerifyList struct {
+	Verifies []VerifyRun `json:"verifies"`
+	// NextBefore, set when the page is full, is the before= of the next
+	// page.
+	NextBefore *int64 `json:"next_before,omitempty"`
+}
+
+// PrunePreviewRequest is the body of POST
+// /repositories/{repo}/prune-preview.
+type PrunePreviewRequest struct {
+	VMs       []string        `json:"vms,omitempty"`
+	Retention RetentionPolicy `json:"retention"`
+}
+
+// DefaultUsageSince is how far back GET /repositories/{repo}/usage goes
+// without since=.
+const DefaultUsageSince = 90 * 24 * time.Hour
+
+func (h *handler) repoUsage(c *call) error {
+	repo, err := c.pathName("repo")
+	if err != nil {
+		return err
+	}
+	q, _ := parseQuery(c.r.URL.RawQuery)
+	since, err := queryTime(q, "since")
+	if err != nil {
+		return err
+	}
+	if _, ok := q["since"]; !ok {
+		since = h.opts.Now().Add(-DefaultUsageSince)
+	}
+	pts, err := h.svc.UsageHistory(c.ctx, repo, since)
+	if err != nil {
+		return err
+	}
+	return c.json(http.StatusOK, UsageHistory{Repository: repo, Points: nonNil(pts)})
+}
+
+func (h *handler) repoVerifies(c *call) error {
+	repo, err := c.pathName("repo")
+	if err != nil {
+		return err
+	}
+	q, _ := parseQuery(c.r.URL.RawQuery)
+	f := state.VerifyFilter{Repository: repo}
+	if f.Before, err = queryInt(q, "before", 0, 1, 1<<62); err != nil {
+		return err
+	}
+	limit, err := queryInt(q, "limit", defaultLimit, 1, maxLimit)
+	if err != nil {
+		return err
+	}
+	f.Limit = int(limit)
+	vs, err := h.svc.Verifies(c.ctx, f)
+	if err != nil {
+		return err
+	}
+	out := VerifyList{Verifies: nonNil(vs)}
+	for i := range out.Verifies {
+		out.Verifies[i].Findings = nonNil(out.Verifies[i].Findings)
+	}
+	if n := len(out.Verifies); n > 0 && n >= f.Limit {
+		id := out.Verifies[n-1].ID
+		out.NextBefore = &id
+	}
+	return c.json(http.StatusOK, out)
+}
+
+// checkPolicy refuses a retention that keeps nothing or counts below -1.
+func checkPolicy(p RetentionPolicy) error {
+	for _, r := range []struct {
+		k string
+		v int
+	}{{"keep_last", p.Last}, {"keep_hourly", p.Hourly}, {"keep_daily", p.Daily}, {"keep_weekly", p.Weekly}, {"keep_monthly", p.Monthly}, {"keep_yearly", p.Yearly}} {
+		if r.v < -1 {
+			return fmt.Errorf("request body: retention.%s is %d: give a count, or -1 for no limit: %w", r.k, r.v, errs.ErrUsage)
+		}
+	}
+	if p == (RetentionPolicy{}) {
+		return fmt.Errorf("request body: the retention keeps nothing: give at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly: %w", errs.ErrUsage)
+	}
+	return nil
+}
+
+func normPreview(p *PrunePreview) {
+	p.VMs = nonNil(p.VMs)
+	p.Backups = nonNil(p.Backups)
+	for i := range p.Backups {
+		p.Backups[i].Reasons = nonNil(p.Backups[i].Reasons)
+	}
+}
+
+func (h *handler) prunePreview(c *call) error {
+	repo, err := c.pathName("repo")
+	if err != nil {
+		return err
+	}
+	var req PrunePreviewRequest
+	if err := c.readJSON(&req); err != nil {
+		return err
+	}
+	for i, vm := range req.VMs {
+		if err := checkName(vm); err != nil {
+			return fmt.Errorf("request body: vms[%d]: %v: %w", i, err, errs.ErrUsage)
+		}
+	}
+	if err := checkPolicy(req.Retention); err != nil {
+		return err
+	}
+	p, err := h.svc.PrunePreview(c.ctx, repo, req.VMs, req.Retention)
+	if err != nil {
+		return err
+	}
+	normPreview(p)
+	return c.json(http.StatusOK, p)
+}
+
+func (h *handler) jobPrunePreview(c *call) error {
+	name, err := c.pathName("name")
+	if err != nil {
+		return err
+	}
+	p, err := h.svc.JobPrunePreview(c.ctx, name)
+	if err != nil {
+		return err
+	}
+	normPreview(p)
+	return c.json(http.StatusOK, p)
+}
+
+func (h *handler) gcPreview(c *call) error {
+	repo, err := c.pathName("repo")
+	if err != nil {
+		return err
+	}
+	p, err := h.svc.GCPreview(c.ctx, repo)
+	if err != nil {
+		return err
+	}
+	return c.json(http.StatusOK, p)
+}
+
+// SelectionPreviewRequest is the body of POST /selection-preview: a
+// backup job's "vms" key.
+type SelectionPreviewRequest struct {
+	VMs []VMSelector `json:"vms"`
+}
+
+func (h *handler) selectionPreview(c *call) error {
+	var req SelectionPreviewRequest
+	if err := c.readJSON(&req); err != nil {
+		return err
+	}
+	if len(req.VMs) == 0 {
+		return fmt.Errorf("request body: \"vms\" is empty: give at least one {\"connection\": NAME, \"vms\": [NAMES OR GLOBS]}: %w", errs.ErrUsage)
+	}
+	for i, sel := range req.VMs {
+		if err := checkName(sel.Connection); err != nil {
+			return fmt.Errorf("request body: vms[%d].connection: %v: %w", i, err, errs.ErrUsage)
+		}
+		for k, n := range sel.VMs {
+			if err := checkName(n); err != nil {
+				return fmt.Errorf("request body: vms[%d].vms[%d]: %v: %w", i, k, err, errs.ErrUsage)
+			}
+		}
+	}
+	p, err := h.svc.SelectionPreview(c.ctx, req.VMs)
+	if err != nil {
+		return err
+	}
+	p.VMs, p.Problems = nonNil(p.VMs), nonNil(p.Problems)
+	return c.json(http.StatusOK, p)
+}
+
+// maxScheduleLen bounds the schedule= of a schedule preview.
+const maxScheduleLen = 256
+
+func (h *handler) schedulePreview(c *call) error {
+	q, _ := parseQuery(c.r.URL.RawQuery)
+	spec := q.Get("schedule")
+	switch {
+	case strings.TrimSpace(spec) == "":
+		return fmt.Errorf("query parameter schedule: give the schedule to preview (a cron expression such as \"0 2 * * *\", @daily, @every 6h): %w", errs.ErrUsage)
+	case len(spec) > maxScheduleLen:
+		return fmt.Errorf("query parameter schedule: %d bytes: at most %d: %w", len(spec), maxScheduleLen, errs.ErrUsage)
+	}
+	tz := q.Get("timezone")
+	if len(tz) > maxScheduleLen {
+		return fmt.Errorf("query parameter timezone: %d bytes: at most %d: %w", len(tz), maxScheduleLen, errs.ErrUsage)
+	}
+	n, err := queryInt(q, "count", 5, 1, 100)
+	if err != nil {
+		return err
+	}
+	p, err := h.svc.SchedulePreview(c.ctx, spec, tz, int(n))
+	if err != nil {
+		return err
+	}
+	p.Next = nonNil(p.Next)
+	return c.json(http.StatusOK, p)
 }
 
 func (h *handler) listJobs(c *call) error {
@@ -358,6 +606,15 @@ func (h *handler) listRuns(c *call) error {
 	if f.Job, err = queryName(q, "job"); err != nil {
 		return err
 	}
+	if f.VM, err = queryName(q, "vm"); err != nil {
+		return err
+	}
+	if st, ok := q["status"]; ok {
+		if !slices.Contains(runStatuses, st[0]) {
+			return fmt.Errorf("query parameter status=%q: want one of %s: %w", st[0], strings.Join(runStatuses, ", "), errs.ErrUsage)
+		}
+		f.Status = st[0]
+	}
 	if f.Before, err = queryInt(q, "before", 0, 1, 1<<62); err != nil {
 		return err
 	}
@@ -442,8 +699,29 @@ func (h *handler) restore(c *call) error {
 	if err := checkRef(req.Repository, req.Backup); err != nil {
 		return err
 	}
-	if req.To == "" {
-		return fmt.Errorf("request body: \"to\" (an absolute directory on the server) is required: %w", errs.ErrUsage)
+	if (req.To != "" || req.Format != "") && (req.Libvirt != nil || req.XAPI != nil) || req.Libvirt != nil && req.XAPI != nil {
+		return fmt.Errorf("request body: give one target: \"to\" (and \"format\"), \"libvirt\" or \"xapi\": %w", errs.ErrUsage)
+	}
+	if x := req.XAPI; x != nil {
+		switch {
+		case checkName(x.Connection) != nil:
+			return fmt.Errorf("request body: \"xapi.connection\": %v: name one of the server's xapi connections (GET %s/connections): %w", checkName(x.Connection), Prefix, errs.ErrUsage)
+		case checkName(x.SR) != nil:
+			return fmt.Errorf("request body: \"xapi.sr\": %v: name the storage repository of the new VDIs (name-label or UUID): %w", checkName(x.SR), errs.ErrUsage)
+		case x.VMName != "" && checkName(x.VMName) != nil:
+			return fmt.Errorf("request body: \"xapi.vm_name\": %v: %w", checkName(x.VMName), errs.ErrUsage)
+		}
+	} else if l := req.Libvirt; l != nil {
+		switch {
+		case checkName(l.Connection) != nil:
+			return fmt.Errorf("request body: \"libvirt.connection\": %v: name one of the server's libvirt connections (GET %s/connections): %w", checkName(l.Connection), Prefix, errs.ErrUsage)
+		case checkName(l.Pool) != nil:
+			return fmt.Errorf("request body: \"libvirt.pool\": %v: name the storage pool of the new volumes (see 'virsh pool-list'): %w", checkName(l.Pool), errs.ErrUsage)
+		case l.VMName != "" && checkName(l.VMName) != nil:
+			return fmt.Errorf("request body: \"libvirt.vm_name\": %v: %w", checkName(l.VMName), errs.ErrUsage)
+		}
+	} else if req.To == "" {
+		return fmt.Errorf("request body: \"to\" (an absolute directory on the server), \"libvirt\" or \"xapi\" is required: %w", errs.ErrUsage)
 	}
 	switch req.Format {
 	case "", "raw", "qcow2":
@@ -455,7 +733,26 @@ func (h *handler) restore(c *call) error {
 		return err
 	}
 	res.Files = nonNil(res.Files)
+	if res.Libvirt != nil {
+		res.Libvirt.Volumes = nonNil(res.Libvirt.Volumes)
+	}
+	if res.XAPI != nil {
+		res.XAPI.Disks = nonNil(res.XAPI.Disks)
+	}
 	return c.json(http.StatusOK, res)
+}
+
+// ConnectionList is the answer of GET /connections.
+type ConnectionList struct {
+	Connections []Connection `json:"connections"`
+}
+
+func (h *handler) listConnections(c *call) error {
+	cs, err := h.svc.Connections(c.ctx)
+	if err != nil {
+		return err
+	}
+	return c.json(http.StatusOK, ConnectionList{Connections: nonNil(cs)})
 }
 
 // checkRef checks the repository and backup of a request body.

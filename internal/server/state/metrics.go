@@ -89,8 +89,9 @@ func (d *DB) LastResultsByJob(ctx context.Context) (last, lastSuccess []JobVMRes
 
 // Verify is the result of one verify of a repository.
 type Verify struct {
-	Repository string    `json:"repository"` // the repository's name in the server's configuration
-	Time       time.Time `json:"time"`       // when the verify ended
+	ID         int64     `json:"id,omitempty"` // its record's ID (set when read)
+	Repository string    `json:"repository"`   // the repository's name in the server's configuration
+	Time       time.Time `json:"time"`         // when the verify ended
 	Run        int64     `json:"run,omitempty"`
 	Backups    int64     `json:"backups"`  // backups checked
 	Chunks     int64     `json:"chunks"`   // chunks checked
@@ -114,12 +115,12 @@ func (d *DB) RecordVerify(ctx context.Context, v Verify) error {
 	return nil
 }
 
-const verifyColumns = "repository, time, run, backups, chunks, problems"
+const verifyColumns = "id, repository, time, run, backups, chunks, problems"
 
 func scanVerify(s interface{ Scan(...any) error }) (Verify, error) {
 	var v Verify
 	var t, run sql.NullInt64
-	err := s.Scan(&v.Repository, &t, &run, &v.Backups, &v.Chunks, &v.Problems)
+	err := s.Scan(&v.ID, &v.Repository, &t, &run, &v.Backups, &v.Chunks, &v.Problems)
 	v.Time, v.Run = fromUnix(t), run.Int64
 	return v, err
 }
@@ -140,7 +141,7 @@ func (d *DB) LastVerify(ctx context.Context, repository string) (*Verify, error)
 // LastVerifies returns the latest verify of every repository ever
 // verified, by repository name.
 func (d *DB) LastVerifies(ctx context.Context) ([]Verify, error) {
-	rows, err := d.db.QueryContext(ctx, `SELECT repository, max(time), run, backups, chunks, problems FROM verifies
+	rows, err := d.db.QueryContext(ctx, `SELECT id, repository, max(time), run, backups, chunks, problems FROM verifies
 		GROUP BY repository ORDER BY repository`)
 	if err != nil {
 		return nil, fmt.Errorf("read the last verifies: %w", err)

@@ -163,14 +163,99 @@ func TestVerifies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (Verify{Repository: "main", Time: t0.Add(48 * time.Hour), Run: 7, Backups: 4, Chunks: 41, Problems: 2}); *v != want {
+	if want := (Verify{ID: 2, Repository: "main", Time: t0.Add(48 * time.Hour), Run: 7, Backups: 4, Chunks: 41, Problems: 2}); *v != want {
 		t.Errorf("LastVerify = %+v, want %+v", *v, want)
 	}
 	all, err := d.LastVerifies(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := fmt.Sprint(all), fmt.Sprint([]Verify{*v, {Repository: "offsite", Time: t0.Add(time.Hour), Backups: 9, Chunks: 90}}); got != want {
+	if got, want := fmt.Sprint(all), fmt.Sprint([]Verify{*v, {ID: 3, Repository: "offsite", Time: t0.Add(time.Hour), Backups: 9, Chunks: 90}}); got != want {
 		t.Errorf("LastVerifies = %s\nwant %s", got, want)
+	}
+	// The history of one repository, newest first, by pages.
+	page, err := d.Verifies(ctx, VerifyFilter{Repository: "main", Limit: 1})
+	if err != nil || len(page) != 1 || page[0] != *v {
+		t.Fatalf("first page of main's verifies: %+v %v", page, err)
+	}
+	page, err = d.Verifies(ctx, VerifyFilter{Repository: "main", Before: page[0].ID})
+	if err != nil || len(page) != 1 || page[0].ID != 1 || page[0].Backups != 3 {
+		t.Fatalf("second page of main's verifies: %+v %v", page, err)
+	}
+}
+
+// TestFindingsAndBackupResults: a run's lines of one level with their
+// total; the results that stored given backups.
+func TestFindingsAndBackupResults(t *testing.T) {
+	ctx := context.Background()
+	d := open(t, t.TempDir())
+	run, err := d.StartRun(ctx, "check", "verify", "manual", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, l := range []string{"info", "error", "error", "warning", "error"} {
+		if _, err := d.Log(ctx, run, t0, l, "", fmt.Sprintf("line %d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lines, total, err := d.LogLinesAt(ctx, run, "error", 2)
+	if err != nil || total != 3 || len(lines) != 2 || lines[0].Message != "line 1" || lines[1].Message != "line 2" {
+		t.Fatalf("error lines: %+v total %d %v", lines, total, err)
+	}
+	b, err := d.StartRun(ctx, "nightly", "backup", "manual", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, vm := range []string{"web1", "db1"} {
+		if err := d.StartVM(ctx, b, vm, t0); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.EndVM(ctx, VMResult{Run: b, VM: vm, Status: Succeeded, Ended: t0.Add(time.Minute), BackupID: fmt.Sprintf("%064d", i+1), FreezeMS: int64(100 * (i + 1))}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := d.BackupResults(ctx, []string{fmt.Sprintf("%064d", 2), fmt.Sprintf("%064d", 9)})
+	if err != nil || len(res) != 1 || res[fmt.Sprintf("%064d", 2)].FreezeMS != 200 || res[fmt.Sprintf("%064d", 2)].Run != b {
+		t.Fatalf("results of backups 2 and 9: %+v %v", res, err)
+	}
+	// A VM's results, newest first, by pages.
+	if _, err := d.StartRun(ctx, "nightly", "backup", "manual", t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.StartVM(ctx, b+1, "db1", t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.EndVM(ctx, VMResult{Run: b + 1, VM: "db1", Status: Failed, Ended: t0.Add(2 * time.Hour), Error: "qmp: connection refused"}); err != nil {
+		t.Fatal(err)
+	}
+	hist, err := d.VMResults(ctx, "db1", 0, 1)
+	if err != nil || len(hist) != 1 || hist[0].Run != b+1 || hist[0].Status != Failed || hist[0].Error != "qmp: connection refused" {
+		t.Fatalf("db1's newest result: %+v %v", hist, err)
+	}
+	if hist, err = d.VMResults(ctx, "db1", hist[0].Run, 10); err != nil || len(hist) != 1 || hist[0].Run != b || hist[0].FreezeMS != 200 {
+		t.Fatalf("db1's older results: %+v %v", hist, err)
+	}
+	// The runs that backed up a VM, with a status.
+	if _, err := d.SkipRun(ctx, "nightly", "backup", "schedule", "still running", t0); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		f    RunFilter
+		want string
+	}{
+		{RunFilter{VM: "db1"}, fmt.Sprint([]int64{b + 1, b})},
+		{RunFilter{Status: Skipped}, "[4]"},
+		{RunFilter{Status: Running, Job: "check"}, fmt.Sprint([]int64{run})},
+		{RunFilter{Status: Running, VM: "web1"}, fmt.Sprint([]int64{b})},
+		{RunFilter{VM: "nosuch"}, "[]"},
+	} {
+		rs, err := d.Runs(ctx, c.f)
+		var ids []int64
+		for _, r := range rs {
+			ids = append(ids, r.ID)
+		}
+		if err != nil || fmt.Sprint(ids) != c.want {
+			t.Errorf("Runs(%+v) = %v %v, want %s", c.f, ids, err, c.want)
+		}
 	}
 }

@@ -3,7 +3,9 @@
 // holding the history of job runs (each run, each VM's result in it, their
 // log lines), the API tokens (stored as SHA-256 hashes, never the
 // token itself), and what the metrics read: run totals per job and status
-// that outlive Expire, and each repository's verify results.
+// that outlive Expire, each repository's verify results, and each
+// repository's usage over time (stored and logical bytes, bounded: see
+// RecordUsage).
 //
 // The repository stays the source of truth for backups: the database can
 // be deleted and the server still lists every backup; only run history
@@ -131,6 +133,18 @@ var migrations = []string{
 		problems INTEGER NOT NULL
 	);
 	CREATE INDEX verifies_repository ON verifies (repository, time);`,
+	// 3 -> 4: each repository's usage over time (usage.go); backups'
+	// results by backup ID (history.go).
+	`CREATE TABLE repo_usage (
+		repository TEXT NOT NULL,
+		time INTEGER NOT NULL,
+		stored INTEGER NOT NULL,
+		logical INTEGER NOT NULL,
+		backups INTEGER NOT NULL,
+		PRIMARY KEY (repository, time)
+	);
+	CREATE INDEX run_vms_backup ON run_vms (backup_id);
+	CREATE INDEX run_vms_history ON run_vms (vm, run);`,
 }
 
 // DB is the server's open database. It is safe for concurrent use.
@@ -285,10 +299,13 @@ func (d *DB) GetRun(ctx context.Context, id int64) (*Run, error) {
 	return &r, nil
 }
 
-// RunFilter selects runs: of one job (or all), with an ID below Before
-// (0: any), at most Limit (default 100), newest first.
+// RunFilter selects runs: of one job (or all), with one status (or any),
+// that backed up one VM (or any), with an ID below Before (0: any), at
+// most Limit (default 100), newest first.
 type RunFilter struct {
 	Job    string
+	Status string
+	VM     string
 	Before int64
 	Limit  int
 }
@@ -303,6 +320,14 @@ func (d *DB) Runs(ctx context.Context, f RunFilter) ([]Run, error) {
 	if f.Job != "" {
 		q += " AND job = ?"
 		args = append(args, f.Job)
+	}
+	if f.Status != "" {
+		q += " AND status = ?"
+		args = append(args, f.Status)
+	}
+	if f.VM != "" {
+		q += " AND id IN (SELECT run FROM run_vms WHERE vm = ?)"
+		args = append(args, f.VM)
 	}
 	if f.Before > 0 {
 		q += " AND id < ?"

@@ -49,7 +49,11 @@ type webRig struct {
 	view  string
 }
 
-func newWebRig(t *testing.T) *webRig {
+func newWebRig(t *testing.T) *webRig { return newWebRigWith(t, "") }
+
+// newWebRigWith adds connections (YAML lines under connections:) to the
+// rig's configuration.
+func newWebRigWith(t *testing.T, conns string) *webRig {
 	t.Helper()
 	g := &webRig{dir: t.TempDir()}
 	socks := filepath.Join(g.dir, "sockets")
@@ -86,12 +90,13 @@ connections:
   lab:
     type: qmp
     sockets: [%[1]s/sockets/*.qmp]
-jobs:
+%[2]sjobs:
   # The server lists the VMs its backup jobs select: this one (run only
   # by hand, never run here) makes vm1 known, unprotected.
   - {name: inventory, type: backup, repository: main, vms: [{connection: lab}]}
   - {name: tidy, type: gc, repository: main}
-`, g.dir)), 0o600); err != nil {
+  - {name: check, type: verify, repository: main}
+`, g.dir, conns)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -252,6 +257,7 @@ func TestBrowser(t *testing.T) {
 		chromedp.Submit(chromedp.CSS("#login-form")),
 		chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="vm1"]`)))
 	waitText(t, ctx, `#vms tr[data-vm="vm1"] .status`, "never")
+	waitText(t, ctx, "#fleet", "never 1 — 1 VMs")
 
 	// A job from the form.
 	run(t, ctx, "create a job",
@@ -265,6 +271,27 @@ func TestBrowser(t *testing.T) {
 		chromedp.SendKeys(chromedp.CSS("#job-keep-last"), "3"),
 		chromedp.SendKeys(chromedp.CSS("#job-hooks"), hook))
 	waitText(t, ctx, "#job-preview", "Selects now: vm1")
+	// The server matches the selection: a VM it cannot find is named.
+	setInput(t, ctx, "#job-vms", "vm*, nosuch")
+	waitContains(t, ctx, "#job-selection-problems", `VM "nosuch" is not found`)
+	setInput(t, ctx, "#job-vms", "vm*")
+	waitText(t, ctx, "#job-selection-problems", "")
+	waitText(t, ctx, "#job-preview", "Selects now: vm1")
+	// The schedule's next five times, computed by the server; a bad
+	// schedule is named; a time zone is taken.
+	waitCount(t, ctx, "#schedule-preview ol.next li", 5)
+	setInput(t, ctx, "#job-schedule", "0 25 * * *")
+	waitContains(t, ctx, "#schedule-error", `"0 25 * * *": hour 25 out of range 0-23`)
+	setInput(t, ctx, "#job-timezone", "Mars/Base")
+	setInput(t, ctx, "#job-schedule", "@daily")
+	waitContains(t, ctx, "#schedule-error", `time zone "Mars/Base": unknown`)
+	setInput(t, ctx, "#job-timezone", "Europe/Berlin")
+	waitContains(t, ctx, "#schedule-preview p", "Next runs (Europe/Berlin)")
+	setInput(t, ctx, "#job-timezone", "")
+	waitContains(t, ctx, "#schedule-preview p", "Next runs (UTC)")
+	waitCount(t, ctx, "#schedule-preview ol.next li", 5)
+	// No backup yet: the retention has nothing to decide.
+	waitContains(t, ctx, "#retention-box", "Would remove 0 and keep 0 backups of vm1")
 	run(t, ctx, "submit the job",
 		chromedp.Click(chromedp.CSS(`#job-form button[type="submit"]`)),
 		chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="web-nightly"] button.run`)))
@@ -292,8 +319,30 @@ func TestBrowser(t *testing.T) {
 	run(t, ctx, "edit",
 		chromedp.Click(chromedp.CSS(`#jobs tr[data-job="web-nightly"] a[href="#/jobs/edit/web-nightly"]`)),
 		chromedp.WaitVisible(chromedp.CSS("#job-spec")))
+	// The edit page previews its settings too, and follows them.
+	waitText(t, ctx, "#job-preview", "Selects now: vm1")
+	waitCount(t, ctx, "#schedule-preview ol.next li", 5)
+	waitContains(t, ctx, "#retention-box", "Would remove 0 and keep 0 backups of vm1")
 	value(t, ctx, "change the schedule", chromedp.Evaluate[string](`(() => { const ta = document.getElementById("job-spec");
-		const spec = JSON.parse(ta.value); spec.schedule = "@weekly"; ta.value = JSON.stringify(spec); return ta.value; })()`))
+		const spec = JSON.parse(ta.value); spec.schedule = "@weekly"; ta.value = JSON.stringify(spec);
+		ta.dispatchEvent(new Event("input", {bubbles: true})); return ta.value; })()`))
+	waitWeekly := time.Now().Add(90 * time.Second)
+	for {
+		ts := value(t, ctx, "previewed times", chromedp.Evaluate[[]string](`[...document.querySelectorAll("#schedule-preview time")].map((e) => e.getAttribute("datetime"))`))
+		weekly := len(ts) == 5
+		for i := 1; weekly && i < len(ts); i++ {
+			a, err1 := time.Parse(time.RFC3339, ts[i-1])
+			b, err2 := time.Parse(time.RFC3339, ts[i])
+			weekly = err1 == nil && err2 == nil && b.Sub(a) == 7*24*time.Hour
+		}
+		if weekly {
+			break
+		}
+		if time.Now().After(waitWeekly) {
+			t.Fatalf("the edit page's schedule preview after @weekly: %v", ts)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	run(t, ctx, "save", chromedp.Click(chromedp.CSS(`#edit-form button[type="submit"]`)),
 		chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="web-nightly"] button.run`)))
 	waitText(t, ctx, `#jobs tr[data-job="web-nightly"] td:nth-child(3)`, "@weekly")
@@ -359,6 +408,25 @@ func TestBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatalf("qemu-img compare of the disk and the page's NBD URI: %v: %s", err, out)
 	}
+	// The libvirt domain on the page boots from that NBD socket: a valid
+	// domain XML, its disk the served export.
+	domXML := value(t, ctx, "virsh snippet", chromedp.Text(chromedp.CSS(".serve-box pre.virsh")))
+	sock := strings.TrimPrefix(uri, "nbd+unix:///vda?socket=")
+	for _, want := range []string{uri, "<source protocol='nbd' name='vda'>", "<host transport='unix' socket='" + sock + "'/>"} {
+		if !strings.Contains(domXML, want) {
+			t.Errorf("domain XML lacks %q:\n%s", want, domXML)
+		}
+	}
+	if cmd := value(t, ctx, "virsh command", chromedp.Text(chromedp.CSS(".serve-box .virsh-cmd"))); cmd != "virsh create vda-instant.xml" {
+		t.Errorf("virsh command %q", cmd)
+	}
+	xmlFile := filepath.Join(g.dir, "vda-instant.xml")
+	if err := os.WriteFile(xmlFile, []byte(domXML), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(testutil.NeedCommand(t, "virt-xml-validate"), xmlFile, "domain").CombinedOutput(); err != nil {
+		t.Fatalf("the page's domain XML does not validate: %v: %s\n%s", err, out, domXML)
+	}
 	screenshot(t, ctx, "vm.png")
 	run(t, ctx, "stop the serve",
 		chromedp.Click(chromedp.CSS(".serve-box button.danger")),
@@ -388,7 +456,72 @@ func TestBrowser(t *testing.T) {
 		chromedp.Navigate(g.url+"/#/"),
 		chromedp.WaitVisible(chromedp.CSS(`#vms tr[data-vm="vm1"]`)))
 	waitText(t, ctx, `#vms tr[data-vm="vm1"] .status`, "fresh")
+	waitText(t, ctx, "#fleet", "fresh 1 — 1 VMs")
+	// The usage chart: the points the server recorded, the last one the
+	// repository's statistics after the backup.
+	pts := usageAfter(t, g, bs[0].Time)
+	run(t, ctx, "dashboard again", chromedp.Navigate(g.url+"/#/jobs"), chromedp.WaitVisible(chromedp.CSS("#jobs")),
+		chromedp.Navigate(g.url+"/#/"), chromedp.WaitVisible(chromedp.CSS(`figure.usage[data-repo="main"] svg`)))
+	checkChart(t, ctx, pts)
 	screenshot(t, ctx, "dashboard.png")
+
+	// A second backup, and a verify.
+	g.runJob(t, "web-nightly", state.Succeeded)
+	checkRun := g.runJob(t, "check", state.Succeeded)
+	bs2, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"})
+	if err != nil || len(bs2) != 2 {
+		t.Fatalf("backups after the second run: %v %v", bs2, err)
+	}
+
+	// The VM page: both on the timeline, with their freeze times and
+	// verification.
+	run(t, ctx, "VM page with two backups", chromedp.Navigate(g.url+"/#/vm/vm1"),
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`#backups tr[data-backup="%s"]`, bs2[0].ID))))
+	if n := count(t, ctx, "figure.timeline circle.mark"); n != 2 {
+		t.Errorf("timeline marks: %d, want 2", n)
+	}
+	for _, b := range bs2 {
+		r := fmt.Sprintf(`#backups tr[data-backup="%s"]`, b.ID)
+		if b.FreezeMS <= 0 || b.Run == 0 {
+			t.Fatalf("backup %s: freeze %d ms, run %d: the API lacks them", b.ShortID, b.FreezeMS, b.Run)
+		}
+		waitText(t, ctx, r+" td.freeze", fmt.Sprintf("%d ms", b.FreezeMS))
+		if b.Verified.IsZero() {
+			t.Fatalf("backup %s not verified after run %d", b.ShortID, checkRun)
+		}
+		if v := value(t, ctx, "verified", chromedp.Evaluate[string](fmt.Sprintf(`document.querySelector(%q).getAttribute("datetime")`, r+" td.verified time"))); v == "" {
+			t.Errorf("backup %s: no verification time on the page", b.ShortID)
+		}
+		if n := count(t, ctx, fmt.Sprintf(`figure.timeline circle.c-%s[data-backup="%s"]`, b.Consistency, b.ID)); n != 1 {
+			t.Errorf("backup %s (%s) not on the timeline in its colour", b.ShortID, b.Consistency)
+		}
+	}
+
+	// The job form previews what a retention of the last backup removes:
+	// the older one.
+	run(t, ctx, "new job form", chromedp.Navigate(g.url+"/#/jobs/new"), chromedp.WaitVisible(chromedp.CSS("#job-form")),
+		chromedp.SendKeys(chromedp.CSS("#job-vms"), "vm1"), chromedp.SendKeys(chromedp.CSS("#job-keep-last"), "1"))
+	run(t, ctx, "retention preview", chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`#retention-preview tr.remove[data-backup="%s"]`, bs2[1].ID))))
+	waitContains(t, ctx, "#retention-preview .summary", "Would remove 1 and keep 1 backups of vm1 in main.")
+	waitText(t, ctx, fmt.Sprintf(`#retention-preview tr[data-backup="%s"] td:nth-child(5)`, bs2[0].ID), "kept by last")
+	setInput(t, ctx, "#job-name", "vm1-nightly")
+	setInput(t, ctx, "#job-schedule", "0 2 * * *")
+	waitCount(t, ctx, "#schedule-preview ol.next li", 5)
+	screenshot(t, ctx, "job-form.png")
+
+	// The repository page: its size history, the verify run, the
+	// retention of web-nightly (keep_last 3: both stay) and gc's dry run.
+	pts = usageAfter(t, g, bs2[0].Time)
+	run(t, ctx, "repository page", chromedp.Navigate(g.url+"/#/repo/main"), chromedp.WaitVisible(chromedp.CSS("#verifies")))
+	checkChart(t, ctx, pts)
+	waitText(t, ctx, `#verifies tbody tr td:nth-child(2)`, fmt.Sprintf("#%d", checkRun))
+	waitText(t, ctx, `#verifies tbody tr td:nth-child(5)`, "good")
+	run(t, ctx, "retention of web-nightly", chromedp.Click(chromedp.CSS(`#prune-preview ~ * button, button.preview-job[data-job="web-nightly"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#job-preview-web-nightly .verdicts`)))
+	waitContains(t, ctx, "#job-preview-web-nightly .summary", "Would remove 0 and keep 2 backups of vm1 in main.")
+	run(t, ctx, "gc preview", chromedp.Click(chromedp.CSS("#gc-preview-button")), chromedp.WaitVisible(chromedp.CSS("#gc-would")))
+	waitContains(t, ctx, "#gc-would", "0 chunks and 0 indexes")
+	screenshot(t, ctx, "repository.png")
 
 	// The admin sees the destructive buttons; a viewer none, and the API
 	// refuses them anyway.
@@ -419,12 +552,12 @@ func TestBrowser(t *testing.T) {
 	if st := fetchStatus(t, ctx, "GET", "/api/v1/vms"); st != 200 {
 		t.Fatalf("viewer reads the VMs: %d", st)
 	}
-	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 1 {
+	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 2 {
 		t.Fatalf("backups after the viewer's tries: %v %v", bs, err)
 	}
 
-	// The runs list is paged: 22 runs, 20 on the first page, the first
-	// run on the next.
+	// The runs list is paged: 24 runs, 20 on the first page, the 4
+	// oldest on the next.
 	for range 21 {
 		r, err := g.s.RunJob(context.Background(), "tidy")
 		if err != nil {
@@ -441,21 +574,43 @@ func TestBrowser(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	run(t, ctx, "runs", chromedp.Navigate(g.url+"/#/runs"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="22"]`)))
+	run(t, ctx, "runs", chromedp.Navigate(g.url+"/#/runs"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="24"]`)))
 	if n := count(t, ctx, "#runs tbody tr"); n != 20 {
 		t.Fatalf("first page of runs: %d rows, want 20", n)
 	}
 	run(t, ctx, "older runs", chromedp.Click(chromedp.CSS("#older")), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="1"]`)))
-	if n := count(t, ctx, "#runs tbody tr"); n != 2 {
-		t.Fatalf("second page of runs: %d rows, want 2", n)
+	if n := count(t, ctx, "#runs tbody tr"); n != 4 {
+		t.Fatalf("second page of runs: %d rows, want 4", n)
 	}
 	run(t, ctx, "filter by job",
-		chromedp.Navigate(g.url+"/#/runs"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="22"]`)),
+		chromedp.Navigate(g.url+"/#/runs"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="24"]`)),
 		chromedp.SetValue(chromedp.CSS("#filter-job"), "web-nightly"),
 		chromedp.Click(chromedp.CSS(`.filters button[type="submit"]`)),
-		chromedp.WaitNotPresent(chromedp.CSS(`#runs tr[data-run="22"]`)))
-	if n := count(t, ctx, `#runs tr[data-run="1"]`); n != 1 || count(t, ctx, "#runs tbody tr") != 1 {
-		t.Fatal("runs filtered by job web-nightly: want run 1 alone")
+		chromedp.WaitNotPresent(chromedp.CSS(`#runs tr[data-run="24"]`)))
+	if got := runIDs(t, ctx); got != "[2 1]" {
+		t.Fatalf("runs filtered by job web-nightly: %s, want runs 2 and 1", got)
+	}
+	// The server filters by VM and by status, page by page.
+	run(t, ctx, "filter by VM", chromedp.Navigate(g.url+"/#/runs"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="24"]`)),
+		chromedp.SetValue(chromedp.CSS("#filter-job"), ""), chromedp.SetValue(chromedp.CSS("#filter-vm"), "vm1"),
+		chromedp.Click(chromedp.CSS(`.filters button[type="submit"]`)), chromedp.WaitNotPresent(chromedp.CSS(`#runs tr[data-run="24"]`)))
+	if got := runIDs(t, ctx); got != "[2 1]" {
+		t.Fatalf("runs that backed up vm1: %s, want runs 2 and 1", got)
+	}
+	ok, err := g.s.Runs(context.Background(), state.RunFilter{Status: state.Succeeded, Limit: 1000})
+	if err != nil || len(ok) <= 20 {
+		t.Fatalf("succeeded runs: %d %v", len(ok), err)
+	}
+	run(t, ctx, "filter by status", chromedp.Navigate(g.url+"/#/runs?status=succeeded"), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="24"]`)))
+	if n := count(t, ctx, "#runs tbody tr"); n != 20 {
+		t.Fatalf("first page of succeeded runs: %d rows, want 20", n)
+	}
+	run(t, ctx, "older succeeded runs", chromedp.Click(chromedp.CSS("#older")), chromedp.WaitVisible(chromedp.CSS(`#runs tr[data-run="1"]`)))
+	if n := count(t, ctx, "#runs tbody tr"); n != len(ok)-20 {
+		t.Fatalf("second page of succeeded runs: %d rows, want %d", n, len(ok)-20)
+	}
+	if v := value(t, ctx, "status filter kept", chromedp.Evaluate[string](`document.getElementById("filter-status").value`)); v != "succeeded" {
+		t.Fatalf("the second page's status filter shows %q", v)
 	}
 
 	// The admin deletes the backup, after a confirmation: dismissed
@@ -488,12 +643,12 @@ func TestBrowser(t *testing.T) {
 	answers <- answer{false, "Delete backup " + bs[0].ShortID}
 	run(t, ctx, "delete, dismissed", chromedp.Click(chromedp.CSS(row+" button.danger")))
 	time.Sleep(time.Second)
-	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 1 {
+	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 2 {
 		t.Fatalf("backups after a dismissed delete: %v %v", bs, err)
 	}
 	answers <- answer{true, "Delete backup " + bs[0].ShortID}
 	run(t, ctx, "delete, accepted", chromedp.Click(chromedp.CSS(row+" button.danger")), chromedp.WaitNotPresent(chromedp.CSS(row)))
-	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 0 {
+	if bs, err := g.s.Backups(context.Background(), api.BackupFilter{VM: "vm1"}); err != nil || len(bs) != 1 {
 		t.Fatalf("backups after the delete: %v %v", bs, err)
 	}
 
@@ -514,13 +669,182 @@ func TestBrowser(t *testing.T) {
 	if d, err := g.s.Run(context.Background(), id); err != nil || d.Status != state.Cancelled {
 		t.Fatalf("run %s after Cancel: %+v %v", hash, d, err)
 	}
+	run(t, ctx, "cancelled runs", chromedp.Navigate(g.url+"/#/runs?status=cancelled"), chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`#runs tr[data-run="%d"]`, id))))
+	if got := runIDs(t, ctx); got != fmt.Sprintf("[%d]", id) {
+		t.Fatalf("cancelled runs: %s, want %d alone", got, id)
+	}
+	// The VM's cancelled try on its timeline, beside its backup.
+	run(t, ctx, "VM page after the cancel", chromedp.Navigate(g.url+"/#/vm/vm1"),
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`figure.timeline rect.c-stopped[data-run="%d"]`, id))))
+	if n := count(t, ctx, "figure.timeline .mark"); n != 2 {
+		t.Errorf("timeline marks after the cancel: %d, want the backup and the cancelled try", n)
+	}
+
+	// A damaged repository: its verify's findings on the repository page.
+	chunks := filepath.Join(g.dir, "main", "chunks")
+	removed := 0
+	filepath.WalkDir(chunks, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() && os.Remove(p) == nil {
+			removed++
+		}
+		return nil
+	})
+	if removed == 0 {
+		t.Fatalf("no chunk file under %s", chunks)
+	}
+	bad := g.runJob(t, "check", state.Failed)
+	run(t, ctx, "repository page with findings", chromedp.Navigate(g.url+"/#/repo/main"),
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`#verifies tr td a[href="#/run/%d"]`, bad))))
+	findings := value(t, ctx, "findings", chromedp.Text(chromedp.CSS(`#verifies tbody tr:first-child td.findings`)))
+	lines, total, err := g.s.DB().LogLinesAt(context.Background(), bad, "error", 1)
+	if err != nil || total == 0 || !strings.Contains(findings, lines[0].Message) {
+		t.Fatalf("findings on the page %q; the run's first error line %v (%d in all) %v", findings, lines, total, err)
+	}
+	if !strings.Contains(findings, "missing") {
+		t.Errorf("findings %q name no missing chunk", findings)
+	}
+	if v := value(t, ctx, "problems", chromedp.Text(chromedp.CSS(`#verifies tbody tr:first-child td:nth-child(5)`))); !strings.HasSuffix(v, " problems") || v == "0 problems" {
+		t.Errorf("the failed verify's result: %q", v)
+	}
+
+	// A long list is shown a page at a time: 25 jobs, 20 and then 5.
+	for i := range 21 {
+		if _, err := g.s.CreateJob(context.Background(), []byte(fmt.Sprintf(`{"name":"extra-%02d","type":"gc","repository":"main"}`, i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, ctx, "many jobs", chromedp.Navigate(g.url+"/#/jobs"), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="extra-00"]`)))
+	if n := count(t, ctx, "#jobs tbody tr"); n != 20 {
+		t.Fatalf("first page of jobs: %d rows, want 20", n)
+	}
+	waitText(t, ctx, ".pager .hint", "1–20 of 25")
+	run(t, ctx, "next jobs", chromedp.Click(chromedp.CSS(".pager button.next")), chromedp.WaitVisible(chromedp.CSS(`#jobs tr[data-job="web-nightly"]`)))
+	waitText(t, ctx, ".pager .hint", "21–25 of 25")
+	if n := count(t, ctx, "#jobs tbody tr"); n != 5 {
+		t.Fatalf("second page of jobs: %d rows, want 5", n)
+	}
 
 	// A phone's width: nothing wider than the screen (tables scroll in
 	// their own box).
-	for _, page := range []string{"/#/", "/#/vm/vm1", "/#/run/1", "/#/jobs"} {
+	for _, page := range []string{"/#/", "/#/vm/vm1", "/#/run/1", "/#/jobs", "/#/jobs/new", "/#/runs", "/#/repo/main"} {
 		run(t, ctx, "narrow "+page, chromedp.EmulateViewport(390, 844), chromedp.Navigate(g.url+page), chromedp.WaitVisible(chromedp.CSS("main h1")))
 		if w := value(t, ctx, "width", chromedp.Evaluate[int](`document.documentElement.scrollWidth - window.innerWidth`)); w > 0 {
 			t.Errorf("%s at 390 px: %d px wider than the screen", page, w)
 		}
+	}
+}
+
+// waitCount waits until sel matches n elements.
+func waitCount(t *testing.T, ctx context.Context, sel string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	got := -1
+	for time.Now().Before(deadline) {
+		var err error
+		got, err = chromedp.Run(ctx, chromedp.Evaluate[int](fmt.Sprintf(`document.querySelectorAll(%q).length`, sel)))
+		if err == nil && got == n {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("%s: %d elements, want %d\npage: %s", sel, got, n, pageHTML(ctx))
+}
+
+// waitContains waits until the text of sel contains want.
+func waitContains(t *testing.T, ctx context.Context, sel, want string) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	var got string
+	for time.Now().Before(deadline) {
+		var err error
+		got, err = chromedp.Run(ctx, chromedp.Evaluate[string](fmt.Sprintf(`(document.querySelector(%q) || {}).textContent || ""`, sel)))
+		if err == nil && strings.Contains(got, want) {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("%s: text %q, want it to contain %q", sel, got, want)
+}
+
+// setInput replaces an input's value as typing would (an input event).
+func setInput(t *testing.T, ctx context.Context, sel, v string) {
+	t.Helper()
+	value(t, ctx, "set "+sel, chromedp.Evaluate[bool](fmt.Sprintf(`(() => { const i = document.querySelector(%q); i.value = %q;
+		i.dispatchEvent(new Event("input", {bubbles: true})); return true; })()`, sel, v)))
+}
+
+// runIDs lists the runs of the runs page.
+func runIDs(t *testing.T, ctx context.Context) string {
+	t.Helper()
+	return value(t, ctx, "run IDs", chromedp.Evaluate[string](`"[" + [...document.querySelectorAll("#runs tbody tr")].map((r) => r.dataset.run).join(" ") + "]"`))
+}
+
+// runJob runs a job through the server and waits for its end, which must
+// have status want; it returns the run's ID.
+func (g *webRig) runJob(t *testing.T, job, want string) int64 {
+	t.Helper()
+	r, err := g.s.RunJob(context.Background(), job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		d, err := g.s.Run(context.Background(), r.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Status != state.Running {
+			if d.Status != want {
+				t.Fatalf("run %d of %s: %s (%s), want %s", r.ID, job, d.Status, d.Error, want)
+			}
+			return r.ID
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("run %d of %s still running", r.ID, job)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// usageAfter waits until the server recorded a usage point of repository
+// main counting the backup taken at b (its statistics are computed in
+// the background after each job) and returns the points the API gives.
+func usageAfter(t *testing.T, g *webRig, b time.Time) []state.Usage {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		pts, err := g.s.UsageHistory(context.Background(), "main", time.Now().Add(-api.DefaultUsageSince))
+		if err != nil {
+			t.Fatal(err)
+		}
+		bs, err := g.s.Backups(context.Background(), api.BackupFilter{Repository: "main"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := len(pts); n > 0 && pts[n-1].Time.After(b) && pts[n-1].Backups == int64(len(bs)) {
+			return pts
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no usage point of main after the backup of %v: %+v", b, pts)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// checkChart checks the page's usage chart of main: a point per recorded
+// point, the last one the repository's latest stored bytes.
+func checkChart(t *testing.T, ctx context.Context, pts []state.Usage) {
+	t.Helper()
+	sel := `figure.usage[data-repo="main"] circle.pt`
+	if n := count(t, ctx, sel); n != len(pts) {
+		t.Fatalf("usage chart: %d points, the server recorded %d", n, len(pts))
+	}
+	last := pts[len(pts)-1]
+	got := value(t, ctx, "last point", chromedp.Evaluate[string](fmt.Sprintf(`[...document.querySelectorAll(%q)].pop().dataset.stored`, sel)))
+	if last.StoredBytes <= 0 || got != strconv.FormatInt(last.StoredBytes, 10) {
+		t.Fatalf("usage chart's last point: %s stored bytes, the server recorded %d", got, last.StoredBytes)
+	}
+	if c := value(t, ctx, "caption", chromedp.Text(chromedp.CSS(`figure.usage[data-repo="main"] figcaption`))); !strings.Contains(c, "deduplication") {
+		t.Errorf("usage chart caption %q", c)
 	}
 }
