@@ -404,7 +404,8 @@ type tempCleaner interface {
 // GC deletes indexes and chunks that no manifest references and that are
 // older than the grace period. It refuses to run when any manifest or
 // referenced index cannot be read, since it could not know what those
-// reference. Hold an exclusive lock.
+// reference. Hold an exclusive lock; with DryRun it writes and deletes
+// nothing, and a shared lock is enough (a preview of what gc would do).
 func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	if o.Immediate {
 		o.Grace = 0
@@ -572,7 +573,8 @@ type PruneDecision struct {
 // removed whole. Their chunks are freed by gc. Unreadable manifests are
 // never deleted; while a group record cannot be read, backups whose
 // manifest names a group are kept (they may be its members). Hold an
-// exclusive lock.
+// exclusive lock; with DryRun it deletes nothing, and a shared lock is
+// enough.
 func (r *Repo) Prune(ctx context.Context, o PruneOptions) ([]PruneDecision, error) {
 	if o.Policy.Empty() {
 		return nil, fmt.Errorf("no keep policy given: prune would remove every backup; give at least one --keep-* option: %w", errs.ErrUsage)
