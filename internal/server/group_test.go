@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -11,7 +10,6 @@ import (
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend"
-	"github.com/vmshadow/vmshadow/internal/server/config"
 	"github.com/vmshadow/vmshadow/internal/server/state"
 )
 
@@ -148,28 +146,5 @@ func TestGroupJob(t *testing.T) {
 	}
 	if n := len(g.backups(t, "main")); n != 2 {
 		t.Errorf("%d backups after the broken group's run, want 2 (nothing backed up)", n)
-	}
-}
-
-// TestGroupJobSpec: a group job's API form parses back to the same job
-// (it carries group and no concurrency, which a group refuses).
-func TestGroupJobSpec(t *testing.T) {
-	g := newRig(t, nil, `  - name: shop
-    type: backup
-    repository: main
-    vms: [{connection: lab, vms: [db, app]}]
-    group: shop
-`)
-	j := g.s.Config().Jobs[0]
-	spec, err := json.Marshal(jobSpec(j))
-	if err != nil {
-		t.Fatal(err)
-	}
-	back, err := config.ParseJob(g.s.Config(), "job", spec)
-	if err != nil {
-		t.Fatalf("the group job's spec %s does not parse: %v", spec, err)
-	}
-	if back.Group != "shop" || len(back.VMs) != 1 || strings.Join(back.VMs[0].Names, ",") != "db,app" {
-		t.Errorf("parsed back: %+v", back)
 	}
 }

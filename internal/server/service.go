@@ -346,7 +346,7 @@ func (s *Server) apiJob(ctx context.Context, cfg *config.Config, j *config.Job, 
 	if s.fromAPI(j.Name) {
 		source = "api"
 	}
-	aj := &api.Job{Name: j.Name, Type: j.Type, Source: source, Enabled: st.enabledFor(j), Spec: jobSpec(j), Next: []time.Time{}}
+	aj := &api.Job{Name: j.Name, Type: j.Type, Source: source, Enabled: st.enabledFor(j), Spec: j.Spec(), Next: []time.Time{}}
 	if j.Schedule != nil {
 		aj.Schedule = j.Schedule.String()
 		if aj.Enabled {
@@ -378,89 +378,6 @@ func (s *Server) apiJob(ctx context.Context, cfg *config.Config, j *config.Job, 
 	return aj, nil
 }
 
-// jobSpec is j's settings as the configuration file writes them.
-func jobSpec(j *config.Job) map[string]any {
-	m := map[string]any{"name": j.Name, "type": j.Type, "enabled": j.Enabled}
-	if j.Schedule != nil {
-		m["schedule"] = j.Schedule.String()
-	}
-	if j.RandomDelay > 0 {
-		m["random_delay"] = j.RandomDelay.String()
-	}
-	if j.CatchUp {
-		m["catch_up"] = true
-	}
-	if j.TimeLimit > 0 {
-		m["time_limit"] = j.TimeLimit.String()
-	}
-	if j.Repository != "" {
-		m["repository"] = j.Repository
-	}
-	switch j.Type {
-	case config.Backup:
-		var vms []map[string]any
-		for _, v := range j.VMs {
-			e := map[string]any{"connection": v.Connection}
-			if len(v.Names) > 0 {
-				e["vms"] = v.Names
-			}
-			vms = append(vms, e)
-		}
-		m["vms"] = vms
-		w := map[string]any{}
-		if len(j.Hooks) > 0 {
-			w["hooks"] = j.Hooks
-		}
-		if len(j.GuestHooks) > 0 {
-			w["guest_hooks"] = j.GuestHooks
-		}
-		if j.GuestAgent {
-			w["guest_agent"] = true
-		}
-		if j.Require != "" {
-			w["require"] = j.Require
-		}
-		if len(w) > 0 {
-			m["writers"] = w
-		}
-		if j.FullEveryDays > 0 {
-			m["full_every_days"] = j.FullEveryDays
-		} else {
-			m["full_every_days"] = "never"
-		}
-		if j.Group != "" {
-			m["group"] = j.Group // concurrency does not apply to a group
-		} else {
-			m["concurrency"] = map[string]any{"per_job": max(j.PerJob, 1), "per_host": max(j.PerHost, 1)}
-		}
-		if !j.Retention.Empty() {
-			m["retention"] = retentionSpec(j)
-		}
-	case config.Prune:
-		m["retention"] = retentionSpec(j)
-	case config.Verify:
-		m["reverify_after_days"] = j.ReverifyAfterDays
-	case config.GC:
-		m["grace"] = j.Grace.String()
-	case config.Copy:
-		m["from"], m["to"] = j.From, j.To
-		if len(j.CopyVMs) > 0 {
-			m["vms"] = j.CopyVMs
-		}
-	}
-	return m
-}
-
-func retentionSpec(j *config.Job) map[string]int {
-	p := j.Retention
-	out := map[string]int{}
-	for k, v := range map[string]int{"keep_last": p.Last, "keep_hourly": p.Hourly, "keep_daily": p.Daily, "keep_weekly": p.Weekly, "keep_monthly": p.Monthly, "keep_yearly": p.Yearly} {
-		if v != 0 {
-			out[k] = v
-		}
-	}
-	return out
-}
 
 // CreateJob implements api.Service: the job is validated against the
 // configuration in force and kept in the database (jobs of the

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -98,5 +99,30 @@ func TestLoadErrors(t *testing.T) {
 	}
 	if !errors.Is(err, errs.ErrUsage) {
 		t.Errorf("a bad configuration is not a usage error: %v", err)
+	}
+}
+
+// TestSpecRoundTrip: every job of the sample, written as the API shows it
+// (Spec), parses back to the same settings (a group job carries group and
+// no concurrency, which a group refuses).
+func TestSpecRoundTrip(t *testing.T) {
+	cfg, err := Load("../../../docs/server.yaml.sample")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, j := range cfg.Jobs {
+		spec, err := json.Marshal(j.Spec())
+		if err != nil {
+			t.Fatal(err)
+		}
+		back, err := ParseJob(cfg, "job", spec)
+		if err != nil {
+			t.Errorf("job %s: its spec %s does not parse: %v", j.Name, spec, err)
+			continue
+		}
+		again, _ := json.Marshal(back.Spec())
+		if string(again) != string(spec) {
+			t.Errorf("job %s: spec %s parsed back as %s", j.Name, spec, again)
+		}
 	}
 }
