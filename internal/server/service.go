@@ -378,7 +378,6 @@ func (s *Server) apiJob(ctx context.Context, cfg *config.Config, j *config.Job, 
 	return aj, nil
 }
 
-
 // CreateJob implements api.Service: the job is validated against the
 // configuration in force and kept in the database (jobs of the
 // configuration file are edited there).
