@@ -219,8 +219,12 @@ func (f *vmFlags) members(group bool) ([]vmFlags, error) {
 		return []vmFlags{m}, nil
 	}
 	switch {
+	case f.group == "" && len(f.qmps) > 0 && (f.libvirt != "" || f.x.url != ""):
+		return nil, errorf(errs.ErrUsage, "give one of --qmp SOCKET (a QEMU VM), --xapi URL (a XenServer / XCP-ng VM) or --libvirt URI (a libvirt domain), not both (VMs of different hypervisors make one set only as a group: --group NAME)")
 	case group && f.group == "":
 		return nil, errorf(errs.ErrUsage, "several VMs (%d) make one snapshot set across all of them: name the group with --group NAME", len(f.qmps)+len(f.vms))
+	case group && f.noPause:
+		return nil, errorf(errs.ErrUsage, "--xapi-no-pause is refused in a group: its VMs' disks must be captured at one instant")
 	case len(f.qgas) > 0 && len(f.qgas) != len(f.qmps):
 		return nil, errorf(errs.ErrUsage, "give one --qga per --qmp, in the same order (%d --qmp, %d --qga)", len(f.qmps), len(f.qgas))
 	case len(f.guestHooks) > 0:
@@ -231,6 +235,15 @@ func (f *vmFlags) members(group bool) ([]vmFlags, error) {
 		return nil, errorf(errs.ErrUsage, "the VMs given with --vm are reached through one of --libvirt or --xapi, not both")
 	case len(f.vms) == 0 && (f.libvirt != "" || f.x.url != ""):
 		return nil, errorf(errs.ErrUsage, "--libvirt and --xapi need the VMs they reach: --vm NAME|UUID")
+	}
+	for _, list := range [][]string{f.qmps, f.vms} {
+		seen := map[string]bool{}
+		for _, v := range list {
+			if seen[v] {
+				return nil, errorf(errs.ErrUsage, "VM %s is given twice", v)
+			}
+			seen[v] = true
+		}
 	}
 	var ms []vmFlags
 	for i, q := range f.qmps {

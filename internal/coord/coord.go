@@ -296,7 +296,7 @@ func (s *Session) freezeOne(ctx, window context.Context, set *Set, rec journalRe
 	err := w.Freeze(wctx)
 	cancel()
 	if err != nil {
-		if window.Err() != nil && ctx.Err() == nil {
+		if expired(window) && ctx.Err() == nil {
 			return fmt.Errorf("freeze of %s did not finish within the %s freeze limit: %w", w.Name(), c.FreezeTimeout, errs.ErrTimeout)
 		}
 		if ferr := s.writerFailed(set, i, "freeze", err); ferr != nil {
@@ -311,7 +311,7 @@ func (s *Session) freezeOne(ctx, window context.Context, set *Set, rec journalRe
 func (s *Session) commit(ctx, window context.Context, set *Set, rec journalRecorder) error {
 	s.status("commit")
 	if err := s.c.Provider.Commit(window, set, rec); err != nil {
-		if window.Err() != nil && ctx.Err() == nil {
+		if expired(window) && ctx.Err() == nil {
 			return fmt.Errorf("commit did not finish within the %s freeze limit: %v: %w", s.c.FreezeTimeout, err, errs.ErrTimeout)
 		}
 		return fmt.Errorf("commit: %w", err)

@@ -80,9 +80,9 @@ type groupRun struct {
 // group's (GroupRef.SetID; the first member's set has the group's ID).
 //
 // Members whose provider cannot pause them (XenServer, whose VM.snapshot
-// pauses the VM by itself) are committed last, while the others stay
-// paused; at most one such VM can be in a group, since a second one would
-// run on between the two snapshots.
+// pauses the VM by itself) are committed after the others, while those
+// stay paused; at most one such VM can be in a group, since a second one
+// would run on between the two snapshots.
 func CreateGroup(ctx context.Context, name string, sessions []*Session) ([]*Set, error) {
 	if len(sessions) == 0 {
 		return nil, fmt.Errorf("a snapshot set needs at least one VM: %w", errs.ErrUsage)
@@ -90,8 +90,7 @@ func CreateGroup(ctx context.Context, name string, sessions []*Session) ([]*Set,
 	if name == "" && len(sessions) > 1 {
 		return nil, fmt.Errorf("a snapshot set across %d VMs needs a group name: %w", len(sessions), errs.ErrUsage)
 	}
-	ordered, err := commitOrder(sessions)
-	if err != nil {
+	if err := checkMembers(sessions); err != nil {
 		return nil, err
 	}
 	for _, s := range sessions {
@@ -108,7 +107,7 @@ func CreateGroup(ctx context.Context, name string, sessions []*Session) ([]*Set,
 			ref.Members = append(ref.Members, s.vm.Name)
 		}
 	}
-	for i, s := range ordered {
+	for i, s := range sessions {
 		if i > 0 {
 			id = NewSetID()
 		}
@@ -126,9 +125,9 @@ func CreateGroup(ctx context.Context, name string, sessions []*Session) ([]*Set,
 	if err := g.create(ctx); err != nil {
 		return nil, g.abort(ctx, err)
 	}
-	sets := make([]*Set, len(sessions))
-	for _, m := range g.ms {
-		sets[slices.Index(sessions, m.s)] = m.set
+	sets := make([]*Set, len(g.ms))
+	for i, m := range g.ms {
+		sets[i] = m.set
 	}
 	return sets, nil
 }
@@ -144,32 +143,26 @@ func (r *GroupRef) copy() *GroupRef {
 	return &c
 }
 
-// commitOrder checks that the sessions are distinct VMs and that the
-// group's instant can be kept, and returns them in commit order: VMs that
-// can be paused first, the one that cannot last.
-func commitOrder(sessions []*Session) ([]*Session, error) {
+// checkMembers checks that the sessions are distinct VMs and that the
+// group's instant can be kept: at most one VM that cannot be paused by
+// the group (it is committed last, while the others stay paused).
+func checkMembers(sessions []*Session) error {
 	seen := map[string]bool{}
-	var pausable, other []*Session
+	var other []string
 	for _, s := range sessions {
 		if seen[s.vm.Key] {
-			return nil, fmt.Errorf("VM %s is named twice: %w", s.vm.Name, errs.ErrUsage)
+			return fmt.Errorf("VM %s is named twice: %w", s.vm.Name, errs.ErrUsage)
 		}
 		seen[s.vm.Key] = true
-		if _, ok := s.c.Provider.(Pauser); ok {
-			pausable = append(pausable, s)
-		} else {
-			other = append(other, s)
+		if _, ok := s.c.Provider.(Pauser); !ok {
+			other = append(other, s.vm.Name+" ("+s.c.Provider.Kind()+")")
 		}
 	}
 	if len(sessions) > 1 && len(other) > 1 {
-		var names []string
-		for _, s := range other {
-			names = append(names, s.vm.Name+" ("+s.c.Provider.Kind()+")")
-		}
-		return nil, fmt.Errorf("VMs %v cannot be paused together with the others: a group captures such a VM last, while the others stay paused, so a group can hold only one of them (each other one would run on between the snapshots, and the group would not be one instant): %w",
-			names, errs.ErrUsage)
+		return fmt.Errorf("VMs %v cannot be paused together with the others: a group captures such a VM last, while the others stay paused, so a group can hold only one of them (each other one would run on between the snapshots, and the group would not be one instant): %w",
+			other, errs.ErrUsage)
 	}
-	return append(pausable, other...), nil
+	return nil
 }
 
 // readyForCreate checks that the VM has no set; a set left by a backup
@@ -302,13 +295,13 @@ func (g *groupRun) freeze(ctx, window context.Context, order []writerRef) error 
 // the others, while they stay paused.
 func (g *groupRun) commit(ctx, window context.Context) error {
 	lead := g.ms[0].s
-	if window.Err() != nil && ctx.Err() == nil {
+	if expired(window) && ctx.Err() == nil {
 		// The writers took the whole window: nothing is captured.
 		return fmt.Errorf("the writers' freeze took the whole %s freeze limit, nothing was captured: %w", lead.c.FreezeTimeout, errs.ErrTimeout)
 	}
 	var err error
 	if len(g.ms) > 1 {
-		if err = g.pause(window); err != nil && window.Err() != nil && ctx.Err() == nil {
+		if err = g.pause(window); err != nil && expired(window) && ctx.Err() == nil {
 			err = fmt.Errorf("pausing the VMs did not finish within the %s freeze limit: %v: %w", lead.c.FreezeTimeout, err, errs.ErrTimeout)
 		}
 	}
@@ -457,27 +450,37 @@ func (g *groupRun) thaw(ctx context.Context, order []writerRef) error {
 // resumed, everything created released, the record removed unless a
 // writer may still be frozen (then recover must thaw it).
 func (g *groupRun) abort(ctx context.Context, err error) error {
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-	defer cancel()
 	var problems []string
+	// First every member resumed and released, each with its own time
+	// limit, so that a slow one cannot use up another's.
+	released := make([]bool, len(g.ms))
 	for i := len(g.ms) - 1; i >= 0; i-- {
 		m := g.ms[i]
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 		if rerr := m.s.resume(cctx, m.set); rerr != nil {
 			problems = append(problems, rerr.Error())
 		}
 		if _, rerr := m.s.c.Provider.Release(cctx, m.set); rerr != nil {
 			problems = append(problems, g.memberErr(m, fmt.Errorf("cleanup failed too: %w", rerr)).Error())
-			continue
+		} else {
+			released[i] = true
 		}
-		if frozen := m.s.stillFrozen(m.set); len(frozen) > 0 {
-			m.s.thawAgain(cctx, m.set)
+		cancel()
+	}
+	// Then the writers the live thaw left frozen, through new connections
+	// (each call with its writer time limit), and the records of members
+	// left as they were removed.
+	for i := len(g.ms) - 1; i >= 0; i-- {
+		m := g.ms[i]
+		if len(m.s.stillFrozen(m.set)) > 0 {
+			m.s.thawAgain(ctx, m.set)
 			if frozen := m.s.stillFrozen(m.set); len(frozen) > 0 {
 				problems = append(problems, g.memberErr(m, fmt.Errorf("writers %v may still be frozen", frozen)).Error())
 				continue
 			}
 		}
-		if m.set.Paused {
-			continue // resume failed: keep the record for recover
+		if !released[i] || m.set.Paused {
+			continue // keep the record for recover
 		}
 		if rerr := m.s.c.Journal.Remove(m.s.vm.Key); rerr != nil {
 			problems = append(problems, rerr.Error())
@@ -559,4 +562,15 @@ func RecoverGroup(ctx context.Context, sessions []*Session) ([]RecoverReport, er
 		}
 	}
 	return reps, errors.Join(errList...)
+}
+
+// expired reports whether the freeze window is over, by its deadline as
+// well as by its context: a call that failed at the deadline (a socket's
+// own timeout) may return before the window's context says so.
+func expired(window context.Context) bool {
+	if window.Err() != nil {
+		return true
+	}
+	d, ok := window.Deadline()
+	return ok && !time.Now().Before(d)
 }

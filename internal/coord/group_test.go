@@ -262,7 +262,7 @@ func TestGroupMembers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got, want := strings.Join(log, ","), "A prepare,X prepare,A pause,A commit,X commit,A resume"; got != want {
+		if got, want := strings.Join(log, ","), "X prepare,A prepare,A pause,A commit,X commit,A resume"; got != want {
 			t.Errorf("calls %s, want %s", got, want)
 		}
 		if sets[0].VM != "X" || sets[1].VM != "A" {

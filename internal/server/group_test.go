@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -76,11 +78,17 @@ func TestDeleteGroupMember(t *testing.T) {
 // backups whole; a VM of the group that cannot be found fails the run
 // without backing up the others.
 func TestGroupJob(t *testing.T) {
+	hookLog := filepath.Join(t.TempDir(), "hook.log")
+	hook := filepath.Join(t.TempDir(), "hook.sh")
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\necho \"$1 $VMSHADOW_GROUP $VMSHADOW_VMS\" >> "+hookLog+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	g := newRig(t, []string{"db", "app"}, `  - name: shop
     type: backup
     repository: main
     vms: [{connection: lab, vms: [db, app]}]
     group: shop
+    writers: {hooks: [`+hook+`]}
     retention: {keep_last: 1}
   - name: broken
     type: backup
@@ -105,6 +113,10 @@ func TestGroupJob(t *testing.T) {
 			}
 		}
 		last = vms
+	}
+	// The host hook runs once per group set, not once per VM.
+	if b, _ := os.ReadFile(hookLog); strings.Count(string(b), "freeze shop") != 2 || strings.Count(string(b), "thaw shop") != 2 {
+		t.Errorf("hook calls over two runs:\n%s", b)
 	}
 	r, release, err := g.s.repository(ctx, "main")
 	if err != nil {

@@ -167,7 +167,13 @@ func (s *Server) runGroupBackup(ctx context.Context, run *run, r *repo.Repo, vms
 		return err
 	}
 	if !j.Retention.Empty() {
-		if err := s.applyRetention(ctx, run, r, j, nil); err != nil {
+		// The group's backups, and the VMs' backups outside any group
+		// (members of a run that failed part way), by the job's rules.
+		var names []string
+		for _, vm := range vms {
+			names = append(names, vm.Name)
+		}
+		if err := s.applyRetention(ctx, run, r, j, names); err != nil {
 			run.logf(s, slog.LevelError, "", "retention: %v", err)
 			return fmt.Errorf("retention: %w", err)
 		}
@@ -202,9 +208,16 @@ func (s *Server) groupBackup(ctx context.Context, run *run, r *repo.Repo, vms []
 	cur := func() string { mu.Lock(); defer mu.Unlock(); return current }
 	warn := func(format string, a ...any) { run.logf(s, slog.LevelWarn, cur(), format, a...) }
 	var los []livebackup.Options
-	for _, vm := range vms {
+	for i, vm := range vms {
 		phase := func(p string) { run.setProgress(api.Progress{VM: vm.Name, Phase: p}) }
-		c, err := s.coordinator(run.cfg, j, vm, phase, func(m string) { run.logf(s, slog.LevelWarn, vm.Name, "%s", m) })
+		jm := j
+		if i > 0 {
+			// Host hooks run once for the group: with its first VM.
+			c := *j
+			c.Hooks = nil
+			jm = &c
+		}
+		c, err := s.coordinator(run.cfg, jm, vm, phase, func(m string) { run.logf(s, slog.LevelWarn, vm.Name, "%s", m) })
 		if err != nil {
 			return fmt.Errorf("VM %s: %w", vm.Name, err)
 		}

@@ -107,7 +107,10 @@ func runGroup(ctx context.Context, r *repo.Repo, group string, members []livebac
 		m, err := store(ctx, r, lb, o, warn)
 		if err != nil {
 			for _, rest := range lbs[i+1:] {
-				rest.Finish(ctx, false) // release the others' sets, merging change tracking back
+				// Release the others' sets, merging change tracking back.
+				if ferr := rest.Finish(ctx, false); ferr != nil {
+					warn("VM %s: %v; the next backup or 'vmshadow recover' releases it", rest.Job.VM, ferr)
+				}
 			}
 			if len(lbs) > 1 {
 				err = fmt.Errorf("VM %s: %w", lb.Job.VM, err)

@@ -24,13 +24,16 @@ func (p *Provider) Running(ctx context.Context) (bool, error) {
 	return golibvirt.DomainState(state) == golibvirt.DomainRunning, nil
 }
 
-// Pause implements coord.Pauser with virDomainSuspend.
+// Pause implements coord.Pauser with virDomainSuspend. When ctx ends
+// first (the freeze window), it still waits, bounded, for libvirt to
+// finish the suspend (settle): a suspend left running could pause the
+// domain after Resume looked, and leave it paused with nothing recorded.
 func (p *Provider) Pause(ctx context.Context) error {
 	l, err := p.connect(ctx)
 	if err != nil {
 		return err
 	}
-	if _, err := call(ctx, func() (struct{}, error) { return struct{}{}, l.DomainSuspend(p.dom) }); err != nil {
+	if err := settle(ctx, func() error { return l.DomainSuspend(p.dom) }); err != nil {
 		return fmt.Errorf("domain %s: suspend: %w", p.dom.Name, classify(err))
 	}
 	return nil

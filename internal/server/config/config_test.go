@@ -235,10 +235,18 @@ jobs:
     type: verify
     repository: local
     group: g3
+  - name: g4
+    type: backup
+    repository: local
+    vms: [{connection: lab}]
+    writers: {guest_agent: true, guest_hooks: [/usr/sbin/flush]}
+    group: g4
 `, []string{
 			`server.yaml:19:12: jobs[0].group: "a group" is not a group name: letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit`,
 			`server.yaml:25:18: jobs[1].concurrency: a group's VMs are backed up together, at one instant: concurrency does not apply to a job with a group`,
 			`server.yaml:29:12: jobs[2].group: not a setting of a verify job`,
+			`server.yaml:34:14: jobs[3].writers.guest_agent: connection "lab" has no guest_agent socket path: add guest_agent: /run/qemu/{vm}.qga (the path of each VM's agent socket) to it`,
+			`server.yaml:35:12: jobs[3].group: guest hooks are for a job's VMs one by one; in a group, freeze the applications with hooks on this host, or the guests' own fsfreeze hooks`,
 		}},
 		{"job settings", head + qmp + `jobs:
   - name: b

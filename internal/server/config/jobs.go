@@ -154,6 +154,8 @@ func (p *parser) job(cfg *Config, path string, n *yaml.Node) *Job {
 			if g, ok := p.str(v, path+".group"); ok {
 				if !nameRe.MatchString(g) {
 					p.errAt(v, path+".group", "%q is not a group name: letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit", g)
+				} else if len(j.GuestHooks) > 0 {
+					p.errAt(v, path+".group", "guest hooks are for a job's VMs one by one; in a group, freeze the applications with hooks on this host, or the guests' own fsfreeze hooks")
 				} else if keys["concurrency"] != nil {
 					p.errAt(keys["concurrency"], path+".concurrency", "a group's VMs are backed up together, at one instant: concurrency does not apply to a job with a group")
 				} else {
