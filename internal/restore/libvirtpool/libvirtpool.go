@@ -129,7 +129,7 @@ type Target struct {
 
 	def   *node // the stored definition, nil for a minimal one
 	info  definitionInfo
-	nvram string // the new domain's NVRAM file, "" if none
+	nvram string   // the new domain's NVRAM file, "" if none
 	tpm   *tpmPlan // where the stored TPM state goes, nil if none
 	min   minimal
 
