@@ -154,7 +154,7 @@ func (p *Provider) Describe(ctx context.Context, set *coord.Set) (string, []back
 			return "", nil, fmt.Errorf("domain %s: TPM state: %w", p.dom.Name, err)
 		}
 		for _, e := range entries {
-			if !e.Type().IsRegular() || repo.ValidName("file", repo.FileTPMPrefix+e.Name()) != nil {
+			if !e.Type().IsRegular() || repo.ValidName("file", e.Name()) != nil || repo.ValidName("file", repo.FileTPMPrefix+e.Name()) != nil {
 				continue // swtpm's lock file and temporaries are not state
 			}
 			b, err := readSmall(filepath.Join(dir, e.Name()))

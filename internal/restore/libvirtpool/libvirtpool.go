@@ -687,8 +687,8 @@ func (o *Options) Stored(ctx context.Context, r *repo.Repo, m *repo.Manifest) er
 	}
 	for _, f := range m.Files {
 		name, ok := strings.CutPrefix(f.Name, repo.FileTPMPrefix)
-		if !ok {
-			continue
+		if !ok || strings.HasPrefix(name, ".") {
+			continue // swtpm's .lock, which backups up to this version stored, is not state
 		}
 		b, err := restore.ReadFile(ctx, r, m, f.Name, 0)
 		if err != nil {
