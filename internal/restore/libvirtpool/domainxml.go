@@ -414,7 +414,7 @@ func rewrite(root *node, name string, disks []newDisk, nvram, uuid string, tpmSt
 		}
 		for _, tpm := range devs.children("tpm") {
 			if b := tpm.child("backend"); b != nil && b.get("type") == "emulator" && !tpmState {
-				warnings = append(warnings, "the new domain's emulated TPM starts empty: a restore does not put back TPM state (keys sealed to it, e.g. BitLocker or LUKS, need their recovery key)")
+				warnings = append(warnings, "the new domain's emulated TPM starts empty: the backup holds no TPM state (taken over a remote connection, or by an older vmshadow); keys sealed to it, e.g. BitLocker or LUKS, need their recovery key")
 			}
 		}
 	}
