@@ -64,8 +64,10 @@ becomes a new volume of the storage pool --pool (qcow2 in dir, fs and netfs
 pools, raw in logical, disk, iscsi ... pools) and a new domain is defined on
 them: named --vm-name (default: the backup's VM name + "-restored"), with a
 new UUID and new MAC addresses, from the definition the backup stores, or a
-minimal one (--memory, --vcpus) for backups that store none. --start starts
-it. A failed restore deletes the volumes and the definition it created.
+minimal one (--memory, --vcpus) for backups that store none; its UEFI
+variables and emulated TPM's state (swtpm, under /var/lib/libvirt/swtpm/UUID)
+are put back where the backup stores them. --start starts it. A failed
+restore deletes the volumes, files and definition it created.
 
 --group GROUP_BACKUP_ID (any unambiguous prefix; see 'backups --groups')
 restores every member of a group backup, each into DIR/VM/ of --to DIR as
@@ -375,11 +377,12 @@ func restoreToLibvirt(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *
 		Definition   string               `json:"domain_definition"`
 		Started      bool                 `json:"started"`
 		Volumes      []libvirtpool.Volume `json:"volumes"`
+		TPMState     string               `json:"tpm_state,omitempty"`
 		Disks        []restore.DiskResult `json:"disks"`
 		BytesWritten int64                `json:"bytes_written"`
 		DurationS    float64              `json:"duration_s"`
 	}{BackupID: id.String(), VM: m.VM, Format: "libvirt", Pool: res.Pool, Domain: res.Domain, UUID: res.UUID, Definition: res.Definition,
-		Started: res.Started, Volumes: res.Volumes, Disks: out, DurationS: time.Since(t0).Seconds()}
+		Started: res.Started, Volumes: res.Volumes, TPMState: res.TPMState, Disks: out, DurationS: time.Since(t0).Seconds()}
 	for _, d := range out {
 		s.BytesWritten += d.BytesWritten
 	}
@@ -392,6 +395,9 @@ func restoreToLibvirt(ctx context.Context, a *app, r *repo.Repo, id repo.ID, m *
 			state = "started"
 		}
 		fmt.Fprintf(w, "domain %s (%s) %s from the %s definition\n", res.Domain, res.UUID, state, res.Definition)
+		if res.TPMState != "" {
+			fmt.Fprintf(w, "emulated TPM's state put back in %s\n", res.TPMState)
+		}
 	})
 	return nil
 }

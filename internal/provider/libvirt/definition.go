@@ -83,9 +83,11 @@ func (p *Provider) RedefineCheckpoint(ctx context.Context, xml string) error {
 	return nil
 }
 
-// swtpmStateDir is where libvirt keeps an emulated TPM's state (swtpm),
-// per domain UUID; the state is in tpm2/ (TPM 2.0) or tpm1.2/.
-const swtpmStateDir = "/var/lib/libvirt/swtpm"
+// SWTPMStateDir is where a system libvirtd keeps an emulated TPM's state
+// (swtpm), per domain UUID; the state is in tpm2/ (TPM 2.0) or tpm1.2/.
+const SWTPMStateDir = "/var/lib/libvirt/swtpm"
+
+const swtpmStateDir = SWTPMStateDir
 
 // Describe implements livebackup.Describer: every backup of a domain
 // stores its persistent definition (repo.FileDomainXML, without secrets:
@@ -152,7 +154,7 @@ func (p *Provider) Describe(ctx context.Context, set *coord.Set) (string, []back
 			return "", nil, fmt.Errorf("domain %s: TPM state: %w", p.dom.Name, err)
 		}
 		for _, e := range entries {
-			if !e.Type().IsRegular() || repo.ValidName("file", repo.FileTPMPrefix+e.Name()) != nil {
+			if !e.Type().IsRegular() || repo.ValidName("file", e.Name()) != nil || repo.ValidName("file", repo.FileTPMPrefix+e.Name()) != nil {
 				continue // swtpm's lock file and temporaries are not state
 			}
 			b, err := readSmall(filepath.Join(dir, e.Name()))

@@ -910,4 +910,7 @@ func TestDescribeFirmware(t *testing.T) {
 	if b := got[repo.FileTPMPrefix+"tpm2-00.permall"]; len(want) == 0 || !bytes.Equal(b, want) {
 		t.Errorf("TPM state: stored %d bytes, the host's %s has %d; files %v", len(b), tpm, len(want), slices.Collect(maps.Keys(got)))
 	}
+	if _, ok := got[repo.FileTPMPrefix+".lock"]; ok {
+		t.Errorf("swtpm's lock file stored as TPM state; files %v", slices.Collect(maps.Keys(got)))
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -284,6 +285,9 @@ type definitionInfo struct {
 	Targets []string // <target dev> of the definition's disks
 	NVRAM   string   // the <nvram> file path, "" if none
 	TPM     bool     // an emulated TPM (its state lives outside the definition)
+	// TPMVersion is the emulated TPM's <backend version> ("2.0", "1.2"),
+	// "" when the definition does not say.
+	TPMVersion string
 }
 
 func inspect(root *node) definitionInfo {
@@ -297,6 +301,7 @@ func inspect(root *node) definitionInfo {
 		for _, tpm := range devs.children("tpm") {
 			if b := tpm.child("backend"); b != nil && b.get("type") == "emulator" {
 				info.TPM = true
+				info.TPMVersion = b.get("version")
 			}
 		}
 	}
@@ -328,13 +333,14 @@ func newNVRAMPath(old, name string) string {
 	return filepath.Join(filepath.Dir(old), name+"_VARS.fd")
 }
 
-// rewrite turns a stored definition into the new domain's: name, no UUID
-// (libvirt makes one), no MAC addresses (libvirt makes new ones), a new
-// VM generation ID, each restored disk on its new volume; disks that were
-// not restored are left out and CD-ROM / floppy drives kept empty (each
-// with a warning); the NVRAM file moved to nvram when set. Every restored
-// disk must be in the definition.
-func rewrite(root *node, name string, disks []newDisk, nvram string) (warnings []string, err error) {
+// rewrite turns a stored definition into the new domain's: name, the UUID
+// uuid or, when it is "", none (libvirt makes one), no MAC addresses
+// (libvirt makes new ones), a new VM generation ID, each restored disk on
+// its new volume; disks that were not restored are left out and CD-ROM /
+// floppy drives kept empty (each with a warning); the NVRAM file moved to
+// nvram when set. An emulated TPM is warned about unless tpmState says its
+// state is put back. Every restored disk must be in the definition.
+func rewrite(root *node, name string, disks []newDisk, nvram, uuid string, tpmState bool) (warnings []string, err error) {
 	if n := root.child("name"); n != nil {
 		n.setText(name)
 	} else {
@@ -343,6 +349,12 @@ func rewrite(root *node, name string, disks []newDisk, nvram string) (warnings [
 		root.kids = append([]any{n}, root.kids...)
 	}
 	root.remove("uuid")
+	if uuid != "" { // after <name>
+		u := elem("uuid")
+		u.setText(uuid)
+		i := slices.IndexFunc(root.kids, func(k any) bool { return k == any(root.child("name")) })
+		root.kids = slices.Insert(root.kids, i+1, any(u))
+	}
 	if g := root.child("genid"); g != nil {
 		g.kids = nil // an empty <genid/>: libvirt generates a new one
 	}
@@ -401,8 +413,8 @@ func rewrite(root *node, name string, disks []newDisk, nvram string) (warnings [
 			}
 		}
 		for _, tpm := range devs.children("tpm") {
-			if b := tpm.child("backend"); b != nil && b.get("type") == "emulator" {
-				warnings = append(warnings, "the new domain's emulated TPM starts empty: a restore does not put back TPM state (keys sealed to it, e.g. BitLocker or LUKS, need their recovery key)")
+			if b := tpm.child("backend"); b != nil && b.get("type") == "emulator" && !tpmState {
+				warnings = append(warnings, "the new domain's emulated TPM starts empty: the backup holds no TPM state (taken over a remote connection, or by an older vmshadow); keys sealed to it, e.g. BitLocker or LUKS, need their recovery key")
 			}
 		}
 	}

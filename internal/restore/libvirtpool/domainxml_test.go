@@ -131,7 +131,7 @@ func TestRewriteStoredDefinition(t *testing.T) {
 		{Target: "vda", Type: "file", Path: "/pool/web1-restored-vda.qcow2", Format: "qcow2"},
 		{Target: "vdb", Type: "block", Path: "/dev/vg1/web1-restored-vdb", Format: "raw"},
 	}
-	warnings, err := rewrite(root, "web1-restored", disks, nv)
+	warnings, err := rewrite(root, "web1-restored", disks, nv, "", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +231,7 @@ func TestRewriteCases(t *testing.T) {
 			if info := inspect(root); info.NVRAM != "" {
 				nv = newNVRAMPath(info.NVRAM, "n")
 			}
-			_, err = rewrite(root, "n", c.disks, nv)
+			_, err = rewrite(root, "n", c.disks, nv, "", false)
 			if c.err != "" {
 				if err == nil || !strings.Contains(err.Error(), c.err) || !errors.Is(err, errs.ErrCorrupt) {
 					t.Fatalf("error %v, want ErrCorrupt saying %q", err, c.err)
@@ -426,7 +426,7 @@ func FuzzParseDefinition(f *testing.F) {
 		for _, tg := range info.Targets {
 			disks = append(disks, newDisk{Target: tg, Type: "file", Path: "/p/" + tg, Format: "qcow2"})
 		}
-		rewrite(root, "n", disks, "/nv/n_VARS.fd")
+		rewrite(root, "n", disks, "/nv/n_VARS.fd", "", false)
 		if _, err := parseDefinition(root.marshal()); err != nil {
 			t.Fatalf("rewritten definition refused: %v", err)
 		}

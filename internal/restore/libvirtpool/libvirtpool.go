@@ -30,9 +30,17 @@
 // writable disks), CD-ROM and floppy drives are kept empty, each with a
 // warning. UEFI variables (Options.NVRAM) go into a new file next to the
 // old <nvram> path, named NAME_VARS.fd; without them the domain starts with
-// fresh variables from its template. An emulated TPM starts empty, with a
-// warning: TPM state a backup stores is not put back (swtpm's state
-// directory is keyed by the new UUID and owned by swtpm's user). A backup without a definition (QEMU,
+// fresh variables from its template. An emulated TPM's state the backup
+// stores (Options.TPMState) is put back before the domain is defined: the
+// restore chooses the new UUID itself and writes the files where libvirt's
+// swtpm looks for that UUID, laid out as libvirt 9.0 lays them out
+// (tpm.go: /var/lib/libvirt/swtpm/UUID/tpm2 or tpm1.2, owned by qemu.conf's
+// swtpm_user and swtpm_group, default tss); libvirt finds the state at the
+// first start and runs no swtpm_setup, so the TPM keeps its keys, NV
+// indexes and endorsement certificate. These are files on this host, which
+// the local-URI rule above already requires. Without stored state (a
+// backup taken before vmshadow stored it, or over a remote connection)
+// the TPM starts empty, with a warning. A backup without a definition (QEMU,
 // XenServer) gets a minimal one: type kvm when the host offers it, else
 // qemu; BIOS boot; virtio disks vda, vdb, ... in backup order; a virtio NIC
 // on the network 'default' when it exists and is active (else none); a
@@ -77,6 +85,9 @@ type Options struct {
 	Definition []byte
 	// NVRAM is the UEFI variable store the backup stores, nil if none.
 	NVRAM []byte
+	// TPMState is the emulated TPM's state the backup stores: swtpm's
+	// files by name (tpm2-00.permall, ...), nil if none.
+	TPMState map[string][]byte
 	// MemoryMB and VCPUs size a minimal definition (default 1024 MiB, 1).
 	MemoryMB, VCPUs int
 	// Warn is told of what the restore leaves out or changes.
@@ -100,6 +111,9 @@ type Result struct {
 	Definition string   `json:"definition"` // "stored" or "minimal"
 	Volumes    []Volume `json:"volumes"`
 	Started    bool     `json:"started"`
+	// TPMState is the directory the stored TPM state was put back in, ""
+	// if none.
+	TPMState string `json:"tpm_state,omitempty"`
 }
 
 // Target implements restore.Target for a libvirt storage pool.
@@ -115,7 +129,8 @@ type Target struct {
 
 	def   *node // the stored definition, nil for a minimal one
 	info  definitionInfo
-	nvram string // the new domain's NVRAM file, "" if none
+	nvram string   // the new domain's NVRAM file, "" if none
+	tpm   *tpmPlan // where the stored TPM state goes, nil if none
 	min   minimal
 
 	created      []golibvirt.StorageVol
@@ -231,6 +246,12 @@ func New(ctx context.Context, m *repo.Manifest, sel []repo.ManifestDisk, o Optio
 		if err := t.planMinimal(ctx); err != nil {
 			return nil, err
 		}
+	} else if t.info.TPM && len(o.TPMState) > 0 {
+		if err := t.planTPM(ctx); err != nil {
+			return nil, err
+		}
+	} else if len(o.TPMState) > 0 {
+		t.warn("the backup holds TPM state, but its stored definition has no emulated TPM: the state is not put back")
 	}
 	return t, nil
 }
@@ -493,7 +514,11 @@ func (t *Target) Finish(ctx context.Context) error {
 	}
 	var root *node
 	if t.def != nil {
-		warnings, err := rewrite(t.def, t.o.VMName, t.disks, t.nvram)
+		uuid := ""
+		if t.tpm != nil {
+			uuid = t.tpm.uuid
+		}
+		warnings, err := rewrite(t.def, t.o.VMName, t.disks, t.nvram, uuid, t.tpm != nil)
 		for _, w := range warnings {
 			t.warn("%s", w)
 		}
@@ -503,6 +528,11 @@ func (t *Target) Finish(ctx context.Context) error {
 		root = t.def
 		if t.nvram != "" && t.o.NVRAM != nil {
 			if err := t.writeNVRAM(); err != nil {
+				return err
+			}
+		}
+		if t.tpm != nil {
+			if err := t.writeTPM(); err != nil {
 				return err
 			}
 		}
@@ -544,7 +574,8 @@ func (t *Target) writeNVRAM() error {
 }
 
 // Abort implements restore.Target: it undefines the domain, removes the
-// NVRAM file and deletes the volumes it created, and nothing else.
+// NVRAM file and the TPM state directory and deletes the volumes it
+// created, and nothing else.
 func (t *Target) Abort(ctx context.Context) {
 	l := t.l
 	if t.dom != nil {
@@ -564,6 +595,7 @@ func (t *Target) Abort(ctx context.Context) {
 		}
 		t.nvramCreated = false
 	}
+	t.removeTPM()
 	for i := len(t.created) - 1; i >= 0; i-- {
 		vol := t.created[i]
 		if err := lv.Do(ctx, func() error { return l.StorageVolDelete(vol, golibvirt.StorageVolDeleteNormal) }); err != nil {
@@ -594,6 +626,9 @@ func (t *Target) Result() Result {
 	if t.def != nil {
 		r.Definition = "stored"
 	}
+	if t.tpm != nil && t.tpm.created {
+		r.TPMState = t.tpm.state()
+	}
 	return r
 }
 
@@ -620,11 +655,12 @@ func uuidString(u golibvirt.UUID) string {
 	return b.String()
 }
 
-// Stored sets o.Definition and o.NVRAM from what backup m stores (the
-// libvirt domain XML and UEFI variables, read and checked through r); a
-// backup without a libvirt definition leaves them nil (a minimal one is
-// built). Stored TPM state is not put back: the new domain's emulated TPM
-// starts empty (rewrite warns).
+// Stored sets o.Definition, o.NVRAM and o.TPMState from what backup m
+// stores (the libvirt domain XML, UEFI variables and TPM state files,
+// read and checked through r); a backup without a libvirt definition
+// leaves them nil (a minimal one is built). Without TPM state (a backup
+// taken before vmshadow stored it, or over a remote connection) the new
+// domain's emulated TPM starts empty (rewrite warns).
 func (o *Options) Stored(ctx context.Context, r *repo.Repo, m *repo.Manifest) error {
 	warn := func(format string, args ...any) {
 		if o.Warn != nil {
@@ -648,6 +684,20 @@ func (o *Options) Stored(ctx context.Context, r *repo.Repo, m *repo.Manifest) er
 		if o.NVRAM, err = restore.ReadFile(ctx, r, m, repo.FileNVRAM, 0); err != nil {
 			return fmt.Errorf("read the stored UEFI variables: %w", err)
 		}
+	}
+	for _, f := range m.Files {
+		name, ok := strings.CutPrefix(f.Name, repo.FileTPMPrefix)
+		if !ok || strings.HasPrefix(name, ".") {
+			continue // swtpm's .lock, which backups up to this version stored, is not state
+		}
+		b, err := restore.ReadFile(ctx, r, m, f.Name, 0)
+		if err != nil {
+			return fmt.Errorf("read the stored TPM state: %w", err)
+		}
+		if o.TPMState == nil {
+			o.TPMState = map[string][]byte{}
+		}
+		o.TPMState[name] = b
 	}
 	return nil
 }

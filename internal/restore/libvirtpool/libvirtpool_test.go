@@ -1,6 +1,7 @@
 package libvirtpool_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -15,18 +16,22 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/vmshadow/vmshadow/internal/backup"
 	"github.com/vmshadow/vmshadow/internal/errs"
 	"github.com/vmshadow/vmshadow/internal/guestvm"
 	"github.com/vmshadow/vmshadow/internal/imagefile"
 	"github.com/vmshadow/vmshadow/internal/libvirttest"
+	lv "github.com/vmshadow/vmshadow/internal/provider/libvirt"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/repo/backend/local"
 	"github.com/vmshadow/vmshadow/internal/restore"
 	"github.com/vmshadow/vmshadow/internal/restore/libvirtpool"
+	"github.com/vmshadow/vmshadow/internal/testutil"
 )
 
 func TestMain(m *testing.M) { os.Exit(libvirttest.Main(m)) }
@@ -598,4 +603,213 @@ func TestStartFailureKeepsRestore(t *testing.T) {
 		t.Fatalf("pool volumes %v", got)
 	}
 	sameImage(t, a, filepath.Join(pdir, name+"-vda.qcow2"), "qcow2")
+}
+
+// tpmName is a domain name unique to this branch's TPM tests.
+func tpmName() string {
+	var b [4]byte
+	rand.Read(b[:])
+	return "vmshadow-tpm-" + hex.EncodeToString(b[:])
+}
+
+// tpmDef is a stored definition with an emulated TPM 2.0.
+func tpmDef(disk string) string {
+	return fmt.Sprintf(`<domain type='qemu'><name>src</name><memory unit='MiB'>64</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='%s'/><target dev='vda' bus='virtio'/></disk>
+  <tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm></devices></domain>`, disk)
+}
+
+// watchCreated reports the names created in dir from now on (inotify),
+// until the returned function is called.
+func watchCreated(t *testing.T, dir string) func() []string {
+	t.Helper()
+	fd, err := syscall.InotifyInit1(syscall.IN_CLOEXEC | syscall.IN_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := syscall.InotifyAddWatch(fd, dir, syscall.IN_CREATE); err != nil {
+		syscall.Close(fd)
+		t.Fatal(err)
+	}
+	return func() []string {
+		defer syscall.Close(fd)
+		var names []string
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := syscall.Read(fd, buf)
+			if n <= 0 || err != nil {
+				return names
+			}
+			for off := 0; off+syscall.SizeofInotifyEvent <= n; {
+				ev := (*syscall.InotifyEvent)(unsafe.Pointer(&buf[off]))
+				name := buf[off+syscall.SizeofInotifyEvent : off+syscall.SizeofInotifyEvent+int(ev.Len)]
+				names = append(names, strings.TrimRight(string(name), "\x00"))
+				off += syscall.SizeofInotifyEvent + int(ev.Len)
+			}
+		}
+	}
+}
+
+// TestRestoreTPMState: the TPM state a backup stores goes into swtpm's
+// directory for the new domain's UUID, the .lock file older backups
+// stored left out; a restore that fails after writing it (the domain's
+// name taken before the definition) removes the directory again, and
+// touches no other TPM's state.
+func TestRestoreTPMState(t *testing.T) {
+	pool, _ := newPool(t)
+	ctx := ctxFor(t)
+	dir := libvirttest.TempDir(t)
+	a := filepath.Join(dir, "vda.raw")
+	writeImage(t, a, 1*mib, 8)
+	permall := make([]byte, 5000)
+	rand.Read(permall)
+	s := backupDisks(t, "src", [][2]string{{"vda", a}}, map[string][]byte{
+		repo.FileDomainXML: []byte(tpmDef(a)), repo.FileTPMPrefix + "tpm2-00.permall": permall, repo.FileTPMPrefix + ".lock": nil})
+	if err := os.MkdirAll(lv.SWTPMStateDir, 0o711); err != nil {
+		t.Fatal(err)
+	}
+
+	restoreWith := func(t *testing.T, name string, between func()) (*libvirtpool.Target, []string, error) {
+		t.Helper()
+		removeDomain(t, name)
+		var warnings []string
+		o := libvirtpool.Options{URI: libvirttest.URI, Pool: pool, VMName: name, Warn: func(s string) { warnings = append(warnings, s) }}
+		if err := o.Stored(ctx, s.r, s.m); err != nil {
+			t.Fatal(err)
+		}
+		if len(o.TPMState) != 1 || !bytes.Equal(o.TPMState["tpm2-00.permall"], permall) {
+			t.Fatalf("Stored's TPM state: %d files", len(o.TPMState))
+		}
+		tg, err := libvirtpool.New(ctx, s.m, s.m.Disks, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tg.Close() })
+		between()
+		_, err = restore.Run(ctx, s.r, s.m.Disks, tg, restore.Options{})
+		return tg, warnings, err
+	}
+
+	t.Run("success", func(t *testing.T) {
+		name := tpmName()
+		tg, warnings, err := restoreWith(t, name, func() {})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := tg.Result()
+		t.Cleanup(func() { os.RemoveAll(filepath.Join(lv.SWTPMStateDir, res.UUID)) })
+		if d := dumpXML(t, name, "--inactive"); d.UUID != res.UUID || res.UUID == "" {
+			t.Fatalf("domain UUID %s, result's %s", d.UUID, res.UUID)
+		}
+		want := filepath.Join(lv.SWTPMStateDir, res.UUID, "tpm2")
+		if res.TPMState != want {
+			t.Fatalf("TPM state put in %q, want %s", res.TPMState, want)
+		}
+		entries, err := os.ReadDir(want)
+		if err != nil || len(entries) != 1 || entries[0].Name() != "tpm2-00.permall" {
+			t.Fatalf("TPM state directory holds %v (%v), want tpm2-00.permall alone", entries, err)
+		}
+		if got, err := os.ReadFile(filepath.Join(want, "tpm2-00.permall")); err != nil || !bytes.Equal(got, permall) {
+			t.Fatalf("TPM state file differs from the stored one (%v)", err)
+		}
+		for _, w := range warnings {
+			if strings.Contains(w, "TPM") {
+				t.Errorf("warning %q", w)
+			}
+		}
+		libvirttest.Virsh(t, "undefine", name)
+		for _, v := range volumes(t, pool) {
+			libvirttest.Virsh(t, "vol-delete", v, "--pool", pool)
+		}
+	})
+
+	t.Run("domain name taken", func(t *testing.T) {
+		name := tpmName()
+		var created func() []string
+		_, _, err := restoreWith(t, name, func() {
+			x := filepath.Join(t.TempDir(), "d.xml")
+			os.WriteFile(x, []byte("<domain type='qemu'><name>"+name+"</name><memory unit='MiB'>32</memory><os><type arch='x86_64'>hvm</type></os></domain>"), 0o644)
+			libvirttest.Virsh(t, "define", x)
+			created = watchCreated(t, lv.SWTPMStateDir)
+		})
+		if err == nil || !strings.Contains(err.Error(), "define domain "+name) {
+			t.Fatalf("restore onto a taken domain name: %v", err)
+		}
+		// The restore created its TPM state directory (named after a UUID
+		// no domain has) and removed it; a directory that another test's
+		// domain created meanwhile is that domain's.
+		ours := 0
+		for _, n := range created() {
+			if _, err := libvirttest.VirshErr("domname", n); err == nil {
+				continue
+			}
+			ours++
+			if _, err := os.Lstat(filepath.Join(lv.SWTPMStateDir, n)); err == nil {
+				os.RemoveAll(filepath.Join(lv.SWTPMStateDir, n))
+				t.Errorf("TPM state directory %s left after the failed restore", n)
+			}
+		}
+		if ours != 1 {
+			t.Errorf("the restore created %d TPM state directories, want 1 (written, then removed)", ours)
+		}
+		if got := volumes(t, pool); len(got) != 0 {
+			t.Fatalf("pool volumes after the failure %v", got)
+		}
+	})
+}
+
+// TestRestoreTPM12State: a TPM 1.2's state (manufactured by swtpm_setup)
+// goes into tpm1.2/, where libvirt finds it: the restored domain starts on
+// it without a new manufacture.
+func TestRestoreTPM12State(t *testing.T) {
+	pool, _ := newPool(t)
+	testutil.NeedCommand(t, "swtpm_setup")
+	ctx := ctxFor(t)
+	dir := libvirttest.TempDir(t)
+	a := filepath.Join(dir, "vda.raw")
+	writeImage(t, a, 1*mib, 9)
+	state := t.TempDir()
+	if out, err := exec.Command("swtpm_setup", "--tpm-state", state, "--createek", "--not-overwrite").CombinedOutput(); err != nil {
+		t.Fatalf("swtpm_setup (TPM 1.2): %v: %s", err, out)
+	}
+	permall, err := os.ReadFile(filepath.Join(state, "tpm-00.permall"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	def := strings.Replace(tpmDef(a), "version='2.0'", "version='1.2'", 1)
+	s := backupDisks(t, "src", [][2]string{{"vda", a}}, map[string][]byte{repo.FileDomainXML: []byte(def), repo.FileTPMPrefix + "tpm-00.permall": permall})
+	name := tpmName()
+	removeDomain(t, name)
+	o := libvirtpool.Options{URI: libvirttest.URI, Pool: pool, VMName: name}
+	if err := o.Stored(ctx, s.r, s.m); err != nil {
+		t.Fatal(err)
+	}
+	tg, err := libvirtpool.New(ctx, s.m, s.m.Disks, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	if _, err := restore.Run(ctx, s.r, s.m.Disks, tg, restore.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	res := tg.Result()
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(lv.SWTPMStateDir, res.UUID)) })
+	if want := filepath.Join(lv.SWTPMStateDir, res.UUID, "tpm1.2"); res.TPMState != want {
+		t.Fatalf("TPM state put in %q, want %s", res.TPMState, want)
+	}
+	if got, err := os.ReadFile(filepath.Join(res.TPMState, "tpm-00.permall")); err != nil || !bytes.Equal(got, permall) {
+		t.Fatalf("TPM state file differs from the stored one (%v)", err)
+	}
+	if err := tg.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	libvirttest.Virsh(t, "destroy", name)
+	if log, err := os.ReadFile(libvirttest.SWTPMLog(name)); err == nil && strings.Contains(string(log), "manufacturing") {
+		t.Fatalf("libvirt manufactured a new TPM 1.2 for the restored domain:\n%s", log)
+	}
+	if _, err := os.Stat(filepath.Join(res.TPMState, "tpm-00.permall")); err != nil {
+		t.Fatalf("the TPM 1.2 state is gone after the domain ran: %v", err)
+	}
 }
