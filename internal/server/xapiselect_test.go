@@ -17,7 +17,8 @@ import (
 // sharing a name-label are each named after the label and the first 8
 // hex digits of their UUID, so their chains never mix (each backs up its
 // own disk, full then incremental); a plain name that picks both is
-// refused naming both UUIDs. The selection preview agrees with the runs.
+// refused naming both UUIDs (LABEL-UUID when LABEL-UUID8 is another VM's
+// label). The selection preview agrees with the runs.
 func TestXAPISelection(t *testing.T) {
 	pool := xapitest.New(t, xapitest.Options{})
 	db, _ := pool.AddVM("db", true, 2<<20)
@@ -142,4 +143,27 @@ func TestXAPISelection(t *testing.T) {
 		t.Errorf("job naming a shared name-label: %+v", end)
 	}
 	pool.CheckAsBefore(t, before, xapitest.Expect{Checkpoints: true})
+
+	// A VM labelled as another's LABEL-UUID8 name keeps its label; that
+	// other VM takes its whole UUID. A label made a 64-character
+	// repository name keeps its UUID suffix.
+	taken, _ := pool.AddVM(nameA, false, 1<<20)
+	long := strings.Repeat("l", 70)
+	l1, _ := pool.AddVM(long, false, 1<<20)
+	l2, _ := pool.AddVM(long, false, 1<<20)
+	sp, err = g.s.SelectionPreview(ctx, []api.VMSelector{{Connection: "pool", VMs: []string{"ap*", "l*"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = got[:0]
+	for _, v := range sp.VMs {
+		got = append(got, v.Name+"/"+v.UUID)
+	}
+	slices.Sort(got)
+	want = []string{"app-" + appA + "/" + appA, nameB + "/" + appB, nameA + "/" + taken,
+		long[:64] + "-" + l1[:8] + "/" + l1, long[:64] + "-" + l2[:8] + "/" + l2}
+	slices.Sort(want)
+	if !slices.Equal(got, want) || len(sp.Problems) != 0 {
+		t.Errorf("selection preview: %v %v, want %v", got, sp.Problems, want)
+	}
 }
