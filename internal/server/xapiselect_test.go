@@ -2,12 +2,16 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmshadow/vmshadow/internal/server/api"
+	"github.com/vmshadow/vmshadow/internal/server/api/apitest"
 	"github.com/vmshadow/vmshadow/internal/server/state"
 	"github.com/vmshadow/vmshadow/internal/xapitest"
 )
@@ -56,9 +60,22 @@ func TestXAPISelection(t *testing.T) {
 
 	// The preview: the same names, a VM picked twice (by UUID and glob)
 	// once, the ambiguous name refused naming both UUIDs.
-	sp, err := g.s.SelectionPreview(ctx, []api.VMSelector{{Connection: "pool", VMs: []string{appB, db}}, {Connection: "pool", VMs: []string{"app*"}}})
+	// Through the API the web page calls, its answer valid against the
+	// OpenAPI document.
+	tok, err := g.s.DB().CreateToken(ctx, "viewer", state.Viewer, time.Now())
 	if err != nil {
 		t.Fatal(err)
+	}
+	body := fmt.Sprintf(`{"vms": [{"connection": "pool", "vms": [%q, %q]}, {"connection": "pool", "vms": ["app*"]}]}`, appB, db)
+	req := httptest.NewRequest("POST", "/api/v1/selection-preview", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+tok)
+	req.Header.Set("Content-Type", "application/json")
+	rec := httptest.NewRecorder()
+	api.New(g.s, api.Options{}).ServeHTTP(rec, req)
+	apitest.ValidateRecorder(t, apitest.Doc(t), "POST", "/api/v1/selection-preview", rec)
+	var sp *api.SelectionPreview
+	if err := json.Unmarshal(rec.Body.Bytes(), &sp); err != nil || rec.Code != 200 {
+		t.Fatalf("selection preview: %d %v: %s", rec.Code, err, rec.Body)
 	}
 	var got []string
 	for _, v := range sp.VMs {
