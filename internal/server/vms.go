@@ -128,8 +128,8 @@ func listConnection(ctx context.Context, c *config.Connection, names []string) (
 		case len(hit) == 0:
 			return out, fmt.Errorf("VM %q is not found (%d VMs reachable): %w", n, len(vms), errs.ErrNotFound)
 		case len(hit) > 1:
-			return out, fmt.Errorf("%d VMs of the pool are named %q (UUIDs %s): a name must pick one VM; select one by its UUID (vms: [%s]), each with a glob (%s*), or rename them: %w",
-				len(hit), n, strings.Join(hit, ", "), hit[0], n, errs.ErrUsage)
+			return out, fmt.Errorf("%d VMs of the pool are named %q (UUIDs %s): a name must pick one VM: select one by its UUID (vms: [%s]), or rename them: %w",
+				len(hit), n, strings.Join(hit, ", "), hit[0], errs.ErrUsage)
 		}
 	}
 	return out, nil
