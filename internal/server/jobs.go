@@ -63,6 +63,11 @@ func (s *Server) runBackup(ctx context.Context, run *run) error {
 	for _, p := range problems {
 		run.logf(s, slog.LevelError, "", "%v", p)
 	}
+	for _, vm := range vms {
+		if vm.Note != "" {
+			run.logf(s, slog.LevelInfo, vm.Name, "%s", vm.Note)
+		}
+	}
 	if len(vms) == 0 {
 		if len(problems) > 0 {
 			return fmt.Errorf("no VM to back up: %w", errors.Join(problems...))

@@ -202,7 +202,7 @@ func (s *Server) SelectionPreview(ctx context.Context, selectors []api.VMSelecto
 	refs, problems := s.selectVMs(lctx, s.Config(), j)
 	out := &api.SelectionPreview{VMs: []api.SelectedVM{}, Problems: []string{}}
 	for _, r := range refs {
-		out.VMs = append(out.VMs, api.SelectedVM{Name: r.Name, Connection: r.Conn.Name})
+		out.VMs = append(out.VMs, api.SelectedVM{Name: r.Name, Connection: r.Conn.Name, UUID: r.UUID})
 	}
 	for _, p := range problems {
 		out.Problems = append(out.Problems, p.Error())

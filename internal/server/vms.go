@@ -5,9 +5,10 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"maps"
 	"os"
 	"path"
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
@@ -20,7 +21,9 @@ import (
 // vmRef is one VM a backup job selects.
 type vmRef struct {
 	Name   string // its name in the repository
-	Listed string // its name on the connection
+	Listed string // how its connection reaches it: its name, a XenServer VM's UUID
+	UUID   string // a XenServer VM's UUID
+	Note   string // why Name is not the VM's plain name, for the run's log
 	Conn   *config.Connection
 	Target vmconn.Target
 }
@@ -31,8 +34,10 @@ func (v vmRef) key() string { return v.Conn.Name + "/" + v.Listed }
 // selectVMs lists the VMs job j selects now: each selector's names and
 // globs matched against what its connection reaches (a VM that appeared
 // since the last run is included). A selector naming a VM that cannot be
-// found, or a connection that cannot be listed, is an error for that
-// selector; the other selectors' VMs are still returned.
+// found, or several, or a connection that cannot be listed, is an error
+// for that selector; the other selectors' VMs are still returned. A VM
+// two selectors pick is selected once; two VMs that would get one name in
+// the repository are refused (the second one): their chains would mix.
 func (s *Server) selectVMs(ctx context.Context, cfg *config.Config, j *config.Job) ([]vmRef, []error) {
 	var out []vmRef
 	var problems []error
@@ -51,7 +56,7 @@ func (s *Server) selectVMs(ctx context.Context, cfg *config.Config, j *config.Jo
 		for _, r := range refs {
 			if prev, ok := seen[r.Name]; ok {
 				if prev != r.key() {
-					problems = append(problems, fmt.Errorf("VM name %s is selected on two connections (%s and %s); the repository would mix their backups: select it once", r.Name, prev, r.key()))
+					problems = append(problems, fmt.Errorf("VMs %s and %s would both be named %s in the repository, which would mix their backups: select one of them, or rename one: %w", prev, r.key(), r.Name, errs.ErrUsage))
 				}
 				continue
 			}
@@ -62,59 +67,69 @@ func (s *Server) selectVMs(ctx context.Context, cfg *config.Config, j *config.Jo
 	return out, problems
 }
 
-// listConnection returns the VMs of c that names (names or globs; none:
-// every VM) select.
+// listedVM is one VM a connection reaches.
+type listedVM struct {
+	id    string // how the connection reaches it: its name, a XenServer VM's UUID
+	label string // what names and globs match: its name, a XenServer VM's name-label
+	uuid  string // a XenServer VM's UUID, which a name matches exactly too
+	repo  string // its name in the repository
+	note  string // why repo is not the VM's plain name
+}
+
+// listConnection returns the VMs of c that names select: each name or
+// glob matches a VM's name (a XenServer VM's name-label); a name that is
+// a XenServer VM's UUID (in any case) picks that VM. No names: every VM.
+// A name (not a glob) that matches no VM, or several, is an error.
 func listConnection(ctx context.Context, c *config.Connection, names []string) ([]vmRef, error) {
-	var all []string
-	var sockets map[string]string
-	switch c.Type {
-	case config.QMP:
-		var err error
-		if sockets, err = vmconn.QMPSockets(c.Sockets); err != nil {
-			return nil, err
+	vms, sockets, err := listVMs(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	uuids := map[string]bool{}
+	for _, vm := range vms {
+		if vm.uuid != "" {
+			uuids[strings.ToLower(vm.uuid)] = true
 		}
-		for n := range sockets {
-			all = append(all, n)
+	}
+	matches := func(n string, vm listedVM) bool {
+		switch {
+		case isGlob(n):
+			ok, _ := path.Match(n, vm.label)
+			return ok
+		case uuids[strings.ToLower(n)]:
+			return strings.EqualFold(n, vm.uuid)
 		}
-		sort.Strings(all)
-	case config.Libvirt:
-		var err error
-		if all, err = vmconn.LibvirtDomains(ctx, c.URI); err != nil {
-			return nil, err
-		}
-	case config.XAPI:
-		cfg, err := xapiConfig(c)
-		if err != nil {
-			return nil, err
-		}
-		var dup map[string]int
-		if all, dup, err = vmconn.XAPIVMs(ctx, *cfg); err != nil {
-			return nil, err
-		}
-		for n, k := range dup {
-			if selected(n, names) {
-				return nil, fmt.Errorf("%d VMs of the pool are named %q: a name must pick one VM; rename them or select them by UUID in a job of their own: %w", k, n, errs.ErrUsage)
-			}
-		}
-	default:
-		return nil, fmt.Errorf("connection type %q: %w", c.Type, errs.ErrUnsupported)
+		return n == vm.label
 	}
 	var out []vmRef
-	matched := map[string]bool{}
-	for _, vm := range all {
-		if !selected(vm, names) {
+	for _, vm := range vms {
+		if len(names) > 0 && !slices.ContainsFunc(names, func(n string) bool { return matches(n, vm) }) {
 			continue
 		}
-		t, err := target(c, vm, sockets[vm])
+		t, err := target(c, vm.id, sockets[vm.id])
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, vmRef{Name: xapiprov.RepoName(vm), Listed: vm, Conn: c, Target: t})
-		matched[vm] = true
+		out = append(out, vmRef{Name: vm.repo, Listed: vm.id, UUID: vm.uuid, Note: vm.note, Conn: c, Target: t})
 	}
 	for _, n := range names {
-		if !strings.ContainsAny(n, "*?[") && !matched[n] {
-			return out, fmt.Errorf("VM %q is not found (%d VMs reachable): %w", n, len(all), errs.ErrNotFound)
+		if isGlob(n) {
+			continue
+		}
+		var hit []string
+		for _, vm := range vms {
+			if matches(n, vm) {
+				hit = append(hit, vm.uuid)
+			}
+		}
+		switch {
+		case len(hit) == 0 && c.Type == config.XAPI:
+			return out, fmt.Errorf("VM %q is not found (%d VMs reachable): give a VM's name-label or UUID (templates, snapshots and control domains are not backed up): %w", n, len(vms), errs.ErrNotFound)
+		case len(hit) == 0:
+			return out, fmt.Errorf("VM %q is not found (%d VMs reachable): %w", n, len(vms), errs.ErrNotFound)
+		case len(hit) > 1:
+			return out, fmt.Errorf("%d VMs of the pool are named %q (UUIDs %s): a name must pick one VM: select one by its UUID (vms: [%s]), or rename them: %w",
+				len(hit), n, strings.Join(hit, ", "), hit[0], errs.ErrUsage)
 		}
 	}
 	return out, nil
@@ -131,6 +146,89 @@ func selected(vm string, names []string) bool {
 		}
 	}
 	return false
+}
+
+// isGlob tells whether a selector's name is a glob.
+func isGlob(n string) bool { return strings.ContainsAny(n, "*?[") }
+
+// listVMs lists every VM c reaches, with, for a QMP connection, their
+// sockets by name. A XenServer VM whose name-label, made a repository
+// name, another VM of the pool shares is named LABEL-UUID8 in the
+// repository (UUID8: its UUID's first 8 hex digits), or LABEL-UUID when
+// that name is another VM's or two such VMs' UUIDs start alike: every VM
+// keeps a chain of its own.
+func listVMs(ctx context.Context, c *config.Connection) ([]listedVM, map[string]string, error) {
+	var out []listedVM
+	plain := func(names []string) {
+		for _, n := range names {
+			out = append(out, listedVM{id: n, label: n, repo: xapiprov.RepoName(n)})
+		}
+	}
+	switch c.Type {
+	case config.QMP:
+		sockets, err := vmconn.QMPSockets(c.Sockets)
+		if err != nil {
+			return nil, nil, err
+		}
+		plain(slices.Sorted(maps.Keys(sockets)))
+		return out, sockets, nil
+	case config.Libvirt:
+		doms, err := vmconn.LibvirtDomains(ctx, c.URI)
+		if err != nil {
+			return nil, nil, err
+		}
+		plain(doms)
+		return out, nil, nil
+	case config.XAPI:
+		cfg, err := xapiConfig(c)
+		if err != nil {
+			return nil, nil, err
+		}
+		vms, err := vmconn.XAPIVMs(ctx, *cfg)
+		if err != nil {
+			return nil, nil, err
+		}
+		shared := map[string][]string{} // repository name: UUIDs
+		for _, v := range vms {
+			n := xapiprov.RepoName(v.NameLabel)
+			shared[n] = append(shared[n], v.UUID)
+		}
+		short := map[string]int{} // LABEL-UUID8 names: how many VMs would get each
+		for n, uuids := range shared {
+			if len(uuids) > 1 {
+				for _, u := range uuids {
+					short[n+"-"+uuid8(u)]++
+				}
+			}
+		}
+		for _, v := range vms {
+			vm := listedVM{id: v.UUID, label: v.NameLabel, uuid: v.UUID, repo: xapiprov.RepoName(v.NameLabel)}
+			if others := shared[vm.repo]; len(others) > 1 {
+				base := vm.repo                      // at most 64 characters
+				vm.repo = base + "-" + uuid8(v.UUID) // at most 73
+				if short[vm.repo] > 1 || len(shared[vm.repo]) > 0 {
+					// Taken by another VM's label, or two UUIDs share 8
+					// digits: the whole UUID (at most 101 characters).
+					vm.repo = base + "-" + xapiprov.RepoName(strings.ToLower(v.UUID))
+				}
+				vm.note = fmt.Sprintf("VM %s is named %s in the repository: %d VMs of the pool (UUIDs %s) would be named %s after their name-labels", v.UUID, vm.repo, len(others), strings.Join(others, ", "), base)
+			}
+			out = append(out, vm)
+		}
+		return out, nil, nil
+	}
+	return nil, nil, fmt.Errorf("connection type %q: %w", c.Type, errs.ErrUnsupported)
+}
+
+// uuid8 is the first 8 hex digits of a UUID, in lower case.
+func uuid8(uuid string) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(uuid) {
+		if b.Len() < 8 && (r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 // target is how to reach vm of connection c.

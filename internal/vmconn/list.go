@@ -57,34 +57,37 @@ func LibvirtDomains(ctx context.Context, uri string) ([]string, error) {
 	return names, nil
 }
 
-// XAPIVMs lists the name-labels of a XenServer / XCP-ng pool's VMs that
-// can be backed up: not templates, snapshots or control domains. A
-// name-label that several VMs share is listed once, with an error for it
-// in dup (back those VMs up by UUID).
-func XAPIVMs(ctx context.Context, cfg xapi.Config) (names []string, dup map[string]int, err error) {
+// XAPIVM is a XenServer / XCP-ng pool's VM as listed.
+type XAPIVM struct {
+	UUID      string
+	NameLabel string
+}
+
+// XAPIVMs lists a XenServer / XCP-ng pool's VMs that can be backed up:
+// not templates, snapshots or control domains, sorted by name-label then
+// UUID. Several VMs may share a name-label.
+func XAPIVMs(ctx context.Context, cfg xapi.Config) ([]XAPIVM, error) {
 	c, err := xapi.Login(ctx, cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	defer c.Logout(context.WithoutCancel(ctx))
 	recs, err := c.VMRecords(ctx)
 	if err != nil {
-		return nil, nil, fmt.Errorf("list the pool's VMs: %w", err)
+		return nil, fmt.Errorf("list the pool's VMs: %w", err)
 	}
-	count := map[string]int{}
+	var out []XAPIVM
 	for _, v := range recs {
 		if v.IsATemplate || v.IsASnapshot || v.IsControlDomain {
 			continue
 		}
-		count[v.NameLabel]++
+		out = append(out, XAPIVM{UUID: v.UUID, NameLabel: v.NameLabel})
 	}
-	dup = map[string]int{}
-	for n, k := range count {
-		names = append(names, n)
-		if k > 1 {
-			dup[n] = k
+	sort.Slice(out, func(i, k int) bool {
+		if out[i].NameLabel != out[k].NameLabel {
+			return out[i].NameLabel < out[k].NameLabel
 		}
-	}
-	sort.Strings(names)
-	return names, dup, nil
+		return out[i].UUID < out[k].UUID
+	})
+	return out, nil
 }

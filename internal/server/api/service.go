@@ -438,9 +438,10 @@ type SelectionPreview struct {
 	Problems []string     `json:"problems"`
 }
 
-// SelectedVM is one VM a selection picks: its name in the repositories
-// and its connection.
+// SelectedVM is one VM a selection picks: its name in the repositories,
+// its connection and, for a XenServer pool's VM, its UUID.
 type SelectedVM struct {
 	Name       string `json:"name"`
 	Connection string `json:"connection"`
+	UUID       string `json:"uuid,omitempty"`
 }
