@@ -18,6 +18,7 @@ import (
 	xapiprov "github.com/vmshadow/vmshadow/internal/provider/xapi"
 	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/vmbackup"
+	"github.com/vmshadow/vmshadow/internal/vmconn"
 )
 
 func init() { commands = append(commands, newBackupCmd) }
@@ -190,6 +191,13 @@ func liveBackup(ctx context.Context, a *app, f *backupFlags) error {
 		}
 		lo.VM = f.repoVM
 		lo.Name = func(vm coord.VMInfo) string { return xapiprov.RepoName(vm.Name) }
+		if f.live.x.url != "" && f.repoVM == "" {
+			name, err := xapiNamer(ctx, a, &f.live.x)
+			if err != nil {
+				return err
+			}
+			lo.Name = name
+		}
 	} else {
 		if f.repoVM != "" {
 			return errorf(errs.ErrUsage, "--repo-vm is for --xapi and --libvirt; with --qmp, --vm names the VM in the repository")
@@ -340,4 +348,32 @@ func (s backupSummary) print(w io.Writer) {
 		}
 		fmt.Fprintf(w, "  with its %s definition: %s\n", s.Definition, strings.Join(names, ", "))
 	}
+}
+
+// xapiNamer names the pool's VMs in the repository as the server does
+// (vmconn.XAPIRepoNames: a name-label other VMs of the pool share gets the
+// VM's UUID's first digits), so that each VM keeps a chain of its own and
+// the CLI continues the server's chains. Other VMs are named after their
+// names.
+func xapiNamer(ctx context.Context, a *app, x *xapiFlags) (func(coord.VMInfo) string, error) {
+	cfg, err := x.config(a)
+	if err != nil {
+		return nil, err
+	}
+	vms, err := vmconn.XAPIVMs(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("list the pool's VMs to name them in the repository: %w", err)
+	}
+	names := vmconn.XAPIRepoNames(vms)
+	return func(vm coord.VMInfo) string {
+		if uuid, ok := xapiprov.UUIDOf(vm); ok {
+			if n, ok := names[strings.ToLower(uuid)]; ok {
+				if n.Note != "" {
+					a.out.Warn("%s (give --repo-vm to name it yourself)", n.Note)
+				}
+				return n.Repo
+			}
+		}
+		return xapiprov.RepoName(vm.Name)
+	}, nil
 }

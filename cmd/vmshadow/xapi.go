@@ -22,6 +22,7 @@ type xapiFlags struct {
 	passwordFile string
 	ca           string
 	insecure     bool
+	cached       *xapi.Config // config's, once built
 }
 
 // register adds the flags; urlFlag is --xapi, or --to-xapi for restore.
@@ -33,8 +34,21 @@ func (f *xapiFlags) register(cmd *cobra.Command, urlFlag, urlHelp string) {
 	cmd.Flags().BoolVar(&f.insecure, "insecure", false, "do not verify the pool master's TLS certificate, and allow NBD without TLS (insecure_nbd networks)")
 }
 
-// config builds the client configuration, reading the password and CA.
+// config builds the client configuration, reading the password and CA,
+// once: copies of f made after the first call share it (the VMs of one
+// command), so a terminal prompt asks once.
 func (f *xapiFlags) config(a *app) (xapi.Config, error) {
+	if f.cached != nil {
+		return *f.cached, nil
+	}
+	cfg, err := f.build(a)
+	if err == nil {
+		f.cached = &cfg
+	}
+	return cfg, err
+}
+
+func (f *xapiFlags) build(a *app) (xapi.Config, error) {
 	cfg := xapi.Config{URL: f.url, User: f.user}
 	if _, err := xapi.ParseURL(f.url, f.insecure); err != nil {
 		return cfg, err

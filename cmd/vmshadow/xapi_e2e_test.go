@@ -837,3 +837,32 @@ func TestXAPIPoolMember(t *testing.T) {
 		t.Errorf("%d sessions, %d tasks left", r.s.Sessions(), r.s.PendingTasks())
 	}
 }
+
+// TestXAPISharedLabel: two VMs of the pool share a name-label; the CLI
+// names each LABEL-UUID8 in the repository, as the server does, so each
+// keeps a chain of its own (its second backup incremental) instead of
+// taking the other's backups for its previous ones.
+func TestXAPISharedLabel(t *testing.T) {
+	r := newXRig(t, xapitest.Options{}, 8<<20)
+	twin, _ := r.s.AddVM("web server 1", true, 8<<20)
+	backup := func(uuid string) map[string]any {
+		t.Helper()
+		res := r.run("backup", "--repo", r.repo, "--xapi", r.s.URL, "--xapi-ca", r.s.CAFile, "--vm", uuid)
+		if res.code != 0 {
+			t.Fatalf("backup of %s: %s", uuid, res.errorMessage())
+		}
+		if w := strings.Join(res.warnings(), "\n"); !strings.Contains(w, "would be named web_server_1") {
+			t.Errorf("no warning says why the VM got its name: %q", w)
+		}
+		return res.summary(t)
+	}
+	for _, round := range []string{"full", "incremental"} {
+		for _, uuid := range []string{r.vm, twin} {
+			sum := backup(uuid)
+			want := "web_server_1-" + strings.ReplaceAll(uuid, "-", "")[:8]
+			if sum["vm"] != want || sum["mode"] != round {
+				t.Errorf("backup of %s: vm %v, mode %v; want %s, %s (reason %v)", uuid, sum["vm"], sum["mode"], want, round, sum["reason"])
+			}
+		}
+	}
+}

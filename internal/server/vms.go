@@ -152,11 +152,9 @@ func selected(vm string, names []string) bool {
 func isGlob(n string) bool { return strings.ContainsAny(n, "*?[") }
 
 // listVMs lists every VM c reaches, with, for a QMP connection, their
-// sockets by name. A XenServer VM whose name-label, made a repository
-// name, another VM of the pool shares is named LABEL-UUID8 in the
-// repository (UUID8: its UUID's first 8 hex digits), or LABEL-UUID when
-// that name is another VM's or two such VMs' UUIDs start alike: every VM
-// keeps a chain of its own.
+// sockets by name. XenServer VMs are named in the repository by
+// vmconn.XAPIRepoNames (a name-label several VMs share gets the UUID's
+// first digits), as the CLI names them.
 func listVMs(ctx context.Context, c *config.Connection) ([]listedVM, map[string]string, error) {
 	var out []listedVM
 	plain := func(names []string) {
@@ -188,48 +186,16 @@ func listVMs(ctx context.Context, c *config.Connection) ([]listedVM, map[string]
 		if err != nil {
 			return nil, nil, err
 		}
-		shared := map[string][]string{} // repository name: UUIDs
+		names := vmconn.XAPIRepoNames(vms)
 		for _, v := range vms {
-			n := xapiprov.RepoName(v.NameLabel)
-			shared[n] = append(shared[n], v.UUID)
-		}
-		short := map[string]int{} // LABEL-UUID8 names: how many VMs would get each
-		for n, uuids := range shared {
-			if len(uuids) > 1 {
-				for _, u := range uuids {
-					short[n+"-"+uuid8(u)]++
-				}
-			}
-		}
-		for _, v := range vms {
-			vm := listedVM{id: v.UUID, label: v.NameLabel, uuid: v.UUID, repo: xapiprov.RepoName(v.NameLabel)}
-			if others := shared[vm.repo]; len(others) > 1 {
-				base := vm.repo                      // at most 64 characters
-				vm.repo = base + "-" + uuid8(v.UUID) // at most 73
-				if short[vm.repo] > 1 || len(shared[vm.repo]) > 0 {
-					// Taken by another VM's label, or two UUIDs share 8
-					// digits: the whole UUID (at most 101 characters).
-					vm.repo = base + "-" + xapiprov.RepoName(strings.ToLower(v.UUID))
-				}
-				vm.note = fmt.Sprintf("VM %s is named %s in the repository: %d VMs of the pool (UUIDs %s) would be named %s after their name-labels", v.UUID, vm.repo, len(others), strings.Join(others, ", "), base)
-			}
-			out = append(out, vm)
+			n := names[strings.ToLower(v.UUID)]
+			out = append(out, listedVM{id: v.UUID, label: v.NameLabel, uuid: v.UUID, repo: n.Repo, note: n.Note})
 		}
 		return out, nil, nil
 	}
 	return nil, nil, fmt.Errorf("connection type %q: %w", c.Type, errs.ErrUnsupported)
 }
 
-// uuid8 is the first 8 hex digits of a UUID, in lower case.
-func uuid8(uuid string) string {
-	var b strings.Builder
-	for _, r := range strings.ToLower(uuid) {
-		if b.Len() < 8 && (r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
-			b.WriteRune(r)
-		}
-	}
-	return b.String()
-}
 
 // target is how to reach vm of connection c.
 func target(c *config.Connection, vm, socket string) (vmconn.Target, error) {

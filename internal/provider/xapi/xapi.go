@@ -179,7 +179,7 @@ func (p *Provider) Identify(ctx context.Context) (coord.VMInfo, error) {
 		p.Close()
 		return coord.VMInfo{}, err
 	}
-	return coord.VMInfo{Name: p.vm.NameLabel, Key: "xapi-" + p.vm.UUID}, nil
+	return coord.VMInfo{Name: p.vm.NameLabel, Key: keyPrefix + p.vm.UUID}, nil
 }
 
 func (p *Provider) findVM(ctx context.Context, c *api.Client) (string, error) {
@@ -369,4 +369,14 @@ type diskState struct {
 	FullReason string `json:"full_reason,omitempty"`
 	// CBT: the disk tracks changes, so its snapshot keeps CBT metadata.
 	CBT bool `json:"cbt,omitempty"`
+}
+
+// keyPrefix starts the key (coord.VMInfo.Key) of a XenServer VM: its UUID
+// follows.
+const keyPrefix = "xapi-"
+
+// UUIDOf returns the UUID of the XenServer VM Identify reported as vm;
+// false for a VM of another provider.
+func UUIDOf(vm coord.VMInfo) (string, bool) {
+	return strings.CutPrefix(vm.Key, keyPrefix)
 }
