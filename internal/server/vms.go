@@ -196,7 +196,6 @@ func listVMs(ctx context.Context, c *config.Connection) ([]listedVM, map[string]
 	return nil, nil, fmt.Errorf("connection type %q: %w", c.Type, errs.ErrUnsupported)
 }
 
-
 // target is how to reach vm of connection c.
 func target(c *config.Connection, vm, socket string) (vmconn.Target, error) {
 	switch c.Type {
