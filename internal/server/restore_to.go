@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/vmshadow/vmshadow/internal/errs"
+	"github.com/vmshadow/vmshadow/internal/repo"
 	"github.com/vmshadow/vmshadow/internal/restore"
 	"github.com/vmshadow/vmshadow/internal/restore/libvirtpool"
 	"github.com/vmshadow/vmshadow/internal/restore/xenpool"
@@ -30,27 +31,16 @@ func (s *Server) Connections(ctx context.Context) ([]api.Connection, error) {
 // 'vmshadow restore --to-libvirt' does (package restore/libvirtpool).
 func (s *Server) restoreToLibvirt(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
 	lt := req.Libvirt
-	c := s.Config().Connections[lt.Connection]
-	switch {
-	case c == nil:
-		return nil, fmt.Errorf("no connection %q in the configuration (list them with GET %s/connections): %w", lt.Connection, api.Prefix, errs.ErrNotFound)
-	case c.Type != config.Libvirt:
-		return nil, fmt.Errorf("connection %s is of type %s: a restore into libvirt needs a libvirt connection: %w", lt.Connection, c.Type, errs.ErrUsage)
-	}
-	r, release, bid, m, err := s.findBackup(ctx, req.Repository, req.Backup)
+	c, err := s.restoreConnection(lt.Connection, config.Libvirt, "a restore into libvirt needs a libvirt connection")
 	if err != nil {
 		return nil, err
 	}
-	defer release()
-	sel, err := restore.Select(m, req.Disks)
+	src, err := s.openRestore(ctx, req)
 	if err != nil {
 		return nil, err
 	}
-	l, lctx, err := r.Lock(ctx, false, "restore")
-	if err != nil {
-		return nil, err
-	}
-	defer l.Unlock()
+	defer src.close()
+	r, bid, m, sel, lctx := src.r, src.bid, src.m, src.sel, src.ctx
 	out := &api.LibvirtResult{Connection: lt.Connection}
 	o := libvirtpool.Options{URI: c.URI, Pool: lt.Pool, VMName: lt.VMName,
 		Warn: func(w string) {
@@ -88,31 +78,20 @@ func (s *Server) restoreToLibvirt(ctx context.Context, req api.RestoreRequest) (
 // as 'vmshadow restore --to-xapi' does (package restore/xenpool).
 func (s *Server) restoreToXAPI(ctx context.Context, req api.RestoreRequest) (*api.RestoreResult, error) {
 	xt := req.XAPI
-	c := s.Config().Connections[xt.Connection]
-	switch {
-	case c == nil:
-		return nil, fmt.Errorf("no connection %q in the configuration (list them with GET %s/connections): %w", xt.Connection, api.Prefix, errs.ErrNotFound)
-	case c.Type != config.XAPI:
-		return nil, fmt.Errorf("connection %s is of type %s: a restore into a XenServer pool needs an xapi connection: %w", xt.Connection, c.Type, errs.ErrUsage)
+	c, err := s.restoreConnection(xt.Connection, config.XAPI, "a restore into a XenServer pool needs an xapi connection")
+	if err != nil {
+		return nil, err
 	}
 	pool, err := xapiConfig(c)
 	if err != nil {
 		return nil, err
 	}
-	r, release, bid, m, err := s.findBackup(ctx, req.Repository, req.Backup)
+	src, err := s.openRestore(ctx, req)
 	if err != nil {
 		return nil, err
 	}
-	defer release()
-	sel, err := restore.Select(m, req.Disks)
-	if err != nil {
-		return nil, err
-	}
-	l, lctx, err := r.Lock(ctx, false, "restore")
-	if err != nil {
-		return nil, err
-	}
-	defer l.Unlock()
+	defer src.close()
+	r, bid, m, sel, lctx := src.r, src.bid, src.m, src.sel, src.ctx
 	t, err := xenpool.New(lctx, *pool, m, xenpool.Options{SR: xt.SR, VMName: xt.VMName})
 	if err != nil {
 		return nil, err
@@ -128,4 +107,49 @@ func (s *Server) restoreToXAPI(ctx context.Context, req api.RestoreRequest) (*ap
 	}
 	s.log.Info("restored into a XenServer pool", "backup", bid.Short(), "connection", xt.Connection, "sr", out.SR, "vm", out.VM)
 	return &api.RestoreResult{Files: []api.RestoredFile{}, XAPI: out}, nil
+}
+
+// restoreConnection is the configuration's connection name, which a
+// restore target needs of type typ (why says so).
+func (s *Server) restoreConnection(name, typ, why string) (*config.Connection, error) {
+	c := s.Config().Connections[name]
+	switch {
+	case c == nil:
+		return nil, fmt.Errorf("no connection %q in the configuration (list them with GET %s/connections): %w", name, api.Prefix, errs.ErrNotFound)
+	case c.Type != typ:
+		return nil, fmt.Errorf("connection %s is of type %s: %s: %w", name, c.Type, why, errs.ErrUsage)
+	}
+	return c, nil
+}
+
+// restoreSource is a backup opened for a restore: its repository (held,
+// and locked shared), manifest and selected disks, and the lock's context
+// to restore under.
+type restoreSource struct {
+	r     *repo.Repo
+	bid   repo.ID
+	m     *repo.Manifest
+	sel   []repo.ManifestDisk
+	ctx   context.Context
+	close func()
+}
+
+// openRestore finds req's backup, selects its disks and takes the
+// repository's shared lock; close releases both.
+func (s *Server) openRestore(ctx context.Context, req api.RestoreRequest) (*restoreSource, error) {
+	r, release, bid, m, err := s.findBackup(ctx, req.Repository, req.Backup)
+	if err != nil {
+		return nil, err
+	}
+	sel, err := restore.Select(m, req.Disks)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	l, lctx, err := r.Lock(ctx, false, "restore")
+	if err != nil {
+		release()
+		return nil, err
+	}
+	return &restoreSource{r: r, bid: bid, m: m, sel: sel, ctx: lctx, close: func() { l.Unlock(); release() }}, nil
 }
