@@ -150,23 +150,16 @@ func (h *handler) vmResults(c *call) error {
 		return err
 	}
 	q, _ := parseQuery(c.r.URL.RawQuery)
-	before, err := queryInt(q, "before", 0, 1, 1<<62)
+	before, limit, err := pageQuery(q)
 	if err != nil {
 		return err
 	}
-	limit, err := queryInt(q, "limit", defaultLimit, 1, maxLimit)
-	if err != nil {
-		return err
-	}
-	rs, err := h.svc.VMResults(c.ctx, name, before, int(limit))
+	rs, err := h.svc.VMResults(c.ctx, name, before, limit)
 	if err != nil {
 		return err
 	}
 	out := ResultList{Results: nonNil(rs)}
-	if n := len(out.Results); n > 0 && n >= int(limit) {
-		id := out.Results[n-1].Run
-		out.NextBefore = &id
-	}
+	out.NextBefore = nextBefore(out.Results, limit, func(r state.VMResult) int64 { return r.Run })
 	return c.json(http.StatusOK, out)
 }
 
@@ -306,14 +299,9 @@ func (h *handler) repoVerifies(c *call) error {
 	}
 	q, _ := parseQuery(c.r.URL.RawQuery)
 	f := state.VerifyFilter{Repository: repo}
-	if f.Before, err = queryInt(q, "before", 0, 1, 1<<62); err != nil {
+	if f.Before, f.Limit, err = pageQuery(q); err != nil {
 		return err
 	}
-	limit, err := queryInt(q, "limit", defaultLimit, 1, maxLimit)
-	if err != nil {
-		return err
-	}
-	f.Limit = int(limit)
 	vs, err := h.svc.Verifies(c.ctx, f)
 	if err != nil {
 		return err
@@ -322,10 +310,7 @@ func (h *handler) repoVerifies(c *call) error {
 	for i := range out.Verifies {
 		out.Verifies[i].Findings = nonNil(out.Verifies[i].Findings)
 	}
-	if n := len(out.Verifies); n > 0 && n >= f.Limit {
-		id := out.Verifies[n-1].ID
-		out.NextBefore = &id
-	}
+	out.NextBefore = nextBefore(out.Verifies, f.Limit, func(v VerifyRun) int64 { return v.ID })
 	return c.json(http.StatusOK, out)
 }
 
@@ -615,23 +600,15 @@ func (h *handler) listRuns(c *call) error {
 		}
 		f.Status = st[0]
 	}
-	if f.Before, err = queryInt(q, "before", 0, 1, 1<<62); err != nil {
+	if f.Before, f.Limit, err = pageQuery(q); err != nil {
 		return err
 	}
-	limit, err := queryInt(q, "limit", defaultLimit, 1, maxLimit)
-	if err != nil {
-		return err
-	}
-	f.Limit = int(limit)
 	runs, err := h.svc.Runs(c.ctx, f)
 	if err != nil {
 		return err
 	}
 	out := RunList{Runs: nonNil(runs)}
-	if n := len(out.Runs); n > 0 && n >= f.Limit {
-		id := out.Runs[n-1].ID
-		out.NextBefore = &id
-	}
+	out.NextBefore = nextBefore(out.Runs, f.Limit, func(r state.Run) int64 { return r.ID })
 	return c.json(http.StatusOK, out)
 }
 

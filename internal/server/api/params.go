@@ -127,3 +127,23 @@ func parseServeID(s string) (string, error) {
 
 // pathEscape escapes a name for a Location header.
 func pathEscape(s string) string { return url.PathEscape(s) }
+
+// pageQuery parses the paging of a list newest first: before= (an ID: the
+// page holds older items; 0 for the newest) and limit=.
+func pageQuery(q url.Values) (before int64, limit int, err error) {
+	if before, err = queryInt(q, "before", 0, 1, 1<<62); err != nil {
+		return 0, 0, err
+	}
+	l, err := queryInt(q, "limit", defaultLimit, 1, maxLimit)
+	return before, int(l), err
+}
+
+// nextBefore is the before= of the page after page (its items' IDs by
+// id), or nil when page is not full: there is none.
+func nextBefore[E any](page []E, limit int, id func(E) int64) *int64 {
+	if n := len(page); n > 0 && n >= limit {
+		v := id(page[n-1])
+		return &v
+	}
+	return nil
+}
