@@ -179,20 +179,14 @@ those of every group.`,
 	return cmd
 }
 
-// groupEntry is one group backup in 'backups --group' (the record's
-// fields, its ID, and each member's backup with its short ID).
+// groupEntry is one group backup in 'backups --group': the record's
+// fields, its ID, and each member's backup with its short ID (Members
+// replaces the record's own).
 type groupEntry struct {
-	ID          string        `json:"id"`
-	ShortID     string        `json:"short_id"`
-	Version     int           `json:"version"`
-	Name        string        `json:"name"`
-	SetID       string        `json:"set_id"`
-	Time        time.Time     `json:"time"`
-	Consistency string        `json:"consistency"`
-	FreezeMS    int64         `json:"freeze_ms"`
-	Members     []groupMember `json:"members"`
-	Origin      string        `json:"origin,omitempty"`
-	Nonce       string        `json:"nonce"`
+	ID      string `json:"id"`
+	ShortID string `json:"short_id"`
+	*repo.Group
+	Members []groupMember `json:"members"`
 }
 
 type groupMember struct {
@@ -226,8 +220,7 @@ func listGroups(ctx context.Context, a *app, r *repo.Repo, name string) error {
 		if name != "" && g.Name != name {
 			continue
 		}
-		e := groupEntry{ID: g.ID.String(), ShortID: g.ID.Short(), Version: g.Version, Name: g.Name, SetID: g.SetID, Time: g.Time,
-			Consistency: g.Consistency, FreezeMS: g.FreezeMS, Origin: g.Origin, Nonce: g.Nonce}
+		e := groupEntry{ID: g.ID.String(), ShortID: g.ID.Short(), Group: g.Group}
 		for _, mb := range g.Members {
 			e.Members = append(e.Members, groupMember{VM: mb.VM, Backup: mb.Backup, ShortID: mb.Backup[:8], Missing: !exist[mb.Backup]})
 			if !exist[mb.Backup] {
